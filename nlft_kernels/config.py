@@ -1,0 +1,79 @@
+"""The constants of the NLFT objective (see the spec), validated once on creation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+CLUSTER_CRITERIA = ("distance", "similarity", "off")
+
+
+@dataclass(frozen=True)
+class NLFTConfig:
+    """Every constant of the NLFT objective, with the authors' defaults.
+
+    Correct responses: a token is a saliency token when ``p_s > correct_threshold``; its
+    weight is ``1 + ((p_s - tau) / (1 - tau)) ** saliency_power``, a cluster neighbour's
+    ``(p_s / tau) ** cluster_power`` and any other token's ``(p_s / tau) ** other_power``.
+
+    Wrong responses: a token is a saliency token when ``p_j / p_b > ratio_threshold``,
+    ``p_j / p_s > ratio_threshold`` and ``p_j > judge_min_prob``; it is trained by
+    unlikelihood with weight ``sigmoid_scale * sigmoid(p_j / p_b - sigmoid_center)`` and
+    ``1 - p_b`` clamped below at ``unlikelihood_clamp``. Other tokens get ``sqrt(p_s)``, or 0
+    when more than ``saliency_fraction`` of the sample's tokens are saliency tokens.
+
+    Sample loss: ``loss_scale * (sum_t token_loss + nll_weight * sum_t NLL_t) / n``.
+
+    Saliency clusters (only when hidden states are given): a neighbour joins while its cosine
+    ``distance`` to the running centre is above ``cluster_threshold`` (the authors' code), or
+    while its cosine ``similarity`` is above it; ``off`` disables clusters.
+    """
+
+    correct_threshold: float = 0.95
+    saliency_power: float = 5.0
+    cluster_power: float = 0.3
+    other_power: float = 0.6
+    ratio_threshold: float = 1.5
+    judge_min_prob: float = 0.01
+    sigmoid_center: float = 1.5
+    sigmoid_scale: float = 2.0
+    saliency_fraction: float = 0.06
+    unlikelihood_clamp: float = 1e-5
+    nll_weight: float = 1.0
+    loss_scale: float = 10.0
+    ignore_index: int = -100
+    cluster_criterion: str = "distance"
+    cluster_threshold: float = 0.4
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "cluster_criterion":
+                continue
+            if f.name == "ignore_index":
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ValueError(f"NLFTConfig.ignore_index must be an int, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"NLFTConfig.{f.name} must be a finite number, got {value!r}")
+        _check(0.0 < self.correct_threshold < 1.0, "correct_threshold", "in (0, 1)")
+        for name in ("saliency_power", "cluster_power", "other_power", "sigmoid_scale", "loss_scale"):
+            _check(getattr(self, name) > 0.0, name, "> 0")
+        _check(self.ratio_threshold > 0.0, "ratio_threshold", "> 0")
+        _check(0.0 <= self.judge_min_prob < 1.0, "judge_min_prob", "in [0, 1)")
+        _check(0.0 <= self.saliency_fraction <= 1.0, "saliency_fraction", "in [0, 1]")
+        _check(0.0 < self.unlikelihood_clamp < 1.0, "unlikelihood_clamp", "in (0, 1)")
+        _check(self.nll_weight >= 0.0, "nll_weight", ">= 0")
+        if self.cluster_criterion not in CLUSTER_CRITERIA:
+            raise ValueError(
+                f"NLFTConfig.cluster_criterion must be one of {CLUSTER_CRITERIA}, got {self.cluster_criterion!r}"
+            )
+        if self.cluster_criterion == "distance":
+            _check(0.0 <= self.cluster_threshold <= 2.0, "cluster_threshold", "in [0, 2] for the distance criterion")
+        if self.cluster_criterion == "similarity":
+            _check(-1.0 <= self.cluster_threshold <= 1.0, "cluster_threshold", "in [-1, 1] for the similarity criterion")
+
+
+def _check(ok: bool, name: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"NLFTConfig.{name} must be {what}")

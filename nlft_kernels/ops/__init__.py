@@ -1,0 +1,1 @@
+"""One module per kernel family: Triton kernels with the autograd Function that calls them."""

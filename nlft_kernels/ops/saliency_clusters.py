@@ -1,0 +1,86 @@
+"""Saliency clusters: the neighbours that the base view's hidden states group with each saliency token.
+
+All walks (every saliency token, leftwards and rightwards) advance together, one batched
+step per position, so the work is O(max sample length) tensor ops, with no per-token loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nlft_kernels.config import NLFTConfig
+
+# Walks that have stopped are dropped from the batch every this many steps (one host sync).
+_COMPACT_EVERY = 16
+
+
+def saliency_clusters(
+    hidden_states: torch.Tensor,
+    saliency: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    sample_ids: torch.Tensor | None = None,
+    config: NLFTConfig = NLFTConfig(),
+) -> torch.Tensor:
+    """Cluster neighbours of the saliency tokens, bool shaped like ``saliency``.
+
+    hidden_states: [B, T, D] or [N, D] (any float dtype; compared in float32) of the base view;
+    saliency: [B, T] or [N] bool; valid: same shape, the response rows (default: all);
+    sample_ids: [N] int, non-decreasing, for the flat form (rows of one sample are contiguous).
+    From each saliency token, a walk moves left, then right, over consecutive valid rows of
+    its sample, with a centre that starts at the token's state and becomes ``(centre + h) / 2``
+    after each accepted neighbour; ``config.cluster_criterion`` says when a neighbour is
+    accepted. Saliency tokens themselves are never cluster tokens.
+    """
+    if hidden_states.shape[:-1] != saliency.shape:
+        raise ValueError(
+            f"hidden_states must have shape {tuple(saliency.shape)} + (D,), got {tuple(hidden_states.shape)}"
+        )
+    if not hidden_states.dtype.is_floating_point:
+        raise ValueError(f"hidden_states must be a float tensor, got {hidden_states.dtype}")
+    if hidden_states.device != saliency.device:
+        raise ValueError(f"hidden_states is on {hidden_states.device} but saliency is on {saliency.device}")
+    shape = saliency.shape
+    rows = saliency.numel()
+    valid = torch.ones_like(saliency, dtype=torch.bool) if valid is None else valid.bool()
+    if sample_ids is None:
+        steps = shape[-1] if saliency.dim() == 2 else rows
+        sample_ids = torch.arange(rows, device=saliency.device) // steps
+    seed = (saliency.bool() & valid).reshape(rows)
+    cluster = torch.zeros(rows, dtype=torch.bool, device=saliency.device)
+    if config.cluster_criterion == "off":
+        return cluster.view(shape)
+    starts = seed.nonzero().squeeze(1)
+    if starts.numel() == 0:
+        return cluster.view(shape)
+
+    hidden = hidden_states.reshape(rows, -1).float()
+    valid = valid.reshape(rows)
+    sample_ids = sample_ids.reshape(rows)
+    origin = torch.cat([starts, starts])
+    direction = torch.cat([torch.full_like(starts, -1), torch.ones_like(starts)])
+    position = origin.clone()
+    centre = hidden[origin]
+    longest = int(torch.bincount(sample_ids[valid]).max())
+    for step in range(1, longest):
+        position = position + direction
+        inside = (position >= 0) & (position < rows)
+        at = position.clamp(0, rows - 1)
+        candidate = hidden[at]
+        similarity = F.cosine_similarity(candidate, centre, dim=-1)
+        if config.cluster_criterion == "distance":
+            accepted = 1.0 - similarity > config.cluster_threshold
+        else:
+            accepted = similarity > config.cluster_threshold
+        go_on = inside & valid[at] & (sample_ids[at] == sample_ids[origin]) & accepted
+        cluster[at[go_on]] = True
+        centre = torch.where(go_on[:, None], (centre + candidate) / 2, centre)
+        if step % _COMPACT_EVERY == 0:
+            keep = go_on.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            origin, direction, position, centre = origin[keep], direction[keep], position[keep], centre[keep]
+            continue
+        # A stopped walk stays stopped: park it outside every sample until it is compacted away.
+        position = torch.where(go_on, position, torch.full_like(position, -(rows + longest)))
+    return (cluster & ~seed).view(shape)

@@ -1,0 +1,62 @@
+"""Random NLFT inputs built so that every branch of the rule really occurs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Kinds of sample, cycled over the batch: a correct response with saliency tokens; a wrong one
+# with many saliency tokens (killed by the 6% rule); a wrong one with exactly one saliency
+# token among >= 17 rows (1/17 < 6%, not killed); a wrong one without saliency tokens.
+KINDS = ("correct", "wrong_many", "wrong_one", "wrong_none")
+
+
+@dataclass
+class NLFTInputs:
+    base: torch.Tensor  # [B, T, V] leaf, requires grad
+    labels: torch.Tensor  # [B, T]
+    correct: torch.Tensor  # [B]
+    standard: torch.Tensor  # [B, T, V]
+    judge: torch.Tensor  # [B, T, V]
+    hidden: torch.Tensor  # [B, T, D]
+
+
+def make_inputs(
+    batch: int, steps: int, vocab: int, dtype=torch.float32, seed: int = 0, pad: bool = True, hidden_dim: int = 8
+) -> NLFTInputs:
+    """Fresh inputs; the response of sample b has ``steps - pad_b`` rows, the rest is padding."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(batch, steps, vocab, generator=g) * 2
+    standard = base + torch.randn(batch, steps, vocab, generator=g)
+    judge = base + torch.randn(batch, steps, vocab, generator=g)
+    labels = torch.randint(0, vocab, (batch, steps), generator=g)
+    correct = torch.zeros(batch, dtype=torch.bool)
+    lse = torch.logsumexp(standard, dim=-1)
+    for b in range(batch):
+        kind = KINDS[b % len(KINDS)]
+        n = steps - (b % 3 if pad else 0)
+        labels[b, n:] = -100
+        rows = torch.arange(n)
+        if kind == "correct":
+            correct[b] = True
+            # Lift the standard view's label so that p_s lands above 0.95 on about a third of rows.
+            lifted = rows[torch.rand(n, generator=g) < 0.35]
+            boost = lse[b, lifted] - standard[b, lifted, labels[b, lifted]] + 3.0 + 4 * torch.rand(len(lifted), generator=g)
+            standard[b, lifted, labels[b, lifted]] += boost
+            # and the judge never matters for correct samples: scramble it
+            judge[b] = torch.randn(steps, vocab, generator=g) * 5
+        else:
+            count = {"wrong_many": max(2, n // 4), "wrong_one": 1, "wrong_none": 0}[kind]
+            lifted = rows[torch.randperm(n, generator=g)[:count]]
+            judge[b, lifted, labels[b, lifted]] += 12.0
+    hidden = torch.randn(batch, steps, hidden_dim, generator=g).cumsum(1)
+    hidden = hidden * (torch.rand(batch, steps, 1, generator=g) < 0.5) + 2 * torch.randn(batch, steps, hidden_dim, generator=g)
+    return NLFTInputs(
+        base=base.to(dtype).requires_grad_(),
+        labels=labels,
+        correct=correct,
+        standard=standard.to(dtype),
+        judge=judge.to(dtype),
+        hidden=hidden,
+    )
