@@ -246,20 +246,45 @@ def row_scale(valid, sample_ids, n_samples: int, reduction: str, loss_scale: flo
 
 
 @dataclass
-class _Views:
-    """The normalised inputs of one call: base as [B, T, V]; teachers as logits or [N] log-probs."""
+class Views:
+    """The normalised rows of one call.
+
+    base: [B, T, V] logits (any row strides); standard/judge: [B, T, V] logits
+    (``VIEW_LOGITS``) or [N] log-probs in ACC (``VIEW_LOGPROBS``), judge None with
+    ``VIEW_NONE``; labels [N] int64; wrong [N] bool (rows of wrong samples); scale [N] ACC,
+    the row's factor in the reduced loss (see ``row_scale``).
+    """
 
     base: torch.Tensor
     standard: torch.Tensor
     standard_mode: int
     judge: torch.Tensor | None
     judge_mode: int
-    labels: torch.Tensor  # [N] int64
-    wrong: torch.Tensor  # [N] bool
-    scale: torch.Tensor  # [N] ACC
+    labels: torch.Tensor
+    wrong: torch.Tensor
+    scale: torch.Tensor
+
+    def rows(self, start: int, stop: int, base: torch.Tensor) -> Views:
+        """Rows [start, stop) of every view, with ``base`` [stop - start, V] as their base logits."""
+
+        def cut(view, mode):
+            if mode == VIEW_LOGITS:
+                return _rows(view, start, stop).unsqueeze(0)
+            return view[start:stop] if mode == VIEW_LOGPROBS else None
+
+        return Views(
+            base=base.unsqueeze(0),
+            standard=cut(self.standard, self.standard_mode),
+            standard_mode=self.standard_mode,
+            judge=cut(self.judge, self.judge_mode),
+            judge_mode=self.judge_mode,
+            labels=self.labels[start:stop],
+            wrong=self.wrong[start:stop],
+            scale=self.scale[start:stop],
+        )
 
 
-def _first_stage_triton(v: _Views, cfg: NLFTConfig, compute_grad: bool):
+def _first_stage_triton(v: Views, cfg: NLFTConfig, compute_grad: bool):
     base = v.base
     n, vocab = v.labels.numel(), base.shape[-1]
     acc = acc_dtype(base.dtype)
@@ -288,7 +313,7 @@ def _row_strides(view: torch.Tensor) -> tuple[int, int]:
     return (view.stride(0), view.stride(1)) if view.dim() == 3 else (0, 0)
 
 
-def _first_stage_torch(v: _Views, cfg: NLFTConfig, compute_grad: bool):
+def _first_stage_torch(v: Views, cfg: NLFTConfig, compute_grad: bool):
     base = v.base
     n, vocab = v.labels.numel(), base.shape[-1]
     acc = acc_dtype(base.dtype)
@@ -343,7 +368,7 @@ def _rows(view: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _rescale_rows(grad: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor, backend: str) -> None:
+def rescale_rows(grad: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor, backend: str) -> None:
     """grad[r] *= factor[r] for the rows ``rows`` (a few, usually none)."""
     flat = grad.view(-1, grad.shape[-1])
     if backend == "triton":
@@ -359,52 +384,67 @@ def _rescale_rows(grad: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor, 
 # Forward of all paths, and the autograd Function.
 
 
-def _nlft_forward(
-    v: _Views,
+def first_stage(v: Views, cfg: NLFTConfig, backend: str, compute_grad: bool):
+    """The row pass: (stats [3, N] ACC log-probs of base/standard/judge, saliency [N] bool,
+    provisional gradient of ``v.base`` or None). The gradient rows hold everything but the
+    per-sample rule and the clusters, which ``second_stage`` decides."""
+    run = _first_stage_triton if backend == "triton" else _first_stage_torch
+    return run(v, cfg, compute_grad)
+
+
+@dataclass
+class SecondStage:
+    """What the per-sample stage decides from the [N] statistics.
+
+    loss: the reduced loss (per-row [N] for ``"none"``); per_row: the details, by field of
+    :class:`NLFTDetails`; rows: [k] int64, the gradient rows to rescale; factor: [N], the
+    factor by which each of those rows' provisional gradient is multiplied (0 zeroes it).
+    """
+
+    loss: torch.Tensor
+    per_row: dict[str, torch.Tensor]
+    rows: torch.Tensor
+    factor: torch.Tensor
+
+
+def second_stage(
+    stats: torch.Tensor,
+    saliency: torch.Tensor,
+    v: Views,
     sample_ids: torch.Tensor,
     correct: torch.Tensor,
     hidden_states: torch.Tensor | None,
     cfg: NLFTConfig,
     reduction: str,
-    backend: str,
-    compute_grad: bool,
     validate: bool,
-):
-    """(loss, grad of the base logits or None, per-row tensors for the details)."""
-    first_stage = _first_stage_triton if backend == "triton" else _first_stage_torch
-    stats, saliency, grad = first_stage(v, cfg, compute_grad)
+) -> SecondStage:
+    """The per-sample rule (saliency fraction), the clusters, the loss and the gradient fix-up.
+
+    Works on [N]-sized tensors only; ``hidden_states`` [N, D] or None.
+    """
     lp_b, lp_s, lp_j = stats
     valid = v.labels != cfg.ignore_index
     if validate:
         _check_finite(lp_b, lp_s, lp_j, valid, v)
-
-    # Second stage: the per-sample rule and the clusters, on [N]-sized tensors.
-    n_samples = correct.numel()
-    counts = torch.zeros(2, n_samples, dtype=torch.float32, device=valid.device)
+    counts = torch.zeros(2, correct.numel(), dtype=torch.float32, device=valid.device)
     counts[0].index_add_(0, sample_ids, valid.float())
     counts[1].index_add_(0, sample_ids, (saliency & v.wrong).float())
     killed_sample = ~correct & (counts[1] > cfg.saliency_fraction * counts[0])
     killed = killed_sample[sample_ids] & valid & ~saliency & v.wrong
     if hidden_states is not None and cfg.cluster_criterion != "off":
-        hidden = hidden_states.detach().reshape(saliency.numel(), -1)
-        cluster = saliency_clusters(hidden, saliency, valid, sample_ids, cfg)
+        cluster = saliency_clusters(hidden_states.detach(), saliency, valid, sample_ids, cfg)
     else:
         cluster = torch.zeros_like(saliency)
     demoted = cluster | killed
     weight, raw, coef = row_terms(lp_b, lp_s, lp_j, v.wrong, saliency, demoted, cfg)
     raw = torch.where(valid, raw, 0.0)
-    if reduction == "none":
-        loss = cfg.loss_scale * raw
-    else:
-        loss = (raw * v.scale).sum()
+    loss = cfg.loss_scale * raw if reduction == "none" else (raw * v.scale).sum()
 
-    if grad is not None:
-        rows = demoted.nonzero().squeeze(1)
-        if rows.numel():
-            quiet = torch.zeros_like(demoted)
-            _, _, provisional = row_terms(lp_b, lp_s, lp_j, v.wrong, saliency, quiet, cfg)
-            factor = torch.where(provisional != 0, coef / torch.where(provisional != 0, provisional, 1.0), 0.0)
-            _rescale_rows(grad, factor, rows, backend)
+    rows = demoted.nonzero().squeeze(1)
+    factor = torch.ones_like(coef)
+    if rows.numel():
+        _, _, provisional = row_terms(lp_b, lp_s, lp_j, v.wrong, saliency, torch.zeros_like(demoted), cfg)
+        factor = torch.where(provisional != 0, coef / torch.where(provisional != 0, provisional, 1.0), 0.0)
     per_row = {
         "logprob_base": lp_b,
         "logprob_standard": lp_s,
@@ -416,10 +456,10 @@ def _nlft_forward(
         "killed": killed,
         "token_loss": cfg.loss_scale * raw,
     }
-    return loss, grad, per_row
+    return SecondStage(loss, per_row, rows, factor)
 
 
-def _check_finite(lp_b, lp_s, lp_j, valid, v: _Views) -> None:
+def _check_finite(lp_b, lp_s, lp_j, valid, v: Views) -> None:
     bad = torch.stack(
         [
             (valid & ~torch.isfinite(lp_b)).any(),
@@ -450,10 +490,12 @@ class NLFTLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base_logits, views, sample_ids, correct, hidden_states, cfg, reduction, backend, validate):
-        compute_grad = ctx.needs_input_grad[0]
-        loss, grad, per_row = _nlft_forward(
-            views, sample_ids, correct, hidden_states, cfg, reduction, backend, compute_grad, validate
-        )
+        stats, saliency, grad = first_stage(views, cfg, backend, ctx.needs_input_grad[0])
+        hidden = None if hidden_states is None else hidden_states.reshape(saliency.numel(), -1)
+        stage = second_stage(stats, saliency, views, sample_ids, correct, hidden, cfg, reduction, validate)
+        if grad is not None and stage.rows.numel():
+            rescale_rows(grad, stage.factor, stage.rows, backend)
+        loss, per_row = stage.loss, stage.per_row
         ctx.reduction = reduction
         ctx.logits_shape = base_logits.shape
         ctx.save_for_backward(grad)
@@ -533,7 +575,7 @@ def nlft_loss(
     else:
         judge_t, judge_mode = _teacher(judge, "judge", base_logits, acc)
     valid = labels.reshape(-1) != config.ignore_index
-    views = _Views(
+    views = Views(
         base=as_3d(base_logits, "base_logits"),
         standard=standard_t,
         standard_mode=standard_mode,
