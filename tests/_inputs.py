@@ -35,7 +35,7 @@ def make_inputs(
     lse = torch.logsumexp(standard, dim=-1)
     for b in range(batch):
         kind = KINDS[b % len(KINDS)]
-        n = steps - (b % 3 if pad else 0)
+        n = steps - (min(b % 3, steps - 1) if pad else 0)
         labels[b, n:] = -100
         rows = torch.arange(n)
         if kind == "correct":
@@ -48,6 +48,8 @@ def make_inputs(
             judge[b] = torch.randn(steps, vocab, generator=g) * 5
         else:
             count = {"wrong_many": max(2, n // 4), "wrong_one": 1, "wrong_none": 0}[kind]
+            if kind != "wrong_many":
+                judge[b] = base[b]  # r1 = 1: no saliency token but the lifted ones
             lifted = rows[torch.randperm(n, generator=g)[:count]]
             judge[b, lifted, labels[b, lifted]] += 12.0
     hidden = torch.randn(batch, steps, hidden_dim, generator=g).cumsum(1)

@@ -350,9 +350,10 @@ def _first_stage_torch(v: Views, cfg: NLFTConfig, compute_grad: bool):
         if compute_grad:
             _, _, coef = row_terms(lp_b, lp_s, lp_j, wrong, chunk_saliency, torch.zeros_like(valid), cfg)
             coef = torch.where(valid, coef * v.scale[start:stop], 0.0)
-            x.sub_(lse[:, None]).exp_()
-            x[valid, safe[valid]] -= 1.0
-            grad_rows[start:stop] = x.mul_(coef[:, None])
+            # Out of place: for float32 inputs ``x`` is the caller's tensor itself.
+            probs = torch.exp(x - lse[:, None])
+            probs[valid, safe[valid]] -= 1.0
+            grad_rows[start:stop] = probs.mul_(coef[:, None])
     return stats, saliency, grad
 
 

@@ -1,0 +1,177 @@
+"""Helpers shared by the benchmark scripts: device identity, versions, timing, memory, JSON.
+
+Every script records the same facts about where and how it measured, so results written by
+different scripts can be read side by side.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import re
+import shlex
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe short name such as ``nvidia-h100-80gb-hbm3`` or ``cpu-amd-epyc``."""
+    name = device_name(device).lower()
+    if device.type == "cpu":
+        name = f"cpu-{name}"
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:48]
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of everything a timing depends on; ``None`` for what is not installed."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import nlft_kernels
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "nlft_kernels": nlft_kernels.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    """Device name, slug, versions and thread count, the header of every result file."""
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "device_slug": device_slug(device),
+        "cpu_threads": torch.get_num_threads(),
+        "versions": versions(),
+    }
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """The command that reproduces a run, as typed from the repository root."""
+    return shlex.join(["python", "-m", module, *argv])
+
+
+def today() -> str:
+    return dt.date.today().isoformat()
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(
+    step: Callable[[], object], reset: Callable[[], None], device: torch.device, warmup: int, reps: int
+) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``step`` after ``warmup`` untimed ones.
+
+    ``reset`` runs before every call, outside the timed region (e.g. dropping ``.grad``).
+    CUDA: events around each call; CPU: ``time.perf_counter`` (the CPU ops are synchronous).
+    """
+    for _ in range(warmup):
+        reset()
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        reset()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
+    """Bytes/s of ``dst.copy_(src)`` on ``nbytes`` buffers, counting the read and the write."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = time_ms(lambda: dst.copy_(src), lambda: None, device, warmup=2, reps=reps)
+    return 2 * src.numel() * 4 / (median(times) / 1e3)
+
+
+def cuda_peak_extra(step: Callable[[], object], device: torch.device) -> int:
+    """Bytes allocated by one call of ``step`` at its peak, above what was allocated before it."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_peak_extra(step: Callable[[], object]) -> int:
+    """Peak resident bytes of this process during one call of ``step``, above its RSS before it.
+
+    Linux only: writing 5 to /proc/self/clear_refs resets the high-water mark VmHWM, so the
+    peak of this call is not hidden by an earlier, larger one (``getrusage``'s maxrss cannot
+    be reset). Run it in a process whose allocator returns freed buffers to the system (see
+    ``RSS_ALLOCATOR_ENV``) or RSS also counts memory that is free but kept.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status_bytes("VmRSS")
+    step()
+    return _proc_status_bytes("VmHWM") - before
+
+
+# glibc serves allocations of 64 KiB and up with mmap and unmaps them on free, so RSS follows
+# the live tensors instead of keeping freed heap pages (its default threshold adapts up to 32 MiB).
+RSS_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write ``payload`` as indented JSON, creating the folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

@@ -1,0 +1,351 @@
+"""How fast is the fused NLFT loss, and how much memory does it need, against what users run today?
+
+Forward+backward of four cases on the same inputs (B samples x T rows, flattened to N rows of
+V logits per view; correct and wrong samples mixed, with saliency, unlikelihood and killed
+samples present):
+
+  nlft_kernels        ``nlft_kernels.nlft_loss``, backend "auto" (Triton on CUDA, chunked
+                      torch on the CPU); the teacher views carry no gradient
+  authors_style       ``benchmarks.authors_style``: the three views as one [3, N, V] batch with
+                      gradient and full float32 softmaxes, as in the authors' training code
+  compiled_reference  ``torch.compile`` of ``nlft_kernels.reference.nlft_loss_reference`` in float32
+  cross_entropy       one ``F.cross_entropy`` on the base view: the lower bound
+
+Run from the repository root:
+  python -m benchmarks.bench_loss --quick     # CPU-sized grid (a few minutes on 2 cores)
+  python -m benchmarks.bench_loss             # full GPU grid
+Writes benchmarks/results/bench_loss-<device>-<date>.json (``--out`` to change), a PNG next to
+it (matplotlib) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import _util
+from benchmarks.authors_style import authors_style_loss
+from nlft_kernels import NLFTConfig, nlft_loss
+from nlft_kernels.reference import nlft_loss_reference
+
+CASES = ("nlft_kernels", "authors_style", "compiled_reference", "cross_entropy")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+QUICK_GRID = {"n": (512, 2048), "vocab": (4096, 32000), "dtype": ("float32", "bfloat16")}
+FULL_GRID = {"n": (1024, 8192, 16384), "vocab": (32000, 128256, 151936), "dtype": ("bfloat16", "float32")}
+TINY_GRID = {"n": (64,), "vocab": (1000,), "dtype": ("float32",)}
+
+# Bytes each case must move at the least, in units of N * V * element size: the NLFT cases read
+# three views and write the base gradient, cross-entropy reads one view and writes its gradient.
+ESSENTIAL_PASSES = {"nlft_kernels": 4, "authors_style": 4, "compiled_reference": 4, "cross_entropy": 2}
+
+METHOD = {
+    "timing": (
+        "forward+backward of one loss per call, .grad dropped before each call (outside the timed "
+        "region); median over --reps calls after --warmup untimed ones; CUDA: torch.cuda.Event "
+        "around each call; CPU: time.perf_counter"
+    ),
+    "memory_cuda": (
+        "torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
+        "memory_allocated before it: bytes beyond the inputs, the gradient written included"
+    ),
+    "memory_cpu": (
+        "each case in a fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536 (glibc unmaps freed "
+        "buffers so RSS follows live tensors); after one warm-up call (and compilation) the RSS "
+        "high-water mark is reset through /proc/self/clear_refs, and the peak RSS (VmHWM) of one "
+        "call minus the RSS just before it is reported: bytes beyond the inputs, the gradient "
+        "written included, plus any allocator or runtime growth"
+    ),
+    "bandwidth": (
+        "effective bytes = the bytes the case must move at the least (NLFT: read 3 views + write "
+        "the base gradient = 4 N V elem; cross_entropy: 2 N V elem) divided by the median time; "
+        "compared with the measured dst.copy_(src) bandwidth (read + write bytes / time)"
+    ),
+    "inputs": (
+        "B = N / T samples of T rows; sample kinds cycle correct / wrong with saliency on 25% of "
+        "rows (killed by the 6% rule) / wrong with one saliency row / wrong without; correct "
+        "samples have p_s > 0.95 on ~35% of rows; the last (b mod 3) rows of sample b are padding; "
+        "no hidden states (no clusters)"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    n: int
+    vocab: int
+    dtype: str
+    rows_per_sample: int
+
+    @property
+    def batch(self) -> int:
+        return self.n // self.rows_per_sample
+
+
+@dataclass
+class Batch:
+    """The inputs of one shape: views [3, N, V] (base, standard, judge), labels [N],
+    sample_ids [N], correct [B]."""
+
+    views: torch.Tensor
+    labels: torch.Tensor
+    sample_ids: torch.Tensor
+    correct: torch.Tensor
+
+
+def make_batch(shape: Shape, device: torch.device, seed: int = 0) -> Batch:
+    """Random views built in place on ``device`` (no [N, V] temporaries) so big shapes fit."""
+    n, vocab, steps = shape.n, shape.vocab, shape.rows_per_sample
+    g = torch.Generator(device=device).manual_seed(seed)
+    views = torch.randn(3, n, vocab, generator=g, device=device, dtype=DTYPES[shape.dtype])
+    views[0].mul_(2)
+    views[1:].add_(views[0])  # the teachers are the base view plus noise
+    labels = torch.randint(0, vocab, (n,), generator=g, device=device)
+    rows = torch.arange(n, device=device)
+    sample_ids, t = rows // steps, rows % steps
+    kind = sample_ids % 4
+    u = torch.rand(n, generator=g, device=device)
+    # Correct samples: lift the standard view's label above every other logit by log V + 6,
+    # so p_s > 1 / (1 + e^-6) > 0.95 on those rows.
+    lift = ((kind == 0) & (u < 0.35)).nonzero().squeeze(1)
+    top = views[1].amax(dim=-1)
+    views[1, lift, labels[lift]] = (top[lift] + math.log(vocab) + 6).to(views.dtype)
+    # Wrong samples: lift the judge view's label so that r1, r2 and p_j pass the saliency test.
+    lift = (((kind == 1) & (u < 0.25)) | ((kind == 2) & (t == 0))).nonzero().squeeze(1)
+    views[2, lift, labels[lift]] += math.log(vocab) + 4
+    labels[t >= steps - sample_ids % 3] = NLFTConfig().ignore_index
+    return Batch(views=views, labels=labels, sample_ids=sample_ids, correct=torch.arange(shape.batch, device=device) % 4 == 0)
+
+
+def build_case(case: str, batch: Batch, shape: Shape) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(step, reset): ``step`` runs forward+backward of ``case``; ``reset`` drops the gradient."""
+    views, labels, b, t = batch.views, batch.labels, shape.batch, shape.rows_per_sample
+    leaf = views.detach()[0] if case != "authors_style" else views.detach()
+    leaf.requires_grad_()
+
+    def reset() -> None:
+        leaf.grad = None
+
+    if case == "nlft_kernels":
+        def step() -> None:
+            nlft_loss(
+                leaf, labels, batch.correct, standard=views[1], judge=views[2], sample_ids=batch.sample_ids
+            ).backward()
+    elif case == "authors_style":
+        def step() -> None:
+            authors_style_loss(leaf.view(3, b, t, -1), labels.view(b, t), batch.correct).backward()
+    elif case == "compiled_reference":
+        # A fresh compilation per shape: dynamo's per-function recompile limit would otherwise
+        # send later shapes of a long grid to eager mode without a word.
+        torch._dynamo.reset()
+        compiled = torch.compile(nlft_loss_reference, dynamic=False)
+
+        def step() -> None:
+            compiled(
+                leaf.view(b, t, -1), labels.view(b, t), batch.correct, views[1].view(b, t, -1),
+                views[2].view(b, t, -1), dtype=torch.float32,
+            ).backward()
+    elif case == "cross_entropy":
+        def step() -> None:
+            F.cross_entropy(leaf, labels).backward()
+    else:
+        raise ValueError(f"case must be one of {CASES}, got {case!r}")
+    return step, reset
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def measure_case(case: str, batch: Batch, shape: Shape, device: torch.device, args) -> dict:
+    """Time (and on CUDA, peak memory) of one case; status ``ok``, ``skipped`` or ``oom``."""
+    row: dict = {"case": case, "status": "ok", "note": ""}
+    step, reset = build_case(case, batch, shape)
+    if case == "compiled_reference":
+        try:  # compilation happens at the first call; a machine without a compiler skips the case
+            reset()
+            step()
+        except Exception as error:  # noqa: BLE001 - any compiler failure means "cannot compile here"
+            if _is_oom(error):
+                raise
+            return row | {"status": "skipped", "note": f"torch.compile failed: {type(error).__name__}: {error}"[:300]}
+    times = _util.time_ms(step, reset, device, args.warmup, args.reps)
+    row |= {"median_ms": _util.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
+    if device.type == "cuda":
+        reset()
+        row["peak_extra_bytes"] = _util.cuda_peak_extra(step, device)
+    reset()
+    return row
+
+
+def probe_memory_cpu(case: str, shape: Shape, seed: int) -> dict:
+    """Peak extra RSS of one case, measured in a fresh subprocess (see METHOD["memory_cpu"])."""
+    spec = json.dumps({"case": case, "shape": asdict(shape), "seed": seed})
+    env = os.environ | _util.RSS_ALLOCATOR_ENV
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_loss", "--memory-probe", spec],
+        cwd=_util.REPO_ROOT, env=env, capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe of {case} {shape} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe_main(spec: str) -> None:
+    """The subprocess side of ``probe_memory_cpu``: prints {"peak_extra_bytes": ...}."""
+    spec = json.loads(spec)
+    shape = Shape(**spec["shape"])
+    batch = make_batch(shape, torch.device("cpu"), spec["seed"])
+    step, reset = build_case(spec["case"], batch, shape)
+    reset()
+    step()  # warm-up: lazy initialisation and, for the compiled case, compilation
+    reset()
+    gc.collect()
+    print(json.dumps({"peak_extra_bytes": _util.rss_peak_extra(step)}))
+
+
+def _grid(args) -> list[Shape]:
+    grid = TINY_GRID if args.tiny else QUICK_GRID if args.quick else FULL_GRID
+    ns, vocabs, dtypes = args.n or grid["n"], args.vocab or grid["vocab"], args.dtype or grid["dtype"]
+    steps = args.rows_per_sample or (16 if args.tiny else 128)
+    for n in ns:
+        if n % steps:
+            raise SystemExit(f"--n {n} is not a multiple of --rows-per-sample {steps}")
+    return [Shape(n, v, d, steps) for d in dtypes for v in vocabs for n in ns]
+
+
+def run(args, argv: list[str]) -> dict:
+    """Measure every case of every shape; returns the JSON payload."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    copy_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    copy_bw = _util.copy_bandwidth(device, copy_bytes)
+    rows = []
+    for shape in _grid(args):
+        elem = torch.empty((), dtype=DTYPES[shape.dtype]).element_size()
+        head = {"n": shape.n, "vocab": shape.vocab, "dtype": shape.dtype, "batch": shape.batch,
+                "rows_per_sample": shape.rows_per_sample}
+        try:
+            batch = make_batch(shape, device, args.seed)
+        except torch.OutOfMemoryError:
+            rows += [head | {"case": c, "status": "oom", "note": "inputs do not fit"} for c in args.cases]
+            continue
+        for case in args.cases:
+            print(f"{shape} {case} ...", file=sys.stderr, flush=True)
+            try:
+                row = head | measure_case(case, batch, shape, device, args)
+            except torch.OutOfMemoryError as error:
+                row = head | {"case": case, "status": "oom", "note": str(error).splitlines()[0][:200]}
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if row["status"] == "ok" and device.type == "cpu":
+                row |= probe_memory_cpu(case, shape, args.seed)
+            if row["status"] == "ok":
+                essential = ESSENTIAL_PASSES[case] * shape.n * shape.vocab * elem
+                achieved = essential / (row["median_ms"] / 1e3)
+                row |= {"effective_bytes": essential, "achieved_bytes_per_s": achieved,
+                        "fraction_of_copy_bandwidth": achieved / copy_bw}
+            rows.append(row)
+        del batch
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "benchmark": "bench_loss",
+        "question": "forward+backward time and peak memory of the NLFT loss against its baselines",
+        **_util.environment(device),
+        "date": _util.now_iso(),
+        "command": _util.command_line("benchmarks.bench_loss", argv),
+        "settings": {"warmup": args.warmup, "reps": args.reps, "seed": args.seed, "cases": list(args.cases),
+                     "nlft_config": asdict(NLFTConfig())},
+        "method": METHOD | {"memory": METHOD["memory_cuda" if device.type == "cuda" else "memory_cpu"]},
+        "copy_bandwidth_bytes_per_s": copy_bw,
+        "copy_bandwidth_buffer_bytes": copy_bytes,
+        "cases": rows,
+    }
+
+
+def markdown_table(payload: dict) -> str:
+    """One line per case: median time, time relative to nlft_kernels, extra peak memory, bandwidth."""
+    ours = {(r["n"], r["vocab"], r["dtype"]): r.get("median_ms") for r in payload["cases"] if r["case"] == "nlft_kernels"}
+    lines = [
+        f"Device: {payload['device']} ({payload['device_type']}); torch {payload['versions']['torch']}; "
+        f"copy bandwidth {payload['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+        "",
+        "| N | V | dtype | case | median ms | x nlft_kernels | extra peak MiB | effective GB/s | % of copy BW |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in payload["cases"]:
+        lead = f"| {r['n']} | {r['vocab']} | {r['dtype']} | {r['case']} |"
+        if r["status"] != "ok":
+            lines.append(f"{lead} {r['status']}: {r['note'][:60]} | | | | |")
+            continue
+        base = ours.get((r["n"], r["vocab"], r["dtype"]))
+        ratio = f"{r['median_ms'] / base:.2f}" if base else "-"
+        mem = r.get("peak_extra_bytes")
+        mem = f"{mem / 2**20:.0f}" if mem is not None else "-"
+        lines.append(
+            f"{lead} {r['median_ms']:.2f} | {ratio} | {mem} | {r['achieved_bytes_per_s'] / 1e9:.1f} | "
+            f"{100 * r['fraction_of_copy_bandwidth']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_loss", description=__doc__.split("\n")[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help=f"CPU-sized grid {QUICK_GRID}")
+    size.add_argument("--tiny", action="store_true", help=f"smoke-test grid {TINY_GRID}")
+    p.add_argument("--n", type=int, nargs="+", help="rows N (overrides the grid's)")
+    p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V (overrides the grid's)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="logits dtypes (overrides the grid's)")
+    p.add_argument("--rows-per-sample", type=int, help="T, rows per sample (default 128; 16 with --tiny)")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--warmup", type=int, help="untimed calls per case (default: 5 on CUDA, 1 on CPU)")
+    p.add_argument("--reps", type=int, help="timed calls per case (default: 50 on CUDA, 5 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_loss-<device>-<date>.json)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    args.warmup = args.warmup if args.warmup is not None else 5 if cuda else 1
+    args.reps = args.reps if args.reps is not None else 50 if cuda else 5
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    """Run the benchmark; returns the JSON path (None in the memory-probe subprocess)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.memory_probe:
+        _memory_probe_main(args.memory_probe)
+        return None
+    payload = run(args, argv)
+    device = torch.device("cuda" if payload["device_type"] == "cuda" else "cpu")
+    out = args.out or _util.RESULTS_DIR / f"bench_loss-{_util.device_slug(device)}-{_util.today()}.json"
+    _util.write_json(out, payload)
+    print(markdown_table(payload))
+    print(f"\nwrote {out}")
+    if not args.no_plot:
+        from benchmarks.plot import plot_results
+
+        png = plot_results(out)
+        print(f"wrote {png}" if png else "matplotlib is not installed: no plot (pip install matplotlib)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+// nlft_kernels._C: the compiled NLFT row pass, bound through the torch extension API.
+//
+// first_stage() checks and unpacks the tensors of one call into a RowPass and runs the CPU
+// kernel (csrc/cpu) or, in a build with NLFT_WITH_CUDA, the CUDA kernel (csrc/cuda) on the
+// tensors' device. The Python side (nlft_kernels/ops/nlft_loss.py, _first_stage_ext) passes
+// the fields of its Views and the NLFTConfig constants.
+#include <torch/extension.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "cpu/row_pass_cpu.h"
+#include "nlft_row.h"
+
+#ifdef NLFT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/row_pass_cuda.h"
+#endif
+
+namespace {
+
+using nlft::DType;
+
+DType to_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return nlft::kFloat32;
+    case at::kDouble: return nlft::kFloat64;
+    case at::kBFloat16: return nlft::kBFloat16;
+    case at::kHalf: return nlft::kFloat16;
+    default: TORCH_CHECK(false, name, " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// A teacher view as the kernel reads it; `owned` keeps a converted copy alive for the call.
+nlft::RowView teacher_view(const std::optional<at::Tensor>& view, int64_t mode, const at::Tensor& base,
+                           at::ScalarType acc, const char* name, at::Tensor& owned) {
+  nlft::RowView out;
+  out.mode = static_cast<nlft::ViewMode>(mode);
+  if (mode == nlft::kViewNone) return out;
+  TORCH_CHECK(view.has_value(), name, " is required with mode ", mode);
+  owned = *view;
+  TORCH_CHECK(owned.device() == base.device(), name, " is on ", owned.device(), ", base on ", base.device());
+  if (mode == nlft::kViewLogprobs) {
+    TORCH_CHECK(owned.dim() == 1 && owned.numel() == base.size(0) * base.size(1), name,
+                " log-probs must be [N] with N = B*T");
+    owned = owned.to(acc).contiguous();
+  } else {
+    TORCH_CHECK(mode == nlft::kViewLogits, name, " mode must be 0, 1 or 2, got ", mode);
+    TORCH_CHECK(owned.sizes() == base.sizes(), name, " logits must have the base logits' shape ", base.sizes());
+#ifdef NLFT_WITH_CUDA
+    // The CUDA kernel is compiled for teacher rows in the base dtype or in the accumulator
+    // dtype; other dtypes are widened to the accumulator type, which the Triton kernel does
+    // on load too, so the values are the same.
+    if (owned.is_cuda() && owned.scalar_type() != base.scalar_type()) owned = owned.to(acc);
+#endif
+    if (owned.stride(2) != 1) owned = owned.contiguous();
+    out.stride_b = owned.stride(0);
+    out.stride_t = owned.stride(1);
+    out.dtype = to_dtype(owned, name);
+  }
+  out.ptr = owned.data_ptr();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
+    const at::Tensor& base, const at::Tensor& standard, int64_t standard_mode, const std::optional<at::Tensor>& judge,
+    int64_t judge_mode, const at::Tensor& labels, const at::Tensor& wrong, const at::Tensor& scale,
+    int64_t ignore_index, double tau, double saliency_power, double other_power, double log_ratio,
+    double log_judge_min, double sigmoid_center, double sigmoid_scale, double unlikelihood_clamp, double nll_weight,
+    bool compute_grad) {
+  TORCH_CHECK(base.dim() == 3 && base.stride(2) == 1, "base logits must be [B, T, V] with unit stride over V");
+  const int64_t n_rows = base.size(0) * base.size(1);
+  const at::ScalarType acc = base.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == n_rows,
+              "labels must be contiguous int64 [N]");
+  TORCH_CHECK(wrong.scalar_type() == at::kBool && wrong.is_contiguous() && wrong.numel() == n_rows,
+              "wrong must be contiguous bool [N]");
+  TORCH_CHECK(scale.scalar_type() == acc && scale.is_contiguous() && scale.numel() == n_rows,
+              "scale must be contiguous [N] in ", acc);
+  for (const at::Tensor* t : {&labels, &wrong, &scale}) {
+    TORCH_CHECK(t->device() == base.device(), "all inputs must be on ", base.device());
+  }
+  TORCH_CHECK(standard_mode != nlft::kViewNone, "the standard view is required");
+
+  nlft::RowPass p{};
+  p.base = {base.data_ptr(), base.stride(0), base.stride(1), to_dtype(base, "base logits"), nlft::kViewLogits};
+  at::Tensor standard_owned, judge_owned;
+  p.standard = teacher_view(standard, standard_mode, base, acc, "standard", standard_owned);
+  p.judge = teacher_view(judge, judge_mode, base, acc, "judge", judge_owned);
+#ifdef NLFT_WITH_CUDA
+  // Both teachers share one element type in the CUDA kernel.
+  if (base.is_cuda() && p.standard.mode == nlft::kViewLogits && p.judge.mode == nlft::kViewLogits &&
+      p.standard.dtype != p.judge.dtype) {
+    const auto widen = [&](nlft::RowView& v, at::Tensor& owned, const char* name) {
+      if (owned.scalar_type() != acc) v = teacher_view(owned.to(acc), nlft::kViewLogits, base, acc, name, owned);
+    };
+    widen(p.standard, standard_owned, "standard");
+    widen(p.judge, judge_owned, "judge");
+  }
+#endif
+  p.labels = labels.data_ptr<int64_t>();
+  p.wrong = wrong.data_ptr<bool>();
+  p.scale = scale.data_ptr();
+  auto stats = at::empty({3, n_rows}, base.options().dtype(acc));
+  auto saliency = at::empty({n_rows}, base.options().dtype(at::kBool));
+  std::optional<at::Tensor> grad;
+  if (compute_grad) grad = at::empty(base.sizes(), base.options());
+  p.stats = stats.data_ptr();
+  p.saliency = saliency.data_ptr<bool>();
+  p.grad = compute_grad ? grad->data_ptr() : nullptr;
+  p.n_rows = n_rows;
+  p.steps = base.size(1);
+  p.vocab = base.size(2);
+  p.cfg = {tau,           saliency_power, other_power,        log_ratio,  log_judge_min,
+           sigmoid_center, sigmoid_scale, unlikelihood_clamp, nll_weight, ignore_index};
+
+  if (base.is_cuda()) {
+#ifdef NLFT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(base.device());
+    const cudaError_t err = nlft::cuda::row_pass_cuda(p, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "NLFT CUDA row pass failed: ", cudaGetErrorString(err));
+#else
+    TORCH_CHECK(false, "nlft_kernels._C was built without CUDA (see nlft_kernels.backends())");
+#endif
+  } else {
+    TORCH_CHECK(base.device().is_cpu(), "unsupported device ", base.device());
+    nlft::cpu::row_pass_cpu(p);
+  }
+  return {stats, saliency, grad};
+}
+
+bool built_with_cuda() {
+#ifdef NLFT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Compiled NLFT row pass (the first stage of nlft_kernels.nlft_loss): C++ CPU and CUDA kernels";
+  m.def("first_stage", &first_stage,
+        "Row pass: (stats [3, N] acc, saliency [N] bool, gradient [B, T, V] in the base dtype or None)",
+        py::arg("base"), py::arg("standard"), py::arg("standard_mode"), py::arg("judge"), py::arg("judge_mode"),
+        py::arg("labels"), py::arg("wrong"), py::arg("scale"), py::arg("ignore_index"), py::arg("tau"),
+        py::arg("saliency_power"), py::arg("other_power"), py::arg("log_ratio"), py::arg("log_judge_min"),
+        py::arg("sigmoid_center"), py::arg("sigmoid_scale"), py::arg("unlikelihood_clamp"), py::arg("nll_weight"),
+        py::arg("compute_grad"));
+  m.def("cpu_capability", &nlft::cpu::row_pass_capability,
+        "The instruction set of the CPU kernel copy that runs here: AVX512, AVX2 or DEFAULT");
+  m.def("built_with_cuda", &built_with_cuda, "Whether this build contains the CUDA kernel");
+}

@@ -1,0 +1,61 @@
+// The contract of the NLFT row pass (the "first stage"), shared by the CPU and CUDA kernels.
+//
+// Plain C++ with raw pointers so that the CUDA translation unit needs no torch headers (the
+// CPU torch wheel ships none for CUDA). Semantics are those of the Triton `_nlft_fwd_kernel`
+// in nlft_kernels/ops/nlft_loss.py: per row, log-softmax statistics of up to three views,
+// the saliency test, the token coefficient and, optionally, the provisional base gradient.
+#pragma once
+
+#include <cstdint>
+
+namespace nlft {
+
+// How a teacher view reaches the kernel (same values as VIEW_* in nlft_loss.py).
+enum ViewMode : int { kViewNone = 0, kViewLogits = 1, kViewLogprobs = 2 };
+
+// Element types of logits and gradient rows.
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// A [B, T, V] view addressed as ptr + b * stride_b + t * stride_t + v (unit stride over V),
+// or, for kViewLogprobs, an [N] vector of label log-probs in the accumulator type.
+struct RowView {
+  const void* ptr = nullptr;
+  int64_t stride_b = 0;
+  int64_t stride_t = 0;
+  DType dtype = kFloat32;
+  ViewMode mode = kViewNone;
+};
+
+// The NLFT constants the row pass needs, already in the form the kernel compares against.
+struct RowConfig {
+  double tau;                 // correct_threshold
+  double saliency_power;
+  double other_power;
+  double log_ratio;           // log(ratio_threshold)
+  double log_judge_min;       // log(judge_min_prob), -inf for 0
+  double sigmoid_center;
+  double sigmoid_scale;
+  double unlikelihood_clamp;
+  double nll_weight;
+  int64_t ignore_index;
+};
+
+// Everything one launch reads and writes. The accumulator type (float, or double when the
+// base logits are float64) types stats, scale and log-prob teacher views.
+struct RowPass {
+  RowView base;               // mode kViewLogits always
+  RowView standard;           // kViewLogits or kViewLogprobs
+  RowView judge;              // any mode; read only on labelled rows of wrong samples
+  const int64_t* labels;      // [N]
+  const bool* wrong;          // [N], rows of wrong samples
+  const void* scale;          // [N] acc, the row's factor in the reduced loss
+  void* stats;                // [3, N] acc: log p(label) of base, standard, judge
+  bool* saliency;             // [N]
+  void* grad;                 // [N, V] contiguous in the base dtype, or nullptr
+  int64_t n_rows;             // N = B * T
+  int64_t steps;              // T
+  int64_t vocab;              // V
+  RowConfig cfg;
+};
+
+}  // namespace nlft

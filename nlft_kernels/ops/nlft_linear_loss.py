@@ -1,0 +1,438 @@
+"""The NLFT loss and teacher log-probs straight from hidden states: the [N, V] logits never exist.
+
+``nlft_linear_loss(hidden, weight, ...)`` equals ``nlft_loss(hidden @ weight.T + bias, ...)``
+(with ``hidden_states=hidden`` for the saliency clusters). The rows are processed in chunks:
+per chunk, the logits ``[c, V]`` are one matmul, the core op's first stage (Triton on CUDA,
+chunked torch elsewhere) turns them into the label statistics and the provisional gradient
+``G_c = coef * (softmax - onehot)``, and two more matmuls fold ``G_c`` into the gradients of
+``hidden`` (``G_c @ weight``) and ``weight`` (``G_c.T @ hidden_c``, accumulated in float32).
+Peak extra memory is a few [c, V] tensors plus the gradients themselves.
+
+The per-sample part of the rule (the 6% rule, saliency clusters) needs every row's statistics,
+so it runs after the last chunk and rescales a few rows' provisional gradient by ``factor``.
+Since each row's gradient is linear in its ``G`` row, the hidden gradient of those rows is
+rescaled in place, and the weight/bias gradients are corrected by recomputing ``G`` for those
+rows only: ``+ ((factor - 1) * G_rows).T @ hidden_rows``. Usually no row needs it.
+
+As in Liger-Kernel's fused linear cross-entropy, the gradients are computed in forward and
+backward only scales them; with ``reduction="none"`` the upstream gradient is per row, so
+forward keeps the statistics only and backward makes a second chunked pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from nlft_kernels.backends import resolve_backend
+from nlft_kernels.config import NLFTConfig
+from nlft_kernels.ops._common import check_labels, check_logits
+from nlft_kernels.ops.nlft_loss import (
+    DETAIL_FIELDS,
+    REDUCTIONS,
+    VIEW_LOGITS,
+    VIEW_LOGPROBS,
+    VIEW_NONE,
+    NLFTDetails,
+    Views,
+    _check_samples,
+    _teacher,
+    first_stage,
+    row_scale,
+    second_stage,
+)
+from nlft_kernels.ops.token_logprobs import acc_dtype, token_logprobs
+
+# Chunk budget: the chunk's logits and gradient in the input dtype plus two float32 [c, V]
+# temporaries of the loss pass. A chunk may take this share of free memory, capped so that
+# a GPU chunk stays large enough for full-speed matmuls without hoarding memory, and a CPU
+# chunk stays near the cache-friendly size of the torch loss pass.
+_FREE_SHARE = 4
+_MAX_CHUNK_BYTES = {"cuda": 1 << 30}
+_MAX_CHUNK_BYTES_OTHER = 128 << 20
+_MIN_CHUNK_ROWS = 16
+_DEFAULT_CONFIG = NLFTConfig()
+# Tensor-core matmuls run best on row counts that are multiples of this.
+_ROW_MULTIPLE = 64
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the CUDA allocator's view on GPUs, MemAvailable on the host."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, device: torch.device, free: int | None = None) -> int:
+    """Rows per chunk for ``n_rows`` rows over a vocabulary of ``vocab`` in ``elem_size``-byte
+    logits: as many as fit the chunk budget (see ``_MAX_CHUNK_BYTES``), balanced so that the
+    last chunk is not a sliver, and rounded up to a multiple of ``_ROW_MULTIPLE`` when large."""
+    per_row = vocab * (2 * elem_size + 2 * 4)
+    free = free_memory(device) if free is None else free
+    budget = min(_MAX_CHUNK_BYTES.get(device.type, _MAX_CHUNK_BYTES_OTHER), free // _FREE_SHARE)
+    rows = max(_MIN_CHUNK_ROWS, budget // per_row)
+    chunks = math.ceil(n_rows / rows)
+    rows = math.ceil(n_rows / chunks)
+    if rows > _ROW_MULTIPLE:
+        rows = math.ceil(rows / _ROW_MULTIPLE) * _ROW_MULTIPLE
+    return max(1, min(rows, n_rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked pass shared by forward, backward ("none") and the per-sample fix-up.
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[c, V] logits of [c, D] hidden rows, in the input dtype."""
+    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
+def _select(views: Views, index: torch.Tensor, logits: torch.Tensor) -> Views:
+    """The rows ``index`` [k] of every view, with ``logits`` [k, V] as their base logits."""
+
+    def cut(view, mode):
+        if mode == VIEW_LOGITS:
+            steps = view.shape[1]
+            return view[index // steps, index % steps].unsqueeze(0)
+        return view[index] if mode == VIEW_LOGPROBS else None
+
+    return Views(
+        base=logits.unsqueeze(0),
+        standard=cut(views.standard, views.standard_mode),
+        standard_mode=views.standard_mode,
+        judge=cut(views.judge, views.judge_mode),
+        judge_mode=views.judge_mode,
+        labels=views.labels[index],
+        wrong=views.wrong[index],
+        scale=views.scale[index],
+    )
+
+
+class _Grads:
+    """The gradients being accumulated: hidden [N, D] (input dtype), weight [V, D] and bias [V]
+    (float32 accumulators, float64 for float64 inputs); None where not wanted."""
+
+    def __init__(self, hidden, weight, bias, want: tuple[bool, bool, bool]):
+        acc = acc_dtype(weight.dtype)
+        self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want[0] else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want[1] else None
+        self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] else None
+
+    def add(self, grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, rows: slice | None) -> None:
+        """Fold ``grad`` [c, V], the logits gradient of ``hidden`` [c, D], into the gradients;
+        ``rows`` says where the hidden gradient goes (None: leave it, the fix-up pass)."""
+        if self.hidden is not None and rows is not None:
+            torch.mm(grad, weight, out=self.hidden[rows])
+        if self.weight is not None:
+            if grad.dtype == self.weight.dtype:
+                self.weight.addmm_(grad.t(), hidden)
+            else:
+                # 16-bit matmul at full speed, its [V, D] result summed over chunks in float32
+                self.weight += torch.mm(grad.t(), hidden)
+        if self.bias is not None:
+            self.bias += grad.sum(0, dtype=self.bias.dtype)
+
+
+def _chunked_pass(hidden, weight, bias, views: Views, cfg, backend, rows_per_chunk, grads: _Grads | None, row_factor):
+    """Statistics [3, N] and saliency [N] of all rows; with ``grads``, also fold every chunk's
+    provisional gradient (times ``row_factor`` [N] where given) into them."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    stats = torch.empty(3, n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
+    saliency = torch.empty(n, dtype=torch.bool, device=hidden.device)
+    for start in range(0, n, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n)
+        h = hidden[start:stop]
+        chunk_stats, chunk_saliency, grad = first_stage(
+            views.rows(start, stop, _logits(h, weight, bias)), cfg, backend, grads is not None
+        )
+        stats[:, start:stop] = chunk_stats
+        saliency[start:stop] = chunk_saliency
+        if grads is not None:
+            grad = grad.view(-1, vocab)
+            if row_factor is not None:
+                grad.mul_(row_factor[start:stop, None].to(grad.dtype))
+            grads.add(grad, h, weight, slice(start, stop))
+    return stats, saliency
+
+
+def _fix_rows(hidden, weight, bias, views: Views, cfg, backend, rows_per_chunk, grads: _Grads, rows, factor) -> None:
+    """Apply the second stage's ``factor`` [N] to the gradients of the rows ``rows`` [k]."""
+    if grads.hidden is not None:
+        grads.hidden.index_copy_(0, rows, grads.hidden[rows] * factor[rows, None].to(grads.hidden.dtype))
+    if grads.weight is None and grads.bias is None:
+        return
+    for start in range(0, rows.numel(), rows_per_chunk):
+        index = rows[start : start + rows_per_chunk]
+        h = hidden[index]
+        _, _, grad = first_stage(_select(views, index, _logits(h, weight, bias)), cfg, backend, True)
+        grad = grad.view(index.numel(), -1) * (factor[index] - 1)[:, None].to(grad.dtype)
+        grads.add(grad, h, weight, None)
+
+
+def _check_base_finite(stats: torch.Tensor, views: Views, ignore_index: int) -> None:
+    valid = views.labels != ignore_index
+    if bool((valid & ~torch.isfinite(stats[0])).any()):
+        raise ValueError(
+            "the base logits hidden @ weight.T (+ bias) are non-finite (NaN or inf) in a labelled row: "
+            "check hidden, weight and bias"
+        )
+
+
+class NLFTLinearLossFunction(torch.autograd.Function):
+    """The NLFT loss of ``hidden @ weight.T + bias``, chunked over rows.
+
+    Returns the loss and the per-row details (non-differentiable, ``DETAIL_FIELDS`` order).
+    For reductions to a scalar, forward computes and stores the gradients of hidden [N, D],
+    weight [V, D] and bias [V] and backward scales them by ``grad_output``; for ``"none"``,
+    backward recomputes them with the per-row ``grad_output``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, views, sample_ids, correct, cfg, reduction, backend, validate, rows, clusters
+    ):
+        want = tuple(ctx.needs_input_grad[:3])
+        grads = _Grads(hidden, weight, bias, want) if any(want) and reduction != "none" else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            stats, saliency = _chunked_pass(hidden, weight, bias, views, cfg, backend, rows, grads, None)
+            if validate:
+                _check_base_finite(stats, views, cfg.ignore_index)
+            stage = second_stage(
+                stats, saliency, views, sample_ids, correct, hidden if clusters else None, cfg, reduction, validate
+            )
+            if grads is not None and stage.rows.numel():
+                _fix_rows(hidden, weight, bias, views, cfg, backend, rows, grads, stage.rows, stage.factor)
+        ctx.reduction = reduction
+        if reduction == "none":
+            ctx.views, ctx.cfg, ctx.backend, ctx.rows, ctx.want = views, cfg, backend, rows, want
+            ctx.save_for_backward(hidden, weight, bias, stage.factor)
+        elif grads is not None:
+            # Keep the gradients in the parameters' dtypes between forward and backward.
+            ctx.save_for_backward(
+                grads.hidden,
+                None if grads.weight is None else grads.weight.to(weight.dtype),
+                None if grads.bias is None else grads.bias.to(bias.dtype),
+            )
+        else:
+            ctx.save_for_backward(None, None, None)
+        details = tuple(stage.per_row[name] for name in DETAIL_FIELDS)
+        ctx.mark_non_differentiable(*details)
+        return (stage.loss, *details)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *_grad_details):
+        none = (None,) * 9
+        if ctx.reduction != "none":
+            scaled = []
+            for grad in ctx.saved_tensors:
+                if grad is not None and not bool(grad_loss == 1):
+                    grad = grad * grad_loss.to(grad.dtype)
+                scaled.append(grad)
+            return (*scaled, *none)
+        hidden, weight, bias, factor = ctx.saved_tensors
+        grads = _Grads(hidden, weight, bias, ctx.want)
+        row_factor = factor * grad_loss.reshape(-1).to(factor.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            _chunked_pass(hidden, weight, bias, ctx.views, ctx.cfg, ctx.backend, ctx.rows, grads, row_factor)
+        return (
+            grads.hidden,
+            None if grads.weight is None else grads.weight.to(weight.dtype),
+            None if grads.bias is None else grads.bias.to(bias.dtype),
+            *none,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks shared by both public functions; nothing is computed before they pass.
+
+
+def _check_linear(hidden, weight, bias, chunk_size) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a torch.Tensor (the LM head, [V, D]), got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty 2-D [V, D] tensor (the LM head), got shape {tuple(weight.shape)}")
+    if hidden.dim() not in (2, 3) or hidden.numel() == 0:
+        raise ValueError(f"hidden must be a non-empty [B, T, D] or [N, D] tensor, got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden and weight must share the hidden size D: hidden has D={hidden.shape[-1]}, "
+            f"weight [V, D] has D={weight.shape[1]}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},), one entry per vocabulary row of weight, "
+                f"got {tuple(bias.shape)}"
+            )
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must have the same dtype")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+
+
+def _autocast(hidden, weight, bias):
+    """Inside ``torch.autocast``, the matmuls run in the autocast dtype, as ``F.linear`` would."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _logits_proxy(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A zero-byte tensor shaped like the logits [*hidden.shape[:-1], V], for the core op's checks."""
+    return hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
+
+
+def _flat(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+@torch.compiler.disable
+def nlft_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    correct: torch.Tensor,
+    *,
+    standard: torch.Tensor,
+    judge: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    config: NLFTConfig = _DEFAULT_CONFIG,
+    reduction: str = "sample_mean",
+    sample_ids: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    return_details: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+):
+    """The NLFT loss of the base view's logits ``hidden @ weight.T + bias``, never materialised.
+
+    Equals ``nlft_loss(hidden @ weight.T + bias, labels, correct, standard=..., judge=...,
+    hidden_states=hidden, ...)`` in value and in the gradients of ``hidden``, ``weight`` and
+    ``bias``: saliency clusters walk ``hidden`` unless ``config.cluster_criterion == "off"``.
+
+    hidden: [B, T, D] (or flat rows [N, D] with ``sample_ids``) fp32/bf16/fp16, the base view's
+      final hidden state; row ``[b, t]`` predicts ``labels[b, t]``.
+    weight: [V, D] the LM head (tied embeddings are fine), same dtype as ``hidden``; bias: [V].
+    labels, correct, standard, judge, sample_ids, reduction, return_details, backend, validate:
+      as in :func:`nlft_loss`; pass the teacher views as [B, T] label log-probs
+      (:func:`linear_token_logprobs`) to keep their logits out of memory too.
+    chunk_size: rows per chunk; default from N, V and free memory (:func:`chunk_rows_for`).
+      Peak extra memory is about ``chunk_size * V * (2 * itemsize + 8)`` bytes plus the
+      gradients (hidden [N, D]; weight [V, D] and bias in float32).
+    """
+    if not isinstance(config, NLFTConfig):
+        raise ValueError(f"config must be an NLFTConfig, got {type(config).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_linear(hidden, weight, bias, chunk_size)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    proxy = _logits_proxy(hidden, weight.shape[0])
+    check_logits(proxy, "hidden @ weight.T")
+    labels = check_labels(labels, proxy, config.ignore_index, validate)
+    sample_ids, correct = _check_samples(proxy, labels, correct, sample_ids, hidden.dim() == 2, validate)
+    backend = resolve_backend(backend, hidden.device)
+    acc = acc_dtype(hidden.dtype)
+    wrong_rows = ~correct[sample_ids]
+    standard_t, standard_mode = _teacher(standard, "standard", proxy, acc)
+    if judge is None:
+        if validate and bool(wrong_rows.any()):
+            raise ValueError("judge is required when any sample is wrong (correct has False entries)")
+        judge_t, judge_mode = None, VIEW_NONE
+    else:
+        judge_t, judge_mode = _teacher(judge, "judge", proxy, acc)
+    flat_labels = labels.reshape(-1).contiguous()
+    valid = flat_labels != config.ignore_index
+    views = Views(
+        base=proxy,  # never read: every chunk brings its own base logits
+        standard=standard_t,
+        standard_mode=standard_mode,
+        judge=judge_t,
+        judge_mode=judge_mode,
+        labels=flat_labels,
+        wrong=wrong_rows & valid if judge is not None else torch.zeros_like(valid),
+        scale=row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc),
+    )
+    rows = chunk_size or chunk_rows_for(flat_labels.numel(), weight.shape[0], weight.element_size(), hidden.device)
+    loss, *details = NLFTLinearLossFunction.apply(
+        _flat(hidden),
+        weight,
+        bias,
+        views,
+        sample_ids,
+        correct,
+        config,
+        reduction,
+        backend,
+        validate,
+        rows,
+        config.cluster_criterion != "off",
+    )
+    if reduction == "none":
+        loss = loss.view(labels.shape)
+    if not return_details:
+        return loss
+    return loss, NLFTDetails(*(d.view(labels.shape) for d in details))
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """log p(label) under ``hidden @ weight.T + bias``, chunked: for the teacher views.
+
+    hidden: [B, T, D] or [N, D] fp32/bf16/fp16; weight: [V, D]; bias: [V] or None; labels:
+    [B, T] or [N] int64. Returns float32 log-probs shaped like ``labels`` (0 at
+    ``ignore_index``), without gradient. Peak extra memory: a [chunk_size, V] logits chunk.
+    """
+    _check_linear(hidden, weight, bias, chunk_size)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    proxy = _logits_proxy(hidden, weight.shape[0])
+    check_logits(proxy, "hidden @ weight.T")
+    labels = check_labels(labels, proxy, ignore_index, validate)
+    backend = resolve_backend(backend, hidden.device)
+    flat, flat_labels = _flat(hidden), labels.reshape(-1)
+    n = flat_labels.numel()
+    rows = chunk_size or chunk_rows_for(n, weight.shape[0], weight.element_size(), hidden.device)
+    out = torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            logits = _logits(flat[start:stop], weight, bias)
+            out[start:stop] = token_logprobs(logits, flat_labels[start:stop], ignore_index, backend, validate=False)
+    if validate and not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            "the logits hidden @ weight.T (+ bias) are non-finite (NaN or inf) in a labelled row: "
+            "check hidden, weight and bias"
+        )
+    return out.view(labels.shape)

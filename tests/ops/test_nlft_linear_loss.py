@@ -1,0 +1,506 @@
+"""nlft_linear_loss and linear_token_logprobs against the materialised logits path.
+
+The oracle materialises ``hidden @ weight.T + bias`` in the input dtype (what a user's model
+would hand to ``nlft_loss``) and evaluates the float64 reference on it, with the gradient
+flowing to hidden, weight and bias through the exact float64 matmul.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from nlft_kernels import NLFTConfig, NLFTLinearLoss, linear_token_logprobs, nlft_linear_loss, nlft_loss  # noqa: E402
+from nlft_kernels.ops.nlft_linear_loss import chunk_rows_for  # noqa: E402
+from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference  # noqa: E402
+from tests._inputs import make_inputs  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Against the oracle, per input dtype: the loss (float32 accumulation; the 16-bit chunked
+# matmul may round a logit one ulp away from the full one) and the gradients (rtol, and atol
+# as a fraction of the largest reference entry), which pass through 16-bit matmuls.
+LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 4e-3, torch.float16: 1e-3}
+GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 1.5e-2), torch.float16: (4e-3, 2e-3)}
+# Saliency decisions of wrong samples are kept this far (in log space) from their thresholds,
+# so that a 16-bit logit cannot flip one: the tests compare values, not coin tosses.
+DECISION_MARGIN = 0.25
+
+
+@dataclass
+class LinearCase:
+    hidden: torch.Tensor  # [B, T, D] leaf
+    weight: torch.Tensor  # [V, D] leaf
+    bias: torch.Tensor | None  # [V] leaf
+    labels: torch.Tensor  # [B, T]
+    correct: torch.Tensor  # [B]
+    standard: torch.Tensor  # [B, T, V] logits, input dtype
+    judge: torch.Tensor  # [B, T, V] logits, input dtype
+
+
+def make_linear_case(dtype, seed, batch=4, steps=18, vocab=67, dim=16, bias=True, pad=True) -> LinearCase:
+    """make_inputs' labels, samples, teachers and hidden states, with base logits from an LM head.
+
+    The judge view of wrong samples keeps make_inputs' offset from the base logits (noise plus
+    the lifted labels), now measured from ``hidden @ weight.T + bias``.
+    """
+    x = make_inputs(batch, steps, vocab, seed=seed, pad=pad, hidden_dim=dim)
+    g = torch.Generator().manual_seed(seed + 1000)
+    weight = torch.randn(vocab, dim, generator=g) * 2 / (dim**0.5 * float(x.hidden.std()))
+    b = 0.5 * torch.randn(vocab, generator=g) if bias else None
+    hidden, weight = x.hidden.to(dtype), weight.to(dtype)
+    b = b.to(dtype) if bias else None
+    logits = hidden.double() @ weight.double().T + (b.double() if bias else 0.0)
+    wrong = ~x.correct
+    judge = x.judge.double()
+    judge[wrong] = logits[wrong] + (x.judge.double() - x.base.detach().double())[wrong]
+    valid = (x.labels != -100) & wrong[:, None]
+    safe = x.labels.clamp(min=0)[..., None]
+    lp_b = torch.log_softmax(logits, -1).gather(-1, safe).squeeze(-1)
+    lp_s = torch.log_softmax(x.standard.double(), -1).gather(-1, safe).squeeze(-1)
+    for _ in range(4):
+        lp_j = torch.log_softmax(judge, -1).gather(-1, safe).squeeze(-1)
+        margins = torch.stack([lp_j - lp_b - math.log(1.5), lp_j - lp_s - math.log(1.5), lp_j - math.log(0.01)])
+        robust = (margins > DECISION_MARGIN).all(0) | (margins < -DECISION_MARGIN).any(0)
+        borderline = valid & ~robust
+        if not borderline.any():
+            break
+        judge.scatter_add_(-1, safe, -8.0 * borderline[..., None].double())
+    assert not borderline.any()
+    return LinearCase(
+        hidden=hidden.requires_grad_(),
+        weight=weight.requires_grad_(),
+        bias=b.requires_grad_() if bias else None,
+        labels=x.labels,
+        correct=x.correct,
+        standard=x.standard.to(dtype),
+        judge=judge.to(dtype),
+    )
+
+
+def params(case: LinearCase) -> tuple[torch.Tensor, ...]:
+    return (case.hidden, case.weight) + ((case.bias,) if case.bias is not None else ())
+
+
+def teacher(case: LinearCase, view: torch.Tensor, form: str) -> torch.Tensor:
+    """A teacher view as logits, or as [B, T] float32 label log-probs."""
+    return view if form == "logits" else token_logprobs_reference(view, case.labels).float()
+
+
+def oracle(case: LinearCase, standard, judge, reduction="sample_mean", grad_out=None, config=NLFTConfig()):
+    """(loss, grads, details) of the materialised path: logits in the input dtype, loss in float64."""
+    exact_params = [p.detach().double().requires_grad_() for p in params(case)]
+    exact = exact_params[0] @ exact_params[1].T
+    materialised = case.hidden.detach() @ case.weight.detach().T
+    if case.bias is not None:
+        exact = exact + exact_params[2]
+        materialised = torch.addmm(case.bias.detach(), case.hidden.detach().flatten(0, 1), case.weight.detach().T)
+        materialised = materialised.view(exact.shape)
+    logits = exact + (materialised.double() - exact).detach()
+    loss, details = nlft_loss_reference(
+        logits, case.labels, case.correct, standard, judge, config, reduction, case.hidden.detach(), return_details=True
+    )
+    grads = torch.autograd.grad(loss, exact_params, grad_out)
+    return loss, grads, details
+
+
+def fused(case: LinearCase, standard, judge, reduction="sample_mean", grad_out=None, **kwargs):
+    loss, details = nlft_linear_loss(
+        case.hidden,
+        case.weight,
+        case.labels,
+        case.correct,
+        standard=standard,
+        judge=judge,
+        bias=case.bias,
+        reduction=reduction,
+        return_details=True,
+        **kwargs,
+    )
+    grads = torch.autograd.grad(loss, params(case), None if grad_out is None else grad_out.to(loss.dtype))
+    return loss, grads, details
+
+
+def assert_exercised(details, correct: torch.Tensor) -> None:
+    """Every branch occurs: saliency of correct samples, unlikelihood, the 6% rule firing on one
+    wrong sample and sparing another that has a saliency token, and cluster neighbours."""
+    saliency, killed = details["saliency"], details["killed"]
+    assert saliency[correct].any(), "no saliency token in a correct sample"
+    assert details["unlikelihood"].any(), "no unlikelihood token"
+    assert killed.any(), "the 6% rule never fired"
+    assert (~correct & saliency.any(1) & ~killed.any(1)).any(), "no wrong sample spared by the 6% rule"
+    assert details["cluster"].any(), "no cluster neighbour"
+
+
+def assert_close(loss, grads, ref_loss, ref_grads, dtype) -> None:
+    rtol = LOSS_RTOL[dtype]
+    scale = float(ref_loss.abs().max())
+    torch.testing.assert_close(loss.detach().double(), ref_loss.detach(), rtol=rtol, atol=rtol * max(scale, 1e-3))
+    grad_rtol, atol_fraction = GRAD_TOL[dtype]
+    for name, grad, ref in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
+        assert grad.dtype == dtype, f"{name} gradient is {grad.dtype}"
+        atol = atol_fraction * float(ref.abs().max())
+        torch.testing.assert_close(grad.double(), ref, rtol=grad_rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("form", ["logits", "logprobs"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_materialised(dtype, form, bias):
+    case = make_linear_case(dtype, seed=DTYPES.index(dtype) * 4 + 2 * (form == "logits") + bias, bias=bias)
+    standard, judge = teacher(case, case.standard, form), teacher(case, case.judge, form)
+    ref_loss, ref_grads, ref_details = oracle(case, standard, judge)
+    assert_exercised(ref_details, case.correct)
+    # 7 rows per chunk: 72 rows end in a partial chunk, and chunks straddle samples.
+    loss, grads, details = fused(case, standard, judge, chunk_size=7)
+    assert_close(loss, grads, ref_loss, ref_grads, dtype)
+    for name in ("saliency", "unlikelihood", "cluster", "killed"):
+        assert torch.equal(getattr(details, name), ref_details[name]), name
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reductions_and_upstream_gradient(reduction):
+    case = make_linear_case(torch.float32, seed=31)
+    g = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(case.labels.shape, generator=g, dtype=torch.float64) if reduction == "none" else None
+    grad_out = torch.tensor(1.7, dtype=torch.float64) if grad_out is None else grad_out
+    ref_loss, ref_grads, ref_details = oracle(case, case.standard, case.judge, reduction, grad_out)
+    assert_exercised(ref_details, case.correct)
+    loss, grads, _ = fused(case, case.standard, case.judge, reduction, grad_out, chunk_size=5)
+    assert loss.shape == ref_loss.shape
+    assert_close(loss, grads, ref_loss, ref_grads, torch.float32)
+
+
+@pytest.mark.parametrize("criterion", ["distance", "off"])
+def test_equals_core_op_on_materialised_logits(criterion):
+    """Same numbers as nlft_loss(hidden @ weight.T + bias) with hidden_states=hidden (fp32)."""
+    case = make_linear_case(torch.float32, seed=7)
+    config = NLFTConfig(cluster_criterion=criterion)
+    loss, grads, details = fused(case, case.standard, case.judge, config=config, chunk_size=11)
+    logits = case.hidden @ case.weight.T + case.bias
+    ref, ref_details = nlft_loss(
+        logits,
+        case.labels,
+        case.correct,
+        standard=case.standard,
+        judge=case.judge,
+        config=config,
+        hidden_states=case.hidden,
+        return_details=True,
+    )
+    ref_grads = torch.autograd.grad(ref, params(case))
+    assert details.cluster.any() == (criterion != "off")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * float(ref_grad.abs().max()))
+    for name in ("saliency", "cluster", "killed", "weight"):
+        torch.testing.assert_close(getattr(details, name), getattr(ref_details, name))
+
+
+def test_flat_rows_with_sample_ids():
+    case = make_linear_case(torch.float32, seed=13)
+    valid = case.labels != -100
+    sample_ids = torch.arange(case.labels.shape[0])[:, None].expand_as(case.labels)[valid]
+    hidden = case.hidden.detach()[valid].requires_grad_()
+    loss, details = nlft_linear_loss(
+        hidden,
+        case.weight,
+        case.labels[valid],
+        case.correct,
+        standard=case.standard[valid],
+        judge=case.judge[valid],
+        bias=case.bias,
+        sample_ids=sample_ids,
+        chunk_size=9,
+        return_details=True,
+    )
+    grads = torch.autograd.grad(loss, (hidden, case.weight, case.bias))
+    ref_loss, ref_grads, ref_details = oracle(case, case.standard, case.judge)
+    assert_exercised(ref_details, case.correct)
+    assert details.saliency.shape == (int(valid.sum()),)
+    assert_close(loss, (grads[0], *grads[1:]), ref_loss, (ref_grads[0][valid], *ref_grads[1:]), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backend(dtype):
+    """The Triton first stage (interpreted on the CPU) inside the chunked matmuls."""
+    case = make_linear_case(dtype, seed=41, vocab=40, dim=8)
+    ref_loss, ref_grads, ref_details = oracle(case, case.standard, case.judge)
+    assert_exercised(ref_details, case.correct)
+    loss, grads, _ = fused(case, case.standard, case.judge, chunk_size=32, backend="triton")
+    assert_close(loss, grads, ref_loss, ref_grads, dtype)
+
+
+def test_frozen_head_and_no_grad():
+    """LoRA-style: only hidden trains; under no_grad the same loss comes out with no graph."""
+    case = make_linear_case(torch.float32, seed=17)
+    weight, bias = case.weight.detach(), case.bias.detach()
+    loss = nlft_linear_loss(
+        case.hidden, weight, case.labels, case.correct, standard=case.standard, judge=case.judge, bias=bias
+    )
+    (grad,) = torch.autograd.grad(loss, case.hidden)
+    ref_loss, ref_grads, _ = oracle(case, case.standard, case.judge)
+    assert_close(loss, (grad,), ref_loss, ref_grads[:1], torch.float32)
+    with torch.no_grad():
+        quiet = nlft_linear_loss(
+            case.hidden, weight, case.labels, case.correct, standard=case.standard, judge=case.judge, bias=bias
+        )
+    assert not quiet.requires_grad
+    torch.testing.assert_close(quiet, loss.detach())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_token_logprobs(dtype, backend):
+    if backend == "triton" and dtype == torch.float16:
+        pytest.skip("one 16-bit dtype is enough under the interpreter")
+    case = make_linear_case(dtype, seed=3, vocab=45, dim=8)
+    logits = torch.addmm(case.bias, case.hidden.detach().flatten(0, 1), case.weight.detach().T)
+    expected = token_logprobs_reference(logits.view(*case.labels.shape, -1), case.labels)
+    for chunk_size in (5, None):
+        lp = linear_token_logprobs(
+            case.hidden, case.weight, case.labels, case.bias, chunk_size=chunk_size, backend=backend
+        )
+        assert lp.dtype == torch.float32 and lp.shape == case.labels.shape and not lp.requires_grad
+        torch.testing.assert_close(lp.double(), expected, rtol=1e-5, atol=1e-5)
+    flat = linear_token_logprobs(case.hidden.flatten(0, 1), case.weight, case.labels.flatten(), chunk_size=4)
+    torch.testing.assert_close(flat.view(case.labels.shape), linear_token_logprobs(case.hidden, case.weight, case.labels))
+
+
+def test_module_with_lm_head_and_teacher_views_from_hidden():
+    """NLFTLinearLoss over an nn.Linear, teachers given as their hidden states' log-probs."""
+    case = make_linear_case(torch.float32, seed=23)
+    head = nn.Linear(case.weight.shape[1], case.weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(case.weight)
+        head.bias.copy_(case.bias)
+    loss_fn = NLFTLinearLoss(head, chunk_size=10)
+    g = torch.Generator().manual_seed(1)
+    teacher_hidden = [case.hidden.detach() + torch.randn(case.hidden.shape, generator=g) for _ in range(2)]
+    standard, judge = (loss_fn.teacher_logprobs(h, case.labels) for h in teacher_hidden)
+    loss = loss_fn(case.hidden, case.labels, case.correct, standard=standard, judge=judge)
+    loss.backward()
+    ref = nlft_loss(
+        head(case.hidden),
+        case.labels,
+        case.correct,
+        standard=head(teacher_hidden[0]).detach(),
+        judge=head(teacher_hidden[1]).detach(),
+        hidden_states=case.hidden,
+    )
+    ref_grads = torch.autograd.grad(ref, (case.hidden, head.weight, head.bias))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for grad, ref_grad in zip((case.hidden.grad, head.weight.grad, head.bias.grad), ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * float(ref_grad.abs().max()))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied embeddings
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mix(self.embed(tokens)))
+
+
+def test_torch_compile_around_the_loss():
+    """A compiled model feeding the loss, and a compiled step calling it (a graph break)."""
+    case = make_linear_case(torch.float32, seed=29, vocab=50, dim=8)
+    torch.manual_seed(0)
+    model = TinyLM(50, 8)
+    tokens = case.labels.clamp(min=0)
+    loss_fn = NLFTLinearLoss(model.lm_head, chunk_size=16)
+    args = (case.labels, case.correct)
+    teachers = dict(standard=case.standard, judge=case.judge)
+
+    def step(net):
+        return loss_fn(net(tokens), *args, **teachers)
+
+    def eager_grads():
+        ref = nlft_loss(model.lm_head(model(tokens)), *args, **teachers, hidden_states=model(tokens))
+        return ref, torch.autograd.grad(ref, list(model.parameters()))
+
+    ref, ref_grads = eager_grads()
+    compiled_model = torch.compile(model, backend="aot_eager")
+    compiled_step = torch.compile(step, backend="aot_eager")
+    for loss in (step(compiled_model), compiled_step(model)):
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        for grad, ref_grad in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * float(ref_grad.abs().max()))
+
+
+def test_autocast_runs_the_matmuls_in_the_autocast_dtype():
+    case = make_linear_case(torch.float32, seed=37)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nlft_linear_loss(
+            case.hidden, case.weight, case.labels, case.correct, standard=case.standard, judge=case.judge
+        )
+    grads = torch.autograd.grad(loss, (case.hidden, case.weight))
+    low = [p.detach().bfloat16().requires_grad_() for p in (case.hidden, case.weight)]
+    expected = nlft_linear_loss(low[0], low[1], case.labels, case.correct, standard=case.standard, judge=case.judge)
+    expected_grads = torch.autograd.grad(expected, low)
+    torch.testing.assert_close(loss, expected)
+    for grad, ref in zip(grads, expected_grads, strict=True):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, ref.float())
+
+
+def _error_cases():
+    """(name, change to the keyword arguments, expected message)."""
+    case = make_linear_case(torch.float32, seed=0, vocab=30, dim=8)
+    hidden, weight = case.hidden.detach(), case.weight.detach()
+    return [
+        ("d-mismatch", dict(hidden=hidden[..., :5]), "hidden and weight must share the hidden size D"),
+        ("weight-1d", dict(weight=weight[0]), "weight must be a non-empty 2-D"),
+        ("weight-3d", dict(weight=weight[None]), "weight must be a non-empty 2-D"),
+        ("bias-size", dict(bias=torch.zeros(29)), r"bias must have shape \(30,\)"),
+        ("bias-dtype", dict(bias=torch.zeros(30, dtype=torch.float64)), "bias .* must have the same dtype"),
+        ("dtype-mismatch", dict(weight=weight.bfloat16()), r"hidden .* and weight .* must have the same dtype"),
+        ("hidden-1d", dict(hidden=hidden[0, 0]), "hidden must be a non-empty"),
+        ("labels-shape", dict(labels=case.labels[:, :-1]), "labels must have shape"),
+        ("labels-range", dict(labels=case.labels.clamp(min=0) + 30), r"labels must be in \[0, 30\)"),
+        ("correct-shape", dict(correct=case.correct[:-1]), "correct must have shape"),
+        ("judge-missing", dict(judge=None), "judge is required"),
+        ("standard-shape", dict(standard=case.standard[..., :-1]), "standard must be logits of shape"),
+        ("reduction", dict(reduction="mean"), "reduction must be one of"),
+        ("chunk-size", dict(chunk_size=0), "chunk_size must be a positive int"),
+        ("config", dict(config={}), "config must be an NLFTConfig"),
+        ("flat-without-ids", dict(hidden=hidden.flatten(0, 1), labels=case.labels.flatten()), "sample_ids"),
+    ], case
+
+
+ERRORS, ERROR_CASE = _error_cases()
+
+
+@pytest.mark.parametrize("change,message", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_errors_name_the_argument(change, message, monkeypatch):
+    import nlft_kernels.ops.nlft_linear_loss as op
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("computed before validating")
+
+    monkeypatch.setattr(op, "_logits", no_compute)
+    case = ERROR_CASE
+    kwargs = dict(
+        hidden=case.hidden.detach(),
+        weight=case.weight.detach(),
+        labels=case.labels,
+        correct=case.correct,
+        standard=case.standard,
+        judge=case.judge,
+        bias=case.bias.detach(),
+    )
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        nlft_linear_loss(**kwargs)
+    if "reduction" not in change and "config" not in change and "judge" not in change:
+        teacher_kwargs = {k: kwargs[k] for k in ("hidden", "weight", "labels", "bias")}
+        teacher_kwargs["chunk_size"] = kwargs.get("chunk_size")
+        if set(change) & {"hidden", "weight", "bias", "labels", "chunk_size"} and "flat" not in message:
+            with pytest.raises(ValueError, match=message):
+                linear_token_logprobs(**teacher_kwargs)
+
+
+def test_non_finite_logits_are_reported():
+    case = make_linear_case(torch.float32, seed=0, vocab=30, dim=8)
+    hidden = case.hidden.detach().clone()
+    hidden[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"hidden @ weight.T \(\+ bias\) are non-finite"):
+        nlft_linear_loss(hidden, case.weight, case.labels, case.correct, standard=case.standard, judge=case.judge)
+    with pytest.raises(ValueError, match="non-finite"):
+        linear_token_logprobs(hidden, case.weight, case.labels)
+
+
+def test_chunk_size_choice():
+    cpu = torch.device("cpu")
+    # Enough memory: the byte cap decides, and the rows split into balanced chunks.
+    rows = chunk_rows_for(100_000, 128_256, 2, cpu, free=64 << 30)
+    assert rows * 128_256 * (2 * 2 + 8) <= (128 << 20) * 1.1 and rows >= 16
+    chunks = math.ceil(100_000 / rows)
+    assert chunks * rows - 100_000 < rows
+    # Little free memory: the chunk shrinks with it (down to a floor), never past N.
+    assert chunk_rows_for(100_000, 128_256, 2, cpu, free=256 << 20) < rows
+    assert chunk_rows_for(100_000, 128_256, 2, cpu, free=0) == 16
+    assert chunk_rows_for(10, 32_000, 4, cpu, free=64 << 30) == 10
+    # A larger vocabulary gets fewer rows per chunk.
+    assert chunk_rows_for(100_000, 151_936, 2, cpu, free=64 << 30) < chunk_rows_for(100_000, 32_000, 2, cpu, free=64 << 30)
+
+
+# Peak resident memory of one loss + backward in a fresh process, above its RSS before the
+# call (VmHWM reset through /proc/self/clear_refs; glibc made to unmap freed buffers).
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from nlft_kernels import nlft_linear_loss, nlft_loss
+
+    def rss(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+    path, vocab, rows, dim, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    torch.manual_seed(0)
+    hidden = torch.randn(2, rows // 2, dim, requires_grad=True)
+    weight = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
+    labels = torch.randint(0, vocab, (2, rows // 2))
+    correct = torch.ones(2, dtype=torch.bool)
+    standard = -torch.rand(2, rows // 2)  # teacher views as label log-probs
+    torch.autograd.grad(nlft_linear_loss(hidden, weight, labels, correct, standard=standard, chunk_size=8),
+                        (hidden, weight))  # warm up kernels and thread pools
+    Path("/proc/self/clear_refs").write_text("5")
+    before = rss("VmRSS")
+    if path == "fused":
+        loss = nlft_linear_loss(hidden, weight, labels, correct, standard=standard, chunk_size=chunk)
+    else:
+        loss = nlft_loss(hidden @ weight.T, labels, correct, standard=standard)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    print(json.dumps({"extra": rss("VmHWM") - before}))
+    """
+)
+
+
+def _peak_extra(path: str, vocab: int, rows: int, dim: int, chunk: int) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, path, str(vocab), str(rows), str(dim), str(chunk)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
+def test_peak_memory_is_bounded_by_a_chunk():
+    """The fused path's peak grows only by weight-sized gradients as V grows; the materialised
+    path's grows with N x V."""
+    rows, dim, chunk = 1024, 32, 64
+    vocabs = (4096, 32768)
+    fused_extra = [_peak_extra("fused", v, rows, dim, chunk) for v in vocabs]
+    materialised_extra = [_peak_extra("materialised", v, rows, dim, chunk) for v in vocabs]
+    mib = 1 << 20
+    report = {v: (f // mib, m // mib) for v, f, m in zip(vocabs, fused_extra, materialised_extra, strict=True)}
+    for vocab, extra in zip(vocabs, fused_extra, strict=True):
+        # a few [chunk, V] float32 temporaries, float32 weight gradients, the hidden gradient
+        bound = 6 * chunk * vocab * 4 + 3 * vocab * dim * 4 + 2 * rows * dim * 4 + 24 * mib
+        assert extra <= bound, f"fused peak {extra // mib} MiB above its bound {bound // mib} MiB: {report}"
+    logits_growth = rows * (vocabs[1] - vocabs[0]) * 4
+    assert materialised_extra[1] - materialised_extra[0] >= logits_growth, report
+    assert fused_extra[1] - fused_extra[0] <= logits_growth / 4, report
