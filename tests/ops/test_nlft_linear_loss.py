@@ -48,7 +48,7 @@ class LinearCase:
     judge: torch.Tensor  # [B, T, V] logits, input dtype
 
 
-def make_linear_case(dtype, seed, batch=4, steps=18, vocab=67, dim=16, bias=True, pad=True) -> LinearCase:
+def make_linear_case(dtype, seed, batch=4, steps=20, vocab=67, dim=16, bias=True, pad=True) -> LinearCase:
     """make_inputs' labels, samples, teachers and hidden states, with base logits from an LM head.
 
     The judge view of wrong samples keeps make_inputs' offset from the base logits (noise plus
@@ -161,7 +161,7 @@ def test_matches_materialised(dtype, form, bias):
     standard, judge = teacher(case, case.standard, form), teacher(case, case.judge, form)
     ref_loss, ref_grads, ref_details = oracle(case, standard, judge)
     assert_exercised(ref_details, case.correct)
-    # 7 rows per chunk: 72 rows end in a partial chunk, and chunks straddle samples.
+    # 7 rows per chunk: 80 rows end in a partial chunk, and chunks straddle samples.
     loss, grads, details = fused(case, standard, judge, chunk_size=7)
     assert_close(loss, grads, ref_loss, ref_grads, dtype)
     for name in ("saliency", "unlikelihood", "cluster", "killed"):

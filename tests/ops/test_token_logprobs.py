@@ -1,0 +1,70 @@
+"""token_logprobs on every path against the float64 reference."""
+
+import pytest
+import torch
+
+import nlft_kernels.ops.token_logprobs as token_logprobs_module
+from nlft_kernels import token_logprobs
+from nlft_kernels.reference import token_logprobs_reference
+from tests.tolerances import assert_grad_close, assert_loss_close
+
+BACKENDS = ["torch", "triton"]
+
+
+def inputs(shape, vocab, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, vocab, generator=g) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels.view(-1)[:: 5] = -100
+    return logits, labels
+
+
+@pytest.mark.parametrize("tiles", ["one tile", "tiles of 64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, vocab", [((3, 7), 333), ((11,), 64), ((2, 1), 1000)])
+def test_matches_reference(shape, vocab, backend, dtype, tiles, monkeypatch):
+    if tiles != "one tile":
+        if backend == "torch":
+            pytest.skip("tile size only concerns the Triton kernels")
+        monkeypatch.setattr(token_logprobs_module, "launch_config", lambda v, streams, size: (64, 4))
+    logits, labels = inputs(shape, vocab, dtype, seed=vocab + len(shape))
+    lp = token_logprobs(logits, labels, backend=backend)
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = token_logprobs_reference(ref_logits, labels)
+    assert lp.shape == labels.shape and lp.dtype == torch.float32
+    assert_loss_close(lp, ref)
+    assert not lp[labels == -100].any()
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(lp, logits, grad_out.float())
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits, grad_out)
+    assert_grad_close(grad, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliced_logits(backend):
+    logits, labels = inputs((4, 9), 50, torch.float32, seed=1)
+    sliced = logits[:, :-1]
+    lp = token_logprobs(sliced, labels[:, :-1], backend=backend)
+    assert_loss_close(lp, token_logprobs_reference(sliced.detach().double(), labels[:, :-1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    logits, labels = inputs((2, 3), 13, torch.float64, seed=2)
+    fn = lambda x: token_logprobs(x, labels, backend=backend)
+    assert torch.autograd.gradcheck(fn, (logits,), fast_mode=True)
+
+
+def test_errors_name_the_argument():
+    logits, labels = inputs((2, 3), 10, torch.float32, seed=3)
+    with pytest.raises(ValueError, match="labels"):
+        token_logprobs(logits, labels[:, :2])
+    with pytest.raises(ValueError, match="labels"):
+        token_logprobs(logits, torch.full_like(labels, 10))
+    with pytest.raises(ValueError, match="logits"):
+        token_logprobs(logits.long(), labels)
+    bad = logits.detach().clone()
+    bad[0, 1, 4] = float("nan")
+    with pytest.raises(ValueError, match="logits"):
+        token_logprobs(bad, labels.clamp(min=0))
