@@ -1,19 +1,143 @@
 """Build and install nlft-kernels.
 
-The Python package always installs. The optional compiled extension ``nlft_kernels._C`` is
-built with ninja through ``torch.utils.cpp_extension`` when sources exist in ``csrc/``; a
-build that fails prints why and the pure-Python package is installed instead.
+The Python package always installs. The optional compiled extension ``nlft_kernels._C`` (the
+fused NLFT row pass: a C++ CPU kernel, and a CUDA kernel when the installed torch has CUDA and
+nvcc is found) is built with ninja through ``torch.utils.cpp_extension``. A build that fails
+prints why and the pure-Python package is installed instead.
+
+Environment switches:
+  NLFT_SKIP_CUDA_BUILD=1   build only the CPU kernel, even where CUDA could be built.
+  NLFT_FORCE_CUDA=1        the CUDA kernel is required: stop with an error when it cannot be
+                           built, instead of falling back.
+  MAX_JOBS=N               parallel compile jobs (ninja), as for every torch extension.
+  TORCH_CUDA_ARCH_LIST     GPU architectures of the CUDA kernel; default "8.0;9.0+PTX".
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent.resolve()
+CSRC = "csrc"
+EXT_NAME = "nlft_kernels._C"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# Compiled once per instruction set with these flags (as torch compiles its own kernels);
+# csrc/cpu/row_pass_dispatch.cpp picks one at run time. The portable copy comes first so that
+# the linker keeps its copies of the inline functions the three objects share.
+CPU_KERNEL = f"{CSRC}/cpu/row_pass_kernel.cpp"
+CPU_CAPABILITIES = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+}
+CXX_FLAGS = ["-O3", "-fopenmp"]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _say(message: str) -> None:
+    print(f"nlft-kernels: {message}", file=sys.stderr, flush=True)
+
+
+def _extensions() -> tuple[list, dict]:
+    """([the nlft_kernels._C extension] or [], cmdclass); says why a part is left out."""
+    force_cuda, skip_cuda = _flag("NLFT_FORCE_CUDA"), _flag("NLFT_SKIP_CUDA_BUILD")
+    if force_cuda and skip_cuda:
+        raise SystemExit("nlft-kernels: NLFT_FORCE_CUDA=1 and NLFT_SKIP_CUDA_BUILD=1 contradict each other")
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as err:
+        if force_cuda:
+            raise SystemExit(f"nlft-kernels: NLFT_FORCE_CUDA=1 but torch cannot be imported ({err})") from err
+        _say(f"torch cannot be imported ({err}); installing without the compiled extension")
+        return [], {}
+
+    with_cuda, why_not = _cuda_wanted(torch, cpp_extension, skip_cuda)
+    if not with_cuda:
+        if force_cuda:
+            raise SystemExit(f"nlft-kernels: NLFT_FORCE_CUDA=1 but the CUDA kernel cannot be built: {why_not}")
+        _say(f"building the CPU kernel only: {why_not}")
+    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/cpu/row_pass_dispatch.cpp"]
+    cxx = list(CXX_FLAGS)
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        _say(f"building the CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+        sources.append(f"{CSRC}/cuda/row_pass_kernel.cu")
+        cxx.append("-DNLFT_WITH_CUDA")
+        ext = cpp_extension.CUDAExtension(
+            EXT_NAME,
+            sources,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-DNLFT_WITH_CUDA", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(EXT_NAME, sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": _optional_build_ext(cpp_extension.BuildExtension, force_cuda)}
+
+
+def _cuda_wanted(torch, cpp_extension, skip: bool) -> tuple[bool, str]:
+    """(build the CUDA kernel?, why not)."""
+    if skip:
+        return False, "NLFT_SKIP_CUDA_BUILD=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is built without CUDA"
+    if cpp_extension.CUDA_HOME is None:
+        return False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    return True, ""
+
+
+def _optional_build_ext(base, required: bool):
+    """torch's BuildExtension that compiles the CPU kernel once per instruction set and, unless
+    ``required``, reports a failed build and carries on without the extension."""
+
+    class OptionalBuildExtension(base):
+        def build_extension(self, ext) -> None:
+            try:
+                ext.extra_objects = self._cpu_kernel_objects(ext) + list(ext.extra_objects or [])
+                super().build_extension(ext)
+            except Exception as err:
+                if required:
+                    raise
+                traceback.print_exc()
+                _say(
+                    f"the optional extension {ext.name} did not build ({type(err).__name__}: {err}); "
+                    "installing the pure-Python package (backend='torch' on CPU, 'triton' on GPU). "
+                    "Fix the cause and reinstall to get the compiled kernels."
+                )
+
+        def _cpu_kernel_objects(self, ext) -> list[str]:
+            objects = []
+            for capability, flags in CPU_CAPABILITIES.items():
+                objects += self.compiler.compile(
+                    [CPU_KERNEL],
+                    output_dir=os.path.join(self.build_temp, capability),
+                    include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": CXX_FLAGS + flags + [f"-DCPU_CAPABILITY={capability}"]},
+                )
+            return objects
+
+        def get_outputs(self) -> list[str]:
+            # A failed optional build leaves no file to install.
+            return [path for path in super().get_outputs() if os.path.exists(path)]
+
+    return OptionalBuildExtension
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="nlft-kernels",
     version="0.1.0",
     description="Fused Triton kernels for Natural Language Fine-Tuning (NLFT, arXiv 2412.20382)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nlft_kernels", "nlft_kernels.*"]),
@@ -23,4 +147,6 @@ setup(
         "bench": ["matplotlib"],
         "dev": ["pytest", "ruff"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -74,17 +74,16 @@ def free_memory(device: torch.device) -> int:
 
 def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, device: torch.device, free: int | None = None) -> int:
     """Rows per chunk for ``n_rows`` rows over a vocabulary of ``vocab`` in ``elem_size``-byte
-    logits: as many as fit the chunk budget (see ``_MAX_CHUNK_BYTES``), balanced so that the
-    last chunk is not a sliver, and rounded up to a multiple of ``_ROW_MULTIPLE`` when large."""
+    logits: as many as fit the chunk budget (see ``_MAX_CHUNK_BYTES``), a multiple of
+    ``_ROW_MULTIPLE`` when that many fit, then balanced so that the last chunk is not a sliver."""
     per_row = vocab * (2 * elem_size + 2 * 4)
     free = free_memory(device) if free is None else free
     budget = min(_MAX_CHUNK_BYTES.get(device.type, _MAX_CHUNK_BYTES_OTHER), free // _FREE_SHARE)
     rows = max(_MIN_CHUNK_ROWS, budget // per_row)
-    chunks = math.ceil(n_rows / rows)
-    rows = math.ceil(n_rows / chunks)
     if rows > _ROW_MULTIPLE:
-        rows = math.ceil(rows / _ROW_MULTIPLE) * _ROW_MULTIPLE
-    return max(1, min(rows, n_rows))
+        rows -= rows % _ROW_MULTIPLE
+    rows = min(rows, n_rows)
+    return math.ceil(n_rows / math.ceil(n_rows / rows))
 
 
 # ---------------------------------------------------------------------------------------------

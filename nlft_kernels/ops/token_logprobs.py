@@ -15,7 +15,7 @@ from nlft_kernels.ops._common import as_3d, check_labels, check_logits, chunk_ro
 
 # The running maximum starts finite so that a tile whose entries are all masked to -inf
 # gives exp(-inf - start) = 0 rather than exp(nan).
-LSE_START = -1.0e30
+LSE_START = tl.constexpr(-1.0e30)
 
 
 @triton.jit
