@@ -97,7 +97,7 @@ def teacher(case: LinearCase, view: torch.Tensor, form: str) -> torch.Tensor:
     return view if form == "logits" else token_logprobs_reference(view, case.labels).float()
 
 
-def oracle(case: LinearCase, standard, judge, reduction="sample_mean", grad_out=None, config=NLFTConfig()):
+def oracle(case: LinearCase, standard, judge, reduction="sample_mean", grad_out=None, config=None):
     """(loss, grads, details) of the materialised path: logits in the input dtype, loss in float64."""
     exact_params = [p.detach().double().requires_grad_() for p in params(case)]
     exact = exact_params[0] @ exact_params[1].T
@@ -108,7 +108,15 @@ def oracle(case: LinearCase, standard, judge, reduction="sample_mean", grad_out=
         materialised = materialised.view(exact.shape)
     logits = exact + (materialised.double() - exact).detach()
     loss, details = nlft_loss_reference(
-        logits, case.labels, case.correct, standard, judge, config, reduction, case.hidden.detach(), return_details=True
+        logits,
+        case.labels,
+        case.correct,
+        standard,
+        judge,
+        config or NLFTConfig(),
+        reduction,
+        case.hidden.detach(),
+        return_details=True,
     )
     grads = torch.autograd.grad(loss, exact_params, grad_out)
     return loss, grads, details
@@ -276,7 +284,9 @@ def test_linear_token_logprobs(dtype, backend):
         assert lp.dtype == torch.float32 and lp.shape == case.labels.shape and not lp.requires_grad
         torch.testing.assert_close(lp.double(), expected, rtol=1e-5, atol=1e-5)
     flat = linear_token_logprobs(case.hidden.flatten(0, 1), case.weight, case.labels.flatten(), chunk_size=4)
-    torch.testing.assert_close(flat.view(case.labels.shape), linear_token_logprobs(case.hidden, case.weight, case.labels))
+    torch.testing.assert_close(
+        flat.view(case.labels.shape), linear_token_logprobs(case.hidden, case.weight, case.labels)
+    )
 
 
 def test_module_with_lm_head_and_teacher_views_from_hidden():
@@ -438,11 +448,14 @@ def test_chunk_size_choice():
     assert chunk_rows_for(100_000, 128_256, 2, cpu, free=0) == 16
     assert chunk_rows_for(10, 32_000, 4, cpu, free=64 << 30) == 10
     # A larger vocabulary gets fewer rows per chunk.
-    assert chunk_rows_for(100_000, 151_936, 2, cpu, free=64 << 30) < chunk_rows_for(100_000, 32_000, 2, cpu, free=64 << 30)
+    assert chunk_rows_for(100_000, 151_936, 2, cpu, free=64 << 30) < chunk_rows_for(
+        100_000, 32_000, 2, cpu, free=64 << 30
+    )
 
 
-# Peak resident memory of one loss + backward in a fresh process, above its RSS before the
-# call (VmHWM reset through /proc/self/clear_refs; glibc made to unmap freed buffers).
+# Peak resident memory of one loss + backward, above the RSS before the call, for each
+# (path, V) in turn in one fresh process: VmHWM is reset through /proc/self/clear_refs before
+# each, and glibc is made to unmap freed buffers so that RSS follows the live tensors.
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -455,53 +468,51 @@ _MEMORY_SCRIPT = textwrap.dedent(
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
 
-    path, vocab, rows, dim, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    rows, dim, chunk, vocabs = json.loads(sys.argv[1])
     torch.manual_seed(0)
     hidden = torch.randn(2, rows // 2, dim, requires_grad=True)
-    weight = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
-    labels = torch.randint(0, vocab, (2, rows // 2))
     correct = torch.ones(2, dtype=torch.bool)
     standard = -torch.rand(2, rows // 2)  # teacher views as label log-probs
-    torch.autograd.grad(nlft_linear_loss(hidden, weight, labels, correct, standard=standard, chunk_size=8),
-                        (hidden, weight))  # warm up kernels and thread pools
-    Path("/proc/self/clear_refs").write_text("5")
-    before = rss("VmRSS")
-    if path == "fused":
-        loss = nlft_linear_loss(hidden, weight, labels, correct, standard=standard, chunk_size=chunk)
-    else:
-        loss = nlft_loss(hidden @ weight.T, labels, correct, standard=standard)
-    grads = torch.autograd.grad(loss, (hidden, weight))
-    print(json.dumps({"extra": rss("VmHWM") - before}))
+    extra = {}
+    for path in ("fused", "materialised"):
+        for vocab in vocabs:
+            weight = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
+            labels = torch.randint(0, vocab, (2, rows // 2))
+            Path("/proc/self/clear_refs").write_text("5")
+            before = rss("VmRSS")
+            if path == "fused":
+                loss = nlft_linear_loss(hidden, weight, labels, correct, standard=standard, chunk_size=chunk)
+            else:
+                loss = nlft_loss(hidden @ weight.T, labels, correct, standard=standard)
+            grads = torch.autograd.grad(loss, (hidden, weight))
+            extra[f"{path} {vocab}"] = rss("VmHWM") - before
+            del loss, grads, weight
+    print(json.dumps(extra))
     """
 )
 
 
-def _peak_extra(path: str, vocab: int, rows: int, dim: int, chunk: int) -> int:
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
+def test_peak_memory_is_bounded_by_a_chunk():
+    """As V grows, the fused path's peak grows only by a chunk and weight-sized gradients; the
+    materialised path's grows with N x V."""
+    rows, dim, chunk, vocabs = 2048, 32, 32, (2048, 16384)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, path, str(vocab), str(rows), str(dim), str(chunk)],
+        [sys.executable, "-c", _MEMORY_SCRIPT, json.dumps([rows, dim, chunk, vocabs])],
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
-def test_peak_memory_is_bounded_by_a_chunk():
-    """The fused path's peak grows only by weight-sized gradients as V grows; the materialised
-    path's grows with N x V."""
-    rows, dim, chunk = 2048, 32, 32
-    vocabs = (4096, 32768)
-    fused_extra = [_peak_extra("fused", v, rows, dim, chunk) for v in vocabs]
-    materialised_extra = [_peak_extra("materialised", v, rows, dim, chunk) for v in vocabs]
-    mib = 1 << 20
-    report = {v: (f // mib, m // mib) for v, f, m in zip(vocabs, fused_extra, materialised_extra, strict=True)}
-    for vocab, extra in zip(vocabs, fused_extra, strict=True):
+    extra = json.loads(out.stdout.strip().splitlines()[-1])
+    report = {name: f"{value / (1 << 20):.1f} MiB" for name, value in extra.items()}
+    for vocab in vocabs:
         # a few [chunk, V] float32 temporaries, float32 weight gradients, the hidden gradient
-        bound = 6 * chunk * vocab * 4 + 3 * vocab * dim * 4 + 2 * rows * dim * 4 + 24 * mib
-        assert extra <= bound, f"fused peak {extra // mib} MiB above its bound {bound // mib} MiB: {report}"
+        bound = 6 * chunk * vocab * 4 + 3 * vocab * dim * 4 + 2 * rows * dim * 4 + (16 << 20)
+        assert extra[f"fused {vocab}"] <= bound, f"fused peak above {bound >> 20} MiB: {report}"
     logits_growth = rows * (vocabs[1] - vocabs[0]) * 4
-    assert materialised_extra[1] - materialised_extra[0] >= logits_growth, report
-    assert fused_extra[1] - fused_extra[0] <= logits_growth / 4, report
+    fused_growth = extra[f"fused {vocabs[1]}"] - extra[f"fused {vocabs[0]}"]
+    materialised_growth = extra[f"materialised {vocabs[1]}"] - extra[f"materialised {vocabs[0]}"]
+    assert materialised_growth >= logits_growth, report
+    assert fused_growth <= logits_growth / 4, report
