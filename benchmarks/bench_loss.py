@@ -230,6 +230,7 @@ def run(args, argv: list[str]) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     copy_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
     copy_bw = _util.copy_bandwidth(device, copy_bytes)
+    load_before = os.getloadavg()
     rows = []
     for shape in _grid(args):
         elem = torch.empty((), dtype=DTYPES[shape.dtype]).element_size()
@@ -270,6 +271,8 @@ def run(args, argv: list[str]) -> dict:
         "settings": {"warmup": args.warmup, "reps": args.reps, "seed": args.seed, "cases": list(args.cases),
                      "nlft_config": asdict(NLFTConfig())},
         "method": METHOD | {"memory": METHOD["memory_cuda" if device.type == "cuda" else "memory_cpu"]},
+        # Other processes on a shared machine inflate CPU timings; the load average shows how much.
+        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "copy_bandwidth_bytes_per_s": copy_bw,
         "copy_bandwidth_buffer_bytes": copy_bytes,
         "cases": rows,

@@ -68,10 +68,11 @@ class NLFTConfig:
             raise ValueError(
                 f"NLFTConfig.cluster_criterion must be one of {CLUSTER_CRITERIA}, got {self.cluster_criterion!r}"
             )
-        if self.cluster_criterion == "distance":
-            _check(0.0 <= self.cluster_threshold <= 2.0, "cluster_threshold", "in [0, 2] for the distance criterion")
-        if self.cluster_criterion == "similarity":
-            _check(-1.0 <= self.cluster_threshold <= 1.0, "cluster_threshold", "in [-1, 1] for the similarity criterion")
+        low, high = {"distance": (0.0, 2.0), "similarity": (-1.0, 1.0), "off": (-math.inf, math.inf)}[
+            self.cluster_criterion
+        ]
+        what = f"in [{low:g}, {high:g}] for the {self.cluster_criterion} criterion"
+        _check(low <= self.cluster_threshold <= high, "cluster_threshold", what)
 
 
 def _check(ok: bool, name: str, what: str) -> None:

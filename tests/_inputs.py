@@ -42,7 +42,8 @@ def make_inputs(
             correct[b] = True
             # Lift the standard view's label so that p_s lands above 0.95 on about a third of rows.
             lifted = rows[torch.rand(n, generator=g) < 0.35]
-            boost = lse[b, lifted] - standard[b, lifted, labels[b, lifted]] + 3.0 + 4 * torch.rand(len(lifted), generator=g)
+            margin = 3.0 + 4 * torch.rand(len(lifted), generator=g)
+            boost = lse[b, lifted] - standard[b, lifted, labels[b, lifted]] + margin
             standard[b, lifted, labels[b, lifted]] += boost
             # and the judge never matters for correct samples: scramble it
             judge[b] = torch.randn(steps, vocab, generator=g) * 5
@@ -53,7 +54,8 @@ def make_inputs(
             lifted = rows[torch.randperm(n, generator=g)[:count]]
             judge[b, lifted, labels[b, lifted]] += 12.0
     hidden = torch.randn(batch, steps, hidden_dim, generator=g).cumsum(1)
-    hidden = hidden * (torch.rand(batch, steps, 1, generator=g) < 0.5) + 2 * torch.randn(batch, steps, hidden_dim, generator=g)
+    noise = torch.randn(batch, steps, hidden_dim, generator=g)
+    hidden = hidden * (torch.rand(batch, steps, 1, generator=g) < 0.5) + 2 * noise
     return NLFTInputs(
         base=base.to(dtype).requires_grad_(),
         labels=labels,

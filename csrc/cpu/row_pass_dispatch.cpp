@@ -1,16 +1,14 @@
 // Picks the copy of the CPU row pass for this machine.
-#include <ATen/native/DispatchStub.h>
+#include <ATen/Version.h>
 
 #include "row_pass_cpu.h"
 
 namespace nlft::cpu {
 
 std::string row_pass_capability() {
-  // torch's choice honours ATEN_CPU_CAPABILITY and the CPU's features.
-  const auto capability = at::native::get_cpu_capability();
-  if (capability == at::native::CPUCapability::AVX512) return "AVX512";
-  if (capability == at::native::CPUCapability::AVX2) return "AVX2";
-  return "DEFAULT";
+  // torch's choice for its own kernels: it honours ATEN_CPU_CAPABILITY and the CPU's features.
+  const std::string capability = at::get_cpu_capability();
+  return capability == "AVX512" || capability == "AVX2" ? capability : "DEFAULT";
 }
 
 void row_pass_cpu(const RowPass& p) {

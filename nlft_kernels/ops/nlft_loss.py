@@ -309,6 +309,22 @@ def _first_stage_triton(v: Views, cfg: NLFTConfig, compute_grad: bool):
     return stats, saliency.bool(), grad if compute_grad else None
 
 
+def _first_stage_ext(v: Views, cfg: NLFTConfig, compute_grad: bool):
+    """The row pass of the compiled extension (csrc/: the C++ kernel on CPU tensors, the CUDA
+    kernel on CUDA ones), with the contract of ``_first_stage_triton``."""
+    from nlft_kernels.backends import extension
+
+    module, why = extension()
+    if module is None:
+        raise RuntimeError(f"nlft_kernels._C is unavailable: {why}")
+    return module.first_stage(
+        v.base, v.standard, v.standard_mode, v.judge, v.judge_mode, v.labels, v.wrong, v.scale,
+        cfg.ignore_index, cfg.correct_threshold, cfg.saliency_power, cfg.other_power, math.log(cfg.ratio_threshold),
+        _log(cfg.judge_min_prob), cfg.sigmoid_center, cfg.sigmoid_scale, cfg.unlikelihood_clamp, cfg.nll_weight,
+        compute_grad,
+    )
+
+
 def _row_strides(view: torch.Tensor) -> tuple[int, int]:
     return (view.stride(0), view.stride(1)) if view.dim() == 3 else (0, 0)
 
@@ -389,8 +405,11 @@ def first_stage(v: Views, cfg: NLFTConfig, backend: str, compute_grad: bool):
     """The row pass: (stats [3, N] ACC log-probs of base/standard/judge, saliency [N] bool,
     provisional gradient of ``v.base`` or None). The gradient rows hold everything but the
     per-sample rule and the clusters, which ``second_stage`` decides."""
-    run = _first_stage_triton if backend == "triton" else _first_stage_torch
-    return run(v, cfg, compute_grad)
+    if backend == "triton":
+        return _first_stage_triton(v, cfg, compute_grad)
+    if backend in ("cpp", "cuda"):
+        return _first_stage_ext(v, cfg, compute_grad)
+    return _first_stage_torch(v, cfg, compute_grad)
 
 
 @dataclass
@@ -469,7 +488,7 @@ def _check_finite(lp_b, lp_s, lp_j, valid, v: Views) -> None:
         ]
     ).tolist()
     for name, is_bad, mode in zip(
-        ("base_logits", "standard", "judge"), bad, (VIEW_LOGITS, v.standard_mode, v.judge_mode)
+        ("base_logits", "standard", "judge"), bad, (VIEW_LOGITS, v.standard_mode, v.judge_mode), strict=True
     ):
         if is_bad:
             what = "logits" if mode == VIEW_LOGITS else "log-probs"
@@ -555,7 +574,6 @@ def nlft_loss(
     check_logits(base_logits, "base_logits")
     labels = check_labels(labels, base_logits, config.ignore_index, validate)
     flat = base_logits.dim() == 2
-    n_rows = labels.numel()
     sample_ids, correct = _check_samples(base_logits, labels, correct, sample_ids, flat, validate)
     if hidden_states is not None:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.shape[:-1] != labels.shape:
@@ -615,7 +633,8 @@ def _check_samples(base_logits, labels, correct, sample_ids, flat: bool, validat
     if sample_ids is None:
         raise ValueError("sample_ids [N] is required with flat rows (base_logits [N, V])")
     if not isinstance(sample_ids, torch.Tensor) or sample_ids.shape != labels.shape:
-        raise ValueError(f"sample_ids must have shape {tuple(labels.shape)}, got {tuple(getattr(sample_ids, 'shape', ()))}")
+        got = tuple(getattr(sample_ids, "shape", ()))
+        raise ValueError(f"sample_ids must have shape {tuple(labels.shape)}, got {got}")
     if sample_ids.dtype.is_floating_point or sample_ids.dtype == torch.bool:
         raise ValueError(f"sample_ids must be an integer tensor, got {sample_ids.dtype}")
     if sample_ids.device != base_logits.device:

@@ -175,7 +175,9 @@ def test_sliced_logits_are_read_in_place(backend):
 def test_all_padding_gives_zero_loss_and_zero_gradient(backend, reduction):
     x = make_inputs(3, 5, 100, seed=1)
     labels = torch.full_like(x.labels, -100)
-    loss = nlft_loss(x.base, labels, x.correct, standard=x.standard, judge=x.judge, reduction=reduction, backend=backend)
+    loss = nlft_loss(
+        x.base, labels, x.correct, standard=x.standard, judge=x.judge, reduction=reduction, backend=backend
+    )
     assert not loss.any()
     (grad,) = torch.autograd.grad(loss.sum(), x.base)
     assert torch.equal(grad, torch.zeros_like(grad))
@@ -222,7 +224,7 @@ def test_inputs_are_not_modified(backend):
         x.base, x.labels, x.correct, standard=x.standard, judge=x.judge, hidden_states=x.hidden, backend=backend
     )
     loss.backward()
-    for old, new in zip(before, (x.base, x.standard, x.judge, x.labels, x.correct, x.hidden)):
+    for old, new in zip(before, (x.base, x.standard, x.judge, x.labels, x.correct, x.hidden), strict=True):
         assert torch.equal(old, new.detach())
 
 
