@@ -143,10 +143,11 @@ setup(
     packages=find_packages(include=["nlft_kernels", "nlft_kernels.*"]),
     install_requires=["torch>=2.4", "triton>=3.0", "transformers", "datasets", "pytest-benchmark", "ninja"],
     extras_require={
-        "train": ["peft", "accelerate"],
+        "train": ["peft", "accelerate", "gguf", "tqdm"],
         "bench": ["matplotlib"],
         "dev": ["pytest", "ruff"],
     },
+    entry_points={"console_scripts": ["nlft = nlft_kernels.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
