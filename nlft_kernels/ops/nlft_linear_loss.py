@@ -197,9 +197,10 @@ class NLFTLinearLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, views, sample_ids, correct, cfg, reduction, backend, validate, rows, clusters
+        ctx, hidden, weight, bias, views, sample_ids, correct, cfg, reduction, backend, validate, rows, clusters, train
     ):
-        want = tuple(ctx.needs_input_grad[:3])
+        # Grad mode is off inside forward, so the caller says whether a backward can follow.
+        want = tuple(train and need for need in ctx.needs_input_grad[:3])
         grads = _Grads(hidden, weight, bias, want) if any(want) and reduction != "none" else None
         with torch.autocast(hidden.device.type, enabled=False):
             stats, saliency = _chunked_pass(hidden, weight, bias, views, cfg, backend, rows, grads, None)
@@ -230,7 +231,7 @@ class NLFTLinearLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_grad_details):
-        none = (None,) * 9
+        none = (None,) * 10
         if ctx.reduction != "none":
             scaled = []
             for grad in ctx.saved_tensors:
@@ -387,6 +388,7 @@ def nlft_linear_loss(
         validate,
         rows,
         config.cluster_criterion != "off",
+        torch.is_grad_enabled(),
     )
     if reduction == "none":
         loss = loss.view(labels.shape)

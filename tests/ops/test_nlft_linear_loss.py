@@ -251,8 +251,11 @@ def test_triton_backend(dtype):
     assert_close(loss, grads, ref_loss, ref_grads, dtype)
 
 
-def test_frozen_head_and_no_grad():
-    """LoRA-style: only hidden trains; under no_grad the same loss comes out with no graph."""
+def test_frozen_head_and_no_grad(monkeypatch):
+    """LoRA-style: only hidden trains; under no_grad the same loss comes out with no graph and
+    no gradient is computed (forward alone must not pay for the two gradient matmuls)."""
+    import nlft_kernels.ops.nlft_linear_loss as op
+
     case = make_linear_case(torch.float32, seed=17)
     weight, bias = case.weight.detach(), case.bias.detach()
     loss = nlft_linear_loss(
@@ -261,6 +264,11 @@ def test_frozen_head_and_no_grad():
     (grad,) = torch.autograd.grad(loss, case.hidden)
     ref_loss, ref_grads, _ = oracle(case, case.standard, case.judge)
     assert_close(loss, (grad,), ref_loss, ref_grads[:1], torch.float32)
+
+    def no_gradients(*args, **kwargs):
+        raise AssertionError("gradients computed under torch.no_grad")
+
+    monkeypatch.setattr(op, "_Grads", no_gradients)
     with torch.no_grad():
         quiet = nlft_linear_loss(
             case.hidden, weight, case.labels, case.correct, standard=case.standard, judge=case.judge, bias=bias
