@@ -14,7 +14,7 @@
 #include "nlft_row.h"
 
 #ifdef NLFT_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/row_pass_cuda.h"
@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
   if (base.is_cuda()) {
 #ifdef NLFT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(base.device());
-    const cudaError_t err = nlft::cuda::row_pass_cuda(p, at::cuda::getCurrentCUDAStream());
+    const cudaError_t err = nlft::cuda::row_pass_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "NLFT CUDA row pass failed: ", cudaGetErrorString(err));
 #else
     TORCH_CHECK(false, "nlft_kernels._C was built without CUDA (see nlft_kernels.backends())");
