@@ -84,7 +84,7 @@ def today() -> str:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def synchronize(device: torch.device) -> None:

@@ -49,11 +49,7 @@ def authors_style_loss(
         r1 = p_j / p_b
         r2 = p_j / p_s
         saliency_wrong = (
-            ~is_correct
-            & valid
-            & (r1 > cfg.ratio_threshold)
-            & (r2 > cfg.ratio_threshold)
-            & (p_j > cfg.judge_min_prob)
+            ~is_correct & valid & (r1 > cfg.ratio_threshold) & (r2 > cfg.ratio_threshold) & (p_j > cfg.judge_min_prob)
         )
         saliency = saliency_correct | saliency_wrong
         if hidden_states is None:

@@ -8,7 +8,8 @@ samples present):
                       torch on the CPU); the teacher views carry no gradient
   authors_style       ``benchmarks.authors_style``: the three views as one [3, N, V] batch with
                       gradient and full float32 softmaxes, as in the authors' training code
-  compiled_reference  ``torch.compile`` of ``nlft_kernels.reference.nlft_loss_reference`` in float32
+  reference           ``nlft_kernels.reference.nlft_loss_reference`` in float32, eager
+  compiled_reference  the same under ``torch.compile``
   cross_entropy       one ``F.cross_entropy`` on the base view: the lower bound
 
 Run from the repository root:
@@ -39,7 +40,7 @@ from benchmarks.authors_style import authors_style_loss
 from nlft_kernels import NLFTConfig, nlft_loss
 from nlft_kernels.reference import nlft_loss_reference
 
-CASES = ("nlft_kernels", "authors_style", "compiled_reference", "cross_entropy")
+CASES = ("nlft_kernels", "authors_style", "reference", "compiled_reference", "cross_entropy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 QUICK_GRID = {"n": (512, 2048), "vocab": (4096, 32000), "dtype": ("float32", "bfloat16")}
@@ -48,13 +49,14 @@ TINY_GRID = {"n": (64,), "vocab": (1000,), "dtype": ("float32",)}
 
 # Bytes each case must move at the least, in units of N * V * element size: the NLFT cases read
 # three views and write the base gradient, cross-entropy reads one view and writes its gradient.
-ESSENTIAL_PASSES = {"nlft_kernels": 4, "authors_style": 4, "compiled_reference": 4, "cross_entropy": 2}
+ESSENTIAL_PASSES = {"nlft_kernels": 4, "authors_style": 4, "reference": 4, "compiled_reference": 4, "cross_entropy": 2}
 
 METHOD = {
     "timing": (
         "forward+backward of one loss per call, .grad dropped before each call (outside the timed "
         "region); median over --reps calls after --warmup untimed ones; CUDA: torch.cuda.Event "
-        "around each call; CPU: time.perf_counter"
+        "around each call; CPU: time.perf_counter, each case in a fresh subprocess (a compiled case "
+        "leaves OpenMP threads spinning that slow whatever runs after it in the same process)"
     ),
     "memory_cuda": (
         "torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
@@ -125,7 +127,9 @@ def make_batch(shape: Shape, device: torch.device, seed: int = 0) -> Batch:
     lift = (((kind == 1) & (u < 0.25)) | ((kind == 2) & (t == 0))).nonzero().squeeze(1)
     views[2, lift, labels[lift]] += math.log(vocab) + 4
     labels[t >= steps - sample_ids % 3] = NLFTConfig().ignore_index
-    return Batch(views=views, labels=labels, sample_ids=sample_ids, correct=torch.arange(shape.batch, device=device) % 4 == 0)
+    return Batch(
+        views=views, labels=labels, sample_ids=sample_ids, correct=torch.arange(shape.batch, device=device) % 4 == 0
+    )
 
 
 def build_case(case: str, batch: Batch, shape: Shape) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -138,25 +142,34 @@ def build_case(case: str, batch: Batch, shape: Shape) -> tuple[Callable[[], None
         leaf.grad = None
 
     if case == "nlft_kernels":
+
         def step() -> None:
             nlft_loss(
                 leaf, labels, batch.correct, standard=views[1], judge=views[2], sample_ids=batch.sample_ids
             ).backward()
     elif case == "authors_style":
-        def step() -> None:
-            authors_style_loss(leaf.view(3, b, t, -1), labels.view(b, t), batch.correct).backward()
-    elif case == "compiled_reference":
-        # A fresh compilation per shape: dynamo's per-function recompile limit would otherwise
-        # send later shapes of a long grid to eager mode without a word.
-        torch._dynamo.reset()
-        compiled = torch.compile(nlft_loss_reference, dynamic=False)
 
         def step() -> None:
-            compiled(
-                leaf.view(b, t, -1), labels.view(b, t), batch.correct, views[1].view(b, t, -1),
-                views[2].view(b, t, -1), dtype=torch.float32,
+            authors_style_loss(leaf.view(3, b, t, -1), labels.view(b, t), batch.correct).backward()
+    elif case in ("reference", "compiled_reference"):
+        reference = nlft_loss_reference
+        if case == "compiled_reference":
+            # A fresh compilation per shape: dynamo's per-function recompile limit would otherwise
+            # send later shapes of a long grid to eager mode without a word.
+            torch._dynamo.reset()
+            reference = torch.compile(nlft_loss_reference, dynamic=False)
+
+        def step() -> None:
+            reference(
+                leaf.view(b, t, -1),
+                labels.view(b, t),
+                batch.correct,
+                views[1].view(b, t, -1),
+                views[2].view(b, t, -1),
+                dtype=torch.float32,
             ).backward()
     elif case == "cross_entropy":
+
         def step() -> None:
             F.cross_entropy(leaf, labels).backward()
     else:
@@ -189,24 +202,43 @@ def measure_case(case: str, batch: Batch, shape: Shape, device: torch.device, ar
     return row
 
 
-def probe_memory_cpu(case: str, shape: Shape, seed: int) -> dict:
-    """Peak extra RSS of one case, measured in a fresh subprocess (see METHOD["memory_cpu"])."""
-    spec = json.dumps({"case": case, "shape": asdict(shape), "seed": seed})
-    env = os.environ | _util.RSS_ALLOCATOR_ENV
+def probe_cpu(case: str, shape: Shape, args, what: str) -> dict:
+    """Time (``what="time"``) or peak extra RSS (``"memory"``) of one case on the CPU, measured in
+    a fresh subprocess: a compiled case leaves OpenMP worker threads spinning that would slow the
+    cases timed after it in the same process, and RSS needs an allocator that returns freed
+    buffers (see METHOD["memory_cpu"])."""
+    spec = json.dumps(
+        {
+            "case": case,
+            "shape": asdict(shape),
+            "seed": args.seed,
+            "what": what,
+            "warmup": args.warmup,
+            "reps": args.reps,
+        }
+    )
+    env = os.environ | (_util.RSS_ALLOCATOR_ENV if what == "memory" else {})
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_loss", "--memory-probe", spec],
-        cwd=_util.REPO_ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "benchmarks.bench_loss", "--probe", spec],
+        cwd=_util.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"memory probe of {case} {shape} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{what} probe of {case} {shape} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _memory_probe_main(spec: str) -> None:
-    """The subprocess side of ``probe_memory_cpu``: prints {"peak_extra_bytes": ...}."""
+def _probe_main(spec: str) -> None:
+    """The subprocess side of ``probe_cpu``: prints the measured case's row as JSON."""
     spec = json.loads(spec)
     shape = Shape(**spec["shape"])
     batch = make_batch(shape, torch.device("cpu"), spec["seed"])
+    if spec["what"] == "time":
+        args = argparse.Namespace(warmup=spec["warmup"], reps=spec["reps"])
+        print(json.dumps(measure_case(spec["case"], batch, shape, torch.device("cpu"), args)))
+        return
     step, reset = build_case(spec["case"], batch, shape)
     reset()
     step()  # warm-up: lazy initialisation and, for the compiled case, compilation
@@ -234,29 +266,41 @@ def run(args, argv: list[str]) -> dict:
     rows = []
     for shape in _grid(args):
         elem = torch.empty((), dtype=DTYPES[shape.dtype]).element_size()
-        head = {"n": shape.n, "vocab": shape.vocab, "dtype": shape.dtype, "batch": shape.batch,
-                "rows_per_sample": shape.rows_per_sample}
-        try:
-            batch = make_batch(shape, device, args.seed)
-        except torch.OutOfMemoryError:
-            rows += [head | {"case": c, "status": "oom", "note": "inputs do not fit"} for c in args.cases]
-            continue
+        head = {
+            "n": shape.n,
+            "vocab": shape.vocab,
+            "dtype": shape.dtype,
+            "batch": shape.batch,
+            "rows_per_sample": shape.rows_per_sample,
+        }
+        batch = None
+        if device.type == "cuda":  # the CPU cases build their inputs in their subprocesses
+            try:
+                batch = make_batch(shape, device, args.seed)
+            except torch.OutOfMemoryError:
+                rows += [head | {"case": c, "status": "oom", "note": "inputs do not fit"} for c in args.cases]
+                continue
         for case in args.cases:
             print(f"{shape} {case} ...", file=sys.stderr, flush=True)
-            try:
-                row = head | measure_case(case, batch, shape, device, args)
-            except torch.OutOfMemoryError as error:
-                row = head | {"case": case, "status": "oom", "note": str(error).splitlines()[0][:200]}
-            gc.collect()
-            if device.type == "cuda":
+            if device.type == "cpu":
+                row = head | probe_cpu(case, shape, args, "time")
+                if row["status"] == "ok":
+                    row |= probe_cpu(case, shape, args, "memory")
+            else:
+                try:
+                    row = head | measure_case(case, batch, shape, device, args)
+                except torch.OutOfMemoryError as error:
+                    row = head | {"case": case, "status": "oom", "note": str(error).splitlines()[0][:200]}
+                gc.collect()
                 torch.cuda.empty_cache()
-            if row["status"] == "ok" and device.type == "cpu":
-                row |= probe_memory_cpu(case, shape, args.seed)
             if row["status"] == "ok":
                 essential = ESSENTIAL_PASSES[case] * shape.n * shape.vocab * elem
                 achieved = essential / (row["median_ms"] / 1e3)
-                row |= {"effective_bytes": essential, "achieved_bytes_per_s": achieved,
-                        "fraction_of_copy_bandwidth": achieved / copy_bw}
+                row |= {
+                    "effective_bytes": essential,
+                    "achieved_bytes_per_s": achieved,
+                    "fraction_of_copy_bandwidth": achieved / copy_bw,
+                }
             rows.append(row)
         del batch
         gc.collect()
@@ -268,8 +312,13 @@ def run(args, argv: list[str]) -> dict:
         **_util.environment(device),
         "date": _util.now_iso(),
         "command": _util.command_line("benchmarks.bench_loss", argv),
-        "settings": {"warmup": args.warmup, "reps": args.reps, "seed": args.seed, "cases": list(args.cases),
-                     "nlft_config": asdict(NLFTConfig())},
+        "settings": {
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "seed": args.seed,
+            "cases": list(args.cases),
+            "nlft_config": asdict(NLFTConfig()),
+        },
         "method": METHOD | {"memory": METHOD["memory_cuda" if device.type == "cuda" else "memory_cpu"]},
         # Other processes on a shared machine inflate CPU timings; the load average shows how much.
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
@@ -281,7 +330,9 @@ def run(args, argv: list[str]) -> dict:
 
 def markdown_table(payload: dict) -> str:
     """One line per case: median time, time relative to nlft_kernels, extra peak memory, bandwidth."""
-    ours = {(r["n"], r["vocab"], r["dtype"]): r.get("median_ms") for r in payload["cases"] if r["case"] == "nlft_kernels"}
+    ours = {
+        (r["n"], r["vocab"], r["dtype"]): r.get("median_ms") for r in payload["cases"] if r["case"] == "nlft_kernels"
+    }
     lines = [
         f"Device: {payload['device']} ({payload['device_type']}); torch {payload['versions']['torch']}; "
         f"copy bandwidth {payload['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
@@ -321,7 +372,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_loss-<device>-<date>.json)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
-    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     args.warmup = args.warmup if args.warmup is not None else 5 if cuda else 1
@@ -330,11 +381,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    """Run the benchmark; returns the JSON path (None in the memory-probe subprocess)."""
+    """Run the benchmark; returns the JSON path (None in a probe subprocess)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.memory_probe:
-        _memory_probe_main(args.memory_probe)
+    if args.probe:
+        _probe_main(args.probe)
         return None
     payload = run(args, argv)
     device = torch.device("cuda" if payload["device_type"] == "cuda" else "cpu")

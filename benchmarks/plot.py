@@ -1,6 +1,6 @@
 """A PNG of a bench_loss JSON: median time and extra peak memory per case, one column per dtype.
 
-    python -m benchmarks.plot benchmarks/results/bench_loss-<device>-<date>.json [--out plot.png]
+python -m benchmarks.plot benchmarks/results/bench_loss-<device>-<date>.json [--out plot.png]
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ def plot_results(json_path: Path, png_path: Path | None = None) -> Path | None:
     rows = payload["cases"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-    metrics = (("median_ms", "median forward+backward (ms)", 1.0), ("peak_extra_bytes", "extra peak memory (MiB)", 2**20))
+    metrics = (
+        ("median_ms", "median forward+backward (ms)", 1.0),
+        ("peak_extra_bytes", "extra peak memory (MiB)", 2**20),
+    )
     fig, axes = plt.subplots(len(metrics), len(dtypes), figsize=(6 * len(dtypes), 7), squeeze=False)
     width = 0.8 / len(cases)
     for col, dtype in enumerate(dtypes):
