@@ -2,8 +2,16 @@
 
 The Python package always installs. The optional compiled extension ``nlft_kernels._C`` (the
 fused NLFT row pass: a C++ CPU kernel, and a CUDA kernel when the installed torch has CUDA and
-nvcc is found) is built with ninja through ``torch.utils.cpp_extension``. A build that fails
-prints why and the pure-Python package is installed instead.
+nvcc is found) is built with ninja through ``torch.utils.cpp_extension``, against the torch
+that runs the build. A build that cannot happen or fails prints why and installs the
+pure-Python package; the reason is also written to ``nlft_kernels/_build_info.json``, which
+``nlft_kernels.backends()`` reports.
+
+Build with the installed torch, as flash-attention does (pyproject.toml's build requirements
+hold no torch, so that pip never builds against a second, different torch):
+  pip install torch ninja && pip install --no-build-isolation .
+  python setup.py build_ext --inplace          # developers: _C next to the sources
+A plain isolated ``pip install .`` sees no torch and installs the pure-Python package.
 
 Environment switches:
   NLFT_SKIP_CUDA_BUILD=1   build only the CPU kernel, even where CUDA could be built.
@@ -15,12 +23,16 @@ Environment switches:
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import shutil
 import sys
 import traceback
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent.resolve()
 CSRC = "csrc"
@@ -30,12 +42,23 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 # csrc/cpu/row_pass_dispatch.cpp picks one at run time. The portable copy comes first so that
 # the linker keeps its copies of the inline functions the three objects share.
 CPU_KERNEL = f"{CSRC}/cpu/row_pass_kernel.cpp"
-CPU_CAPABILITIES = {
-    "DEFAULT": [],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
-}
-CXX_FLAGS = ["-O3", "-fopenmp"]
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+CPU_CAPABILITIES = {"DEFAULT": []}
+if X86:
+    CPU_CAPABILITIES |= {
+        "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    }
+# -fopenmp: at::parallel_for is inline OpenMP in torch's headers; without it the rows run on one
+# thread. The extension then shares the libgomp.so.1 that torch has already loaded.
+CXX_FLAGS = ["-O3", "-fopenmp"] + (["-DNLFT_X86_KERNELS"] if X86 else [])
+BUILD_INFO = "nlft_kernels/_build_info.json"
+ISOLATED_HINT = (
+    "pip builds in an isolated environment without torch unless told otherwise; for the compiled "
+    "kernels run: pip install torch ninja && pip install --no-build-isolation ."
+)
+# What this build decided, written to BUILD_INFO next to the package for backends() to report.
+build_info: dict = {"extension": "not built", "reason": "", "torch": None, "cuda": False}
 
 
 def _flag(name: str) -> bool:
@@ -44,6 +67,27 @@ def _flag(name: str) -> bool:
 
 def _say(message: str) -> None:
     print(f"nlft-kernels: {message}", file=sys.stderr, flush=True)
+
+
+def _write_build_info(package_dir: str) -> None:
+    path = Path(package_dir) / Path(BUILD_INFO).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(build_info, indent=2) + "\n")
+
+
+def _skip(reason: str) -> tuple[list, dict]:
+    build_info["reason"] = reason
+    _say(f"installing the pure-Python package without nlft_kernels._C: {reason}")
+    return [], {"build_py": BuildPyWithInfo}
+
+
+class BuildPyWithInfo(build_py):
+    """build_py that also writes BUILD_INFO (what this build decided) into the package."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.editable_mode:
+            _write_build_info(os.path.join(self.build_lib, "nlft_kernels"))
 
 
 def _extensions() -> tuple[list, dict]:
@@ -57,8 +101,13 @@ def _extensions() -> tuple[list, dict]:
     except ImportError as err:
         if force_cuda:
             raise SystemExit(f"nlft-kernels: NLFT_FORCE_CUDA=1 but torch cannot be imported ({err})") from err
-        _say(f"torch cannot be imported ({err}); installing without the compiled extension")
-        return [], {}
+        return _skip(f"torch is not importable at build time ({err}). {ISOLATED_HINT}")
+    build_info["torch"] = torch.__version__
+    compiler = cpp_extension.get_cxx_compiler()
+    if shutil.which(compiler.split()[0] if compiler.strip() else "c++") is None:
+        if force_cuda:
+            raise SystemExit(f"nlft-kernels: NLFT_FORCE_CUDA=1 but the C++ compiler {compiler!r} is not found")
+        return _skip(f"no C++ compiler: {compiler!r} is not on PATH (set CXX, or install g++)")
 
     with_cuda, why_not = _cuda_wanted(torch, cpp_extension, skip_cuda)
     if not with_cuda:
@@ -79,8 +128,13 @@ def _extensions() -> tuple[list, dict]:
             extra_link_args=["-fopenmp"],
         )
     else:
-        ext = cpp_extension.CppExtension(EXT_NAME, sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": _optional_build_ext(cpp_extension.BuildExtension, force_cuda)}
+        ext = cpp_extension.CppExtension(
+            EXT_NAME, sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        )
+    build_info["cuda"] = with_cuda
+    build_info["reason"] = "" if with_cuda else f"CPU kernel only: {why_not}"
+    build_ext = _optional_build_ext(cpp_extension.BuildExtension, force_cuda)
+    return [ext], {"build_ext": build_ext, "build_py": BuildPyWithInfo}
 
 
 def _cuda_wanted(torch, cpp_extension, skip: bool) -> tuple[bool, str]:
@@ -99,19 +153,38 @@ def _optional_build_ext(base, required: bool):
     ``required``, reports a failed build and carries on without the extension."""
 
     class OptionalBuildExtension(base):
-        def build_extension(self, ext) -> None:
+        def build_extensions(self) -> None:
+            # torch checks the compiler here, before any build_extension call: a missing or
+            # broken compiler fails in this method.
+            self.nlft_built = False
             try:
-                ext.extra_objects = self._cpu_kernel_objects(ext) + list(ext.extra_objects or [])
-                super().build_extension(ext)
+                super().build_extensions()
             except Exception as err:
                 if required:
                     raise
                 traceback.print_exc()
+                build_info["extension"] = "not built"
+                build_info["reason"] = f"the build failed ({type(err).__name__}: {str(err)[-500:]})"
                 _say(
-                    f"the optional extension {ext.name} did not build ({type(err).__name__}: {err}); "
+                    f"the optional extension {EXT_NAME} did not build ({type(err).__name__}: {err}); "
                     "installing the pure-Python package (backend='torch' on CPU, 'triton' on GPU). "
                     "Fix the cause and reinstall to get the compiled kernels."
                 )
+            else:
+                self.nlft_built = True
+                build_info["extension"] = "built"
+                build_info["cpu_capabilities"] = list(CPU_CAPABILITIES)
+            _write_build_info(os.path.dirname(self.get_ext_fullpath(EXT_NAME)))
+
+        def copy_extensions_to_source(self) -> None:
+            # In-place and editable builds: nothing to copy after a failed optional build.
+            if getattr(self, "nlft_built", False):
+                super().copy_extensions_to_source()
+            _write_build_info(os.path.dirname(self.get_ext_fullpath(EXT_NAME)))
+
+        def build_extension(self, ext) -> None:
+            ext.extra_objects = self._cpu_kernel_objects(ext) + list(ext.extra_objects or [])
+            super().build_extension(ext)
 
         def _cpu_kernel_objects(self, ext) -> list[str]:
             objects = []

@@ -4,6 +4,11 @@
 - ``cuda``: the compiled CUDA row pass of ``nlft_kernels._C`` (CUDA tensors, CUDA builds).
 - ``cpp``: the compiled C++ row pass of ``nlft_kernels._C`` (CPU tensors).
 - ``torch``: the chunked PyTorch path (any device).
+
+``backend="auto"`` takes the C++ kernel on the CPU when ``_C`` loads (else ``torch``) and, on
+CUDA tensors, the entry of ``GPU_CHOICE`` for the shape (else ``GPU_DEFAULT``). A compiled
+extension that is missing, stale or built against another torch never breaks
+``import nlft_kernels``: ``backends()`` says what happened and ``auto`` falls back.
 """
 
 from __future__ import annotations
@@ -12,13 +17,27 @@ import functools
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import json
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+
+# The GPU kernel "auto" takes, by shape: entries (max rows N, max vocabulary V, backend), the
+# first entry whose limits hold the shape wins; other shapes, and machines whose _C has no CUDA
+# kernel, take GPU_DEFAULT. Fill it from `python -m benchmarks.bench_cpu_kernel --gpu` (CUDA
+# against Triton per N and V). Triton stays the default until the CUDA kernel is measured faster.
+GPU_CHOICE: tuple[tuple[int, int, str], ...] = ()
+GPU_DEFAULT = "triton"
+
+# Written by setup.py next to the package: whether the build made _C, why not, and the torch it
+# was built against.
+BUILD_INFO = "_build_info.json"
+REBUILD = "pip install --no-build-isolation . (or python setup.py build_ext --inplace in a checkout)"
 
 
 def triton_interpreted() -> bool:
@@ -32,38 +51,80 @@ def extension() -> tuple[ModuleType | None, str]:
 
     Tests run from a source checkout import the package from the checkout, which holds no
     compiled files after ``pip install .``; the extension that install built is then loaded
-    from the installed distribution.
+    from the installed distribution. Any failure to load (a missing file, a stale build, a
+    torch ABI mismatch) is returned as a reason, never raised.
     """
     try:
         from nlft_kernels import _C
     except ModuleNotFoundError as err:
-        installed = _installed_extension()
+        if err.name not in ("nlft_kernels._C", None):
+            return None, _load_failure(err, Path(__file__).parent)
+        installed = _installed_file("_C.")
         if installed is None:
-            return None, f"nlft_kernels._C is not built ({err}); reinstall with a C++ compiler (see setup.py)"
-        spec = importlib.util.spec_from_file_location(
-            "nlft_kernels._C", installed, loader=importlib.machinery.ExtensionFileLoader("nlft_kernels._C", installed)
-        )
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except ImportError as load_err:
-            return None, f"the installed nlft_kernels._C at {installed} does not load ({load_err})"
-        sys.modules["nlft_kernels._C"] = module
-        return module, f"loaded from the installed package ({installed})"
-    except ImportError as err:
-        return None, f"nlft_kernels._C does not load ({err}); rebuild it against the installed torch"
+            return None, _not_built(err)
+        return _load_installed(installed)
+    except Exception as err:  # noqa: BLE001 - ImportError, OSError: undefined symbols, wrong ABI
+        return None, _load_failure(err, Path(__file__).parent)
     return _C, f"built in place ({_C.__file__})"
 
 
-def _installed_extension() -> str | None:
-    """Path of the ``nlft_kernels/_C`` shared object of the installed distribution, if any."""
+def _load_installed(path: str) -> tuple[ModuleType | None, str]:
+    spec = importlib.util.spec_from_file_location(
+        "nlft_kernels._C", path, loader=importlib.machinery.ExtensionFileLoader("nlft_kernels._C", path)
+    )
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - see extension()
+        return None, _load_failure(err, Path(path).parent)
+    sys.modules["nlft_kernels._C"] = module
+    return module, f"loaded from the installed package ({path})"
+
+
+def build_info() -> dict | None:
+    """What setup.py recorded about the build of ``_C`` (in place first, then the installed
+    distribution), or None when no build wrote it."""
+    for path in (Path(__file__).parent / BUILD_INFO, _installed_file(BUILD_INFO)):
+        if path is not None and Path(path).is_file():
+            try:
+                return json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _not_built(err: BaseException) -> str:
+    info = build_info()
+    if info and info.get("extension") != "built" and info.get("reason"):
+        return f"nlft_kernels._C was not built at install: {info['reason']}"
+    return f"nlft_kernels._C is not built ({err}); build it with {REBUILD}"
+
+
+def _load_failure(err: BaseException, package_dir: Path) -> str:
+    built_against = None
+    info_path = package_dir / BUILD_INFO
+    if info_path.is_file():
+        try:
+            built_against = json.loads(info_path.read_text()).get("torch")
+        except (OSError, ValueError):
+            built_against = None
+    if built_against and built_against != torch.__version__:
+        cause = f"it was built against torch {built_against}, this is torch {torch.__version__}"
+    else:
+        cause = "stale or built against another torch"
+    return f"nlft_kernels._C does not load ({type(err).__name__}: {err}); {cause}: rebuild with {REBUILD}"
+
+
+def _installed_file(prefix: str) -> str | None:
+    """Path of ``nlft_kernels/<prefix>...`` in the installed distribution, if any (the compiled
+    extension for ``"_C."``)."""
     try:
         files = importlib.metadata.distribution("nlft-kernels").files or []
     except importlib.metadata.PackageNotFoundError:
         return None
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES) if prefix == "_C." else ("",)
     for file in files:
-        if file.parent.name == "nlft_kernels" and file.name.startswith("_C.") and file.name.endswith(suffixes):
+        if file.parent.name == "nlft_kernels" and file.name.startswith(prefix) and file.name.endswith(suffixes):
             path = str(file.locate())
             return path if os.path.exists(path) else None
     return None
@@ -79,25 +140,37 @@ def _cuda_unavailable() -> str | None:
     if module is None:
         return why
     if not module.built_with_cuda():
-        return "nlft_kernels._C was built without CUDA (CPU torch, no nvcc, or NLFT_SKIP_CUDA_BUILD=1)"
+        info = build_info() or {}
+        why = info.get("reason", "").removeprefix("CPU kernel only: ") or "CPU torch, no nvcc, or NLFT_SKIP_CUDA_BUILD=1"
+        return f"nlft_kernels._C was built without CUDA ({why})"
     if not torch.cuda.is_available():
         return "no CUDA device"
     return None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def gpu_choice(rows: int | None, vocab: int | None) -> str:
+    """The GPU backend ``auto`` takes for ``rows`` x ``vocab`` logits (see ``GPU_CHOICE``)."""
+    if rows is not None and vocab is not None:
+        for max_rows, max_vocab, choice in GPU_CHOICE:
+            if rows <= max_rows and vocab <= max_vocab:
+                return choice if choice != "cuda" or _cuda_unavailable() is None else GPU_DEFAULT
+    return GPU_DEFAULT
+
+
+def resolve_backend(backend: str, device: torch.device, rows: int | None = None, vocab: int | None = None) -> str:
     """The implementation that computes on ``device``: ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"``.
 
-    ``auto``: Triton for CUDA tensors (the CUDA kernel has not been measured against it on a
-    GPU yet, so Triton stays the default there); on the CPU the C++ kernel when
-    ``nlft_kernels._C`` is built, else the chunked torch path. ``triton`` on CPU tensors needs
-    ``TRITON_INTERPRET=1`` (set before triton is imported).
+    ``auto``: on CUDA tensors ``gpu_choice(rows, vocab)`` (Triton until the CUDA kernel is
+    measured faster for a shape); on the CPU the C++ kernel when ``nlft_kernels._C`` loads, else
+    the chunked torch path. A named backend that cannot run on ``device`` raises ValueError
+    with the reason. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set before triton
+    is imported).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            return "triton"
+            return gpu_choice(rows, vocab)
         return "cpp" if device.type == "cpu" and _cpp_unavailable() is None else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(
@@ -137,4 +210,5 @@ def backends() -> dict[str, str]:
         "cuda": cuda_state,
         "cpp": cpp_state,
         "torch": "available (chunked PyTorch, any device)",
+        "auto": f"CPU: {resolve_backend('auto', torch.device('cpu'))}; CUDA: {GPU_DEFAULT} (GPU_CHOICE by shape)",
     }

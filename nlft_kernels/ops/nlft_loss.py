@@ -564,7 +564,9 @@ def nlft_loss(
       ``loss_scale * sum_t loss_t / n``), ``"token_mean"``, ``"sum"`` or ``"none"`` (per-token
       ``loss_scale * loss_t`` shaped like ``labels``; ``sum`` and ``token_mean`` reduce it).
     return_details: also return an :class:`NLFTDetails` of per-token tensors.
-    backend: ``"auto"`` (Triton on CUDA, chunked torch elsewhere), ``"triton"``, ``"torch"``.
+    backend: ``"auto"`` (on the CPU the compiled C++ kernel when ``nlft_kernels._C`` is built,
+      else chunked torch; on CUDA Triton or the CUDA kernel, see ``nlft_kernels.backends``),
+      ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``.
     validate: check label range, finiteness and wrong samples' judge (a few host syncs).
     """
     if not isinstance(config, NLFTConfig):
@@ -583,7 +585,7 @@ def nlft_loss(
             )
         if hidden_states.device != base_logits.device:
             raise ValueError(f"hidden_states is on {hidden_states.device} but base_logits is on {base_logits.device}")
-    backend = resolve_backend(backend, base_logits.device)
+    backend = resolve_backend(backend, base_logits.device, labels.numel(), base_logits.shape[-1])
     acc = acc_dtype(base_logits.dtype)
     wrong_rows = ~correct[sample_ids]
     standard_t, standard_mode = _teacher(standard, "standard", base_logits, acc)
