@@ -141,7 +141,8 @@ def _cuda_unavailable() -> str | None:
         return why
     if not module.built_with_cuda():
         info = build_info() or {}
-        why = info.get("reason", "").removeprefix("CPU kernel only: ") or "CPU torch, no nvcc, or NLFT_SKIP_CUDA_BUILD=1"
+        why = info.get("reason", "").removeprefix("CPU kernel only: ")
+        why = why or "CPU torch, no nvcc, or NLFT_SKIP_CUDA_BUILD=1"
         return f"nlft_kernels._C was built without CUDA ({why})"
     if not torch.cuda.is_available():
         return "no CUDA device"
