@@ -235,6 +235,9 @@ class PromptTemplates:
         return self.sep.join(m["content"] for m in messages) + self.response_prefix
 
 
+DEFAULT_TEMPLATES = PromptTemplates()
+
+
 def _prompt_ids(text: str, tokenizer) -> list[int]:
     """Token ids of a rendered prompt: a chat template writes its own special tokens; plain
     text gets the tokenizer's (BOS) but never a trailing EOS."""
@@ -257,7 +260,7 @@ def response_ids(response: str, tokenizer, add_eos: bool = True) -> list[int]:
 def encode_record(
     record: NLFTRecord,
     tokenizer,
-    templates: PromptTemplates = PromptTemplates(),
+    templates: PromptTemplates = DEFAULT_TEMPLATES,
     max_length: int | None = None,
     add_eos: bool = True,
 ) -> dict | None:
@@ -290,7 +293,7 @@ def encode_record(
 def encode_records(
     records: Sequence[NLFTRecord],
     tokenizer,
-    templates: PromptTemplates = PromptTemplates(),
+    templates: PromptTemplates = DEFAULT_TEMPLATES,
     max_length: int | None = None,
     add_eos: bool = True,
 ) -> list[dict]:

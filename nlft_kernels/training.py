@@ -1,0 +1,387 @@
+"""NLFT on a transformers causal LM: the per-batch loss, a plain-loop step, a Trainer, ``train``.
+
+One code path computes the loss of a batch from :class:`nlft_kernels.data.NLFTCollator`
+(:func:`nlft_batch_loss`); :func:`nlft_step` and :meth:`NLFTTrainer.compute_loss` both call it.
+
+Per batch: the base view runs through the model with gradient and the standard and judge views
+under ``torch.no_grad`` (their activations are freed at once); only the final hidden states are
+taken (a forward hook on the decoder; ``logits_to_keep=1`` spares the full logits), the rows that
+predict the response tokens are gathered (row ``r`` of every view predicts ``labels[:, r]``), the
+teachers' label log-probs come from :func:`nlft_kernels.linear_token_logprobs` and the loss from
+:func:`nlft_kernels.nlft_linear_loss`: no [N, V] logits tensor exists in any view. The judge
+view runs only for the batch's wrong samples. With ``judge_nll_weight > 0`` it runs with
+gradient, batched with the base view into one forward (so that DDP sees one forward per step).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+from collections.abc import Sequence
+
+import torch
+import transformers
+from torch import nn
+
+from nlft_kernels.config import NLFTConfig
+from nlft_kernels.data import DEFAULT_TEMPLATES, VIEWS, NLFTCollator, NLFTRecord, PromptTemplates, encode_records
+from nlft_kernels.ops.nlft_linear_loss import linear_token_logprobs, nlft_linear_loss
+
+# Every key that encode_record writes: the Trainer must not drop them as "unused columns".
+FEATURE_COLUMNS = ["labels", "correct"] + [f"{v}_{k}" for v in VIEWS for k in ("input_ids", "prompt_length")]
+# Rows per chunk of the judge-view NLL: logits chunks of about this many bytes (float32).
+_JUDGE_NLL_CHUNK_BYTES = 64 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Reaching into wrapped models.
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """``model`` without DDP/DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside ``model`` (through DDP, torch.compile and peft wrappers;
+    a peft model's LoRA layers stay in place and active)."""
+    model = unwrap_model(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, D], bias [V] or None) of the model's output embedding (tied or not)."""
+    head = causal_lm(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(causal_lm(model)).__name__} has no output embeddings (LM head)")
+    if hasattr(head, "base_layer"):
+        raise ValueError("an adapter on the LM head is not supported: leave lm_head out of the LoRA target modules")
+    weight = head.weight
+    config = getattr(causal_lm(model), "config", None)
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, name, None) not in (None, 1.0):
+            raise ValueError(f"models with {name} are not supported: their logits are not hidden @ lm_head.weight.T")
+    return weight, getattr(head, "bias", None)
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    return name in inspect.signature(module.forward).parameters
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states [B, L, D] (what the LM head reads) of ``model`` on a batch.
+
+    The call goes through ``model`` itself (so DDP and peft hooks run); the states are taken
+    by a forward hook on the decoder, and ``logits_to_keep=1`` (where the model accepts it)
+    keeps the head to one position.
+    """
+    lm = causal_lm(model)
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = lm.get_decoder().register_forward_hook(hook)
+    kwargs = {"logits_to_keep": 1} if _accepts(lm, "logits_to_keep") else {}
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one decoder call per forward, saw {len(captured)}")
+    return captured[0]
+
+
+def _gather_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, R, D] rows ``rows`` [B, R] of ``hidden`` [B, L, D]."""
+    return hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def _pad_cat(tensors: Sequence[torch.Tensor], value: int) -> torch.Tensor:
+    """Right-pad [b_i, L_i] tensors to the longest L and stack them along the batch."""
+    length = max(t.shape[1] for t in tensors)
+    return torch.cat([nn.functional.pad(t, (0, length - t.shape[1]), value=value) for t in tensors])
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the all-padding columns at the right of a sub-batch."""
+    length = int(mask.sum(1).max())
+    return ids[:, :length], mask[:, :length]
+
+
+def _match_dtypes(hidden, weight, bias):
+    """Inside autocast: both in the autocast dtype (as F.linear would); else hidden in weight's dtype."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _chunk_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore):
+    logits = nn.functional.linear(hidden, weight, bias).float()
+    return nn.functional.cross_entropy(logits, labels, ignore_index=ignore, reduction="none")
+
+
+def judge_nll(hidden, weight, bias, labels, ignore_index: int = -100) -> torch.Tensor:
+    """Per-sample mean ``-log p(label)`` [B] of ``hidden`` [B, R, D] rows under the LM head, with
+    gradient; chunked over rows and recomputed in backward (checkpointing), so that at most one
+    [chunk, V] logits chunk is alive."""
+    flat, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    rows = max(1, _JUDGE_NLL_CHUNK_BYTES // (4 * weight.shape[0]))
+    parts = [
+        torch.utils.checkpoint.checkpoint(
+            _chunk_nll, flat[i : i + rows], weight, bias, flat_labels[i : i + rows], ignore_index, use_reentrant=False
+        )
+        for i in range(0, flat.shape[0], rows)
+    ]
+    nll = torch.cat(parts).view(labels.shape)
+    return nll.sum(1) / (labels != ignore_index).sum(1).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss of one batch.
+
+
+def nlft_batch_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    config: NLFTConfig = NLFTConfig(),
+    *,
+    judge_nll_weight: float = 0.0,
+    lm_head: nn.Module | None = None,
+    pad_token_id: int = 0,
+) -> torch.Tensor:
+    """The NLFT loss (a scalar with gradient) of ``batch`` (from :class:`NLFTCollator`).
+
+    ``sample_mean`` reduction: the spec's mean over samples of
+    ``loss_scale * (sum_t token_loss + nll_weight * sum_t NLL_t) / n``; with
+    ``judge_nll_weight > 0``, each wrong sample adds ``judge_nll_weight * mean_t(-log p_j)``
+    (judge view, aligned rows, with gradient) before the mean over the B samples.
+    ``lm_head``: the module whose weight [V, D] (and bias) map final hidden states to logits;
+    default: the model's output embeddings.
+    """
+    if judge_nll_weight < 0 or not math.isfinite(judge_nll_weight):
+        raise ValueError(f"judge_nll_weight must be a finite number >= 0, got {judge_nll_weight}")
+    if lm_head is None:
+        weight, bias = lm_head_of(model)
+    else:
+        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    batch = {k: v.to(weight.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    labels, correct = batch["labels"], batch["correct"].bool()
+    wrong = (~correct).nonzero().squeeze(1)
+    judge_grad = judge_nll_weight > 0 and wrong.numel() > 0
+    ids, mask = batch["base_input_ids"], batch["base_attention_mask"]
+    batch_size = ids.shape[0]
+    if judge_grad:
+        # One forward for base + wrong judge rows: DDP allows a single forward per backward.
+        j_ids, j_mask = _trim(batch["judge_input_ids"][wrong], batch["judge_attention_mask"][wrong])
+        hidden = final_hidden(model, _pad_cat([ids, j_ids], pad_token_id), _pad_cat([mask, j_mask], 0))
+        base_hidden = _gather_rows(hidden[:batch_size], batch["base_rows"])
+        judge_hidden = _gather_rows(hidden[batch_size:], batch["judge_rows"][wrong])
+    else:
+        base_hidden = _gather_rows(final_hidden(model, ids, mask), batch["base_rows"])
+    base_hidden, w, b = _match_dtypes(base_hidden, weight, bias)
+
+    teacher = unwrap_model(model)  # no_grad views bypass DDP: no collective for them
+    with torch.no_grad():
+        standard = _teacher_logprobs(teacher, batch, "standard", None, labels, w, b, config)
+        judge = None
+        if wrong.numel() > 0:
+            judge = torch.zeros_like(standard)
+            if judge_grad:
+                h, jw, jb = _match_dtypes(judge_hidden.detach(), weight, bias)
+                judge[wrong] = linear_token_logprobs(h, jw, labels[wrong], jb, ignore_index=config.ignore_index)
+            else:
+                judge[wrong] = _teacher_logprobs(teacher, batch, "judge", wrong, labels[wrong], w, b, config)
+    loss = nlft_linear_loss(
+        base_hidden, w, labels, correct, standard=standard, judge=judge, bias=b, config=config
+    )
+    if judge_grad:
+        h, jw, jb = _match_dtypes(judge_hidden, weight, bias)
+        loss = loss + judge_nll_weight * judge_nll(h, jw, jb, labels[wrong], config.ignore_index).sum() / batch_size
+    return loss
+
+
+def _teacher_logprobs(model, batch, view, index, labels, weight, bias, config) -> torch.Tensor:
+    """[b, R] float32 label log-probs of teacher ``view`` (samples ``index``, or all), no gradient."""
+    ids, mask, rows = (batch[f"{view}_{k}"] for k in ("input_ids", "attention_mask", "rows"))
+    if index is not None:
+        ids, mask, rows = ids[index], mask[index], rows[index]
+    ids, mask = _trim(ids, mask)
+    hidden = _gather_rows(final_hidden(model, ids, mask), rows)
+    hidden, weight, bias = _match_dtypes(hidden, weight, bias)
+    return linear_token_logprobs(hidden, weight, labels, bias, ignore_index=config.ignore_index)
+
+
+def nlft_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    config: NLFTConfig = NLFTConfig(),
+    *,
+    judge_nll_weight: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    lm_head: nn.Module | None = None,
+    pad_token_id: int = 0,
+) -> torch.Tensor:
+    """One NLFT step for users with their own loop: the loss of ``batch`` (see
+    :func:`nlft_batch_loss`). Without ``optimizer`` it returns the loss with its graph (call
+    ``backward`` yourself, e.g. scaled for accumulation); with one, it also runs backward,
+    ``optimizer.step()`` and ``optimizer.zero_grad()`` and returns the detached loss."""
+    loss = nlft_batch_loss(
+        model, batch, config, judge_nll_weight=judge_nll_weight, lm_head=lm_head, pad_token_id=pad_token_id
+    )
+    if optimizer is None:
+        return loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers.Trainer
+
+
+class NLFTTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` whose loss is :func:`nlft_batch_loss` (the code of :func:`nlft_step`).
+
+    Train on the output of :func:`nlft_kernels.data.encode_records` (a list of dicts or a
+    ``datasets.Dataset``); the default collator is :class:`NLFTCollator` with the tokenizer's
+    pad token. Gradient accumulation divides each micro-batch's sample-mean loss by the number
+    of micro-batches (exact for equal micro-batches); bf16/fp16 autocast, peft LoRA models and
+    DDP (torchrun / accelerate launch) work as with any Trainer.
+
+    nlft_config: the objective's constants; judge_nll_weight: see :func:`nlft_batch_loss`.
+    """
+
+    def __init__(self, *args, nlft_config: NLFTConfig = NLFTConfig(), judge_nll_weight: float = 0.0, **kwargs):
+        tokenizer = kwargs.get("processing_class")
+        self.pad_token_id = _pad_id(tokenizer) if tokenizer is not None else 0
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = NLFTCollator(self.pad_token_id, nlft_config.ignore_index)
+        super().__init__(*args, **kwargs)
+        self.nlft_config = nlft_config
+        self.judge_nll_weight = judge_nll_weight
+        # The loss is a per-sample mean: let the Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = list(FEATURE_COLUMNS)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The NLFT loss of one (micro-)batch; ``num_items_in_batch`` is not used (sample mean)."""
+        loss = nlft_batch_loss(
+            model,
+            inputs,
+            self.nlft_config,
+            judge_nll_weight=self.judge_nll_weight,
+            pad_token_id=self.pad_token_id,
+        )
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+def _pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (padding is masked out either way)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train(): the few-lines entry point of the CLI.
+
+DEFAULT_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the authors' choice for Llama
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: int = 16, dropout: float = 0.05, targets=None) -> nn.Module:
+    """``model`` wrapped in a peft LoRA adapter on ``targets`` (default: the MLP projections
+    gate/up/down when the model has them, else peft's default for the architecture)."""
+    from peft import LoraConfig, get_peft_model
+
+    if targets is None:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in DEFAULT_LORA_TARGETS if t in names] or None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[NLFTRecord],
+    *,
+    config: NLFTConfig = NLFTConfig(),
+    steps: int,
+    batch_size: int = 2,
+    grad_accum: int = 1,
+    lr: float = 1e-4,
+    lora: bool = True,
+    lora_r: int = 16,
+    lora_alpha: int = 16,
+    output_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    max_length: int = 1024,
+    templates: PromptTemplates = DEFAULT_TEMPLATES,
+    judge_nll_weight: float = 0.0,
+    progress: bool = True,
+) -> nn.Module:
+    """NLFT-train ``model`` on ``records`` for ``steps`` optimizer steps; returns the trained model
+    (a peft model when ``lora``). Each step takes ``grad_accum`` micro-batches of ``batch_size``
+    records (shuffled, cycling), AdamW at ``lr``; a tqdm bar shows the loss. With ``output_dir``,
+    saves the adapter (LoRA) or the full model, and the tokenizer, there.
+    """
+    if steps < 1 or batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"steps, batch_size and grad_accum must be >= 1, got {steps}, {batch_size}, {grad_accum}")
+    features = encode_records(records, tokenizer, templates, max_length)
+    if not features:
+        raise ValueError("no record fits max_length: nothing to train on")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    if lora:
+        model = add_lora(model, lora_r, lora_alpha)
+    model.train()
+    pad = _pad_id(tokenizer)
+    collate = NLFTCollator(pad, config.ignore_index)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    order: list[int] = []
+
+    def next_batch():
+        nonlocal order
+        picked = []
+        while len(picked) < min(batch_size, len(features)):
+            if not order:
+                order = list(range(len(features)))
+                rng.shuffle(order)
+            picked.append(features[order.pop()])
+        return collate(picked)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc="nlft train", disable=not progress)
+    for _ in bar:
+        total = 0.0
+        for _ in range(grad_accum):
+            loss = nlft_step(model, next_batch(), config, judge_nll_weight=judge_nll_weight, pad_token_id=pad)
+            (loss / grad_accum).backward()
+            total += float(loss.detach()) / grad_accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{total:.4f}")
+    model.eval()
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    return model
