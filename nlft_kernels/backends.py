@@ -14,6 +14,7 @@ extension that is missing, stale or built against another torch never breaks
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.machinery
 import importlib.metadata
 import importlib.util
@@ -55,9 +56,9 @@ def extension() -> tuple[ModuleType | None, str]:
     torch ABI mismatch) is returned as a reason, never raised.
     """
     try:
-        from nlft_kernels import _C
+        _C = importlib.import_module("nlft_kernels._C")
     except ModuleNotFoundError as err:
-        if err.name not in ("nlft_kernels._C", None):
+        if err.name != "nlft_kernels._C":
             return None, _load_failure(err, Path(__file__).parent)
         installed = _installed_file("_C.")
         if installed is None:

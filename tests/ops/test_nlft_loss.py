@@ -1,4 +1,5 @@
-"""nlft_loss on every path (Triton under the interpreter, chunked torch) against the float64 reference."""
+"""nlft_loss on every path (Triton under the interpreter, chunked torch, the C++ kernel) against the float64
+reference."""
 
 import pytest
 import torch
@@ -7,9 +8,11 @@ import nlft_kernels.ops.nlft_loss as nlft_loss_module
 from nlft_kernels import NLFTConfig, nlft_loss
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference
 from tests._inputs import KINDS, make_inputs
+from tests.csrc import CPP_BACKEND
 from tests.tolerances import assert_grad_close, assert_loss_close
 
-BACKENDS = ["torch", "triton"]
+# "cpp": the C++ kernel of nlft_kernels._C (skipped with the reason when it is not built).
+BACKENDS = ["torch", "triton", CPP_BACKEND]
 DTYPES = [torch.float32, torch.bfloat16]
 DETAIL_FLAGS = ("saliency", "unlikelihood", "cluster", "killed")
 DETAIL_VALUES = ("logprob_base", "logprob_standard", "logprob_judge", "weight", "token_loss")
@@ -80,7 +83,7 @@ def assert_details(details, ref_details, labels: torch.Tensor, correct: torch.Te
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference(backend, reduction, dtype, block):
-    if backend == "torch" and block != "one tile":
+    if backend != "triton" and block != "one tile":
         pytest.skip("tile size only concerns the Triton kernels")
     x = make_inputs(8, 20, 300, dtype=dtype, seed=hash((backend, reduction, str(dtype), block)) % 1000)
     (loss, grad, details), (ref, ref_grad, ref_details) = run_both(x, reduction, backend)

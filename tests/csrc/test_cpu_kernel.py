@@ -1,0 +1,166 @@
+"""The C++ CPU row pass of nlft_kernels._C against the float64 reference.
+
+tests/ops/test_nlft_loss.py runs its whole suite with backend "cpp" as well (shapes, padding,
+teacher log-probs, clusters, errors); here: every dtype the kernel accumulates in, vocabulary
+sizes around its tile and vector widths, mixed teacher dtypes, each instruction-set copy, and
+the row partition over threads.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nlft_kernels import nlft_loss
+from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference
+from tests._inputs import make_inputs
+from tests.csrc import extension_or_skip
+from tests.ops.test_nlft_loss import assert_details, assert_exercised, run_both
+from tests.tolerances import assert_grad_close, assert_loss_close
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# float64 logits accumulate in float64: the loss and the gradient match the reference to
+# rounding, far below the float32-accumulation tolerances of tests/tolerances.py.
+FLOAT64_RTOL = 1e-10
+# The kernel's vocabulary tile (csrc/cpu/row_pass_kernel.cpp, kTile).
+TILE = 2048
+
+
+@pytest.fixture(autouse=True)
+def ext():
+    return extension_or_skip()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(dtype, reduction):
+    """Values, gradient and details; every branch of the rule fires (the 6% rule included)."""
+    x = make_inputs(8, 20, 300, dtype=dtype, seed=hash(("cpp", str(dtype), reduction)) % 1000)
+    (loss, grad, details), (ref, ref_grad, ref_details) = run_both(x, reduction, "cpp")
+    assert_exercised(ref_details, x.correct)
+    assert details.killed.any(), "the 6% rule did not fire"
+    assert_loss_close(loss, ref)
+    assert_grad_close(grad, ref_grad, dtype)
+    assert_details(details, ref_details, x.labels, x.correct)
+    if dtype == torch.float64:
+        assert loss.dtype == torch.float64
+        loss, ref = loss.detach(), ref.detach()
+        torch.testing.assert_close(loss, ref, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL * float(ref.abs().max()))
+        atol = FLOAT64_RTOL * float(ref_grad.abs().max())
+        torch.testing.assert_close(grad, ref_grad, rtol=FLOAT64_RTOL, atol=atol)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 33, TILE, TILE + 1, 2 * TILE + 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vocabulary_sizes_around_tile_and_vector(vocab, dtype):
+    """Partial vectors (V below 16 lanes), exact tiles and a partial last tile."""
+    x = make_inputs(4, 6, vocab, dtype=dtype, seed=vocab)
+    (loss, grad, details), (ref, ref_grad, ref_details) = run_both(x, "sample_mean", "cpp")
+    assert_loss_close(loss, ref)
+    assert_grad_close(grad, ref_grad, dtype)
+    assert_details(details, ref_details, x.labels, x.correct)
+    assert (x.labels == -100).any(), "no padding rows"
+
+
+def test_teacher_views_in_other_dtypes():
+    """bfloat16 base logits with float32 standard and float16 judge logits (widened per view)."""
+    x = make_inputs(8, 20, 300, dtype=torch.bfloat16, seed=21)
+    standard, judge = x.standard.float(), x.judge.half()
+    base = x.base.detach().clone().requires_grad_()
+    loss, details = nlft_loss(
+        base, x.labels, x.correct, standard=standard, judge=judge, backend="cpp", return_details=True
+    )
+    ref_base = x.base.detach().double().requires_grad_()
+    ref, ref_details = nlft_loss_reference(ref_base, x.labels, x.correct, standard, judge, return_details=True)
+    assert_exercised(ref_details, x.correct)
+    assert_loss_close(loss, ref)
+    loss.backward()
+    ref.backward()
+    assert_grad_close(base.grad, ref_base.grad, torch.bfloat16)
+    assert_details(details, ref_details, x.labels, x.correct)
+
+
+def test_strided_views_are_read_in_place():
+    """Rows of every view taken from wider tensors (row strides that are not V)."""
+    x = make_inputs(6, 12, 257, seed=13)
+    pad = lambda t: torch.cat([t.detach(), torch.randn(6, 3, 257)], dim=1)[:, :12]  # noqa: E731
+    base = pad(x.base).requires_grad_()
+    standard, judge = pad(x.standard), pad(x.judge)
+    assert not base.is_contiguous() and not standard.is_contiguous()
+    loss = nlft_loss(base, x.labels, x.correct, standard=standard, judge=judge, backend="cpp")
+    (ref_loss, ref_grad, _), _ = run_both(x, "sample_mean", "torch")
+    assert_loss_close(loss, ref_loss)
+    (grad,) = torch.autograd.grad(loss, base)
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+
+def test_rows_split_over_threads_give_the_same_bits():
+    """at::parallel_for hands rows to threads; each row is computed by one thread, so any
+    thread count gives identical results."""
+    x = make_inputs(64, 40, 97, seed=17)
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            base = x.base.detach().clone().requires_grad_()
+            loss = nlft_loss(base, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="cpp")
+            (grad,) = torch.autograd.grad(loss, base)
+            outputs.append((loss, grad))
+    finally:
+        torch.set_num_threads(before)
+    (loss_1, grad_1), (loss_n, grad_n) = outputs
+    assert torch.equal(loss_1, loss_n) and torch.equal(grad_1, grad_n)
+
+
+def test_without_gradient_the_statistics_are_the_same():
+    x = make_inputs(8, 20, 300, seed=23)
+    with torch.no_grad():
+        loss, details = nlft_loss(
+            x.base, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="cpp", return_details=True
+        )
+    ref, ref_details = nlft_loss_reference(
+        x.base.detach().double(), x.labels, x.correct, x.standard, x.judge, return_details=True
+    )
+    assert loss.grad_fn is None
+    assert_loss_close(loss, ref)
+    assert_details(details, ref_details, x.labels, x.correct)
+
+
+_COPY_SCRIPT = """
+import torch
+from nlft_kernels.backends import extension
+from tests.ops.test_nlft_loss import run_both
+from tests._inputs import make_inputs
+from tests.tolerances import assert_grad_close, assert_loss_close
+module, why = extension()
+assert module is not None, why
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    x = make_inputs(8, 20, 2 * 2048 + 29, dtype=dtype, seed=31)
+    (loss, grad, _), (ref, ref_grad, _) = run_both(x, "sample_mean", "cpp")
+    assert_loss_close(loss, ref)
+    assert_grad_close(grad, ref_grad, dtype)
+print("capability", module.cpu_capability())
+"""
+
+
+def _copies_this_cpu_runs() -> list[str]:
+    best = torch.backends.cpu.get_cpu_capability()
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    return order[: order.index(best) + 1] if best in order else ["DEFAULT"]
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
+def test_each_instruction_set_copy(capability, ext):
+    """setup.py compiles the kernel once per instruction set; ATEN_CPU_CAPABILITY (read once
+    per process, hence the subprocess) makes the dispatcher pick each copy this CPU can run."""
+    if capability not in _copies_this_cpu_runs():
+        pytest.skip(f"this CPU cannot run the {capability} copy (best: {torch.backends.cpu.get_cpu_capability()})")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower(), PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
+    done = subprocess.run([sys.executable, "-c", _COPY_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"capability {capability}" in done.stdout, done.stdout
