@@ -219,14 +219,23 @@ def _decimals(written: str) -> int:
     return len(match.group(1)) if match else 0
 
 
-def _close(expected: Decimal, written: Decimal, written_text: str) -> bool:
-    """Equal up to the rounding of the written value (to the decimals it shows). A written
-    percentage may be a unit ("100 - 50 = 50%") as well as a fraction ("0.5 = 50%")."""
+def _close(expected: Decimal, written: Decimal, written_text: str, percent: bool = False) -> bool:
+    """Equal up to the rounding of the written value (to the decimals it shows), or its
+    truncation to a whole number ("100 / 6 = 16" full boxes). With a percentage on either side,
+    "%" may be a unit ("100 - 50 = 50%", "100% - 80% = 20") as well as a fraction ("0.5 = 50%")."""
     tolerance = Decimal(5) / Decimal(10) ** (_decimals(written_text) + 1)
-    candidates = [(written * 100, tolerance), (written, tolerance / 100)] if "%" in written_text else [
-        (written, tolerance)
-    ]
-    return any(abs(expected - value) <= max(tol, abs(expected) * Decimal("1e-9")) for value, tol in candidates)
+    candidates = [expected]
+    if percent:
+        candidates += [expected * 100, expected / 100]
+    for value in candidates:
+        if abs(value - written) <= max(tolerance, abs(value) * Decimal("1e-9")):
+            return True
+        if _decimals(written_text) == 0 and written in (
+            value.to_integral_value("ROUND_FLOOR"),
+            value.to_integral_value("ROUND_CEILING"),
+        ):
+            return True
+    return False
 
 
 def _normalise(text: str) -> str:
@@ -239,7 +248,8 @@ def _normalise(text: str) -> str:
 
 def _trim_left(expression: str) -> str | None:
     """The longest suffix of ``expression`` that is a well-formed expression with a number."""
-    tokens = list(re.finditer(rf"{_NUMBER}|[-+*/()$]", expression))
+    # A candidate starts at a number, "(", "$" or a sign that touches its number ("-3", not "- 3").
+    tokens = list(re.finditer(rf"{_NUMBER}|[($]|-(?=[\d.$])", expression))
     for match in tokens:
         candidate = expression[match.start() :]
         if evaluate(candidate) is not None:
@@ -284,7 +294,7 @@ def _check_chain(
         # The value that is "written" is the simpler side: usually the right one.
         expression, result = (left, right) if _has_operator(left) or not _has_operator(right) else (right, left)
         expected, written = evaluate(expression), evaluate(result)
-        if not _close(expected, written, result):
+        if not _close(expected, written, result, percent="%" in left + right):
             errors.append(StepError(f"{left.strip()} = {right.strip()}", expression.strip(), written, expected, line))
     return errors
 
@@ -297,20 +307,19 @@ def find_step_errors(text: str) -> list[StepError]:
             parts = _normalise(annotation.group(1)).split("=")
             if len(parts) >= 2:
                 errors += _check_chain(parts, line_number, preceded_by_word=False, glued_after=False)
-        line = _normalise(_ANNOTATION.sub(" ", line))
+        line = _normalise(_ANNOTATION.sub("", line))
+        # Sentences and list items end a statement: "2 + 2 = 4. 4 * 3 = 12" is two of them.
+        line = re.sub(r"[.,;](?=\s|$)", " ; ", line)
         for run in _MATH_RUN.finditer(line):
             parts = run.group(0).split("=")
             before = line[: run.start()]
             preceded_by_word = bool(_ARITHMETIC_WORDS.search(before))
             # "= 5A", "= 6:48": the run ends inside a name or a time.
-            after = line[run.end() : run.end() + 1]
-            glued_after = bool(after) and not after.isspace() and after not in "!?;\"'"
+            after, text = line[run.end() : run.end() + 1], run.group(0)
+            glued_after = bool(after) and not text[-1].isspace() and after not in "!?;\"'"
+            glued_after = glued_after or bool(re.match(r"\s*and\s+\d+/\d+", line[run.end() :]))  # 5 and 2/3
             # "D3 = ...", "√(144) = 12", "6:00+48": the run starts inside a name, function or time.
-            glued_before = (
-                bool(before)
-                and not before[-1].isspace()
-                and (before[-1] not in ":;,[{\"'" or not run.group(0)[:1].isspace())
-            )
+            glued_before = bool(before) and not text[0].isspace() and before[-1] not in "\"'[{"
             errors += _check_chain(parts, line_number, preceded_by_word, glued_after, glued_before)
     return errors
 
@@ -364,7 +373,7 @@ def judge_response(question: str, response: str, reference_solution: str) -> Jud
     if step_errors:
         error = step_errors[0]
         sentences.append(
-            f"The step \"{error.text}\" (line {error.line}) is wrong: {error.expression} equals "
+            f'The step "{error.text}" (line {error.line}) is wrong: {error.expression} equals '
             f"{format_number(error.expected)}, not {format_number(error.written)}."
         )
         if len(step_errors) > 1:
