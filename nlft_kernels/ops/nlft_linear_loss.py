@@ -8,11 +8,13 @@ chunked torch elsewhere) turns them into the label statistics and the provisiona
 ``hidden`` (``G_c @ weight``) and ``weight`` (``G_c.T @ hidden_c``, accumulated in float32).
 Peak extra memory is a few [c, V] tensors plus the gradients themselves.
 
-The per-sample part of the rule (the 6% rule, saliency clusters) needs every row's statistics,
-so it runs after the last chunk and rescales a few rows' provisional gradient by ``factor``.
-Since each row's gradient is linear in its ``G`` row, the hidden gradient of those rows is
-rescaled in place, and the weight/bias gradients are corrected by recomputing ``G`` for those
-rows only: ``+ ((factor - 1) * G_rows).T @ hidden_rows``. Usually no row needs it.
+The per-sample part of the rule (the 6% rule, saliency clusters) needs every row of a sample,
+so chunks are cut at sample boundaries (``sample_groups``): a chunk of whole samples gets its
+second stage, and so its final gradient, before the two matmuls fold it in. A sample longer
+than a chunk is split; its provisional gradients are folded in as they come, and the rows its
+second stage changes are fixed afterwards: each row's gradient is linear in its ``G`` row, so
+the hidden gradient of those rows is rescaled in place and the weight/bias gradients are
+corrected by recomputing ``G`` for those rows only: ``+ ((factor - 1) * G_rows).T @ hidden_rows``.
 
 As in Liger-Kernel's fused linear cross-entropy, the gradients are computed in forward and
 backward only scales them; with ``reduction="none"`` the upstream gradient is per row, so
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,6 +43,7 @@ from nlft_kernels.ops.nlft_loss import (
     _check_samples,
     _teacher,
     first_stage,
+    rescale_rows,
     row_scale,
     second_stage,
 )
@@ -141,26 +145,109 @@ class _Grads:
             self.bias += grad.sum(0, dtype=self.bias.dtype)
 
 
-def _chunked_pass(hidden, weight, bias, views: Views, cfg, backend, rows_per_chunk, grads: _Grads | None, row_factor):
-    """Statistics [3, N] and saliency [N] of all rows; with ``grads``, also fold every chunk's
-    provisional gradient (times ``row_factor`` [N] where given) into them."""
+def sample_groups(sample_ids: torch.Tensor, rows_per_chunk: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) that cover the rows in order, each made of whole samples
+    (``sample_ids`` [N], non-decreasing) and at most ``rows_per_chunk`` rows long, except a
+    sample longer than that, which is a group of its own."""
+    counts = torch.unique_consecutive(sample_ids, return_counts=True)[1].tolist()
+    groups, start, stop = [], 0, 0
+    for count in counts:
+        if stop > start and stop + count - start > rows_per_chunk:
+            groups.append((start, stop))
+            start = stop
+        stop += count
+    groups.append((start, stop))
+    return groups
+
+
+@dataclass
+class _Forward:
+    """What the forward pass decides: the loss (per row [N] for ``"none"``), the details by
+    field of :class:`NLFTDetails` ([N] each) and the factor [N] of each row's provisional gradient."""
+
+    loss: torch.Tensor
+    per_row: dict[str, torch.Tensor]
+    factor: torch.Tensor
+
+
+def _forward_pass(
+    hidden,
+    weight,
+    bias,
+    views: Views,
+    sample_ids,
+    correct,
+    cfg,
+    reduction,
+    backend,
+    validate,
+    rows_per_chunk,
+    clusters: bool,
+    grads: _Grads | None,
+) -> _Forward:
+    """Every group of whole samples (see ``sample_groups``): its chunks' statistics, its second
+    stage, and with ``grads`` its gradients. A group that is one chunk gets its final gradient
+    before the matmuls fold it in; a longer one folds the provisional gradients and fixes the
+    rows the second stage changes afterwards (``_fix_rows``)."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    stats = torch.empty(3, n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
-    saliency = torch.empty(n, dtype=torch.bool, device=hidden.device)
+    factor = torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
+    losses, per_rows = [], []
+    for start, stop in sample_groups(sample_ids, rows_per_chunk):
+        single = stop - start <= rows_per_chunk
+        stats = torch.empty(3, stop - start, dtype=factor.dtype, device=hidden.device)
+        saliency = torch.empty(stop - start, dtype=torch.bool, device=hidden.device)
+        for first in range(start, stop, rows_per_chunk):
+            last = min(first + rows_per_chunk, stop)
+            h = hidden[first:last]
+            chunk_stats, chunk_saliency, grad = first_stage(
+                views.rows(first, last, _logits(h, weight, bias)), cfg, backend, grads is not None
+            )
+            stats[:, first - start : last - start] = chunk_stats
+            saliency[first - start : last - start] = chunk_saliency
+            if grads is not None and not single:
+                grads.add(grad.view(-1, vocab), h, weight, slice(first, last))
+        group = replace(
+            views, labels=views.labels[start:stop], wrong=views.wrong[start:stop], scale=views.scale[start:stop]
+        )
+        if validate:
+            _check_base_finite(stats, group, cfg.ignore_index)
+        stage = second_stage(
+            stats,
+            saliency,
+            group,
+            sample_ids[start:stop],
+            correct,
+            hidden[start:stop] if clusters else None,
+            cfg,
+            reduction,
+            validate,
+        )
+        factor[start:stop] = stage.factor
+        losses.append(stage.loss)
+        per_rows.append(stage.per_row)
+        if grads is None:
+            continue
+        if single:
+            grad = grad.view(-1, vocab)
+            if stage.rows.numel():
+                rescale_rows(grad, stage.factor, stage.rows, backend)
+            grads.add(grad, h, weight, slice(start, stop))
+        elif stage.rows.numel():
+            _fix_rows(hidden, weight, bias, views, cfg, backend, rows_per_chunk, grads, stage.rows + start, factor)
+    loss = torch.cat(losses) if reduction == "none" else torch.stack(losses).sum()
+    per_row = {name: torch.cat([p[name] for p in per_rows]) for name in DETAIL_FIELDS}
+    return _Forward(loss, per_row, factor)
+
+
+def _backward_pass(hidden, weight, bias, views: Views, cfg, backend, rows_per_chunk, grads: _Grads, row_factor) -> None:
+    """Fold every chunk's provisional gradient times its rows' ``row_factor`` [N] into ``grads``."""
+    n, vocab = hidden.shape[0], weight.shape[0]
     for start in range(0, n, rows_per_chunk):
         stop = min(start + rows_per_chunk, n)
         h = hidden[start:stop]
-        chunk_stats, chunk_saliency, grad = first_stage(
-            views.rows(start, stop, _logits(h, weight, bias)), cfg, backend, grads is not None
-        )
-        stats[:, start:stop] = chunk_stats
-        saliency[start:stop] = chunk_saliency
-        if grads is not None:
-            grad = grad.view(-1, vocab)
-            if row_factor is not None:
-                grad.mul_(row_factor[start:stop, None].to(grad.dtype))
-            grads.add(grad, h, weight, slice(start, stop))
-    return stats, saliency
+        _, _, grad = first_stage(views.rows(start, stop, _logits(h, weight, bias)), cfg, backend, True)
+        grad = grad.view(-1, vocab).mul_(row_factor[start:stop, None].to(grad.dtype))
+        grads.add(grad, h, weight, slice(start, stop))
 
 
 def _fix_rows(hidden, weight, bias, views: Views, cfg, backend, rows_per_chunk, grads: _Grads, rows, factor) -> None:
@@ -192,29 +279,36 @@ class NLFTLinearLossFunction(torch.autograd.Function):
     Returns the loss and the per-row details (non-differentiable, ``DETAIL_FIELDS`` order).
     For reductions to a scalar, forward computes and stores the gradients of hidden [N, D],
     weight [V, D] and bias [V] and backward scales them by ``grad_output``; for ``"none"``,
-    backward recomputes them with the per-row ``grad_output``.
+    backward recomputes them with the per-row ``grad_output``. ``train`` is the caller's grad
+    mode: forward runs with grad mode off, so it cannot tell whether a backward can follow.
     """
 
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, views, sample_ids, correct, cfg, reduction, backend, validate, rows, clusters, train
     ):
-        # Grad mode is off inside forward, so the caller says whether a backward can follow.
         want = tuple(train and need for need in ctx.needs_input_grad[:3])
         grads = _Grads(hidden, weight, bias, want) if any(want) and reduction != "none" else None
         with torch.autocast(hidden.device.type, enabled=False):
-            stats, saliency = _chunked_pass(hidden, weight, bias, views, cfg, backend, rows, grads, None)
-            if validate:
-                _check_base_finite(stats, views, cfg.ignore_index)
-            stage = second_stage(
-                stats, saliency, views, sample_ids, correct, hidden if clusters else None, cfg, reduction, validate
+            result = _forward_pass(
+                hidden,
+                weight,
+                bias,
+                views,
+                sample_ids,
+                correct,
+                cfg,
+                reduction,
+                backend,
+                validate,
+                rows,
+                clusters,
+                grads,
             )
-            if grads is not None and stage.rows.numel():
-                _fix_rows(hidden, weight, bias, views, cfg, backend, rows, grads, stage.rows, stage.factor)
         ctx.reduction = reduction
         if reduction == "none":
             ctx.views, ctx.cfg, ctx.backend, ctx.rows, ctx.want = views, cfg, backend, rows, want
-            ctx.save_for_backward(hidden, weight, bias, stage.factor)
+            ctx.save_for_backward(hidden, weight, bias, result.factor)
         elif grads is not None:
             # Keep the gradients in the parameters' dtypes between forward and backward.
             ctx.save_for_backward(
@@ -224,9 +318,9 @@ class NLFTLinearLossFunction(torch.autograd.Function):
             )
         else:
             ctx.save_for_backward(None, None, None)
-        details = tuple(stage.per_row[name] for name in DETAIL_FIELDS)
+        details = tuple(result.per_row[name] for name in DETAIL_FIELDS)
         ctx.mark_non_differentiable(*details)
-        return (stage.loss, *details)
+        return (result.loss, *details)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -243,7 +337,7 @@ class NLFTLinearLossFunction(torch.autograd.Function):
         grads = _Grads(hidden, weight, bias, ctx.want)
         row_factor = factor * grad_loss.reshape(-1).to(factor.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            _chunked_pass(hidden, weight, bias, ctx.views, ctx.cfg, ctx.backend, ctx.rows, grads, row_factor)
+            _backward_pass(hidden, weight, bias, ctx.views, ctx.cfg, ctx.backend, ctx.rows, grads, row_factor)
         return (
             grads.hidden,
             None if grads.weight is None else grads.weight.to(weight.dtype),

@@ -21,8 +21,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from nlft_kernels import NLFTConfig, NLFTLinearLoss, linear_token_logprobs, nlft_linear_loss, nlft_loss  # noqa: E402
-from nlft_kernels.ops.nlft_linear_loss import chunk_rows_for  # noqa: E402
+from nlft_kernels import (  # noqa: E402
+    NLFTConfig,
+    NLFTLinearLoss,
+    backends,
+    linear_token_logprobs,
+    nlft_linear_loss,
+    nlft_loss,
+)
+from nlft_kernels.ops.nlft_linear_loss import chunk_rows_for, sample_groups  # noqa: E402
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference  # noqa: E402
 from tests._inputs import make_inputs  # noqa: E402
 
@@ -35,6 +42,10 @@ GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 1.5e-2), torch.f
 # Saliency decisions of wrong samples are kept this far (in log space) from their thresholds,
 # so that a 16-bit logit cannot flip one: the tests compare values, not coin tosses.
 DECISION_MARGIN = 0.25
+# Rows per chunk against make_linear_case's 4 samples x 20 rows: 7 splits every sample (and 80
+# rows end in a partial chunk); 45 holds two whole samples per chunk.
+CHUNK_SIZES = [7, 45]
+CPU_BACKENDS = ["torch"] + (["cpp"] if backends()["cpp"].startswith("available") else [])
 
 
 @dataclass
@@ -163,30 +174,50 @@ def assert_close(loss, grads, ref_loss, ref_grads, dtype) -> None:
         torch.testing.assert_close(grad.double(), ref, rtol=grad_rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def count_fixes(monkeypatch) -> list[int]:
+    """Patch the fix-up of rows changed after their gradient was folded in; returns a list that
+    gets one entry (the number of rows) per call."""
+    import nlft_kernels.ops.nlft_linear_loss as op
+
+    calls, fix_rows = [], op._fix_rows
+
+    def counted(*args):
+        calls.append(args[-2].numel())
+        return fix_rows(*args)
+
+    monkeypatch.setattr(op, "_fix_rows", counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("form", ["logits", "logprobs"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_materialised(dtype, form, bias):
+def test_matches_materialised(dtype, form, bias, chunk_size, backend, monkeypatch):
     case = make_linear_case(dtype, seed=DTYPES.index(dtype) * 4 + 2 * (form == "logits") + bias, bias=bias)
     standard, judge = teacher(case, case.standard, form), teacher(case, case.judge, form)
     ref_loss, ref_grads, ref_details = oracle(case, standard, judge)
     assert_exercised(ref_details, case.correct)
-    # 7 rows per chunk: 80 rows end in a partial chunk, and chunks straddle samples.
-    loss, grads, details = fused(case, standard, judge, chunk_size=7)
+    fixes = count_fixes(monkeypatch)
+    loss, grads, details = fused(case, standard, judge, chunk_size=chunk_size, backend=backend)
     assert_close(loss, grads, ref_loss, ref_grads, dtype)
+    # Chunks of whole samples get their final gradient at once; split samples are fixed up after.
+    assert bool(fixes) == (chunk_size < case.labels.shape[1])
     for name in ("saliency", "unlikelihood", "cluster", "killed"):
         assert torch.equal(getattr(details, name), ref_details[name]), name
 
 
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_reductions_and_upstream_gradient(reduction):
+def test_reductions_and_upstream_gradient(reduction, chunk_size):
     case = make_linear_case(torch.float32, seed=31)
     g = torch.Generator().manual_seed(5)
     grad_out = torch.randn(case.labels.shape, generator=g, dtype=torch.float64) if reduction == "none" else None
     grad_out = torch.tensor(1.7, dtype=torch.float64) if grad_out is None else grad_out
     ref_loss, ref_grads, ref_details = oracle(case, case.standard, case.judge, reduction, grad_out)
     assert_exercised(ref_details, case.correct)
-    loss, grads, _ = fused(case, case.standard, case.judge, reduction, grad_out, chunk_size=5)
+    loss, grads, _ = fused(case, case.standard, case.judge, reduction, grad_out, chunk_size=chunk_size)
     assert loss.shape == ref_loss.shape
     assert_close(loss, grads, ref_loss, ref_grads, torch.float32)
 
@@ -217,7 +248,9 @@ def test_equals_core_op_on_materialised_logits(criterion):
         torch.testing.assert_close(getattr(details, name), getattr(ref_details, name))
 
 
-def test_flat_rows_with_sample_ids():
+@pytest.mark.parametrize("chunk_size", [9, 30])
+def test_flat_rows_with_sample_ids(chunk_size):
+    """Samples of 18 to 20 rows: 9 rows per chunk splits them, 30 holds one or two."""
     case = make_linear_case(torch.float32, seed=13)
     valid = case.labels != -100
     sample_ids = torch.arange(case.labels.shape[0])[:, None].expand_as(case.labels)[valid]
@@ -231,7 +264,7 @@ def test_flat_rows_with_sample_ids():
         judge=case.judge[valid],
         bias=case.bias,
         sample_ids=sample_ids,
-        chunk_size=9,
+        chunk_size=chunk_size,
         return_details=True,
     )
     grads = torch.autograd.grad(loss, (hidden, case.weight, case.bias))
@@ -442,6 +475,25 @@ def test_non_finite_logits_are_reported():
         nlft_linear_loss(hidden, case.weight, case.labels, case.correct, standard=case.standard, judge=case.judge)
     with pytest.raises(ValueError, match="non-finite"):
         linear_token_logprobs(hidden, case.weight, case.labels)
+
+
+def test_sample_groups_cut_at_sample_boundaries():
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.randint(1, 30, (40,), generator=g)
+    sample_ids = torch.arange(40).repeat_interleave(lengths)
+    for rows in (1, 7, 25, 64, 10_000):
+        groups = sample_groups(sample_ids, rows)
+        assert groups[0][0] == 0 and groups[-1][1] == sample_ids.numel()
+        assert all(stop == start for (_, stop), (start, _) in zip(groups, groups[1:], strict=False))
+        starts = torch.tensor([start for start, _ in groups])
+        assert bool((sample_ids[starts[1:]] != sample_ids[starts[1:] - 1]).all()), "a sample was cut"
+        for start, stop in groups:
+            one_sample = bool(sample_ids[start] == sample_ids[stop - 1])
+            assert stop - start <= rows or one_sample
+            # greedy: the next sample would not have fitted
+            if stop < sample_ids.numel() and stop - start < rows:
+                assert stop - start + int(lengths[sample_ids[stop]]) > rows
+    assert sample_groups(sample_ids, 10_000) == [(0, sample_ids.numel())]
 
 
 def test_chunk_size_choice():
