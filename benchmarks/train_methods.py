@@ -1,0 +1,231 @@
+"""The inputs and the optimizer step of each method that bench_train_step compares.
+
+Every method trains the same model on the same questions with the same number of tokens:
+a prompt of exactly ``prompt_tokens`` tokens and a response of exactly ``response_tokens``
+(the teacher views of NLFT add ``teacher_tokens`` of standard answer or judgment to their
+prompt). Exact lengths keep the comparison about the methods, not about padding: prompts
+are the package's prompt views (``nlft_kernels.data.DEFAULT_TEMPLATES``) left-filled with
+earlier GSM8K exemplars or cut from the left to length, responses are the reference solution
+(or, for a wrong sample, that solution with a wrong final answer, judged by
+``nlft_kernels.judge``) repeated and cut; ``nlft_kernels.data.NLFTCollator`` batches them.
+
+  sft                 cross-entropy on the response, the Hugging Face way (``labels=``)
+  nlft_authors_style  the three views in one batch of 3B sequences, all with gradient, the
+                      loss of ``benchmarks.authors_style`` (float32 softmaxes, Python clusters)
+  nlft_kernels        ``nlft_kernels.training.nlft_step``: the fused linear loss on the base
+                      view's hidden states, teacher views without gradient, logits never
+                      materialised
+  reft                ``benchmarks.reft``: sampling, reward, reference and old-policy forwards,
+                      GAE, two PPO epochs
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.authors_style import authors_style_loss
+from nlft_kernels import NLFTConfig
+from nlft_kernels.data import DEFAULT_TEMPLATES, VIEWS, NLFTCollator, NLFTRecord
+from nlft_kernels.judge import judge_response
+from nlft_kernels.training import nlft_step
+
+METHODS = ("sft", "nlft_authors_style", "nlft_kernels", "reft")
+
+FINAL_ANSWER = re.compile(r"####\s*(-?[\d,.]+)")
+
+
+@dataclass
+class StepInputs:
+    """One batch of B questions, identical for every method.
+
+    ``nlft_batch`` has the collator's layout: per view ``{v}_input_ids`` / ``{v}_attention_mask``
+    [B, L_v] and ``{v}_rows`` [B, R] (row r of view v's logits predicts ``labels[:, r]``), plus
+    ``labels`` [B, R] and ``correct`` [B]. ``prompt_ids`` [B, P] is the base prompt, which SFT
+    and ReFT also use; ``response_ids`` [B, R] the response; ``answers`` the reference final answers.
+    """
+
+    nlft_batch: dict[str, torch.Tensor]
+    prompt_ids: torch.Tensor
+    response_ids: torch.Tensor
+    answers: list[str] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def to(self, device: torch.device) -> StepInputs:
+        return StepInputs(
+            {k: v.to(device) for k, v in self.nlft_batch.items()},
+            self.prompt_ids.to(device),
+            self.response_ids.to(device),
+            list(self.answers),
+        )
+
+
+def _wrong_solution(solution: str) -> str:
+    """The solution with its final answer changed: a wrong response of realistic length."""
+    match = FINAL_ANSWER.search(solution)
+    if not match:
+        return solution + "\n#### 0"
+    value = match.group(1).replace(",", "")
+    try:
+        wrong = str(float(value) + 1).removesuffix(".0")
+    except ValueError:
+        wrong = "0"
+    return solution[: match.start(1)] + wrong
+
+
+def _exact(tokens: list[int], filler: list[int], n: int, keep: str) -> list[int]:
+    """Exactly ``n`` tokens: ``tokens`` cut to n (keeping its ``keep`` = "end" or "start"), or
+    filled with ``filler`` on the other side when too short."""
+    if not filler and len(tokens) < n:
+        raise ValueError("no filler tokens to reach the requested length")
+    if keep == "end":
+        while len(tokens) < n:
+            tokens = filler + tokens
+        return tokens[-n:]
+    while len(tokens) < n:
+        tokens = tokens + filler
+    return tokens[:n]
+
+
+def build_inputs(
+    rows: list[dict],
+    tokenizer,
+    vocab_size: int,
+    batch_size: int,
+    prompt_tokens: int,
+    response_tokens: int,
+    teacher_tokens: int,
+    wrong_every: int = 2,
+) -> StepInputs:
+    """A batch from GSM8K rows (question, answer): sample ``b`` is wrong when ``b % wrong_every
+    == wrong_every - 1`` (half the batch by default), so the wrong-response branch of NLFT runs.
+
+    ``tokenizer``: a Hugging Face tokenizer (``tokenizer(text, add_special_tokens=False)``);
+    ids are taken modulo ``vocab_size`` for models smaller than the tokenizer. The rows after
+    the first ``batch_size`` are the exemplars that fill prompts. The base prompt has exactly
+    ``prompt_tokens`` tokens, the teacher prompts ``prompt_tokens + teacher_tokens``.
+    """
+    if len(rows) < batch_size + 1:
+        raise ValueError(f"need at least {batch_size + 1} rows, got {len(rows)}")
+
+    def encode(text: str) -> list[int]:
+        return [t % vocab_size for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    exemplars = [t for r in rows[batch_size:] for t in encode(r["question"] + "\n" + r["answer"] + "\n\n")]
+    prompt_length = {"base": prompt_tokens, "standard": prompt_tokens + teacher_tokens,
+                     "judge": prompt_tokens + teacher_tokens}
+    features, answers = [], []
+    for b, row in enumerate(rows[:batch_size]):
+        question, solution = row["question"], row["answer"]
+        correct = b % wrong_every != wrong_every - 1
+        response = solution if correct else _wrong_solution(solution)
+        judgment = None if correct else judge_response(question, response, solution).judgment
+        judgment = judgment or "The final answer is wrong: the last step does not follow from the ones before it."
+        record = NLFTRecord(question, response, solution, judgment, correct)
+        match = FINAL_ANSWER.search(solution)
+        answers.append(match.group(1) if match else "")
+        body = encode(response)
+        labels = _exact(body, body, response_tokens, "start")
+        feature: dict = {"labels": labels, "correct": correct}
+        for view in VIEWS:
+            prompt = _exact(encode(DEFAULT_TEMPLATES.render(view, record, tokenizer)), exemplars,
+                            prompt_length[view], "end")
+            feature[f"{view}_input_ids"] = prompt + labels
+            feature[f"{view}_prompt_length"] = len(prompt)
+        features.append(feature)
+    batch = NLFTCollator(pad_token_id=0)(features)
+    prompts = batch["base_input_ids"][:, :prompt_tokens].clone()
+    return StepInputs(batch, prompts, batch["labels"].clone(), answers)
+
+
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], rows [B, R] -> [B, R, D]."""
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def make_optimizer(params, lr: float = 1e-6) -> torch.optim.Optimizer:
+    """AdamW for every method, so optimizer state costs the same (plus ReFT's value head)."""
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr)
+
+
+StepFn = Callable[[], dict[str, float]]
+
+
+def sft_step(model, optimizer, inputs: StepInputs) -> StepFn:
+    """SFT: prompt + response in one sequence, cross-entropy on the response tokens only."""
+    ids = torch.cat([inputs.prompt_ids, inputs.response_ids], dim=1)
+    labels = ids.clone()
+    labels[:, : inputs.prompt_ids.shape[1]] = -100
+
+    def step() -> dict[str, float]:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    return step
+
+
+def authors_style_step(model, optimizer, inputs: StepInputs, config: NLFTConfig) -> StepFn:
+    """NLFT as the authors' code runs it: the three views padded (right) into one batch of 3B
+    sequences, one forward with gradient and all hidden states, the loss on [3, B, R, V] logits."""
+    batch = inputs.nlft_batch
+    length = max(batch[f"{v}_input_ids"].shape[1] for v in VIEWS)
+    pad = [length - batch[f"{v}_input_ids"].shape[1] for v in VIEWS]
+    ids = torch.cat([F.pad(batch[f"{v}_input_ids"], (0, p)) for v, p in zip(VIEWS, pad, strict=True)])
+    mask = torch.cat([F.pad(batch[f"{v}_attention_mask"], (0, p)) for v, p in zip(VIEWS, pad, strict=True)])
+    rows = torch.cat([batch[f"{v}_rows"] for v in VIEWS])
+    b = inputs.batch_size
+
+    def step() -> dict[str, float]:
+        optimizer.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        logits = _gather_rows(out.logits, rows)
+        views = logits.view(3, b, *logits.shape[1:])
+        hidden = _gather_rows(out.hidden_states[-1][:b], batch["base_rows"])
+        loss = authors_style_loss(views, batch["labels"], batch["correct"], config, hidden_states=hidden)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    return step
+
+
+def nlft_kernels_step(model, optimizer, inputs: StepInputs, config: NLFTConfig) -> StepFn:
+    """NLFT with nlft_kernels: the package's ``nlft_step`` (loss, backward, optimizer step)."""
+    batch = inputs.nlft_batch
+
+    def step() -> dict[str, float]:
+        return {"loss": nlft_step(model, batch, config, optimizer=optimizer).item()}
+
+    return step
+
+
+def build_step(method: str, model, inputs: StepInputs, decode: Callable[[list[int]], str],
+               config: NLFTConfig = NLFTConfig(), lr: float = 1e-6) -> tuple[StepFn, list[torch.nn.Module]]:
+    """(step, trained modules) of ``method``; ReFT also builds its frozen reference model and value head."""
+    if method == "reft":
+        from benchmarks.reft import ReFTConfig, ReFTTrainer, ValueHead
+
+        reference = copy.deepcopy(model).requires_grad_(False).eval()
+        head = ValueHead(model.config.hidden_size).to(next(model.parameters()))
+        optimizer = make_optimizer([*model.parameters(), *head.parameters()], lr)
+        trainer = ReFTTrainer(model, head, reference, optimizer, decode, ReFTConfig())
+        return (lambda: trainer.step(inputs.prompt_ids, inputs.answers, inputs.response_ids.shape[1])), [model, head]
+    optimizer = make_optimizer(model.parameters(), lr)
+    if method == "sft":
+        return sft_step(model, optimizer, inputs), [model]
+    if method == "nlft_authors_style":
+        return authors_style_step(model, optimizer, inputs, config), [model]
+    if method == "nlft_kernels":
+        return nlft_kernels_step(model, optimizer, inputs, config), [model]
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
