@@ -8,13 +8,16 @@ chunked torch elsewhere) turns them into the label statistics and the provisiona
 ``hidden`` (``G_c @ weight``) and ``weight`` (``G_c.T @ hidden_c``, accumulated in float32).
 Peak extra memory is a few [c, V] tensors plus the gradients themselves.
 
-The per-sample part of the rule (the 6% rule, saliency clusters) needs every row of a sample,
-so chunks are cut at sample boundaries (``sample_groups``): a chunk of whole samples gets its
-second stage, and so its final gradient, before the two matmuls fold it in. A sample longer
-than a chunk is split; its provisional gradients are folded in as they come, and the rows its
+The per-sample part of the rule (the 6% rule, saliency clusters) needs every row of a sample.
+Without clusters, chunks are cut at sample boundaries (``sample_groups``): a chunk of whole
+samples gets its second stage, and so its final gradient, before the two matmuls fold it in.
+With clusters, the second stage runs once over all rows, because the cluster walk costs O(T)
+small ops per call, too many launches to repeat per chunk on a GPU. Then (and for a sample
+longer than a chunk) the provisional gradients are folded in as they come, and the rows the
 second stage changes are fixed afterwards: each row's gradient is linear in its ``G`` row, so
 the hidden gradient of those rows is rescaled in place and the weight/bias gradients are
 corrected by recomputing ``G`` for those rows only: ``+ ((factor - 1) * G_rows).T @ hidden_rows``.
+That costs up to two more [k, V, D] matmuls for k changed rows.
 
 As in Liger-Kernel's fused linear cross-entropy, the gradients are computed in forward and
 backward only scales them; with ``reduction="none"`` the upstream gradient is per row, so
@@ -185,14 +188,14 @@ def _forward_pass(
     clusters: bool,
     grads: _Grads | None,
 ) -> _Forward:
-    """Every group of whole samples (see ``sample_groups``): its chunks' statistics, its second
-    stage, and with ``grads`` its gradients. A group that is one chunk gets its final gradient
-    before the matmuls fold it in; a longer one folds the provisional gradients and fixes the
-    rows the second stage changes afterwards (``_fix_rows``)."""
+    """Every group of rows (all rows with ``clusters``, else whole samples: ``sample_groups``):
+    its chunks' statistics, its second stage, and with ``grads`` its gradients. A group that is
+    one chunk gets its final gradient before the matmuls fold it in; a longer one folds the
+    provisional gradients and fixes the rows the second stage changes afterwards (``_fix_rows``)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     factor = torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
     losses, per_rows = [], []
-    for start, stop in sample_groups(sample_ids, rows_per_chunk):
+    for start, stop in [(0, n)] if clusters else sample_groups(sample_ids, rows_per_chunk):
         single = stop - start <= rows_per_chunk
         stats = torch.empty(3, stop - start, dtype=factor.dtype, device=hidden.device)
         saliency = torch.empty(stop - start, dtype=torch.bool, device=hidden.device)

@@ -42,10 +42,17 @@ GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 1.5e-2), torch.f
 # Saliency decisions of wrong samples are kept this far (in log space) from their thresholds,
 # so that a 16-bit logit cannot flip one: the tests compare values, not coin tosses.
 DECISION_MARGIN = 0.25
-# Rows per chunk against make_linear_case's 4 samples x 20 rows: 7 splits every sample (and 80
-# rows end in a partial chunk); 45 holds two whole samples per chunk.
-CHUNK_SIZES = [7, 45]
 CPU_BACKENDS = ["torch"] + (["cpp"] if backends()["cpp"].startswith("available") else [])
+# (rows per chunk, cluster criterion, backend) against make_linear_case's 4 samples x 20 rows:
+# 7 splits every sample (and 80 rows end in a partial chunk), 45 holds two whole samples. Without
+# clusters, chunks of whole samples get their final gradient at once; with clusters, or with
+# split samples, the rows the second stage changes are fixed up afterwards.
+CHUNKINGS = [
+    (7, "distance", "torch"),
+    (45, "distance", CPU_BACKENDS[-1]),
+    (45, "off", "torch"),
+    (7, "off", CPU_BACKENDS[-1]),
+]
 
 
 @dataclass
@@ -150,15 +157,16 @@ def fused(case: LinearCase, standard, judge, reduction="sample_mean", grad_out=N
     return loss, grads, details
 
 
-def assert_exercised(details, correct: torch.Tensor) -> None:
+def assert_exercised(details, correct: torch.Tensor, clusters: bool = True) -> None:
     """Every branch occurs: saliency of correct samples, unlikelihood, the 6% rule firing on one
-    wrong sample and sparing another that has a saliency token, and cluster neighbours."""
+    wrong sample and sparing another that has a saliency token, and cluster neighbours (or none
+    with ``clusters`` off)."""
     saliency, killed = details["saliency"], details["killed"]
     assert saliency[correct].any(), "no saliency token in a correct sample"
     assert details["unlikelihood"].any(), "no unlikelihood token"
     assert killed.any(), "the 6% rule never fired"
     assert (~correct & saliency.any(1) & ~killed.any(1)).any(), "no wrong sample spared by the 6% rule"
-    assert details["cluster"].any(), "no cluster neighbour"
+    assert details["cluster"].any() == clusters, "cluster neighbours where none were asked for, or none"
 
 
 def assert_close(loss, grads, ref_loss, ref_grads, dtype) -> None:
@@ -189,35 +197,35 @@ def count_fixes(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize("chunk_size,criterion,backend", CHUNKINGS, ids=["-".join(map(str, c)) for c in CHUNKINGS])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("form", ["logits", "logprobs"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_materialised(dtype, form, bias, chunk_size, backend, monkeypatch):
+def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend, monkeypatch):
     case = make_linear_case(dtype, seed=DTYPES.index(dtype) * 4 + 2 * (form == "logits") + bias, bias=bias)
+    config = NLFTConfig(cluster_criterion=criterion)
     standard, judge = teacher(case, case.standard, form), teacher(case, case.judge, form)
-    ref_loss, ref_grads, ref_details = oracle(case, standard, judge)
-    assert_exercised(ref_details, case.correct)
+    ref_loss, ref_grads, ref_details = oracle(case, standard, judge, config=config)
+    assert_exercised(ref_details, case.correct, clusters=criterion != "off")
     fixes = count_fixes(monkeypatch)
-    loss, grads, details = fused(case, standard, judge, chunk_size=chunk_size, backend=backend)
+    loss, grads, details = fused(case, standard, judge, chunk_size=chunk_size, backend=backend, config=config)
     assert_close(loss, grads, ref_loss, ref_grads, dtype)
-    # Chunks of whole samples get their final gradient at once; split samples are fixed up after.
-    assert bool(fixes) == (chunk_size < case.labels.shape[1])
+    assert bool(fixes) == (criterion != "off" or chunk_size < case.labels.shape[1])
     for name in ("saliency", "unlikelihood", "cluster", "killed"):
         assert torch.equal(getattr(details, name), ref_details[name]), name
 
 
-@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize("chunk_size,criterion", [(5, "distance"), (45, "off")])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_reductions_and_upstream_gradient(reduction, chunk_size):
+def test_reductions_and_upstream_gradient(reduction, chunk_size, criterion):
     case = make_linear_case(torch.float32, seed=31)
+    config = NLFTConfig(cluster_criterion=criterion)
     g = torch.Generator().manual_seed(5)
     grad_out = torch.randn(case.labels.shape, generator=g, dtype=torch.float64) if reduction == "none" else None
     grad_out = torch.tensor(1.7, dtype=torch.float64) if grad_out is None else grad_out
-    ref_loss, ref_grads, ref_details = oracle(case, case.standard, case.judge, reduction, grad_out)
-    assert_exercised(ref_details, case.correct)
-    loss, grads, _ = fused(case, case.standard, case.judge, reduction, grad_out, chunk_size=chunk_size)
+    ref_loss, ref_grads, ref_details = oracle(case, case.standard, case.judge, reduction, grad_out, config)
+    assert_exercised(ref_details, case.correct, clusters=criterion != "off")
+    loss, grads, _ = fused(case, case.standard, case.judge, reduction, grad_out, chunk_size=chunk_size, config=config)
     assert loss.shape == ref_loss.shape
     assert_close(loss, grads, ref_loss, ref_grads, torch.float32)
 
