@@ -1,0 +1,148 @@
+"""nlft_kernels.backends: what "auto" picks, the errors of a forced backend that cannot run, and
+what backends() reports, including for a missing or broken compiled extension."""
+
+import importlib
+import importlib.machinery
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nlft_kernels import backends, nlft_loss
+from nlft_kernels.backends import resolve_backend
+from tests._inputs import make_inputs
+
+# The module (the package's attribute ``backends`` is the report function).
+backends_module = importlib.import_module("nlft_kernels.backends")
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    why = "nlft_kernels._C is not built (test)"
+    monkeypatch.setattr(backends_module, "extension", lambda: (None, why))
+    return why
+
+
+def test_auto_on_cpu_is_cpp_exactly_when_the_extension_loads():
+    module, _ = backends_module.extension()
+    assert resolve_backend("auto", CPU) == ("cpp" if module is not None else "torch")
+
+
+def test_auto_on_cpu_falls_back_to_torch(no_extension):
+    assert resolve_backend("auto", CPU) == "torch"
+    assert backends()["cpp"] == f"unavailable: {no_extension}"
+
+
+@pytest.mark.parametrize(
+    "backend, device, match",
+    [
+        ("cpp", CUDA, "backend='cpp' needs CPU tensors"),
+        ("cuda", CPU, "backend='cuda' needs CUDA tensors"),
+        ("fused", CPU, "backend must be one of"),
+    ],
+)
+def test_forced_backend_on_the_wrong_device(backend, device, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_backend(backend, device)
+
+
+def test_forced_cpp_without_extension_says_why(no_extension):
+    with pytest.raises(ValueError, match=r"backend='cpp' is unavailable: nlft_kernels\._C is not built \(test\)"):
+        resolve_backend("cpp", CPU)
+    x = make_inputs(2, 4, 10, seed=0)
+    with pytest.raises(ValueError, match="backend='cpp' is unavailable"):
+        nlft_loss(x.base, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="cpp")
+
+
+def test_forced_cuda_says_why():
+    """On a machine whose _C has no CUDA kernel, or without a GPU, the reason is given."""
+    why = backends_module._cuda_unavailable()
+    if why is None:
+        pytest.skip("the CUDA kernel can run here")
+    with pytest.raises(ValueError, match="backend='cuda' is unavailable: .+"):
+        resolve_backend("cuda", CUDA)
+    assert backends()["cuda"] == f"unavailable: {why}"
+
+
+def test_gpu_choice_table(monkeypatch):
+    """auto on CUDA tensors: the first GPU_CHOICE entry whose limits hold, else GPU_DEFAULT; a
+    "cuda" entry falls back to the default where the CUDA kernel cannot run."""
+    assert resolve_backend("auto", CUDA, 1024, 32000) == backends_module.GPU_DEFAULT
+    monkeypatch.setattr(backends_module, "GPU_CHOICE", ((2048, 50000, "cuda"), (10**9, 10**9, "triton")))
+    monkeypatch.setattr(backends_module, "GPU_DEFAULT", "triton")
+    monkeypatch.setattr(backends_module, "_cuda_unavailable", lambda: None)
+    assert resolve_backend("auto", CUDA, 1024, 32000) == "cuda"
+    assert resolve_backend("auto", CUDA, 8192, 32000) == "triton"
+    assert resolve_backend("auto", CUDA) == "triton"  # no shape: the default
+    monkeypatch.setattr(backends_module, "_cuda_unavailable", lambda: "no CUDA device")
+    assert resolve_backend("auto", CUDA, 1024, 32000) == "triton"
+
+
+def test_report_names_every_backend_with_a_reason():
+    report = backends()
+    assert set(report) == {"triton", "cuda", "cpp", "torch", "auto"}
+    for name in ("triton", "cuda", "cpp", "torch"):
+        state = report[name]
+        assert state.startswith("available") or (state.startswith("unavailable: ") and len(state) > 20), state
+
+
+# A copy of the Python package with a chosen _C and build record, imported in a fresh process.
+_PROBE = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+import nlft_kernels
+b = importlib.import_module("nlft_kernels.backends")
+assert nlft_kernels.__file__.startswith(sys.argv[1]), nlft_kernels.__file__
+b._installed_file = lambda prefix: None  # this copy only, not an installed distribution
+import torch
+from tests._inputs import make_inputs
+x = make_inputs(2, 4, 10, seed=0)
+loss = nlft_kernels.nlft_loss(x.base, x.labels, x.correct, standard=x.standard, judge=x.judge)
+print(json.dumps({"report": nlft_kernels.backends(), "auto": b.resolve_backend("auto", torch.device("cpu")),
+                  "loss": float(loss)}))
+"""
+
+
+def _probe(tmp_path: Path, so_bytes: bytes | None, info: dict | None) -> dict:
+    package = tmp_path / "nlft_kernels"
+    skip = shutil.ignore_patterns("*.so", "*.pyd", "_build_info.json", "__pycache__")
+    shutil.copytree(ROOT / "nlft_kernels", package, ignore=skip)
+    if so_bytes is not None:
+        (package / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(so_bytes)
+    if info is not None:
+        (package / "_build_info.json").write_text(json.dumps(info))
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_broken_extension_is_reported_not_raised(tmp_path):
+    """A _C that does not load (here: not a shared object; in life, one built against another
+    torch) leaves ``import nlft_kernels`` working, auto on the torch path, and the reason in
+    backends(), with the torch it was built against."""
+    info = {"extension": "built", "reason": "", "torch": "0.0.1", "cuda": False}
+    out = _probe(tmp_path, b"not a shared object", info)
+    assert out["auto"] == "torch"
+    cpp = out["report"]["cpp"]
+    assert cpp.startswith("unavailable: nlft_kernels._C does not load (ImportError"), cpp
+    assert f"built against torch 0.0.1, this is torch {torch.__version__}" in cpp
+    assert "--no-build-isolation" in cpp
+    assert out["loss"] > 0
+
+
+def test_extension_left_out_at_install_is_reported(tmp_path):
+    """An install without _C (isolated build, no compiler, failed build) reports setup.py's reason."""
+    info = {"extension": "not built", "reason": "no C++ compiler: 'c++' is not on PATH", "torch": None, "cuda": False}
+    out = _probe(tmp_path, None, info)
+    assert out["auto"] == "torch"
+    assert out["report"]["cpp"] == "unavailable: nlft_kernels._C was not built at install: " + info["reason"]
+    assert out["report"]["cuda"] == out["report"]["cpp"]
