@@ -529,7 +529,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import torch
-    from nlft_kernels import nlft_linear_loss, nlft_loss
+    from nlft_kernels import linear_token_logprobs, nlft_linear_loss, nlft_loss
 
     def rss(field):
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -542,19 +542,23 @@ _MEMORY_SCRIPT = textwrap.dedent(
     correct = torch.ones(2, dtype=torch.bool)
     standard = -torch.rand(2, rows // 2)  # teacher views as label log-probs
     extra = {}
-    for path in ("fused", "materialised"):
+    for path in ("fused", "teacher", "materialised"):
         for vocab in vocabs:
             weight = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
             labels = torch.randint(0, vocab, (2, rows // 2))
             Path("/proc/self/clear_refs").write_text("5")
             before = rss("VmRSS")
-            if path == "fused":
-                loss = nlft_linear_loss(hidden, weight, labels, correct, standard=standard, chunk_size=chunk)
+            if path == "teacher":
+                out = linear_token_logprobs(hidden, weight, labels, chunk_size=chunk)
             else:
-                loss = nlft_loss(hidden @ weight.T, labels, correct, standard=standard)
-            grads = torch.autograd.grad(loss, (hidden, weight))
+                if path == "fused":
+                    loss = nlft_linear_loss(hidden, weight, labels, correct, standard=standard, chunk_size=chunk)
+                else:
+                    loss = nlft_loss(hidden @ weight.T, labels, correct, standard=standard)
+                out = torch.autograd.grad(loss, (hidden, weight))
+                del loss
             extra[f"{path} {vocab}"] = rss("VmHWM") - before
-            del loss, grads, weight
+            del out, weight
     print(json.dumps(extra))
     """
 )
@@ -562,8 +566,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
 def test_peak_memory_is_bounded_by_a_chunk():
-    """As V grows, the fused path's peak grows only by a chunk and weight-sized gradients; the
-    materialised path's grows with N x V."""
+    """As V grows, the fused path's peak grows only by a chunk and weight-sized gradients (and
+    linear_token_logprobs' by a chunk); the materialised path's grows with N x V."""
     rows, dim, chunk, vocabs = 2048, 32, 32, (2048, 16384)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run(
@@ -579,8 +583,11 @@ def test_peak_memory_is_bounded_by_a_chunk():
         # a few [chunk, V] float32 temporaries, float32 weight gradients, the hidden gradient
         bound = 6 * chunk * vocab * 4 + 3 * vocab * dim * 4 + 2 * rows * dim * 4 + (16 << 20)
         assert extra[f"fused {vocab}"] <= bound, f"fused peak above {bound >> 20} MiB: {report}"
+        teacher_bound = 4 * chunk * vocab * 4 + (16 << 20)
+        assert extra[f"teacher {vocab}"] <= teacher_bound, f"teacher peak above {teacher_bound >> 20} MiB: {report}"
     logits_growth = rows * (vocabs[1] - vocabs[0]) * 4
     fused_growth = extra[f"fused {vocabs[1]}"] - extra[f"fused {vocabs[0]}"]
     materialised_growth = extra[f"materialised {vocabs[1]}"] - extra[f"materialised {vocabs[0]}"]
     assert materialised_growth >= logits_growth, report
     assert fused_growth <= logits_growth / 4, report
+    assert extra[f"teacher {vocabs[1]}"] - extra[f"teacher {vocabs[0]}"] <= logits_growth / 8, report
