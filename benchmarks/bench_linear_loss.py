@@ -1,0 +1,515 @@
+"""How much memory and time does the fused linear NLFT loss save over materialising the logits?
+
+Each case does the loss-head work of one NLFT step on N rows of hidden size D, over an LM head
+W [V, D]: the label log-probs of the two teacher views (standard, judge) under no_grad, then
+the base view's loss, forward and backward, into the gradients of hidden and W.
+
+  nlft_linear_loss   ``linear_token_logprobs`` for the teachers, ``nlft_linear_loss`` for the base
+                     view: no [N, V] tensor exists (chunk size chosen automatically)
+  materialised       ``hidden @ W.T`` for each view (teachers under no_grad), then ``nlft_loss``
+                     with the teacher logits and ``hidden_states`` (the same clusters)
+  liger_flce         Liger-Kernel's fused linear cross-entropy once per view (base with backward,
+                     teachers with reduction "none"): what a fused CE costs, not the NLFT loss
+  cut_cross_entropy  Apple's Cut Cross-Entropy ``linear_cross_entropy``, likewise once per view
+
+The floor of a shape: the matmul FLOPs (three forward logits matmuls and the two gradient
+matmuls of the base view, 10 N V D) at this device's measured matmul rate (bf16 on GPUs, fp32
+on CPUs) plus the bytes the loss head must move at the least (read three hidden views and W,
+write the hidden and W gradients) at the measured copy bandwidth.
+
+Run from the repository root:
+  python -m benchmarks.bench_linear_loss --quick   # CPU-sized grid, under ~2 minutes on 2 cores
+  python -m benchmarks.bench_linear_loss           # GPU grid: D=4096, V in {32000, 128256, 151936}
+Writes benchmarks/results/linear_loss_<device>_<date>.json (``--out`` to change), a PNG next to
+it and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import _util
+from nlft_kernels import NLFTConfig, linear_token_logprobs, nlft_linear_loss, nlft_loss
+
+CASES = ("nlft_linear_loss", "materialised", "liger_flce", "cut_cross_entropy")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+QUICK_GRID = {"n": (1024,), "dim": (256,), "vocab": (4096, 16384, 32000), "dtype": ("float32",)}
+FULL_GRID = {"n": (4096, 16384), "dim": (4096,), "vocab": (32000, 128256, 151936), "dtype": ("bfloat16",)}
+TINY_GRID = {"n": (64,), "dim": (32,), "vocab": (500,), "dtype": ("float32",)}
+
+# Label lifts (added to the label's logit) that make the saliency tests fire: log V + 6 puts the
+# standard view's p_s above 0.95, log V + 4 the judge view's p_j far above p_b and p_s.
+STANDARD_LIFT, JUDGE_LIFT = 6.0, 4.0
+
+METHOD = {
+    "step": (
+        "teachers: label log-probs of the standard and judge views under torch.no_grad; base view: "
+        "loss forward + backward into hidden.grad and W.grad (sample_mean, clusters on hidden)"
+    ),
+    "timing": (
+        "median over --reps calls after --warmup untimed ones, .grad dropped before each call outside "
+        "the timed region; CUDA: torch.cuda.Event around each call; CPU: time.perf_counter"
+    ),
+    "memory_cuda": (
+        "torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
+        "memory_allocated before it: bytes beyond the inputs, the gradients written included"
+    ),
+    "memory_cpu": (
+        "each case in a fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536 (RSS follows live tensors); "
+        "after one warm-up call the RSS high-water mark is reset through /proc/self/clear_refs and the "
+        "peak RSS (VmHWM) of one call minus the RSS before it is reported: bytes beyond the inputs, the "
+        "gradients written included"
+    ),
+    "floor": (
+        "10 N V D FLOPs (3 forward logits matmuls + 2 gradient matmuls) / measured matmul rate + "
+        "elem * (4 N D + 2 V D) bytes (read 3 hidden views and W, write the hidden and W gradients) / "
+        "measured copy bandwidth"
+    ),
+    "inputs": (
+        "flat rows with sample_ids, B = N / T samples of T rows; hidden ~ N(0, 1), teachers' hidden = base "
+        "+ N(0, 0.25), W ~ N(0, 1/D); sample kinds cycle correct (standard label lifted by log V + 6 on "
+        "~35% of rows) / wrong with the judge label lifted on 25% of rows (killed by the 6% rule) / wrong "
+        "with one lifted row / wrong without; the last (b mod 3) rows of sample b are padding"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    n: int
+    dim: int
+    vocab: int
+    dtype: str
+    rows_per_sample: int
+
+    @property
+    def batch(self) -> int:
+        return self.n // self.rows_per_sample
+
+    @property
+    def elem(self) -> int:
+        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+
+@dataclass
+class Batch:
+    """One shape's inputs: hidden [3, N, D] (base, standard, judge; the base row is the leaf that
+    trains), weight [V, D] (requires grad), labels [N], sample_ids [N], correct [B], and the label
+    lifts [2, N] (float32) of the standard and judge views."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    sample_ids: torch.Tensor
+    correct: torch.Tensor
+    lifts: torch.Tensor
+
+
+def make_batch(shape: Shape, device: torch.device, seed: int = 0) -> Batch:
+    """Random inputs on ``device`` in which saliency, unlikelihood and the 6% rule all occur."""
+    n, steps, vocab = shape.n, shape.rows_per_sample, shape.vocab
+    dtype = DTYPES[shape.dtype]
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(3, n, shape.dim, generator=g, device=device)
+    hidden[1:] = hidden[0] + 0.5 * torch.randn(2, n, shape.dim, generator=g, device=device)
+    weight = torch.randn(vocab, shape.dim, generator=g, device=device) / math.sqrt(shape.dim)
+    labels = torch.randint(0, vocab, (n,), generator=g, device=device)
+    rows = torch.arange(n, device=device)
+    sample_ids, t = rows // steps, rows % steps
+    kind = sample_ids % 4
+    u = torch.rand(n, generator=g, device=device)
+    lifts = torch.zeros(2, n, device=device)
+    lifts[0, (kind == 0) & (u < 0.35)] = math.log(vocab) + STANDARD_LIFT
+    lifts[1, ((kind == 1) & (u < 0.25)) | ((kind == 2) & (t == 0))] = math.log(vocab) + JUDGE_LIFT
+    labels[t >= steps - sample_ids % 3] = NLFTConfig().ignore_index
+    return Batch(
+        hidden=hidden.to(dtype),
+        weight=weight.to(dtype).requires_grad_(),
+        labels=labels,
+        sample_ids=sample_ids,
+        correct=torch.arange(shape.batch, device=device) % 4 == 0,
+        lifts=lifts,
+    )
+
+
+def lift_logprob(logprob: torch.Tensor, lift: torch.Tensor) -> torch.Tensor:
+    """log p(label) [N] after adding ``lift`` [N] to the label's logit, from log p(label) before:
+    the new log-sum-exp is lse + log1p(p * (e^lift - 1))."""
+    return logprob + lift - torch.log1p(torch.expm1(lift) * logprob.exp())
+
+
+def lift_logits(logits: torch.Tensor, labels: torch.Tensor, lift: torch.Tensor) -> torch.Tensor:
+    """Add ``lift`` [N] to each row's label logit of ``logits`` [N, V], in place (padding: column 0, unread)."""
+    return logits.scatter_add_(1, labels.clamp(min=0)[:, None], lift[:, None].to(logits.dtype))
+
+
+def _liger() -> tuple[Callable | None, str]:
+    """(a factory of Liger's fused linear CE module, '') or (None, why not)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as error:
+        return None, f"liger-kernel is not installed ({error})"
+    return LigerFusedLinearCrossEntropyLoss, ""
+
+
+def _cce() -> tuple[Callable | None, str]:
+    """(Cut Cross-Entropy's ``linear_cross_entropy``, '') or (None, why not)."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as error:
+        return None, f"cut-cross-entropy is not installed ({error})"
+    return linear_cross_entropy, ""
+
+
+def unavailable(case: str, device: torch.device) -> str:
+    """Why ``case`` cannot run on ``device`` ('' when it can)."""
+    if case == "liger_flce":
+        why = _liger()[1]
+        return why or ("Liger-Kernel's Triton kernels need CUDA" if device.type != "cuda" else "")
+    if case == "cut_cross_entropy":
+        why = _cce()[1]
+        return why or ("Cut Cross-Entropy's kernels need CUDA" if device.type != "cuda" else "")
+    return ""
+
+
+def build_case(case: str, batch: Batch) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(step, reset): ``step`` runs one loss-head step of ``case``; ``reset`` drops the gradients."""
+    base = batch.hidden[0].detach().requires_grad_()
+    teachers = batch.hidden[1], batch.hidden[2]
+    weight, labels = batch.weight, batch.labels
+    samples = dict(sample_ids=batch.sample_ids)
+
+    def reset() -> None:
+        base.grad = None
+        weight.grad = None
+
+    if case == "nlft_linear_loss":
+
+        def step() -> None:
+            with torch.no_grad():
+                standard, judge = (
+                    lift_logprob(linear_token_logprobs(h, weight, labels), lift)
+                    for h, lift in zip(teachers, batch.lifts, strict=True)
+                )
+            nlft_linear_loss(base, weight, labels, batch.correct, standard=standard, judge=judge, **samples).backward()
+
+    elif case == "materialised":
+
+        def step() -> None:
+            with torch.no_grad():
+                standard, judge = (
+                    lift_logits(h @ weight.T, labels, lift) for h, lift in zip(teachers, batch.lifts, strict=True)
+                )
+            logits = base @ weight.T
+            nlft_loss(
+                logits, labels, batch.correct, standard=standard, judge=judge, hidden_states=base, **samples
+            ).backward()
+
+    elif case == "liger_flce":
+        factory, why = _liger()
+        if factory is None:
+            raise RuntimeError(why)
+        per_token, mean = factory(reduction="none"), factory(reduction="mean")
+
+        def step() -> None:
+            with torch.no_grad():
+                for h in teachers:
+                    per_token(weight, h, labels)
+            mean(weight, base, labels).backward()
+
+    elif case == "cut_cross_entropy":
+        linear_cross_entropy, why = _cce()
+        if linear_cross_entropy is None:
+            raise RuntimeError(why)
+
+        def step() -> None:
+            with torch.no_grad():
+                for h in teachers:
+                    linear_cross_entropy(h, weight, labels, reduction="none")
+            linear_cross_entropy(base, weight, labels).backward()
+
+    else:
+        raise ValueError(f"case must be one of {CASES}, got {case!r}")
+    return step, reset
+
+
+def check_saliency(batch: Batch) -> dict[str, int]:
+    """Counts of saliency, unlikelihood and killed rows of ``batch`` (the fused path's details)."""
+    with torch.no_grad():
+        standard, judge = (
+            lift_logprob(linear_token_logprobs(h, batch.weight, batch.labels), lift)
+            for h, lift in zip(batch.hidden[1:], batch.lifts, strict=True)
+        )
+        _, details = nlft_linear_loss(
+            batch.hidden[0],
+            batch.weight,
+            batch.labels,
+            batch.correct,
+            standard=standard,
+            judge=judge,
+            sample_ids=batch.sample_ids,
+            return_details=True,
+        )
+    return {name: int(getattr(details, name).sum()) for name in ("saliency", "unlikelihood", "killed", "cluster")}
+
+
+def floor(shape: Shape, matmul_flops_per_s: float, copy_bytes_per_s: float) -> dict[str, float]:
+    """The floor of one step (see METHOD["floor"]): FLOPs, bytes and milliseconds."""
+    n, d, v = shape.n, shape.dim, shape.vocab
+    flops = 10 * n * v * d
+    nbytes = shape.elem * (4 * n * d + 2 * v * d)
+    ms = 1e3 * (flops / matmul_flops_per_s + nbytes / copy_bytes_per_s)
+    return {"floor_flops": flops, "floor_bytes": nbytes, "floor_ms": ms}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, reps: int = 5) -> float:
+    """FLOP/s of a ``size``-cubed matmul in ``dtype`` (median of ``reps``)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    times = _util.time_ms(lambda: torch.mm(a, b, out=out), lambda: None, device, warmup=2, reps=reps)
+    return 2 * size**3 / (_util.median(times) / 1e3)
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def measure_case(case: str, batch: Batch, device: torch.device, args) -> dict:
+    """Median time (and on CUDA, peak extra memory) of one case."""
+    step, reset = build_case(case, batch)
+    times = _util.time_ms(step, reset, device, args.warmup, args.reps)
+    row = {"case": case, "status": "ok", "note": "", "median_ms": _util.median(times)}
+    row |= {"min_ms": min(times), "max_ms": max(times), "reps": len(times)}
+    if device.type == "cuda":
+        reset()
+        row["peak_extra_bytes"] = _util.cuda_peak_extra(step, device)
+    reset()
+    return row
+
+
+def probe_memory_cpu(case: str, shape: Shape, seed: int) -> dict:
+    """Peak extra RSS of one case, in a fresh subprocess (see METHOD["memory_cpu"])."""
+    spec = json.dumps({"case": case, "shape": asdict(shape), "seed": seed})
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_linear_loss", "--memory-probe", spec],
+        cwd=_util.REPO_ROOT,
+        env=os.environ | _util.RSS_ALLOCATOR_ENV,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe of {case} {shape} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe_main(spec: str) -> None:
+    """The subprocess side of ``probe_memory_cpu``: prints {"peak_extra_bytes": ...}."""
+    spec = json.loads(spec)
+    step, reset = build_case(spec["case"], make_batch(Shape(**spec["shape"]), torch.device("cpu"), spec["seed"]))
+    reset()
+    step()  # warm-up: lazy initialisation outside the measured call
+    reset()
+    gc.collect()
+    print(json.dumps({"peak_extra_bytes": _util.rss_peak_extra(step)}))
+
+
+def grid(args) -> list[Shape]:
+    """The shapes to measure: the chosen grid, with any axis overridden from the command line."""
+    base = TINY_GRID if args.tiny else QUICK_GRID if args.quick else FULL_GRID
+    ns, dims = args.n or base["n"], args.dim or base["dim"]
+    vocabs, dtypes = args.vocab or base["vocab"], args.dtype or base["dtype"]
+    steps = args.rows_per_sample or (16 if args.tiny else 128)
+    for n in ns:
+        if n % steps:
+            raise SystemExit(f"--n {n} is not a multiple of --rows-per-sample {steps}")
+    return [Shape(n, d, v, dt, steps) for dt in dtypes for d in dims for n in ns for v in vocabs]
+
+
+def run(args, argv: list[str]) -> dict:
+    """Measure every case of every shape; returns the JSON payload."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    copy_bytes = (1 << 30) if cuda else (256 << 20)
+    copy_bw = _util.copy_bandwidth(device, copy_bytes)
+    rate_dtype = torch.bfloat16 if cuda else torch.float32
+    rate_size = 8192 if cuda else 1024
+    rate = matmul_rate(device, rate_dtype, rate_size)
+    load_before = os.getloadavg()
+    rows = []
+    for shape in grid(args):
+        head = asdict(shape) | {"batch": shape.batch} | floor(shape, rate, copy_bw)
+        try:
+            batch = make_batch(shape, device, args.seed)
+        except torch.OutOfMemoryError:
+            rows += [head | {"case": c, "status": "oom", "note": "inputs do not fit"} for c in args.cases]
+            continue
+        head["exercised"] = check_saliency(batch)
+        for case in args.cases:
+            why = unavailable(case, device)
+            if why:
+                rows.append(head | {"case": case, "status": "skipped", "note": why})
+                continue
+            print(f"{shape} {case} ...", file=sys.stderr, flush=True)
+            try:
+                row = head | measure_case(case, batch, device, args)
+            except Exception as error:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
+                if not _is_oom(error):
+                    raise
+                row = head | {"case": case, "status": "oom", "note": str(error).splitlines()[0][:200]}
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            if row["status"] == "ok":
+                if not cuda:
+                    row |= probe_memory_cpu(case, shape, args.seed)
+                row["x_floor"] = row["median_ms"] / row["floor_ms"]
+            rows.append(row)
+        del batch
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return {
+        "benchmark": "bench_linear_loss",
+        "question": "memory and time of the fused linear NLFT loss against materialised logits and fused CE",
+        **_util.environment(device),
+        "date": _util.now_iso(),
+        "command": _util.command_line("benchmarks.bench_linear_loss", argv),
+        "settings": {"warmup": args.warmup, "reps": args.reps, "seed": args.seed, "cases": list(args.cases)},
+        "method": METHOD | {"memory": METHOD["memory_cuda" if cuda else "memory_cpu"]},
+        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
+        "copy_bandwidth_bytes_per_s": copy_bw,
+        "copy_bandwidth_buffer_bytes": copy_bytes,
+        "matmul_flops_per_s": rate,
+        "matmul_rate_shape": {"size": rate_size, "dtype": str(rate_dtype).removeprefix("torch.")},
+        "cases": rows,
+    }
+
+
+def markdown_table(payload: dict) -> str:
+    """One line per case and shape: median time, x floor, peak extra memory, x materialised memory."""
+    key = ("n", "dim", "vocab", "dtype")
+    materialised = {tuple(r[k] for k in key): r for r in payload["cases"] if r["case"] == "materialised"}
+    rate, bandwidth = payload["matmul_flops_per_s"] / 1e9, payload["copy_bandwidth_bytes_per_s"] / 1e9
+    lines = [
+        f"Device: {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads); "
+        f"torch {payload['versions']['torch']}; matmul {rate:.0f} GFLOP/s "
+        f"({payload['matmul_rate_shape']['dtype']}); copy bandwidth {bandwidth:.1f} GB/s",
+        "",
+        "| N | D | V | dtype | case | median ms | min ms | floor ms | x floor | extra peak MiB | x materialised mem |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in payload["cases"]:
+        lead = f"| {r['n']} | {r['dim']} | {r['vocab']} | {r['dtype']} | {r['case']} |"
+        if r["status"] != "ok":
+            lines.append(f"{lead} {r['status']}: {r['note'][:70]} | | | | | |")
+            continue
+        mem = r.get("peak_extra_bytes")
+        ref = materialised.get(tuple(r[k] for k in key), {}).get("peak_extra_bytes")
+        share = f"{mem / ref:.2f}" if mem is not None and ref else "-"
+        mem = f"{mem / 2**20:.0f}" if mem is not None else "-"
+        lines.append(
+            f"{lead} {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['floor_ms']:.1f} | {r['x_floor']:.1f} | "
+            f"{mem} | {share} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(payload: dict, png_path: Path) -> Path | None:
+    """Median time (with the floor) and extra peak memory against V, one line per case and N."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; no display on benchmark machines
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in payload["cases"] if r["status"] == "ok"]
+    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = dict.fromkeys((r["case"], r["n"], r["dim"], r["dtype"]) for r in rows)
+    for case, n, dim, dtype in series:
+        picked = sorted(
+            (r for r in rows if (r["case"], r["n"], r["dim"], r["dtype"]) == (case, n, dim, dtype)),
+            key=lambda r: r["vocab"],
+        )
+        vocabs = [r["vocab"] for r in picked]
+        label = f"{case} N={n} D={dim} {dtype}"
+        time_ax.plot(vocabs, [r["median_ms"] for r in picked], marker="o", label=label)
+        if "peak_extra_bytes" in picked[0]:
+            mem_ax.plot(vocabs, [r["peak_extra_bytes"] / 2**20 for r in picked], marker="o", label=label)
+    floors = dict.fromkeys((r["n"], r["dim"], r["dtype"]) for r in rows)
+    for n, dim, dtype in floors:
+        by_vocab = {r["vocab"]: r["floor_ms"] for r in rows if (r["n"], r["dim"], r["dtype"]) == (n, dim, dtype)}
+        vocabs = sorted(by_vocab)
+        time_ax.plot(vocabs, [by_vocab[v] for v in vocabs], "k--", label=f"floor N={n} D={dim} {dtype}")
+    for ax, title in ((time_ax, "median time of one step (ms)"), (mem_ax, "extra peak memory (MiB)")):
+        ax.set_xlabel("vocabulary V")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"NLFT loss head, teachers + base fwd/bwd: {payload['device']} ({payload['date'][:10]})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_linear_loss", description=__doc__.split("\n")[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help=f"CPU-sized grid {QUICK_GRID}")
+    size.add_argument("--tiny", action="store_true", help=f"smoke-test grid {TINY_GRID}")
+    p.add_argument("--n", type=int, nargs="+", help="rows N (overrides the grid's)")
+    p.add_argument("--dim", type=int, nargs="+", help="hidden sizes D (overrides the grid's)")
+    p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V (overrides the grid's)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="hidden/weight dtypes (overrides the grid's)")
+    p.add_argument("--rows-per-sample", type=int, help="T, rows per sample (default 128; 16 with --tiny)")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--warmup", type=int, help="untimed calls per case (default: 3 on CUDA, 1 on CPU)")
+    p.add_argument("--reps", type=int, help="timed calls per case (default: 20 on CUDA, 3 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/linear_loss_<device>_<date>.json)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    args.warmup = args.warmup if args.warmup is not None else 3 if cuda else 1
+    args.reps = args.reps if args.reps is not None else 20 if cuda else 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    """Run the benchmark; returns the JSON path (None in the memory-probe subprocess)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.memory_probe:
+        _memory_probe_main(args.memory_probe)
+        return None
+    payload = run(args, argv)
+    device = torch.device(payload["device_type"])
+    out = args.out or _util.RESULTS_DIR / f"linear_loss_{_util.device_slug(device)}_{_util.today()}.json"
+    _util.write_json(out, payload)
+    print(markdown_table(payload))
+    print(f"\nwrote {out}")
+    if not args.no_plot:
+        png = plot(payload, out.with_suffix(".png"))
+        print(f"wrote {png}" if png else "matplotlib is not installed: no plot (pip install matplotlib)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
