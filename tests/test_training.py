@@ -7,14 +7,13 @@ import importlib.util
 import math
 import os
 import socket
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from nlft_kernels import NLFTConfig
-from nlft_kernels.data import NLFTCollator, PromptTemplates, encode_records
+from nlft_kernels.data import NLFTCollator, NLFTRecord, PromptTemplates, encode_records
 from nlft_kernels.reference import nlft_loss_reference
 from nlft_kernels.training import NLFTTrainer, add_lora, lm_head_of, nlft_batch_loss, nlft_step, train
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
@@ -305,10 +304,18 @@ def _load_smollm2():
 @pytest.mark.slow
 def test_smollm2_one_nlft_step():
     model, tokenizer = _load_smollm2()
-    records = [replace(r, response=r.response[:60]) for r in tiny_records()]
-    batch = NLFTCollator(tokenizer.pad_token_id or tokenizer.eos_token_id)(encode_records(records, tokenizer))
+    records = [
+        NLFTRecord("What is 3 + 4?", "3 + 4 = 7. The answer is 7.", "#### 7", None, True),
+        NLFTRecord("What is 2 * 5?", "2 * 5 = 7. The answer is 7.", "#### 10", "2 * 5 is 10, not 7.", False),
+    ]
+    templates = PromptTemplates(instruction="Answer.", standard_system="Refer to the standard answer.",
+                                judge_system="Write a bad answer with the judged weaknesses.")
+    features = encode_records(records, tokenizer, templates)
+    batch = NLFTCollator(tokenizer.pad_token_id or tokenizer.eos_token_id)(features)
     peft_model = add_lora(model, r=4)
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and not any(bool(p.any()) for p in lora_b)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    first = float(nlft_step(peft_model, batch, optimizer=optimizer))
-    second = float(nlft_step(peft_model, batch))
-    assert math.isfinite(first) and math.isfinite(second) and second != first
+    loss = float(nlft_step(peft_model, batch, optimizer=optimizer))
+    assert math.isfinite(loss) and loss > 0
+    assert all(bool(p.any()) for p in lora_b)  # every adapter got a gradient and moved
