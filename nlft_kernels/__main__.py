@@ -1,0 +1,7 @@
+"""``python -m nlft_kernels``: the ``nlft`` command line."""
+
+import sys
+
+from nlft_kernels.cli import main
+
+sys.exit(main())

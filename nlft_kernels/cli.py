@@ -1,0 +1,452 @@
+"""The ``nlft`` command: generate -> judge -> train -> eval, and ``demo``, which runs them all.
+
+Every subcommand takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a Hugging
+Face model folder or hub name) and ``--data`` (default: GSM8K from ``../shared/data/gsm8k``
+when it is there; or a JSONL file, a folder of ``{train,test}.jsonl`` or a ``datasets`` hub
+name). Heavy imports (torch, transformers) wait until a subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+GSM8K_DIR = Path("shared") / "data" / "gsm8k"
+DEMO_MAX_NEW_TOKENS = 128
+
+
+# ------------------------------------------------------------------------------ argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def default_gsm8k_dir() -> Path | None:
+    """``../shared/data/gsm8k`` next to the current folder or the repository, if it exists."""
+    repo = Path(__file__).resolve().parents[1]
+    for base in (Path.cwd(), Path.cwd().parent, repo.parent):
+        folder = base / GSM8K_DIR
+        if (folder / "train.jsonl").is_file() or (folder / "test.jsonl").is_file():
+            return folder
+    return None
+
+
+def resolve_data(value: str | None, split: str, parser: argparse.ArgumentParser) -> str:
+    """The source :func:`nlft_kernels.data.read_rows` reads for ``--data value`` and ``split``."""
+    if value is None:
+        folder = default_gsm8k_dir()
+        if folder is None:
+            parser.error(f"--data is required: no GSM8K found at ../{GSM8K_DIR} (a JSONL file, folder or hub name)")
+        value = str(folder)
+    path = Path(value)
+    if path.is_dir():
+        file = path / f"{split}.jsonl"
+        if not file.is_file():
+            parser.error(f"--data {value}: the folder has no {split}.jsonl")
+        return str(file)
+    if path.suffix in (".jsonl", ".json") and not path.is_file():
+        parser.error(f"--data: no such file: {value}")
+    return value
+
+
+def read_data(value: str | None, split: str, parser: argparse.ArgumentParser) -> list[dict]:
+    """Rows with ``question`` and ``answer`` (GSM8K's fields) from ``--data``."""
+    from nlft_kernels.data import read_rows
+
+    source = resolve_data(value, split, parser)
+    try:
+        rows = read_rows(source, split=split)
+    except Exception as err:  # a bad file or an unreachable hub name: say which, as argparse does
+        parser.error(f"--data {source}: {err}")
+    missing = [i for i, row in enumerate(rows[:1000]) if "question" not in row or "answer" not in row]
+    if missing:
+        parser.error(f"--data {source}: row {missing[0]} lacks the fields 'question' and 'answer'")
+    if not rows:
+        parser.error(f"--data {source}: no rows")
+    return rows
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _accuracy_line(result: dict, label: str = "accuracy") -> str:
+    return f"{label}: {100 * result['accuracy']:.2f}% ({result['correct']}/{result['count']})"
+
+
+# ------------------------------------------------------------------------------- subcommands
+
+
+def _load(args):
+    from nlft_kernels.models import load_model
+
+    started = time.perf_counter()
+    try:
+        model, tokenizer = load_model(args.model)
+    except RuntimeError as err:  # a model that cannot be found or read: a message, not a traceback
+        sys.exit(f"nlft {args.command}: error: {err}")
+    name = args.model or "smollm2 (the embedded SmolLM2-135M-Instruct)"
+    _say(f"model {name} loaded in {time.perf_counter() - started:.1f} s")
+    return model, tokenizer
+
+
+def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
+    from nlft_kernels.generation import GSM8K_INSTRUCTION, generate_responses, sample_rows
+
+    rows = read_data(args.data, args.split, parser)
+    chosen = sample_rows(rows, args.samples, args.seed)
+    if model is None:
+        model, tokenizer = _load(args)
+    responses = generate_responses(
+        model,
+        tokenizer,
+        [row["question"] for _, row in chosen],
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.temperature is None,
+        temperature=args.temperature or 1.0,
+        seed=args.seed,
+    )
+    out = [
+        {"index": i, "question": row["question"], "answer": row["answer"], "response": response}
+        | {"instruction": GSM8K_INSTRUCTION}
+        for (i, row), response in zip(chosen, responses, strict=True)
+    ]
+    _write_jsonl(args.out, out)
+    _say(f"wrote {len(out)} responses to {args.out}")
+    return out
+
+
+def _judge(args, parser, rows: list[dict] | None = None):
+    from nlft_kernels.data import NLFTRecord, read_jsonl, save_records
+    from nlft_kernels.judge import load_judge
+
+    try:
+        judge = load_judge(args.judge)
+    except ValueError as err:
+        parser.error(f"--judge: {err}")
+    if rows is None:
+        try:
+            rows = read_jsonl(args.input)
+        except ValueError as err:
+            parser.error(f"--in: {err}")
+    records = []
+    for number, row in enumerate(rows, 1):
+        missing = [k for k in ("question", "response", "answer") if not isinstance(row.get(k), str)]
+        if missing:
+            parser.error(f"--in {args.input}, row {number}: missing {', '.join(missing)} (run `nlft generate` first)")
+        verdict = judge(row["question"], row["response"], row["answer"])
+        records.append(
+            NLFTRecord(
+                row["question"],
+                row["response"],
+                row["answer"],
+                verdict.judgment,
+                verdict.correct,
+                row.get("instruction"),
+            )
+        )
+    save_records(args.out, records)
+    correct = sum(r.correct for r in records)
+    _say(f"judged {len(records)} responses: {correct} correct, {len(records) - correct} wrong; wrote {args.out}")
+    return records
+
+
+def _train(args, parser, records=None, model=None, tokenizer=None):
+    from nlft_kernels.data import load_records
+    from nlft_kernels.models import save_model
+
+    try:
+        from nlft_kernels.training import train
+    except ImportError as err:
+        parser.exit(1, f"nlft: error: training is not available ({err})\n")
+    if records is None:
+        try:
+            records = load_records(args.data)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(f"--data: {err}")
+    if not records:
+        parser.error("no NLFT records to train on")
+    if model is None:
+        model, tokenizer = _load(args)
+    wrong = sum(not r.correct for r in records)
+    _say(f"training on {len(records)} records ({wrong} wrong, {len(records) - wrong} correct) for {args.steps} steps")
+    model = train(
+        model,
+        tokenizer,
+        records,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        lora=args.lora,
+        seed=args.seed,
+        max_length=args.max_length,
+    )
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    save_model(model, tokenizer, args.out)
+    _say(f"saved the trained model to {args.out}")
+    return model
+
+
+def _eval(args, parser, model=None, tokenizer=None, label: str = "accuracy") -> dict:
+    from nlft_kernels.generation import evaluate_gsm8k
+
+    rows = read_data(args.data, args.split, parser)
+    if model is None:
+        model, tokenizer = _load(args)
+    result = evaluate_gsm8k(
+        model,
+        tokenizer,
+        rows,
+        n=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    result["model"] = args.model or "smollm2"
+    if args.out is not None:
+        _write_json(args.out, result)
+    _say(_accuracy_line(result, label))
+    return result
+
+
+def _demo(args, parser) -> None:
+    started = time.perf_counter()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    # Read both splits first: a bad --data fails before the model loads.
+    read_data(args.data, "train", parser)
+    read_data(args.data, "test", parser)
+    model, tokenizer = _load(args)
+
+    def stage(name: str, **fields) -> argparse.Namespace:
+        _say(f"\n== {name}")
+        return argparse.Namespace(**(vars(args) | fields))
+
+    eval_args = dict(split="test", samples=args.eval_samples or args.samples, temperature=None)
+    before = _eval(
+        stage("eval before training", **eval_args, out=out / "eval_before.json"),
+        parser,
+        model,
+        tokenizer,
+        "accuracy before",
+    )
+    rows = _generate(stage("generate", split="train", out=out / "responses.jsonl"), parser, model, tokenizer)
+    records = _judge(stage("judge", judge=args.judge, input=None, out=out / "records.jsonl"), parser, rows)
+    model = _train(
+        stage("train", batch_size=args.train_batch_size, out=out / "model"), parser, records, model, tokenizer
+    )
+    after = _eval(
+        stage("eval after training", **eval_args, out=out / "eval_after.json"),
+        parser,
+        model,
+        tokenizer,
+        "accuracy after",
+    )
+    summary = {
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "count": after["count"],
+        "train_records": len(records),
+        "train_wrong": sum(not r.correct for r in records),
+        "steps": args.steps,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _write_json(out / "summary.json", summary)
+    _say(
+        f"\nGSM8K accuracy on {after['count']} test questions: before {100 * before['accuracy']:.2f}% -> "
+        f"after {100 * after['accuracy']:.2f}% ({summary['steps']} NLFT steps on {len(records)} responses, "
+        f"{summary['seconds']:.0f} s; artifacts in {out})"
+    )
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model folder or hub name (default: the embedded SmolLM2-135M-Instruct; "
+        "a folder written by `nlft train` works too)",
+    )
+
+
+def _add_data(p: argparse.ArgumentParser, split: str, what: str) -> None:
+    p.add_argument(
+        "--data",
+        default=None,
+        help=f"{what}: a JSONL file with question/answer, a folder with {{train,test}}.jsonl, or a datasets hub "
+        "name (default: GSM8K in ../shared/data/gsm8k)",
+    )
+    p.add_argument("--split", default=split, help=f"split of a folder or hub dataset (default: {split})")
+
+
+def _add_generation(p: argparse.ArgumentParser, samples: int, max_new_tokens: int) -> None:
+    p.add_argument("--samples", type=_positive_int, default=samples, help=f"questions to use (default: {samples})")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the question subset (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="generation batch size (default: 8)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=max_new_tokens,
+        help=f"tokens per response (default: {max_new_tokens})",
+    )
+
+
+def _add_training(p: argparse.ArgumentParser, steps: int, batch_flag: str) -> None:
+    p.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default: {steps})")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora", dest="lora", action="store_true", default=True, help="train LoRA adapters (default)")
+    mode.add_argument("--full", dest="lora", action="store_false", help="train every weight")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    p.add_argument(
+        batch_flag,
+        dest="train_batch_size" if batch_flag != "--batch-size" else "batch_size",
+        type=_positive_int,
+        default=2,
+        help="records per micro-batch (default: 2)",
+    )
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default: 1)")
+    p.add_argument("--max-length", type=_positive_int, default=1024, help="longest view in tokens (default: 1024)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nlft`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="nlft",
+        description="Natural Language Fine-Tuning (arXiv 2412.20382): generate responses, judge them, "
+        "NLFT-train on the judgments, evaluate on GSM8K.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="generate -> judge -> train -> eval on the embedded SmolLM2, with accuracy before and after",
+    )
+    _add_model(demo)
+    demo.add_argument(
+        "--data",
+        default=None,
+        help="folder with train.jsonl and test.jsonl, or a hub name "
+        "with train/test splits (default: GSM8K in ../shared/data/gsm8k)",
+    )
+    _add_generation(demo, samples=8, max_new_tokens=DEMO_MAX_NEW_TOKENS)
+    demo.add_argument(
+        "--eval-samples",
+        type=_positive_int,
+        default=None,
+        help="test questions for the evaluations (default: --samples)",
+    )
+    demo.add_argument("--judge", default=None, help="module:function or file.py:function of your own judge")
+    demo.add_argument(
+        "--temperature",
+        type=_positive_float,
+        default=None,
+        help="sample the training responses at this temperature (default: greedy)",
+    )
+    _add_training(demo, steps=4, batch_flag="--train-batch-size")
+    demo.add_argument(
+        "--out", type=Path, default=Path("nlft-demo"), help="folder for the artifacts (default: nlft-demo)"
+    )
+
+    gen = sub.add_parser("generate", help="generate one response per question (JSONL out)")
+    _add_model(gen)
+    _add_data(gen, "train", "questions")
+    _add_generation(gen, samples=8, max_new_tokens=256)
+    gen.add_argument(
+        "--temperature", type=_positive_float, default=None, help="sample at this temperature (default: greedy)"
+    )
+    gen.add_argument("--out", type=Path, required=True, help="JSONL of question, answer, response")
+
+    judge = sub.add_parser("judge", help="judge responses against the reference solutions (NLFT records out)")
+    judge.add_argument("--in", dest="input", type=_existing_file, required=True, help="JSONL from `nlft generate`")
+    judge.add_argument("--out", type=Path, required=True, help="JSONL of NLFT records")
+    judge.add_argument(
+        "--judge",
+        default=None,
+        help="module:function or path/file.py:function taking (question, response, reference) "
+        "and returning a Judgment, (correct, judgment) or a dict (default: the built-in judge)",
+    )
+
+    train = sub.add_parser("train", help="NLFT-train a model on judged records")
+    _add_model(train)
+    train.add_argument("--data", type=_existing_file, required=True, help="JSONL of NLFT records (from `nlft judge`)")
+    _add_training(train, steps=20, batch_flag="--batch-size")
+    train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the record order (default: 0)")
+    train.add_argument("--out", type=Path, required=True, help="folder for the trained model (LoRA merged)")
+
+    ev = sub.add_parser("eval", help="GSM8K accuracy (greedy) on a fixed-seed subset")
+    _add_model(ev)
+    _add_data(ev, "test", "problems with reference answers")
+    _add_generation(ev, samples=50, max_new_tokens=256)
+    ev.add_argument("--out", type=Path, default=None, help="JSON with the accuracy and every sample")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``nlft`` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"demo": _demo, "generate": _generate, "judge": _judge, "train": _train, "eval": _eval}
+    commands[args.command](args, parser)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

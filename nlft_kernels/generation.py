@@ -1,0 +1,150 @@
+"""Batched generation of responses and GSM8K evaluation (greedy, fixed-seed subsets)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from nlft_kernels.data import NLFTRecord, PromptTemplates
+from nlft_kernels.judge import answers_equal, extract_answer, format_number
+
+# The system prompt of the base view for GSM8K: generation, evaluation and the NLFT records the
+# judge writes all use it, so that training sees the prompt the responses were sampled under.
+GSM8K_INSTRUCTION = (
+    "Solve the math problem step by step. Write each calculation as an equation, "
+    "and end with 'The answer is N', where N is a number."
+)
+
+
+def prompts(tokenizer, questions: Sequence[str], instruction: str = GSM8K_INSTRUCTION) -> list[str]:
+    """The base-view prompt of each question (through the chat template when the tokenizer has one)."""
+    templates = PromptTemplates()
+    return [templates.render("base", NLFTRecord(q, "", "", instruction=instruction), tokenizer) for q in questions]
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    seed: int = 0,
+    instruction: str = GSM8K_INSTRUCTION,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
+    """One response per question, generated in batches of ``batch_size`` (left-padded prompts).
+
+    Greedy by default; ``greedy=False`` samples at ``temperature`` from a generator seeded with
+    ``seed``. Questions are batched by prompt length (less padding) and answers returned in the
+    order of ``questions``. Special tokens are removed from the text.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    texts = prompts(tokenizer, questions, instruction)
+    with_specials = not getattr(tokenizer, "chat_template", None)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    responses: list[str] = [""] * len(texts)
+    device = next(model.parameters()).device
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0}
+    try:
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        bar = tqdm(total=len(texts), desc=desc, unit="q", disable=not progress)
+        for batch in batches:
+            encoded = tokenizer(
+                [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=with_specials
+            ).to(device)
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+            for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+                responses[i] = text.strip()
+            bar.update(len(batch))
+        bar.close()
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return responses
+
+
+def sample_rows(rows: Sequence[dict], n: int | None, seed: int) -> list[tuple[int, dict]]:
+    """``n`` (index, row) pairs drawn without replacement with ``random.Random(seed)``, in index
+    order; all rows when ``n`` is None or at least ``len(rows)``."""
+    if n is not None and n < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {n}")
+    indices = (
+        range(len(rows)) if n is None or n >= len(rows) else sorted(random.Random(seed).sample(range(len(rows)), n))
+    )
+    return [(i, rows[i]) for i in indices]
+
+
+def evaluate_gsm8k(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    n: int | None = 50,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    instruction: str = GSM8K_INSTRUCTION,
+    progress: bool = True,
+) -> dict:
+    """GSM8K accuracy of ``model`` on ``n`` rows drawn with ``seed`` (greedy decoding).
+
+    A response is right when its final answer (:func:`nlft_kernels.judge.extract_answer`) equals
+    the reference's ``#### n``. Returns ``{"accuracy", "correct", "count", "seed",
+    "max_new_tokens", "samples": [{"index", "question", "response", "predicted", "reference",
+    "correct"}, ...]}``.
+    """
+    chosen = sample_rows(rows, n, seed)
+    responses = generate_responses(
+        model,
+        tokenizer,
+        [row["question"] for _, row in chosen],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        greedy=True,
+        seed=seed,
+        instruction=instruction,
+        progress=progress,
+        desc="eval",
+    )
+    samples = []
+    for (index, row), response in zip(chosen, responses, strict=True):
+        predicted, reference = extract_answer(response), extract_answer(row["answer"])
+        samples.append(
+            {
+                "index": index,
+                "question": row["question"],
+                "response": response,
+                "predicted": None if predicted is None else format_number(predicted),
+                "reference": None if reference is None else format_number(reference),
+                "correct": answers_equal(predicted, reference),
+            }
+        )
+    correct = sum(s["correct"] for s in samples)
+    return {
+        "accuracy": correct / len(samples) if samples else 0.0,
+        "correct": correct,
+        "count": len(samples),
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "samples": samples,
+    }

