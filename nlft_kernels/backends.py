@@ -66,7 +66,7 @@ def extension() -> tuple[ModuleType | None, str]:
         return _load_installed(installed)
     except Exception as err:  # noqa: BLE001 - ImportError, OSError: undefined symbols, wrong ABI
         return None, _load_failure(err, Path(__file__).parent)
-    return _C, f"built in place ({_C.__file__})"
+    return _C, f"loaded from {_C.__file__}"
 
 
 def _load_installed(path: str) -> tuple[ModuleType | None, str]:

@@ -1,0 +1,200 @@
+"""How fast is the compiled NLFT row pass (nlft_kernels._C) against the other paths?
+
+CPU mode (default without a GPU): forward+backward of the whole NLFT loss with the C++ kernel
+(backend "cpp") and with the chunked torch path (backend "torch"), against one
+``F.cross_entropy`` on the base view, the cost NLFT is measured against (issue #4's target:
+the NLFT loss costs at most 1.5x one cross-entropy).
+
+GPU mode (``--gpu``, needs CUDA): the CUDA kernel (backend "cuda") against Triton ("triton"),
+V in {32000, 128256}, N in {1024, 8192}, with the achieved bandwidth as a fraction of the
+measured copy bandwidth. Its results are what ``GPU_CHOICE`` in nlft_kernels/backends.py is
+filled from.
+
+Inputs are benchmarks.bench_loss's (correct and wrong samples mixed, saliency, unlikelihood and
+killed samples present, padding). Run from the repository root:
+  python -m benchmarks.bench_cpu_kernel --quick      # CPU, V = 32000 and 128256 (a few minutes)
+  python -m benchmarks.bench_cpu_kernel --gpu        # GPU grid
+Writes benchmarks/results/cpu_kernel_<device>_<date>.json (``--out`` to change) and prints a
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import _util
+from benchmarks.bench_loss import DTYPES, ESSENTIAL_PASSES, Shape, make_batch
+from nlft_kernels import nlft_loss
+from nlft_kernels.backends import backends, extension
+
+CPU_CASES = ("cpp", "torch", "cross_entropy")
+GPU_CASES = ("cuda", "triton", "cross_entropy")
+# (N, V) per grid; the CPU grids keep N * V near or below 64 M logits per view (four views'
+# worth of memory fits a shared machine).
+QUICK_SHAPES = ((1024, 32000), (256, 128256))
+CPU_SHAPES = ((1024, 32000), (4096, 32000), (256, 128256), (1024, 128256))
+GPU_SHAPES = tuple((n, v) for v in (32000, 128256) for n in (1024, 8192))
+TARGET_RATIO = 1.5  # NLFT loss / one cross-entropy, forward+backward
+
+METHOD = {
+    "timing": (
+        "forward+backward of one loss per call, .grad dropped before each call (outside the timed "
+        "region); median over --reps calls after --warmup untimed ones; CUDA: torch.cuda.Event; "
+        "CPU: time.perf_counter"
+    ),
+    "cases": (
+        "cpp / cuda / triton / torch: nlft_kernels.nlft_loss(base [N, V] with gradient, standard and "
+        "judge [N, V] logits without, sample_ids) with that backend; cross_entropy: "
+        "F.cross_entropy(base, labels) on the same base view"
+    ),
+    "ratio_to_cross_entropy": "median time of the case / median time of cross_entropy, same shape and dtype",
+    "bandwidth": (
+        "effective bytes (NLFT: read 3 views + write the base gradient = 4 N V elem; cross_entropy: "
+        "2 N V elem) / median time, as a fraction of the measured dst.copy_(src) bandwidth"
+    ),
+}
+
+
+def build_step(case: str, batch, device: torch.device):
+    """(step, reset) of one case on ``batch`` (views [3, N, V]: base, standard, judge)."""
+    views, labels = batch.views, batch.labels
+    leaf = views.detach()[0].requires_grad_()
+
+    def reset() -> None:
+        leaf.grad = None
+
+    if case == "cross_entropy":
+        def step() -> None:
+            F.cross_entropy(leaf, labels).backward()
+    else:
+        def step() -> None:
+            nlft_loss(
+                leaf, labels, batch.correct, standard=views[1], judge=views[2], sample_ids=batch.sample_ids,
+                backend=case,
+            ).backward()
+    return step, reset
+
+
+def run(args, argv: list[str]) -> dict:
+    device = torch.device("cuda" if args.gpu else "cpu")
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = args.cases or (GPU_CASES if args.gpu else CPU_CASES)
+    shapes = args.shapes or (GPU_SHAPES if args.gpu else QUICK_SHAPES if args.quick else CPU_SHAPES)
+    copy_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    copy_bw = _util.copy_bandwidth(device, copy_bytes)
+    load_before = os.getloadavg()
+    rows = []
+    for dtype in args.dtype:
+        elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        for n, vocab in shapes:
+            shape = Shape(n, vocab, dtype, args.rows_per_sample)
+            batch = make_batch(shape, device, args.seed)
+            head = {"n": n, "vocab": vocab, "dtype": dtype}
+            for case in cases:
+                print(f"{head} {case} ...", file=sys.stderr, flush=True)
+                step, reset = build_step(case, batch, device)
+                times = _util.time_ms(step, reset, device, args.warmup, args.reps)
+                reset()
+                median = _util.median(times)
+                essential = ESSENTIAL_PASSES["cross_entropy" if case == "cross_entropy" else "nlft_kernels"]
+                achieved = essential * n * vocab * elem / (median / 1e3)
+                rows.append(head | {
+                    "case": case, "median_ms": median, "min_ms": min(times), "max_ms": max(times),
+                    "reps": len(times), "achieved_bytes_per_s": achieved,
+                    "fraction_of_copy_bandwidth": achieved / copy_bw,
+                })
+                gc.collect()
+            del batch
+            gc.collect()
+    ce = {(r["n"], r["vocab"], r["dtype"]): r["median_ms"] for r in rows if r["case"] == "cross_entropy"}
+    for r in rows:
+        base = ce.get((r["n"], r["vocab"], r["dtype"]))
+        r["ratio_to_cross_entropy"] = r["median_ms"] / base if base else None
+    module, _ = extension()
+    return {
+        "benchmark": "bench_cpu_kernel",
+        "question": "the compiled NLFT row pass against the chunked torch path / Triton and one cross-entropy",
+        **_util.environment(device),
+        "cpu_kernel": module.cpu_capability() if module is not None else None,
+        "backends": backends(),
+        "date": _util.now_iso(),
+        "command": _util.command_line("benchmarks.bench_cpu_kernel", argv),
+        "settings": {"warmup": args.warmup, "reps": args.reps, "seed": args.seed,
+                     "rows_per_sample": args.rows_per_sample, "cases": list(cases)},
+        "method": METHOD,
+        # Other processes on a shared machine inflate CPU timings; the load average shows how much.
+        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
+        "copy_bandwidth_bytes_per_s": copy_bw,
+        "target": {"nlft_over_cross_entropy_at_most": TARGET_RATIO},
+        "cases": rows,
+    }
+
+
+def markdown_table(payload: dict) -> str:
+    lines = [
+        f"Device: {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads); "
+        f"torch {payload['versions']['torch']}; copy bandwidth {payload['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+        "",
+        "| N | V | dtype | case | median ms | x cross_entropy | effective GB/s | % of copy BW |",
+        "|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in payload["cases"]:
+        ratio = f"{r['ratio_to_cross_entropy']:.2f}" if r["ratio_to_cross_entropy"] is not None else "-"
+        lines.append(
+            f"| {r['n']} | {r['vocab']} | {r['dtype']} | {r['case']} | {r['median_ms']:.1f} | {ratio} | "
+            f"{r['achieved_bytes_per_s'] / 1e9:.1f} | {100 * r['fraction_of_copy_bandwidth']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    n, vocab = text.lower().split("x")
+    return int(n), int(vocab)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_cpu_kernel", description=__doc__.split("\n")[0])
+    p.add_argument("--gpu", action="store_true", help=f"CUDA against Triton on {GPU_SHAPES}")
+    p.add_argument("--quick", action="store_true", help=f"CPU shapes {QUICK_SHAPES} (default {CPU_SHAPES})")
+    p.add_argument("--shapes", type=_shape, nargs="+", help="NxV shapes, e.g. 1024x32000 (overrides the grid)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
+    p.add_argument("--cases", nargs="+", choices=sorted(set(CPU_CASES + GPU_CASES)))
+    p.add_argument("--rows-per-sample", type=int, default=128)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's")
+    p.add_argument("--warmup", type=int, help="untimed calls per case (default: 5 on CUDA, 1 on CPU)")
+    p.add_argument("--reps", type=int, help="timed calls per case (default: 50 on CUDA, 7 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/cpu_kernel_<device>_<date>.json)")
+    args = p.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else 5 if args.gpu else 1
+    args.reps = args.reps if args.reps is not None else 50 if args.gpu else 7
+    for n, _ in args.shapes or ():
+        if n % args.rows_per_sample:
+            raise SystemExit(f"N = {n} is not a multiple of --rows-per-sample {args.rows_per_sample}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    payload = run(args, argv)
+    device = torch.device(payload["device_type"])
+    out = args.out or _util.RESULTS_DIR / f"cpu_kernel_{_util.device_slug(device)}_{_util.today()}.json"
+    _util.write_json(out, payload)
+    print(markdown_table(payload))
+    print(f"\nwrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

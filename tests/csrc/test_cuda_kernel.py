@@ -1,0 +1,60 @@
+"""The CUDA row pass of nlft_kernels._C against the float64 reference and the Triton kernel.
+
+Runs only on a machine with a GPU and a _C built with its CUDA kernel; skipped with the reason
+elsewhere (tests/csrc/test_cuda_compile.py still compiles the source there).
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from nlft_kernels import nlft_loss
+from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference
+from tests._inputs import make_inputs
+from tests.ops.test_nlft_loss import assert_details, assert_exercised
+from tests.tolerances import assert_grad_close, assert_loss_close
+
+backends_module = importlib.import_module("nlft_kernels.backends")
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def cuda_kernel():
+    why = backends_module._cuda_unavailable()
+    if why is not None:
+        pytest.skip(f"the CUDA kernel cannot run here: {why}")
+
+
+def _run(x, backend: str, reduction: str, grad_out: torch.Tensor):
+    base = x.base.detach().cuda().requires_grad_()
+    loss, details = nlft_loss(
+        base, x.labels.cuda(), x.correct.cuda(), standard=x.standard.cuda(), judge=x.judge.cuda(),
+        reduction=reduction, backend=backend, return_details=True,
+    )
+    (grad,) = torch.autograd.grad(loss, base, grad_out.to(device="cuda", dtype=loss.dtype))
+    return loss.cpu(), grad.cpu(), details
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("vocab", [300, 4099])
+def test_cuda_matches_reference_and_triton(dtype, reduction, vocab):
+    x = make_inputs(8, 20, vocab, dtype=dtype, seed=hash(("cuda", str(dtype), reduction, vocab)) % 1000)
+    ref_base = x.base.detach().double().requires_grad_()
+    ref, ref_details = nlft_loss_reference(
+        ref_base, x.labels, x.correct, x.standard, x.judge, reduction=reduction, return_details=True
+    )
+    grad_out = torch.randn_like(ref) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    (ref_grad,) = torch.autograd.grad(ref, ref_base, grad_out)
+    assert_exercised(ref_details, x.correct)
+    loss, grad, details = _run(x, "cuda", reduction, grad_out)
+    assert_loss_close(loss, ref)
+    assert_grad_close(grad, ref_grad, dtype)
+    cpu_details = type(details)(*(getattr(details, f).cpu() for f in details.__dataclass_fields__))
+    assert_details(cpu_details, ref_details, x.labels, x.correct)
+    if dtype != torch.float64:  # Triton's float64 path is not what is compared here
+        t_loss, t_grad, t_details = _run(x, "triton", reduction, grad_out)
+        assert_loss_close(loss, t_loss)
+        assert_grad_close(grad, t_grad.double(), dtype)
+        assert torch.equal(details.saliency, t_details.saliency)
