@@ -127,8 +127,9 @@ def build_inputs(
         question, solution = row["question"], row["answer"]
         correct = b % wrong_every != wrong_every - 1
         response = solution if correct else _wrong_solution(solution)
-        judgment = None if correct else judge_response(question, response, solution).judgment
-        judgment = judgment or "The final answer is wrong: the last step does not follow from the ones before it."
+        judgment = None
+        if not correct:  # the judge view of a wrong sample quotes what is wrong with it
+            judgment = judge_response(question, response, solution).judgment or "The final answer is wrong."
         record = NLFTRecord(question, response, solution, judgment, correct)
         match = FINAL_ANSWER.search(solution)
         answers.append(match.group(1) if match else "")
