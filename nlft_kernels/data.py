@@ -39,9 +39,25 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     return rows
 
 
+def read_json_list(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """The objects of a JSON file holding one list of objects (the authors' ``.json`` data)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from err
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, item {i}: expected a JSON object, got {type(row).__name__}")
+    return rows[:limit] if limit is not None else rows
+
+
 def read_rows(source: str | os.PathLike, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Rows (dicts) of ``source``: a local JSONL file, or else a ``datasets`` hub name read with
-    ``load_dataset(source, split=split)`` (``split`` is ignored for a local file).
+    """Rows (dicts) of ``source``: a local JSONL file (or a ``.json`` list of objects), or else a
+    ``datasets`` hub name read with ``load_dataset(source, split=split)`` (``split`` is ignored
+    for a local file).
 
     ``limit`` keeps the first rows only. A bad JSONL line raises ValueError naming file and line.
     """
@@ -50,6 +66,8 @@ def read_rows(source: str | os.PathLike, split: str = "train", limit: int | None
     if _is_local(source):
         if not Path(source).is_file():
             raise FileNotFoundError(f"no such file: {source}")
+        if Path(source).suffix == ".json":
+            return read_json_list(source, limit)
         return read_jsonl(source, limit)
     from datasets import load_dataset
 
@@ -143,12 +161,16 @@ def load_records(source: str | os.PathLike, split: str = "train", limit: int | N
     and :func:`record_from_row`). Errors name the file and 1-based line (the row for the hub)."""
     local = _is_local(source)
     records: list[NLFTRecord] = []
-    if local:
+    jsonl = local and Path(source).suffix != ".json"
+    if jsonl:
         numbered = _numbered_jsonl(source, limit)
     else:
         numbered = enumerate(read_rows(source, split, limit))
     for number, row in numbered:
-        where = f"{source}, line {number}" if local else f"{source} ({split}), row {number}"
+        if jsonl:
+            where = f"{source}, line {number}"
+        else:
+            where = f"{source}, item {number}" if local else f"{source} ({split}), row {number}"
         records.append(record_from_row(row, where))
     return records
 
@@ -275,6 +297,8 @@ def encode_record(
     Returns ``{v}_input_ids`` (list[int]) and ``{v}_prompt_length`` (int) per view, ``labels``
     (list[int], R) and ``correct`` (bool).
     """
+    if not record.correct and record.judgment is None:
+        raise ValueError("a wrong record needs a judgment: the judge view shows it")
     prompts = {v: _prompt_ids(templates.render(v, record, tokenizer), tokenizer) for v in VIEWS}
     if any(not ids for ids in prompts.values()):
         raise ValueError("a prompt view rendered to no tokens: the first response token would have no predictor")

@@ -67,6 +67,13 @@ def test_load_records_authors_fields(tmp_path):
     records = load_records(_write(tmp_path / "authors.jsonl", rows))
     assert [r.correct for r in records] == [False, True, True, False]
     assert records[0] == NLFTRecord("q0", "r0", "a0", "j0", False, "sys")
+    # the authors' files are .json lists
+    (tmp_path / "authors.json").write_text(json.dumps(rows, indent=2))
+    assert load_records(tmp_path / "authors.json") == records
+    del rows[1]["output"]
+    (tmp_path / "authors.json").write_text(json.dumps(rows, indent=2))
+    with pytest.raises(ValueError, match=r"authors\.json, item 1: missing field 'response' or 'output'"):
+        load_records(tmp_path / "authors.json")
 
 
 @pytest.mark.parametrize(

@@ -185,7 +185,7 @@ def test_teacher_activations_are_not_kept(tok):
 def test_lora(tok, tie):
     model = tiny_model(len(tok), tie=tie)
     batch = _batch(tok)
-    plain = float(nlft_batch_loss(model, batch))
+    plain = float(nlft_batch_loss(model, batch).detach())
     peft_model = add_lora(model, r=4, alpha=8, dropout=0.0)
     weight, _ = lm_head_of(peft_model)
     assert weight is model.lm_head.weight and (weight is model.model.embed_tokens.weight) == tie
