@@ -25,9 +25,9 @@ import torch
 import transformers
 from torch import nn
 
+from nlft_kernels import linear_token_logprobs, nlft_linear_loss
 from nlft_kernels.config import NLFTConfig
 from nlft_kernels.data import DEFAULT_TEMPLATES, VIEWS, NLFTCollator, NLFTRecord, PromptTemplates, encode_records
-from nlft_kernels.ops.nlft_linear_loss import linear_token_logprobs, nlft_linear_loss
 
 # Every key that encode_record writes: the Trainer must not drop them as "unused columns".
 FEATURE_COLUMNS = ["labels", "correct"] + [f"{v}_{k}" for v in VIEWS for k in ("input_ids", "prompt_length")]
