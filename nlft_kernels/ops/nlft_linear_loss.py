@@ -435,9 +435,12 @@ def nlft_linear_loss(
     labels, correct, standard, judge, sample_ids, reduction, return_details, backend, validate:
       as in :func:`nlft_loss`; pass the teacher views as [B, T] label log-probs
       (:func:`linear_token_logprobs`) to keep their logits out of memory too.
-    chunk_size: rows per chunk; default from N, V and free memory (:func:`chunk_rows_for`).
-      Peak extra memory is about ``chunk_size * V * (2 * itemsize + 8)`` bytes plus the
-      gradients (hidden [N, D]; weight [V, D] and bias in float32).
+    chunk_size: rows per chunk; default from N, V and free memory (:func:`chunk_rows_for`):
+      as many rows as fit in min(1 GiB on CUDA or 128 MiB elsewhere, free memory / 4), a
+      multiple of 64 when more than 64 fit, balanced so the last chunk is not a sliver. Peak
+      extra memory is about ``chunk_size * V * (2 * itemsize + 8)`` bytes plus the gradients
+      (hidden [N, D]; weight [V, D] and bias accumulated in float32, then cast to their dtype;
+      16-bit weights add one [V, D] product per chunk).
     """
     if not isinstance(config, NLFTConfig):
         raise ValueError(f"config must be an NLFTConfig, got {type(config).__name__}")

@@ -365,6 +365,11 @@ def test_module_with_lm_head_and_teacher_views_from_hidden():
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * float(ref_grad.abs().max()))
 
 
+def test_module_needs_a_weight():
+    with pytest.raises(ValueError, match="lm_head must have a weight tensor"):
+        NLFTLinearLoss(nn.ReLU())
+
+
 class TinyLM(nn.Module):
     def __init__(self, vocab: int, dim: int) -> None:
         super().__init__()
