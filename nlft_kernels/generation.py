@@ -46,6 +46,7 @@ def generate_responses(
     order of ``questions``. Special tokens are removed from the text.
     """
     from tqdm.auto import tqdm
+    from transformers import StoppingCriteriaList
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
@@ -59,10 +60,12 @@ def generate_responses(
     model.eval()
     torch.manual_seed(seed)
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0}
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    # The bar counts decoding steps (max_new_tokens per batch), so it moves during a batch.
+    bar = tqdm(total=len(batches) * max_new_tokens, desc=desc, unit="tok", disable=not progress)
     try:
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        bar = tqdm(total=len(texts), desc=desc, unit="q", disable=not progress)
-        for batch in batches:
+        for number, batch in enumerate(batches, 1):
+            bar.set_postfix_str(f"batch {number}/{len(batches)}")
             encoded = tokenizer(
                 [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=with_specials
             ).to(device)
@@ -70,17 +73,29 @@ def generate_responses(
                 **encoded,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([_ProgressStep(bar)]),
                 **sampling,
             )
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
                 responses[i] = text.strip()
-            bar.update(len(batch))
-        bar.close()
+            bar.update(number * max_new_tokens - bar.n)  # a batch that stopped early: the rest at once
     finally:
+        bar.close()
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return responses
+
+
+class _ProgressStep:
+    """A stopping criterion that never stops: it advances a progress bar by one decoding step."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def sample_rows(rows: Sequence[dict], n: int | None, seed: int) -> list[tuple[int, dict]]:
