@@ -62,7 +62,7 @@ def generate_responses(
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     # The bar counts decoding steps (max_new_tokens per batch), so it moves during a batch.
-    bar = tqdm(total=len(batches) * max_new_tokens, desc=desc, unit="tok", disable=not progress)
+    bar = tqdm(total=len(batches) * max_new_tokens, desc=desc, unit="step", disable=not progress)
     try:
         for number, batch in enumerate(batches, 1):
             bar.set_postfix_str(f"batch {number}/{len(batches)}")
