@@ -132,6 +132,23 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
   return {stats, saliency, grad};
 }
 
+// grad[r] *= factor[r] for r in rows, in place: the second stage's fix-up (CPU tensors).
+void scale_rows(at::Tensor& grad, const at::Tensor& rows, const at::Tensor& factor) {
+  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.dim() >= 1,
+              "grad must be a contiguous CPU tensor");
+  const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor rows_c = rows.to(at::kLong).contiguous();
+  const at::Tensor factor_c = factor.to(acc).contiguous();
+  const int64_t vocab = grad.size(-1), n_grad_rows = vocab ? grad.numel() / vocab : 0;
+  if (rows_c.numel()) {
+    const int64_t lo = rows_c.min().item<int64_t>(), hi = rows_c.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < n_grad_rows && hi < factor_c.numel(), "rows must index grad's rows and factor");
+  }
+  nlft::cpu::RowScale s{grad.data_ptr(), to_dtype(grad, "grad"), vocab, rows_c.data_ptr<int64_t>(),
+                        rows_c.numel(), factor_c.data_ptr()};
+  nlft::cpu::scale_rows_cpu(s);
+}
+
 bool built_with_cuda() {
 #ifdef NLFT_WITH_CUDA
   return true;
@@ -151,6 +168,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("saliency_power"), py::arg("other_power"), py::arg("log_ratio"), py::arg("log_judge_min"),
         py::arg("sigmoid_center"), py::arg("sigmoid_scale"), py::arg("unlikelihood_clamp"), py::arg("nll_weight"),
         py::arg("compute_grad"));
+  m.def("scale_rows", &scale_rows, "grad[r] *= factor[r] for r in rows, in place (CPU)", py::arg("grad"),
+        py::arg("rows"), py::arg("factor"));
   m.def("cpu_capability", &nlft::cpu::row_pass_capability,
         "The instruction set of the CPU kernel copy that runs here: AVX512, AVX2 or DEFAULT");
   m.def("built_with_cuda", &built_with_cuda, "Whether this build contains the CUDA kernel");

@@ -10,7 +10,9 @@
 #if defined(__CUDACC__)
 #define NLFT_HD __host__ __device__ __forceinline__
 #else
-#define NLFT_HD inline
+// Internal linkage: csrc/cpu/row_pass_kernel.cpp is compiled once per instruction set, and an
+// out-of-line copy shared between those objects could be the AVX-512 one on any CPU.
+#define NLFT_HD static inline
 #endif
 
 namespace nlft {

@@ -8,18 +8,35 @@
 
 namespace nlft::cpu {
 
+// grad[rows[i], :] *= factor[rows[i]] for i < n_rows: the second stage's fix-up of the few rows
+// the per-sample rule or the clusters change, in place, one pass over those rows.
+struct RowScale {
+  void* grad;                 // [R, V] contiguous, in `dtype`
+  DType dtype;
+  int64_t vocab;              // V
+  const int64_t* rows;        // [n_rows], each in [0, R)
+  int64_t n_rows;
+  const void* factor;         // indexed by row, float (double for float64 gradients)
+};
+
 namespace DEFAULT {
 void row_pass(const RowPass& p);
+void scale_rows(const RowScale& s);
 }
 namespace AVX2 {
 void row_pass(const RowPass& p);
+void scale_rows(const RowScale& s);
 }
 namespace AVX512 {
 void row_pass(const RowPass& p);
+void scale_rows(const RowScale& s);
 }
 
 // Runs the row pass for `p` on the calling thread pool (at::parallel_for over rows).
 void row_pass_cpu(const RowPass& p);
+
+// Runs the row fix-up `s` (at::parallel_for over its rows).
+void scale_rows_cpu(const RowScale& s);
 
 // "AVX512", "AVX2" or "DEFAULT": the copy row_pass_cpu() runs on this machine.
 std::string row_pass_capability();

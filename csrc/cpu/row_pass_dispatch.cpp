@@ -31,4 +31,19 @@ void row_pass_cpu(const RowPass& p) {
   DEFAULT::row_pass(p);
 }
 
+void scale_rows_cpu(const RowScale& s) {
+#ifdef NLFT_X86_KERNELS
+  const std::string capability = row_pass_capability();
+  if (capability == "AVX512") {
+    AVX512::scale_rows(s);
+    return;
+  }
+  if (capability == "AVX2") {
+    AVX2::scale_rows(s);
+    return;
+  }
+#endif
+  DEFAULT::scale_rows(s);
+}
+
 }  // namespace nlft::cpu

@@ -114,7 +114,7 @@ struct OnlineLse {
 template <typename acc_t>
 acc_t label_logprob(const RowView& view, int64_t row, int64_t row_offset, int64_t label, const OnlineLse<acc_t>& lse) {
   if (view.mode == kViewLogprobs) return static_cast<const acc_t*>(view.ptr)[row];
-  acc_t converted;
+  acc_t converted = 0;
   const acc_t* x = to_acc<acc_t>(offset_ptr(view.ptr, view.dtype, row_offset + label), view.dtype, 1, &converted);
   return *x - lse.lse();
 }
@@ -206,6 +206,46 @@ void row_pass_typed(const RowPass& p) {
       if (grad_row) gradient_row<acc_t>(p, base_off, label, lse_b.lse(), d.coef, grad_row, base_buf, grad_buf);
     }
   });
+}
+
+template <typename acc_t>
+void scale_rows_typed(const RowScale& s) {
+  using Vec = Vectorized<acc_t>;
+  const auto* factor = static_cast<const acc_t*>(s.factor);
+  const int64_t vocab = s.vocab, size = element_size(s.dtype);
+  const bool direct = size == static_cast<int64_t>(sizeof(acc_t));
+  at::parallel_for(0, s.n_rows, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(vocab, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(direct ? 0 : kTile);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = s.rows[i];
+      const Vec f(factor[row]);
+      void* grad_row = static_cast<char*>(s.grad) + row * vocab * size;
+      for (int64_t start = 0; start < vocab; start += kTile) {
+        const int64_t n = std::min(kTile, vocab - start);
+        if (direct) {
+          acc_t* g = static_cast<acc_t*>(grad_row) + start;
+          at::vec::map([f](Vec v) { return v * f; }, g, g, n);
+          continue;
+        }
+        const acc_t* g = to_acc<acc_t>(offset_ptr(grad_row, s.dtype, start), s.dtype, n, buffer.data());
+        at::vec::map([f](Vec v) { return v * f; }, buffer.data(), g, n);
+        if (s.dtype == kBFloat16) {
+          at::vec::convert(buffer.data(), static_cast<c10::BFloat16*>(grad_row) + start, n);
+        } else {
+          at::vec::convert(buffer.data(), static_cast<c10::Half*>(grad_row) + start, n);
+        }
+      }
+    }
+  });
+}
+
+void scale_rows(const RowScale& s) {
+  if (s.dtype == kFloat64) {
+    scale_rows_typed<double>(s);
+  } else {
+    scale_rows_typed<float>(s);
+  }
 }
 
 // The entry point of this instruction set (declared in row_pass_cpu.h).

@@ -394,6 +394,12 @@ def rescale_rows(grad: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor, b
         block, warps = launch_config(flat.shape[1], 1, flat.element_size())
         _scale_rows_kernel[(flat.shape[0],)](flat, full, flat.shape[1], BLOCK_V=block, num_warps=warps)
         return
+    if backend == "cpp" and flat.device.type == "cpu" and flat.is_contiguous():
+        from nlft_kernels.backends import extension
+
+        # In place, one pass over the rows, in the accumulator type (as the Triton kernel).
+        extension()[0].scale_rows(flat, rows, factor)
+        return
     flat.index_copy_(0, rows, flat.index_select(0, rows) * factor[rows, None].to(flat.dtype))
 
 

@@ -7,6 +7,9 @@ the row partition over threads.
 """
 
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +167,26 @@ def test_each_instruction_set_copy(capability, ext):
     done = subprocess.run([sys.executable, "-c", _COPY_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"capability {capability}" in done.stdout, done.stdout
+
+
+def test_only_the_wide_copies_use_wide_instructions(ext):
+    """The three copies of the kernel are linked into one library; code shared between them
+    (inline functions, templates) must not come from the AVX2/AVX-512 objects, or the DEFAULT
+    copy would fault on CPUs without them. No function outside nlft::cpu::AVX2/AVX512 (and
+    at::vec's own per-ISA namespaces) may use VEX/EVEX-encoded instructions."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) not found")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("off x86 the library holds one copy of the kernel")
+    text = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", "-C", ext.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    offenders, function, wide = set(), None, ("::AVX2::", "::AVX512::")
+    for line in text.splitlines():
+        if line.endswith(">:") and " <" in line:
+            function = line.split(" <", 1)[1][:-2]
+        elif function and ("%ymm" in line or "%zmm" in line or re.search(r"\tv[a-z0-9]+\s+.*%xmm", line)):
+            if not any(w in function for w in wide):
+                offenders.add(function)
+    assert not offenders, sorted(offenders)[:20]
