@@ -353,11 +353,17 @@ class NLFTLinearLossFunction(torch.autograd.Function):
 # Input checks shared by both public functions; nothing is computed before they pass.
 
 
-def _check_linear(hidden, weight, bias, chunk_size) -> None:
+def _checked_linear(hidden, weight, bias, chunk_size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Check the linear inputs; returns them cast to the autocast dtype inside ``torch.autocast``
+    (the matmuls then run in it, as ``F.linear`` would), so mixed dtypes are fine there."""
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight must be a torch.Tensor (the LM head, [V, D]), got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(f"weight must be a non-empty 2-D [V, D] tensor (the LM head), got shape {tuple(weight.shape)}")
     if hidden.dim() not in (2, 3) or hidden.numel() == 0:
@@ -367,33 +373,25 @@ def _check_linear(hidden, weight, bias, chunk_size) -> None:
             f"hidden and weight must share the hidden size D: hidden has D={hidden.shape[-1]}, "
             f"weight [V, D] has D={weight.shape[1]}"
         )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
     if hidden.device != weight.device:
         raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(
                 f"bias must have shape ({weight.shape[0]},), one entry per vocabulary row of weight, "
                 f"got {tuple(bias.shape)}"
             )
-        if bias.dtype != weight.dtype:
-            raise ValueError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must have the same dtype")
         if bias.device != weight.device:
             raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
-
-
-def _autocast(hidden, weight, bias):
-    """Inside ``torch.autocast``, the matmuls run in the autocast dtype, as ``F.linear`` would."""
     device = hidden.device.type
-    if not torch.is_autocast_enabled(device):
-        return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(device)
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    return hidden, weight, bias
 
 
 def _logits_proxy(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -446,8 +444,7 @@ def nlft_linear_loss(
         raise ValueError(f"config must be an NLFTConfig, got {type(config).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    _check_linear(hidden, weight, bias, chunk_size)
-    hidden, weight, bias = _autocast(hidden, weight, bias)
+    hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
     proxy = _logits_proxy(hidden, weight.shape[0])
     check_logits(proxy, "hidden @ weight.T")
     labels = check_labels(labels, proxy, config.ignore_index, validate)
@@ -516,8 +513,7 @@ def linear_token_logprobs(
     [B, T] or [N] int64. Returns float32 log-probs shaped like ``labels`` (0 at
     ``ignore_index``), without gradient. Peak extra memory: a [chunk_size, V] logits chunk.
     """
-    _check_linear(hidden, weight, bias, chunk_size)
-    hidden, weight, bias = _autocast(hidden, weight, bias)
+    hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
     proxy = _logits_proxy(hidden, weight.shape[0])
     check_logits(proxy, "hidden @ weight.T")
     labels = check_labels(labels, proxy, ignore_index, validate)

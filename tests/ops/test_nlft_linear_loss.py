@@ -425,6 +425,26 @@ def test_autocast_runs_the_matmuls_in_the_autocast_dtype():
         torch.testing.assert_close(grad, ref.float())
 
 
+def test_autocast_accepts_mixed_dtypes():
+    """Under autocast a model hands bf16 hidden states to a float32 head, as F.linear accepts."""
+    case = make_linear_case(torch.float32, seed=38)
+    hidden = case.hidden.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nlft_linear_loss(
+            hidden, case.weight, case.labels, case.correct, standard=case.standard, judge=case.judge
+        )
+    grads = torch.autograd.grad(loss, (hidden, case.weight))
+    low = [hidden.detach().requires_grad_(), case.weight.detach().bfloat16().requires_grad_()]
+    expected = nlft_linear_loss(low[0], low[1], case.labels, case.correct, standard=case.standard, judge=case.judge)
+    expected_grads = torch.autograd.grad(expected, low)
+    torch.testing.assert_close(loss, expected)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32]
+    for grad, ref in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, ref.to(grad.dtype))
+    with pytest.raises(ValueError, match="same dtype"):
+        nlft_linear_loss(hidden, case.weight, case.labels, case.correct, standard=case.standard, judge=case.judge)
+
+
 def _error_cases():
     """(name, change to the keyword arguments, expected message, also for linear_token_logprobs)."""
     case = make_linear_case(torch.float32, seed=0, vocab=30, dim=8)
