@@ -377,7 +377,10 @@ def judge_response(question: str, response: str, reference_solution: str) -> Jud
             f"{format_number(error.expected)}, not {format_number(error.written)}."
         )
         if len(step_errors) > 1:
-            sentences.append(f"There are {len(step_errors) - 1} more arithmetic mistakes after it.")
+            more = len(step_errors) - 1
+            sentences.append(
+                f"There {'is' if more == 1 else 'are'} {more} more arithmetic mistake{'s' * (more > 1)} after it."
+            )
     if predicted is None:
         sentences.append("The response does not state a final answer.")
         score = SCORE_NO_ANSWER

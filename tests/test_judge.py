@@ -171,10 +171,15 @@ def test_wrong_intermediate_step_with_right_answer():
     assert "The final answer 18 is right" in result.judgment
 
 
+def test_one_more_wrong_step_is_counted():
+    response = "16 - 3 = 12. 12 - 4 = 9. 9 * 2 = 18. The answer is 18."
+    assert "There is 1 more arithmetic mistake after it." in judge_response(QUESTION, response, REFERENCE).judgment
+
+
 def test_several_wrong_steps_are_counted():
     response = "16 - 3 = 12. 12 - 4 = 9. 9 * 2 = 19. The answer is 19."
     result = judge_response(QUESTION, response, REFERENCE)
-    assert '"16 - 3 = 12"' in result.judgment and "2 more arithmetic mistakes" in result.judgment
+    assert '"16 - 3 = 12"' in result.judgment and "There are 2 more arithmetic mistakes" in result.judgment
 
 
 @pytest.mark.parametrize("response", ["", "I am not sure how to solve this.", "Let us think about eggs."])
