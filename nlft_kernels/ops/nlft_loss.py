@@ -43,16 +43,39 @@ def _view_logprob(ptr, offset, m, s, label, use, ACC: tl.constexpr):
 
 @triton.jit
 def _nlft_fwd_kernel(
-    base_ptr, base_sb, base_st,
-    std_ptr, std_sb, std_st,
-    judge_ptr, judge_sb, judge_st,
-    labels_ptr, wrong_ptr, scale_ptr,
-    stats_ptr, saliency_ptr, grad_ptr,
-    N, T, V, ignore_index,
-    tau, saliency_power, other_power, log_ratio, log_judge_min, sigmoid_center, sigmoid_scale,
-    unlikelihood_clamp, nll_weight,
-    STD: tl.constexpr, JUDGE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    base_ptr,
+    base_sb,
+    base_st,
+    std_ptr,
+    std_sb,
+    std_st,
+    judge_ptr,
+    judge_sb,
+    judge_st,
+    labels_ptr,
+    wrong_ptr,
+    scale_ptr,
+    stats_ptr,
+    saliency_ptr,
+    grad_ptr,
+    N,
+    T,
+    V,
+    ignore_index,
+    tau,
+    saliency_power,
+    other_power,
+    log_ratio,
+    log_judge_min,
+    sigmoid_center,
+    sigmoid_scale,
+    unlikelihood_clamp,
+    nll_weight,
+    STD: tl.constexpr,
+    JUDGE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One program per row (grid N = B*T).
 
@@ -295,16 +318,38 @@ def _first_stage_triton(v: Views, cfg: NLFTConfig, compute_grad: bool):
     streams = 1 + (v.standard_mode == VIEW_LOGITS) + (v.judge_mode == VIEW_LOGITS)
     block, warps = launch_config(vocab, streams, base.element_size())
     _nlft_fwd_kernel[(n,)](
-        base, base.stride(0), base.stride(1),
-        std, *_row_strides(std),
-        judge, *_row_strides(judge),
-        v.labels, v.wrong.to(torch.int8), v.scale,
-        stats, saliency, grad,
-        n, base.shape[1], vocab, cfg.ignore_index,
-        cfg.correct_threshold, cfg.saliency_power, cfg.other_power, math.log(cfg.ratio_threshold),
-        _log(cfg.judge_min_prob), cfg.sigmoid_center, cfg.sigmoid_scale, cfg.unlikelihood_clamp, cfg.nll_weight,
-        STD=v.standard_mode, JUDGE=v.judge_mode, COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block, ACC=tl_acc(base.dtype), num_warps=warps,
+        base,
+        base.stride(0),
+        base.stride(1),
+        std,
+        *_row_strides(std),
+        judge,
+        *_row_strides(judge),
+        v.labels,
+        v.wrong.to(torch.int8),
+        v.scale,
+        stats,
+        saliency,
+        grad,
+        n,
+        base.shape[1],
+        vocab,
+        cfg.ignore_index,
+        cfg.correct_threshold,
+        cfg.saliency_power,
+        cfg.other_power,
+        math.log(cfg.ratio_threshold),
+        _log(cfg.judge_min_prob),
+        cfg.sigmoid_center,
+        cfg.sigmoid_scale,
+        cfg.unlikelihood_clamp,
+        cfg.nll_weight,
+        STD=v.standard_mode,
+        JUDGE=v.judge_mode,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block,
+        ACC=tl_acc(base.dtype),
+        num_warps=warps,
     )
     return stats, saliency.bool(), grad if compute_grad else None
 
@@ -318,9 +363,24 @@ def _first_stage_ext(v: Views, cfg: NLFTConfig, compute_grad: bool):
     if module is None:
         raise RuntimeError(f"nlft_kernels._C is unavailable: {why}")
     return module.first_stage(
-        v.base, v.standard, v.standard_mode, v.judge, v.judge_mode, v.labels, v.wrong, v.scale,
-        cfg.ignore_index, cfg.correct_threshold, cfg.saliency_power, cfg.other_power, math.log(cfg.ratio_threshold),
-        _log(cfg.judge_min_prob), cfg.sigmoid_center, cfg.sigmoid_scale, cfg.unlikelihood_clamp, cfg.nll_weight,
+        v.base,
+        v.standard,
+        v.standard_mode,
+        v.judge,
+        v.judge_mode,
+        v.labels,
+        v.wrong,
+        v.scale,
+        cfg.ignore_index,
+        cfg.correct_threshold,
+        cfg.saliency_power,
+        cfg.other_power,
+        math.log(cfg.ratio_threshold),
+        _log(cfg.judge_min_prob),
+        cfg.sigmoid_center,
+        cfg.sigmoid_scale,
+        cfg.unlikelihood_clamp,
+        cfg.nll_weight,
         compute_grad,
     )
 
@@ -515,8 +575,12 @@ class NLFTLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base_logits, views, sample_ids, correct, hidden_states, cfg, reduction, backend, validate):
-        stats, saliency, grad = first_stage(views, cfg, backend, ctx.needs_input_grad[0])
+    def forward(
+        ctx, base_logits, views, sample_ids, correct, hidden_states, cfg, reduction, backend, validate, grad_on
+    ):
+        # ``grad_on``: grad mode of the caller (forward itself runs under no_grad, and
+        # needs_input_grad ignores an outer torch.no_grad()).
+        stats, saliency, grad = first_stage(views, cfg, backend, grad_on and ctx.needs_input_grad[0])
         hidden = None if hidden_states is None else hidden_states.reshape(saliency.numel(), -1)
         stage = second_stage(stats, saliency, views, sample_ids, correct, hidden, cfg, reduction, validate)
         if grad is not None and stage.rows.numel():
@@ -533,12 +597,12 @@ class NLFTLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_grad_details):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return (None,) * 9
+            return (None,) * 10
         if ctx.reduction == "none":
             grad = grad.view(-1, grad.shape[-1]) * grad_loss.reshape(-1, 1).to(grad.dtype)
         elif not bool(grad_loss == 1):
             grad = grad * grad_loss.to(grad.dtype)
-        return (grad.view(ctx.logits_shape),) + (None,) * 8
+        return (grad.view(ctx.logits_shape),) + (None,) * 9
 
 
 def nlft_loss(
@@ -613,7 +677,16 @@ def nlft_loss(
         scale=row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc),
     )
     loss, *details = NLFTLossFunction.apply(
-        base_logits, views, sample_ids, correct, hidden_states, config, reduction, backend, validate
+        base_logits,
+        views,
+        sample_ids,
+        correct,
+        hidden_states,
+        config,
+        reduction,
+        backend,
+        validate,
+        torch.is_grad_enabled(),
     )
     if reduction == "none":
         loss = loss.view(labels.shape)

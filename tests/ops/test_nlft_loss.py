@@ -211,11 +211,20 @@ def test_grad_output_scales_the_gradient(backend):
     assert_grad_close(grad, ref_grad, torch.float32)
 
 
-def test_no_gradient_work_without_requires_grad():
+@pytest.mark.parametrize("case", ["no_grad", "detached", "with grad"])
+def test_no_gradient_work_without_requires_grad(case, monkeypatch):
+    """Under torch.no_grad() or with detached logits the [N, V] gradient is never computed."""
     x = make_inputs(4, 10, 90, seed=2)
-    with torch.no_grad():
-        loss = nlft_loss(x.base, x.labels, x.correct, standard=x.standard, judge=x.judge)
-    assert loss.grad_fn is None
+    asked = []
+    real = nlft_loss_module.first_stage
+    monkeypatch.setattr(
+        nlft_loss_module, "first_stage", lambda v, cfg, backend, grad: asked.append(grad) or real(v, cfg, backend, grad)
+    )
+    base = x.base.detach() if case == "detached" else x.base
+    with torch.set_grad_enabled(case != "no_grad"):
+        loss = nlft_loss(base, x.labels, x.correct, standard=x.standard, judge=x.judge)
+    assert asked == [case == "with grad"]
+    assert (loss.grad_fn is None) == (case != "with grad")
     assert_loss_close(loss, nlft_loss_reference(x.base.detach().double(), x.labels, x.correct, x.standard, x.judge))
 
 
