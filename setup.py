@@ -7,11 +7,14 @@ that runs the build. A build that cannot happen or fails prints why and installs
 pure-Python package; the reason is also written to ``nlft_kernels/_build_info.json``, which
 ``nlft_kernels.backends()`` reports.
 
-Build with the installed torch, as flash-attention does (pyproject.toml's build requirements
-hold no torch, so that pip never builds against a second, different torch):
-  pip install torch ninja && pip install --no-build-isolation .
-  python setup.py build_ext --inplace          # developers: _C next to the sources
-A plain isolated ``pip install .`` sees no torch and installs the pure-Python package.
+The extension is built against the torch already installed in the environment being installed
+into (pyproject.toml's build requirements hold no torch, so that pip never builds against a
+second, different torch whose ABI would not load):
+  pip install torch && pip install .
+  pip install torch ninja && pip install --no-build-isolation .   # the same, without pip's build env
+  python setup.py build_ext --inplace                              # developers: _C next to the sources
+pip's isolated build environment hides that torch; setup.py then imports it from the
+interpreter's own site-packages. Without torch installed first, the pure-Python package installs.
 
 Environment switches:
   NLFT_SKIP_CUDA_BUILD=1   build only the CPU kernel, even where CUDA could be built.
@@ -28,6 +31,7 @@ import os
 import platform
 import shutil
 import sys
+import sysconfig
 import traceback
 from pathlib import Path
 
@@ -53,10 +57,7 @@ if X86:
 # thread. The extension then shares the libgomp.so.1 that torch has already loaded.
 CXX_FLAGS = ["-O3", "-fopenmp"] + (["-DNLFT_X86_KERNELS"] if X86 else [])
 BUILD_INFO = "nlft_kernels/_build_info.json"
-ISOLATED_HINT = (
-    "pip builds in an isolated environment without torch unless told otherwise; for the compiled "
-    "kernels run: pip install torch ninja && pip install --no-build-isolation ."
-)
+NO_TORCH_HINT = "for the compiled kernels install torch first: pip install torch && pip install ."
 # What this build decided, written to BUILD_INFO next to the package for backends() to report.
 build_info: dict = {"extension": "not built", "reason": "", "torch": None, "cuda": False}
 
@@ -96,12 +97,12 @@ def _extensions() -> tuple[list, dict]:
     if force_cuda and skip_cuda:
         raise SystemExit("nlft-kernels: NLFT_FORCE_CUDA=1 and NLFT_SKIP_CUDA_BUILD=1 contradict each other")
     try:
-        import torch
+        torch = _import_target_torch()
         from torch.utils import cpp_extension
     except ImportError as err:
         if force_cuda:
             raise SystemExit(f"nlft-kernels: NLFT_FORCE_CUDA=1 but torch cannot be imported ({err})") from err
-        return _skip(f"torch is not importable at build time ({err}). {ISOLATED_HINT}")
+        return _skip(f"torch is not installed in {sysconfig.get_paths()['purelib']} ({err}); {NO_TORCH_HINT}")
     build_info["torch"] = torch.__version__
     compiler = cpp_extension.get_cxx_compiler()
     if shutil.which(compiler.split()[0] if compiler.strip() else "c++") is None:
@@ -135,6 +136,24 @@ def _extensions() -> tuple[list, dict]:
     build_info["reason"] = "" if with_cuda else f"CPU kernel only: {why_not}"
     build_ext = _optional_build_ext(cpp_extension.BuildExtension, force_cuda)
     return [ext], {"build_ext": build_ext, "build_py": BuildPyWithInfo}
+
+
+def _import_target_torch():
+    """The torch of the environment this package is installed into.
+
+    pip's isolated build environment drops the interpreter's site-packages from ``sys.path``
+    (sysconfig still names them); the extension must be compiled against the torch that will
+    import it, which lives there, so look there after the build environment's own paths.
+    """
+    try:
+        import torch
+    except ImportError:
+        for key in ("purelib", "platlib"):
+            path = sysconfig.get_paths()[key]
+            if path not in sys.path and os.path.isdir(path):
+                sys.path.append(path)
+        import torch
+    return torch
 
 
 def _cuda_wanted(torch, cpp_extension, skip: bool) -> tuple[bool, str]:
