@@ -2,8 +2,9 @@
 
 Every subcommand takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a Hugging
 Face model folder or hub name) and ``--data`` (default: GSM8K from ``../shared/data/gsm8k``
-when it is there; or a JSONL file, a folder of ``{train,test}.jsonl`` or a ``datasets`` hub
-name). Heavy imports (torch, transformers) wait until a subcommand runs.
+when it is there, else ``openai/gsm8k`` from the hub; or a JSONL file, a folder of
+``{train,test}.jsonl`` or a ``datasets`` hub name, ``name[:config]``). Heavy imports (torch,
+transformers) wait until a subcommand runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 GSM8K_DIR = Path("shared") / "data" / "gsm8k"
+GSM8K_HUB = "openai/gsm8k:main"  # datasets hub name:config, when there is no local copy
 DEMO_MAX_NEW_TOKENS = 128
 
 
@@ -77,7 +79,8 @@ def resolve_data(value: str | None, split: str, parser: argparse.ArgumentParser)
     if value is None:
         folder = default_gsm8k_dir()
         if folder is None:
-            parser.error(f"--data is required: no GSM8K found at ../{GSM8K_DIR} (a JSONL file, folder or hub name)")
+            print(f"no GSM8K at ../{GSM8K_DIR}: reading {GSM8K_HUB} from the Hugging Face hub", file=sys.stderr)
+            return GSM8K_HUB
         value = str(folder)
     path = Path(value)
     if path.is_dir():
@@ -332,7 +335,7 @@ def _add_data(p: argparse.ArgumentParser, split: str, what: str) -> None:
         "--data",
         default=None,
         help=f"{what}: a JSONL file with question/answer, a folder with {{train,test}}.jsonl, or a datasets hub "
-        "name (default: GSM8K in ../shared/data/gsm8k)",
+        "name[:config] (default: GSM8K in ../shared/data/gsm8k, else openai/gsm8k:main from the hub)",
     )
     p.add_argument("--split", default=split, help=f"split of a folder or hub dataset (default: {split})")
 
@@ -383,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--data",
         default=None,
-        help="folder with train.jsonl and test.jsonl, or a hub name "
-        "with train/test splits (default: GSM8K in ../shared/data/gsm8k)",
+        help="folder with train.jsonl and test.jsonl, or a hub name[:config] with train/test splits "
+        "(default: GSM8K in ../shared/data/gsm8k, else openai/gsm8k:main from the hub)",
     )
     _add_generation(demo, samples=8, max_new_tokens=DEMO_MAX_NEW_TOKENS)
     demo.add_argument(

@@ -56,8 +56,8 @@ def read_json_list(path: str | os.PathLike, limit: int | None = None) -> list[di
 
 def read_rows(source: str | os.PathLike, split: str = "train", limit: int | None = None) -> list[dict]:
     """Rows (dicts) of ``source``: a local JSONL file (or a ``.json`` list of objects), or else a
-    ``datasets`` hub name read with ``load_dataset(source, split=split)`` (``split`` is ignored
-    for a local file).
+    ``datasets`` hub name, ``"name"`` or ``"name:config"`` (e.g. ``"openai/gsm8k:main"``), read
+    with ``load_dataset(name, config, split=split)`` (``split`` is ignored for a local file).
 
     ``limit`` keeps the first rows only. A bad JSONL line raises ValueError naming file and line.
     """
@@ -71,7 +71,8 @@ def read_rows(source: str | os.PathLike, split: str = "train", limit: int | None
         return read_jsonl(source, limit)
     from datasets import load_dataset
 
-    dataset = load_dataset(str(source), split=split)
+    name, _, config = str(source).partition(":")
+    dataset = load_dataset(name, config or None, split=split)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return [dict(row) for row in dataset]

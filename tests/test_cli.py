@@ -98,11 +98,24 @@ def test_data_without_fields(tmp_path, capsys):
     assert "lacks the fields 'question' and 'answer'" in capsys.readouterr().err
 
 
-def test_missing_default_data(monkeypatch, capsys):
+def test_without_local_gsm8k_the_hub_is_read(monkeypatch, capsys):
+    """No ../shared/data/gsm8k: GSM8K comes from the hub; an unreachable hub is a clean error."""
+    import datasets
+
+    asked = []
+
+    def offline(*args, **kwargs):
+        asked.append((args, kwargs))
+        raise ConnectionError("no network")
+
     monkeypatch.setattr(cli, "default_gsm8k_dir", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SystemExit):
-        main(["generate", "--out", "x.jsonl"])
-    assert "--data is required" in capsys.readouterr().err
+        main(["eval", "--samples", "1"])
+    err = capsys.readouterr().err
+    assert "reading openai/gsm8k:main from the Hugging Face hub" in err
+    assert "--data openai/gsm8k:main: no network" in err
+    assert asked == [(("openai/gsm8k", "main"), {"split": "test"})]
 
 
 @pytest.mark.skipif(not GSM8K.is_dir(), reason="GSM8K is not in ../shared/data/gsm8k")

@@ -44,6 +44,25 @@ def test_read_rows_jsonl_limit_and_bad_line(tmp_path):
         read_rows(_write(tmp_path / "list.jsonl", ["[1, 2]"]))
 
 
+@pytest.mark.parametrize(
+    ("source", "name", "config"), [("openai/gsm8k:main", "openai/gsm8k", "main"), ("me/set", "me/set", None)]
+)
+def test_read_rows_hub_name(source, name, config, monkeypatch):
+    """A name that is not a local file goes to datasets.load_dataset, with ``name:config``."""
+    import datasets
+
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(4)]
+    calls = []
+
+    def fake_load_dataset(path, config_name=None, *, split):
+        calls.append((path, config_name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert read_rows(source, split="test", limit=3) == rows[:3]
+    assert calls == [(name, config, "test")]
+
+
 def test_load_records_our_fields_and_score(tmp_path):
     rows = [
         {"question": "q0", "response": "r0", "answer": "a0", "correct": True},
