@@ -169,7 +169,7 @@ def prepare(model_name: str, preset: Preset, data: Path, workdir: Path, seed: in
     pretrained one, config for the random ones), the tokenizer and the batch. Returns a summary."""
     from transformers import AutoConfig, LlamaConfig
 
-    from nlft_kernels.data import read_rows
+    from nlft_kernels.training.data import read_rows
 
     shape = MODELS[model_name]
     if shape is None:

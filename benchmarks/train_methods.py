@@ -4,10 +4,10 @@ Every method trains the same model on the same questions with the same number of
 a prompt of exactly ``prompt_tokens`` tokens and a response of exactly ``response_tokens``
 (the teacher views of NLFT add ``teacher_tokens`` of standard answer or judgment to their
 prompt). Exact lengths keep the comparison about the methods, not about padding: prompts
-are the package's prompt views (``nlft_kernels.data.DEFAULT_TEMPLATES``) left-filled with
+are the package's prompt views (``nlft_kernels.training.data.DEFAULT_TEMPLATES``) left-filled with
 earlier GSM8K exemplars or cut from the left to length, responses are the reference solution
 (or, for a wrong sample, that solution with a wrong final answer, judged by
-``nlft_kernels.judge``) repeated and cut; ``nlft_kernels.data.NLFTCollator`` batches them.
+``nlft_kernels.judge``) repeated and cut; ``nlft_kernels.training.data.NLFTCollator`` batches them.
 
   sft                 cross-entropy on the response, the Hugging Face way (``labels=``)
   nlft_authors_style  the three views in one batch of 3B sequences, all with gradient, the
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from benchmarks.authors_style import authors_style_loss
 from nlft_kernels import NLFTConfig
-from nlft_kernels.data import DEFAULT_TEMPLATES, VIEWS, NLFTCollator, NLFTRecord
 from nlft_kernels.judge import judge_response
 from nlft_kernels.training import nlft_step
+from nlft_kernels.training.data import DEFAULT_TEMPLATES, VIEWS, NLFTCollator, NLFTRecord
 
 METHODS = ("sft", "nlft_authors_style", "nlft_kernels", "reft")
 

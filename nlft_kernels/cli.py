@@ -75,7 +75,7 @@ def default_gsm8k_dir() -> Path | None:
 
 
 def resolve_data(value: str | None, split: str, parser: argparse.ArgumentParser) -> str:
-    """The source :func:`nlft_kernels.data.read_rows` reads for ``--data value`` and ``split``."""
+    """The source :func:`nlft_kernels.training.data.read_rows` reads for ``--data value`` and ``split``."""
     if value is None:
         folder = default_gsm8k_dir()
         if folder is None:
@@ -95,7 +95,7 @@ def resolve_data(value: str | None, split: str, parser: argparse.ArgumentParser)
 
 def read_data(value: str | None, split: str, parser: argparse.ArgumentParser) -> list[dict]:
     """Rows with ``question`` and ``answer`` (GSM8K's fields) from ``--data``."""
-    from nlft_kernels.data import read_rows
+    from nlft_kernels.training.data import read_rows
 
     source = resolve_data(value, split, parser)
     try:
@@ -174,8 +174,8 @@ def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
 
 
 def _judge(args, parser, rows: list[dict] | None = None):
-    from nlft_kernels.data import NLFTRecord, read_jsonl, save_records
     from nlft_kernels.judge import load_judge
+    from nlft_kernels.training.data import NLFTRecord, read_jsonl, save_records
 
     try:
         judge = load_judge(args.judge)
@@ -209,8 +209,8 @@ def _judge(args, parser, rows: list[dict] | None = None):
 
 
 def _train(args, parser, records=None, model=None, tokenizer=None):
-    from nlft_kernels.data import load_records
     from nlft_kernels.models import save_model
+    from nlft_kernels.training.data import load_records
 
     try:
         from nlft_kernels.training import train

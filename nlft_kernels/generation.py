@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from nlft_kernels.data import NLFTRecord, PromptTemplates
 from nlft_kernels.judge import answers_equal, extract_answer, format_number
+from nlft_kernels.training.data import NLFTRecord, PromptTemplates
 
 # The system prompt of the base view for GSM8K: generation, evaluation and the NLFT records the
 # judge writes all use it, so that training sees the prompt the responses were sampled under.

@@ -76,7 +76,7 @@ def tiny_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, layers: in
 
 def tiny_records():
     """Four records: two correct, two wrong with judgments; prompts and responses of different lengths."""
-    from nlft_kernels.data import NLFTRecord
+    from nlft_kernels.training.data import NLFTRecord
 
     return [
         NLFTRecord("Natalia sold 48 clips in April and half as many in May. How many in all?",

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from benchmarks import bench_train_step as bts
 from benchmarks.reft import ReFTConfig, final_answer_reward, gae, kl_penalised_rewards, ppo_losses
 from benchmarks.train_methods import METHODS, build_inputs, build_step
-from nlft_kernels.data import VIEWS
+from nlft_kernels.training.data import VIEWS
 
 PROMPT, RESPONSE, TEACHER, BATCH = 12, 6, 5, 4
 

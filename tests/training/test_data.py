@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nlft_kernels.data import (
+from nlft_kernels.training.data import (
     VIEWS,
     NLFTCollator,
     NLFTRecord,

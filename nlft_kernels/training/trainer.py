@@ -1,6 +1,6 @@
 """NLFT on a transformers causal LM: the per-batch loss, a plain-loop step, a Trainer, ``train``.
 
-One code path computes the loss of a batch from :class:`nlft_kernels.data.NLFTCollator`
+One code path computes the loss of a batch from :class:`nlft_kernels.training.data.NLFTCollator`
 (:func:`nlft_batch_loss`); :func:`nlft_step` and :meth:`NLFTTrainer.compute_loss` both call it.
 
 Per batch: the base view runs through the model with gradient and the standard and judge views
@@ -27,7 +27,14 @@ from torch import nn
 
 from nlft_kernels import linear_token_logprobs, nlft_linear_loss
 from nlft_kernels.config import NLFTConfig
-from nlft_kernels.data import DEFAULT_TEMPLATES, VIEWS, NLFTCollator, NLFTRecord, PromptTemplates, encode_records
+from nlft_kernels.training.data import (
+    DEFAULT_TEMPLATES,
+    VIEWS,
+    NLFTCollator,
+    NLFTRecord,
+    PromptTemplates,
+    encode_records,
+)
 
 # Every key that encode_record writes: the Trainer must not drop them as "unused columns".
 FEATURE_COLUMNS = ["labels", "correct"] + [f"{v}_{k}" for v in VIEWS for k in ("input_ids", "prompt_length")]
@@ -202,9 +209,7 @@ def nlft_batch_loss(
                 judge[wrong] = linear_token_logprobs(h, jw, labels[wrong], jb, ignore_index=config.ignore_index)
             else:
                 judge[wrong] = _teacher_logprobs(teacher, batch, "judge", wrong, labels[wrong], w, b, config)
-    loss = nlft_linear_loss(
-        base_hidden, w, labels, correct, standard=standard, judge=judge, bias=b, config=config
-    )
+    loss = nlft_linear_loss(base_hidden, w, labels, correct, standard=standard, judge=judge, bias=b, config=config)
     if judge_grad:
         h, jw, jb = _match_dtypes(judge_hidden, weight, bias)
         loss = loss + judge_nll_weight * judge_nll(h, jw, jb, labels[wrong], config.ignore_index).sum() / batch_size
@@ -254,7 +259,7 @@ def nlft_step(
 class NLFTTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` whose loss is :func:`nlft_batch_loss` (the code of :func:`nlft_step`).
 
-    Train on the output of :func:`nlft_kernels.data.encode_records` (a list of dicts or a
+    Train on the output of :func:`nlft_kernels.training.data.encode_records` (a list of dicts or a
     ``datasets.Dataset``); the default collator is :class:`NLFTCollator` with the tokenizer's
     pad token. Gradient accumulation divides each micro-batch's sample-mean loss by the number
     of micro-batches (exact for equal micro-batches); bf16/fp16 autocast, peft LoRA models and

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from nlft_kernels import NLFTConfig
-from nlft_kernels.data import NLFTCollator, NLFTRecord, PromptTemplates, encode_records
 from nlft_kernels.reference import nlft_loss_reference
-from nlft_kernels.training import NLFTTrainer, add_lora, lm_head_of, nlft_batch_loss, nlft_step, train
+from nlft_kernels.training.data import NLFTCollator, NLFTRecord, PromptTemplates, encode_records
+from nlft_kernels.training.trainer import NLFTTrainer, add_lora, lm_head_of, nlft_batch_loss, nlft_step, train
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
 
 # float32 model, float64 reference: the loss and gradients agree to about this (relative).

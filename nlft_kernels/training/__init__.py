@@ -1,0 +1,36 @@
+"""NLFT on a transformers causal LM: records and prompt views (:mod:`.data`), and the loss of a
+batch, the plain-loop step, the ``Trainer`` and ``train`` (:mod:`.trainer`)."""
+
+from nlft_kernels.training.data import (
+    DEFAULT_TEMPLATES,
+    VIEWS,
+    NLFTCollator,
+    NLFTRecord,
+    PromptTemplates,
+    encode_record,
+    encode_records,
+    load_records,
+    read_rows,
+    record_from_row,
+    save_records,
+)
+from nlft_kernels.training.trainer import NLFTTrainer, add_lora, nlft_batch_loss, nlft_step, train
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "VIEWS",
+    "NLFTCollator",
+    "NLFTRecord",
+    "NLFTTrainer",
+    "PromptTemplates",
+    "add_lora",
+    "encode_record",
+    "encode_records",
+    "load_records",
+    "nlft_batch_loss",
+    "nlft_step",
+    "read_rows",
+    "record_from_row",
+    "save_records",
+    "train",
+]
