@@ -38,7 +38,7 @@ GPU_DEFAULT = "triton"
 # Written by setup.py next to the package: whether the build made _C, why not, and the torch it
 # was built against.
 BUILD_INFO = "_build_info.json"
-REBUILD = "pip install --no-build-isolation . (or python setup.py build_ext --inplace in a checkout)"
+REBUILD = "pip install --force-reinstall --no-deps . after torch (or python setup.py build_ext --inplace in a checkout)"
 
 
 def triton_interpreted() -> bool:

@@ -1,0 +1,58 @@
+"""The README's Python examples run as written (on a tiny random Llama where they need a model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from nlft_kernels.training import NLFTCollator, encode_records, save_records
+from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_block(heading: str, index: int = 0) -> str:
+    """The ``index``-th ```python block of the README section that starts with ``heading``."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + 1)
+    blocks = re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.S)
+    assert len(blocks) > index, f"no python block {index} under {heading!r}"
+    return blocks[index]
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def test_api_in_ten_lines():
+    namespace: dict = {}
+    exec(python_block("## The API in ten lines"), namespace)
+    assert torch.isfinite(namespace["loss"]) and namespace["base_logits"].grad.abs().sum() > 0
+
+
+def test_linear_loss_in_a_training_loop(tokenizer):
+    model = tiny_model(len(tokenizer))
+    batch = NLFTCollator(tokenizer.pad_token_id)(encode_records(tiny_records(), tokenizer))
+    assert batch["correct"].any() and not batch["correct"].all()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.lm_head.weight.detach().clone()
+    namespace = {"model": model, "loader": [batch], "optimizer": optimizer}
+    exec(python_block("### Never materialise the logits: `nlft_linear_loss`", 1), namespace)
+    assert torch.isfinite(namespace["loss"])
+    assert not torch.equal(model.lm_head.weight, before)  # the head trained through the fused loss
+
+
+def test_train_on_your_data(tokenizer, tmp_path, monkeypatch):
+    """The training example, with 2 steps instead of 100 to keep the suite fast."""
+    monkeypatch.chdir(tmp_path)
+    save_records("data.jsonl", tiny_records())
+    code = python_block("### Train with NLFT on your data")
+    assert "steps=100" in code
+    namespace = {"model": tiny_model(len(tokenizer)), "tokenizer": tokenizer}
+    exec(code.replace("steps=100", "steps=2"), namespace)
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
