@@ -1,28 +1,35 @@
 """How fast is the fused NLFT loss, and how much memory does it need, against what users run today?
 
-Forward+backward of four cases on the same inputs (B samples x T rows, flattened to N rows of
+Forward+backward of each case on the same inputs (B samples x T rows, flattened to N rows of
 V logits per view; correct and wrong samples mixed, with saliency, unlikelihood and killed
 samples present):
 
-  nlft_kernels        ``nlft_kernels.nlft_loss``, backend "auto" (Triton on CUDA, chunked
-                      torch on the CPU); the teacher views carry no gradient
+  nlft_kernels        ``nlft_kernels.nlft_loss``, backend "auto" (Triton on CUDA; on the CPU the
+                      C++ kernel of nlft_kernels._C when it is built, else chunked torch); the
+                      teacher views carry no gradient
   authors_style       ``benchmarks.authors_style``: the three views as one [3, N, V] batch with
                       gradient and full float32 softmaxes, as in the authors' training code
   reference           ``nlft_kernels.reference.nlft_loss_reference`` in float32, eager
   compiled_reference  the same under ``torch.compile``
   cross_entropy       one ``F.cross_entropy`` on the base view: the lower bound
+  liger_cross_entropy_x3
+                      Liger-Kernel's fused cross-entropy once per view (base with gradient, the
+                      teachers under no_grad): what a user gets by calling a fused cross-entropy
+                      three times; CUDA with liger-kernel installed only (skipped otherwise). It
+                      overwrites its input with the gradient, so it runs last on each shape.
 
 Run from the repository root:
   python -m benchmarks.bench_loss --quick     # CPU-sized grid (a few minutes on 2 cores)
   python -m benchmarks.bench_loss             # full GPU grid
 Writes benchmarks/results/bench_loss-<device>-<date>.json (``--out`` to change), a PNG next to
-it (matplotlib) and prints a Markdown table.
+it (matplotlib) and the Markdown table (printed, and written next to it as .md).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -37,10 +44,11 @@ import torch.nn.functional as F
 
 from benchmarks import _util
 from benchmarks.authors_style import authors_style_loss
-from nlft_kernels import NLFTConfig, nlft_loss
+from nlft_kernels import NLFTConfig, backends, nlft_loss
 from nlft_kernels.reference import nlft_loss_reference
 
-CASES = ("nlft_kernels", "authors_style", "reference", "compiled_reference", "cross_entropy")
+LIGER = "liger_cross_entropy_x3"
+CASES = ("nlft_kernels", "authors_style", "reference", "compiled_reference", "cross_entropy", LIGER)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 QUICK_GRID = {"n": (512, 2048), "vocab": (4096, 32000), "dtype": ("float32", "bfloat16")}
@@ -49,7 +57,14 @@ TINY_GRID = {"n": (64,), "vocab": (1000,), "dtype": ("float32",)}
 
 # Bytes each case must move at the least, in units of N * V * element size: the NLFT cases read
 # three views and write the base gradient, cross-entropy reads one view and writes its gradient.
-ESSENTIAL_PASSES = {"nlft_kernels": 4, "authors_style": 4, "reference": 4, "compiled_reference": 4, "cross_entropy": 2}
+ESSENTIAL_PASSES = {
+    "nlft_kernels": 4,
+    "authors_style": 4,
+    "reference": 4,
+    "compiled_reference": 4,
+    "cross_entropy": 2,
+    LIGER: 4,
+}
 
 METHOD = {
     "timing": (
@@ -172,9 +187,28 @@ def build_case(case: str, batch: Batch, shape: Shape) -> tuple[Callable[[], None
 
         def step() -> None:
             F.cross_entropy(leaf, labels).backward()
+    elif case == LIGER:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger = LigerCrossEntropyLoss()
+
+        def step() -> None:
+            with torch.no_grad():
+                liger(views[1], labels)
+                liger(views[2], labels)
+            liger(leaf, labels).backward()
     else:
         raise ValueError(f"case must be one of {CASES}, got {case!r}")
     return step, reset
+
+
+def liger_unavailable(device: torch.device) -> str | None:
+    """Why Liger-Kernel's cross-entropy cannot run here, or None."""
+    if device.type != "cuda":
+        return "Liger-Kernel's Triton kernels need CUDA"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    return None
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -184,6 +218,8 @@ def _is_oom(error: BaseException) -> bool:
 def measure_case(case: str, batch: Batch, shape: Shape, device: torch.device, args) -> dict:
     """Time (and on CUDA, peak memory) of one case; status ``ok``, ``skipped`` or ``oom``."""
     row: dict = {"case": case, "status": "ok", "note": ""}
+    if case == LIGER and (why := liger_unavailable(device)):
+        return row | {"status": "skipped", "note": why}
     step, reset = build_case(case, batch, shape)
     if case == "compiled_reference":
         try:  # compilation happens at the first call; a machine without a compiler skips the case
@@ -322,6 +358,7 @@ def run(args, argv: list[str]) -> dict:
         "method": METHOD | {"memory": METHOD["memory_cuda" if device.type == "cuda" else "memory_cpu"]},
         # Other processes on a shared machine inflate CPU timings; the load average shows how much.
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
+        "backends": backends(),
         "copy_bandwidth_bytes_per_s": copy_bw,
         "copy_bandwidth_buffer_bytes": copy_bytes,
         "cases": rows,
@@ -391,7 +428,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     device = torch.device("cuda" if payload["device_type"] == "cuda" else "cpu")
     out = args.out or _util.RESULTS_DIR / f"bench_loss-{_util.device_slug(device)}-{_util.today()}.json"
     _util.write_json(out, payload)
-    print(markdown_table(payload))
+    table = markdown_table(payload)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
     print(f"\nwrote {out}")
     if not args.no_plot:
         from benchmarks.plot import plot_results

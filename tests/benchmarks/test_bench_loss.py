@@ -1,0 +1,121 @@
+"""benchmarks/bench_loss.py: its inputs exercise the whole rule, every case computes the same loss,
+and a run writes the JSON, the Markdown table and the plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import bench_loss
+from benchmarks.bench_loss import Shape, build_case, make_batch
+from nlft_kernels.reference import nlft_loss_reference
+from tests.tolerances import assert_loss_close
+
+SHAPE = Shape(n=256, vocab=300, dtype="float32", rows_per_sample=32)
+
+
+def test_inputs_exercise_every_branch():
+    batch = make_batch(SHAPE, torch.device("cpu"))
+    b, t = SHAPE.batch, SHAPE.rows_per_sample
+    views = batch.views.double()
+    _, details = nlft_loss_reference(
+        views[0].view(b, t, -1),
+        batch.labels.view(b, t),
+        batch.correct,
+        views[1].view(b, t, -1),
+        views[2].view(b, t, -1),
+        return_details=True,
+    )
+    correct = batch.correct
+    assert correct.any() and not correct.all()
+    assert details["saliency"][correct].any(), "no saliency token in a correct sample"
+    assert details["saliency"][~correct].any(), "no saliency token in a wrong sample"
+    assert details["unlikelihood"].any() and details["killed"].any()
+    assert (batch.labels == -100).any()
+
+
+@pytest.mark.parametrize("case", ["nlft_kernels", "authors_style", "reference", "cross_entropy"])
+def test_cases_compute_the_loss(case, monkeypatch):
+    """Every NLFT case computes the reference loss (its gradient lands on the base view)."""
+    batch = make_batch(SHAPE, torch.device("cpu"))
+    b, t = SHAPE.batch, SHAPE.rows_per_sample
+    views = batch.views
+    expected = nlft_loss_reference(
+        views[0].view(b, t, -1),
+        batch.labels.view(b, t),
+        batch.correct,
+        views[1].view(b, t, -1),
+        views[2].view(b, t, -1),
+    )
+    seen = []
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: seen.append(self.detach()))
+    step, reset = build_case(case, batch, SHAPE)
+    reset()
+    step()
+    (loss,) = seen
+    if case == "cross_entropy":
+        ce = torch.nn.functional.cross_entropy(views[0].double(), batch.labels)
+        assert_loss_close(loss, ce)
+    else:
+        assert_loss_close(loss, expected)
+
+
+def test_quick_run_writes_json_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "loss.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_loss",
+        "--tiny",
+        "--reps",
+        "2",
+        "--out",
+        str(out),
+        "--cases",
+        "nlft_kernels",
+        "cross_entropy",
+        "liger_cross_entropy_x3",
+    ]
+    root = bench_loss._util.REPO_ROOT
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    for key in ("device", "versions", "date", "command", "method", "copy_bandwidth_bytes_per_s", "backends"):
+        assert key in payload, key
+    rows = {r["case"]: r for r in payload["cases"]}
+    for case in ("nlft_kernels", "cross_entropy"):
+        assert rows[case]["status"] == "ok" and rows[case]["median_ms"] > 0 and rows[case]["peak_extra_bytes"] >= 0
+    liger = rows["liger_cross_entropy_x3"]
+    assert liger["status"] == "skipped" and liger["note"], liger  # Liger's kernels need CUDA
+    table = out.with_suffix(".md").read_text()
+    assert table == bench_loss.markdown_table(payload) + "\n" and table in done.stdout
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("pytest_benchmark"), reason="pytest-benchmark missing")
+def test_pytest_benchmark_cases_run(tmp_path):
+    """benchmarks/test_loss_cases.py on the tiny grid, each case once (--benchmark-disable)."""
+    root = bench_loss._util.REPO_ROOT
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-disable",
+        "benchmarks/test_loss_cases.py",
+        "-k",
+        "not compiled_reference",
+    ]
+    env = os.environ | {"NLFT_BENCH_GRID": "tiny", "PYTHONPATH": str(root)}
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "4 passed" in done.stdout
