@@ -119,15 +119,15 @@ def _load_failure(err: BaseException, package_dir: Path) -> str:
 def _installed_file(prefix: str) -> str | None:
     """Path of ``nlft_kernels/<prefix>...`` in the installed distribution, if any (the compiled
     extension for ``"_C."``)."""
-    try:
-        files = importlib.metadata.distribution("nlft-kernels").files or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES) if prefix == "_C." else ("",)
-    for file in files:
-        if file.parent.name == "nlft_kernels" and file.name.startswith(prefix) and file.name.endswith(suffixes):
-            path = str(file.locate())
-            return path if os.path.exists(path) else None
+    # Every distribution of that name on sys.path: in a checkout where `pip install .` ran, the
+    # checkout's own nlft_kernels.egg-info (which lists no compiled file) comes first.
+    for dist in importlib.metadata.distributions(name="nlft-kernels"):
+        for file in dist.files or []:
+            if file.parent.name == "nlft_kernels" and file.name.startswith(prefix) and file.name.endswith(suffixes):
+                path = str(file.locate())
+                if os.path.exists(path):
+                    return path
     return None
 
 

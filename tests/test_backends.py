@@ -146,3 +146,24 @@ def test_extension_left_out_at_install_is_reported(tmp_path):
     assert out["auto"] == "torch"
     assert out["report"]["cpp"] == "unavailable: nlft_kernels._C was not built at install: " + info["reason"]
     assert out["report"]["cuda"] == out["report"]["cpp"]
+
+
+def test_installed_extension_found_behind_a_checkout_egg_info(tmp_path, monkeypatch):
+    """`pip install .` in a checkout leaves nlft_kernels.egg-info there (no compiled file listed)
+    ahead of site-packages on sys.path: the installed _C is still found."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    checkout, site = tmp_path / "checkout", tmp_path / "site"
+    egg = checkout / "nlft_kernels.egg-info"
+    egg.mkdir(parents=True)
+    (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: nlft-kernels\nVersion: 0.1.0\n")
+    (egg / "SOURCES.txt").write_text("setup.py\nnlft_kernels/__init__.py\n")
+    dist = site / "nlft_kernels-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: nlft-kernels\nVersion: 0.1.0\n")
+    (dist / "RECORD").write_text(f"nlft_kernels/__init__.py,,\nnlft_kernels/_C{suffix},,\n")
+    (site / "nlft_kernels").mkdir()
+    (site / "nlft_kernels" / f"_C{suffix}").write_bytes(b"")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(checkout))  # the checkout first, as when pytest runs from it
+    found = backends_module._installed_file("_C.")
+    assert found == str(site / "nlft_kernels" / f"_C{suffix}")
