@@ -39,8 +39,14 @@ def _install(tmp_path: Path, cxx: str) -> tuple[subprocess.CompletedProcess, Pat
 
 
 def _backends_of(target: Path) -> dict:
-    """nlft_kernels.backends() of the installed copy, imported in a fresh interpreter."""
-    code = "import json, nlft_kernels; print(json.dumps(nlft_kernels.backends()))"
+    """nlft_kernels.backends() of the copy installed in ``target``, imported in a fresh interpreter."""
+    # This copy only: backends() would otherwise load the _C of another installation of the
+    # package on sys.path (as it does for tests run from a checkout).
+    code = (
+        "import importlib, json, nlft_kernels\n"
+        "importlib.import_module('nlft_kernels.backends')._installed_file = lambda prefix: None\n"
+        "print(json.dumps(nlft_kernels.backends()))"
+    )
     env = dict(os.environ, PYTHONPATH=str(target))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=target, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
