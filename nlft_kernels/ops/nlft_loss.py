@@ -334,6 +334,20 @@ def _first_stage_triton(v: Views, cfg: NLFTConfig, compute_grad: bool):
         n,
         base.shape[1],
         vocab,
+        *_rule_constants(cfg),
+        STD=v.standard_mode,
+        JUDGE=v.judge_mode,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block,
+        ACC=tl_acc(base.dtype),
+        num_warps=warps,
+    )
+    return stats, saliency.bool(), grad if compute_grad else None
+
+
+def _rule_constants(cfg: NLFTConfig) -> tuple:
+    """The config's scalars in the order the row kernels (Triton, C++, CUDA) take them."""
+    return (
         cfg.ignore_index,
         cfg.correct_threshold,
         cfg.saliency_power,
@@ -344,14 +358,7 @@ def _first_stage_triton(v: Views, cfg: NLFTConfig, compute_grad: bool):
         cfg.sigmoid_scale,
         cfg.unlikelihood_clamp,
         cfg.nll_weight,
-        STD=v.standard_mode,
-        JUDGE=v.judge_mode,
-        COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block,
-        ACC=tl_acc(base.dtype),
-        num_warps=warps,
     )
-    return stats, saliency.bool(), grad if compute_grad else None
 
 
 def _first_stage_ext(v: Views, cfg: NLFTConfig, compute_grad: bool):
@@ -371,16 +378,7 @@ def _first_stage_ext(v: Views, cfg: NLFTConfig, compute_grad: bool):
         v.labels,
         v.wrong,
         v.scale,
-        cfg.ignore_index,
-        cfg.correct_threshold,
-        cfg.saliency_power,
-        cfg.other_power,
-        math.log(cfg.ratio_threshold),
-        _log(cfg.judge_min_prob),
-        cfg.sigmoid_center,
-        cfg.sigmoid_scale,
-        cfg.unlikelihood_clamp,
-        cfg.nll_weight,
+        *_rule_constants(cfg),
         compute_grad,
     )
 
