@@ -71,14 +71,22 @@ def build_step(case: str, batch, device: torch.device):
         leaf.grad = None
 
     if case == "cross_entropy":
+
         def step() -> None:
             F.cross_entropy(leaf, labels).backward()
     else:
+
         def step() -> None:
             nlft_loss(
-                leaf, labels, batch.correct, standard=views[1], judge=views[2], sample_ids=batch.sample_ids,
+                leaf,
+                labels,
+                batch.correct,
+                standard=views[1],
+                judge=views[2],
+                sample_ids=batch.sample_ids,
                 backend=case,
             ).backward()
+
     return step, reset
 
 
@@ -108,11 +116,18 @@ def run(args, argv: list[str]) -> dict:
                 median = _util.median(times)
                 essential = ESSENTIAL_PASSES["cross_entropy" if case == "cross_entropy" else "nlft_kernels"]
                 achieved = essential * n * vocab * elem / (median / 1e3)
-                rows.append(head | {
-                    "case": case, "median_ms": median, "min_ms": min(times), "max_ms": max(times),
-                    "reps": len(times), "achieved_bytes_per_s": achieved,
-                    "fraction_of_copy_bandwidth": achieved / copy_bw,
-                })
+                rows.append(
+                    head
+                    | {
+                        "case": case,
+                        "median_ms": median,
+                        "min_ms": min(times),
+                        "max_ms": max(times),
+                        "reps": len(times),
+                        "achieved_bytes_per_s": achieved,
+                        "fraction_of_copy_bandwidth": achieved / copy_bw,
+                    }
+                )
                 gc.collect()
             del batch
             gc.collect()
@@ -129,8 +144,13 @@ def run(args, argv: list[str]) -> dict:
         "backends": backends(),
         "date": _util.now_iso(),
         "command": _util.command_line("benchmarks.bench_cpu_kernel", argv),
-        "settings": {"warmup": args.warmup, "reps": args.reps, "seed": args.seed,
-                     "rows_per_sample": args.rows_per_sample, "cases": list(cases)},
+        "settings": {
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "seed": args.seed,
+            "rows_per_sample": args.rows_per_sample,
+            "cases": list(cases),
+        },
         "method": METHOD,
         # Other processes on a shared machine inflate CPU timings; the load average shows how much.
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},

@@ -56,12 +56,19 @@ LLAMA3 = {
 }
 MODELS: dict[str, dict | None] = {
     "smollm2-135m": None,  # the embedded SmolLM2-135M-Instruct (pretrained weights)
-    "llama3-8b-4layers": LLAMA3 | {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4,
-                                   "tie_word_embeddings": False},
-    "llama3.2-1b": LLAMA3 | {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                             "tie_word_embeddings": True},
-    "tiny-llama": {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256},
+    "llama3-8b-4layers": LLAMA3
+    | {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4, "tie_word_embeddings": False},
+    "llama3.2-1b": LLAMA3
+    | {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "tie_word_embeddings": True},
+    "tiny-llama": {
+        "vocab_size": 512,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    },
 }
 
 
@@ -184,8 +191,15 @@ def prepare(model_name: str, preset: Preset, data: Path, workdir: Path, seed: in
     if not isinstance(tokenizer, ByteTokenizer):
         tokenizer.save_pretrained(workdir / "tokenizer")
     rows = read_rows(data, limit=preset.batch_size + 32)
-    inputs = build_inputs(rows, tokenizer, config.vocab_size, preset.batch_size, preset.prompt_tokens,
-                          preset.response_tokens, preset.teacher_tokens)
+    inputs = build_inputs(
+        rows,
+        tokenizer,
+        config.vocab_size,
+        preset.batch_size,
+        preset.prompt_tokens,
+        preset.response_tokens,
+        preset.teacher_tokens,
+    )
     torch.save(asdict(inputs), workdir / "inputs.pt")
     config = AutoConfig.from_pretrained(workdir / "model")
     return {
@@ -266,12 +280,17 @@ def measure(spec: dict) -> dict:
     row["losses"] = losses
     row["finite"] = all(torch.isfinite(torch.tensor(losses)).tolist())
     if spec["what"] != "memory":
-        steady = times[spec["warmup"]:]
-        row |= {"first_step_ms": times[0], "steady_ms": _util.median(steady), "steady_min_ms": min(steady),
-                "steady_max_ms": max(steady), "reps": len(steady)}
+        steady = times[spec["warmup"] :]
+        row |= {
+            "first_step_ms": times[0],
+            "steady_ms": _util.median(steady),
+            "steady_min_ms": min(steady),
+            "steady_max_ms": max(steady),
+            "reps": len(steady),
+        }
         row["steady_ms_per_sample"] = row["steady_ms"] / inputs.batch_size
         if "sampling_ms" in outs[0]:
-            row["sampling_ms"] = _util.median([o["sampling_ms"] for o in outs[spec["warmup"]:]])
+            row["sampling_ms"] = _util.median([o["sampling_ms"] for o in outs[spec["warmup"] :]])
             row["sampling_ms_per_sample"] = row["sampling_ms"] / inputs.batch_size
     if device.type == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -287,7 +306,10 @@ def probe(spec: dict, in_process: bool) -> dict:
     env = os.environ | (_util.RSS_ALLOCATOR_ENV if spec["what"] == "memory" else {})
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_train_step", "--probe", json.dumps(spec)],
-        cwd=_util.REPO_ROOT, env=env, capture_output=True, text=True,
+        cwd=_util.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
         raise RuntimeError(f"probe {spec['what']} of {spec['method']} failed:\n{done.stderr[-3000:]}")
@@ -328,9 +350,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             models.append(summary)
             for method in args.methods:
                 print(f"{model_name} {method} ...", file=sys.stderr, flush=True)
-                spec = {"method": method, "device": device.type, "dtype": args.dtype, "workdir": str(workdir),
-                        "random_weights": summary["weights"] == "random", "seed": args.seed,
-                        "warmup": preset.warmup, "reps": preset.reps}
+                spec = {
+                    "method": method,
+                    "device": device.type,
+                    "dtype": args.dtype,
+                    "workdir": str(workdir),
+                    "random_weights": summary["weights"] == "random",
+                    "seed": args.seed,
+                    "warmup": preset.warmup,
+                    "reps": preset.reps,
+                }
                 if device.type == "cuda":
                     row = probe(spec | {"what": "both"}, args.in_process)
                 else:
@@ -350,9 +379,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "command": _util.command_line("benchmarks.bench_train_step", argv),
         # Other processes on a shared machine inflate CPU timings; the load average shows how much.
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
-        "settings": asdict(preset) | {"dtype": args.dtype, "seed": args.seed, "methods": list(args.methods),
-                                      "data": str(args.data), "nlft_step": "nlft_kernels.training.nlft_step",
-                                      "nlft_config": asdict(NLFTConfig()), "reft_config": asdict(ReFTConfig())},
+        "settings": asdict(preset)
+        | {
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "methods": list(args.methods),
+            "data": str(args.data),
+            "nlft_step": "nlft_kernels.training.nlft_step",
+            "nlft_config": asdict(NLFTConfig()),
+            "reft_config": asdict(ReFTConfig()),
+        },
         "method": {k: v for k, v in METHOD_NOTES.items() if not k.startswith("memory_")}
         | {"memory": METHOD_NOTES["memory_cuda" if device.type == "cuda" else "memory_cpu"]},
         "models": models,
@@ -390,8 +426,11 @@ def markdown_table(payload: dict) -> str:
             f"{_fmt(r.get('peak_bytes'), 2**20, 0)} | {r['losses'][-1]:.3g} |"
         )
     if payload["reductions"]:
-        lines += ["", "| model | nlft_kernels against | less time per sample | less peak memory | paper (vs ReFT) |",
-                  "|---|---|---:|---:|---|"]
+        lines += [
+            "",
+            "| model | nlft_kernels against | less time per sample | less peak memory | paper (vs ReFT) |",
+            "|---|---|---:|---:|---|",
+        ]
         for red in payload["reductions"]:
             paper = red.get("paper")
             paper = f"{100 * paper['time']:.2f}% time, {100 * paper['memory']:.2f}% memory" if paper else ""
@@ -464,8 +503,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.data = args.data or default_data()
     preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
-    overrides = {k: getattr(args, k) for k in ("batch_size", "prompt_tokens", "response_tokens", "teacher_tokens",
-                                               "warmup", "reps") if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("batch_size", "prompt_tokens", "response_tokens", "teacher_tokens", "warmup", "reps")
+        if getattr(args, k) is not None
+    }
     if args.models:
         overrides["models"] = tuple(args.models)
     args.preset = Preset(**asdict(preset) | overrides)

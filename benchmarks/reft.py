@@ -213,7 +213,14 @@ class ReFTTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             logprobs, values = response_logprobs(self.policy, sequences, prompt_len, self.value_head)
             policy_loss, value_loss = ppo_losses(
-                logprobs, old_logprobs, advantages, values, old_values, returns, mask, cfg.cliprange,
+                logprobs,
+                old_logprobs,
+                advantages,
+                values,
+                old_values,
+                returns,
+                mask,
+                cfg.cliprange,
                 cfg.cliprange_value,
             )
             loss = policy_loss + cfg.vf_coef * value_loss

@@ -120,8 +120,11 @@ def build_inputs(
         return [t % vocab_size for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     exemplars = [t for r in rows[batch_size:] for t in encode(r["question"] + "\n" + r["answer"] + "\n\n")]
-    prompt_length = {"base": prompt_tokens, "standard": prompt_tokens + teacher_tokens,
-                     "judge": prompt_tokens + teacher_tokens}
+    prompt_length = {
+        "base": prompt_tokens,
+        "standard": prompt_tokens + teacher_tokens,
+        "judge": prompt_tokens + teacher_tokens,
+    }
     features, answers = [], []
     for b, row in enumerate(rows[:batch_size]):
         question, solution = row["question"], row["answer"]
@@ -137,8 +140,9 @@ def build_inputs(
         labels = _exact(body, body, response_tokens, "start")
         feature: dict = {"labels": labels, "correct": correct}
         for view in VIEWS:
-            prompt = _exact(encode(DEFAULT_TEMPLATES.render(view, record, tokenizer)), exemplars,
-                            prompt_length[view], "end")
+            prompt = _exact(
+                encode(DEFAULT_TEMPLATES.render(view, record, tokenizer)), exemplars, prompt_length[view], "end"
+            )
             feature[f"{view}_input_ids"] = prompt + labels
             feature[f"{view}_prompt_length"] = len(prompt)
         features.append(feature)
@@ -211,8 +215,14 @@ def nlft_kernels_step(model, optimizer, inputs: StepInputs, config: NLFTConfig) 
     return step
 
 
-def build_step(method: str, model, inputs: StepInputs, decode: Callable[[list[int]], str],
-               config: NLFTConfig = NLFTConfig(), lr: float = 1e-6) -> tuple[StepFn, list[torch.nn.Module]]:
+def build_step(
+    method: str,
+    model,
+    inputs: StepInputs,
+    decode: Callable[[list[int]], str],
+    config: NLFTConfig = NLFTConfig(),
+    lr: float = 1e-6,
+) -> tuple[StepFn, list[torch.nn.Module]]:
     """(step, trained modules) of ``method``; ReFT also builds its frozen reference model and value head."""
     if method == "reft":
         from benchmarks.reft import ReFTConfig, ReFTTrainer, ValueHead

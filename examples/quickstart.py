@@ -1,6 +1,6 @@
 """A first run of the fused NLFT loss on random logits: loss, gradient and per-token details.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import torch

@@ -79,16 +79,32 @@ def tiny_records():
     from nlft_kernels.training.data import NLFTRecord
 
     return [
-        NLFTRecord("Natalia sold 48 clips in April and half as many in May. How many in all?",
-                   "In May she sold 48/2 = 24 clips. In all 48 + 24 = 72. The answer is 72.",
-                   "48/2 = 24; 48 + 24 = 72. #### 72", None, True),
-        NLFTRecord("Weng earns $12 an hour. She did 50 minutes. How much did she earn?",
-                   "12/60 = 0.2 per minute; 0.2 * 50 = 10. The answer is 10.",
-                   "#### 10", None, True),
-        NLFTRecord("How many clips did Natalia sell in May?",
-                   "She sold 48 clips in May. The answer is 48.",
-                   "48/2 = 24 #### 24", "The response forgot to halve the April clips.", False),
-        NLFTRecord("Weng did 50 minutes of babysitting at $12 an hour. What did she earn in dollars, step by step?",
-                   "50 * 12 = 600. The answer is 600.",
-                   "#### 10", "It multiplied minutes by an hourly rate.", False),
+        NLFTRecord(
+            "Natalia sold 48 clips in April and half as many in May. How many in all?",
+            "In May she sold 48/2 = 24 clips. In all 48 + 24 = 72. The answer is 72.",
+            "48/2 = 24; 48 + 24 = 72. #### 72",
+            None,
+            True,
+        ),
+        NLFTRecord(
+            "Weng earns $12 an hour. She did 50 minutes. How much did she earn?",
+            "12/60 = 0.2 per minute; 0.2 * 50 = 10. The answer is 10.",
+            "#### 10",
+            None,
+            True,
+        ),
+        NLFTRecord(
+            "How many clips did Natalia sell in May?",
+            "She sold 48 clips in May. The answer is 48.",
+            "48/2 = 24 #### 24",
+            "The response forgot to halve the April clips.",
+            False,
+        ),
+        NLFTRecord(
+            "Weng did 50 minutes of babysitting at $12 an hour. What did she earn in dollars, step by step?",
+            "50 * 12 = 600. The answer is 600.",
+            "#### 10",
+            "It multiplied minutes by an hourly rate.",
+            False,
+        ),
     ]

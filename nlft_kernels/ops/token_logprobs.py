@@ -34,8 +34,17 @@ def softmax_grad_tile(x, cols, lse, label, coef):
 
 @triton.jit
 def _token_logprobs_kernel(
-    x_ptr, stride_b, stride_t, labels_ptr, lp_ptr, lse_ptr, T, V, ignore_index,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    x_ptr,
+    stride_b,
+    stride_t,
+    labels_ptr,
+    lp_ptr,
+    lse_ptr,
+    T,
+    V,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One program per row (grid N = B*T): lp[row] = x[row, label] - lse(x[row]), lse saved.
 
@@ -61,8 +70,18 @@ def _token_logprobs_kernel(
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-    x_ptr, stride_b, stride_t, labels_ptr, lse_ptr, g_ptr, grad_ptr, T, V, ignore_index,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    x_ptr,
+    stride_b,
+    stride_t,
+    labels_ptr,
+    lse_ptr,
+    g_ptr,
+    grad_ptr,
+    T,
+    V,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One program per row: grad[row] = g[row] * (onehot(label) - softmax(x[row])).
 
@@ -98,8 +117,18 @@ def _forward_triton(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) ->
     lse = torch.empty_like(lp)
     block, warps = launch_config(x.shape[-1], 1, x.element_size())
     _token_logprobs_kernel[(n,)](
-        x, x.stride(0), x.stride(1), labels, lp, lse, x.shape[1], x.shape[2], ignore_index,
-        BLOCK_V=block, ACC=tl_acc(x.dtype), num_warps=warps,
+        x,
+        x.stride(0),
+        x.stride(1),
+        labels,
+        lp,
+        lse,
+        x.shape[1],
+        x.shape[2],
+        ignore_index,
+        BLOCK_V=block,
+        ACC=tl_acc(x.dtype),
+        num_warps=warps,
     )
     return lp, lse
 
@@ -123,8 +152,19 @@ def _backward_triton(x, labels, lse, g, ignore_index):
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block, warps = launch_config(x.shape[-1], 1, x.element_size())
     _token_logprobs_bwd_kernel[(labels.numel(),)](
-        x, x.stride(0), x.stride(1), labels, lse, g.contiguous(), grad, x.shape[1], x.shape[2], ignore_index,
-        BLOCK_V=block, ACC=tl_acc(x.dtype), num_warps=warps,
+        x,
+        x.stride(0),
+        x.stride(1),
+        labels,
+        lse,
+        g.contiguous(),
+        grad,
+        x.shape[1],
+        x.shape[2],
+        ignore_index,
+        BLOCK_V=block,
+        ACC=tl_acc(x.dtype),
+        num_warps=warps,
     )
     return grad
 

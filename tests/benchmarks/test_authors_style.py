@@ -16,8 +16,14 @@ def test_matches_reference(dtype, with_hidden, seed):
     inp = make_inputs(batch=8, steps=24, vocab=97, dtype=dtype, seed=seed)
     hidden = inp.hidden if with_hidden else None
     expected, details = nlft_loss_reference(
-        inp.base, inp.labels, inp.correct, inp.standard, inp.judge,
-        reduction="sample_mean", hidden_states=hidden, return_details=True,
+        inp.base,
+        inp.labels,
+        inp.correct,
+        inp.standard,
+        inp.judge,
+        reduction="sample_mean",
+        hidden_states=hidden,
+        return_details=True,
     )
     # The inputs reach every branch of the rule that this case can reach.
     assert details["saliency"].any() and details["unlikelihood"].any() and details["killed"].any()

@@ -20,8 +20,10 @@ PROMPT, RESPONSE, TEACHER, BATCH = 12, 6, 5, 4
 
 def _rows(n: int = 8) -> list[dict]:
     return [
-        {"question": f"Ann has {k} apples and buys {k + 2} more. How many apples does she have?",
-         "answer": f"She has {k} + {k + 2} = <<{k}+{k + 2}={2 * k + 2}>>{2 * k + 2} apples.\n#### {2 * k + 2}"}
+        {
+            "question": f"Ann has {k} apples and buys {k + 2} more. How many apples does she have?",
+            "answer": f"She has {k} + {k + 2} = <<{k}+{k + 2}={2 * k + 2}>>{2 * k + 2} apples.\n#### {2 * k + 2}",
+        }
         for k in range(3, 3 + n)
     ]
 
@@ -36,8 +38,9 @@ def _model(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def inputs():
-    return build_inputs(_rows(), bts.ByteTokenizer(), bts.MODELS["tiny-llama"]["vocab_size"], BATCH, PROMPT, RESPONSE,
-                        TEACHER)
+    return build_inputs(
+        _rows(), bts.ByteTokenizer(), bts.MODELS["tiny-llama"]["vocab_size"], BATCH, PROMPT, RESPONSE, TEACHER
+    )
 
 
 def test_inputs_have_exact_lengths_and_aligned_rows(inputs):
@@ -166,8 +169,20 @@ def test_run_writes_json_table_and_plot(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
     out = tmp_path / "train_step.json"
-    argv = ["--tiny", "--in-process", "--methods", "sft", "nlft_kernels", "reft", "--data", str(data),
-            "--out", str(out), "--batch-size", "2"]
+    argv = [
+        "--tiny",
+        "--in-process",
+        "--methods",
+        "sft",
+        "nlft_kernels",
+        "reft",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+    ]
     assert bts.main(argv) == out
     payload = json.loads(out.read_text())
     assert payload["command"].startswith("python -m benchmarks.bench_train_step --tiny")

@@ -10,8 +10,20 @@ def test_cpu_mode_writes_timings_and_ratios(tmp_path):
     cases = ["cpp", "torch", "cross_entropy"] if extension()[0] is not None else ["torch", "cross_entropy"]
     out = tmp_path / "bench.json"
     bench_cpu_kernel.main(
-        ["--shapes", "128x1000", "--dtype", "float32", "--warmup", "0", "--reps", "1", "--cases", *cases,
-         "--out", str(out)]
+        [
+            "--shapes",
+            "128x1000",
+            "--dtype",
+            "float32",
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+            "--cases",
+            *cases,
+            "--out",
+            str(out),
+        ]
     )
     payload = json.loads(out.read_text())
     assert payload["command"].startswith("python -m benchmarks.bench_cpu_kernel --shapes 128x1000")

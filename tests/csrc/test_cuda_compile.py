@@ -52,8 +52,20 @@ def test_cuda_kernel_compiles_for_sm80_and_sm90(tmp_path):
     nvcc = _nvcc()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
     _run(
-        [nvcc, "-c", "-O3", f"-std={CXX_STD}", *gencode, "--Werror", "all-warnings", "-Xcompiler", "-Wall",
-         str(CSRC / "cuda" / "row_pass_kernel.cu"), "-o", str(tmp_path / "row_pass_kernel.o")]
+        [
+            nvcc,
+            "-c",
+            "-O3",
+            f"-std={CXX_STD}",
+            *gencode,
+            "--Werror",
+            "all-warnings",
+            "-Xcompiler",
+            "-Wall",
+            str(CSRC / "cuda" / "row_pass_kernel.cu"),
+            "-o",
+            str(tmp_path / "row_pass_kernel.o"),
+        ]
     )
     assert (tmp_path / "row_pass_kernel.o").stat().st_size > 0
 
@@ -80,11 +92,23 @@ def test_bindings_compile_with_cuda(tmp_path):
         includes.append(str(tmp_path / "include"))
     python_include = subprocess.run(
         [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     _run(
-        [cxx, f"-std={CXX_STD}", "-fsyntax-only", "-Wall", "-Werror", "-DNLFT_WITH_CUDA",
-         "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-         *(arg for d in includes for arg in ("-isystem", d)), "-isystem", python_include,
-         str(CSRC / "bindings.cpp")]
+        [
+            cxx,
+            f"-std={CXX_STD}",
+            "-fsyntax-only",
+            "-Wall",
+            "-Werror",
+            "-DNLFT_WITH_CUDA",
+            "-DTORCH_EXTENSION_NAME=_C",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            *(arg for d in includes for arg in ("-isystem", d)),
+            "-isystem",
+            python_include,
+            str(CSRC / "bindings.cpp"),
+        ]
     )

@@ -29,8 +29,14 @@ def cuda_kernel():
 def _run(x, backend: str, reduction: str, grad_out: torch.Tensor):
     base = x.base.detach().cuda().requires_grad_()
     loss, details = nlft_loss(
-        base, x.labels.cuda(), x.correct.cuda(), standard=x.standard.cuda(), judge=x.judge.cuda(),
-        reduction=reduction, backend=backend, return_details=True,
+        base,
+        x.labels.cuda(),
+        x.correct.cuda(),
+        standard=x.standard.cuda(),
+        judge=x.judge.cuda(),
+        reduction=reduction,
+        backend=backend,
+        return_details=True,
     )
     (grad,) = torch.autograd.grad(loss, base, grad_out.to(device="cuda", dtype=loss.dtype))
     return loss.cpu(), grad.cpu(), details

@@ -21,8 +21,15 @@ from nlft_kernels.ops.token_logprobs import _token_logprobs_bwd_kernel, _token_l
 
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 FLOAT_ARGS = {
-    "tau", "saliency_power", "other_power", "log_ratio", "log_judge_min", "sigmoid_center", "sigmoid_scale",
-    "unlikelihood_clamp", "nll_weight",
+    "tau",
+    "saliency_power",
+    "other_power",
+    "log_ratio",
+    "log_judge_min",
+    "sigmoid_center",
+    "sigmoid_scale",
+    "unlikelihood_clamp",
+    "nll_weight",
 }
 TL_NAME = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
 
@@ -45,8 +52,14 @@ def variants():
     for dtype in ("bf16", "fp16", "fp32", "fp64"):
         acc = "fp64" if dtype == "fp64" else "fp32"
         common = {"BLOCK_V": 2048 if dtype != "fp64" else 1024, "ACC": TL_NAME[acc]}
-        ptrs = {"x_ptr": f"*{dtype}", "labels_ptr": "*i64", "lp_ptr": f"*{acc}", "lse_ptr": f"*{acc}",
-                "g_ptr": "*fp32", "grad_ptr": f"*{dtype}"}
+        ptrs = {
+            "x_ptr": f"*{dtype}",
+            "labels_ptr": "*i64",
+            "lp_ptr": f"*{acc}",
+            "lse_ptr": f"*{acc}",
+            "g_ptr": "*fp32",
+            "grad_ptr": f"*{dtype}",
+        }
         yield _token_logprobs_kernel, ptrs, common, 8
         yield _token_logprobs_bwd_kernel, ptrs, common, 8
         yield _scale_rows_kernel, {"grad_ptr": f"*{dtype}", "factor_ptr": "*fp32"}, {"BLOCK_V": 2048}, 8
@@ -54,9 +67,17 @@ def variants():
         for std, judge, grad in modes if dtype == "bf16" else [(VIEW_LOGITS, VIEW_LOGITS, True)]:
             std_t = f"*{dtype}" if std == VIEW_LOGITS else f"*{acc}"
             judge_t = f"*{dtype}" if judge == VIEW_LOGITS else f"*{acc}"
-            ptrs = {"base_ptr": f"*{dtype}", "std_ptr": std_t, "judge_ptr": judge_t, "labels_ptr": "*i64",
-                    "wrong_ptr": "*i8", "scale_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "saliency_ptr": "*i8",
-                    "grad_ptr": f"*{dtype}" if grad else f"*{acc}"}
+            ptrs = {
+                "base_ptr": f"*{dtype}",
+                "std_ptr": std_t,
+                "judge_ptr": judge_t,
+                "labels_ptr": "*i64",
+                "wrong_ptr": "*i8",
+                "scale_ptr": f"*{acc}",
+                "stats_ptr": f"*{acc}",
+                "saliency_ptr": "*i8",
+                "grad_ptr": f"*{dtype}" if grad else f"*{acc}",
+            }
             yield _nlft_fwd_kernel, ptrs, dict(common, STD=std, JUDGE=judge, COMPUTE_GRAD=grad), 16
 
 

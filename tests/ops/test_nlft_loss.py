@@ -40,8 +40,15 @@ def run_both(x, reduction="sample_mean", backend="torch", forms=("logits", "logi
     h = x.hidden if hidden else None
     base = x.base.detach().clone().requires_grad_()
     loss, details = nlft_loss(
-        base, x.labels, x.correct, standard=standard, judge=judge, reduction=reduction,
-        hidden_states=h, backend=backend, return_details=True,
+        base,
+        x.labels,
+        x.correct,
+        standard=standard,
+        judge=judge,
+        reduction=reduction,
+        hidden_states=h,
+        backend=backend,
+        return_details=True,
     )
     ref_base = x.base.detach().double().requires_grad_()
     ref, ref_details = nlft_loss_reference(
@@ -112,8 +119,15 @@ def test_saliency_clusters_in_the_loss(backend, criterion, monkeypatch):
     standard, judge = x.standard, x.judge
     base = x.base.detach().clone().requires_grad_()
     loss, details = nlft_loss(
-        base, x.labels, x.correct, standard=standard, judge=judge, config=config,
-        hidden_states=x.hidden, backend=backend, return_details=True,
+        base,
+        x.labels,
+        x.correct,
+        standard=standard,
+        judge=judge,
+        config=config,
+        hidden_states=x.hidden,
+        backend=backend,
+        return_details=True,
     )
     ref_base = x.base.detach().double().requires_grad_()
     ref, ref_details = nlft_loss_reference(
@@ -146,8 +160,14 @@ def test_flat_rows_with_sample_ids(backend):
     sample_ids = torch.arange(8)[:, None].expand(8, 20)[valid]
     flat = x.base.detach()[valid].clone().requires_grad_()
     loss, details = nlft_loss(
-        flat, x.labels[valid], x.correct, standard=x.standard[valid], judge=x.judge[valid],
-        sample_ids=sample_ids, backend=backend, return_details=True,
+        flat,
+        x.labels[valid],
+        x.correct,
+        standard=x.standard[valid],
+        judge=x.judge[valid],
+        sample_ids=sample_ids,
+        backend=backend,
+        return_details=True,
     )
     (_, _, _), (ref, ref_grad, ref_details) = run_both(x, "sample_mean", "torch")
     assert_exercised(ref_details, x.correct)
@@ -352,8 +372,13 @@ def test_minus_inf_at_a_label_is_an_error_elsewhere_allowed(backend):
 
 def test_flat_rows_need_valid_sample_ids():
     x = make_inputs(2, 4, 10, seed=0)
-    flat = dict(base_logits=x.base.reshape(8, 10), labels=x.labels.reshape(8), correct=x.correct,
-                standard=x.standard.reshape(8, 10), judge=x.judge.reshape(8, 10))
+    flat = dict(
+        base_logits=x.base.reshape(8, 10),
+        labels=x.labels.reshape(8),
+        correct=x.correct,
+        standard=x.standard.reshape(8, 10),
+        judge=x.judge.reshape(8, 10),
+    )
     with pytest.raises(ValueError, match="sample_ids"):
         _call(flat)
     with pytest.raises(ValueError, match="sample_ids"):

@@ -15,7 +15,7 @@ def inputs(shape, vocab, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(*shape, vocab, generator=g) * 3).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, shape, generator=g)
-    labels.view(-1)[:: 5] = -100
+    labels.view(-1)[::5] = -100
     return logits, labels
 
 

@@ -44,12 +44,19 @@ def _materialised_loss(model, batch, config, judge_nll_weight=0.0):
         with torch.set_grad_enabled(view == "base" or (view == "judge" and judge_nll_weight > 0)):
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=False)
         views[view] = _rows(out.logits, rows)
-    hidden = _rows(model.model(input_ids=batch["base_input_ids"], attention_mask=batch["base_attention_mask"])
-                   .last_hidden_state, batch["base_rows"])
+    hidden = _rows(
+        model.model(input_ids=batch["base_input_ids"], attention_mask=batch["base_attention_mask"]).last_hidden_state,
+        batch["base_rows"],
+    )
     labels, correct = batch["labels"], batch["correct"]
     loss = nlft_loss_reference(
-        views["base"], labels, correct, standard=views["standard"].detach(), judge=views["judge"].detach(),
-        config=config, hidden_states=hidden.detach(),
+        views["base"],
+        labels,
+        correct,
+        standard=views["standard"].detach(),
+        judge=views["judge"].detach(),
+        config=config,
+        hidden_states=hidden.detach(),
     )
     if judge_nll_weight > 0:
         logp = torch.log_softmax(views["judge"].double(), -1)
@@ -95,8 +102,9 @@ def test_nlft_step_equals_materialised_logits(tok, config, judge_nll_weight):
 
 def test_trainer_loss_finite_and_decreasing(tok, tmp_path):
     model = tiny_model(len(tok))
-    trainer = _trainer(model, tok, encode_records(tiny_records(), tok), tmp_path, batch=4, steps=5, optim="adamw_torch",
-                       lr=1e-2)
+    trainer = _trainer(
+        model, tok, encode_records(tiny_records(), tok), tmp_path, batch=4, steps=5, optim="adamw_torch", lr=1e-2
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
@@ -202,8 +210,17 @@ def test_lora(tok, tie):
 
 
 def test_train_saves_adapter(tok, tmp_path):
-    model = train(tiny_model(len(tok)), tok, tiny_records(), steps=2, batch_size=2, grad_accum=2, lr=1e-2,
-                  output_dir=tmp_path / "out", progress=False)
+    model = train(
+        tiny_model(len(tok)),
+        tok,
+        tiny_records(),
+        steps=2,
+        batch_size=2,
+        grad_accum=2,
+        lr=1e-2,
+        output_dir=tmp_path / "out",
+        progress=False,
+    )
     assert (tmp_path / "out" / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
     assert any(p.requires_grad for p in model.parameters())
@@ -217,10 +234,24 @@ def _trainer(model, tok, features, out, *, batch, steps=1, accum=1, optim="sgd",
     from transformers import TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=steps,
-        learning_rate=lr, optim=optim, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-        bf16=bf16, disable_tqdm=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=lr,
+        optim=optim,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        bf16=bf16,
+        disable_tqdm=True,
+        ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
     )
     return NLFTTrainer(model=model, args=args, train_dataset=features, processing_class=tok)
 
@@ -253,8 +284,15 @@ def test_gradient_accumulation_equivalence(tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     params = _one_step(Path(out) / f"trainer{rank}", batch=1, accum=1)
     torch.save(params, Path(out) / f"rank{rank}.pt")
@@ -308,8 +346,11 @@ def test_smollm2_one_nlft_step():
         NLFTRecord("What is 3 + 4?", "3 + 4 = 7. The answer is 7.", "#### 7", None, True),
         NLFTRecord("What is 2 * 5?", "2 * 5 = 7. The answer is 7.", "#### 10", "2 * 5 is 10, not 7.", False),
     ]
-    templates = PromptTemplates(instruction="Answer.", standard_system="Refer to the standard answer.",
-                                judge_system="Write a bad answer with the judged weaknesses.")
+    templates = PromptTemplates(
+        instruction="Answer.",
+        standard_system="Refer to the standard answer.",
+        judge_system="Write a bad answer with the judged weaknesses.",
+    )
     features = encode_records(records, tokenizer, templates)
     batch = NLFTCollator(tokenizer.pad_token_id or tokenizer.eos_token_id)(features)
     peft_model = add_lora(model, r=4)
