@@ -149,6 +149,31 @@ void scale_rows(at::Tensor& grad, const at::Tensor& rows, const at::Tensor& fact
   nlft::cpu::scale_rows_cpu(s);
 }
 
+// (log p(label) [N], lse [N]) of CPU logits [B, T, V], in float (double for float64 logits).
+std::tuple<at::Tensor, at::Tensor> label_logprobs(const at::Tensor& logits, const at::Tensor& labels,
+                                                  int64_t ignore_index) {
+  TORCH_CHECK(logits.device().is_cpu(), "label_logprobs runs on CPU tensors, got ", logits.device());
+  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "logits must be [B, T, V] with unit stride over V");
+  const int64_t n_rows = logits.size(0) * logits.size(1);
+  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
+                  labels.numel() == n_rows,
+              "labels must be contiguous int64 [N] on the CPU");
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto logprob = at::empty({n_rows}, logits.options().dtype(acc));
+  auto lse = at::empty({n_rows}, logits.options().dtype(acc));
+  nlft::cpu::RowLogprobs q{};
+  q.logits = {logits.data_ptr(), logits.stride(0), logits.stride(1), to_dtype(logits, "logits"), nlft::kViewLogits};
+  q.labels = labels.data_ptr<int64_t>();
+  q.ignore_index = ignore_index;
+  q.logprob = logprob.data_ptr();
+  q.lse = lse.data_ptr();
+  q.n_rows = n_rows;
+  q.steps = logits.size(1);
+  q.vocab = logits.size(2);
+  nlft::cpu::label_logprobs_cpu(q);
+  return {logprob, lse};
+}
+
 bool built_with_cuda() {
 #ifdef NLFT_WITH_CUDA
   return true;
@@ -170,6 +195,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("compute_grad"));
   m.def("scale_rows", &scale_rows, "grad[r] *= factor[r] for r in rows, in place (CPU)", py::arg("grad"),
         py::arg("rows"), py::arg("factor"));
+  m.def("label_logprobs", &label_logprobs,
+        "token_logprobs' forward on CPU logits [B, T, V]: (log p(label) [N], lse [N]), zero on ignored rows",
+        py::arg("logits"), py::arg("labels"), py::arg("ignore_index"));
   m.def("cpu_capability", &nlft::cpu::row_pass_capability,
         "The instruction set of the CPU kernel copy that runs here: AVX512, AVX2 or DEFAULT");
   m.def("built_with_cuda", &built_with_cuda, "Whether this build contains the CUDA kernel");

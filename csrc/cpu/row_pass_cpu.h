@@ -19,17 +19,34 @@ struct RowScale {
   const void* factor;         // indexed by row, float (double for float64 gradients)
 };
 
+// Label log-probs of one view of logits (token_logprobs, linear_token_logprobs' teachers):
+// lp[r] = x[r, label] - lse(x[r]) and lse[r], zero on rows whose label is ignore_index; one
+// sweep over each labelled row, nothing read for the others.
+struct RowLogprobs {
+  RowView logits;             // [B, T, V] with unit stride over V, mode kViewLogits
+  const int64_t* labels;      // [N]
+  int64_t ignore_index;
+  void* logprob;              // [N] acc (float, double for float64 logits)
+  void* lse;                  // [N] acc
+  int64_t n_rows;             // N = B * T
+  int64_t steps;              // T
+  int64_t vocab;              // V
+};
+
 namespace DEFAULT {
 void row_pass(const RowPass& p);
 void scale_rows(const RowScale& s);
+void label_logprobs(const RowLogprobs& q);
 }
 namespace AVX2 {
 void row_pass(const RowPass& p);
 void scale_rows(const RowScale& s);
+void label_logprobs(const RowLogprobs& q);
 }
 namespace AVX512 {
 void row_pass(const RowPass& p);
 void scale_rows(const RowScale& s);
+void label_logprobs(const RowLogprobs& q);
 }
 
 // Runs the row pass for `p` on the calling thread pool (at::parallel_for over rows).
@@ -37,6 +54,9 @@ void row_pass_cpu(const RowPass& p);
 
 // Runs the row fix-up `s` (at::parallel_for over its rows).
 void scale_rows_cpu(const RowScale& s);
+
+// Runs `q` (at::parallel_for over rows).
+void label_logprobs_cpu(const RowLogprobs& q);
 
 // "AVX512", "AVX2" or "DEFAULT": the copy row_pass_cpu() runs on this machine.
 std::string row_pass_capability();

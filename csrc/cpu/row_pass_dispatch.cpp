@@ -16,34 +16,24 @@ std::string row_pass_capability() {
 #endif
 }
 
-void row_pass_cpu(const RowPass& p) {
+// Calls FN of the copy for this machine's instruction set. Builds off x86 have the portable
+// copy only, so the others must not even be named there.
 #ifdef NLFT_X86_KERNELS
-  const std::string capability = row_pass_capability();
-  if (capability == "AVX512") {
-    AVX512::row_pass(p);
-    return;
-  }
-  if (capability == "AVX2") {
-    AVX2::row_pass(p);
-    return;
-  }
+#define NLFT_DISPATCH(FN, ARGS)                                    \
+  do {                                                             \
+    const std::string capability = row_pass_capability();         \
+    if (capability == "AVX512") return AVX512::FN(ARGS);           \
+    if (capability == "AVX2") return AVX2::FN(ARGS);               \
+    return DEFAULT::FN(ARGS);                                      \
+  } while (false)
+#else
+#define NLFT_DISPATCH(FN, ARGS) return DEFAULT::FN(ARGS)
 #endif
-  DEFAULT::row_pass(p);
-}
 
-void scale_rows_cpu(const RowScale& s) {
-#ifdef NLFT_X86_KERNELS
-  const std::string capability = row_pass_capability();
-  if (capability == "AVX512") {
-    AVX512::scale_rows(s);
-    return;
-  }
-  if (capability == "AVX2") {
-    AVX2::scale_rows(s);
-    return;
-  }
-#endif
-  DEFAULT::scale_rows(s);
-}
+void row_pass_cpu(const RowPass& p) { NLFT_DISPATCH(row_pass, p); }
+
+void scale_rows_cpu(const RowScale& s) { NLFT_DISPATCH(scale_rows, s); }
+
+void label_logprobs_cpu(const RowLogprobs& q) { NLFT_DISPATCH(label_logprobs, q); }
 
 }  // namespace nlft::cpu

@@ -240,6 +240,42 @@ void scale_rows_typed(const RowScale& s) {
   });
 }
 
+template <typename acc_t>
+void label_logprobs_typed(const RowLogprobs& q) {
+  auto* logprob = static_cast<acc_t*>(q.logprob);
+  auto* lse_out = static_cast<acc_t*>(q.lse);
+  const int64_t vocab = q.vocab;
+  at::parallel_for(0, q.n_rows, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(vocab, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(kTile);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t label = q.labels[row];
+      if (label == q.ignore_index) {
+        logprob[row] = lse_out[row] = 0;
+        continue;
+      }
+      const int64_t offset = (row / q.steps) * q.logits.stride_b + (row % q.steps) * q.logits.stride_t;
+      OnlineLse<acc_t> lse;
+      for (int64_t start = 0; start < vocab; start += kTile) {
+        const int64_t n = std::min(kTile, vocab - start);
+        lse.update(to_acc<acc_t>(offset_ptr(q.logits.ptr, q.logits.dtype, offset + start), q.logits.dtype, n,
+                                 buffer.data()),
+                   n);
+      }
+      logprob[row] = label_logprob(q.logits, row, offset, label, lse);
+      lse_out[row] = lse.lse();
+    }
+  });
+}
+
+void label_logprobs(const RowLogprobs& q) {
+  if (q.logits.dtype == kFloat64) {
+    label_logprobs_typed<double>(q);
+  } else {
+    label_logprobs_typed<float>(q);
+  }
+}
+
 void scale_rows(const RowScale& s) {
   if (s.dtype == kFloat64) {
     scale_rows_typed<double>(s);

@@ -148,6 +148,16 @@ def _forward_torch(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> 
     return lp, lse
 
 
+def _forward_cpp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ kernel of nlft_kernels._C (CPU tensors): one vectorised sweep per labelled row."""
+    from nlft_kernels.backends import extension
+
+    module, why = extension()
+    if module is None:
+        raise RuntimeError(f"nlft_kernels._C is unavailable: {why}")
+    return module.label_logprobs(x, labels, ignore_index)
+
+
 def _backward_triton(x, labels, lse, g, ignore_index):
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block, warps = launch_config(x.shape[-1], 1, x.element_size())
@@ -190,7 +200,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, backend: str):
         x = as_3d(logits, "logits")
         flat_labels = labels.reshape(-1).contiguous()
-        forward = _forward_triton if backend == "triton" else _forward_torch
+        # The CUDA extension has no log-prob kernel: CUDA tensors forced to "cuda" take torch.
+        forward = {"triton": _forward_triton, "cpp": _forward_cpp}.get(backend, _forward_torch)
         lp, lse = forward(x, flat_labels, ignore_index)
         ctx.save_for_backward(x, flat_labels, lse)
         ctx.ignore_index, ctx.backend, ctx.logits_shape = ignore_index, backend, logits.shape

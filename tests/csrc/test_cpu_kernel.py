@@ -3,7 +3,7 @@
 tests/ops/test_nlft_loss.py runs its whole suite with backend "cpp" as well (shapes, padding,
 teacher log-probs, clusters, errors); here: every dtype the kernel accumulates in, vocabulary
 sizes around its tile and vector widths, mixed teacher dtypes, each instruction-set copy, and
-the row partition over threads.
+the row partition over threads; and token_logprobs' C++ forward (label_logprobs).
 """
 
 import os
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlft_kernels import nlft_loss
-from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference
+from nlft_kernels import nlft_loss, token_logprobs
+from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference
 from tests._inputs import make_inputs
 from tests.csrc import extension_or_skip
 from tests.ops.test_nlft_loss import assert_details, assert_exercised, run_both
@@ -67,6 +67,46 @@ def test_vocabulary_sizes_around_tile_and_vector(vocab, dtype):
     assert_grad_close(grad, ref_grad, dtype)
     assert_details(details, ref_details, x.labels, x.correct)
     assert (x.labels == -100).any(), "no padding rows"
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 33, TILE, TILE + 1, 2 * TILE + 13])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_logprobs_kernel(vocab, dtype):
+    """token_logprobs' C++ forward (label_logprobs): log-probs and lse of strided [B, T, V]
+    logits, zero on ignored rows; its gradient (torch's backward from that lse) too."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(3, 9, vocab, generator=g) * 4).to(dtype)[:, 1:].requires_grad_()  # strided rows
+    labels = torch.randint(0, vocab, (3, 8), generator=g)
+    labels[0, -3:] = labels[2, 0] = -100
+    lp = token_logprobs(logits, labels, backend="cpp")
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = token_logprobs_reference(ref_logits, labels)
+    assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if dtype == torch.float64:
+        torch.testing.assert_close(lp, ref, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL)
+    else:
+        assert_loss_close(lp, ref)
+    assert not lp[labels == -100].any()
+    grad_out = torch.randn(labels.shape, dtype=torch.float64, generator=g)
+    (grad,) = torch.autograd.grad(lp, logits, grad_out.to(lp.dtype))
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits, grad_out)
+    assert_grad_close(grad, ref_grad, dtype)
+    _, lse = extension_or_skip().label_logprobs(logits.detach(), labels.reshape(-1), -100)
+    valid = labels.reshape(-1) != -100
+    expected = torch.logsumexp(logits.detach().double(), -1).reshape(-1)
+    torch.testing.assert_close(lse[valid].double(), expected[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_is_cpp_on_the_cpu(monkeypatch):
+    """backend="auto" on CPU tensors runs the C++ forward when _C is built."""
+    import nlft_kernels.ops.token_logprobs as module
+
+    calls = []
+    real = module._forward_cpp
+    monkeypatch.setattr(module, "_forward_cpp", lambda *a: calls.append(1) or real(*a))
+    logits, labels = torch.randn(2, 3, 50), torch.randint(0, 50, (2, 3))
+    token_logprobs(logits, labels)
+    assert calls == [1]
 
 
 def test_teacher_views_in_other_dtypes():
@@ -147,6 +187,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
     (loss, grad, _), (ref, ref_grad, _) = run_both(x, "sample_mean", "cpp")
     assert_loss_close(loss, ref)
     assert_grad_close(grad, ref_grad, dtype)
+from nlft_kernels import token_logprobs
+from nlft_kernels.reference import token_logprobs_reference
+logits, labels = torch.randn(3, 5, 2 * 2048 + 29) * 3, torch.randint(0, 2 * 2048 + 29, (3, 5))
+assert_loss_close(token_logprobs(logits, labels, backend="cpp"), token_logprobs_reference(logits.double(), labels))
 print("capability", module.cpu_capability())
 """
 
