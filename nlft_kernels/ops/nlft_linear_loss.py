@@ -9,12 +9,12 @@ chunked torch elsewhere) turns them into the label statistics and the provisiona
 Peak extra memory is a few [c, V] tensors plus the gradients themselves.
 
 The per-sample part of the rule (the 6% rule, saliency clusters) needs every row of a sample.
-Without clusters, chunks are cut at sample boundaries (``sample_groups``): a chunk of whole
-samples gets its second stage, and so its final gradient, before the two matmuls fold it in.
-With clusters, the second stage runs once over all rows, because the cluster walk costs O(T)
-small ops per call, too many launches to repeat per chunk on a GPU. Then (and for a sample
-longer than a chunk) the provisional gradients are folded in as they come, and the rows the
-second stage changes are fixed afterwards: each row's gradient is linear in its ``G`` row, so
+Chunks are cut at sample boundaries (``sample_groups``): a chunk of whole samples gets its
+second stage, and so its final gradient, before the two matmuls fold it in. With clusters on
+a GPU (``ONE_GROUP_WITH_CLUSTERS``), the second stage runs once over all rows instead, because
+the cluster walk costs O(T) small ops per call, too many launches to repeat per chunk. Then
+(and for a sample longer than a chunk) the provisional gradients are folded in as they come,
+and the rows the second stage changes are fixed afterwards: each row's gradient is linear in its ``G`` row, so
 the hidden gradient of those rows is rescaled in place and the weight/bias gradients are
 corrected by recomputing ``G`` for those rows only: ``+ ((factor - 1) * G_rows).T @ hidden_rows``.
 That costs up to two more [k, V, D] matmuls for k changed rows.
@@ -61,6 +61,10 @@ _MAX_CHUNK_BYTES = {"cuda": 1 << 30}
 _MAX_CHUNK_BYTES_OTHER = 128 << 20
 _MIN_CHUNK_ROWS = 16
 _DEFAULT_CONFIG = NLFTConfig()
+# Device types on which, with saliency clusters, the second stage runs once over all rows (see
+# the module docstring); on the others (the CPU, where a call costs little) groups of whole
+# samples spare the fix-up, which recomputes up to two [k, V, D] matmuls for k changed rows.
+ONE_GROUP_WITH_CLUSTERS = ("cuda",)
 # Tensor-core matmuls run best on row counts that are multiples of this.
 _ROW_MULTIPLE = 64
 
@@ -188,14 +192,16 @@ def _forward_pass(
     clusters: bool,
     grads: _Grads | None,
 ) -> _Forward:
-    """Every group of rows (all rows with ``clusters``, else whole samples: ``sample_groups``):
+    """Every group of rows (whole samples: ``sample_groups``; all rows with ``clusters`` on a
+    device of ``ONE_GROUP_WITH_CLUSTERS``):
     its chunks' statistics, its second stage, and with ``grads`` its gradients. A group that is
     one chunk gets its final gradient before the matmuls fold it in; a longer one folds the
     provisional gradients and fixes the rows the second stage changes afterwards (``_fix_rows``)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     factor = torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
     losses, per_rows = [], []
-    for start, stop in [(0, n)] if clusters else sample_groups(sample_ids, rows_per_chunk):
+    one_group = clusters and hidden.device.type in ONE_GROUP_WITH_CLUSTERS
+    for start, stop in [(0, n)] if one_group else sample_groups(sample_ids, rows_per_chunk):
         single = stop - start <= rows_per_chunk
         stats = torch.empty(3, stop - start, dtype=factor.dtype, device=hidden.device)
         saliency = torch.empty(stop - start, dtype=torch.bool, device=hidden.device)

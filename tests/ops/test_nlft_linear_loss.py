@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+import nlft_kernels.ops.nlft_linear_loss as linear_module  # noqa: E402
 from nlft_kernels import (  # noqa: E402
     NLFTConfig,
     NLFTLinearLoss,
@@ -43,15 +44,17 @@ GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 1.5e-2), torch.f
 # so that a 16-bit logit cannot flip one: the tests compare values, not coin tosses.
 DECISION_MARGIN = 0.25
 CPU_BACKENDS = ["torch"] + (["cpp"] if backends()["cpp"].startswith("available") else [])
-# (rows per chunk, cluster criterion, backend) against make_linear_case's 4 samples x 20 rows:
-# 7 splits every sample (and 80 rows end in a partial chunk), 45 holds two whole samples. Without
-# clusters, chunks of whole samples get their final gradient at once; with clusters, or with
-# split samples, the rows the second stage changes are fixed up afterwards.
+# (rows per chunk, cluster criterion, backend, grouping) against make_linear_case's 4 samples x
+# 20 rows: 7 splits every sample (and 80 rows end in a partial chunk), 45 holds two whole
+# samples. Chunks of whole samples get their final gradient at once; with split samples, or
+# with clusters in one group of all rows (the GPU's way, ONE_GROUP_WITH_CLUSTERS, forced here),
+# the rows the second stage changes are fixed up afterwards.
 CHUNKINGS = [
-    (7, "distance", "torch"),
-    (45, "distance", CPU_BACKENDS[-1]),
-    (45, "off", "torch"),
-    (7, "off", CPU_BACKENDS[-1]),
+    (7, "distance", "torch", "samples"),
+    (45, "distance", CPU_BACKENDS[-1], "samples"),
+    (45, "distance", "torch", "one group"),
+    (45, "off", "torch", "samples"),
+    (7, "off", CPU_BACKENDS[-1], "samples"),
 ]
 
 
@@ -185,23 +188,26 @@ def assert_close(loss, grads, ref_loss, ref_grads, dtype) -> None:
 def count_fixes(monkeypatch) -> list[int]:
     """Patch the fix-up of rows changed after their gradient was folded in; returns a list that
     gets one entry (the number of rows) per call."""
-    import nlft_kernels.ops.nlft_linear_loss as op
-
-    calls, fix_rows = [], op._fix_rows
+    calls, fix_rows = [], linear_module._fix_rows
 
     def counted(*args):
         calls.append(args[-2].numel())
         return fix_rows(*args)
 
-    monkeypatch.setattr(op, "_fix_rows", counted)
+    monkeypatch.setattr(linear_module, "_fix_rows", counted)
     return calls
 
 
-@pytest.mark.parametrize("chunk_size,criterion,backend", CHUNKINGS, ids=["-".join(map(str, c)) for c in CHUNKINGS])
+@pytest.mark.parametrize(
+    "chunk_size,criterion,backend,grouping", CHUNKINGS, ids=["-".join(map(str, c)) for c in CHUNKINGS]
+)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("form", ["logits", "logprobs"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend, monkeypatch):
+def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend, grouping, monkeypatch):
+    one_group = grouping == "one group"
+    if one_group:
+        monkeypatch.setattr(linear_module, "ONE_GROUP_WITH_CLUSTERS", ("cpu",))
     case = make_linear_case(dtype, seed=DTYPES.index(dtype) * 4 + 2 * (form == "logits") + bias, bias=bias)
     config = NLFTConfig(cluster_criterion=criterion)
     standard, judge = teacher(case, case.standard, form), teacher(case, case.judge, form)
@@ -210,7 +216,7 @@ def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend,
     fixes = count_fixes(monkeypatch)
     loss, grads, details = fused(case, standard, judge, chunk_size=chunk_size, backend=backend, config=config)
     assert_close(loss, grads, ref_loss, ref_grads, dtype)
-    assert bool(fixes) == (criterion != "off" or chunk_size < case.labels.shape[1])
+    assert bool(fixes) == ((criterion != "off" and one_group) or chunk_size < case.labels.shape[1])
     for name in ("saliency", "unlikelihood", "cluster", "killed"):
         assert torch.equal(getattr(details, name), ref_details[name]), name
 
