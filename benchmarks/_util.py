@@ -175,3 +175,16 @@ def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def write_outputs(out: Path, payload: dict, table: str, plot: Callable[[Path], Path | None] | None) -> Path:
+    """Write a run's JSON to ``out``, its Markdown ``table`` next to it (.md) and, with ``plot``
+    (called with the PNG path; None when matplotlib is missing), its PNG; print the table."""
+    write_json(out, payload)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    if plot is not None:
+        png = plot(out.with_suffix(".png"))
+        print(f"wrote {png}" if png else "matplotlib is not installed: no plot (pip install matplotlib)")
+    return out

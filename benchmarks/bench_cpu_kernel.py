@@ -210,10 +210,7 @@ def main(argv: list[str] | None = None) -> Path:
     payload = run(args, argv)
     device = torch.device(payload["device_type"])
     out = args.out or _util.RESULTS_DIR / f"cpu_kernel_{_util.device_slug(device)}_{_util.today()}.json"
-    _util.write_json(out, payload)
-    print(markdown_table(payload))
-    print(f"\nwrote {out}")
-    return out
+    return _util.write_outputs(out, payload, markdown_table(payload), None)
 
 
 if __name__ == "__main__":

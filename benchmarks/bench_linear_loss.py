@@ -35,6 +35,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -502,13 +503,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     payload = run(args, argv)
     device = torch.device(payload["device_type"])
     out = args.out or _util.RESULTS_DIR / f"linear_loss_{_util.device_slug(device)}_{_util.today()}.json"
-    _util.write_json(out, payload)
-    print(markdown_table(payload))
-    print(f"\nwrote {out}")
-    if not args.no_plot:
-        png = plot(payload, out.with_suffix(".png"))
-        print(f"wrote {png}" if png else "matplotlib is not installed: no plot (pip install matplotlib)")
-    return out
+    return _util.write_outputs(out, payload, markdown_table(payload), None if args.no_plot else partial(plot, payload))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 from benchmarks import _util
 from benchmarks.authors_style import authors_style_loss
+from benchmarks.plot import plot_results
 from nlft_kernels import NLFTConfig, backends, nlft_loss
 from nlft_kernels.reference import nlft_loss_reference
 
@@ -427,17 +429,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     payload = run(args, argv)
     device = torch.device("cuda" if payload["device_type"] == "cuda" else "cpu")
     out = args.out or _util.RESULTS_DIR / f"bench_loss-{_util.device_slug(device)}-{_util.today()}.json"
-    _util.write_json(out, payload)
-    table = markdown_table(payload)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out}")
-    if not args.no_plot:
-        from benchmarks.plot import plot_results
-
-        png = plot_results(out)
-        print(f"wrote {png}" if png else "matplotlib is not installed: no plot (pip install matplotlib)")
-    return out
+    return _util.write_outputs(
+        out, payload, markdown_table(payload), None if args.no_plot else partial(plot_results, out)
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -526,15 +527,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     payload = run(args, argv)
     slug = _util.device_slug(torch.device(payload["device_type"]))
     out = args.out or _util.RESULTS_DIR / f"train_step_{slug}_{_util.today()}.json"
-    _util.write_json(out, payload)
-    table = markdown_table(payload)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
-    if not args.no_plot:
-        png = plot(payload, out.with_suffix(".png"))
-        print(f"wrote {png}" if png else "matplotlib is not installed: no plot (pip install matplotlib)")
-    return out
+    return _util.write_outputs(out, payload, markdown_table(payload), None if args.no_plot else partial(plot, payload))
 
 
 if __name__ == "__main__":
