@@ -69,6 +69,15 @@ def extension() -> tuple[ModuleType | None, str]:
     return _C, f"loaded from {_C.__file__}"
 
 
+def compiled() -> ModuleType:
+    """``nlft_kernels._C`` for a kernel call of a backend that needs it; RuntimeError with the
+    reason when it cannot load (``resolve_backend`` has normally said so before)."""
+    module, why = extension()
+    if module is None:
+        raise RuntimeError(f"nlft_kernels._C is unavailable: {why}")
+    return module
+
+
 def _load_installed(path: str) -> tuple[ModuleType | None, str]:
     spec = importlib.util.spec_from_file_location(
         "nlft_kernels._C", path, loader=importlib.machinery.ExtensionFileLoader("nlft_kernels._C", path)

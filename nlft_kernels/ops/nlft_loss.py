@@ -364,12 +364,9 @@ def _rule_constants(cfg: NLFTConfig) -> tuple:
 def _first_stage_ext(v: Views, cfg: NLFTConfig, compute_grad: bool):
     """The row pass of the compiled extension (csrc/: the C++ kernel on CPU tensors, the CUDA
     kernel on CUDA ones), with the contract of ``_first_stage_triton``."""
-    from nlft_kernels.backends import extension
+    from nlft_kernels.backends import compiled
 
-    module, why = extension()
-    if module is None:
-        raise RuntimeError(f"nlft_kernels._C is unavailable: {why}")
-    return module.first_stage(
+    return compiled().first_stage(
         v.base,
         v.standard,
         v.standard_mode,
@@ -453,10 +450,10 @@ def rescale_rows(grad: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor, b
         _scale_rows_kernel[(flat.shape[0],)](flat, full, flat.shape[1], BLOCK_V=block, num_warps=warps)
         return
     if backend == "cpp" and flat.device.type == "cpu" and flat.is_contiguous():
-        from nlft_kernels.backends import extension
+        from nlft_kernels.backends import compiled
 
         # In place, one pass over the rows, in the accumulator type (as the Triton kernel).
-        extension()[0].scale_rows(flat, rows, factor)
+        compiled().scale_rows(flat, rows, factor)
         return
     flat.index_copy_(0, rows, flat.index_select(0, rows) * factor[rows, None].to(flat.dtype))
 

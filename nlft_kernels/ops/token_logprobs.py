@@ -150,12 +150,9 @@ def _forward_torch(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> 
 
 def _forward_cpp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ kernel of nlft_kernels._C (CPU tensors): one vectorised sweep per labelled row."""
-    from nlft_kernels.backends import extension
+    from nlft_kernels.backends import compiled
 
-    module, why = extension()
-    if module is None:
-        raise RuntimeError(f"nlft_kernels._C is unavailable: {why}")
-    return module.label_logprobs(x, labels, ignore_index)
+    return compiled().label_logprobs(x, labels, ignore_index)
 
 
 def _backward_triton(x, labels, lse, g, ignore_index):
