@@ -296,6 +296,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     params = _one_step(Path(out) / f"trainer{rank}", batch=1, accum=1)
     torch.save(params, Path(out) / f"rank{rank}.pt")
+    # The Trainer set up the gloo group; left alive, its threads can abort the process at exit
+    # ("terminate called without an active exception", SIGABRT), failing the spawn.
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
