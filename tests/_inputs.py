@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,14 @@ import torch
 # with many saliency tokens (killed by the 6% rule); a wrong one with exactly one saliency
 # token among >= 17 rows (1/17 < 6%, not killed); a wrong one without saliency tokens.
 KINDS = ("correct", "wrong_many", "wrong_one", "wrong_none")
+
+
+def seed_of(*parts) -> int:
+    """A seed fixed by the test's parameters (not ``hash()``, which Python salts per process),
+    printed so that pytest shows it with a failure."""
+    seed = zlib.crc32(repr(parts).encode()) % 100_000
+    print(f"seed {seed} for {parts}")
+    return seed
 
 
 @dataclass

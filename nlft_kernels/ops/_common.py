@@ -1,11 +1,10 @@
-"""Input handling shared by the ops: row views of logits, label checks, launch sizes, chunks."""
+"""Input handling shared by the ops: row views of logits, label checks, chunks."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
-import triton
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -51,18 +50,6 @@ def check_labels(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int, 
             value = labels[bad][0].item()
             raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {value}")
     return labels
-
-
-def launch_config(vocab: int, n_streams: int, elem_size: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a kernel streaming ``n_streams`` [V] rows at once.
-
-    Each stream keeps one float32 tile of BLOCK_V live, so the tile shrinks as streams are
-    added to keep the registers per thread bounded; 16-bit inputs afford twice the tile.
-    """
-    budget = 16384 if elem_size <= 2 else 8192
-    block = min(triton.next_power_of_2(vocab), max(budget // max(n_streams, 1), 128))
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return block, num_warps
 
 
 def row_chunks(x: torch.Tensor, rows: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -24,9 +24,10 @@ import triton.language as tl
 
 from nlft_kernels.backends import resolve_backend
 from nlft_kernels.config import NLFTConfig
-from nlft_kernels.ops._common import as_3d, check_labels, check_logits, chunk_rows, launch_config, row_chunks
+from nlft_kernels.ops._common import as_3d, check_labels, check_logits, chunk_rows, row_chunks
+from nlft_kernels.ops.launch import launch_config
 from nlft_kernels.ops.saliency_clusters import saliency_clusters
-from nlft_kernels.ops.token_logprobs import LSE_START, acc_dtype, lse_update, softmax_grad_tile, tl_acc
+from nlft_kernels.ops.token_logprobs import LSE_START, acc_dtype, lse_update, safe_labels, softmax_grad_tile, tl_acc
 
 REDUCTIONS = ("sample_mean", "token_mean", "sum", "none")
 
@@ -35,9 +36,10 @@ VIEW_NONE, VIEW_LOGITS, VIEW_LOGPROBS = 0, 1, 2
 
 
 @triton.jit
-def _view_logprob(ptr, offset, m, s, label, use, ACC: tl.constexpr):
-    """log p(label) of a streamed view from its running (max, sum); 0 where ``use`` is false."""
-    x_label = tl.load(ptr + offset + label, mask=use, other=0.0).to(ACC)
+def _view_logprob(ptr, offset, m, s, label, use, in_range, ACC: tl.constexpr):
+    """log p(label) of a streamed view from its running (max, sum); 0 where ``use`` is false,
+    NaN where the label is outside [0, V) (nothing outside the row is read)."""
+    x_label = tl.load(ptr + offset + label, mask=use & in_range, other=float("nan")).to(ACC)
     return tl.where(use, x_label - m - tl.log(tl.where(use, s, 1.0)), 0.0)
 
 
@@ -91,6 +93,8 @@ def _nlft_fwd_kernel(
     t = row % T
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
+    # With validate=False nobody checked the label: never read outside the row for it.
+    in_range = (label >= 0) & (label < V)
     wrong = tl.load(wrong_ptr + row) != 0
     use_judge = valid & wrong
     base_off = b * base_sb + t * base_st
@@ -118,13 +122,14 @@ def _nlft_fwd_kernel(
             m_j, s_j = lse_update(x_j, m_j, s_j)
 
     lse_b = tl.where(valid, m_b + tl.log(tl.where(valid, s_b, 1.0)), 0.0)
-    lp_b = tl.where(valid, tl.load(base_ptr + base_off + label, mask=valid, other=0.0).to(ACC) - lse_b, 0.0)
+    x_label = tl.load(base_ptr + base_off + label, mask=valid & in_range, other=float("nan")).to(ACC)
+    lp_b = tl.where(valid, x_label - lse_b, 0.0)
     if STD == 1:
-        lp_s = _view_logprob(std_ptr, std_off, m_s, s_s, label, valid, ACC)
+        lp_s = _view_logprob(std_ptr, std_off, m_s, s_s, label, valid, in_range, ACC)
     else:
         lp_s = tl.where(valid, tl.load(std_ptr + row, mask=valid, other=0.0).to(ACC), 0.0)
     if JUDGE == 1:
-        lp_j = _view_logprob(judge_ptr, judge_off, m_j, s_j, label, use_judge, ACC)
+        lp_j = _view_logprob(judge_ptr, judge_off, m_j, s_j, label, use_judge, in_range, ACC)
     elif JUDGE == 2:
         lp_j = tl.where(use_judge, tl.load(judge_ptr + row, mask=use_judge, other=0.0).to(ACC), 0.0)
     else:
@@ -287,6 +292,11 @@ class Views:
     wrong: torch.Tensor
     scale: torch.Tensor
 
+    @property
+    def streams(self) -> int:
+        """[V] rows the row pass reads at once: the base, and each teacher given as logits."""
+        return 1 + (self.standard_mode == VIEW_LOGITS) + (self.judge_mode == VIEW_LOGITS)
+
     def rows(self, start: int, stop: int, base: torch.Tensor) -> Views:
         """Rows [start, stop) of every view, with ``base`` [stop - start, V] as their base logits."""
 
@@ -307,16 +317,27 @@ class Views:
         )
 
 
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the base view's gradient rows for logits of ``dtype``.
+
+    float16 gets float32: the stored rows are multiplied by ``grad_output`` only in backward,
+    and GradScaler's factor (2**16) arrives there; before it, entries below 6e-8 (a softmax
+    of 1e-6 times a row scale of 1e-2) would underflow to 0 in float16. Autograd casts the
+    returned gradient to float16 after the multiplication. Other dtypes keep theirs (bfloat16
+    has float32's range).
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _first_stage_triton(v: Views, cfg: NLFTConfig, compute_grad: bool):
     base = v.base
     n, vocab = v.labels.numel(), base.shape[-1]
     acc = acc_dtype(base.dtype)
     stats = torch.empty(3, n, dtype=acc, device=base.device)
     saliency = torch.empty(n, dtype=torch.int8, device=base.device)
-    grad = torch.empty(base.shape, dtype=base.dtype, device=base.device) if compute_grad else stats
+    grad = torch.empty(base.shape, dtype=grad_dtype(base.dtype), device=base.device) if compute_grad else stats
     std, judge = v.standard, v.judge if v.judge is not None else v.standard
-    streams = 1 + (v.standard_mode == VIEW_LOGITS) + (v.judge_mode == VIEW_LOGITS)
-    block, warps = launch_config(vocab, streams, base.element_size())
+    cfg_launch = launch_config("row_pass", vocab, v.streams, base.dtype)
     _nlft_fwd_kernel[(n,)](
         base,
         base.stride(0),
@@ -338,9 +359,9 @@ def _first_stage_triton(v: Views, cfg: NLFTConfig, compute_grad: bool):
         STD=v.standard_mode,
         JUDGE=v.judge_mode,
         COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block,
+        BLOCK_V=cfg_launch.block_v,
         ACC=tl_acc(base.dtype),
-        num_warps=warps,
+        num_warps=cfg_launch.num_warps,
     )
     return stats, saliency.bool(), grad if compute_grad else None
 
@@ -390,28 +411,31 @@ def _first_stage_torch(v: Views, cfg: NLFTConfig, compute_grad: bool):
     acc = acc_dtype(base.dtype)
     stats = torch.zeros(3, n, dtype=acc, device=base.device)
     saliency = torch.zeros(n, dtype=torch.bool, device=base.device)
-    grad = torch.empty(base.shape, dtype=base.dtype, device=base.device) if compute_grad else None
+    grad = torch.empty(base.shape, dtype=grad_dtype(base.dtype), device=base.device) if compute_grad else None
     grad_rows = grad.view(-1, vocab) if compute_grad else None
     rows_per_chunk = chunk_rows(vocab)
 
-    def teacher(view, mode, start, stop, labels):
+    def label_logprob(rows, labels, in_range):
+        picked = torch.where(in_range, rows.gather(1, labels[:, None]).squeeze(1), float("nan"))
+        return picked - torch.logsumexp(rows, dim=-1)
+
+    def teacher(view, mode, start, stop, labels, in_range):
         if mode == VIEW_LOGPROBS:
             return view[start:stop]
         if mode == VIEW_NONE:
             return torch.zeros(stop - start, dtype=acc, device=base.device)
-        rows = _rows(view, start, stop).to(acc)
-        return rows.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(rows, dim=-1)
+        return label_logprob(_rows(view, start, stop).to(acc), labels, in_range)
 
     for start, rows in row_chunks(base, rows_per_chunk):
         stop = start + rows.shape[0]
         labels = v.labels[start:stop]
         valid = labels != cfg.ignore_index
-        safe = labels.clamp(min=0)
+        safe, in_range = safe_labels(labels, vocab)
         x = rows.to(acc)
         lse = torch.logsumexp(x, dim=-1)
-        lp_b = x.gather(1, safe[:, None]).squeeze(1) - lse
-        lp_s = teacher(v.standard, v.standard_mode, start, stop, safe)
-        lp_j = teacher(v.judge, v.judge_mode, start, stop, safe)
+        lp_b = label_logprob(x, safe, in_range)
+        lp_s = teacher(v.standard, v.standard_mode, start, stop, safe, in_range)
+        lp_j = teacher(v.judge, v.judge_mode, start, stop, safe, in_range)
         wrong = v.wrong[start:stop]
         lp_j = torch.where(wrong & valid, lp_j, 0.0)
         lp_b, lp_s = torch.where(valid, lp_b, 0.0), torch.where(valid, lp_s, 0.0)
@@ -423,7 +447,8 @@ def _first_stage_torch(v: Views, cfg: NLFTConfig, compute_grad: bool):
             coef = torch.where(valid, coef * v.scale[start:stop], 0.0)
             # Out of place: for float32 inputs ``x`` is the caller's tensor itself.
             probs = torch.exp(x - lse[:, None])
-            probs[valid, safe[valid]] -= 1.0
+            hit = valid & in_range
+            probs[hit, safe[hit]] -= 1.0
             grad_rows[start:stop] = probs.mul_(coef[:, None])
     return stats, saliency, grad
 
@@ -446,8 +471,10 @@ def rescale_rows(grad: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor, b
     if backend == "triton":
         full = torch.ones(flat.shape[0], dtype=torch.float32, device=grad.device)
         full[rows] = factor[rows].float()
-        block, warps = launch_config(flat.shape[1], 1, flat.element_size())
-        _scale_rows_kernel[(flat.shape[0],)](flat, full, flat.shape[1], BLOCK_V=block, num_warps=warps)
+        launch = launch_config("scale_rows", flat.shape[1], 1, flat.dtype)
+        _scale_rows_kernel[(flat.shape[0],)](
+            flat, full, flat.shape[1], BLOCK_V=launch.block_v, num_warps=launch.num_warps
+        )
         return
     if backend == "cpp" and flat.device.type == "cpu" and flat.is_contiguous():
         from nlft_kernels.backends import compiled
@@ -561,6 +588,24 @@ def _check_finite(lp_b, lp_s, lp_j, valid, v: Views) -> None:
 DETAIL_FIELDS = tuple(NLFTDetails.__dataclass_fields__)
 
 
+def scale_saved_grad(ctx, grad: torch.Tensor, grad_loss: torch.Tensor) -> None:
+    """grad *= grad_loss in place (per row for ``reduction="none"``): gradient accumulation and
+    loss scaling pass a ``grad_loss`` other than 1, and a product out of place would hold a
+    second [N, V] buffer at the peak. The buffer is then spent, so a second backward through
+    the same forward (``retain_graph=True``) raises instead of scaling twice."""
+    if getattr(ctx, "grad_spent", False):
+        raise RuntimeError(
+            "nlft_loss: backward ran twice through one forward; its [N, V] gradient is stored once and "
+            "scaled in place by the first backward (run the forward again instead of retain_graph=True)"
+        )
+    if ctx.reduction == "none":
+        grad.view(-1, grad.shape[-1]).mul_(grad_loss.reshape(-1, 1))
+        ctx.grad_spent = True
+    elif not bool(grad_loss == 1):
+        grad.mul_(grad_loss)
+        ctx.grad_spent = True
+
+
 class NLFTLossFunction(torch.autograd.Function):
     """The NLFT loss of the base logits; the gradient is computed in forward and stored.
 
@@ -593,10 +638,7 @@ class NLFTLossFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is None:
             return (None,) * 10
-        if ctx.reduction == "none":
-            grad = grad.view(-1, grad.shape[-1]) * grad_loss.reshape(-1, 1).to(grad.dtype)
-        elif not bool(grad_loss == 1):
-            grad = grad * grad_loss.to(grad.dtype)
+        scale_saved_grad(ctx, grad, grad_loss)
         return (grad.view(ctx.logits_shape),) + (None,) * 9
 
 
@@ -655,7 +697,9 @@ def nlft_loss(
     wrong_rows = ~correct[sample_ids]
     standard_t, standard_mode = _teacher(standard, "standard", base_logits, acc)
     if judge is None:
-        if validate and bool(wrong_rows.any()):
+        # Checked even with validate=False (one host sync, only without a judge): the kernels
+        # would otherwise train the wrong samples as correct ones, silently.
+        if bool(wrong_rows.any()):
             raise ValueError("judge is required when any sample is wrong (correct has False entries)")
         judge_t, judge_mode = None, VIEW_NONE
     else:

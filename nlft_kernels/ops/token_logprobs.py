@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from nlft_kernels.backends import resolve_backend
-from nlft_kernels.ops._common import as_3d, check_labels, check_logits, chunk_rows, launch_config, row_chunks
+from nlft_kernels.ops._common import as_3d, check_labels, check_logits, chunk_rows, row_chunks
+from nlft_kernels.ops.launch import launch_config
 
 # The running maximum starts finite so that a tile whose entries are all masked to -inf
 # gives exp(-inf - start) = 0 rather than exp(nan).
@@ -63,7 +64,9 @@ def _token_logprobs_kernel(
         x = tl.load(x_ptr + base + cols, mask=cols < limit, other=float("-inf")).to(ACC)
         m, s = lse_update(x, m, s)
     lse = m + tl.log(tl.where(valid, s, 1.0))
-    x_label = tl.load(x_ptr + base + label, mask=valid, other=0.0).to(ACC)
+    # With validate=False nobody checked the label: NaN rather than a read outside the row.
+    in_range = (label >= 0) & (label < V)
+    x_label = tl.load(x_ptr + base + label, mask=valid & in_range, other=float("nan")).to(ACC)
     tl.store(lp_ptr + row, tl.where(valid, x_label - lse, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
 
@@ -102,6 +105,13 @@ def _token_logprobs_bwd_kernel(
         tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
+def safe_labels(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels with those outside [0, V) replaced by 0, which are inside): the torch paths'
+    version of the kernels' mask, whose rows then get NaN log-probs (``validate=False``)."""
+    in_range = (labels >= 0) & (labels < vocab)
+    return torch.where(in_range, labels, 0), in_range
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate in float32, or float64 for float64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -115,7 +125,7 @@ def _forward_triton(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) ->
     n = labels.numel()
     lp = torch.empty(n, dtype=acc_dtype(x.dtype), device=x.device)
     lse = torch.empty_like(lp)
-    block, warps = launch_config(x.shape[-1], 1, x.element_size())
+    launch = launch_config("token_logprobs", x.shape[-1], 1, x.dtype)
     _token_logprobs_kernel[(n,)](
         x,
         x.stride(0),
@@ -126,9 +136,9 @@ def _forward_triton(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) ->
         x.shape[1],
         x.shape[2],
         ignore_index,
-        BLOCK_V=block,
+        BLOCK_V=launch.block_v,
         ACC=tl_acc(x.dtype),
-        num_warps=warps,
+        num_warps=launch.num_warps,
     )
     return lp, lse
 
@@ -142,7 +152,8 @@ def _forward_torch(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> 
         valid = lab != ignore_index
         xs = rows.to(lp.dtype)
         chunk_lse = torch.logsumexp(xs, dim=-1)
-        picked = xs.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
+        safe, in_range = safe_labels(lab, x.shape[-1])
+        picked = torch.where(in_range, xs.gather(1, safe.unsqueeze(1)).squeeze(1), float("nan"))
         lp[start : start + rows.shape[0]] = torch.where(valid, picked - chunk_lse, 0.0)
         lse[start : start + rows.shape[0]] = torch.where(valid, chunk_lse, 0.0)
     return lp, lse
@@ -157,7 +168,7 @@ def _forward_cpp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tu
 
 def _backward_triton(x, labels, lse, g, ignore_index):
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block, warps = launch_config(x.shape[-1], 1, x.element_size())
+    launch = launch_config("token_logprobs", x.shape[-1], 1, x.dtype)
     _token_logprobs_bwd_kernel[(labels.numel(),)](
         x,
         x.stride(0),
@@ -169,9 +180,9 @@ def _backward_triton(x, labels, lse, g, ignore_index):
         x.shape[1],
         x.shape[2],
         ignore_index,
-        BLOCK_V=block,
+        BLOCK_V=launch.block_v,
         ACC=tl_acc(x.dtype),
-        num_warps=warps,
+        num_warps=launch.num_warps,
     )
     return grad
 

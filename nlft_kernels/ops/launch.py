@@ -1,0 +1,83 @@
+"""Launch configuration of the Triton kernels: one function per kernel family.
+
+The same functions feed the launches in ``ops/``, the tests and the ahead-of-time compile
+(``tests/ops/compile_kernels.py``), so what is compiled and tested is what runs.
+
+A kernel family streams ``streams`` rows of length V at once (the base logits, plus the
+standard and judge logits when they are given as logits); each stream keeps one float32 (or
+float64) tile of ``BLOCK_V`` live. The tile is a power of two (``tl.arange`` requires it),
+chosen so that the live tiles of all streams fit a register budget per program, and no larger
+than the vocabulary. ``TUNED`` overrides the rule for measured shapes: it is filled from GPU
+measurements (``python -m benchmarks.gpu_suite``) and empty until a GPU has been lent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Kernel families: the NLFT row pass (`_nlft_fwd_kernel`, 1-3 streams), the label log-probs
+# forward and backward (`_token_logprobs_kernel` / `_bwd_kernel`, 1 stream) and the row scaling
+# of the per-sample fix-up (`_scale_rows_kernel`, 1 stream).
+FAMILIES = ("row_pass", "token_logprobs", "scale_rows")
+
+# Live elements per program across all streams: 16K for 16-bit inputs (converted to float32
+# tiles, half the bytes in flight), 8K for float32, 4K for float64 (two registers an element).
+_ELEMENT_BUDGET = {2: 16384, 4: 8192, 8: 4096}
+MIN_BLOCK_V = 128
+MAX_BLOCK_V = 16384
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """``BLOCK_V`` (a power of two) and ``num_warps`` of one launch."""
+
+    block_v: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        if self.block_v < 1 or self.block_v & (self.block_v - 1):
+            raise ValueError(f"BLOCK_V must be a power of two, got {self.block_v}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two up to 32, got {self.num_warps}")
+
+
+def vocab_bucket(vocab: int) -> int:
+    """The power of two at or above ``vocab``: the key of ``TUNED`` (e.g. 50257 -> 65536)."""
+    return 1 << max(vocab - 1, 0).bit_length()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# (family, vocab bucket, streams, dtype name) -> measured best LaunchConfig. Filled from a GPU
+# run; every entry is compiled by the AOT test like the rule's choices.
+TUNED: dict[tuple[str, int, int, str], LaunchConfig] = {}
+
+
+def _prev_power_of_2(x: int) -> int:
+    return 1 << (max(x, 1).bit_length() - 1)
+
+
+def heuristic_config(vocab: int, streams: int, dtype: torch.dtype) -> LaunchConfig:
+    """The rule: the largest power-of-two tile whose ``streams`` live tiles fit the budget,
+    at least ``MIN_BLOCK_V`` and at most the vocabulary's power of two; warps so that each
+    thread holds 4-16 elements of a tile."""
+    budget = _ELEMENT_BUDGET[dtype.itemsize]
+    per_stream = _prev_power_of_2(budget // max(streams, 1))
+    block = max(MIN_BLOCK_V, min(vocab_bucket(vocab), per_stream, MAX_BLOCK_V))
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return LaunchConfig(block, num_warps)
+
+
+def launch_config(family: str, vocab: int, streams: int, dtype: torch.dtype) -> LaunchConfig:
+    """The configuration a ``family`` kernel launches with for rows of ``vocab`` entries,
+    ``streams`` rows read at once and logits of ``dtype``: ``TUNED`` if measured, else the rule."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if not 1 <= streams <= 3:
+        raise ValueError(f"streams must be 1, 2 or 3, got {streams}")
+    tuned = TUNED.get((family, vocab_bucket(vocab), streams, _dtype_name(dtype)))
+    return tuned if tuned is not None else heuristic_config(vocab, streams, dtype)
