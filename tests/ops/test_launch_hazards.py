@@ -1,0 +1,127 @@
+"""What the interpreter hides and a GPU would not forgive: tile sizes, reads out of bounds,
+fp16 underflow, silent mistraining and a second [N, V] buffer in backward."""
+
+import pytest
+import torch
+
+import nlft_kernels.ops.launch as launch_module
+from nlft_kernels import nlft_loss, token_logprobs
+from nlft_kernels.ops.launch import FAMILIES, LaunchConfig, launch_config, vocab_bucket
+from nlft_kernels.reference import nlft_loss_reference
+from tests._inputs import make_inputs, seed_of
+from tests.tolerances import assert_grad_close, assert_loss_close
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("streams", [1, 2, 3])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiles_are_powers_of_two_at_every_vocabulary(family, streams, dtype):
+    """Every vocabulary from 1 to 300,000 (and the real ones): a power-of-two tile, no larger
+    than the vocabulary's power of two, within the register budget of the streams."""
+    vocabs = list(range(1, 5000)) + list(range(5000, 300_000, 997)) + [32000, 50257, 128256, 151936, 256000]
+    for vocab in vocabs:
+        cfg = launch_config(family, vocab, streams, dtype)
+        assert cfg.block_v & (cfg.block_v - 1) == 0, (vocab, cfg)
+        assert cfg.block_v <= max(vocab_bucket(vocab), launch_module.MIN_BLOCK_V)
+        assert cfg.block_v * streams * dtype.itemsize <= 4 * 16384 or cfg.block_v == launch_module.MIN_BLOCK_V
+
+
+def test_tuned_entries_override_the_rule_and_must_be_powers_of_two(monkeypatch):
+    key = ("row_pass", vocab_bucket(50257), 3, "bfloat16")
+    monkeypatch.setitem(launch_module.TUNED, key, LaunchConfig(2048, 4))
+    assert launch_config("row_pass", 50257, 3, torch.bfloat16) == LaunchConfig(2048, 4)
+    assert launch_config("row_pass", 50257, 2, torch.bfloat16) != LaunchConfig(2048, 4)
+    with pytest.raises(ValueError, match="power of two"):
+        LaunchConfig(5461, 8)
+    with pytest.raises(ValueError, match="family"):
+        launch_config("nope", 100, 1, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_out_of_range_read_nothing_outside_the_row(backend):
+    """validate=False skips the label check: a label outside [0, V) that is not ignore_index
+    gives NaN log-probs in its row (so a NaN loss), never a read past the row; other rows stay exact."""
+    x = make_inputs(4, 6, 97, seed=seed_of("labels out of range", backend))
+    labels = x.labels.clone()
+    bad = [(0, 1, 97), (1, 0, 97 + 1000), (2, 2, -5)]
+    for b, t, value in bad:
+        labels[b, t] = value
+    loss, details = nlft_loss(
+        x.base,
+        labels,
+        x.correct,
+        standard=x.standard,
+        judge=x.judge,
+        backend=backend,
+        validate=False,
+        reduction="none",
+        return_details=True,
+    )
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    for b, t, _ in bad:
+        mask[b, t] = True
+    assert details.logprob_base[mask].isnan().all() and details.logprob_standard[mask].isnan().all()
+    assert loss[mask].isnan().all()
+    good = ~mask & (labels != -100)
+    expected = torch.log_softmax(x.base.detach().double(), -1).gather(-1, labels.clamp(0, 96)[..., None])[..., 0]
+    assert_loss_close(details.logprob_base[good], expected[good])
+    assert not details.logprob_base[~mask].isnan().any()
+
+    lp = token_logprobs(x.base.detach(), labels, backend=backend, validate=False)
+    assert lp[mask].isnan().all()
+    assert_loss_close(lp[good], expected[good])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_samples_without_judge_are_refused_even_unvalidated(backend):
+    x = make_inputs(4, 6, 50, seed=seed_of("no judge", backend))
+    assert not x.correct.all()
+    with pytest.raises(ValueError, match="judge is required"):
+        nlft_loss(x.base, x.labels, x.correct, standard=x.standard, backend=backend, validate=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_gradient_survives_loss_scaling(backend):
+    """GradScaler multiplies the loss by its factor (2**16 at first, lowered while the gradient
+    overflows) and the gradient arrives scaled by it in backward: the stored rows must not have
+    underflowed in fp16 before that."""
+    x = make_inputs(2, 4, 4000, seed=seed_of("fp16 underflow", backend))
+    base = (x.base.detach() * 4).half().requires_grad_()  # wide logits: tiny softmax entries
+    scale = 2.0**12  # the largest entries stay below fp16's maximum
+    loss = nlft_loss(base, x.labels, x.correct, standard=x.standard.half(), judge=x.judge.half(), backend=backend)
+    (grad,) = torch.autograd.grad(loss * scale, base)
+    ref_base = base.detach().double().requires_grad_()
+    ref = nlft_loss_reference(ref_base, x.labels, x.correct, x.standard.half(), x.judge.half())
+    (ref_grad,) = torch.autograd.grad(ref * scale, ref_base)
+    # 0 in fp16 before scaling (below half its smallest subnormal), representable after it.
+    tiny = (ref_grad.abs() / scale < 2.0**-25) & (ref_grad.abs() > 2.0**-22)
+    assert tiny.sum() > 100, "the inputs must have gradient entries that underflow fp16 before scaling"
+    assert grad.dtype == torch.float16
+    assert (grad[tiny] != 0).all(), "entries underflowed to 0 before the loss scale applied"
+    assert_grad_close(grad, ref_grad, torch.float16)
+
+
+@pytest.mark.parametrize("reduction", ["sample_mean", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_scales_the_saved_gradient_in_place(backend, reduction):
+    """grad_output != 1 (gradient accumulation, loss scaling) multiplies the stored [N, V]
+    gradient where it is: the returned gradient is that buffer, no second one."""
+    x = make_inputs(4, 6, 64, seed=seed_of("in place", backend, reduction))
+    loss = nlft_loss(
+        x.base, x.labels, x.correct, standard=x.standard, judge=x.judge, backend=backend, reduction=reduction
+    )
+    node = loss.grad_fn
+    while not hasattr(node, "saved_tensors"):  # "none" reshapes the per-row loss: a view node first
+        node = node.next_functions[0][0]
+    (saved,) = node.saved_tensors
+    grad_out = torch.full_like(loss, 0.25) if reduction == "none" else torch.tensor(0.25)
+    (grad,) = torch.autograd.grad(loss, x.base, grad_out, retain_graph=True)
+    assert grad.data_ptr() == saved.data_ptr()
+    ref_base = x.base.detach().double().requires_grad_()
+    ref = nlft_loss_reference(ref_base, x.labels, x.correct, x.standard, x.judge, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref, ref_base, grad_out.double())
+    assert_grad_close(grad, ref_grad, torch.float32)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        torch.autograd.grad(loss, x.base, grad_out)
