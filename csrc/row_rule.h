@@ -24,17 +24,30 @@ NLFT_HD double acc_log(double x) { return log(x); }
 NLFT_HD float acc_sqrt(float x) { return sqrtf(x); }
 NLFT_HD double acc_sqrt(double x) { return sqrt(x); }
 
+// Whether a labelled row's label indexes its row. With validate=False a label that is neither
+// ignore_index nor in [0, V) reaches the kernels; every backend then gives the row the same
+// result: nothing is read at the label (no read outside the row), its log-probs from logits are
+// NaN, and so are its coefficient (hence its whole gradient row) and its loss: visible, never
+// silently ignored. It is never salient.
+NLFT_HD bool label_in_range(int64_t label, int64_t vocab) { return label >= 0 && label < vocab; }
+
+template <typename acc_t>
+NLFT_HD acc_t quiet_nan() {
+  return static_cast<acc_t>(NAN);
+}
+
 template <typename acc_t>
 struct RowDecision {
   acc_t coef;     // factor of (softmax - onehot) in the row's gradient, scale included
   bool saliency;
 };
 
-// lp_b/lp_s/lp_j: label log-probs (0 on unlabelled rows, lp_j 0 on correct rows);
+// lp_b/lp_s/lp_j: label log-probs (0 on unlabelled rows, lp_j 0 on correct rows); valid: the
+// label is not ignore_index; in_range: label_in_range (see there for a valid row without it);
 // scale: the row's factor in the reduced loss.
 template <typename acc_t>
-NLFT_HD RowDecision<acc_t> decide_row(acc_t lp_b, acc_t lp_s, acc_t lp_j, bool valid, bool wrong, acc_t scale,
-                                      const RowConfig& cfg) {
+NLFT_HD RowDecision<acc_t> decide_row(acc_t lp_b, acc_t lp_s, acc_t lp_j, bool valid, bool in_range, bool wrong,
+                                      acc_t scale, const RowConfig& cfg) {
   const acc_t tau = static_cast<acc_t>(cfg.tau);
   // Correct response: saliency p_s > tau; weight 1 + u**P on saliency, (p_s / tau)**Q else.
   const acc_t p_s = acc_exp(lp_s);
@@ -58,8 +71,9 @@ NLFT_HD RowDecision<acc_t> decide_row(acc_t lp_b, acc_t lp_s, acc_t lp_j, bool v
   const acc_t coef_wrong = saliency_wrong ? coef_unlikely : acc_sqrt(p_s);
   const acc_t coef = wrong ? coef_wrong : w_correct + static_cast<acc_t>(cfg.nll_weight);
   RowDecision<acc_t> out;
-  out.coef = valid ? coef * scale : acc_t(0);
-  out.saliency = valid && (wrong ? saliency_wrong : saliency_correct);
+  // NaN even where the teachers are given as log-probs (their coefficient would be finite).
+  out.coef = !valid ? acc_t(0) : in_range ? coef * scale : quiet_nan<acc_t>();
+  out.saliency = valid && in_range && (wrong ? saliency_wrong : saliency_correct);
   return out;
 }
 

@@ -110,16 +110,20 @@ struct OnlineLse {
   acc_t lse() const { return m + acc_log(s); }
 };
 
-// Label log-prob of a view: from its logits row and lse, or read from the [N] log-prob vector.
+// Label log-prob of a view: from its logits row and lse (NaN for a label outside [0, vocab),
+// which is not read), or read from the [N] log-prob vector.
 template <typename acc_t>
-acc_t label_logprob(const RowView& view, int64_t row, int64_t row_offset, int64_t label, const OnlineLse<acc_t>& lse) {
+acc_t label_logprob(const RowView& view, int64_t row, int64_t row_offset, int64_t label, int64_t vocab,
+                    const OnlineLse<acc_t>& lse) {
   if (view.mode == kViewLogprobs) return static_cast<const acc_t*>(view.ptr)[row];
+  if (!label_in_range(label, vocab)) return quiet_nan<acc_t>();
   acc_t converted = 0;
   const acc_t* x = to_acc<acc_t>(offset_ptr(view.ptr, view.dtype, row_offset + label), view.dtype, 1, &converted);
   return *x - lse.lse();
 }
 
-// Writes coef * (softmax(x) - onehot(label)) of one row to `grad_row` [V] in the base dtype.
+// Writes coef * (softmax(x) - onehot(label)) of one row to `grad_row` [V] in the base dtype
+// (no one-hot for a label outside [0, V): its coef is NaN, see label_in_range).
 template <typename acc_t>
 void gradient_row(const RowPass& p, int64_t base_offset, int64_t label, acc_t lse, acc_t coef, void* grad_row,
                   acc_t* x_buf, acc_t* g_buf) {
@@ -194,11 +198,13 @@ void row_pass_typed(const RowPass& p) {
               to_acc<acc_t>(offset_ptr(p.judge.ptr, p.judge.dtype, judge_off + start), p.judge.dtype, n, judge_buf), n);
         }
       }
-      const acc_t lp_b = label_logprob(p.base, row, base_off, label, lse_b);
-      const acc_t lp_s = label_logprob(p.standard, row, std_off, label, lse_s);
-      const acc_t lp_j = use_judge && p.judge.mode != kViewNone ? label_logprob(p.judge, row, judge_off, label, lse_j)
-                                                                 : acc_t(0);
-      const RowDecision<acc_t> d = decide_row<acc_t>(lp_b, lp_s, lp_j, valid, wrong, scale[row], p.cfg);
+      const acc_t lp_b = label_logprob(p.base, row, base_off, label, vocab, lse_b);
+      const acc_t lp_s = label_logprob(p.standard, row, std_off, label, vocab, lse_s);
+      const acc_t lp_j = use_judge && p.judge.mode != kViewNone
+                             ? label_logprob(p.judge, row, judge_off, label, vocab, lse_j)
+                             : acc_t(0);
+      const bool in_range = label_in_range(label, vocab);
+      const RowDecision<acc_t> d = decide_row<acc_t>(lp_b, lp_s, lp_j, valid, in_range, wrong, scale[row], p.cfg);
       stats[row] = lp_b;
       stats[n_rows + row] = lp_s;
       stats[2 * n_rows + row] = lp_j;
@@ -262,7 +268,7 @@ void label_logprobs_typed(const RowLogprobs& q) {
                                  buffer.data()),
                    n);
       }
-      logprob[row] = label_logprob(q.logits, row, offset, label, lse);
+      logprob[row] = label_logprob(q.logits, row, offset, label, vocab, lse);
       lse_out[row] = lse.lse();
     }
   });

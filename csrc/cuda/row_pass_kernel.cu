@@ -114,11 +114,13 @@ __device__ Lse<acc_t> block_lse(Lse<acc_t> v, Lse<acc_t>* scratch) {
   return out;
 }
 
-// log p(label) of a teacher view: from its logits row and lse, or read from the [N] vector.
+// log p(label) of a teacher view: from its logits row and lse (NaN for a label outside
+// [0, V), which is not read), or read from the [N] vector.
 template <typename acc_t, typename TT>
-__device__ acc_t teacher_logprob(const RowView& view, const TT* row, int64_t r, int64_t label, Lse<acc_t> lse) {
+__device__ acc_t teacher_logprob(const RowView& view, const TT* row, int64_t r, int64_t label, bool in_range,
+                                 Lse<acc_t> lse) {
   if (view.mode == kViewLogprobs) return static_cast<const acc_t*>(view.ptr)[r];
-  return widen<acc_t>(row[label]) - (lse.m + log(lse.s));
+  return in_range ? widen<acc_t>(row[label]) - (lse.m + log(lse.s)) : quiet_nan<acc_t>();
 }
 
 // T: base logits and gradient type; TT: teacher logits type (T or the accumulator type).
@@ -131,6 +133,7 @@ __global__ void row_pass_kernel(RowPass p) {
   const int64_t b = r / p.steps, t = r % p.steps, V = p.vocab;
   const int64_t label = p.labels[r];
   const bool valid = label != p.cfg.ignore_index;
+  const bool in_range = label_in_range(label, V);  // see there for a valid row without it
   const bool wrong = p.wrong[r];
   const bool use_judge = valid && wrong;
   const bool std_logits = p.standard.mode == kViewLogits;
@@ -167,11 +170,12 @@ __global__ void row_pass_kernel(RowPass p) {
     const acc_t lse_b = lb.m + log(lb.s);
     acc_t lp_b = 0, lp_s = 0, lp_j = 0;
     if (valid) {
-      lp_b = widen<acc_t>(base[label]) - lse_b;
-      lp_s = teacher_logprob(p.standard, standard, r, label, ls);
-      if (use_judge && p.judge.mode != kViewNone) lp_j = teacher_logprob(p.judge, judge, r, label, lj);
+      lp_b = in_range ? widen<acc_t>(base[label]) - lse_b : quiet_nan<acc_t>();
+      lp_s = teacher_logprob(p.standard, standard, r, label, in_range, ls);
+      if (use_judge && p.judge.mode != kViewNone) lp_j = teacher_logprob(p.judge, judge, r, label, in_range, lj);
     }
-    const RowDecision<acc_t> d = decide_row<acc_t>(lp_b, lp_s, lp_j, valid, wrong, static_cast<const acc_t*>(p.scale)[r], p.cfg);
+    const RowDecision<acc_t> d =
+        decide_row<acc_t>(lp_b, lp_s, lp_j, valid, in_range, wrong, static_cast<const acc_t*>(p.scale)[r], p.cfg);
     acc_t* stats = static_cast<acc_t*>(p.stats);
     stats[r] = lp_b;
     stats[p.n_rows + r] = lp_s;
@@ -183,7 +187,8 @@ __global__ void row_pass_kernel(RowPass p) {
   if (p.grad == nullptr) return;
   __syncthreads();
 
-  // Gradient sweep: coef * (softmax - onehot(label)); zeros on unlabelled rows.
+  // Gradient sweep: coef * (softmax - onehot(label)); zeros on unlabelled rows, NaN on rows
+  // whose label is outside [0, V) (coef is NaN; the one-hot matches no column).
   const acc_t lse = row_lse, coef = row_coef;
   T* grad = static_cast<T*>(p.grad) + r * V;
   const bool grad_aligned = is_aligned(grad);

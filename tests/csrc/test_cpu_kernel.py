@@ -19,9 +19,9 @@ import torch
 
 from nlft_kernels import nlft_loss, token_logprobs
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference
-from tests._inputs import make_inputs
+from tests._inputs import make_inputs, seed_of
 from tests.csrc import extension_or_skip
-from tests.ops.test_nlft_loss import assert_details, assert_exercised, run_both
+from tests.ops.test_nlft_loss import assert_details, assert_exercised, run_both, teacher
 from tests.tolerances import assert_grad_close, assert_loss_close
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,7 +178,7 @@ _COPY_SCRIPT = """
 import torch
 from nlft_kernels.backends import extension
 from tests.ops.test_nlft_loss import run_both
-from tests._inputs import make_inputs
+from tests._inputs import make_inputs, seed_of
 from tests.tolerances import assert_grad_close, assert_loss_close
 module, why = extension()
 assert module is not None, why
@@ -234,3 +234,103 @@ def test_only_the_wide_copies_use_wide_instructions(ext):
             if not any(w in function for w in wide):
                 offenders.add(function)
     assert not offenders, sorted(offenders)[:20]
+
+
+# Labels that are neither ignore_index (-100) nor in [0, V): just past the row, far past it (into
+# other rows), and negative (into the row before).
+OUT_OF_RANGE = ("V", "V+1000", -5)
+
+
+def _bad_labels(labels: torch.Tensor, vocab: int, rows) -> torch.Tensor:
+    bad = labels.clone()
+    for (b, t), value in zip(rows, OUT_OF_RANGE, strict=True):
+        bad[b, t] = {"V": vocab, "V+1000": vocab + 1000}.get(value, value)
+    return bad
+
+
+@pytest.mark.parametrize("forms", [("logits", "logits"), ("logprobs", "logprobs")])
+@pytest.mark.parametrize("reduction", ["sample_mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_out_of_range_labels_give_nan_rows(dtype, reduction, forms):
+    """validate=False lets labels outside [0, V) (not ignore_index) reach the kernel. It reads
+    nothing at such a label (before, base[label] and the teacher rows were read out of bounds):
+    the row's log-probs from logits, its token loss and its whole gradient row are NaN, also with
+    teachers given as log-probs (whose coefficient alone would be finite), and it is not salient.
+    Every other row equals the reference on the original labels, the killed (6% rule) wrong
+    sample included: each bad row replaces a non-saliency row, so the rule decides the same."""
+    vocab = 300
+    x = make_inputs(4, 20, vocab, dtype=dtype, seed=seed_of("out_of_range", dtype, reduction, forms))
+    ones = torch.ones(x.labels.shape if reduction == "none" else (), dtype=torch.float64)
+    ref_loss, ref_grad, ref_details = run_both(x, reduction, "torch", forms, grad_out=ones)[1]
+    # Rows of the correct sample, the killed wrong sample and the wrong sample with one saliency token.
+    rows = []
+    for b in (0, 1, 2):
+        t = int((~ref_details["saliency"][b] & (x.labels[b] != -100)).nonzero()[0])
+        rows.append((b, t))
+    assert ref_details["killed"][1].any() and not ref_details["killed"][2].any(), "the 6% rule did not split"
+    labels = _bad_labels(x.labels, vocab, rows)
+    bad = torch.zeros_like(labels, dtype=torch.bool)
+    for b, t in rows:
+        bad[b, t] = True
+    standard = teacher(x, x.standard, forms[0])
+    judge = teacher(x, x.judge, forms[1])
+    base = x.base.detach().clone().requires_grad_()
+    loss, details = nlft_loss(
+        base,
+        labels,
+        x.correct,
+        standard=standard,
+        judge=judge,
+        reduction=reduction,
+        backend="cpp",
+        validate=False,
+        return_details=True,
+    )
+    (grad,) = torch.autograd.grad(loss, base, ones.to(loss.dtype))
+
+    grad_nan = grad.isnan().all(-1)
+    assert torch.equal(grad_nan, bad), "NaN gradient rows are not exactly the bad rows"
+    assert not grad[~bad].isnan().any()
+    assert_grad_close(grad[~bad], ref_grad[~bad], dtype)
+    assert torch.equal(details.logprob_base.isnan(), bad)
+    for name, form in zip(("logprob_standard", "logprob_judge"), forms, strict=True):
+        used = bad & (~x.correct[:, None] if name == "logprob_judge" else True)
+        assert torch.equal(getattr(details, name).isnan(), used if form == "logits" else torch.zeros_like(bad)), name
+    assert torch.equal(details.token_loss.isnan(), bad)
+    assert not (details.saliency & bad).any()
+    good = ~bad & (x.labels != -100)
+    assert_loss_close(details.token_loss[good], ref_details["token_loss"][good])
+    assert_loss_close(details.logprob_base[good], ref_details["logprob_base"][good])
+    for name in ("saliency", "killed"):
+        assert torch.equal(getattr(details, name)[~bad], ref_details[name][~bad]), name
+    if reduction == "none":
+        assert torch.equal(loss.isnan(), bad)
+        assert_loss_close(loss[~bad], ref_loss[~bad])
+    else:
+        assert loss.isnan()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_logprobs_out_of_range_labels_give_nan(dtype):
+    """label_logprobs with validate=False: NaN exactly at labels outside [0, V) (nothing read
+    there), zero at ignore_index, the reference everywhere else."""
+    vocab = 257
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 9, vocab, generator=g) * 4).to(dtype)[:, 1:]  # strided rows
+    labels = torch.randint(0, vocab, (3, 8), generator=g)
+    labels[0, -2:] = -100
+    rows = [(0, 0), (1, 7), (2, 3)]
+    bad_labels = _bad_labels(labels, vocab, rows)
+    bad = bad_labels != labels
+    lp = token_logprobs(logits, bad_labels, backend="cpp", validate=False)
+    ref = token_logprobs_reference(logits.double(), labels)
+    assert torch.equal(lp.isnan(), bad)
+    if dtype == torch.float64:
+        torch.testing.assert_close(lp[~bad], ref[~bad], rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL)
+    else:
+        assert_loss_close(lp[~bad], ref[~bad])
+    assert not lp[labels == -100].any()
+    _, lse = extension_or_skip().label_logprobs(logits, bad_labels.reshape(-1), -100)
+    expected = torch.logsumexp(logits.double(), -1).reshape(-1)
+    valid = labels.reshape(-1) != -100
+    torch.testing.assert_close(lse[valid].double(), expected[valid], rtol=1e-5, atol=1e-5)
