@@ -143,13 +143,49 @@ class _Grads:
         if self.hidden is not None and rows is not None:
             torch.mm(grad, weight, out=self.hidden[rows])
         if self.weight is not None:
-            if grad.dtype == self.weight.dtype:
-                self.weight.addmm_(grad.t(), hidden)
-            else:
-                # 16-bit matmul at full speed, its [V, D] result summed over chunks in float32
-                self.weight += torch.mm(grad.t(), hidden)
+            accumulate_mm(self.weight, grad.t(), hidden)
         if self.bias is not None:
             self.bias += grad.sum(0, dtype=self.bias.dtype)
+
+
+_OUT_DTYPE_MATMULS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def out_dtype_matmuls(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch multiplies 16-bit ``dtype`` matrices on ``device`` straight into float32
+    (``torch.mm``/``torch.addmm`` with ``out_dtype=torch.float32``, also in place into ``out``):
+    CUDA in recent torch, not the CPU in torch 2.13. Probed once per (device type, dtype) on a
+    product whose float32 value a 16-bit result would round away."""
+    key = (device.type, dtype)
+    if key not in _OUT_DTYPE_MATMULS:
+        ok = False
+        if dtype in (torch.float16, torch.bfloat16):
+            a = torch.tensor([[1.0, 2.0**-9]], device=device).to(dtype)
+            b = torch.ones(2, 1, device=device, dtype=dtype)
+            try:
+                acc = torch.ones(1, 1, device=device)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                mm = torch.mm(a, b, out_dtype=torch.float32)
+                biased = torch.addmm(torch.ones(1, device=device), a, b, out_dtype=torch.float32)
+                ok = [float(acc), float(mm), float(biased)] == [2 + 2.0**-9, 1 + 2.0**-9, 2 + 2.0**-9]
+            except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+                ok = False
+        _OUT_DTYPE_MATMULS[key] = ok
+    return _OUT_DTYPE_MATMULS[key]
+
+
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for a float32 (float64) ``acc`` [m, n] and ``a`` [m, k], ``b`` [k, n] in
+    any float dtype, without an [m, n] temporary: 16-bit operands go straight into ``acc``
+    where torch has ``out_dtype`` matmuls for the device (``out_dtype_matmuls``); elsewhere
+    they are upcast, which costs [m, k] + [k, n] in float32 (for the weight gradient, a [c, V]
+    chunk and a [c, D] one, instead of a fresh [V, D] product per chunk)."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.dtype == b.dtype and out_dtype_matmuls(acc.device, a.dtype) and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def sample_groups(sample_ids: torch.Tensor, rows_per_chunk: int) -> list[tuple[int, int]]:
@@ -443,8 +479,8 @@ def nlft_linear_loss(
       as many rows as fit in min(1 GiB on CUDA or 128 MiB elsewhere, free memory / 4), a
       multiple of 64 when more than 64 fit, balanced so the last chunk is not a sliver. Peak
       extra memory is about ``chunk_size * V * (2 * itemsize + 8)`` bytes plus the gradients
-      (hidden [N, D]; weight [V, D] and bias accumulated in float32, then cast to their dtype;
-      16-bit weights add one [V, D] product per chunk).
+      (hidden [N, D]; weight [V, D] and bias accumulated in float32 in place, then cast to
+      their dtype).
     """
     if not isinstance(config, NLFTConfig):
         raise ValueError(f"config must be an NLFTConfig, got {type(config).__name__}")
