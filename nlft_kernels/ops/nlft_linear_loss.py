@@ -5,8 +5,12 @@
 per chunk, the logits ``[c, V]`` are one matmul, the core op's first stage (Triton on CUDA,
 chunked torch elsewhere) turns them into the label statistics and the provisional gradient
 ``G_c = coef * (softmax - onehot)``, and two more matmuls fold ``G_c`` into the gradients of
-``hidden`` (``G_c @ weight``) and ``weight`` (``G_c.T @ hidden_c``, accumulated in float32).
-Peak extra memory is a few [c, V] tensors plus the gradients themselves.
+``hidden`` (``G_c @ weight``) and ``weight`` (``G_c.T @ hidden_c``, accumulated in float32 in
+place). Peak extra memory is a few [c, V] tensors plus the gradients themselves.
+
+The logits tiles are float32 for every input dtype (float32 accumulation and output; see
+``_Head``): the saliency tests compare probabilities with 0.95 and ratios with 1.5, and a
+bfloat16 logit near 30 is off by up to 0.06, which moves a log-prob by as much and flips them.
 
 The per-sample part of the rule (the 6% rule, saliency clusters) needs every row of a sample.
 Chunks are cut at sample boundaries (``sample_groups``): a chunk of whole samples gets its
@@ -52,8 +56,8 @@ from nlft_kernels.ops.nlft_loss import (
 )
 from nlft_kernels.ops.token_logprobs import acc_dtype, token_logprobs
 
-# Chunk budget: the chunk's logits and gradient in the input dtype plus two float32 [c, V]
-# temporaries of the loss pass. A chunk may take this share of free memory, capped so that
+# Chunk budget: the chunk's logits and gradient (float32, float64 for float64 inputs) plus two
+# float32 [c, V] temporaries of the loss pass. A chunk may take this share of free memory, capped so that
 # a GPU chunk stays large enough for full-speed matmuls without hoarding memory, and a CPU
 # chunk stays near the cache-friendly size of the torch loss pass.
 _FREE_SHARE = 4
@@ -101,9 +105,87 @@ def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, device: torch.device
 # The chunked pass shared by forward, backward ("none") and the per-sample fix-up.
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[c, V] logits of [c, D] hidden rows, in the input dtype."""
-    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+_OUT_DTYPE_MATMULS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def out_dtype_matmuls(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch multiplies 16-bit ``dtype`` matrices on ``device`` straight into float32
+    (``torch.mm``/``torch.addmm`` with ``out_dtype=torch.float32``, also in place into ``out``):
+    CUDA in recent torch, not the CPU in torch 2.13. Probed once per (device type, dtype) on a
+    product whose float32 value a 16-bit result would round away."""
+    key = (device.type, dtype)
+    if key not in _OUT_DTYPE_MATMULS:
+        ok = False
+        if dtype in (torch.float16, torch.bfloat16):
+            a = torch.tensor([[1.0, 2.0**-9]], device=device).to(dtype)
+            b = torch.ones(2, 1, device=device, dtype=dtype)
+            try:
+                acc = torch.ones(1, 1, device=device)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                mm = torch.mm(a, b, out_dtype=torch.float32)
+                biased = torch.addmm(torch.ones(1, device=device), a, b, out_dtype=torch.float32)
+                ok = [float(acc), float(mm), float(biased)] == [2 + 2.0**-9, 1 + 2.0**-9, 2 + 2.0**-9]
+            except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+                ok = False
+        _OUT_DTYPE_MATMULS[key] = ok
+    return _OUT_DTYPE_MATMULS[key]
+
+
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for a float32 (float64) ``acc`` [m, n] and ``a`` [m, k], ``b`` [k, n] in
+    any float dtype, without an [m, n] temporary: 16-bit operands go straight into ``acc``
+    where torch has ``out_dtype`` matmuls for the device (``out_dtype_matmuls``); elsewhere an
+    operand not in ``acc``'s dtype is upcast (for the weight gradient, the [c, D] hidden chunk:
+    ``_Grads.add`` hands G in float32 there), never a fresh [V, D] product per chunk."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.dtype == b.dtype and out_dtype_matmuls(acc.device, a.dtype) and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@dataclass
+class _Head:
+    """The LM head as the chunk matmuls take it: logits come out in ACC (float32 for 16-bit
+    inputs) and the gradients fold in from an ACC logits gradient (``_Grads.add``).
+
+    weight: [V, D], the matmul operand; bias: [V] in ACC or None; dtype: of hidden and weight
+    (and of the hidden gradient). Where torch has ``out_dtype`` matmuls for the device and
+    dtype (``out_dtype_matmuls``: CUDA), ``weight`` is the 16-bit head itself and the logits
+    are ``mm(h, W.T, out_dtype=float32)``, at 16-bit tensor-core speed. Elsewhere (the CPU in
+    torch 2.13), ``weight`` is the head upcast to ACC once per call, a [V, D] float32 copy
+    (upcasting per chunk would hold the same copy at its peak and pay for it per chunk), and
+    each hidden chunk is upcast: every matmul runs in ACC. On CPUs without native bfloat16
+    matmuls that is also the fast way: there a bfloat16 GEMM is emulated, 20-50x slower.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> _Head:
+        acc = acc_dtype(weight.dtype)
+        native = out_dtype_matmuls(weight.device, weight.dtype)
+        return cls(
+            weight=weight if native else weight.to(acc),
+            bias=None if bias is None else bias.to(acc),
+            dtype=weight.dtype,
+        )
+
+    @property
+    def acc(self) -> torch.dtype:
+        return acc_dtype(self.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[c, V] logits in ACC of [c, D] hidden rows (in ``dtype``)."""
+        if self.weight.dtype != self.acc:
+            if self.bias is None:
+                return torch.mm(hidden, self.weight.t(), out_dtype=self.acc)
+            return torch.addmm(self.bias, hidden, self.weight.t(), out_dtype=self.acc)
+        hidden = hidden.to(self.acc)
+        return hidden @ self.weight.t() if self.bias is None else torch.addmm(self.bias, hidden, self.weight.t())
 
 
 def _select(views: Views, index: torch.Tensor, logits: torch.Tensor) -> Views:
@@ -137,55 +219,25 @@ class _Grads:
         self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want[1] else None
         self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] else None
 
-    def add(self, grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, rows: slice | None) -> None:
-        """Fold ``grad`` [c, V], the logits gradient of ``hidden`` [c, D], into the gradients;
-        ``rows`` says where the hidden gradient goes (None: leave it, the fix-up pass)."""
+    def add(self, grad: torch.Tensor, hidden: torch.Tensor, head: _Head, rows: slice | None) -> None:
+        """Fold ``grad`` [c, V] in ACC, the logits gradient of ``hidden`` [c, D], into the
+        gradients; ``rows`` says where the hidden gradient goes (None: leave it, the fix-up pass)."""
+        # With a 16-bit head (out_dtype matmuls) both matmuls take G rounded to that dtype, as
+        # F.linear's backward would (there the logits, so their gradient, are 16-bit): the
+        # matmuls run at 16-bit speed with float32 accumulation, the hidden gradient is stored
+        # in that dtype anyway, and the weight gradient still sums over chunks in float32.
+        # With an upcast head G stays in ACC, and so do the matmuls.
+        low = grad.to(head.weight.dtype)
         if self.hidden is not None and rows is not None:
-            torch.mm(grad, weight, out=self.hidden[rows])
+            out = self.hidden[rows]
+            if out.dtype == low.dtype:
+                torch.mm(low, head.weight, out=out)
+            else:
+                out.copy_(torch.mm(low, head.weight))
         if self.weight is not None:
-            accumulate_mm(self.weight, grad.t(), hidden)
+            accumulate_mm(self.weight, low.t(), hidden)
         if self.bias is not None:
             self.bias += grad.sum(0, dtype=self.bias.dtype)
-
-
-_OUT_DTYPE_MATMULS: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def out_dtype_matmuls(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch multiplies 16-bit ``dtype`` matrices on ``device`` straight into float32
-    (``torch.mm``/``torch.addmm`` with ``out_dtype=torch.float32``, also in place into ``out``):
-    CUDA in recent torch, not the CPU in torch 2.13. Probed once per (device type, dtype) on a
-    product whose float32 value a 16-bit result would round away."""
-    key = (device.type, dtype)
-    if key not in _OUT_DTYPE_MATMULS:
-        ok = False
-        if dtype in (torch.float16, torch.bfloat16):
-            a = torch.tensor([[1.0, 2.0**-9]], device=device).to(dtype)
-            b = torch.ones(2, 1, device=device, dtype=dtype)
-            try:
-                acc = torch.ones(1, 1, device=device)
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                mm = torch.mm(a, b, out_dtype=torch.float32)
-                biased = torch.addmm(torch.ones(1, device=device), a, b, out_dtype=torch.float32)
-                ok = [float(acc), float(mm), float(biased)] == [2 + 2.0**-9, 1 + 2.0**-9, 2 + 2.0**-9]
-            except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
-                ok = False
-        _OUT_DTYPE_MATMULS[key] = ok
-    return _OUT_DTYPE_MATMULS[key]
-
-
-def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for a float32 (float64) ``acc`` [m, n] and ``a`` [m, k], ``b`` [k, n] in
-    any float dtype, without an [m, n] temporary: 16-bit operands go straight into ``acc``
-    where torch has ``out_dtype`` matmuls for the device (``out_dtype_matmuls``); elsewhere
-    they are upcast, which costs [m, k] + [k, n] in float32 (for the weight gradient, a [c, V]
-    chunk and a [c, D] one, instead of a fresh [V, D] product per chunk)."""
-    if a.dtype == acc.dtype and b.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif a.dtype == b.dtype and out_dtype_matmuls(acc.device, a.dtype) and acc.dtype == torch.float32:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def sample_groups(sample_ids: torch.Tensor, rows_per_chunk: int) -> list[tuple[int, int]]:
@@ -215,8 +267,7 @@ class _Forward:
 
 def _forward_pass(
     hidden,
-    weight,
-    bias,
+    head: _Head,
     views: Views,
     sample_ids,
     correct,
@@ -233,7 +284,7 @@ def _forward_pass(
     its chunks' statistics, its second stage, and with ``grads`` its gradients. A group that is
     one chunk gets its final gradient before the matmuls fold it in; a longer one folds the
     provisional gradients and fixes the rows the second stage changes afterwards (``_fix_rows``)."""
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n, vocab = hidden.shape[0], head.weight.shape[0]
     factor = torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
     losses, per_rows = [], []
     one_group = clusters and hidden.device.type in ONE_GROUP_WITH_CLUSTERS
@@ -245,12 +296,12 @@ def _forward_pass(
             last = min(first + rows_per_chunk, stop)
             h = hidden[first:last]
             chunk_stats, chunk_saliency, grad = first_stage(
-                views.rows(first, last, _logits(h, weight, bias)), cfg, backend, grads is not None
+                views.rows(first, last, head.logits(h)), cfg, backend, grads is not None
             )
             stats[:, first - start : last - start] = chunk_stats
             saliency[first - start : last - start] = chunk_saliency
             if grads is not None and not single:
-                grads.add(grad.view(-1, vocab), h, weight, slice(first, last))
+                grads.add(grad.view(-1, vocab), h, head, slice(first, last))
         group = replace(
             views, labels=views.labels[start:stop], wrong=views.wrong[start:stop], scale=views.scale[start:stop]
         )
@@ -276,26 +327,26 @@ def _forward_pass(
             grad = grad.view(-1, vocab)
             if stage.rows.numel():
                 rescale_rows(grad, stage.factor, stage.rows, backend)
-            grads.add(grad, h, weight, slice(start, stop))
+            grads.add(grad, h, head, slice(start, stop))
         elif stage.rows.numel():
-            _fix_rows(hidden, weight, bias, views, cfg, backend, rows_per_chunk, grads, stage.rows + start, factor)
+            _fix_rows(hidden, head, views, cfg, backend, rows_per_chunk, grads, stage.rows + start, factor)
     loss = torch.cat(losses) if reduction == "none" else torch.stack(losses).sum()
     per_row = {name: torch.cat([p[name] for p in per_rows]) for name in DETAIL_FIELDS}
     return _Forward(loss, per_row, factor)
 
 
-def _backward_pass(hidden, weight, bias, views: Views, cfg, backend, rows_per_chunk, grads: _Grads, row_factor) -> None:
+def _backward_pass(hidden, head: _Head, views: Views, cfg, backend, rows_per_chunk, grads: _Grads, row_factor) -> None:
     """Fold every chunk's provisional gradient times its rows' ``row_factor`` [N] into ``grads``."""
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n, vocab = hidden.shape[0], head.weight.shape[0]
     for start in range(0, n, rows_per_chunk):
         stop = min(start + rows_per_chunk, n)
         h = hidden[start:stop]
-        _, _, grad = first_stage(views.rows(start, stop, _logits(h, weight, bias)), cfg, backend, True)
+        _, _, grad = first_stage(views.rows(start, stop, head.logits(h)), cfg, backend, True)
         grad = grad.view(-1, vocab).mul_(row_factor[start:stop, None].to(grad.dtype))
-        grads.add(grad, h, weight, slice(start, stop))
+        grads.add(grad, h, head, slice(start, stop))
 
 
-def _fix_rows(hidden, weight, bias, views: Views, cfg, backend, rows_per_chunk, grads: _Grads, rows, factor) -> None:
+def _fix_rows(hidden, head: _Head, views: Views, cfg, backend, rows_per_chunk, grads: _Grads, rows, factor) -> None:
     """Apply the second stage's ``factor`` [N] to the gradients of the rows ``rows`` [k]."""
     if grads.hidden is not None:
         grads.hidden.index_copy_(0, rows, grads.hidden[rows] * factor[rows, None].to(grads.hidden.dtype))
@@ -304,9 +355,9 @@ def _fix_rows(hidden, weight, bias, views: Views, cfg, backend, rows_per_chunk, 
     for start in range(0, rows.numel(), rows_per_chunk):
         index = rows[start : start + rows_per_chunk]
         h = hidden[index]
-        _, _, grad = first_stage(_select(views, index, _logits(h, weight, bias)), cfg, backend, True)
+        _, _, grad = first_stage(_select(views, index, head.logits(h)), cfg, backend, True)
         grad = grad.view(index.numel(), -1) * (factor[index] - 1)[:, None].to(grad.dtype)
-        grads.add(grad, h, weight, None)
+        grads.add(grad, h, head, None)
 
 
 def _check_base_finite(stats: torch.Tensor, views: Views, ignore_index: int) -> None:
@@ -337,8 +388,7 @@ class NLFTLinearLossFunction(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             result = _forward_pass(
                 hidden,
-                weight,
-                bias,
+                _Head.of(weight, bias),
                 views,
                 sample_ids,
                 correct,
@@ -382,7 +432,8 @@ class NLFTLinearLossFunction(torch.autograd.Function):
         grads = _Grads(hidden, weight, bias, ctx.want)
         row_factor = factor * grad_loss.reshape(-1).to(factor.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            _backward_pass(hidden, weight, bias, ctx.views, ctx.cfg, ctx.backend, ctx.rows, grads, row_factor)
+            head = _Head.of(weight, bias)
+            _backward_pass(hidden, head, ctx.views, ctx.cfg, ctx.backend, ctx.rows, grads, row_factor)
         return (
             grads.hidden,
             None if grads.weight is None else grads.weight.to(weight.dtype),
@@ -441,6 +492,11 @@ def _logits_proxy(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
     return hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
 
 
+def _acc_size(weight: torch.Tensor) -> int:
+    """Bytes per logit of a chunk: the logits are in ACC whatever the input dtype."""
+    return torch.empty((), dtype=acc_dtype(weight.dtype)).element_size()
+
+
 def _flat(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
@@ -478,9 +534,10 @@ def nlft_linear_loss(
     chunk_size: rows per chunk; default from N, V and free memory (:func:`chunk_rows_for`):
       as many rows as fit in min(1 GiB on CUDA or 128 MiB elsewhere, free memory / 4), a
       multiple of 64 when more than 64 fit, balanced so the last chunk is not a sliver. Peak
-      extra memory is about ``chunk_size * V * (2 * itemsize + 8)`` bytes plus the gradients
-      (hidden [N, D]; weight [V, D] and bias accumulated in float32 in place, then cast to
-      their dtype).
+      extra memory is about ``chunk_size * V * 16`` bytes (float32 logits and gradient, and two
+      float32 temporaries) plus the gradients (hidden [N, D]; weight [V, D] and bias
+      accumulated in float32 in place, then cast to their dtype); 16-bit inputs on a device
+      without float32-output 16-bit matmuls (the CPU) add a float32 copy of ``weight``.
     """
     if not isinstance(config, NLFTConfig):
         raise ValueError(f"config must be an NLFTConfig, got {type(config).__name__}")
@@ -513,7 +570,7 @@ def nlft_linear_loss(
         wrong=wrong_rows & valid if judge is not None else torch.zeros_like(valid),
         scale=row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc),
     )
-    rows = chunk_size or chunk_rows_for(flat_labels.numel(), weight.shape[0], weight.element_size(), hidden.device)
+    rows = chunk_size or chunk_rows_for(flat_labels.numel(), weight.shape[0], _acc_size(weight), hidden.device)
     loss, *details = NLFTLinearLossFunction.apply(
         _flat(hidden),
         weight,
@@ -553,7 +610,9 @@ def linear_token_logprobs(
 
     hidden: [B, T, D] or [N, D] fp32/bf16/fp16; weight: [V, D]; bias: [V] or None; labels:
     [B, T] or [N] int64. Returns float32 log-probs shaped like ``labels`` (0 at
-    ``ignore_index``), without gradient. Peak extra memory: a [chunk_size, V] logits chunk.
+    ``ignore_index``), without gradient, from float32 logits whatever the input dtype. Peak
+    extra memory: a [chunk_size, V] float32 logits chunk, and for 16-bit inputs on a device
+    without float32-output 16-bit matmuls (the CPU) a float32 copy of ``weight``.
     """
     hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
     proxy = _logits_proxy(hidden, weight.shape[0])
@@ -562,12 +621,13 @@ def linear_token_logprobs(
     backend = resolve_backend(backend, hidden.device)
     flat, flat_labels = _flat(hidden), labels.reshape(-1)
     n = flat_labels.numel()
-    rows = chunk_size or chunk_rows_for(n, weight.shape[0], weight.element_size(), hidden.device)
+    rows = chunk_size or chunk_rows_for(n, weight.shape[0], _acc_size(weight), hidden.device)
     out = torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
+        head = _Head.of(weight, bias)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            logits = _logits(flat[start:stop], weight, bias)
+            logits = head.logits(flat[start:stop])
             out[start:stop] = token_logprobs(logits, flat_labels[start:stop], ignore_index, backend, validate=False)
     if validate and not bool(torch.isfinite(out).all()):
         raise ValueError(
