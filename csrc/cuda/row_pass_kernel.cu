@@ -123,9 +123,17 @@ __device__ acc_t teacher_logprob(const RowView& view, const TT* row, int64_t r, 
   return in_range ? widen<acc_t>(row[label]) - (lse.m + log(lse.s)) : quiet_nan<acc_t>();
 }
 
+// The most threads per block the launcher gives a row of base type T (threads_for), and the
+// bound ptxas allocates registers for (__launch_bounds__): one constant for both, so that every
+// block the launcher asks for can launch. An SM's 65536 registers allow 64 per thread at 1024
+// threads; the float64 kernel needs ~94 on sm_90 (and spills under a bound of 1024), so its
+// rows get at most 512 threads (128 registers).
+template <typename T>
+constexpr int kMaxThreads = sizeof(typename AccOf<T>::type) == 8 ? 512 : 1024;
+
 // T: base logits and gradient type; TT: teacher logits type (T or the accumulator type).
 template <typename T, typename TT>
-__global__ void row_pass_kernel(RowPass p) {
+__global__ void __launch_bounds__(kMaxThreads<T>) row_pass_kernel(RowPass p) {
   using acc_t = typename AccOf<T>::type;
   __shared__ Lse<acc_t> scratch[kWarp + 1];
   __shared__ acc_t row_lse, row_coef;
@@ -208,10 +216,10 @@ __global__ void row_pass_kernel(RowPass p) {
   }
 }
 
-// Threads per row: enough chunks of kVec per thread to hide latency, at most 1024.
-int threads_for(int64_t vocab) {
+// Threads per row: enough chunks of kVec per thread to hide latency, at most `max_threads`.
+int threads_for(int64_t vocab, int max_threads) {
   int threads = kWarp;
-  while (threads < 1024 && int64_t(threads) * kVec * 8 < vocab) threads *= 2;
+  while (threads < max_threads && int64_t(threads) * kVec * 8 < vocab) threads *= 2;
   return threads;
 }
 
@@ -227,7 +235,7 @@ cudaError_t launch_base(const RowPass& p, cudaStream_t stream) {
       (p.judge.mode == kViewLogits && p.judge.dtype != teacher)) {
     return cudaErrorInvalidValue;
   }
-  const dim3 grid(static_cast<unsigned>(p.n_rows)), block(threads_for(p.vocab));
+  const dim3 grid(static_cast<unsigned>(p.n_rows)), block(threads_for(p.vocab, kMaxThreads<T>));
   if (teacher == p.base.dtype) {
     row_pass_kernel<T, T><<<grid, block, 0, stream>>>(p);
   } else if (teacher == acc_dtype) {
