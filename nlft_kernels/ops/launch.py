@@ -81,3 +81,68 @@ def launch_config(family: str, vocab: int, streams: int, dtype: torch.dtype) -> 
         raise ValueError(f"streams must be 1, 2 or 3, got {streams}")
     tuned = TUNED.get((family, vocab_bucket(vocab), streams, _dtype_name(dtype)))
     return tuned if tuned is not None else heuristic_config(vocab, streams, dtype)
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the base view's gradient rows for logits of ``dtype``.
+
+    float16 gets float32: the stored rows are multiplied by ``grad_output`` only in backward,
+    and GradScaler's factor (2**16) arrives there; before it, entries below 6e-8 (a softmax
+    of 1e-6 times a row scale of 1e-2) would underflow to 0 in float16. Autograd casts the
+    returned gradient to float16 after the multiplication. Other dtypes keep theirs (bfloat16
+    has float32's range).
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Traffic model: the bytes each kernel moves through device memory for one labelled row, by
+# buffer, as its docstring states (tests/ops/test_traffic.py counts them in an interpreter run).
+
+
+def row_pass_traffic(
+    vocab: int,
+    logits_dtype: torch.dtype,
+    *,
+    standard_logits: bool,
+    judge_logits: bool,
+    wrong: bool,
+    grad_type: torch.dtype | None,
+) -> dict[str, int]:
+    """Bytes of ``_nlft_fwd_kernel`` for one labelled row: the base row twice with a gradient
+    (once without), the standard row once when given as logits, the judge row once on rows of
+    wrong samples when given as logits, the gradient row written once (``grad_type``, None
+    without a gradient); one label entry per logits view. Per-row scalars (label, flags,
+    scale, statistics: under 40 bytes) are not counted."""
+    e = logits_dtype.itemsize
+    sweeps = 2 if grad_type is not None else 1
+    return {
+        "base": (sweeps * vocab + 1) * e,
+        "standard": (vocab + 1) * e if standard_logits else 0,
+        "judge": (vocab + 1) * e if judge_logits and wrong else 0,
+        "grad": vocab * grad_type.itemsize if grad_type is not None else 0,
+    }
+
+
+def token_logprobs_traffic(vocab: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
+    """Bytes of the label log-prob kernels for one labelled row, by kernel and buffer: forward
+    reads the row once and its label entry; backward reads the row once and writes its
+    gradient row once (in the logits dtype)."""
+    e = dtype.itemsize
+    return {"forward": {"logits": (vocab + 1) * e}, "backward": {"logits": vocab * e, "grad": vocab * e}}
+
+
+def row_pass_bytes(rows: int, vocab: int, logits_dtype: torch.dtype, teacher_logit_views: int, grad: bool) -> int:
+    """Bytes the row pass moves for ``rows`` labelled rows with ``teacher_logit_views`` (0-2)
+    teachers given as logits, every row of a wrong sample (the judge read everywhere): the
+    figure benchmarks divide by time for GB/s."""
+    grad_type = grad_dtype(logits_dtype) if grad else None
+    one = row_pass_traffic(
+        vocab,
+        logits_dtype,
+        standard_logits=teacher_logit_views >= 1,
+        judge_logits=teacher_logit_views >= 2,
+        wrong=True,
+        grad_type=grad_type,
+    )
+    return rows * sum(one.values())

@@ -25,7 +25,7 @@ import triton.language as tl
 from nlft_kernels.backends import resolve_backend
 from nlft_kernels.config import NLFTConfig
 from nlft_kernels.ops._common import as_3d, check_labels, check_logits, chunk_rows, row_chunks
-from nlft_kernels.ops.launch import launch_config
+from nlft_kernels.ops.launch import grad_dtype, launch_config
 from nlft_kernels.ops.saliency_clusters import saliency_clusters
 from nlft_kernels.ops.token_logprobs import LSE_START, acc_dtype, lse_update, safe_labels, softmax_grad_tile, tl_acc
 
@@ -315,18 +315,6 @@ class Views:
             wrong=self.wrong[start:stop],
             scale=self.scale[start:stop],
         )
-
-
-def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Storage of the base view's gradient rows for logits of ``dtype``.
-
-    float16 gets float32: the stored rows are multiplied by ``grad_output`` only in backward,
-    and GradScaler's factor (2**16) arrives there; before it, entries below 6e-8 (a softmax
-    of 1e-6 times a row scale of 1e-2) would underflow to 0 in float16. Autograd casts the
-    returned gradient to float16 after the multiplication. Other dtypes keep theirs (bfloat16
-    has float32's range).
-    """
-    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _first_stage_triton(v: Views, cfg: NLFTConfig, compute_grad: bool):
