@@ -154,7 +154,10 @@ def _nlft_fwd_kernel(
     coef_wrong = tl.where(saliency_wrong, coef_unlikely, tl.sqrt(p_s))
     coef = tl.where(wrong, coef_wrong, w_correct + nll_weight)
     coef = tl.where(valid, coef * tl.load(scale_ptr + row).to(ACC), 0.0)
-    saliency = tl.where(wrong, saliency_wrong, saliency_correct) & valid
+    # A label outside [0, V): a NaN gradient row even where the teachers are log-probs, and no
+    # saliency (as decide_row in csrc/row_rule.h).
+    coef = tl.where(valid & ~in_range, float("nan"), coef)
+    saliency = tl.where(wrong, saliency_wrong, saliency_correct) & valid & in_range
 
     tl.store(stats_ptr + row, lp_b)
     tl.store(stats_ptr + N + row, lp_s)
@@ -427,12 +430,13 @@ def _first_stage_torch(v: Views, cfg: NLFTConfig, compute_grad: bool):
         wrong = v.wrong[start:stop]
         lp_j = torch.where(wrong & valid, lp_j, 0.0)
         lp_b, lp_s = torch.where(valid, lp_b, 0.0), torch.where(valid, lp_s, 0.0)
-        chunk_saliency = row_saliency(lp_b, lp_s, lp_j, wrong, valid, cfg)
+        chunk_saliency = row_saliency(lp_b, lp_s, lp_j, wrong, valid & in_range, cfg)
         stats[:, start:stop] = torch.stack([lp_b, lp_s, lp_j])
         saliency[start:stop] = chunk_saliency
         if compute_grad:
             _, _, coef = row_terms(lp_b, lp_s, lp_j, wrong, chunk_saliency, torch.zeros_like(valid), cfg)
             coef = torch.where(valid, coef * v.scale[start:stop], 0.0)
+            coef = torch.where(valid & ~in_range, float("nan"), coef)  # as the kernels
             # Out of place: for float32 inputs ``x`` is the caller's tensor itself.
             probs = torch.exp(x - lse[:, None])
             hit = valid & in_range

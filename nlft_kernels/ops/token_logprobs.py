@@ -196,7 +196,8 @@ def _backward_torch(x, labels, lse, g, ignore_index):
         valid = lab != ignore_index
         coef = torch.where(valid, -g[start:stop].to(lse.dtype), 0.0)
         chunk = torch.exp(rows.to(lse.dtype) - lse[start:stop, None])
-        chunk[valid, lab[valid]] -= 1.0
+        hit = valid & safe_labels(lab, x.shape[-1])[1]  # no one-hot for a label outside [0, V)
+        chunk[hit, lab[hit]] -= 1.0
         grad[start:stop] = chunk * coef[:, None]
     return grad.view(x.shape)
 

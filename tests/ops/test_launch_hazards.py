@@ -39,39 +39,52 @@ def test_tuned_entries_override_the_rule_and_must_be_powers_of_two(monkeypatch):
         launch_config("nope", 100, 1, torch.float32)
 
 
+@pytest.mark.parametrize("standard_form", ["logits", "logprobs"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_labels_out_of_range_read_nothing_outside_the_row(backend):
+def test_labels_out_of_range_read_nothing_outside_the_row(backend, standard_form):
     """validate=False skips the label check: a label outside [0, V) that is not ignore_index
-    gives NaN log-probs in its row (so a NaN loss), never a read past the row; other rows stay exact."""
-    x = make_inputs(4, 6, 97, seed=seed_of("labels out of range", backend))
+    gives NaN log-probs, a NaN gradient row and no saliency in its row (so a NaN loss), never a
+    read past the row, as the compiled kernels do (tests/csrc); other rows stay exact."""
+    x = make_inputs(4, 6, 97, seed=seed_of("labels out of range", backend, standard_form))
     labels = x.labels.clone()
     bad = [(0, 1, 97), (1, 0, 97 + 1000), (2, 2, -5)]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
     for b, t, value in bad:
         labels[b, t] = value
+        mask[b, t] = True
+    good = ~mask & (labels != -100)
+    expected = torch.log_softmax(x.base.detach().double(), -1).gather(-1, labels.clamp(0, 96)[..., None])[..., 0]
+    standard = x.standard
+    if standard_form == "logprobs":  # finite teachers: the row's coefficient must still be NaN
+        lp_s = torch.log_softmax(x.standard.double(), -1).gather(-1, labels.clamp(0, 96)[..., None])[..., 0]
+        standard = torch.where(mask, -0.01, lp_s)  # p_s > 0.95: would be salient
+    base = x.base.detach().clone().requires_grad_()
     loss, details = nlft_loss(
-        x.base,
+        base,
         labels,
         x.correct,
-        standard=x.standard,
+        standard=standard,
         judge=x.judge,
         backend=backend,
         validate=False,
         reduction="none",
         return_details=True,
     )
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    for b, t, _ in bad:
-        mask[b, t] = True
-    assert details.logprob_base[mask].isnan().all() and details.logprob_standard[mask].isnan().all()
-    assert loss[mask].isnan().all()
-    good = ~mask & (labels != -100)
-    expected = torch.log_softmax(x.base.detach().double(), -1).gather(-1, labels.clamp(0, 96)[..., None])[..., 0]
+    (grad,) = torch.autograd.grad(loss, base, torch.ones_like(loss))
+    assert details.logprob_base[mask].isnan().all() and loss[mask].isnan().all()
+    assert grad[mask].isnan().all(), "the whole gradient row of a bad label is NaN"
+    assert not grad[~mask].isnan().any() and not details.saliency[mask].any()
+    if standard_form == "logits":
+        assert details.logprob_standard[mask].isnan().all()
     assert_loss_close(details.logprob_base[good], expected[good])
     assert not details.logprob_base[~mask].isnan().any()
 
-    lp = token_logprobs(x.base.detach(), labels, backend=backend, validate=False)
+    logits = x.base.detach().clone().requires_grad_()
+    lp = token_logprobs(logits, labels, backend=backend, validate=False)
     assert lp[mask].isnan().all()
     assert_loss_close(lp[good], expected[good])
+    (grad,) = torch.autograd.grad(lp, logits, torch.ones_like(lp))  # no one-hot past the row
+    assert not grad[good].isnan().any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
