@@ -693,7 +693,7 @@ def nlft_loss(
     backend = resolve_backend(backend, base_logits.device, labels.numel(), base_logits.shape[-1])
     acc = acc_dtype(base_logits.dtype)
     wrong_rows = ~correct[sample_ids]
-    standard_t, standard_mode = _teacher(standard, "standard", base_logits, acc)
+    standard_t, standard_mode = _teacher(standard, "standard", base_logits, acc, validate)
     if judge is None:
         # Checked even with validate=False (one host sync, only without a judge): the kernels
         # would otherwise train the wrong samples as correct ones, silently.
@@ -701,7 +701,7 @@ def nlft_loss(
             raise ValueError("judge is required when any sample is wrong (correct has False entries)")
         judge_t, judge_mode = None, VIEW_NONE
     else:
-        judge_t, judge_mode = _teacher(judge, "judge", base_logits, acc)
+        judge_t, judge_mode = _teacher(judge, "judge", base_logits, acc, validate)
     valid = labels.reshape(-1) != config.ignore_index
     views = Views(
         base=as_3d(base_logits, "base_logits"),
@@ -766,8 +766,11 @@ def _check_samples(base_logits, labels, correct, sample_ids, flat: bool, validat
     return sample_ids, correct
 
 
-def _teacher(view, name: str, base_logits: torch.Tensor, acc: torch.dtype):
-    """A teacher view as ([B, T, V] logits, VIEW_LOGITS) or ([N] log-probs in ACC, VIEW_LOGPROBS)."""
+def _teacher(view, name: str, base_logits: torch.Tensor, acc: torch.dtype, validate: bool = False):
+    """A teacher view as ([B, T, V] logits, VIEW_LOGITS) or ([N] log-probs in ACC, VIEW_LOGPROBS).
+
+    ``validate``: log-probs above 0 (a probability above 1: logits passed as [B, T], or a sign
+    flipped) are refused, beyond the rounding of their dtype (one host sync)."""
     if not isinstance(view, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor (logits or label log-probs), got {type(view).__name__}")
     if view.device != base_logits.device:
@@ -778,6 +781,12 @@ def _teacher(view, name: str, base_logits: torch.Tensor, acc: torch.dtype):
     if view.shape == base_logits.shape:
         return as_3d(view, name), VIEW_LOGITS
     if view.shape == base_logits.shape[:-1]:
+        if validate and bool((view > 8 * torch.finfo(view.dtype).eps).any()):
+            worst = float(view.max())
+            raise ValueError(
+                f"{name} given as [B, T] label log-probs must be <= 0 (log of a probability), found {worst:.4g}: "
+                f"pass log-probs (e.g. log_softmax(logits).gather(...)), or the [B, T, V] logits"
+            )
         return view.reshape(-1).to(acc).contiguous(), VIEW_LOGPROBS
     raise ValueError(
         f"{name} must be logits of shape {tuple(base_logits.shape)} or label log-probs of shape "

@@ -172,7 +172,9 @@ def nlft_batch_loss(
     ``sample_mean`` reduction: the spec's mean over samples of
     ``loss_scale * (sum_t token_loss + nll_weight * sum_t NLL_t) / n``; with
     ``judge_nll_weight > 0``, each wrong sample adds ``judge_nll_weight * mean_t(-log p_j)``
-    (judge view, aligned rows, with gradient) before the mean over the B samples.
+    (judge view, aligned rows, with gradient) before the mean over the B samples;
+    ``judge_nll_weight=10`` reproduces the authors' scale of that term (they add it inside the
+    loss that ``loss_scale = 10`` multiplies), 0 leaves the judge view a pure teacher.
     ``lm_head``: the module whose weight [V, D] (and bias) map final hidden states to logits;
     default: the model's output embeddings.
     """

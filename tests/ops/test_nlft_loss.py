@@ -383,3 +383,20 @@ def test_triton_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         _call(_args(backend="triton"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["standard", "judge"])
+def test_teacher_logprobs_above_zero_name_the_view(name, dtype):
+    """A [B, T] teacher must hold log-probs (<= 0): logits or a flipped sign are refused, while
+    values at 0 up to their dtype's rounding pass."""
+    x = make_inputs(4, 6, 40, seed=seed_of("teacher above 0", name, dtype))
+    views = {"standard": teacher(x, x.standard, "logprobs"), "judge": teacher(x, x.judge, "logprobs")}
+    views = {k: v.to(dtype) for k, v in views.items()}
+    assert (views[name] <= 0).all()
+    rounded = dict(views, **{name: views[name].clamp(max=0) + 2 * torch.finfo(dtype).eps})
+    nlft_loss(x.base, x.labels, x.correct, **rounded)  # rounding above 0 is accepted
+    flipped = dict(views, **{name: -views[name]})
+    with pytest.raises(ValueError, match=f"{name} given as \\[B, T\\] label log-probs must be <= 0"):
+        nlft_loss(x.base, x.labels, x.correct, **flipped)
+    nlft_loss(x.base, x.labels, x.correct, **flipped, validate=False)  # unchecked when asked
