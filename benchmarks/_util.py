@@ -133,6 +133,85 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
     return 2 * src.numel() * 4 / (median(times) / 1e3)
 
 
+def copy_buffer_bytes(device: torch.device) -> int:
+    """The buffer size of the copy-bandwidth measurement: 1 GiB on GPUs (far beyond any L2),
+    256 MiB on CPUs (beyond the last-level cache, and small enough for a shared machine)."""
+    return (1 << 30) if device.type == "cuda" else (256 << 20)
+
+
+def measured_copy_bandwidth(device: torch.device) -> tuple[float, int]:
+    """(bytes/s of a large ``dst.copy_(src)`` on ``device``, its buffer size): the ceiling every
+    benchmark's achieved bandwidth is reported against, as quack reports its kernels."""
+    nbytes = copy_buffer_bytes(device)
+    return copy_bandwidth(device, nbytes), nbytes
+
+
+# Per-row scalars of the fused row pass (nlft_kernels/ops/nlft_loss.py, _nlft_rows_kernel): it
+# reads the label (int64), the sample's wrong flag (int8) and the row scale (float32), and writes
+# three float32 log-probs and the saliency flag (int8).
+ROW_SCALAR_BYTES = 8 + 1 + 4 + 3 * 4 + 1
+
+
+def nlft_row_pass_bytes(
+    n_rows: int, vocab: int, elem_size: int, n_teacher_logit_views: int, grad_elem_size: int
+) -> int:
+    """Bytes the fused NLFT row pass moves through memory for ``n_rows`` rows of ``vocab`` logits.
+
+    As the row kernel's docstring counts them: every given logits row is read once, the base
+    row twice (the second sweep computes the gradient) and the gradient row written once, plus
+    the per-row scalars (``ROW_SCALAR_BYTES``). So with ``k = n_teacher_logit_views`` teacher
+    views given as logits (0, 1 or 2; one given as [N] log-probs adds a scalar per row, not
+    counted):
+
+        N V e (2 + k) + N V e_grad + N ROW_SCALAR_BYTES
+
+    ``elem_size``: bytes per logit (2 for bf16/fp16, 4 for fp32); ``grad_elem_size``: bytes per
+    gradient element. With ``k = 0`` this is also what one fused cross-entropy pass moves (read
+    the row twice, write its gradient), the bound benchmarks use for a cross-entropy row. An
+    upper bound of the kernel's traffic: ignored rows read nothing and correct samples skip the
+    judge row. The achieved bandwidth of a case is these bytes over its time.
+    """
+    if not 0 <= n_teacher_logit_views <= 2:
+        raise ValueError(f"n_teacher_logit_views must be 0, 1 or 2, got {n_teacher_logit_views}")
+    logits = n_rows * vocab * (elem_size * (2 + n_teacher_logit_views) + grad_elem_size)
+    return logits + n_rows * ROW_SCALAR_BYTES
+
+
+def bandwidth(bytes_moved: int, median_ms: float, copy_bytes_per_s: float | None) -> dict[str, float | None]:
+    """The bandwidth fields of a result row: bytes moved, achieved bytes/s and its fraction of the
+    measured copy bandwidth (None when the payload has no copy measurement)."""
+    achieved = bytes_moved / (median_ms / 1e3)
+    return {
+        "bytes_moved": bytes_moved,
+        "achieved_bytes_per_s": achieved,
+        "fraction_of_copy_bandwidth": achieved / copy_bytes_per_s if copy_bytes_per_s else None,
+    }
+
+
+def bandwidth_cells(fields: dict[str, float | None]) -> str:
+    """``GB/s | % of copy BW`` cells of a Markdown table row ("-" for what is missing)."""
+    achieved, fraction = fields.get("achieved_bytes_per_s"), fields.get("fraction_of_copy_bandwidth")
+    gbs = f"{achieved / 1e9:.1f}" if achieved is not None else "-"
+    pct = f"{100 * fraction:.0f}" if fraction is not None else "-"
+    return f"{gbs} | {pct}"
+
+
+class Deadline:
+    """A time budget for a whole run (``seconds`` None: none): scripts stop starting new work
+    when it has passed and record what they left out, so that a run cut short by a caller's
+    budget (benchmarks/gpu_suite.py) still writes its results."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._end = None if seconds is None else time.monotonic() + seconds
+
+    def expired(self) -> bool:
+        return self._end is not None and time.monotonic() >= self._end
+
+    def note(self) -> str:
+        return f"not run: the time budget of {self.seconds:.0f} s (--time-budget-s) ran out"
+
+
 def cuda_peak_extra(step: Callable[[], object], device: torch.device) -> int:
     """Bytes allocated by one call of ``step`` at its peak, above what was allocated before it."""
     synchronize(device)

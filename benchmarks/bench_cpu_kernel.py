@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import _util
-from benchmarks.bench_loss import DTYPES, ESSENTIAL_PASSES, Shape, make_batch
+from benchmarks.bench_loss import DTYPES, Shape, make_batch
 from nlft_kernels import nlft_loss
 from nlft_kernels.backends import backends, extension
 
@@ -56,10 +56,25 @@ METHOD = {
     ),
     "ratio_to_cross_entropy": "median time of the case / median time of cross_entropy, same shape and dtype",
     "bandwidth": (
-        "effective bytes (NLFT: read 3 views + write the base gradient = 4 N V elem; cross_entropy: "
-        "2 N V elem) / median time, as a fraction of the measured dst.copy_(src) bandwidth"
+        "bytes_moved = what the fused row pass moves (benchmarks._util.nlft_row_pass_bytes: 2 teacher "
+        "views read once, the base view twice, the gradient written once, plus per-row scalars; "
+        "cross_entropy: no teacher view) / median time, and its fraction of the measured "
+        "dst.copy_(src) bandwidth (read + write bytes / time)"
     ),
 }
+
+
+def bytes_moved(case: str, n: int, vocab: int, dtype: str) -> int:
+    """Bytes of the fused row pass of ``case``'s job (the gradient in the logits dtype)."""
+    elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return _util.nlft_row_pass_bytes(n, vocab, elem, 0 if case == "cross_entropy" else 2, elem)
+
+
+def row_bandwidth(row: dict, copy_bytes_per_s: float | None) -> dict:
+    """The bandwidth fields of a row, computed from its shape and time (older results render too)."""
+    return _util.bandwidth(
+        bytes_moved(row["case"], row["n"], row["vocab"], row["dtype"]), row["median_ms"], copy_bytes_per_s
+    )
 
 
 def build_step(case: str, batch, device: torch.device):
@@ -98,13 +113,15 @@ def run(args, argv: list[str]) -> dict:
         torch.set_num_threads(args.threads)
     cases = args.cases or (GPU_CASES if args.gpu else CPU_CASES)
     shapes = args.shapes or (GPU_SHAPES if args.gpu else QUICK_SHAPES if args.quick else CPU_SHAPES)
-    copy_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    copy_bw = _util.copy_bandwidth(device, copy_bytes)
+    copy_bw, copy_bytes = _util.measured_copy_bandwidth(device)
     load_before = os.getloadavg()
-    rows = []
+    deadline = _util.Deadline(args.time_budget_s)
+    rows, not_run = [], []
     for dtype in args.dtype:
-        elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
         for n, vocab in shapes:
+            if deadline.expired():
+                not_run.append({"n": n, "vocab": vocab, "dtype": dtype})
+                continue
             shape = Shape(n, vocab, dtype, args.rows_per_sample)
             batch = make_batch(shape, device, args.seed)
             head = {"n": n, "vocab": vocab, "dtype": dtype}
@@ -113,21 +130,14 @@ def run(args, argv: list[str]) -> dict:
                 step, reset = build_step(case, batch, device)
                 times = _util.time_ms(step, reset, device, args.warmup, args.reps)
                 reset()
-                median = _util.median(times)
-                essential = ESSENTIAL_PASSES["cross_entropy" if case == "cross_entropy" else "nlft_kernels"]
-                achieved = essential * n * vocab * elem / (median / 1e3)
-                rows.append(
-                    head
-                    | {
-                        "case": case,
-                        "median_ms": median,
-                        "min_ms": min(times),
-                        "max_ms": max(times),
-                        "reps": len(times),
-                        "achieved_bytes_per_s": achieved,
-                        "fraction_of_copy_bandwidth": achieved / copy_bw,
-                    }
-                )
+                row = head | {
+                    "case": case,
+                    "median_ms": _util.median(times),
+                    "min_ms": min(times),
+                    "max_ms": max(times),
+                    "reps": len(times),
+                }
+                rows.append(row | row_bandwidth(row, copy_bw))
                 gc.collect()
             del batch
             gc.collect()
@@ -150,30 +160,39 @@ def run(args, argv: list[str]) -> dict:
             "seed": args.seed,
             "rows_per_sample": args.rows_per_sample,
             "cases": list(cases),
+            "time_budget_s": args.time_budget_s,
         },
         "method": METHOD,
         # Other processes on a shared machine inflate CPU timings; the load average shows how much.
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "copy_bandwidth_bytes_per_s": copy_bw,
+        "copy_bandwidth_buffer_bytes": copy_bytes,
         "target": {"nlft_over_cross_entropy_at_most": TARGET_RATIO},
         "cases": rows,
+        # Shapes the time budget left out (their cases are not in "cases").
+        "not_run": not_run,
     }
 
 
 def markdown_table(payload: dict) -> str:
+    copy_bw = payload.get("copy_bandwidth_bytes_per_s")
+    copy_text = f"copy bandwidth {copy_bw / 1e9:.1f} GB/s" if copy_bw else "copy bandwidth not measured"
     lines = [
         f"Device: {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads); "
-        f"torch {payload['versions']['torch']}; copy bandwidth {payload['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+        f"torch {payload['versions']['torch']}; {copy_text}",
         "",
-        "| N | V | dtype | case | median ms | x cross_entropy | effective GB/s | % of copy BW |",
+        "| N | V | dtype | case | median ms | x cross_entropy | GB/s | % of copy BW |",
         "|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in payload["cases"]:
-        ratio = f"{r['ratio_to_cross_entropy']:.2f}" if r["ratio_to_cross_entropy"] is not None else "-"
+        ratio = f"{r['ratio_to_cross_entropy']:.2f}" if r.get("ratio_to_cross_entropy") is not None else "-"
         lines.append(
             f"| {r['n']} | {r['vocab']} | {r['dtype']} | {r['case']} | {r['median_ms']:.1f} | {ratio} | "
-            f"{r['achieved_bytes_per_s'] / 1e9:.1f} | {100 * r['fraction_of_copy_bandwidth']:.0f} |"
+            f"{_util.bandwidth_cells(row_bandwidth(r, copy_bw))} |"
         )
+    if payload.get("not_run"):
+        shapes = ", ".join(f"{s['n']}x{s['vocab']} {s['dtype']}" for s in payload["not_run"])
+        lines += ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
     return "\n".join(lines)
 
 
@@ -195,6 +214,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="timed calls per case (default: 50 on CUDA, 7 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/cpu_kernel_<device>_<date>.json)")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="start no shape after this many seconds; what is left out is recorded (benchmarks.gpu_suite)",
+    )
     args = p.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else 5 if args.gpu else 1
     args.reps = args.reps if args.reps is not None else 50 if args.gpu else 7

@@ -18,6 +18,10 @@ samples present):
                       three times; CUDA with liger-kernel installed only (skipped otherwise). It
                       overwrites its input with the gradient, so it runs last on each shape.
 
+Every row also gives the achieved bandwidth, as quack reports its kernels: the bytes the fused
+row pass moves for the shape (``_util.nlft_row_pass_bytes``) over the case's time, in GB/s and
+as a share of the measured copy bandwidth.
+
 Run from the repository root:
   python -m benchmarks.bench_loss --quick     # CPU-sized grid (a few minutes on 2 cores)
   python -m benchmarks.bench_loss             # full GPU grid
@@ -57,16 +61,25 @@ QUICK_GRID = {"n": (512, 2048), "vocab": (4096, 32000), "dtype": ("float32", "bf
 FULL_GRID = {"n": (1024, 8192, 16384), "vocab": (32000, 128256, 151936), "dtype": ("bfloat16", "float32")}
 TINY_GRID = {"n": (64,), "vocab": (1000,), "dtype": ("float32",)}
 
-# Bytes each case must move at the least, in units of N * V * element size: the NLFT cases read
-# three views and write the base gradient, cross-entropy reads one view and writes its gradient.
-ESSENTIAL_PASSES = {
-    "nlft_kernels": 4,
-    "authors_style": 4,
-    "reference": 4,
-    "compiled_reference": 4,
-    "cross_entropy": 2,
-    LIGER: 4,
-}
+# Teacher views given as logits in each case's job: the NLFT cases compute the loss of three
+# [N, V] views (base, standard, judge), cross-entropy one view.
+TEACHER_LOGIT_VIEWS = {case: 2 for case in CASES} | {"cross_entropy": 0}
+
+
+def bytes_moved(case: str, n: int, vocab: int, dtype: str) -> int:
+    """The bytes the fused row pass moves for ``case``'s job on an N x V shape
+    (``_util.nlft_row_pass_bytes``; the gradient in the logits dtype): the same count for every
+    case computing the NLFT loss, so their achieved bandwidths compare as their times do."""
+    elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return _util.nlft_row_pass_bytes(n, vocab, elem, TEACHER_LOGIT_VIEWS[case], elem)
+
+
+def row_bandwidth(row: dict, copy_bytes_per_s: float | None) -> dict:
+    """The bandwidth fields of a measured row, from its shape and median time (computed, not
+    read, so that results written before these fields existed render the same way)."""
+    moved = bytes_moved(row["case"], row["n"], row["vocab"], row["dtype"])
+    return _util.bandwidth(moved, row["median_ms"], copy_bytes_per_s)
+
 
 METHOD = {
     "timing": (
@@ -87,9 +100,12 @@ METHOD = {
         "written included, plus any allocator or runtime growth"
     ),
     "bandwidth": (
-        "effective bytes = the bytes the case must move at the least (NLFT: read 3 views + write "
-        "the base gradient = 4 N V elem; cross_entropy: 2 N V elem) divided by the median time; "
-        "compared with the measured dst.copy_(src) bandwidth (read + write bytes / time)"
+        "bytes_moved = what the fused NLFT row pass moves for the shape (benchmarks._util."
+        "nlft_row_pass_bytes: each of the 2 teacher views read once, the base view twice, the "
+        "gradient written once, N V elem (2 + 2) + N V elem + per-row scalars; cross_entropy: "
+        "the same with no teacher view, N V elem (2 + 0) + N V elem), the same for every NLFT case; "
+        "achieved bytes/s = bytes_moved / median time, and its fraction of the measured "
+        "dst.copy_(src) bandwidth (read + write bytes / time)"
     ),
     "inputs": (
         "B = N / T samples of T rows; sample kinds cycle correct / wrong with saliency on 25% of "
@@ -277,12 +293,17 @@ def _probe_main(spec: str) -> None:
         args = argparse.Namespace(warmup=spec["warmup"], reps=spec["reps"])
         print(json.dumps(measure_case(spec["case"], batch, shape, torch.device("cpu"), args)))
         return
-    step, reset = build_case(spec["case"], batch, shape)
+    print(json.dumps({"peak_extra_bytes": cpu_peak_extra(spec["case"], batch, shape)}))
+
+
+def cpu_peak_extra(case: str, batch: Batch, shape: Shape) -> int:
+    """Peak extra RSS of one call of ``case`` after a warm-up call (see METHOD["memory_cpu"])."""
+    step, reset = build_case(case, batch, shape)
     reset()
     step()  # warm-up: lazy initialisation and, for the compiled case, compilation
     reset()
     gc.collect()
-    print(json.dumps({"peak_extra_bytes": _util.rss_peak_extra(step)}))
+    return _util.rss_peak_extra(step)
 
 
 def _grid(args) -> list[Shape]:
@@ -298,12 +319,14 @@ def _grid(args) -> list[Shape]:
 def run(args, argv: list[str]) -> dict:
     """Measure every case of every shape; returns the JSON payload."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    copy_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    copy_bw = _util.copy_bandwidth(device, copy_bytes)
+    copy_bw, copy_bytes = _util.measured_copy_bandwidth(device)
     load_before = os.getloadavg()
-    rows = []
+    deadline = _util.Deadline(args.time_budget_s)
+    rows, not_run = [], []
     for shape in _grid(args):
-        elem = torch.empty((), dtype=DTYPES[shape.dtype]).element_size()
+        if deadline.expired():
+            not_run.append(asdict(shape))
+            continue
         head = {
             "n": shape.n,
             "vocab": shape.vocab,
@@ -312,15 +335,22 @@ def run(args, argv: list[str]) -> dict:
             "rows_per_sample": shape.rows_per_sample,
         }
         batch = None
-        if device.type == "cuda":  # the CPU cases build their inputs in their subprocesses
+        if device.type == "cuda" or args.in_process:  # else the CPU cases build them in their subprocesses
             try:
                 batch = make_batch(shape, device, args.seed)
             except torch.OutOfMemoryError:
                 rows += [head | {"case": c, "status": "oom", "note": "inputs do not fit"} for c in args.cases]
                 continue
         for case in args.cases:
+            if deadline.expired():
+                rows.append(head | {"case": case, "status": "skipped", "note": deadline.note()})
+                continue
             print(f"{shape} {case} ...", file=sys.stderr, flush=True)
-            if device.type == "cpu":
+            if device.type == "cpu" and args.in_process:
+                row = head | measure_case(case, batch, shape, device, args)
+                if row["status"] == "ok":
+                    row["peak_extra_bytes"] = cpu_peak_extra(case, batch, shape)
+            elif device.type == "cpu":
                 row = head | probe_cpu(case, shape, args, "time")
                 if row["status"] == "ok":
                     row |= probe_cpu(case, shape, args, "memory")
@@ -332,13 +362,7 @@ def run(args, argv: list[str]) -> dict:
                 gc.collect()
                 torch.cuda.empty_cache()
             if row["status"] == "ok":
-                essential = ESSENTIAL_PASSES[case] * shape.n * shape.vocab * elem
-                achieved = essential / (row["median_ms"] / 1e3)
-                row |= {
-                    "effective_bytes": essential,
-                    "achieved_bytes_per_s": achieved,
-                    "fraction_of_copy_bandwidth": achieved / copy_bw,
-                }
+                row |= row_bandwidth(row, copy_bw)
             rows.append(row)
         del batch
         gc.collect()
@@ -356,6 +380,8 @@ def run(args, argv: list[str]) -> dict:
             "seed": args.seed,
             "cases": list(args.cases),
             "nlft_config": asdict(NLFTConfig()),
+            "time_budget_s": args.time_budget_s,
+            "in_process": args.in_process,
         },
         "method": METHOD | {"memory": METHOD["memory_cuda" if device.type == "cuda" else "memory_cpu"]},
         # Other processes on a shared machine inflate CPU timings; the load average shows how much.
@@ -364,6 +390,8 @@ def run(args, argv: list[str]) -> dict:
         "copy_bandwidth_bytes_per_s": copy_bw,
         "copy_bandwidth_buffer_bytes": copy_bytes,
         "cases": rows,
+        # Shapes the time budget left out entirely (their cases are not in "cases").
+        "not_run": not_run,
     }
 
 
@@ -372,11 +400,12 @@ def markdown_table(payload: dict) -> str:
     ours = {
         (r["n"], r["vocab"], r["dtype"]): r.get("median_ms") for r in payload["cases"] if r["case"] == "nlft_kernels"
     }
+    copy_bw = payload.get("copy_bandwidth_bytes_per_s")
+    copy_text = f"copy bandwidth {copy_bw / 1e9:.1f} GB/s" if copy_bw else "copy bandwidth not measured"
     lines = [
-        f"Device: {payload['device']} ({payload['device_type']}); torch {payload['versions']['torch']}; "
-        f"copy bandwidth {payload['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+        f"Device: {payload['device']} ({payload['device_type']}); torch {payload['versions']['torch']}; {copy_text}",
         "",
-        "| N | V | dtype | case | median ms | x nlft_kernels | extra peak MiB | effective GB/s | % of copy BW |",
+        "| N | V | dtype | case | median ms | x nlft_kernels | extra peak MiB | GB/s | % of copy BW |",
         "|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in payload["cases"]:
@@ -389,9 +418,11 @@ def markdown_table(payload: dict) -> str:
         mem = r.get("peak_extra_bytes")
         mem = f"{mem / 2**20:.0f}" if mem is not None else "-"
         lines.append(
-            f"{lead} {r['median_ms']:.2f} | {ratio} | {mem} | {r['achieved_bytes_per_s'] / 1e9:.1f} | "
-            f"{100 * r['fraction_of_copy_bandwidth']:.0f} |"
+            f"{lead} {r['median_ms']:.2f} | {ratio} | {mem} | {_util.bandwidth_cells(row_bandwidth(r, copy_bw))} |"
         )
+    if payload.get("not_run"):
+        shapes = ", ".join(f"{s['n']}x{s['vocab']} {s['dtype']}" for s in payload["not_run"])
+        lines += ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
     return "\n".join(lines)
 
 
@@ -411,6 +442,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_loss-<device>-<date>.json)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="start no case after this many seconds; what is left out is recorded (benchmarks.gpu_suite)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CPU: measure in this process, not a fresh subprocess per case (smoke tests; less isolated)",
+    )
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
@@ -429,9 +470,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     payload = run(args, argv)
     device = torch.device("cuda" if payload["device_type"] == "cuda" else "cpu")
     out = args.out or _util.RESULTS_DIR / f"bench_loss-{_util.device_slug(device)}-{_util.today()}.json"
-    return _util.write_outputs(
-        out, payload, markdown_table(payload), None if args.no_plot else partial(plot_results, out)
-    )
+    measured = any(r["status"] == "ok" for r in payload["cases"])  # a budget of 0 measures nothing
+    plot = partial(plot_results, out) if measured and not args.no_plot else None
+    return _util.write_outputs(out, payload, markdown_table(payload), plot)
 
 
 if __name__ == "__main__":

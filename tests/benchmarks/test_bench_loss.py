@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import bench_loss
+from benchmarks import _util, bench_loss
 from benchmarks.bench_loss import Shape, build_case, make_batch
 from nlft_kernels.reference import nlft_loss_reference
 from tests.tolerances import assert_loss_close
@@ -119,3 +119,47 @@ def test_pytest_benchmark_cases_run(tmp_path):
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "4 passed" in done.stdout
+
+
+def test_row_pass_bytes_count_each_view_once_the_base_twice_and_the_gradient():
+    n, vocab = 1024, 32000
+    # bf16 logits, standard and judge as logits, fp32 gradient: 2 + 2 row reads of 2 bytes, 4 to write.
+    expected = n * vocab * (2 * (2 + 2) + 4) + n * _util.ROW_SCALAR_BYTES
+    assert _util.nlft_row_pass_bytes(n, vocab, 2, 2, 4) == expected
+    # No teacher view: one fused cross-entropy pass (read twice, write the gradient).
+    assert _util.nlft_row_pass_bytes(n, vocab, 4, 0, 4) == n * vocab * 12 + n * _util.ROW_SCALAR_BYTES
+    assert bench_loss.bytes_moved("nlft_kernels", n, vocab, "bfloat16") == _util.nlft_row_pass_bytes(n, vocab, 2, 2, 2)
+    assert bench_loss.bytes_moved("reference", n, vocab, "float32") == _util.nlft_row_pass_bytes(n, vocab, 4, 2, 4)
+    assert bench_loss.bytes_moved("cross_entropy", n, vocab, "float32") == _util.nlft_row_pass_bytes(n, vocab, 4, 0, 4)
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        _util.nlft_row_pass_bytes(n, vocab, 2, 3, 2)
+
+
+def test_table_renders_results_written_before_the_bandwidth_columns():
+    """An old result (no bandwidth fields, no copy measurement) still renders, its GB/s computed."""
+    shape = {"n": 1024, "vocab": 1000, "dtype": "float32"}
+    payload = {
+        "device": "Old CPU",
+        "device_type": "cpu",
+        "versions": {"torch": "2.0"},
+        "cases": [
+            shape | {"case": "nlft_kernels", "status": "ok", "median_ms": 10.0, "peak_extra_bytes": 2**20},
+            shape | {"case": "cross_entropy", "status": "ok", "median_ms": 5.0},
+        ],
+    }
+    table = bench_loss.markdown_table(payload)
+    gbs = _util.nlft_row_pass_bytes(1024, 1000, 4, 2, 4) / 10e-3 / 1e9
+    assert f"| 1024 | 1000 | float32 | nlft_kernels | 10.00 | 1.00 | 1 | {gbs:.1f} | - |" in table
+    assert "copy bandwidth not measured" in table
+
+
+def test_time_budget_records_what_it_left_out(tmp_path):
+    out = tmp_path / "loss.json"
+    argv = ["--tiny", "--in-process", "--cases", "nlft_kernels", "--time-budget-s", "0", "--out", str(out)]
+    assert bench_loss.main(argv) == out
+    payload = json.loads(out.read_text())
+    assert payload["cases"] == [] and payload["not_run"] == [
+        {"n": 64, "vocab": 1000, "dtype": "float32", "rows_per_sample": 16}
+    ]
+    assert "Not run (the time budget of 0 s ran out): 64x1000 float32." in out.with_suffix(".md").read_text()
+    assert not out.with_suffix(".png").exists()
