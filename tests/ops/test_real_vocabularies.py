@@ -2,8 +2,8 @@
 
 Nothing is patched: ``nlft_loss`` picks its launch configuration (``ops/launch.py``) as it does
 on a GPU, so the tiles, warps and loop counts here are the ones a GPU compiles (under the
-interpreter on the CPU). Few rows keep it fast; the rows are built so that both saliency
-branches fire, the 6% rule rescales a row and padding is skipped.
+interpreter on the CPU, on the GPU where there is one). Few rows keep it fast; the rows are
+built so that both saliency branches fire, the 6% rule rescales a row and padding is skipped.
 """
 
 import pytest
@@ -21,6 +21,8 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (standard, judge) as given to nlft_loss: [B, T, V] logits, [B, T] label log-probs, or no judge.
 MODES = [(s, j) for s in ("logits", "logprobs") for j in ("logits", "logprobs", "absent")]
 IGNORE = -100
+# The kernels run on CUDA tensors where a GPU is, else on CPU tensors under the interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def rows_with_every_branch(vocab: int, dtype: torch.dtype, seed: int, judged: bool):
@@ -63,9 +65,10 @@ def test_nlft_loss_at_real_vocabularies(vocab, standard_mode, judge_mode, dtype)
     launch = launch_config("row_pass", vocab, streams, dtype)
     assert vocab > launch.block_v, "the rows must span several tiles"
 
-    logits = base.clone().requires_grad_()
+    logits = base.to(DEVICE).requires_grad_()
+    on_device = {k: None if v is None else v.to(DEVICE) for k, v in (("standard", std_view), ("judge", judge_view))}
     loss, details = nlft_loss(
-        logits, labels, correct, standard=std_view, judge=judge_view, backend="triton", return_details=True
+        logits, labels.to(DEVICE), correct.to(DEVICE), **on_device, backend="triton", return_details=True
     )
     ref_logits = base.double().requires_grad_()
     ref, ref_details = nlft_loss_reference(
@@ -73,6 +76,7 @@ def test_nlft_loss_at_real_vocabularies(vocab, standard_mode, judge_mode, dtype)
     )
     (grad,) = torch.autograd.grad(loss, logits)
     (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    loss, grad = loss.cpu(), grad.cpu()
 
     # What the inputs exercise: both saliency branches, the 6% rule, padding.
     assert ref_details["saliency"][0, 0] and not ref_details["unlikelihood"][0].any()
@@ -82,7 +86,7 @@ def test_nlft_loss_at_real_vocabularies(vocab, standard_mode, judge_mode, dtype)
     assert_loss_close(loss, ref)
     assert_grad_close(grad, ref_grad, dtype)
     for name in ("saliency", "unlikelihood", "killed"):
-        assert torch.equal(getattr(details, name), ref_details[name]), name
+        assert torch.equal(getattr(details, name).cpu(), ref_details[name]), name
     assert not grad[1, 2].any(), "a padding row got a gradient"
 
 
@@ -93,11 +97,12 @@ def test_token_logprobs_at_real_vocabularies(vocab, dtype):
     logits = (torch.randn(3, vocab, generator=g) * 3).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (3,), generator=g)
     labels[1] = IGNORE
-    lp = token_logprobs(logits, labels, backend="triton")
+    on_device = logits.detach().to(DEVICE).requires_grad_()
+    lp = token_logprobs(on_device, labels.to(DEVICE), backend="triton")
     ref_logits = logits.detach().double().requires_grad_()
     ref = token_logprobs_reference(ref_logits, labels)
     grad_out = torch.randn(3, generator=g, dtype=torch.float64)
-    (grad,) = torch.autograd.grad(lp, logits, grad_out.float())
+    (grad,) = torch.autograd.grad(lp, on_device, grad_out.float().to(DEVICE))
     (ref_grad,) = torch.autograd.grad(ref, ref_logits, grad_out)
-    assert_loss_close(lp, ref)
-    assert_grad_close(grad, ref_grad, dtype)
+    assert_loss_close(lp.cpu(), ref)
+    assert_grad_close(grad.cpu(), ref_grad, dtype)
