@@ -295,6 +295,9 @@ def _forward_pass(
         for first in range(start, stop, rows_per_chunk):
             last = min(first + rows_per_chunk, stop)
             h = hidden[first:last]
+            # The last chunk's gradient is folded in by now: free it before this chunk's logits
+            # exist (the peak is then one chunk's logits and gradient, not two gradients).
+            grad = None
             chunk_stats, chunk_saliency, grad = first_stage(
                 views.rows(first, last, head.logits(h)), cfg, backend, grads is not None
             )
@@ -344,6 +347,7 @@ def _backward_pass(hidden, head: _Head, views: Views, cfg, backend, rows_per_chu
         _, _, grad = first_stage(views.rows(start, stop, head.logits(h)), cfg, backend, True)
         grad = grad.view(-1, vocab).mul_(row_factor[start:stop, None].to(grad.dtype))
         grads.add(grad, h, head, slice(start, stop))
+        del grad  # before the next chunk's logits exist
 
 
 def _fix_rows(hidden, head: _Head, views: Views, cfg, backend, rows_per_chunk, grads: _Grads, rows, factor) -> None:
@@ -358,6 +362,7 @@ def _fix_rows(hidden, head: _Head, views: Views, cfg, backend, rows_per_chunk, g
         _, _, grad = first_stage(_select(views, index, head.logits(h)), cfg, backend, True)
         grad = grad.view(index.numel(), -1) * (factor[index] - 1)[:, None].to(grad.dtype)
         grads.add(grad, h, head, None)
+        del grad  # before the next chunk's logits exist
 
 
 def _check_base_finite(stats: torch.Tensor, views: Views, ignore_index: int) -> None:
@@ -627,8 +632,10 @@ def linear_token_logprobs(
         head = _Head.of(weight, bias)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            logits = head.logits(flat[start:stop])
-            out[start:stop] = token_logprobs(logits, flat_labels[start:stop], ignore_index, backend, validate=False)
+            # No name holds the logits: they are freed before the next chunk's exist.
+            out[start:stop] = token_logprobs(
+                head.logits(flat[start:stop]), flat_labels[start:stop], ignore_index, backend, validate=False
+            )
     if validate and not bool(torch.isfinite(out).all()):
         raise ValueError(
             "the logits hidden @ weight.T (+ bias) are non-finite (NaN or inf) in a labelled row: "
