@@ -11,6 +11,14 @@ the base view's loss, forward and backward, into the gradients of hidden and W.
   liger_flce         Liger-Kernel's fused linear cross-entropy once per view (base with backward,
                      teachers with reduction "none"): what a fused CE costs, not the NLFT loss
   cut_cross_entropy  Apple's Cut Cross-Entropy ``linear_cross_entropy``, likewise once per view
+  torch_lce          PyTorch's ``torch.nn.functional.linear_cross_entropy`` (2.13+), reference path
+                     (``options=None``: the logits are materialised): one call, the base view's
+                     loss forward + backward
+  torch_lce_x3       the same once per view: the teachers with reduction "none" under no_grad, then
+                     the base view: the fused cross-entropy's cost of an NLFT step
+  torch_lce_chunked, torch_lce_chunked_x3
+                     likewise with its chunked path (``options=LinearCrossEntropyOptions()``, whose
+                     chunk size and precision policy are torch's own per-device defaults)
 
 The floor of a shape: the matmul FLOPs (three forward logits matmuls and the two gradient
 matmuls of the base view, 10 N V D) at this device's measured matmul rate (bf16 on GPUs, fp32
@@ -43,7 +51,8 @@ import torch
 from benchmarks import _util
 from nlft_kernels import NLFTConfig, linear_token_logprobs, nlft_linear_loss, nlft_loss
 
-CASES = ("nlft_linear_loss", "materialised", "liger_flce", "cut_cross_entropy")
+TORCH_LCE_CASES = ("torch_lce", "torch_lce_x3", "torch_lce_chunked", "torch_lce_chunked_x3")
+CASES = ("nlft_linear_loss", "materialised", "liger_flce", "cut_cross_entropy", *TORCH_LCE_CASES)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 QUICK_GRID = {"n": (1024,), "dim": (256,), "vocab": (4096, 16384, 32000), "dtype": ("float32",)}
@@ -174,6 +183,15 @@ def _cce() -> tuple[Callable | None, str]:
     return linear_cross_entropy, ""
 
 
+def _torch_lce() -> tuple[Callable | None, type | None, str]:
+    """(``F.linear_cross_entropy``, ``nn.LinearCrossEntropyOptions``, '') or (None, None, why not)."""
+    function = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if function is None or options is None:
+        return None, None, f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (2.13+)"
+    return function, options, ""
+
+
 def unavailable(case: str, device: torch.device) -> str:
     """Why ``case`` cannot run on ``device`` ('' when it can)."""
     if case == "liger_flce":
@@ -182,6 +200,8 @@ def unavailable(case: str, device: torch.device) -> str:
     if case == "cut_cross_entropy":
         why = _cce()[1]
         return why or ("Cut Cross-Entropy's kernels need CUDA" if device.type != "cuda" else "")
+    if case in TORCH_LCE_CASES:
+        return _torch_lce()[2]
     return ""
 
 
@@ -240,6 +260,19 @@ def build_case(case: str, batch: Batch) -> tuple[Callable[[], None], Callable[[]
                 for h in teachers:
                     linear_cross_entropy(h, weight, labels, reduction="none")
             linear_cross_entropy(base, weight, labels).backward()
+
+    elif case in TORCH_LCE_CASES:
+        linear_cross_entropy, options, why = _torch_lce()
+        if linear_cross_entropy is None:
+            raise RuntimeError(why)
+        lce = partial(linear_cross_entropy, options=options() if "chunked" in case else None)
+        teacher_views = teachers if case.endswith("_x3") else ()
+
+        def step() -> None:
+            with torch.no_grad():
+                for h in teacher_views:
+                    lce(h, weight, labels, reduction="none")
+            lce(base, weight, labels).backward()
 
     else:
         raise ValueError(f"case must be one of {CASES}, got {case!r}")
@@ -400,30 +433,34 @@ def run(args, argv: list[str]) -> dict:
 
 
 def markdown_table(payload: dict) -> str:
-    """One line per case and shape: median time, x floor, peak extra memory, x materialised memory."""
+    """One line per case and shape: median time, x floor, peak extra memory, and time and memory
+    as multiples of nlft_linear_loss's."""
     key = ("n", "dim", "vocab", "dtype")
-    materialised = {tuple(r[k] for k in key): r for r in payload["cases"] if r["case"] == "materialised"}
+    ours = {tuple(r[k] for k in key): r for r in payload["cases"] if r["case"] == "nlft_linear_loss"}
     rate, bandwidth = payload["matmul_flops_per_s"] / 1e9, payload["copy_bandwidth_bytes_per_s"] / 1e9
     lines = [
         f"Device: {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads); "
         f"torch {payload['versions']['torch']}; matmul {rate:.0f} GFLOP/s "
         f"({payload['matmul_rate_shape']['dtype']}); copy bandwidth {bandwidth:.1f} GB/s",
         "",
-        "| N | D | V | dtype | case | median ms | min ms | floor ms | x floor | extra peak MiB | x materialised mem |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| N | D | V | dtype | case | median ms | min ms | floor ms | x floor | extra peak MiB | x ours time "
+        "| x ours mem |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in payload["cases"]:
         lead = f"| {r['n']} | {r['dim']} | {r['vocab']} | {r['dtype']} | {r['case']} |"
         if r["status"] != "ok":
-            lines.append(f"{lead} {r['status']}: {r['note'][:70]} | | | | | |")
+            lines.append(f"{lead} {r['status']}: {r['note'][:70]} | | | | | | |")
             continue
         mem = r.get("peak_extra_bytes")
-        ref = materialised.get(tuple(r[k] for k in key), {}).get("peak_extra_bytes")
-        share = f"{mem / ref:.2f}" if mem is not None and ref else "-"
+        mine = ours.get(tuple(r[k] for k in key), {})
+        time_share = f"{r['median_ms'] / mine['median_ms']:.2f}" if mine.get("status") == "ok" else "-"
+        ref = mine.get("peak_extra_bytes")
+        mem_share = f"{mem / ref:.2f}" if mem is not None and ref else "-"
         mem = f"{mem / 2**20:.0f}" if mem is not None else "-"
         lines.append(
             f"{lead} {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['floor_ms']:.1f} | {r['x_floor']:.1f} | "
-            f"{mem} | {share} |"
+            f"{mem} | {time_share} | {mem_share} |"
         )
     return "\n".join(lines)
 

@@ -1,17 +1,23 @@
-"""The pure parts of benchmarks/bench_linear_loss.py: label lifts, inputs that exercise the rule, the floor."""
+"""The pure parts of benchmarks/bench_linear_loss.py: label lifts, inputs that exercise the rule, the floor,
+torch's linear_cross_entropy cases at a tiny size, the table."""
 
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.bench_linear_loss import (
+    TORCH_LCE_CASES,
     Shape,
+    build_case,
     check_saliency,
     floor,
     grid,
     lift_logits,
     lift_logprob,
     make_batch,
+    markdown_table,
     parse_args,
     unavailable,
 )
@@ -53,3 +59,56 @@ def test_quick_grid_and_skips():
     cpu = torch.device("cpu")
     assert unavailable("nlft_linear_loss", cpu) == "" and unavailable("materialised", cpu) == ""
     assert unavailable("liger_flce", cpu) and unavailable("cut_cross_entropy", cpu)
+    has_lce = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+    assert all((unavailable(case, cpu) == "") == has_lce for case in TORCH_LCE_CASES)
+
+
+@pytest.mark.parametrize("case", TORCH_LCE_CASES)
+def test_torch_linear_cross_entropy_cases(case, monkeypatch):
+    """torch's linear_cross_entropy: once (the base view) or once per view (teachers with reduction
+    "none" under no_grad), with options=None (reference) or LinearCrossEntropyOptions (chunked);
+    the weight gradient is the cross-entropy's of the base view."""
+    if unavailable(case, torch.device("cpu")):
+        pytest.skip(unavailable(case, torch.device("cpu")))
+    calls, original = [], F.linear_cross_entropy
+
+    def recorded(*args, **kwargs):
+        calls.append((kwargs.get("reduction", "mean"), kwargs["options"], torch.is_grad_enabled()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "linear_cross_entropy", recorded)
+    shape = Shape(n=64, dim=16, vocab=300, dtype="float32", rows_per_sample=16)
+    batch = make_batch(shape, torch.device("cpu"), seed=2)
+    step, reset = build_case(case, batch)
+    step()
+    chunked = all(isinstance(options, torch.nn.LinearCrossEntropyOptions) for _, options, _ in calls)
+    assert chunked == ("chunked" in case) and all(options is None for _, options, _ in calls) != chunked
+    teachers = [("none", False)] * (2 if case.endswith("_x3") else 0)
+    assert [(reduction, grad) for reduction, _, grad in calls] == [*teachers, ("mean", True)]
+    weight = batch.weight.detach().requires_grad_()
+    F.cross_entropy(batch.hidden[0] @ weight.T, batch.labels).backward()
+    torch.testing.assert_close(batch.weight.grad, weight.grad, rtol=1e-4, atol=1e-6)
+    reset()
+    assert batch.weight.grad is None
+
+
+def test_markdown_table_states_every_case_against_ours():
+    """Time and memory of each case as multiples of nlft_linear_loss's (ours: 1.00)."""
+    head = {"n": 64, "dim": 32, "vocab": 500, "dtype": "float32", "status": "ok", "note": "", "floor_ms": 1.0}
+    payload = {
+        "device": "cpu",
+        "device_type": "cpu",
+        "cpu_threads": 2,
+        "versions": {"torch": torch.__version__},
+        "matmul_flops_per_s": 1e11,
+        "matmul_rate_shape": {"dtype": "float32"},
+        "copy_bandwidth_bytes_per_s": 1e10,
+        "cases": [
+            head | {"case": "nlft_linear_loss", "median_ms": 10.0, "min_ms": 9.0, "x_floor": 10.0},
+            head | {"case": "torch_lce_chunked_x3", "median_ms": 40.0, "min_ms": 39.0, "x_floor": 40.0},
+        ],
+    }
+    payload["cases"][0]["peak_extra_bytes"], payload["cases"][1]["peak_extra_bytes"] = 2**21, 2**20
+    rows = [line for line in markdown_table(payload).splitlines() if line.startswith("| 64 |")]
+    cells = {row.split("|")[5].strip(): [c.strip() for c in row.split("|")[-3:-1]] for row in rows}
+    assert cells == {"nlft_linear_loss": ["1.00", "1.00"], "torch_lce_chunked_x3": ["4.00", "0.50"]}
