@@ -28,9 +28,11 @@ def saliency_clusters_reference(
 ) -> torch.Tensor:
     """Cluster neighbours [B, T] bool of the saliency tokens, walking the base view's states.
 
-    From each saliency token, walk left, then right, over consecutive valid rows; the centre
-    starts at the saliency token's state and becomes ``(centre + h) / 2`` after each accepted
-    neighbour. Saliency tokens themselves are never cluster tokens.
+    The authors' ``token_cluster``: from each saliency token (in order), walk left, then right,
+    over consecutive valid rows, with ONE running centre: it starts at the saliency token's
+    state, becomes ``(centre + h) / 2`` after each accepted neighbour and is carried from the
+    left walk into the right walk (not reset). A walk stops at the first rejected neighbour or
+    at the edge of the sample's response. Saliency tokens themselves are never cluster tokens.
     """
     cluster = torch.zeros_like(saliency)
     if config.cluster_criterion == "off":
@@ -41,8 +43,8 @@ def saliency_clusters_reference(
         for s in range(steps):
             if not saliency[b, s]:
                 continue
+            centre = hidden[b, s]  # one centre for both walks: the right walk starts where the left ended
             for direction in (-1, 1):
-                centre = hidden[b, s]
                 k = s + direction
                 while 0 <= k < steps and valid[b, k]:
                     similarity = F.cosine_similarity(hidden[b, k], centre, dim=0).item()

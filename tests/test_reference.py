@@ -63,8 +63,11 @@ def test_saliency_fraction_kills_ordinary_tokens():
 
 
 def test_cluster_walk_by_hand():
-    # Token 1 is salient. Leftwards: token 0 is orthogonal to it (distance 1 > 0.4): joins.
-    # Rightwards: token 2 equals it (distance 0): the walk stops, so token 3 never joins.
+    # Token 1 is salient. Leftwards: token 0 is orthogonal to it (distance 1 > 0.4): joins, and
+    # the centre becomes (0.5, 0.5). Rightwards, from that carried centre: token 2 (1, 0) is at
+    # distance 1 - 0.707 = 0.293: the walk stops, so token 3 never joins. With the similarity
+    # criterion token 0 (similarity 0) stops the left walk, token 2 (similarity 1 to the centre
+    # (1, 0)) joins, the centre stays (1, 0), and token 3 (similarity 0) stops the right walk.
     hidden = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
     saliency = torch.tensor([[False, True, False, False]])
     valid = torch.ones(1, 4, dtype=torch.bool)
@@ -72,3 +75,24 @@ def test_cluster_walk_by_hand():
     assert cluster.tolist() == [[True, False, False, False]]
     similar = saliency_clusters_reference(hidden, saliency, valid, NLFTConfig(cluster_criterion="similarity"))
     assert similar.tolist() == [[False, False, True, False]]
+
+
+def test_cluster_centre_is_carried_into_the_right_walk():
+    # The authors' token_cluster, one centre for both walks (distance criterion, 0.4), D = 2.
+    # Token 1 (1, 0) is salient.
+    #   left:  token 0 (0, 1): distance 1, joins; centre (0.5, 0.5); the response's edge, stops.
+    #   right: token 2 (1, -1): similarity 0 to the carried (0.5, 0.5), distance 1, joins;
+    #          centre (0.75, -0.25).
+    #          token 3 (0, 1): similarity -0.25 / 0.791 = -0.316, distance 1.316, joins;
+    #          centre (0.375, 0.375).
+    #          token 4 (1, 1): similarity 1, distance 0, stops: token 5 (-1, 0) is never reached.
+    # A centre restarted at (1, 0) for the right walk would stop at token 2 (distance 0.293).
+    hidden = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, -1.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]])
+    saliency = torch.tensor([[False, True, False, False, False, False]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    cluster = saliency_clusters_reference(hidden, saliency, valid, NLFTConfig())
+    assert cluster.tolist() == [[True, False, True, True, False, False]]
+    # The response's edge stops the walk: with tokens 3.. padding, token 3 (which would join) does not.
+    valid[0, 3:] = False
+    cluster = saliency_clusters_reference(hidden, saliency, valid, NLFTConfig())
+    assert cluster.tolist() == [[True, False, True, False, False, False]]

@@ -1,7 +1,11 @@
 """Saliency clusters: the neighbours that the base view's hidden states group with each saliency token.
 
-All walks (every saliency token, leftwards and rightwards) advance together, one batched
-step per position, so the work is O(max sample length) tensor ops, with no per-token loop.
+One walk per saliency token, all advancing together, one batched step per position: each
+walk goes left until its first rejected neighbour (or the sample's edge), then turns and goes
+right from the saliency token with the centre it has carried so far, as the authors'
+``token_cluster`` does. A walk accepts at most ``n - 1`` neighbours of its ``n``-row sample
+and spends one step on each of its two stops, so ``n`` steps cover it: the work is O(max
+sample length) tensor ops, with no per-token loop.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ def saliency_clusters(
     saliency: [B, T] or [N] bool; valid: same shape, the response rows (default: all);
     sample_ids: [N] int, non-decreasing, for the flat form (rows of one sample are contiguous).
     From each saliency token, a walk moves left, then right, over consecutive valid rows of
-    its sample, with a centre that starts at the token's state and becomes ``(centre + h) / 2``
-    after each accepted neighbour; ``config.cluster_criterion`` says when a neighbour is
-    accepted. Saliency tokens themselves are never cluster tokens.
+    its sample, with ONE centre that starts at the token's state, becomes ``(centre + h) / 2``
+    after each accepted neighbour and is carried from the left walk into the right walk (not
+    reset); each direction stops at its first rejected neighbour or at the sample's edge.
+    ``config.cluster_criterion`` says when a neighbour is accepted. Saliency tokens themselves
+    are never cluster tokens. Equals :func:`nlft_kernels.reference.saliency_clusters_reference`.
     """
     if hidden_states.shape[:-1] != saliency.shape:
         raise ValueError(
@@ -57,12 +63,14 @@ def saliency_clusters(
     hidden = hidden_states.reshape(rows, -1).float()
     valid = valid.reshape(rows)
     sample_ids = sample_ids.reshape(rows)
-    origin = torch.cat([starts, starts])
-    direction = torch.cat([torch.full_like(starts, -1), torch.ones_like(starts)])
+    # One walk per saliency token: it goes left first (direction -1) and turns right at its
+    # first stop, back at its origin and with the centre carried from the left walk.
+    origin = starts
+    direction = torch.full_like(starts, -1)
     position = origin.clone()
     centre = hidden[origin]
     longest = int(torch.bincount(sample_ids[valid]).max())
-    for step in range(1, longest):
+    for step in range(1, longest + 1):
         position = position + direction
         inside = (position >= 0) & (position < rows)
         at = position.clamp(0, rows - 1)
@@ -75,12 +83,18 @@ def saliency_clusters(
         go_on = inside & valid[at] & (sample_ids[at] == sample_ids[origin]) & accepted
         cluster[at[go_on]] = True
         centre = torch.where(go_on[:, None], (centre + candidate) / 2, centre)
+        # A left walk that stops turns right: back to its origin, keeping its centre.
+        turn = ~go_on & (direction < 0)
+        direction = torch.where(turn, -direction, direction)
+        position = torch.where(turn, origin, position)
+        alive = go_on | turn
         if step % _COMPACT_EVERY == 0:
-            keep = go_on.nonzero().squeeze(1)
+            keep = alive.nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
             origin, direction, position, centre = origin[keep], direction[keep], position[keep], centre[keep]
             continue
-        # A stopped walk stays stopped: park it outside every sample until it is compacted away.
-        position = torch.where(go_on, position, torch.full_like(position, -(rows + longest)))
+        # A walk that has stopped rightwards stays stopped: park it so far left of row 0 that
+        # the steps left cannot bring it back, until it is compacted away.
+        position = torch.where(alive, position, torch.full_like(position, -(rows + longest)))
     return (cluster & ~seed).view(shape)
