@@ -97,8 +97,8 @@ def saliency_clusters_loop(
         for s in range(steps):
             if not saliency[b, s].item():
                 continue
+            centre = hidden[b, s]  # one running centre, carried from the left walk into the right
             for direction in (-1, 1):
-                centre = hidden[b, s]
                 k = s + direction
                 while 0 <= k < steps and valid[b, k].item():
                     similarity = F.cosine_similarity(hidden[b, k], centre, dim=0).item()
