@@ -72,7 +72,7 @@ OUT_MAX_FILE_BYTES = 16 << 20
 CUDA_MARGIN = 0.03
 # GPU_CHOICE limits for "any larger shape" (the last measured N of a vocabulary, the last V).
 UNBOUNDED = 2**31 - 1
-GPU_MARK = re.compile(r"\bpytest\.mark\.gpu\b")
+GPU_MARK = re.compile(r"\bpytest\.mark\.gpu(_too)?\b")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ STEPS = (
     Step("tests", 150, True, "the tests marked gpu, against that build"),
     Step("cpu_kernel", 120, True, "bench_cpu_kernel --gpu: CUDA kernel against Triton per N, V", margin_s=40),
     Step("summary", 15, False, "propose GPU_CHOICE from cpu_kernel; record of every step"),
-    Step("loss", 450, True, "bench_loss, full grid (warmup 3, reps 20)", margin_s=90),
+    Step("loss", 360, True, "bench_loss, full grid (warmup 3, reps 20)", margin_s=90),
+    Step("tune", 120, True, "tune_launch: (BLOCK_V, num_warps) per launch-table key, bf16", margin_s=30),
     Step("linear_loss", 240, True, "bench_linear_loss, full grid (no budget option: killed at its budget)"),
     Step("train_step", 270, True, "bench_train_step, GPU models (preset full, reps 3)", margin_s=90),
 )
@@ -103,7 +104,7 @@ BY_NAME = {s.name: s for s in STEPS}
 # summary, of all three calls, runs here after collecting them.
 CALLS = (
     ("install", "tests", "cpu_kernel", "summary"),
-    ("install", "loss"),
+    ("install", "loss", "tune"),
     ("install", "linear_loss", "train_step"),
 )
 
@@ -168,6 +169,10 @@ def bench_command(step: str, ctx: Context, budget_s: float, for_plan: bool = Fal
             grid = ["--tiny", "--cases", "nlft_linear_loss", "--warmup", "0", "--reps", "1"]
             return [*_py(), "-m", "benchmarks.bench_linear_loss", *grid, *out("linear_loss", "_")], "tiny grid"
         return [*_py(), "-m", "benchmarks.bench_linear_loss"], "full grid"
+    if step == "tune":
+        if dry:
+            return [*_py(), "-m", "benchmarks.tune_launch", "--dry-run", *out("launch", "_")], "tiny grid, interpreted"
+        return [*_py(), "-m", "benchmarks.tune_launch", *budget], "real vocabularies, bf16"
     if step == "cpu_kernel":
         if dry:
             grid = ["--shapes", "128x1000", "--dtype", "float32", "--warmup", "0", "--reps", "1"]
@@ -199,8 +204,8 @@ def _importable(module: str) -> bool:
 
 
 def gpu_test_files() -> list[str]:
-    """The test files the tests step runs: those that mark tests ``gpu`` (found anew each run, so
-    new GPU tests join). Only these files are collected: collecting all of tests/ imports modules
+    """The test files the tests step runs: those that mark tests ``gpu`` or ``gpu_too`` (found anew
+    each run, so new GPU tests join). Only these files are collected: collecting all of tests/ imports modules
     that set TRITON_INTERPRET=1, which would interpret Triton on the GPU. The compile tests
     (tests/ops/test_triton_compile.py, tests/csrc/test_cuda_compile.py) are left to CI: the
     install step compiles the CUDA kernel and the GPU tests JIT-compile the Triton ones here."""
@@ -397,14 +402,17 @@ def _torch_facts(log: Path) -> dict:
 def step_tests(ctx: Context, budget_s: float, result: StepResult) -> None:
     log = ctx.steps_dir / "tests.log"
     files = gpu_test_files()
-    env = {}
+    env, select = {}, []
     if ctx.dry_run:
+        # The gpu-marked tests skip here, each with its reason; the gpu_too ones would run
+        # interpreted (CI runs them anyway): left out.
+        select = ["-m", "gpu"]
         result.notes.append("dry run: the tests that need CUDA skip, each with its reason")
     else:
         # Fail, not skip, where the build is missing; run Triton natively, not interpreted.
         env = {"NLFT_REQUIRE_EXTENSION": "1", "TRITON_INTERPRET": "0"}
     junit = ctx.steps_dir / "tests-junit.xml"
-    argv = [*_py(), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}", *files]
+    argv = [*_py(), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}", *select, *files]
     result.commands.append(shlex.join(argv))
     code, timed_out = run_logged(argv, log, budget_s, env)
     counts = junit_counts(junit) if junit.exists() else {}
@@ -678,6 +686,7 @@ STEP_FUNCTIONS: dict[str, Callable[[Context, float, StepResult], None]] = {
     "cpu_kernel": step_benchmark,
     "summary": step_summary,
     "loss": step_benchmark,
+    "tune": step_benchmark,
     "linear_loss": step_benchmark,
     "train_step": step_benchmark,
 }
@@ -835,7 +844,7 @@ def plan_text(ctx: Context | None = None) -> str:
         "  tests:       NLFT_REQUIRE_EXTENSION=1 TRITON_INTERPRET=0 python3 -m pytest -q -rs "
         + " ".join(gpu_test_files())
     )
-    for name in ("cpu_kernel", "loss", "linear_loss", "train_step"):
+    for name in ("cpu_kernel", "loss", "tune", "linear_loss", "train_step"):
         argv, _ = bench_command(name, ctx, BY_NAME[name].budget_s, for_plan=True)
         argv = ["python3", *argv[1:]]
         lines.append(f"  {name + ':':<12} " + shlex.join(argv).replace(str(REPO_ROOT) + "/", ""))

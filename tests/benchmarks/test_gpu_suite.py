@@ -20,7 +20,7 @@ from benchmarks.gpu_suite import BY_NAME, CALLS, STEPS
 
 backends_module = importlib.import_module("nlft_kernels.backends")
 
-STEP_NAMES = {"install", "tests", "cpu_kernel", "summary", "loss", "linear_loss", "train_step"}
+STEP_NAMES = {"install", "tests", "cpu_kernel", "summary", "loss", "tune", "linear_loss", "train_step"}
 
 
 def test_plan_lists_every_step_within_the_budgets():
@@ -51,7 +51,7 @@ def test_plan_prints_budgets_commands_and_run_tool_calls():
     plan = done.stdout
     for step in STEPS:
         assert f"{step.budget_s / 60:.1f} m" in plan and step.what in plan
-    for module in ("bench_loss", "bench_linear_loss", "bench_cpu_kernel --gpu", "bench_train_step"):
+    for module in ("bench_loss", "tune_launch", "bench_linear_loss", "bench_cpu_kernel --gpu", "bench_train_step"):
         assert f"python3 -m benchmarks.{module}" in plan
     assert "pip wheel --no-deps --no-build-isolation --no-index" in plan and "tests/csrc/test_cuda_kernel.py" in plan
     for call in CALLS:
@@ -64,6 +64,8 @@ def test_gpu_tests_are_the_marked_files():
     assert "tests/csrc/test_cuda_kernel.py" in files
     # This module sets TRITON_INTERPRET=1 when imported: it must not be collected on the GPU.
     assert "tests/ops/test_nlft_linear_loss.py" not in files
+    # gpu_too: Triton at real vocabularies, on CUDA tensors there (interpreted on the CPU elsewhere)
+    assert "tests/ops/test_real_vocabularies.py" in files
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,7 @@ def test_dry_run_writes_each_benchmarks_outputs(dry_run):
         ("linear_loss_", (".json", ".md", ".png")),
         ("train_step_", (".json", ".md", ".png")),
         ("cpu_kernel_", (".json", ".md")),
+        ("launch_", (".json", ".md")),
         ("gpu_choice_", (".json", ".md")),
         ("gpu_suite_", (".json", ".md")),
     ):

@@ -21,6 +21,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (standard, judge) as given to nlft_loss: [B, T, V] logits, [B, T] label log-probs, or no judge.
 MODES = [(s, j) for s in ("logits", "logprobs") for j in ("logits", "logprobs", "absent")]
 IGNORE = -100
+pytestmark = pytest.mark.gpu_too
 # The kernels run on CUDA tensors where a GPU is, else on CPU tensors under the interpreter.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
