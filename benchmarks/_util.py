@@ -146,7 +146,7 @@ def measured_copy_bandwidth(device: torch.device) -> tuple[float, int]:
     return copy_bandwidth(device, nbytes), nbytes
 
 
-# Per-row scalars of the fused row pass (nlft_kernels/ops/nlft_loss.py, _nlft_rows_kernel): it
+# Per-row scalars of the fused row pass (nlft_kernels/ops/nlft_loss.py, _nlft_fwd_kernel): it
 # reads the label (int64), the sample's wrong flag (int8) and the row scale (float32), and writes
 # three float32 log-probs and the saliency flag (int8).
 ROW_SCALAR_BYTES = 8 + 1 + 4 + 3 * 4 + 1
@@ -157,24 +157,36 @@ def nlft_row_pass_bytes(
 ) -> int:
     """Bytes the fused NLFT row pass moves through memory for ``n_rows`` rows of ``vocab`` logits.
 
-    As the row kernel's docstring counts them: every given logits row is read once, the base
-    row twice (the second sweep computes the gradient) and the gradient row written once, plus
-    the per-row scalars (``ROW_SCALAR_BYTES``). So with ``k = n_teacher_logit_views`` teacher
-    views given as logits (0, 1 or 2; one given as [N] log-probs adds a scalar per row, not
-    counted):
+    The package's traffic model (``nlft_kernels.ops.launch.row_pass_traffic``, which
+    tests/ops/test_traffic.py checks against counted loads and stores): every given logits row
+    is read once, the base row twice (the second sweep computes the gradient), the gradient row
+    written once, and the label entry of each logits view; plus the per-row scalars
+    (``ROW_SCALAR_BYTES``). With ``k = n_teacher_logit_views`` teacher views given as logits
+    (0, 1 or 2; one given as [N] log-probs adds a scalar per row, not counted), about
 
         N V e (2 + k) + N V e_grad + N ROW_SCALAR_BYTES
 
     ``elem_size``: bytes per logit (2 for bf16/fp16, 4 for fp32); ``grad_elem_size``: bytes per
     gradient element. With ``k = 0`` this is also what one fused cross-entropy pass moves (read
-    the row twice, write its gradient), the bound benchmarks use for a cross-entropy row. An
-    upper bound of the kernel's traffic: ignored rows read nothing and correct samples skip the
-    judge row. The achieved bandwidth of a case is these bytes over its time.
+    the row twice, write its gradient), the bound benchmarks use for a cross-entropy row. Every
+    row counted as a labelled row of a wrong sample: an upper bound (ignored rows read nothing,
+    correct samples skip the judge row). The achieved bandwidth of a case is these bytes over
+    its time.
     """
+    from nlft_kernels.ops.launch import row_pass_traffic
+
     if not 0 <= n_teacher_logit_views <= 2:
         raise ValueError(f"n_teacher_logit_views must be 0, 1 or 2, got {n_teacher_logit_views}")
-    logits = n_rows * vocab * (elem_size * (2 + n_teacher_logit_views) + grad_elem_size)
-    return logits + n_rows * ROW_SCALAR_BYTES
+    of_size = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+    one_row = row_pass_traffic(
+        vocab,
+        of_size[elem_size],
+        standard_logits=n_teacher_logit_views >= 1,
+        judge_logits=n_teacher_logit_views >= 2,
+        wrong=True,
+        grad_type=of_size[grad_elem_size],
+    )
+    return n_rows * (sum(one_row.values()) + ROW_SCALAR_BYTES)
 
 
 def bandwidth(bytes_moved: int, median_ms: float, copy_bytes_per_s: float | None) -> dict[str, float | None]:

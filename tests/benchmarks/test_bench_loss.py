@@ -123,11 +123,12 @@ def test_pytest_benchmark_cases_run(tmp_path):
 
 def test_row_pass_bytes_count_each_view_once_the_base_twice_and_the_gradient():
     n, vocab = 1024, 32000
-    # bf16 logits, standard and judge as logits, fp32 gradient: 2 + 2 row reads of 2 bytes, 4 to write.
-    expected = n * vocab * (2 * (2 + 2) + 4) + n * _util.ROW_SCALAR_BYTES
+    # bf16 logits, standard and judge as logits, fp32 gradient: 2 + 2 row reads of 2 bytes, 4 to
+    # write, and the label entry of each of the three views.
+    expected = n * (vocab * (2 * (2 + 2) + 4) + 3 * 2) + n * _util.ROW_SCALAR_BYTES
     assert _util.nlft_row_pass_bytes(n, vocab, 2, 2, 4) == expected
     # No teacher view: one fused cross-entropy pass (read twice, write the gradient).
-    assert _util.nlft_row_pass_bytes(n, vocab, 4, 0, 4) == n * vocab * 12 + n * _util.ROW_SCALAR_BYTES
+    assert _util.nlft_row_pass_bytes(n, vocab, 4, 0, 4) == n * (vocab * 12 + 4) + n * _util.ROW_SCALAR_BYTES
     assert bench_loss.bytes_moved("nlft_kernels", n, vocab, "bfloat16") == _util.nlft_row_pass_bytes(n, vocab, 2, 2, 2)
     assert bench_loss.bytes_moved("reference", n, vocab, "float32") == _util.nlft_row_pass_bytes(n, vocab, 4, 2, 4)
     assert bench_loss.bytes_moved("cross_entropy", n, vocab, "float32") == _util.nlft_row_pass_bytes(n, vocab, 4, 0, 4)
