@@ -2,7 +2,8 @@
 
 Compiles csrc/cuda/row_pass_kernel.cu as the extension build does (setup.py's and torch's nvcc
 flags) for sm_80 and sm_90 with ``nvcc -Xptxas -v``: compile only, no GPU needed. Per kernel
-instantiation (base dtype T, teacher dtype TT) and architecture it records what ptxas reports
+instantiation (base dtype T, teacher dtype TT, gradient dtype G: float32 for float16 bases,
+else T) and architecture it records what ptxas reports
 and the most threads per block the launcher uses. That is ``kMaxThreads<T>`` in the source,
 both the cap of ``threads_for`` and the kernel's ``__launch_bounds__``, read back from the
 compiled PTX (``.maxntid``). A block launches only if registers x threads <= 65536, the
@@ -149,16 +150,17 @@ def demangle(names: list[str], demangler: str) -> dict[str, str]:
     return dict(zip(names, done.stdout.splitlines(), strict=True))
 
 
-def describe(demangled: str) -> tuple[str, str, str]:
-    """(kernel with its template arguments, base dtype, teacher dtype) of a demangled entry such
-    as ``void nlft::cuda::(anonymous namespace)::row_pass_kernel<__nv_bfloat16, float>(nlft::RowPass)``."""
+def describe(demangled: str) -> tuple[str, str, str, str]:
+    """(kernel with its template arguments, base dtype, teacher dtype, gradient dtype) of a
+    demangled entry such as
+    ``void nlft::cuda::(anonymous namespace)::row_pass_kernel<__half, float, float>(nlft::RowPass)``."""
     found = re.search(r"(\w+)<([^<>]+)>\(", demangled)
     if found is None:
         raise ValueError(f"not a template kernel: {demangled}")
     args = [a.strip() for a in found.group(2).split(",")]
-    if len(args) != 2 or any(a not in DTYPES for a in args):
+    if len(args) != 3 or any(a not in DTYPES for a in args):
         raise ValueError(f"unexpected template arguments {args} in {demangled}")
-    return f"{found.group(1)}<{', '.join(args)}>", DTYPES[args[0]], DTYPES[args[1]]
+    return f"{found.group(1)}<{', '.join(args)}>", *(DTYPES[a] for a in args)
 
 
 def report(nvcc: str) -> dict:
@@ -180,7 +182,7 @@ def report(nvcc: str) -> dict:
     names = demangle(sorted({name for name, _ in resources}), demangler)
     variants = []
     for (name, arch), res in resources.items():
-        kernel, base, teacher = describe(names[name])
+        kernel, base, teacher, grad = describe(names[name])
         bound = bounds[arch].get(name)
         threads = bound if bound is not None else MAX_BLOCK
         variants.append(
@@ -189,6 +191,7 @@ def report(nvcc: str) -> dict:
                 "kernel": kernel,
                 "base_dtype": base,
                 "teacher_dtype": teacher,
+                "grad_dtype": grad,
                 "registers": res["registers"],
                 "smem_bytes": res["smem_bytes"],
                 "stack_bytes": res["stack_bytes"],
@@ -199,11 +202,13 @@ def report(nvcc: str) -> dict:
                 "registers_per_block": res["registers"] * threads,
             }
         )
-    variants.sort(key=lambda v: (v["arch"], v["base_dtype"], v["teacher_dtype"]))
+    variants.sort(key=lambda v: (v["arch"], v["base_dtype"], v["teacher_dtype"], v["grad_dtype"]))
     command = " ".join(["nvcc", *cmd[1:]]).replace(str(workdir), "$TMP")
     return {
         "what": "per-instantiation resources of the CUDA row pass (csrc/cuda/row_pass_kernel.cu), from ptxas",
         "fields": {
+            "base_dtype, teacher_dtype, grad_dtype": "the kernel's template arguments T, TT, G: base logits, "
+            "teacher logits and gradient rows (float32 for float16 base logits, else the base dtype)",
             "registers, smem_bytes, stack_bytes, spill_*_bytes": "as ptxas -v reports them, per thread / per block",
             "launch_bounds": "threads of the kernel's __launch_bounds__ (PTX .maxntid), null without one",
             "max_threads_per_block": "the most threads per block the launcher (threads_for) uses: kMaxThreads<T>, "

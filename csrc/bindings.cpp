@@ -34,6 +34,16 @@ DType to_dtype(const at::Tensor& t, const char* name) {
   }
 }
 
+at::ScalarType to_scalar_type(DType dtype) {
+  switch (dtype) {
+    case nlft::kFloat32: return at::kFloat;
+    case nlft::kFloat64: return at::kDouble;
+    case nlft::kBFloat16: return at::kBFloat16;
+    case nlft::kFloat16: return at::kHalf;
+  }
+  TORCH_CHECK(false, "unknown nlft::DType ", static_cast<int>(dtype));
+}
+
 // A teacher view as the kernel reads it; `owned` keeps a converted copy alive for the call.
 nlft::RowView teacher_view(const std::optional<at::Tensor>& view, int64_t mode, const at::Tensor& base,
                            at::ScalarType acc, const char* name, at::Tensor& owned) {
@@ -106,8 +116,13 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
   p.scale = scale.data_ptr();
   auto stats = at::empty({3, n_rows}, base.options().dtype(acc));
   auto saliency = at::empty({n_rows}, base.options().dtype(at::kBool));
+  // The gradient rows are float32 for float16 base logits, else in the base dtype: this mirrors
+  // nlft_kernels.ops.launch.grad_dtype, which the Triton and torch paths allocate with (see
+  // nlft::grad_dtype_for). backward multiplies them by grad_output (GradScaler's factor) in
+  // place; autograd then casts the returned gradient to float16.
+  p.grad_dtype = nlft::grad_dtype_for(p.base.dtype);
   std::optional<at::Tensor> grad;
-  if (compute_grad) grad = at::empty(base.sizes(), base.options());
+  if (compute_grad) grad = at::empty(base.sizes(), base.options().dtype(to_scalar_type(p.grad_dtype)));
   p.stats = stats.data_ptr();
   p.saliency = saliency.data_ptr<bool>();
   p.grad = compute_grad ? grad->data_ptr() : nullptr;
@@ -132,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
   return {stats, saliency, grad};
 }
 
-// grad[r] *= factor[r] for r in rows, in place: the second stage's fix-up (CPU tensors).
+// grad[r] *= factor[r] for r in rows, in place: the second stage's fix-up (CPU tensors). grad
+// is first_stage's gradient (float32 for float16 base logits) or any other floating tensor.
 void scale_rows(at::Tensor& grad, const at::Tensor& rows, const at::Tensor& factor) {
   TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.dim() >= 1,
               "grad must be a contiguous CPU tensor");
@@ -187,7 +203,8 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Compiled NLFT row pass (the first stage of nlft_kernels.nlft_loss): C++ CPU and CUDA kernels";
   m.def("first_stage", &first_stage,
-        "Row pass: (stats [3, N] acc, saliency [N] bool, gradient [B, T, V] in the base dtype or None)",
+        "Row pass: (stats [3, N] acc, saliency [N] bool, gradient [B, T, V] or None: float32 for float16 base "
+        "logits, else in the base dtype, as nlft_kernels.ops.launch.grad_dtype)",
         py::arg("base"), py::arg("standard"), py::arg("standard_mode"), py::arg("judge"), py::arg("judge_mode"),
         py::arg("labels"), py::arg("wrong"), py::arg("scale"), py::arg("ignore_index"), py::arg("tau"),
         py::arg("saliency_power"), py::arg("other_power"), py::arg("log_ratio"), py::arg("log_judge_min"),

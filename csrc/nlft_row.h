@@ -16,6 +16,13 @@ enum ViewMode : int { kViewNone = 0, kViewLogits = 1, kViewLogprobs = 2 };
 // Element types of logits and gradient rows.
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
+// The element type of the gradient rows for base logits of `base` (RowPass::grad_dtype), as
+// nlft_kernels.ops.launch.grad_dtype: float32 for float16, the base dtype otherwise. The rows
+// are multiplied by grad_output only in backward, where GradScaler's factor (up to 2**16)
+// arrives; stored in float16 first, entries below ~6e-8 would underflow to 0. bfloat16 has
+// float32's range and keeps its own type.
+constexpr DType grad_dtype_for(DType base) { return base == kFloat16 ? kFloat32 : base; }
+
 // A [B, T, V] view addressed as ptr + b * stride_b + t * stride_t + v (unit stride over V),
 // or, for kViewLogprobs, an [N] vector of label log-probs in the accumulator type.
 struct RowView {
@@ -51,7 +58,8 @@ struct RowPass {
   const void* scale;          // [N] acc, the row's factor in the reduced loss
   void* stats;                // [3, N] acc: log p(label) of base, standard, judge
   bool* saliency;             // [N]
-  void* grad;                 // [N, V] contiguous in the base dtype, or nullptr
+  void* grad;                 // [N, V] contiguous in grad_dtype, or nullptr
+  DType grad_dtype = kFloat32;  // grad_dtype_for(base.dtype) (the CUDA kernel accepts no other)
   int64_t n_rows;             // N = B * T
   int64_t steps;              // T
   int64_t vocab;              // V

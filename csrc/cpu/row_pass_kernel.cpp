@@ -1,6 +1,7 @@
 // The CPU row pass: one task per group of rows (at::parallel_for); per row, one sweep over the
 // vocabulary folds the online max / sum of exponentials of the base, standard and judge views
-// together, tile by tile, and a second sweep over the base row writes the gradient.
+// together, tile by tile, and a second sweep over the base row writes the gradient (in
+// RowPass::grad_dtype: float32 for float16 logits, see nlft_row.h).
 //
 // setup.py compiles this file once per instruction set with CPU_CAPABILITY = DEFAULT, AVX2 or
 // AVX512 (and that set's -m flags), as torch compiles its own kernels: at::vec::Vectorized is
@@ -90,6 +91,23 @@ inline const void* offset_ptr(const void* ptr, DType dtype, int64_t offset) {
 
 inline int64_t element_size(DType dtype) { return dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2; }
 
+// Whether rows in `dtype` are acc_t itself (written in place, no conversion).
+template <typename acc_t>
+bool is_acc(DType dtype) {
+  return dtype == (std::is_same_v<acc_t, double> ? kFloat64 : kFloat32);
+}
+
+// Writes n entries of acc_t to a row in `dtype` (vectorised conversions of at::vec).
+template <typename acc_t>
+void from_acc(const acc_t* src, DType dtype, int64_t n, void* dst) {
+  switch (dtype) {
+    case kFloat32: at::vec::convert(src, static_cast<float*>(dst), n); return;
+    case kFloat64: at::vec::convert(src, static_cast<double*>(dst), n); return;
+    case kBFloat16: at::vec::convert(src, static_cast<c10::BFloat16*>(dst), n); return;
+    case kFloat16: at::vec::convert(src, static_cast<c10::Half*>(dst), n); return;
+  }
+}
+
 // Running (max, sum of exp(x - max)) of one view, folded a tile at a time.
 template <typename acc_t>
 struct OnlineLse {
@@ -122,30 +140,26 @@ acc_t label_logprob(const RowView& view, int64_t row, int64_t row_offset, int64_
   return *x - lse.lse();
 }
 
-// Writes coef * (softmax(x) - onehot(label)) of one row to `grad_row` [V] in the base dtype
-// (no one-hot for a label outside [0, V): its coef is NaN, see label_in_range).
+// Writes coef * (softmax(x) - onehot(label)) of one row to `grad_row` [V] in p.grad_dtype
+// (no one-hot for a label outside [0, V): its coef is NaN, see label_in_range). Gradient rows
+// in the accumulator type (float32 for float32 and float16 logits, float64 for float64 ones)
+// are written in place by the vectorised map; bfloat16 rows through `g_buf`, converted once.
 template <typename acc_t>
 void gradient_row(const RowPass& p, int64_t base_offset, int64_t label, acc_t lse, acc_t coef, void* grad_row,
                   acc_t* x_buf, acc_t* g_buf) {
   using Vec = Vectorized<acc_t>;
   const Vec lse_v(lse), coef_v(coef);
   const DType dtype = p.base.dtype;
+  const bool direct = is_acc<acc_t>(p.grad_dtype);
   for (int64_t start = 0; start < p.vocab; start += kTile) {
     const int64_t n = std::min(kTile, p.vocab - start);
     const acc_t* x = to_acc<acc_t>(offset_ptr(p.base.ptr, dtype, base_offset + start), dtype, n, x_buf);
-    const bool direct = element_size(dtype) == static_cast<int64_t>(sizeof(acc_t));
     acc_t* g = direct ? static_cast<acc_t*>(grad_row) + start : g_buf;
     at::vec::map([lse_v, coef_v](Vec v) { return (v - lse_v).exp_u20() * coef_v; }, g, x, n);
     if (label >= start && label < start + n) {
       g[label - start] = coef * (acc_exp(x[label - start] - lse) - acc_t(1));
     }
-    if (!direct) {
-      if (dtype == kBFloat16) {
-        at::vec::convert(g, static_cast<c10::BFloat16*>(grad_row) + start, n);
-      } else {
-        at::vec::convert(g, static_cast<c10::Half*>(grad_row) + start, n);
-      }
-    }
+    if (!direct) from_acc(g, p.grad_dtype, n, static_cast<char*>(grad_row) + start * element_size(p.grad_dtype));
   }
 }
 
@@ -156,7 +170,7 @@ void row_pass_typed(const RowPass& p) {
   const int64_t n_rows = p.n_rows, vocab = p.vocab;
   const bool std_logits = p.standard.mode == kViewLogits;
   const bool judge_logits = p.judge.mode == kViewLogits;
-  const int64_t out_size = p.grad ? element_size(p.base.dtype) : 0;
+  const int64_t out_size = p.grad ? element_size(p.grad_dtype) : 0;
   // Enough rows per task that a task streams ~256 KiB of logits.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / vocab);
 
@@ -219,7 +233,7 @@ void scale_rows_typed(const RowScale& s) {
   using Vec = Vectorized<acc_t>;
   const auto* factor = static_cast<const acc_t*>(s.factor);
   const int64_t vocab = s.vocab, size = element_size(s.dtype);
-  const bool direct = size == static_cast<int64_t>(sizeof(acc_t));
+  const bool direct = is_acc<acc_t>(s.dtype);
   at::parallel_for(0, s.n_rows, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(vocab, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(direct ? 0 : kTile);
@@ -236,11 +250,7 @@ void scale_rows_typed(const RowScale& s) {
         }
         const acc_t* g = to_acc<acc_t>(offset_ptr(grad_row, s.dtype, start), s.dtype, n, buffer.data());
         at::vec::map([f](Vec v) { return v * f; }, buffer.data(), g, n);
-        if (s.dtype == kBFloat16) {
-          at::vec::convert(buffer.data(), static_cast<c10::BFloat16*>(grad_row) + start, n);
-        } else {
-          at::vec::convert(buffer.data(), static_cast<c10::Half*>(grad_row) + start, n);
-        }
+        from_acc(buffer.data(), s.dtype, n, static_cast<char*>(grad_row) + start * size);
       }
     }
   });

@@ -5,7 +5,9 @@
 // 16-byte-class load; the pairs are combined across the block (warp shuffles, then one warp
 // over the per-warp results); thread 0 applies the NLFT rule (row_rule.h); a second sweep
 // writes the gradient row. Bytes: every given logits row once (the judge row only for rows of
-// wrong samples, nothing for unlabelled rows), the base row a second time, the gradient row.
+// wrong samples, nothing for unlabelled rows), the base row a second time, the gradient row
+// (float32 for float16 logits, see nlft::grad_dtype_for; kVec elements per thread and chunk,
+// stored 16 bytes at a time).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,7 +20,8 @@
 namespace nlft::cuda {
 namespace {
 
-// Elements per load: 16 bytes for 16-bit types, 32 for float (two 16-byte transactions).
+// Elements per load and store: 16 bytes for 16-bit types, 32 for float (two 16-byte
+// transactions).
 constexpr int kVec = 8;
 constexpr int kWarp = 32;
 // Finite start of the running maximum, as LSE_START in the Triton kernels.
@@ -26,6 +29,14 @@ constexpr float kLseStart = -1.0e30f;
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
+// Gradient rows of base type T, as nlft::grad_dtype_for: float for __half, else T.
+template <typename T> struct GradOf { using type = T; };
+template <> struct GradOf<__half> { using type = float; };
+
+template <typename T> constexpr DType kDTypeOf = kFloat32;
+template <> constexpr DType kDTypeOf<double> = kFloat64;
+template <> constexpr DType kDTypeOf<__nv_bfloat16> = kBFloat16;
+template <> constexpr DType kDTypeOf<__half> = kFloat16;
 
 template <typename acc_t> __device__ __forceinline__ acc_t widen(float x) { return static_cast<acc_t>(x); }
 template <typename acc_t> __device__ __forceinline__ acc_t widen(double x) { return static_cast<acc_t>(x); }
@@ -35,7 +46,6 @@ template <typename acc_t> __device__ __forceinline__ acc_t widen(__half x) { ret
 template <typename T> __device__ __forceinline__ T narrow(float x);
 template <> __device__ __forceinline__ float narrow<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half(x); }
 template <typename T> __device__ __forceinline__ T narrow(double x) { return static_cast<T>(x); }
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
@@ -131,8 +141,9 @@ __device__ acc_t teacher_logprob(const RowView& view, const TT* row, int64_t r, 
 template <typename T>
 constexpr int kMaxThreads = sizeof(typename AccOf<T>::type) == 8 ? 512 : 1024;
 
-// T: base logits and gradient type; TT: teacher logits type (T or the accumulator type).
-template <typename T, typename TT>
+// T: base logits type; TT: teacher logits type (T or the accumulator type); G: gradient type
+// (GradOf<T>: float for __half, else T).
+template <typename T, typename TT, typename G>
 __global__ void __launch_bounds__(kMaxThreads<T>) row_pass_kernel(RowPass p) {
   using acc_t = typename AccOf<T>::type;
   __shared__ Lse<acc_t> scratch[kWarp + 1];
@@ -198,18 +209,18 @@ __global__ void __launch_bounds__(kMaxThreads<T>) row_pass_kernel(RowPass p) {
   // Gradient sweep: coef * (softmax - onehot(label)); zeros on unlabelled rows, NaN on rows
   // whose label is outside [0, V) (coef is NaN; the one-hot matches no column).
   const acc_t lse = row_lse, coef = row_coef;
-  T* grad = static_cast<T*>(p.grad) + r * V;
+  G* grad = static_cast<G*>(p.grad) + r * V;
   const bool grad_aligned = is_aligned(grad);
   for (int64_t i0 = int64_t(threadIdx.x) * kVec; i0 < V; i0 += int64_t(blockDim.x) * kVec) {
     load_chunk(base, i0, limit, base_aligned, x);
-    Pack<T> out;
+    Pack<G> out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const acc_t onehot = i0 + k == label ? acc_t(1) : acc_t(0);
-      out.v[k] = narrow<T>(valid ? coef * (fast_exp(x[k] - lse) - onehot) : acc_t(0));
+      out.v[k] = narrow<G>(valid ? coef * (fast_exp(x[k] - lse) - onehot) : acc_t(0));
     }
     if (grad_aligned && i0 + kVec <= V) {
-      *reinterpret_cast<Pack<T>*>(grad + i0) = out;
+      *reinterpret_cast<Pack<G>*>(grad + i0) = out;
     } else {
       for (int k = 0; k < kVec && i0 + k < V; ++k) grad[i0 + k] = out.v[k];
     }
@@ -226,7 +237,11 @@ int threads_for(int64_t vocab, int max_threads) {
 template <typename T>
 cudaError_t launch_base(const RowPass& p, cudaStream_t stream) {
   using acc_t = typename AccOf<T>::type;
+  using G = typename GradOf<T>::type;
+  static_assert(kDTypeOf<G> == grad_dtype_for(kDTypeOf<T>), "GradOf disagrees with nlft::grad_dtype_for");
   const DType acc_dtype = sizeof(acc_t) == 8 ? kFloat64 : kFloat32;
+  // Gradient rows are compiled in one type per base type only.
+  if (p.grad != nullptr && p.grad_dtype != kDTypeOf<G>) return cudaErrorInvalidValue;
   // Teacher logits share one type: the base's, or the accumulator's.
   DType teacher = p.base.dtype;
   if (p.standard.mode == kViewLogits) teacher = p.standard.dtype;
@@ -237,9 +252,9 @@ cudaError_t launch_base(const RowPass& p, cudaStream_t stream) {
   }
   const dim3 grid(static_cast<unsigned>(p.n_rows)), block(threads_for(p.vocab, kMaxThreads<T>));
   if (teacher == p.base.dtype) {
-    row_pass_kernel<T, T><<<grid, block, 0, stream>>>(p);
+    row_pass_kernel<T, T, G><<<grid, block, 0, stream>>>(p);
   } else if (teacher == acc_dtype) {
-    row_pass_kernel<T, acc_t><<<grid, block, 0, stream>>>(p);
+    row_pass_kernel<T, acc_t, G><<<grid, block, 0, stream>>>(p);
   } else {
     return cudaErrorInvalidValue;
   }

@@ -23,14 +23,16 @@ from benchmarks.cuda_resources import ARCHS, CXX_STD, REGISTERS_PER_SM
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 TIMEOUT_S = 120
-# The (base, teacher) dtypes launch_base can launch: teachers in the base dtype or the accumulator's.
+# The (base, teacher, gradient) dtypes launch_base can launch: teachers in the base dtype or the
+# accumulator's; gradient rows in float32 for float16 base logits, else in the base dtype
+# (nlft::grad_dtype_for, as nlft_kernels.ops.launch.grad_dtype).
 LAUNCHED = {
-    ("float32", "float32"),
-    ("float64", "float64"),
-    ("bfloat16", "bfloat16"),
-    ("bfloat16", "float32"),
-    ("float16", "float16"),
-    ("float16", "float32"),
+    ("float32", "float32", "float32"),
+    ("float64", "float64", "float64"),
+    ("bfloat16", "bfloat16", "bfloat16"),
+    ("bfloat16", "float32", "bfloat16"),
+    ("float16", "float16", "float32"),
+    ("float16", "float32", "float32"),
 }
 
 
@@ -136,8 +138,8 @@ def test_every_cuda_kernel_launches_the_largest_block_without_spills(fresh_repor
     launcher gives a block (kMaxThreads<T>, which is also the __launch_bounds__) <= 65536, the
     registers of an SM; else that launch fails with "too many resources requested"."""
     variants = fresh_report["variants"]
-    found = {(v["arch"], v["base_dtype"], v["teacher_dtype"]) for v in variants}
-    assert found == {(f"sm_{a}", base, teacher) for a in ARCHS for base, teacher in LAUNCHED}
+    found = {(v["arch"], v["base_dtype"], v["teacher_dtype"], v["grad_dtype"]) for v in variants}
+    assert found == {(f"sm_{a}", *dtypes) for a in ARCHS for dtypes in LAUNCHED}
     for v in variants:
         what = f"{v['arch']} {v['kernel']}"
         assert v["spill_store_bytes"] == 0 and v["spill_load_bytes"] == 0, f"{what} spills: {v}"
@@ -208,8 +210,15 @@ def test_resource_report_parsers():
         "_ZN4nlft4cuda15row_pass_kernelIffEEvNS_7RowPassE": 512,
         "_ZN4nlft4cuda15row_pass_kernelIddEEvNS_7RowPassE": None,
     }
-    demangled = "void nlft::cuda::(anonymous namespace)::row_pass_kernel<__nv_bfloat16, float>(nlft::RowPass)"
-    assert cuda_resources.describe(demangled) == ("row_pass_kernel<__nv_bfloat16, float>", "bfloat16", "float32")
+    demangled = "void nlft::cuda::(anonymous namespace)::row_pass_kernel<__half, __half, float>(nlft::RowPass)"
+    assert cuda_resources.describe(demangled) == (
+        "row_pass_kernel<__half, __half, float>",
+        "float16",
+        "float16",
+        "float32",
+    )
+    with pytest.raises(ValueError, match="unexpected template arguments"):
+        cuda_resources.describe("void nlft::cuda::(anonymous namespace)::row_pass_kernel<__half, float>(nlft::RowPass)")
     report = {
         "variants": [
             {
