@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from nlft_kernels import nlft_loss, token_logprobs
+from nlft_kernels.ops.launch import grad_dtype
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference
 from tests._inputs import make_inputs, seed_of
 from tests.csrc import extension_or_skip
@@ -57,8 +58,43 @@ def test_matches_reference(dtype, reduction):
         torch.testing.assert_close(grad, ref_grad, rtol=FLOAT64_RTOL, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradient_rows_are_stored_in_grad_dtype(dtype):
+    """The row pass stores the gradient in nlft_kernels.ops.launch.grad_dtype (float32 for
+    float16 logits, so that GradScaler's factor, which arrives in backward, finds no entry
+    flushed to 0: tests/ops/test_launch_hazards.py), the second stage rescales rows of that
+    buffer in place (the 6% rule fires), and autograd returns the logits' dtype."""
+    x = make_inputs(8, 20, 300, dtype=dtype, seed=seed_of("cpp grad dtype", dtype))
+    base = x.base.detach().clone().requires_grad_()
+    loss, details = nlft_loss(
+        base, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="cpp", return_details=True
+    )
+    assert details.killed.any(), "no row was rescaled"
+    (saved,) = loss.grad_fn.saved_tensors
+    assert saved.dtype == grad_dtype(dtype) and saved.shape == base.shape
+    (grad,) = torch.autograd.grad(loss, base)
+    assert grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [7, TILE + 1])
+def test_scale_rows(ext, dtype, vocab):
+    """scale_rows multiplies the given rows of a gradient buffer in any dtype (float32 for
+    float16 logits) in place, in the accumulator type, and leaves the other rows alone."""
+    g = torch.Generator().manual_seed(vocab)
+    grad = torch.randn(12, vocab, generator=g).to(dtype)
+    before = grad.clone()
+    rows = torch.tensor([0, 5, 11])
+    factor = torch.rand(12, generator=g, dtype=torch.float64) * 3
+    ext.scale_rows(grad, rows, factor)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = before.clone()
+    expected[rows] = (before[rows].to(acc) * factor[rows, None].to(acc)).to(dtype)
+    assert torch.equal(grad, expected)
+
+
 @pytest.mark.parametrize("vocab", [1, 7, 33, TILE, TILE + 1, 2 * TILE + 13])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_vocabulary_sizes_around_tile_and_vector(vocab, dtype):
     """Partial vectors (V below 16 lanes), exact tiles and a partial last tile."""
     x = make_inputs(4, 6, vocab, dtype=dtype, seed=vocab)
@@ -182,7 +218,7 @@ from tests._inputs import make_inputs, seed_of
 from tests.tolerances import assert_grad_close, assert_loss_close
 module, why = extension()
 assert module is not None, why
-for dtype in (torch.float32, torch.bfloat16, torch.float64):
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     x = make_inputs(8, 20, 2 * 2048 + 29, dtype=dtype, seed=31)
     (loss, grad, _), (ref, ref_grad, _) = run_both(x, "sample_mean", "cpp")
     assert_loss_close(loss, ref)

@@ -64,3 +64,34 @@ def test_cuda_matches_reference_and_triton(dtype, reduction, vocab):
         assert_loss_close(loss, t_loss)
         assert_grad_close(grad, t_grad.double(), dtype)
         assert torch.equal(details.saliency, t_details.saliency)
+
+
+def test_fp16_gradient_survives_loss_scaling():
+    """float16 logits get float32 gradient rows (nlft::grad_dtype_for, as
+    nlft_kernels.ops.launch.grad_dtype): GradScaler's factor arrives only in backward, and the
+    entries that float16 rows would have flushed to 0 before it must survive (the CUDA copy of
+    tests/ops/test_launch_hazards.py's test)."""
+    x = make_inputs(2, 4, 4000, seed=seed_of("cuda fp16 underflow"))
+    base = (x.base.detach() * 4).half()  # wide logits: tiny softmax entries
+    scale = 2.0**12  # the largest entries stay below fp16's maximum
+    cuda_base = base.cuda().requires_grad_()
+    loss = nlft_loss(
+        cuda_base,
+        x.labels.cuda(),
+        x.correct.cuda(),
+        standard=x.standard.half().cuda(),
+        judge=x.judge.half().cuda(),
+        backend="cuda",
+    )
+    (saved,) = loss.grad_fn.saved_tensors
+    assert saved.dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss * scale, cuda_base)
+    ref_base = base.double().requires_grad_()
+    ref = nlft_loss_reference(ref_base, x.labels, x.correct, x.standard.half(), x.judge.half())
+    (ref_grad,) = torch.autograd.grad(ref * scale, ref_base)
+    tiny = (ref_grad.abs() / scale < 2.0**-25) & (ref_grad.abs() > 2.0**-22)
+    assert tiny.sum() > 100, "the inputs must have gradient entries that underflow fp16 before scaling"
+    grad = grad.cpu()
+    assert grad.dtype == torch.float16
+    assert (grad[tiny] != 0).all(), "entries underflowed to 0 before the loss scale applied"
+    assert_grad_close(grad, ref_grad, torch.float16)

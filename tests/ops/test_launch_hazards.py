@@ -9,9 +9,10 @@ from nlft_kernels import nlft_loss, token_logprobs
 from nlft_kernels.ops.launch import FAMILIES, LaunchConfig, launch_config, vocab_bucket
 from nlft_kernels.reference import nlft_loss_reference
 from tests._inputs import make_inputs, seed_of
+from tests.csrc import CPP_BACKEND
 from tests.tolerances import assert_grad_close, assert_loss_close
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", CPP_BACKEND]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
