@@ -1,5 +1,10 @@
 """What the interpreter hides and a GPU would not forgive: tile sizes, reads out of bounds,
-fp16 underflow, silent mistraining and a second [N, V] buffer in backward."""
+fp16 underflow, silent mistraining and a second [N, V] buffer in backward.
+
+Triton runs on CUDA tensors where a GPU is (benchmarks.gpu_suite's tests step), else on CPU
+tensors under the interpreter; the float64 references run on the CPU."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -8,11 +13,21 @@ import nlft_kernels.ops.launch as launch_module
 from nlft_kernels import nlft_loss, token_logprobs
 from nlft_kernels.ops.launch import FAMILIES, LaunchConfig, launch_config, vocab_bucket
 from nlft_kernels.reference import nlft_loss_reference
-from tests._inputs import make_inputs, seed_of
+from tests._inputs import NLFTInputs, make_inputs, seed_of
 from tests.csrc import CPP_BACKEND
 from tests.tolerances import assert_grad_close, assert_loss_close
 
 BACKENDS = ["torch", "triton", CPP_BACKEND]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.gpu_too
+
+
+def on_device(x: NLFTInputs, backend: str) -> NLFTInputs:
+    """``x`` where ``backend`` computes: CUDA tensors for Triton on a GPU, else as made (CPU)."""
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    moved = {f.name: getattr(x, f.name).detach().to(device) for f in dataclasses.fields(x)}
+    moved["base"].requires_grad_()
+    return NLFTInputs(**moved)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
@@ -47,6 +62,7 @@ def test_labels_out_of_range_read_nothing_outside_the_row(backend, standard_form
     gives NaN log-probs, a NaN gradient row and no saliency in its row (so a NaN loss), never a
     read past the row, as the compiled kernels do (tests/csrc); other rows stay exact."""
     x = make_inputs(4, 6, 97, seed=seed_of("labels out of range", backend, standard_form))
+    dev = on_device(x, backend).base.device
     labels = x.labels.clone()
     bad = [(0, 1, 97), (1, 0, 97 + 1000), (2, 2, -5)]
     mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -59,19 +75,24 @@ def test_labels_out_of_range_read_nothing_outside_the_row(backend, standard_form
     if standard_form == "logprobs":  # finite teachers: the row's coefficient must still be NaN
         lp_s = torch.log_softmax(x.standard.double(), -1).gather(-1, labels.clamp(0, 96)[..., None])[..., 0]
         standard = torch.where(mask, -0.01, lp_s)  # p_s > 0.95: would be salient
-    base = x.base.detach().clone().requires_grad_()
+    base = x.base.detach().to(dev).requires_grad_()
     loss, details = nlft_loss(
         base,
-        labels,
-        x.correct,
-        standard=standard,
-        judge=x.judge,
+        labels.to(dev),
+        x.correct.to(dev),
+        standard=standard.to(dev),
+        judge=x.judge.to(dev),
         backend=backend,
         validate=False,
         reduction="none",
         return_details=True,
     )
     (grad,) = torch.autograd.grad(loss, base, torch.ones_like(loss))
+    loss, grad, details = (
+        loss.cpu(),
+        grad.cpu(),
+        dataclasses.replace(details, **{f.name: getattr(details, f.name).cpu() for f in dataclasses.fields(details)}),
+    )
     assert details.logprob_base[mask].isnan().all() and loss[mask].isnan().all()
     assert grad[mask].isnan().all(), "the whole gradient row of a bad label is NaN"
     assert not grad[~mask].isnan().any() and not details.saliency[mask].any()
@@ -80,17 +101,18 @@ def test_labels_out_of_range_read_nothing_outside_the_row(backend, standard_form
     assert_loss_close(details.logprob_base[good], expected[good])
     assert not details.logprob_base[~mask].isnan().any()
 
-    logits = x.base.detach().clone().requires_grad_()
-    lp = token_logprobs(logits, labels, backend=backend, validate=False)
+    logits = x.base.detach().to(dev).requires_grad_()
+    lp = token_logprobs(logits, labels.to(dev), backend=backend, validate=False)
+    (grad,) = torch.autograd.grad(lp, logits, torch.ones_like(lp))  # no one-hot past the row
+    lp, grad = lp.cpu(), grad.cpu()
     assert lp[mask].isnan().all()
     assert_loss_close(lp[good], expected[good])
-    (grad,) = torch.autograd.grad(lp, logits, torch.ones_like(lp))  # no one-hot past the row
     assert not grad[good].isnan().any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wrong_samples_without_judge_are_refused_even_unvalidated(backend):
-    x = make_inputs(4, 6, 50, seed=seed_of("no judge", backend))
+    x = on_device(make_inputs(4, 6, 50, seed=seed_of("no judge", backend)), backend)
     assert not x.correct.all()
     with pytest.raises(ValueError, match="judge is required"):
         nlft_loss(x.base, x.labels, x.correct, standard=x.standard, backend=backend, validate=False)
@@ -102,11 +124,13 @@ def test_fp16_gradient_survives_loss_scaling(backend):
     overflows) and the gradient arrives scaled by it in backward: the stored rows must not have
     underflowed in fp16 before that."""
     x = make_inputs(2, 4, 4000, seed=seed_of("fp16 underflow", backend))
-    base = (x.base.detach() * 4).half().requires_grad_()  # wide logits: tiny softmax entries
+    d = on_device(x, backend)
+    base = (d.base.detach() * 4).half().requires_grad_()  # wide logits: tiny softmax entries
     scale = 2.0**12  # the largest entries stay below fp16's maximum
-    loss = nlft_loss(base, x.labels, x.correct, standard=x.standard.half(), judge=x.judge.half(), backend=backend)
+    loss = nlft_loss(base, d.labels, d.correct, standard=d.standard.half(), judge=d.judge.half(), backend=backend)
     (grad,) = torch.autograd.grad(loss * scale, base)
-    ref_base = base.detach().double().requires_grad_()
+    grad = grad.cpu()
+    ref_base = base.detach().cpu().double().requires_grad_()
     ref = nlft_loss_reference(ref_base, x.labels, x.correct, x.standard.half(), x.judge.half())
     (ref_grad,) = torch.autograd.grad(ref * scale, ref_base)
     # 0 in fp16 before scaling (below half its smallest subnormal), representable after it.
@@ -123,19 +147,21 @@ def test_backward_scales_the_saved_gradient_in_place(backend, reduction):
     """grad_output != 1 (gradient accumulation, loss scaling) multiplies the stored [N, V]
     gradient where it is: the returned gradient is that buffer, no second one."""
     x = make_inputs(4, 6, 64, seed=seed_of("in place", backend, reduction))
+    d = on_device(x, backend)
     loss = nlft_loss(
-        x.base, x.labels, x.correct, standard=x.standard, judge=x.judge, backend=backend, reduction=reduction
+        d.base, d.labels, d.correct, standard=d.standard, judge=d.judge, backend=backend, reduction=reduction
     )
     node = loss.grad_fn
     while not hasattr(node, "saved_tensors"):  # "none" reshapes the per-row loss: a view node first
         node = node.next_functions[0][0]
     (saved,) = node.saved_tensors
     grad_out = torch.full_like(loss, 0.25) if reduction == "none" else torch.tensor(0.25)
-    (grad,) = torch.autograd.grad(loss, x.base, grad_out, retain_graph=True)
+    (grad,) = torch.autograd.grad(loss, d.base, grad_out.to(loss.device), retain_graph=True)
     assert grad.data_ptr() == saved.data_ptr()
+    grad = grad.cpu()
     ref_base = x.base.detach().double().requires_grad_()
     ref = nlft_loss_reference(ref_base, x.labels, x.correct, x.standard, x.judge, reduction=reduction)
     (ref_grad,) = torch.autograd.grad(ref, ref_base, grad_out.double())
     assert_grad_close(grad, ref_grad, torch.float32)
     with pytest.raises(RuntimeError, match="backward ran twice"):
-        torch.autograd.grad(loss, x.base, grad_out)
+        torch.autograd.grad(loss, d.base, grad_out.to(loss.device))
