@@ -1,4 +1,5 @@
-"""The ``nlft`` command: generate -> judge -> train -> eval, and ``demo``, which runs them all.
+"""The ``nlft`` command: generate -> judge -> train -> eval, ``saliency`` (the saliency map of
+judged records), and ``demo``, which runs them all.
 
 Every subcommand takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a Hugging
 Face model folder or hub name) and ``--data`` (default: GSM8K from ``../shared/data/gsm8k``
@@ -267,6 +268,33 @@ def _eval(args, parser, model=None, tokenizer=None, label: str = "accuracy") -> 
     return result
 
 
+def _saliency(args, parser, records=None, model=None, tokenizer=None) -> dict:
+    from nlft_kernels.saliency_map import saliency_details, write_saliency_map
+    from nlft_kernels.training.data import load_records
+
+    if records is None:
+        try:
+            records = load_records(args.data, limit=args.max_records)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(f"--data: {err}")
+    records = list(records)[: args.max_records]
+    if not records:
+        parser.error("no NLFT records to map")
+    if model is None:
+        model, tokenizer = _load(args)
+    wrong = sum(not r.correct for r in records)
+    _say(f"saliency map of {len(records)} records ({wrong} wrong, {len(records) - wrong} correct)")
+    details = saliency_details(
+        model, tokenizer, records, max_length=args.max_length, batch_size=args.batch_size, progress=True
+    )
+    name = args.model or "smollm2 (the embedded SmolLM2-135M-Instruct)"
+    paths = write_saliency_map(details, args.out, subtitle=f"model: {name}", png_records=args.png_records)
+    if "png" not in paths and args.png_records > 0:
+        _say("no saliency.png: it needs matplotlib (pip install matplotlib)")
+    _say(f"wrote the saliency map to {paths['html']}" + (f" and {paths['png']}" if "png" in paths else ""))
+    return paths
+
+
 def _demo(args, parser) -> None:
     started = time.perf_counter()
     out = args.out
@@ -290,6 +318,9 @@ def _demo(args, parser) -> None:
     )
     rows = _generate(stage("generate", split="train", out=out / "responses.jsonl"), parser, model, tokenizer)
     records = _judge(stage("judge", judge=args.judge, input=None, out=out / "records.jsonl"), parser, rows)
+    # The weights NLFT gives the responses' tokens at the start of training.
+    saliency_args = dict(out=out, max_records=None, png_records=3, batch_size=args.train_batch_size)
+    _saliency(stage("saliency map", **saliency_args), parser, records, model, tokenizer)
     model = _train(
         stage("train", batch_size=args.train_batch_size, out=out / "model"), parser, records, model, tokenizer
     )
@@ -433,6 +464,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the record order (default: 0)")
     train.add_argument("--out", type=Path, required=True, help="folder for the trained model (LoRA merged)")
 
+    sal = sub.add_parser(
+        "saliency",
+        help="a saliency map of judged records: each response token coloured by its NLFT weight (HTML + PNG)",
+    )
+    _add_model(sal)
+    sal.add_argument("--data", type=_existing_file, required=True, help="JSONL of NLFT records (from `nlft judge`)")
+    sal.add_argument(
+        "--out", type=Path, required=True, help="folder for saliency.html, saliency.png and saliency.jsonl"
+    )
+    sal.add_argument("--max-records", type=_positive_int, default=None, help="map the first N records (default: all)")
+    sal.add_argument(
+        "--png-records", type=_non_negative_int, default=3, help="records in saliency.png (default: 3; 0: no PNG)"
+    )
+    sal.add_argument("--batch-size", type=_positive_int, default=4, help="records per forward (default: 4)")
+    sal.add_argument(
+        "--max-length", type=_positive_int, default=1024, help="longest view in tokens, as in training (default: 1024)"
+    )
+
     ev = sub.add_parser("eval", help="GSM8K accuracy (greedy) on a fixed-seed subset")
     _add_model(ev)
     _add_data(ev, "test", "problems with reference answers")
@@ -445,7 +494,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nlft`` command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"demo": _demo, "generate": _generate, "judge": _judge, "train": _train, "eval": _eval}
+    commands = {
+        "demo": _demo,
+        "generate": _generate,
+        "judge": _judge,
+        "train": _train,
+        "saliency": _saliency,
+        "eval": _eval,
+    }
     commands[args.command](args, parser)
     return 0
 
