@@ -131,7 +131,71 @@ def render(results: Path = _util.RESULTS_DIR) -> str:
                 f"`{payload['command']}`; JSON [{path.name}]({rel}){plot}.\n"
             )
             parts.append(_without_skipped(table(payload)) + "\n")
+    aot = aot_section(results)
+    if aot:
+        parts.append(aot)
     return "\n".join(parts)
+
+
+def aot_section(results: Path) -> str:
+    """What compiles for GPUs ahead of time, from the two resource reports (written by
+    ``tests/ops/compile_kernels.py --write`` and ``benchmarks.cuda_resources``; CI checks both
+    are current): per kernel, its variants, registers per architecture, shared memory, spills."""
+    parts = []
+    triton_path, cuda_path = results / "aot_triton_kernels.json", results / "aot_cuda_kernels.json"
+    if triton_path.exists():
+        report = json.loads(triton_path.read_text())
+        rows = report["variants"]
+        lines = [
+            f"Triton {report['triton']}, {report['date']}: `{report['command']}`; JSON "
+            f"[{triton_path.name}]({triton_path.relative_to(_util.REPO_ROOT).as_posix()}). Every variant the "
+            f"package launches at V = {', '.join(map(str, report['vocabularies']))} ({', '.join(report['dtypes'])}, "
+            "every view mode, with and without gradient, with the JIT's 16-byte specialisation).\n",
+            "| kernel | variants | registers sm_80 | registers sm_90 | max threads | max shared B "
+            "| spill bytes, 16/32-bit (float64) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for kernel in sorted({r["kernel"] for r in rows}):
+            mine = [r for r in rows if r["kernel"] == kernel]
+            regs = {a: [r["registers"] for r in mine if r["arch"] == a] for a in ("sm_80", "sm_90")}
+            spills = {
+                wide: max(
+                    (
+                        r["spill_store_bytes"] + r["spill_load_bytes"] + r["local_bytes"]
+                        for r in mine
+                        if ("*fp64" in r["pointer_types"].values()) == wide
+                    ),
+                    default=0,
+                )
+                for wide in (False, True)
+            }
+            lines.append(
+                f"| `{kernel}` | {len(mine) // 2} | {min(regs['sm_80'])}-{max(regs['sm_80'])} | "
+                f"{min(regs['sm_90'])}-{max(regs['sm_90'])} | {max(r['threads'] for r in mine)} | "
+                f"{max(r['shared_bytes'] for r in mine)} | {spills[False]} ({spills[True]}) |"
+            )
+        parts.append("\n".join(lines) + "\n")
+    if cuda_path.exists():
+        report = json.loads(cuda_path.read_text())
+        lines = [
+            f"CUDA row pass, nvcc {report['nvcc']}, {report['date']}: `python -m benchmarks.cuda_resources`; JSON "
+            f"[{cuda_path.name}]({cuda_path.relative_to(_util.REPO_ROOT).as_posix()}).\n",
+            "| base, teacher, gradient dtype | registers sm_80 | registers sm_90 | threads per block | spill bytes |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        by_types: dict[tuple, dict] = {}
+        for r in report["variants"]:
+            key = (r["base_dtype"], r["teacher_dtype"], r.get("grad_dtype", r["base_dtype"]))
+            by_types.setdefault(key, {})[r["arch"]] = r
+        for key, arch in by_types.items():
+            spills = max(r["spill_store_bytes"] + r["spill_load_bytes"] for r in arch.values())
+            threads = max(r["max_threads_per_block"] for r in arch.values())
+            regs = [str(arch[a]["registers"]) if a in arch else "-" for a in ("sm_80", "sm_90")]
+            lines.append(f"| {', '.join(key)} | {regs[0]} | {regs[1]} | {threads} | {spills} |")
+        parts.append("\n".join(lines) + "\n")
+    if not parts:
+        return ""
+    return "### Compiled for GPUs ahead of time, without a GPU\n\n" + "\n".join(parts)
 
 
 def _without_skipped(table: str) -> str:

@@ -226,11 +226,24 @@ def resources(compiled, ptxas_log: str, target: GPUTarget, workdir: Path) -> dic
     }
 
 
+# float64 (the gradcheck dtype) divides in IEEE double precision, whose slow path ptxas emits as a
+# subroutine: a call frame of 8 bytes and one register saved across the call (4 bytes stored once
+# per program and loaded once), seen on sm_80 in the no-gradient three-view kernel whatever the
+# warps. That is not register pressure; any other spill, and any spill of a 16/32-bit variant, is.
+FP64_CALL_FRAME_BYTES = 8
+
+
 def check(row: dict) -> list[str]:
     """What would make this variant fail or crawl on a GPU: spills, local memory, a block whose
     registers exceed one SM's."""
     problems = []
-    if row["spill_store_bytes"] or row["spill_load_bytes"] or row["local_bytes"] or row["stack_bytes"]:
+    spills = row["spill_store_bytes"] or row["spill_load_bytes"] or row["local_bytes"] or row["stack_bytes"]
+    call_frame = (
+        "*fp64" in row["pointer_types"].values()
+        and row["local_bytes"] == 0
+        and max(row["stack_bytes"], row["spill_store_bytes"], row["spill_load_bytes"]) <= FP64_CALL_FRAME_BYTES
+    )
+    if spills and not call_frame:
         problems.append("spills to local memory")
     if row["registers_per_block"] > REGISTERS_PER_SM:
         problems.append(f"{row['registers']} registers x {row['threads']} threads > {REGISTERS_PER_SM}")
@@ -244,7 +257,8 @@ def compile_share(worker: int, workers: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for variant, target in jobs:
             compiled, log = compile_variant(variant, target)
-            rows.append({**variant.describe(), **resources(compiled, log, target, Path(tmp))})
+            row = {**variant.describe(), **resources(compiled, log, target, Path(tmp))}
+            rows.append({**row, "problems": check(row)})
     return rows
 
 
@@ -257,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         shares = pool.map(compile_share, range(args.jobs), [args.jobs] * args.jobs)
         rows = [row for share in shares for row in share]
     rows.sort(key=lambda r: json.dumps(r, sort_keys=True))
-    problems = [f"{r['kernel']} {r['arch']} {r['constexprs']}: {p}" for r in rows for p in check(r)]
+    problems = [f"{r['kernel']} {r['arch']} {r['constexprs']}: {p}" for r in rows for p in r["problems"]]
     variants = len(rows) // len(TARGETS)
     kernels = sorted({row["kernel"] for row in rows})
     print(f"compiled {len(rows)} kernel variants ({variants} launched x {len(TARGETS)} targets) of {kernels}")

@@ -46,8 +46,11 @@ def test_launched_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     aligned = {("base_sb" in r["divisible_by_16"]) for r in rows if r["kernel"] == "_nlft_fwd_kernel"}
     assert aligned == {True, False}
     for row in rows:
-        assert row["spill_store_bytes"] == row["spill_load_bytes"] == row["local_bytes"] == 0, row
+        assert row["problems"] == [], row
         assert row["registers"] * row["threads"] <= 65536, row
+        if "*fp64" not in row["pointer_types"].values():  # float64 may keep a call frame (compile_kernels)
+            assert row["spill_store_bytes"] == row["spill_load_bytes"] == row["local_bytes"] == 0, row
+            assert row["stack_bytes"] == 0, row
 
     committed = json.loads(COMMITTED.read_text())
     assert {_key(r) for r in committed["variants"]} == {_key(r) for r in rows}, (
