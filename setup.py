@@ -237,7 +237,7 @@ setup(
     extras_require={
         "train": ["peft", "accelerate", "gguf", "tqdm"],
         "bench": ["matplotlib"],
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff", "selenium"],
     },
     entry_points={"console_scripts": ["nlft = nlft_kernels.cli:main"]},
     ext_modules=ext_modules,
