@@ -52,6 +52,8 @@ from nlft_kernels.ops.nlft_loss import (
     first_stage,
     rescale_rows,
     row_scale,
+    saved_grads,
+    scale_saved_grad,
     second_stage,
 )
 from nlft_kernels.ops.token_logprobs import acc_dtype, token_logprobs
@@ -427,12 +429,11 @@ class NLFTLinearLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_grad_details):
         none = (None,) * 10
         if ctx.reduction != "none":
-            scaled = []
-            for grad in ctx.saved_tensors:
-                if grad is not None and not bool(grad_loss == 1):
-                    grad = grad * grad_loss.to(grad.dtype)
-                scaled.append(grad)
-            return (*scaled, *none)
+            grads = saved_grads(ctx)
+            for grad in grads:  # in place: no second [V, D] weight gradient at the peak
+                if grad is not None:
+                    scale_saved_grad(ctx, grad, grad_loss)
+            return (*grads, *none)
         hidden, weight, bias, factor = ctx.saved_tensors
         grads = _Grads(hidden, weight, bias, ctx.want)
         row_factor = factor * grad_loss.reshape(-1).to(factor.dtype)
@@ -556,13 +557,13 @@ def nlft_linear_loss(
     backend = resolve_backend(backend, hidden.device)
     acc = acc_dtype(hidden.dtype)
     wrong_rows = ~correct[sample_ids]
-    standard_t, standard_mode = _teacher(standard, "standard", proxy, acc)
+    standard_t, standard_mode = _teacher(standard, "standard", proxy, acc, validate)
     if judge is None:
         if validate and bool(wrong_rows.any()):
             raise ValueError("judge is required when any sample is wrong (correct has False entries)")
         judge_t, judge_mode = None, VIEW_NONE
     else:
-        judge_t, judge_mode = _teacher(judge, "judge", proxy, acc)
+        judge_t, judge_mode = _teacher(judge, "judge", proxy, acc, validate)
     flat_labels = labels.reshape(-1).contiguous()
     valid = flat_labels != config.ignore_index
     views = Views(

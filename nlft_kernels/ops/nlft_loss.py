@@ -580,22 +580,22 @@ def _check_finite(lp_b, lp_s, lp_j, valid, v: Views) -> None:
 DETAIL_FIELDS = tuple(NLFTDetails.__dataclass_fields__)
 
 
-def saved_grad(ctx) -> torch.Tensor | None:
-    """The gradient stored by forward; a clear error when a first backward already spent it."""
+def saved_grads(ctx) -> tuple:
+    """The gradients stored by forward; a clear error when a first backward already spent them."""
     if getattr(ctx, "grad_spent", False):
         raise RuntimeError(
-            "nlft_loss: backward ran twice through one forward; its [N, V] gradient is stored once and "
+            "nlft_loss: backward ran twice through one forward; its gradient is stored once and "
             "scaled in place by the first backward (run the forward again instead of retain_graph=True)"
         )
-    (grad,) = ctx.saved_tensors
-    return grad
+    return ctx.saved_tensors
 
 
 def scale_saved_grad(ctx, grad: torch.Tensor, grad_loss: torch.Tensor) -> None:
     """grad *= grad_loss in place (per row for ``reduction="none"``): gradient accumulation and
     loss scaling pass a ``grad_loss`` other than 1, and a product out of place would hold a
-    second [N, V] buffer at the peak. The buffer is then spent: a second backward through the
-    same forward (``retain_graph=True``) raises (``saved_grad``) instead of scaling twice."""
+    second buffer of the gradient's size ([N, V] here; [V, D] for the linear loss's weight) at
+    the peak. The buffer is then spent: a second backward through the same forward
+    (``retain_graph=True``) raises (``saved_grads``) instead of scaling twice."""
     if ctx.reduction == "none":
         grad.view(-1, grad.shape[-1]).mul_(grad_loss.reshape(-1, 1))
         ctx.grad_spent = True
@@ -633,7 +633,7 @@ class NLFTLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_details):
-        grad = saved_grad(ctx)
+        (grad,) = saved_grads(ctx)
         if grad is None:
             return (None,) * 10
         scale_saved_grad(ctx, grad, grad_loss)

@@ -165,3 +165,29 @@ def test_backward_scales_the_saved_gradient_in_place(backend, reduction):
     assert_grad_close(grad, ref_grad, torch.float32)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         torch.autograd.grad(loss, d.base, grad_out.to(loss.device))
+
+
+def test_linear_backward_scales_the_saved_gradients_in_place():
+    """nlft_linear_loss stores the hidden and weight gradients in forward; grad_output != 1
+    multiplies them where they are (no second [V, D] weight gradient), once."""
+    from nlft_kernels import nlft_linear_loss
+
+    g = torch.Generator().manual_seed(seed_of("linear in place"))
+    hidden = torch.randn(3, 5, 16, generator=g).requires_grad_()
+    weight = torch.randn(200, 16, generator=g).requires_grad_()
+    labels = torch.randint(0, 200, (3, 5), generator=g)
+    correct = torch.tensor([True, False, True])
+    teacher = torch.randn(3, 5, generator=g).clamp(max=0) - 0.1
+
+    def loss():
+        return nlft_linear_loss(hidden, weight, labels, correct, standard=teacher, judge=teacher, backend="torch")
+
+    ones = torch.autograd.grad(loss(), (hidden, weight))
+    scaled = loss()
+    saved = scaled.grad_fn.saved_tensors
+    grads = torch.autograd.grad(scaled, (hidden, weight), torch.tensor(0.25), retain_graph=True)
+    assert [t.data_ptr() for t in grads] == [t.data_ptr() for t in saved[:2]]
+    for got, want in zip(grads, ones, strict=True):
+        torch.testing.assert_close(got, 0.25 * want)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        torch.autograd.grad(scaled, (hidden, weight), torch.tensor(0.25))
