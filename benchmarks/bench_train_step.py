@@ -9,12 +9,19 @@ same GSM8K questions and the same token counts, reporting time per sample and pe
   nlft_kernels        NLFT with nlft_kernels (``nlft_kernels.training.nlft_step``)
   reft                ReFT's PPO iteration (sampling counted in, and reported apart)
 
+``--setting paper``: the comparison the NLFT paper made, NLFT with LoRA r=16 on the gate/up/down
+projections (``nlft_kernels_lora``, ``nlft_authors_style_lora``) against ReFT as ReFT trains
+(``reft``: full fine-tuning, a frozen reference copy, a value head), prompts and responses of 300
+tokens; every row records what it includes (``includes``).
+
 See benchmarks/train_methods.py and benchmarks/reft.py for what each step does.
 
 Run from the repository root:
   python -m benchmarks.bench_train_step --quick   # CPU: the embedded SmolLM2-135M, short sequences
   python -m benchmarks.bench_train_step           # GPU: random-weight Llama-3 shapes in bf16
-Writes benchmarks/results/train_step_<device>_<date>.{json,md,png} (``--out`` for the JSON path).
+  python -m benchmarks.bench_train_step --setting paper   # the paper's setting, SmolLM2-135M
+Writes benchmarks/results/train_step_<device>_<date>.{json,md,png}, with ``--setting paper``
+train_step_paper_<device>_<date>.* (``--out`` for the JSON path).
 """
 
 from __future__ import annotations
@@ -37,7 +44,16 @@ import torch
 
 from benchmarks import _util
 from benchmarks.reft import ReFTConfig
-from benchmarks.train_methods import METHODS, StepInputs, build_inputs, build_step
+from benchmarks.train_methods import (
+    ALL_METHODS,
+    METHODS,
+    PAPER_LORA,
+    PAPER_METHODS,
+    StepInputs,
+    build_inputs,
+    build_step,
+    row_includes,
+)
 from nlft_kernels import NLFTConfig
 
 # The paper's cost figures against ReFT (NLFT paper, arXiv 2412.20382, as quoted in the spec).
@@ -90,7 +106,28 @@ PRESETS = {
     "full": Preset(("llama3-8b-4layers", "llama3.2-1b"), 8, 300, 300, 300, 2, 5),
     "quick": Preset(("smollm2-135m",), 2, 64, 64, 64, 1, 2),
     "tiny": Preset(("tiny-llama",), 2, 16, 8, 8, 1, 1),
+    # --setting paper: the paper's lengths on the CPU's model; 5 timed steps after the cold one.
+    "paper": Preset(("smollm2-135m",), 2, 300, 300, 300, 1, 5),
 }
+
+# What each setting compares: its methods, and the (ours, theirs) pairs of its reductions.
+SETTINGS = {
+    "full-ft": (METHODS, (("nlft_kernels", "reft"), ("nlft_kernels", "nlft_authors_style"))),
+    "paper": (
+        PAPER_METHODS,
+        (
+            ("nlft_kernels_lora", "reft"),
+            ("nlft_authors_style_lora", "reft"),
+            ("nlft_kernels_lora", "nlft_authors_style_lora"),
+        ),
+    ),
+}
+
+# The regime of the paper's figures, which this benchmark's paper setting does not reproduce.
+PAPER_REGIME = (
+    "Llama-3-8B with 8-bit base weights: NLFT training LoRA r=16 adapters (gate/up/down projections) "
+    "against ReFT's full fine-tuning on several GPUs"
+)
 
 METHOD_NOTES = {
     "step": (
@@ -121,6 +158,30 @@ METHOD_NOTES = {
         "teacher_tokens), responses exactly response_tokens (reft samples exactly that many tokens)"
     ),
     "precision": "CPU: float32 weights; CUDA: bf16 weights and AdamW state (no autocast, no LoRA)",
+}
+
+# --setting paper: what differs from the notes above.
+PAPER_NOTES = {
+    "setting": (
+        "the NLFT paper's comparison: NLFT with LoRA (nlft_kernels_lora: nlft_step; nlft_authors_style_lora: "
+        "the three views with gradient, as the authors' code) against ReFT as ReFT trains (reft: full "
+        "fine-tuning of the policy, a frozen reference copy of it, a value head, sampling). Each row's "
+        "'includes' says what it trains and contains; the NLFT rows sample nothing (they train on given "
+        "responses), reft's time includes its sampling"
+    ),
+    "lora": (
+        "peft LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=gate_proj/up_proj/down_proj, "
+        "bias='none'), through nlft_kernels.training.add_lora: the authors' training scripts' values (their "
+        "lora_alpha is 16, which scales the adapter's output and changes no cost); the optimizer holds only "
+        "the adapters"
+    ),
+    "precision": (
+        "CPU: float32 weights, base weights included (the paper's base weights were 8-bit: bitsandbytes' "
+        "int8 matmul has no CPU path here); CUDA: bf16 weights and AdamW state; no autocast; no gradient "
+        "checkpointing in any row (the authors' scripts call peft's prepare_model_for_int8_training, which "
+        "turns it on for their NLFT runs)"
+    ),
+    "paper": f"the paper's figures (78.27% less time, 92.24% less memory than ReFT) are for {PAPER_REGIME}",
 }
 
 
@@ -266,8 +327,15 @@ def measure(spec: dict) -> dict:
     step, modules = build_step(spec["method"], model, inputs, tokenizer.decode)
     torch.manual_seed(spec["seed"])
     row: dict = {"method": spec["method"], "status": "ok", "batch_size": inputs.batch_size}
+    row["includes"] = row_includes(spec["method"])
     row["parameters"] = sum(p.numel() for p in model.parameters())
     row["trained_parameters"] = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+    row["lora_parameters"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    trainer = getattr(step, "trainer", None)  # ReFT's: its frozen reference model and value head
+    if trainer is not None:
+        row["reference_parameters"] = sum(p.numel() for p in trainer.reference.parameters())
+        row["reference_trained_parameters"] = sum(p.numel() for p in trainer.reference.parameters() if p.requires_grad)
+        row["value_head_parameters"] = sum(p.numel() for p in trainer.value_head.parameters())
     calls = spec["warmup"] + (spec["reps"] if spec["what"] != "memory" else 1)
     gc.collect()
     if device.type == "cuda":
@@ -334,17 +402,20 @@ def probe(spec: dict, in_process: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def reductions(rows: list[dict]) -> list[dict]:
-    """1 - ours / theirs for time per sample and peak memory, nlft_kernels against reft and
-    against nlft_authors_style, per model (only where both were measured)."""
+def reductions(rows: list[dict], pairs=SETTINGS["full-ft"][1]) -> list[dict]:
+    """1 - ours / theirs for time per sample and peak memory, per model and (ours, theirs) pair of
+    ``pairs`` (default: nlft_kernels against reft and against nlft_authors_style), only where both
+    were measured."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["method"]: r for r in rows if r["model"] == model and r["status"] == "ok"}
-        ours = by.get("nlft_kernels")
-        for other in ("reft", "nlft_authors_style"):
+        for mine, other in pairs:
+            ours = by.get(mine)
             if ours is None or other not in by:
                 continue
             red = {"model": model, "against": other}
+            if mine != "nlft_kernels":
+                red = {"model": model, "ours": mine, "against": other}
             for key, field in (("time", "steady_ms_per_sample"), ("memory", "peak_bytes")):
                 if ours.get(field) is not None and by[other].get(field):
                     red[key] = 1 - ours[field] / by[other][field]
@@ -377,6 +448,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     rows.append({"model": model_name, "method": method, "status": "skipped", "note": deadline.note()})
                     continue
                 print(f"{model_name} {method} ...", file=sys.stderr, flush=True)
+                started = time.perf_counter()
                 spec = {
                     "method": method,
                     "device": device.type,
@@ -396,11 +468,29 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                         row |= {k: memory[k] for k in ("peak_bytes", "runtime_rss_bytes") if k in memory}
                         row["status"] = memory["status"]
                 rows.append({"model": model_name} | row)
+                steady = f", steady {row['steady_ms'] / 1e3:.1f} s/step" if "steady_ms" in row else ""
+                took = time.perf_counter() - started
+                print(f"{model_name} {method}: {row['status']} in {took:.0f} s{steady}", file=sys.stderr, flush=True)
                 gc.collect()
+    paper = args.setting == "paper"
+    notes = {k: v for k, v in METHOD_NOTES.items() if not k.startswith("memory_")} | {
+        "memory": METHOD_NOTES["memory_cuda" if device.type == "cuda" else "memory_cpu"]
+    }
+    question = (
+        "time per sample and peak memory of one training step: SFT, NLFT (authors' code), NLFT (nlft_kernels), ReFT"
+    )
+    if paper:
+        notes |= PAPER_NOTES
+        question = (
+            "time per sample and peak memory of one training step in the NLFT paper's setting: NLFT with LoRA "
+            "r=16 (nlft_kernels; the authors' code) against ReFT with full fine-tuning, a frozen reference and "
+            "a value head"
+        )
+    settings_extra = {"lora": asdict(PAPER_LORA), "gradient_checkpointing": False} if paper else {}
     return {
         "benchmark": "bench_train_step",
-        "question": "time per sample and peak memory of one training step: SFT, NLFT (authors' code), "
-        "NLFT (nlft_kernels), ReFT",
+        **({"setting": "paper"} if paper else {}),
+        "question": question,
         **_util.environment(device),
         "date": _util.now_iso(),
         "command": _util.command_line("benchmarks.bench_train_step", argv),
@@ -417,12 +507,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "nlft_step": "nlft_kernels.training.nlft_step",
             "nlft_config": asdict(NLFTConfig()),
             "reft_config": asdict(ReFTConfig()),
-        },
-        "method": {k: v for k, v in METHOD_NOTES.items() if not k.startswith("memory_")}
-        | {"memory": METHOD_NOTES["memory_cuda" if device.type == "cuda" else "memory_cpu"]},
+        }
+        | settings_extra,
+        "method": notes,
         "models": models,
         "results": rows,
-        "reductions": reductions(rows),
+        "reductions": reductions(rows, SETTINGS[args.setting][1]),
+        **({"paper": {"reduction_vs_reft": PAPER_REDUCTION_VS_REFT, "regime": PAPER_REGIME}} if paper else {}),
     }
 
 
@@ -468,6 +559,64 @@ def markdown_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def _includes_cells(includes: dict) -> str:
+    trained = "LoRA r={r}".format(**includes["lora"]) if includes.get("lora") else "full FT"
+    yes_no = {True: "yes", False: "no"}
+    sampling = "included" if includes["sampling"].startswith("included") else "none"
+    return f"{trained} | {yes_no[includes['frozen_reference']]} | {yes_no[includes['value_head']]} | {sampling} |"
+
+
+def paper_markdown_table(payload: dict) -> str:
+    """``--setting paper``: per row what it includes (trained weights, frozen reference, value head,
+    sampling), time per sample as median (min-max) of the timed steps, peak memory, trained
+    parameters; then the reductions, the paper's beside those against ReFT."""
+    s = payload["settings"]
+    load = payload["load_average_1_5_15min"]["before"]
+    lora = s["lora"]
+    lines = [
+        f"Device: {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads); torch "
+        f"{payload['versions']['torch']}; {s['dtype']} (base weights too); batch {s['batch_size']}, prompt "
+        f"{s['prompt_tokens']} + response {s['response_tokens']} tokens (NLFT's teacher prompts "
+        f"+{s['teacher_tokens']}); "
+        f"{s['reps']} timed steps after {s['warmup']} warm-up; {payload['date'][:10]}; load average {load[0]:.2f}",
+        f"LoRA: r={lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']} on {'/'.join(lora['targets'])} "
+        "(the authors' values); no gradient checkpointing; AdamW on the trained weights only",
+        f"Command: `{payload['command']}`",
+        "",
+        "| model | method | trains | frozen reference | value head | sampling | s/sample median (min-max) | "
+        "sampling s/sample | peak memory MiB | trained parameters |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in payload["results"]:
+        lead = f"| {r['model']} | {r['method']} |"
+        if r["status"] != "ok":
+            lines.append(f"{lead} {r['status']}: {r.get('note', '')[:60]} | | | | | | | |")
+            continue
+        per_sample = [r[k] / r["batch_size"] / 1e3 for k in ("steady_ms", "steady_min_ms", "steady_max_ms")]
+        spread = "{:.2f} ({:.2f}-{:.2f})".format(*per_sample)
+        trained = r["trained_parameters"]
+        trained = f"{trained / 1e6:.2f} M" if trained >= 1e5 else f"{trained:,}"
+        lines.append(
+            f"{lead} {_includes_cells(r['includes'])} {spread} | {_fmt(r.get('sampling_ms_per_sample'), 1e3)} | "
+            f"{_fmt(r.get('peak_bytes'), 2**20, 0)} | {trained} |"
+        )
+    if payload["reductions"]:
+        lines += [
+            "",
+            "| model | method | against | less time per sample | less peak memory | paper (NLFT vs ReFT) |",
+            "|---|---|---|---:|---:|---|",
+        ]
+        for red in payload["reductions"]:
+            paper = red.get("paper")
+            paper = f"{100 * paper['time']:.2f}% time, {100 * paper['memory']:.2f}% memory" if paper else ""
+            pct = {k: f"{100 * red[k]:.1f}%" if k in red else "-" for k in ("time", "memory")}
+            lines.append(
+                f"| {red['model']} | {red.get('ours', 'nlft_kernels')} | {red['against']} | {pct['time']} | "
+                f"{pct['memory']} | {paper} |"
+            )
+    return "\n".join(lines)
+
+
 def plot(payload: dict, png_path: Path) -> Path | None:
     """Bars of time per sample (reft's sampling share hatched) and peak memory, one row per model."""
     try:
@@ -497,7 +646,8 @@ def plot(payload: dict, png_path: Path) -> Path | None:
         for ax in axes[i]:
             ax.tick_params(axis="x", labelsize=8, rotation=15)
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"One training step per method: {payload['device']} ({payload['date'][:10]})", fontsize=11)
+    setting = " in the NLFT paper's setting (NLFT with LoRA r=16, ReFT full FT)" if payload.get("setting") else ""
+    fig.suptitle(f"One training step per method{setting}: {payload['device']} ({payload['date'][:10]})", fontsize=11)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
@@ -509,8 +659,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help=f"CPU-sized run: {PRESETS['quick']}")
     size.add_argument("--tiny", action="store_true", help=f"smoke test: {PRESETS['tiny']}")
+    p.add_argument(
+        "--setting",
+        choices=sorted(SETTINGS),
+        default="full-ft",
+        help="full-ft: every method trains every weight (default); paper: the NLFT paper's comparison, NLFT "
+        f"with LoRA r=16 against ReFT full fine-tuning ({', '.join(PAPER_METHODS)}; sizes {PRESETS['paper']} "
+        "unless --quick or --tiny)",
+    )
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), help="models (overrides the preset's)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="default: the setting's methods")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--prompt-tokens", type=int)
     p.add_argument("--response-tokens", type=int)
@@ -541,7 +699,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.data = args.data or default_data()
-    preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    args.methods = args.methods or list(SETTINGS[args.setting][0])
+    default_size = "paper" if args.setting == "paper" else "full"
+    preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else default_size]
     overrides = {
         k: getattr(args, k)
         for k in ("batch_size", "prompt_tokens", "response_tokens", "teacher_tokens", "warmup", "reps")
@@ -564,10 +724,12 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     payload = run(args, argv)
     slug = _util.device_slug(torch.device(payload["device_type"]))
-    out = args.out or _util.RESULTS_DIR / f"train_step_{slug}_{_util.today()}.json"
+    prefix = "train_step_paper" if args.setting == "paper" else "train_step"
+    out = args.out or _util.RESULTS_DIR / f"{prefix}_{slug}_{_util.today()}.json"
     measured = any(r["status"] == "ok" for r in payload["results"])  # a budget of 0 measures nothing
     png = partial(plot, payload) if measured and not args.no_plot else None
-    return _util.write_outputs(out, payload, markdown_table(payload), png)
+    table = paper_markdown_table(payload) if args.setting == "paper" else markdown_table(payload)
+    return _util.write_outputs(out, payload, table, png)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ earlier GSM8K exemplars or cut from the left to length, responses are the refere
                       materialised
   reft                ``benchmarks.reft``: sampling, reward, reference and old-policy forwards,
                       GAE, two PPO epochs
+
+The paper's setting (``bench_train_step --setting paper``) trains the two NLFT methods with LoRA
+instead (``nlft_kernels_lora``, ``nlft_authors_style_lora``: the same steps on a peft model whose
+only trainable weights are the adapters of ``PAPER_LORA``) against ``reft`` as ReFT trains (full
+fine-tuning of the policy, a frozen reference copy, a value head). ``row_includes`` says what each
+method's row contains.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,26 @@ from nlft_kernels.training import nlft_step
 from nlft_kernels.training.data import DEFAULT_TEMPLATES, VIEWS, NLFTCollator, NLFTRecord
 
 METHODS = ("sft", "nlft_authors_style", "nlft_kernels", "reft")
+# The paper's comparison: NLFT with LoRA against ReFT with full fine-tuning.
+PAPER_METHODS = ("nlft_kernels_lora", "nlft_authors_style_lora", "reft")
+ALL_METHODS = METHODS + PAPER_METHODS[:2]
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """The adapter of the paper's setting, as the authors' training scripts configure peft:
+    ``LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=["gate_proj", "down_proj",
+    "up_proj"], bias="none")`` on Llama-3-8B loaded in 8-bit (the paper: LoRA r = 16 on the
+    gate/up/down projections). lora_alpha only scales the adapter's output, so it changes no cost;
+    16 is the authors' value (and ``nlft_kernels.training.add_lora``'s default)."""
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+
+PAPER_LORA = LoRASettings()
 
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,.]+)")
 
@@ -215,6 +241,39 @@ def nlft_kernels_step(model, optimizer, inputs: StepInputs, config: NLFTConfig) 
     return step
 
 
+def add_paper_lora(model, lora: LoRASettings = PAPER_LORA):
+    """``model`` as a peft model with ``lora``'s adapters (the base weights frozen, in place)."""
+    from nlft_kernels.training import add_lora
+
+    return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora.targets))
+
+
+def row_includes(method: str, lora: LoRASettings = PAPER_LORA) -> dict:
+    """What one step of ``method`` trains and what its time and memory contain, for the results."""
+    views = {
+        "sft": "one sequence (prompt + reference response), with gradient",
+        "reft": "the sampled response, no teacher views",
+    }
+    nlft_views = {
+        "nlft_kernels": "base view with gradient; standard and judge views without gradient (nlft_step)",
+        "nlft_authors_style": "base, standard and judge views in one batch, all with gradient",
+    }
+    base = method.removesuffix("_lora")
+    trained = (
+        f"LoRA r={lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on {'/'.join(lora.targets)}; base weights frozen"
+        if method.endswith("_lora")
+        else "full fine-tuning (every weight of the model)"
+    )
+    return {
+        "trained": trained,
+        "frozen_reference": method == "reft",
+        "value_head": method == "reft",
+        "sampling": "included (one response per question, also reported apart)" if method == "reft" else "none",
+        "views": views.get(base) or nlft_views[base],
+        "lora": asdict(lora) if method.endswith("_lora") else None,
+    }
+
+
 def build_step(
     method: str,
     model,
@@ -222,8 +281,11 @@ def build_step(
     decode: Callable[[list[int]], str],
     config: NLFTConfig = NLFTConfig(),
     lr: float = 1e-6,
+    lora: LoRASettings = PAPER_LORA,
 ) -> tuple[StepFn, list[torch.nn.Module]]:
-    """(step, trained modules) of ``method``; ReFT also builds its frozen reference model and value head."""
+    """(step, trained modules) of ``method``; ReFT also builds its frozen reference model and value
+    head (the step's ``trainer`` attribute holds them); a ``*_lora`` method wraps ``model`` in
+    ``lora``'s adapters first (the trained module is then the peft model)."""
     if method == "reft":
         from benchmarks.reft import ReFTConfig, ReFTTrainer, ValueHead
 
@@ -231,7 +293,15 @@ def build_step(
         head = ValueHead(model.config.hidden_size).to(next(model.parameters()))
         optimizer = make_optimizer([*model.parameters(), *head.parameters()], lr)
         trainer = ReFTTrainer(model, head, reference, optimizer, decode, ReFTConfig())
-        return (lambda: trainer.step(inputs.prompt_ids, inputs.answers, inputs.response_ids.shape[1])), [model, head]
+
+        def reft_step() -> dict[str, float]:
+            return trainer.step(inputs.prompt_ids, inputs.answers, inputs.response_ids.shape[1])
+
+        reft_step.trainer = trainer
+        return reft_step, [model, head]
+    if method in ALL_METHODS and method.endswith("_lora"):
+        model = add_paper_lora(model, lora)
+        method = method.removesuffix("_lora")
     optimizer = make_optimizer(model.parameters(), lr)
     if method == "sft":
         return sft_step(model, optimizer, inputs), [model]
@@ -239,4 +309,4 @@ def build_step(
         return authors_style_step(model, optimizer, inputs, config), [model]
     if method == "nlft_kernels":
         return nlft_kernels_step(model, optimizer, inputs, config), [model]
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")

@@ -1,5 +1,6 @@
 """bench_train_step: every method's step on a tiny random Llama, ReFT's GAE / PPO math against
-hand-computed values, and the JSON / table / plot a run writes."""
+hand-computed values, the JSON / table / plot a run writes, and the paper's setting (NLFT with
+LoRA against ReFT's full fine-tuning with a frozen reference and a value head)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from benchmarks import bench_train_step as bts
 from benchmarks.reft import ReFTConfig, final_answer_reward, gae, kl_penalised_rewards, ppo_losses
-from benchmarks.train_methods import METHODS, build_inputs, build_step
+from benchmarks.train_methods import METHODS, PAPER_LORA, PAPER_METHODS, build_inputs, build_step
 from nlft_kernels.training.data import VIEWS
 
 PROMPT, RESPONSE, TEACHER, BATCH = 12, 6, 5, 4
@@ -216,3 +217,116 @@ def test_tokenizer_choice_and_time_budget(tmp_path):
     (row,) = payload["results"]
     assert row["status"] == "skipped" and "time budget" in row["note"]
     assert not out.with_suffix(".png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's setting: NLFT with LoRA r=16 on gate/up/down against ReFT as ReFT trains.
+
+
+@pytest.mark.parametrize("method", ["nlft_kernels_lora", "nlft_authors_style_lora"])
+def test_lora_methods_train_only_the_adapters(method, inputs):
+    model = _model()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step, (peft_model,) = build_step(method, model, inputs, bts.ByteTokenizer().decode, lr=1e-2)
+    config = peft_model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 16, 0.05)
+    assert set(config.target_modules) == {"gate_proj", "up_proj", "down_proj"}
+    trained = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    # Only adapters train, one A and one B per targeted projection of each layer, none elsewhere.
+    projections = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trained if "lora_" in n}
+    assert trained and all("lora_" in n for n in trained) and projections == set(PAPER_LORA.targets)
+    layers = bts.MODELS["tiny-llama"]["num_hidden_layers"]
+    assert len(trained) == 2 * 3 * layers
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    assert math.isfinite(step()["loss"])
+    assert all(not torch.equal(before[n], p) for n, p in trained.items() if "lora_B" in n)
+    # The base weights are the model's own, frozen and unchanged by the step.
+    for name, p in peft_model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert not p.requires_grad and torch.equal(p, base[name.replace(".base_layer", "")])
+
+
+def test_lora_steps_start_from_the_full_models_objective(inputs):
+    """LoRA starts as the identity (B = 0, so its dropout changes nothing): both NLFT methods' first
+    losses with adapters equal the full model's."""
+    decode = bts.ByteTokenizer().decode
+    full = build_step("nlft_kernels", _model(), inputs, decode)[0]()["loss"]
+    for method in ("nlft_kernels_lora", "nlft_authors_style_lora"):
+        assert build_step(method, _model(), inputs, decode)[0]()["loss"] == pytest.approx(full, rel=1e-4)
+
+
+def test_reft_has_a_frozen_reference_and_a_trained_value_head(inputs):
+    model = _model()
+    step, modules = build_step("reft", model, inputs, bts.ByteTokenizer().decode, lr=1e-2)
+    trainer = step.trainer
+    assert trainer.policy is model and modules == [model, trainer.value_head]
+    assert trainer.reference is not model and not trainer.reference.training
+    assert not any(p.requires_grad for p in trainer.reference.parameters())
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for m in modules for p in m.parameters()}  # full FT + value head, no reference
+    reference = {n: p.detach().clone() for n, p in trainer.reference.named_parameters()}
+    head = trainer.value_head.summary.weight.detach().clone()
+    step()
+    assert all(torch.equal(p, reference[n]) for n, p in trainer.reference.named_parameters())
+    assert not torch.equal(head, trainer.value_head.summary.weight)
+
+
+def test_setting_picks_methods_and_sizes():
+    paper = bts.parse_args(["--setting", "paper"])
+    assert paper.methods == list(PAPER_METHODS) and paper.preset == bts.PRESETS["paper"]
+    assert (paper.preset.prompt_tokens, paper.preset.response_tokens, paper.preset.models) == (
+        300,
+        300,
+        ("smollm2-135m",),
+    )
+    assert paper.preset.reps >= 3
+    assert bts.parse_args(["--setting", "paper", "--tiny"]).preset == bts.PRESETS["tiny"]
+    default = bts.parse_args([])
+    assert default.setting == "full-ft" and default.methods == list(METHODS) and default.preset == bts.PRESETS["full"]
+
+
+def test_paper_setting_run_writes_labelled_rows(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    out = tmp_path / "train_step_paper.json"
+    argv = ["--setting", "paper", "--tiny", "--in-process", "--data", str(data), "--out", str(out)]
+    assert bts.main([*argv, "--reps", "2"]) == out
+    payload = json.loads(out.read_text())
+    assert payload["setting"] == "paper" and payload["settings"]["lora"]["r"] == 16
+    assert payload["paper"]["reduction_vs_reft"] == bts.PAPER_REDUCTION_VS_REFT
+    assert "8-bit" in payload["paper"]["regime"] and "several GPUs" in payload["paper"]["regime"]
+    rows = {r["method"]: r for r in payload["results"]}
+    assert list(rows) == list(PAPER_METHODS)
+    for method in ("nlft_kernels_lora", "nlft_authors_style_lora"):
+        row = rows[method]
+        assert row["status"] == "ok" and row["finite"] and row["reps"] == 2
+        assert row["steady_min_ms"] <= row["steady_ms"] <= row["steady_max_ms"]
+        # LoRA only: the trained weights are exactly the adapters, a small part of the model.
+        assert 0 < row["trained_parameters"] == row["lora_parameters"] < row["parameters"] / 2
+        assert row["includes"]["trained"].startswith("LoRA r=16")
+        assert row["includes"]["sampling"] == "none"
+        assert not row["includes"]["frozen_reference"] and not row["includes"]["value_head"]
+        assert "reference_parameters" not in row and row["peak_bytes"] >= 0
+    reft = rows["reft"]
+    hidden = bts.MODELS["tiny-llama"]["hidden_size"]
+    assert reft["status"] == "ok" and reft["lora_parameters"] == 0
+    assert reft["includes"]["frozen_reference"] and reft["includes"]["value_head"]
+    assert reft["includes"]["trained"].startswith("full fine-tuning")
+    assert reft["includes"]["sampling"].startswith("included") and reft["sampling_ms"] > 0
+    # A frozen copy of the policy, and a value head trained with every weight of the policy.
+    assert reft["reference_parameters"] == reft["parameters"] and reft["reference_trained_parameters"] == 0
+    assert reft["value_head_parameters"] == hidden + 1
+    assert reft["trained_parameters"] == reft["parameters"] + hidden + 1
+    pairs = [(r["ours"], r["against"]) for r in payload["reductions"]]
+    assert pairs == [
+        ("nlft_kernels_lora", "reft"),
+        ("nlft_authors_style_lora", "reft"),
+        ("nlft_kernels_lora", "nlft_authors_style_lora"),
+    ]
+    assert [("paper" in r) for r in payload["reductions"]] == [True, True, False]
+    table = out.with_suffix(".md").read_text()
+    assert table == bts.paper_markdown_table(payload) + "\n"
+    assert "| tiny-llama | nlft_kernels_lora | LoRA r=16 | no | no | none |" in table
+    assert "| tiny-llama | reft | full FT | yes | yes | included |" in table
+    assert table.count("78.27% time, 92.24% memory") == 2
+    assert out.with_suffix(".png").stat().st_size > 0
