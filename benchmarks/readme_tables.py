@@ -74,38 +74,87 @@ def train_step_summary(payload: dict) -> str:
     return "\n".join(lines)
 
 
-# (title, file pattern in benchmarks/results, table of one payload)
-SECTIONS: tuple[tuple[str, str, Callable[[dict], str]], ...] = (
+def paper_setting_summary(payload: dict) -> str:
+    """bench_train_step --setting paper: the paper's figures beside ours, with what makes them differ."""
+    paper = payload["paper"]["reduction_vs_reft"]
+    s = payload["settings"]
+    models = ", ".join(m["model"] for m in payload["models"])
+    lines = [
+        f"The paper's figures, {100 * paper['time']:.2f}% less time and {100 * paper['memory']:.2f}% less memory "
+        f"for NLFT than for ReFT, are for {payload['paper']['regime']}. Here: {models} in {s['dtype']} (base "
+        f"weights too) on {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads), prompt "
+        f"{s['prompt_tokens']} + response {s['response_tokens']} tokens, so the figures are not directly comparable.",
+        "",
+    ]
+    for red in payload.get("reductions", []):
+        if "time" not in red or "memory" not in red:
+            continue
+        line = (
+            f"- {red['model']}: {red.get('ours', 'nlft_kernels')} against {red['against']}: "
+            f"{_less_or_more(red['time'])} time per sample and {_less_or_more(red['memory'])} peak memory"
+        )
+        if red["against"] == "reft":
+            line += f" (the paper: {100 * paper['time']:.2f}% less time, {100 * paper['memory']:.2f}% less memory)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _less_or_more(reduction: float) -> str:
+    """1 - ours / theirs in words: "12.3% less", or "4.5% more" when ours is larger."""
+    return f"{100 * reduction:.1f}% less" if reduction >= 0 else f"{-100 * reduction:.1f}% more"
+
+
+def _setting(payload: dict) -> str:
+    return payload.get("setting", "full-ft")
+
+
+# (title, file pattern in benchmarks/results, table of one payload, which payloads of the pattern)
+SECTIONS: tuple[tuple[str, str, Callable[[dict], str], Callable[[dict], bool] | None], ...] = (
     (
         "One training step: SFT, the authors' NLFT, NLFT with nlft_kernels, ReFT",
         "train_step_*.json",
         lambda p: train_step_summary(p) + "\n\n" + bench_train_step.markdown_table(p),
+        lambda p: _setting(p) == "full-ft",
+    ),
+    (
+        "One training step in the paper's setting: NLFT with LoRA r=16 against ReFT with full fine-tuning",
+        "train_step_paper_*.json",
+        lambda p: paper_setting_summary(p) + "\n\n" + bench_train_step.paper_markdown_table(p),
+        lambda p: _setting(p) == "paper",
     ),
     (
         "The fused loss (forward + backward) against the authors'-style loss, the reference (eager and "
         "torch.compile), one cross-entropy and three Liger cross-entropies; baselines as multiples of ours",
         "bench_loss-*.json",
         loss_table,
+        None,
     ),
     (
         "The compiled row kernels: C++ (CPU) or CUDA against the chunked torch path / Triton and one cross-entropy",
         "cpu_kernel_*.json",
         bench_cpu_kernel.markdown_table,
+        None,
     ),
     (
         "Never materialise the logits: nlft_linear_loss against materialised logits + nlft_loss, Liger's fused "
         "linear cross-entropy and Cut Cross-Entropy (once per view), with the matmul + copy floor",
         "linear_loss_*.json",
         bench_linear_loss.markdown_table,
+        None,
     ),
 )
 
 
-def newest_per_device(pattern: str, results: Path) -> list[tuple[Path, dict]]:
-    """The newest result (by its ``date``) of each device for ``pattern``; GPUs first."""
+def newest_per_device(
+    pattern: str, results: Path, keep: Callable[[dict], bool] | None = None
+) -> list[tuple[Path, dict]]:
+    """The newest result (by its ``date``) of each device for ``pattern`` among those ``keep``
+    accepts (all without it); GPUs first."""
     newest: dict[str, tuple[Path, dict]] = {}
     for path in sorted(results.glob(pattern)):
         payload = json.loads(path.read_text())
+        if keep is not None and not keep(payload):
+            continue
         key = payload["device_slug"]
         if key not in newest or payload["date"] > newest[key][1]["date"]:
             newest[key] = (path, payload)
@@ -115,8 +164,8 @@ def newest_per_device(pattern: str, results: Path) -> list[tuple[Path, dict]]:
 def render(results: Path = _util.RESULTS_DIR) -> str:
     """The generated part of the README (between START and END)."""
     parts = []
-    for title, pattern, table in SECTIONS:
-        found = newest_per_device(pattern, results)
+    for title, pattern, table, keep in SECTIONS:
+        found = newest_per_device(pattern, results, keep)
         if not found:
             continue
         parts.append(f"### {title}\n")

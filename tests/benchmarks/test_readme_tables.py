@@ -51,3 +51,49 @@ def test_rewrite_needs_the_markers():
     assert readme_tables.rewrite(text, "new") == f"intro\n{readme_tables.START}\nnew\n{readme_tables.END}\nrest\n"
     with pytest.raises(ValueError, match="markers"):
         readme_tables.rewrite("no markers", "new")
+
+
+def test_train_step_settings_get_their_own_sections(tmp_path):
+    """A --setting paper result (train_step_paper_*.json also matches train_step_*.json) renders only
+    in its own section, with the paper's figures and regime beside ours, and never replaces the
+    full-fine-tuning table."""
+
+    def write(name: str, date: str, setting: str | None) -> None:
+        payload = {"device_slug": "cpu-x", "device_type": "cpu", "date": date, "results": []}
+        (tmp_path / name).write_text(json.dumps(payload | ({"setting": setting} if setting else {})))
+
+    write("train_step_cpu-x_2026-01-01.json", "2026-01-01T00:00:00", None)
+    write("train_step_paper_cpu-x_2026-02-01.json", "2026-02-01T00:00:00", "paper")
+    (full, _, _, keep_full), (paper, pattern, _, keep_paper) = readme_tables.SECTIONS[:2]
+    assert "paper" not in full and "paper's setting" in paper
+    found = readme_tables.newest_per_device("train_step_*.json", tmp_path, keep_full)
+    assert [p.name for p, _ in found] == ["train_step_cpu-x_2026-01-01.json"]
+    found = readme_tables.newest_per_device(pattern, tmp_path, keep_paper)
+    assert [p.name for p, _ in found] == ["train_step_paper_cpu-x_2026-02-01.json"]
+
+    payload = {
+        "device": "AMD EPYC",
+        "device_type": "cpu",
+        "cpu_threads": 2,
+        "models": [{"model": "smollm2-135m"}],
+        "settings": {"dtype": "float32", "prompt_tokens": 300, "response_tokens": 300},
+        "paper": {"reduction_vs_reft": {"time": 0.7827, "memory": 0.9224}, "regime": "Llama-3-8B, 8-bit"},
+        "reductions": [
+            {"model": "smollm2-135m", "ours": "nlft_kernels_lora", "against": "reft", "time": 0.5, "memory": 0.25},
+            {
+                "model": "smollm2-135m",
+                "ours": "nlft_authors_style_lora",
+                "against": "reft",
+                "time": 0.1,
+                "memory": -0.5,
+            },
+        ],
+    }
+    text = readme_tables.paper_setting_summary(payload)
+    assert "78.27% less time and 92.24% less memory for NLFT than for ReFT, are for Llama-3-8B, 8-bit." in text
+    assert "not directly comparable" in text and "smollm2-135m in float32" in text
+    assert (
+        "- smollm2-135m: nlft_kernels_lora against reft: 50.0% less time per sample and 25.0% less peak memory "
+        "(the paper: 78.27% less time, 92.24% less memory)" in text
+    )
+    assert "10.0% less time per sample and 50.0% more peak memory" in text
