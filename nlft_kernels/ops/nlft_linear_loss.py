@@ -60,15 +60,20 @@ from nlft_kernels.ops.token_logprobs import acc_dtype, token_logprobs
 
 # Chunk budget: the chunk's logits and gradient (float32, float64 for float64 inputs) plus two
 # float32 [c, V] temporaries of the loss pass. A chunk may take this share of free memory, capped so that
-# a GPU chunk stays large enough for full-speed matmuls without hoarding memory. On the CPU
-# the cap trades the chunk's memory against speed: thin chunks slow the logits matmul, and
-# every chunk reads and writes the whole float32 [V, D] weight-gradient accumulator. At
-# N=1024, D=256, V=32000 (float32, one thread, CPU time) 128 rows per chunk (this cap) took
-# about the time of 256 rows (the former 128 MiB cap) with 31 MiB less at the peak (63 MiB,
-# torch's chunked linear_cross_entropy: 64 MiB); 64 rows took about 1.4x, 32 rows 1.8x.
+# a GPU chunk stays large enough for full-speed matmuls without hoarding memory, and a CPU
+# chunk stays near the cache-friendly size of the torch loss pass.
 _FREE_SHARE = 4
 _MAX_CHUNK_BYTES = {"cuda": 1 << 30}
-_MAX_CHUNK_BYTES_OTHER = 64 << 20
+_MAX_CHUNK_BYTES_OTHER = 128 << 20
+# Off CUDA, a chunk's logits and gradient together stay within the size of the weight
+# gradient (ACC [V, D]): at most D / 2 rows, so that the extra memory is at most about twice
+# that gradient, as in torch's chunked linear_cross_entropy. It binds only for narrow heads
+# (D / 2 below the byte cap's rows): at N=1024, D=256 (float32, 2 cores) it meets torch's
+# chunked peak at V = 4096 / 16384 / 32000 (9 / 33 / 63 MiB against 10 / 34 / 64; the byte cap
+# alone: 36 / 81 / 94), for about 1.6x / 1x / 1.1x the time at one thread (CPU time on a
+# loaded machine): thinner chunks mean more per-sample groups, each paying the cluster walk.
+# Thinner still costs more: 64 rows took about 1.4x and 32 rows 1.8x at V = 32000.
+_CPU_ROWS_PER_DIM = 0.5
 _MIN_CHUNK_ROWS = 16
 _DEFAULT_CONFIG = NLFTConfig()
 # Device types on which, with saliency clusters, the second stage runs once over all rows (see
@@ -93,14 +98,20 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def chunk_rows_for(n_rows: int, vocab: int, elem_size: int, device: torch.device, free: int | None = None) -> int:
+def chunk_rows_for(
+    n_rows: int, vocab: int, elem_size: int, device: torch.device, free: int | None = None, dim: int | None = None
+) -> int:
     """Rows per chunk for ``n_rows`` rows over a vocabulary of ``vocab`` in ``elem_size``-byte
-    logits: as many as fit the chunk budget (see ``_MAX_CHUNK_BYTES``), a multiple of
-    ``_ROW_MULTIPLE`` when that many fit, then balanced so that the last chunk is not a sliver."""
+    logits and hidden size ``dim``: as many as fit the chunk budget (see ``_MAX_CHUNK_BYTES``)
+    and, off CUDA, at most ``dim / 2`` (``_CPU_ROWS_PER_DIM``), a multiple of ``_ROW_MULTIPLE``
+    when that many fit, then balanced so that the last chunk is not a sliver."""
     per_row = vocab * (2 * elem_size + 2 * 4)
     free = free_memory(device) if free is None else free
     budget = min(_MAX_CHUNK_BYTES.get(device.type, _MAX_CHUNK_BYTES_OTHER), free // _FREE_SHARE)
-    rows = max(_MIN_CHUNK_ROWS, budget // per_row)
+    rows = budget // per_row
+    if dim is not None and device.type not in _MAX_CHUNK_BYTES:
+        rows = min(rows, int(dim * _CPU_ROWS_PER_DIM))
+    rows = max(_MIN_CHUNK_ROWS, rows)
     if rows > _ROW_MULTIPLE:
         rows -= rows % _ROW_MULTIPLE
     rows = min(rows, n_rows)
@@ -542,8 +553,9 @@ def nlft_linear_loss(
       as in :func:`nlft_loss`; pass the teacher views as [B, T] label log-probs
       (:func:`linear_token_logprobs`) to keep their logits out of memory too.
     chunk_size: rows per chunk; default from N, V and free memory (:func:`chunk_rows_for`):
-      as many rows as fit in min(1 GiB on CUDA or 64 MiB elsewhere, free memory / 4), a
-      multiple of 64 when more than 64 fit, balanced so the last chunk is not a sliver. Peak
+      as many rows as fit in min(1 GiB on CUDA or 128 MiB elsewhere, free memory / 4), and
+      off CUDA at most D / 2, a multiple of 64 when more than 64 fit, balanced so the last
+      chunk is not a sliver. Peak
       extra memory is about ``chunk_size * V * 16`` bytes (float32 logits and gradient, and two
       float32 temporaries) plus the gradients (hidden [N, D]; weight [V, D] and bias
       accumulated in float32 in place, then cast to their dtype); 16-bit inputs on a device
@@ -580,7 +592,9 @@ def nlft_linear_loss(
         wrong=wrong_rows & valid if judge is not None else torch.zeros_like(valid),
         scale=row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc),
     )
-    rows = chunk_size or chunk_rows_for(flat_labels.numel(), weight.shape[0], _acc_size(weight), hidden.device)
+    rows = chunk_size or chunk_rows_for(
+        flat_labels.numel(), weight.shape[0], _acc_size(weight), hidden.device, dim=weight.shape[1]
+    )
     loss, *details = NLFTLinearLossFunction.apply(
         _flat(hidden),
         weight,
@@ -631,7 +645,7 @@ def linear_token_logprobs(
     backend = resolve_backend(backend, hidden.device)
     flat, flat_labels = _flat(hidden), labels.reshape(-1)
     n = flat_labels.numel()
-    rows = chunk_size or chunk_rows_for(n, weight.shape[0], _acc_size(weight), hidden.device)
+    rows = chunk_size or chunk_rows_for(n, weight.shape[0], _acc_size(weight), hidden.device, dim=weight.shape[1])
     out = torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         head = _Head.of(weight, bias)

@@ -656,16 +656,22 @@ def test_chunk_size_choice():
     cpu = torch.device("cpu")
     # Enough memory: the byte cap decides, and the rows split into balanced chunks.
     rows = chunk_rows_for(100_000, 128_256, 2, cpu, free=64 << 30)
-    assert rows * 128_256 * (2 * 2 + 8) <= (64 << 20) * 1.1 and rows >= 16
+    assert rows * 128_256 * (2 * 2 + 8) <= (128 << 20) * 1.1 and rows >= 16
     chunks = math.ceil(100_000 / rows)
     assert chunks * rows - 100_000 < rows
     # Little free memory: the chunk shrinks with it (down to a floor), never past N.
     assert chunk_rows_for(100_000, 128_256, 2, cpu, free=128 << 20) < rows
     assert chunk_rows_for(100_000, 128_256, 2, cpu, free=0) == 16
     assert chunk_rows_for(10, 32_000, 4, cpu, free=64 << 30) == 10
-    # The CPU cap (the weight gradient's traffic against the chunk's memory, see _MAX_CHUNK_BYTES):
-    # 128 rows of float32 logits at V = 32000.
-    assert chunk_rows_for(1024, 32_000, 4, cpu, free=64 << 30) == 128
+    # Off CUDA a narrow head (D = 256) caps the chunk at D / 2 rows, whatever V; a real head
+    # (SmolLM2's D = 576, V = 49152) is held by the byte cap alone, and CUDA by its own cap.
+    assert chunk_rows_for(1024, 32_000, 4, cpu, free=64 << 30) == 256
+    assert chunk_rows_for(1024, 32_000, 4, cpu, free=64 << 30, dim=256) == 128
+    assert chunk_rows_for(1024, 4096, 4, cpu, free=64 << 30, dim=256) == 128
+    assert chunk_rows_for(4096, 49_152, 4, cpu, free=64 << 30, dim=576) == chunk_rows_for(
+        4096, 49_152, 4, cpu, free=64 << 30
+    )
+    assert chunk_rows_for(1024, 32_000, 4, torch.device("cuda"), free=64 << 30, dim=256) == 1024
     # A larger vocabulary gets fewer rows per chunk.
     assert chunk_rows_for(100_000, 151_936, 2, cpu, free=64 << 30) < chunk_rows_for(
         100_000, 32_000, 2, cpu, free=64 << 30
