@@ -301,6 +301,7 @@ def test_paper_setting_run_writes_labelled_rows(tmp_path):
         row = rows[method]
         assert row["status"] == "ok" and row["finite"] and row["reps"] == 2
         assert row["steady_min_ms"] <= row["steady_ms"] <= row["steady_max_ms"]
+        assert len(row["step_ms"]) == 3 and max(row["step_ms"][1:]) == row["steady_max_ms"]  # 1 warm-up + 2
         # LoRA only: the trained weights are exactly the adapters, a small part of the model.
         assert 0 < row["trained_parameters"] == row["lora_parameters"] < row["parameters"] / 2
         assert row["includes"]["trained"].startswith("LoRA r=16")
