@@ -134,6 +134,17 @@ def test_tiny_study_end_to_end_and_resume(study_inputs, tmp_path):
     for key in set(runs) - set(kept):
         assert resumed["runs"][key]["losses"] == pytest.approx(runs[key]["losses"], rel=1e-5)
 
+    # Resumed with fewer training-set sizes than planned: the larger one is dropped and said so.
+    small = settings.n[0]
+    fewer = ba.main([*argv, "--resume", "--n", str(small)])
+    assert set(fewer["runs"]) == {"base", f"sft_n{small}", f"nlft_n{small}"}
+    assert fewer["runs"][f"nlft_n{small}"]["eval_seconds"] == resumed["runs"][f"nlft_n{small}"]["eval_seconds"]
+    assert {c["n"] for c in fewer["comparisons"]} == {small} and fewer["settings"]["n"] == [small]
+    assert any("not run" in note for note in fewer["notes"]) and "--n" in fewer["resumed_command"]
+    assert fewer["train_indices"] == payload["train_indices"]  # the planned run's subsets
+    with pytest.raises(SystemExit, match="other settings"):  # a size never planned cannot be resumed
+        ba.main([*argv, "--resume", "--n", "3"])
+
 
 def test_resume_refuses_other_settings(study_inputs, tmp_path):
     out = tmp_path / "accuracy.json"
