@@ -67,7 +67,8 @@ from nlft_kernels import NLFTConfig
 PAPER_REDUCTION_VS_REFT = {"time": 0.7827, "memory": 0.9224}
 
 # Random-weight models with real architectures (config only; weights drawn at the start of each
-# probe). Shapes: Meta's published Llama-3-8B and Llama-3.2-1B configurations.
+# probe). Shapes: Meta's published Llama-3-8B (4 of its 32 layers: its 128k vocabulary then holds
+# about half the parameters) and Llama-3.2-1B (all of it) configurations.
 LLAMA3 = {
     "vocab_size": 128256,
     "num_attention_heads": 32,
@@ -82,8 +83,24 @@ MODELS: dict[str, dict | None] = {
     "smollm2-135m": None,  # the embedded SmolLM2-135M-Instruct (pretrained weights)
     "llama3-8b-4layers": LLAMA3
     | {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4, "tie_word_embeddings": False},
+    # The full small model beside it: every layer of Meta's Llama-3.2-1B (16 layers, 2048 wide, 64-dim heads,
+    # its 128,256-token vocabulary tied to the embeddings, 131,072 positions with llama3 RoPE scaling).
     "llama3.2-1b": LLAMA3
-    | {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "tie_word_embeddings": True},
+    | {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
     "tiny-llama": {
         "vocab_size": 512,
         "hidden_size": 32,
