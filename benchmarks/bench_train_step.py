@@ -132,12 +132,15 @@ PRESETS = {
     # The paper's data: prompts and responses of ~300 tokens; the teacher views add the standard
     # answer or the judgment (~300 more).
     "full": Preset(("llama3-8b-4layers", "llama3.2-1b"), 8, 300, 300, 300, 2, 5),
-    # CPU: 5 timed steps after 1 warm-up. ReFT samples up to its cap of 700 tokens: SmolLM2 without
-    # ReFT's SFT warm-up rarely emits EOS on ReFT's prompt, so most responses run to the cap.
-    "quick": Preset(("smollm2-135m",), 2, 64, 64, 64, 1, 5, 700, 300),
+    # CPU presets: 5 timed steps after 1 warm-up, and ReFT's cap lowered from its 700 tokens (prompt
+    # included) to its ~60-token prompt plus about the NLFT rows' response length and a third more:
+    # SmolLM2 without ReFT's SFT warm-up rarely emits EOS on ReFT's prompt, so at 700 its ~640 sampled
+    # tokens per response would make the run (ReFT's rows and the *_gen_judge rows) take ~32 min (quick)
+    # and ~42 min (paper) instead of ~13 and ~31 on 2 cores; --reft-max-length 700 restores ReFT's cap.
+    "quick": Preset(("smollm2-135m",), 2, 64, 64, 64, 1, 5, 192, 300),
     "tiny": Preset(("tiny-llama",), 2, 16, 8, 8, 1, 1, 40, 24),
-    # --setting paper: the paper's lengths on the CPU's model, 5 timed steps after 1 warm-up.
-    "paper": Preset(("smollm2-135m",), 2, 300, 300, 300, 1, 5, 700, 300),
+    # --setting paper: the paper's lengths on the CPU's model (NLFT responses of 300 tokens).
+    "paper": Preset(("smollm2-135m",), 2, 300, 300, 300, 1, 5, 400, 300),
 }
 
 # What each setting runs.
@@ -550,47 +553,53 @@ def reductions(rows: list[dict], comparisons: tuple[Comparison, ...] = COMPARISO
 
 
 def estimate_wall_s(preset: Preset, methods: list[str], device: str) -> float | None:
-    """Rough wall time of a CPU run of ``preset`` (2 cores, the embedded SmolLM2), from the step times
-    measured on the project's 2-core EPYC; None where none was measured (GPU, other models)."""
+    """Rough wall time of a CPU run of ``preset`` (2 cores, the embedded SmolLM2), from step times
+    measured on the project's 2-core EPYC at load ~1 (``CPU_SECONDS``); None on a GPU or for other
+    models. Assumes ReFT's responses run to the cap (SmolLM2 rarely stops earlier on ReFT's prompt)."""
     if device != "cpu" or preset.models != ("smollm2-135m",):
         return None
-    key = "quick" if preset.prompt_tokens <= 64 else "paper" if preset.prompt_tokens <= 300 else None
-    if key is None:
-        return None
+    c = CPU_SECONDS
+    tokens = preset.prompt_tokens + preset.response_tokens  # the NLFT / SFT base sequence
+    scale = tokens / 128  # the committed quick run's steps were measured at 64 + 64 tokens
+    sampled = preset.reft_max_length - c["reft_prompt_tokens"]
+    generation = c["sample_s_per_token"] * sampled * preset.batch_size / 2
+    # ReFT: two no-grad forwards and two forward+backward+AdamW passes over prompt + sampled tokens.
+    reft_train = (preset.reft_max_length / 128) * (2 * c["forward_s"] + 2 * c["forward_backward_s"]) + 2 * c["adamw_s"]
+    step = {
+        "sft": c["sft_s"] * scale,
+        "nlft_authors_style": c["authors_s"] * scale * 1.7,  # three views, the teacher ones longer
+        "nlft_kernels": c["kernels_s"] * scale,
+        "reft_no_sampling": reft_train,
+        "reft": reft_train + generation,
+    }
+    step["nlft_authors_style_lora"] = step["nlft_authors_style"] * c["lora_factor"]
+    step["nlft_kernels_lora"] = step["nlft_kernels"] * c["lora_factor"]
     total = 0.0
     for method in methods:
-        step = CPU_STEP_S[key].get(method)
-        if step is None:
+        base = method.removesuffix("_gen_judge")
+        if base not in step:
             return None
-        # Two probes (time, memory), each loading the model (~15 s; reft deep-copies it) and running
-        # warmup + reps and warmup + 1 calls.
-        calls = 2 * preset.warmup + preset.reps + 1
-        total += 2 * 15 + step * calls
+        seconds = step[base] + (generation if method.endswith("_gen_judge") else 0.0)
+        # Two probes (time, memory), each loading the model (~15 s), with warmup + reps and warmup + 1 calls.
+        total += 2 * c["load_s"] + seconds * (2 * preset.warmup + preset.reps + 1)
     return total
 
 
-# Seconds per step on the 2-core AMD EPYC (load about 1-2), the basis of estimate_wall_s: the NLFT steps from
-# the committed runs (quick) and the paper-setting progress times; generation of up to 700 tokens with
-# the prompt (~640 sampled) for 2 questions ~ GEN_S.
-GEN_S = {"quick": 40.0, "paper": 40.0}
-CPU_STEP_S = {
-    "quick": {
-        "sft": 2.3,
-        "nlft_authors_style": 6.8,
-        "nlft_kernels": 2.1,
-        "nlft_authors_style_gen_judge": 6.8 + GEN_S["quick"],
-        "nlft_kernels_gen_judge": 2.1 + GEN_S["quick"],
-        "reft_no_sampling": 25.0,
-        "reft": 25.0 + GEN_S["quick"],
-    },
-    "paper": {
-        "nlft_authors_style_lora": 55.0,
-        "nlft_kernels_lora": 12.0,
-        "nlft_authors_style_lora_gen_judge": 55.0 + GEN_S["paper"],
-        "nlft_kernels_lora_gen_judge": 12.0 + GEN_S["paper"],
-        "reft_no_sampling": 25.0,
-        "reft": 25.0 + GEN_S["paper"],
-    },
+# Seconds on the project's 2-core AMD EPYC at load ~1, batch 2: the committed quick run (64 + 64 tokens:
+# sft 2.3 s, authors'-style 6.8 s, nlft_kernels 2.1 s per step; ReFT's sampling 3.9 s for 64 tokens),
+# the paper preset's authors'-style LoRA step (~55 s at 300 + 300 tokens), and per-128-token pass times
+# derived from them.
+CPU_SECONDS = {
+    "sft_s": 2.3,
+    "authors_s": 6.8,
+    "kernels_s": 2.1,
+    "lora_factor": 0.9,  # LoRA saves the full AdamW step but keeps every activation
+    "sample_s_per_token": 0.07,  # batch 2, KV cache up to 700 tokens
+    "forward_s": 0.6,  # per 128 tokens, batch 2
+    "forward_backward_s": 1.8,
+    "adamw_s": 0.5,
+    "reft_prompt_tokens": 60,  # ReFT's prompt on GSM8K with SmolLM2's tokenizer, left-padded
+    "load_s": 15.0,
 }
 
 
@@ -691,7 +700,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "reft_max_length_note": (
                 "ReFT's own cap (max_gen_length=700, prompt included)"
                 if preset.reft_max_length == 700
-                else f"lowered from ReFT's 700 to {preset.reft_max_length} for this preset's time on the device"
+                else f"lowered from ReFT's 700 to {preset.reft_max_length} (prompt included) for this preset's time "
+                "on the device: about ReFT's prompt plus the NLFT rows' response length and a third; SmolLM2, "
+                "without ReFT's SFT warm-up, rarely stops at EOS earlier, so at 700 most responses would be ~640 "
+                "tokens (--reft-max-length 700 runs ReFT's own cap)"
             ),
             "reft_sources": {"repository": REFT_REPOSITORY} | REFT_SOURCES,
             "judge": args.judge or "builtin",
