@@ -226,8 +226,9 @@ METHOD_NOTES = {
         "one call = one optimizer step of the method on the batch: zero_grad, forward(s), backward, "
         "AdamW step; for reft one PPO iteration as ReFT's train_rl_reft.py runs it: sampling one chain of "
         "thought per question, reward, old-policy and reference forwards, GAE, global advantage whitening, "
-        "2 PPO epochs each with one mini-batch (ReFT's mini_batch_size 4 >= the batch), gradient clipping 1.0 "
-        "and its own AdamW step; reft_no_sampling: the same on responses sampled once before the timed calls; "
+        "2 PPO epochs over mini-batches of ReFT's 4 questions (one per epoch at a batch of 4 or fewer), each "
+        "with gradient clipping 1.0 and its own AdamW step; reft_no_sampling: the same on responses sampled once "
+        "before the timed calls; "
         "*_gen_judge: one generation pass (ReFT's sampler, same cap) and one judging pass before the NLFT step"
     ),
     "timing": (
