@@ -779,7 +779,9 @@ def _load_cell(row: dict) -> str:
 def _reft_words(settings: dict) -> str:
     if "reft_max_length" not in settings:  # results written before issue 16
         return "ReFT on the NLFT base prompt with a forced response length (written before issue 16)"
-    return f"ReFT: its own prompt, sampling to EOS or {settings['reft_max_length']} tokens with the prompt"
+    cap = settings["reft_max_length"]
+    lowered = "" if cap == 700 else " (ReFT's own cap is 700; lowered for this preset's time, see the JSON)"
+    return f"ReFT: its own prompt, sampling to EOS or {cap} tokens with the prompt{lowered}"
 
 
 def markdown_table(payload: dict) -> str:
