@@ -113,8 +113,6 @@ class ReFTConfig:
     def __post_init__(self) -> None:
         if self.adv_whitening not in ("global", "local", "none"):
             raise ValueError(f"adv_whitening must be global, local or none, got {self.adv_whitening!r}")
-        if self.max_input_length >= self.max_length:
-            raise ValueError("max_input_length must leave room for a response below max_length")
 
 
 class ValueHead(nn.Module):
