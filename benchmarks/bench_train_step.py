@@ -134,9 +134,10 @@ PRESETS = {
     "full": Preset(("llama3-8b-4layers", "llama3.2-1b"), 8, 300, 300, 300, 2, 5),
     # CPU presets: 5 timed steps after 1 warm-up, and ReFT's cap lowered from its 700 tokens (prompt
     # included) to its ~60-token prompt plus about the NLFT rows' response length and a third more:
-    # SmolLM2 without ReFT's SFT warm-up rarely emits EOS on ReFT's prompt, so at 700 its ~640 sampled
-    # tokens per response would make the run (ReFT's rows and the *_gen_judge rows) take ~32 min (quick)
-    # and ~42 min (paper) instead of ~13 and ~31 on 2 cores; --reft-max-length 700 restores ReFT's cap.
+    # SmolLM2 has had no ReFT SFT warm-up teaching it to stop after its answer, and responses that run
+    # to a cap of 700 (~640 sampled tokens) would make the run (ReFT's rows and the *_gen_judge rows)
+    # take up to ~32 min (quick) and ~42 min (paper) instead of ~13 and ~32 on 2 cores (estimate_wall_s);
+    # each row's generated_tokens shows how many were sampled. --reft-max-length 700: ReFT's own cap.
     "quick": Preset(("smollm2-135m",), 2, 64, 64, 64, 1, 5, 192, 300),
     "tiny": Preset(("tiny-llama",), 2, 16, 8, 8, 1, 1, 40, 24),
     # --setting paper: the paper's lengths on the CPU's model (NLFT responses of 300 tokens).
@@ -556,7 +557,7 @@ def reductions(rows: list[dict], comparisons: tuple[Comparison, ...] = COMPARISO
 def estimate_wall_s(preset: Preset, methods: list[str], device: str) -> float | None:
     """Rough wall time of a CPU run of ``preset`` (2 cores, the embedded SmolLM2), from step times
     measured on the project's 2-core EPYC at load ~1 (``CPU_SECONDS``); None on a GPU or for other
-    models. Assumes ReFT's responses run to the cap (SmolLM2 rarely stops earlier on ReFT's prompt)."""
+    models. Assumes every sampled response runs to the cap (an upper bound where SmolLM2 stops at EOS)."""
     if device != "cpu" or preset.models != ("smollm2-135m",):
         return None
     c = CPU_SECONDS
@@ -702,9 +703,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 "ReFT's own cap (max_gen_length=700, prompt included)"
                 if preset.reft_max_length == 700
                 else f"lowered from ReFT's 700 to {preset.reft_max_length} (prompt included) for this preset's time "
-                "on the device: about ReFT's prompt plus the NLFT rows' response length and a third; SmolLM2, "
-                "without ReFT's SFT warm-up, rarely stops at EOS earlier, so at 700 most responses would be ~640 "
-                "tokens (--reft-max-length 700 runs ReFT's own cap)"
+                "on the device: about ReFT's prompt plus the NLFT rows' response length and a third; SmolLM2 had "
+                "no ReFT SFT warm-up teaching it to stop after its answer, and responses that run to 700 would "
+                "be ~640 tokens (generated_tokens per row shows the sampled length; --reft-max-length 700 runs "
+                "ReFT's own cap)"
             ),
             "reft_sources": {"repository": REFT_REPOSITORY} | REFT_SOURCES,
             "judge": args.judge or "builtin",
