@@ -7,7 +7,14 @@ same GSM8K questions and the same token counts, reporting time per sample and pe
   nlft_authors_style  NLFT as the authors' code runs it (three views in one batch, all with
                       gradient, float32 softmaxes over the vocabulary, Python cluster loop)
   nlft_kernels        NLFT with nlft_kernels (``nlft_kernels.training.nlft_step``)
-  reft                ReFT's PPO iteration (sampling counted in, and reported apart)
+  *_gen_judge         the NLFT step plus one generation pass and one judging pass per sample
+  reft                ReFT's PPO iteration as its code runs (its prompt, EOS-terminated sampling
+                      capped at 700 tokens, clipping 1.0, global whitening; sampling reported apart)
+  reft_no_sampling    the same iteration on responses sampled before the timed steps
+
+Three labelled comparisons (``COMPARISONS``): *method* (authors'-style NLFT against ReFT),
+*method + kernels* (NLFT with nlft_kernels against ReFT), each once for the training step alone
+and once with every cost counted, and *kernels alone* (nlft_kernels against the authors' NLFT).
 
 ``--setting paper``: the comparison the NLFT paper made, NLFT with LoRA r=16 on the gate/up/down
 projections (``nlft_kernels_lora``, ``nlft_authors_style_lora``) against ReFT as ReFT trains
@@ -43,7 +50,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import _util
-from benchmarks.reft import ReFTConfig
+from benchmarks.reft import REFT_REPOSITORY, REFT_SOURCES, ReFTConfig
 from benchmarks.train_methods import (
     ALL_METHODS,
     METHODS,
@@ -60,7 +67,8 @@ from nlft_kernels import NLFTConfig
 PAPER_REDUCTION_VS_REFT = {"time": 0.7827, "memory": 0.9224}
 
 # Random-weight models with real architectures (config only; weights drawn at the start of each
-# probe). Shapes: Meta's published Llama-3-8B and Llama-3.2-1B configurations.
+# probe). Shapes: Meta's published Llama-3-8B (4 of its 32 layers: its 128k vocabulary then holds
+# about half the parameters) and Llama-3.2-1B (all of it) configurations.
 LLAMA3 = {
     "vocab_size": 128256,
     "num_attention_heads": 32,
@@ -75,8 +83,24 @@ MODELS: dict[str, dict | None] = {
     "smollm2-135m": None,  # the embedded SmolLM2-135M-Instruct (pretrained weights)
     "llama3-8b-4layers": LLAMA3
     | {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4, "tie_word_embeddings": False},
+    # The full small model beside it: every layer of Meta's Llama-3.2-1B (16 layers, 2048 wide, 64-dim heads,
+    # its 128,256-token vocabulary tied to the embeddings, 131,072 positions with llama3 RoPE scaling).
     "llama3.2-1b": LLAMA3
-    | {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "tie_word_embeddings": True},
+    | {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
     "tiny-llama": {
         "vocab_size": 512,
         "hidden_size": 32,
@@ -98,31 +122,99 @@ class Preset:
     teacher_tokens: int
     warmup: int
     reps: int
+    # ReFT's sampling cap (prompt + sampled tokens; its max_gen_length, 700) and prompt cut
+    # (max_input_length, 300); the NLFT rows' generation pass uses the same cap.
+    reft_max_length: int = 700
+    reft_max_input_length: int = 300
 
 
 PRESETS = {
     # The paper's data: prompts and responses of ~300 tokens; the teacher views add the standard
     # answer or the judgment (~300 more).
     "full": Preset(("llama3-8b-4layers", "llama3.2-1b"), 8, 300, 300, 300, 2, 5),
-    "quick": Preset(("smollm2-135m",), 2, 64, 64, 64, 1, 2),
-    "tiny": Preset(("tiny-llama",), 2, 16, 8, 8, 1, 1),
-    # --setting paper: the paper's lengths on the CPU's model; 3 timed steps after the cold one
-    # (5 do not fit in about 15 minutes on 2 cores: the authors'-style step alone takes ~55 s).
-    "paper": Preset(("smollm2-135m",), 2, 300, 300, 300, 1, 3),
+    # CPU presets: 5 timed steps after 1 warm-up, and ReFT's cap lowered from its 700 tokens (prompt
+    # included) to its ~60-token prompt plus about the NLFT rows' response length and a third more:
+    # SmolLM2 has had no ReFT SFT warm-up teaching it to stop after its answer, and responses that run
+    # to a cap of 700 (~640 sampled tokens) would make the run (ReFT's rows and the *_gen_judge rows)
+    # take up to ~32 min (quick) and ~42 min (paper) instead of ~13 and ~32 on 2 cores (estimate_wall_s);
+    # each row's generated_tokens shows how many were sampled. --reft-max-length 700: ReFT's own cap.
+    "quick": Preset(("smollm2-135m",), 2, 64, 64, 64, 1, 5, 192, 300),
+    "tiny": Preset(("tiny-llama",), 2, 16, 8, 8, 1, 1, 40, 24),
+    # --setting paper: the paper's lengths on the CPU's model (NLFT responses of 300 tokens).
+    "paper": Preset(("smollm2-135m",), 2, 300, 300, 300, 1, 5, 400, 300),
 }
 
-# What each setting compares: its methods, and the (ours, theirs) pairs of its reductions.
-SETTINGS = {
-    "full-ft": (METHODS, (("nlft_kernels", "reft"), ("nlft_kernels", "nlft_authors_style"))),
-    "paper": (
-        PAPER_METHODS,
-        (
-            ("nlft_kernels_lora", "reft"),
-            ("nlft_authors_style_lora", "reft"),
-            ("nlft_kernels_lora", "nlft_authors_style_lora"),
-        ),
+# What each setting runs.
+SETTINGS = {"full-ft": METHODS, "paper": PAPER_METHODS}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One labelled reduction, 1 - ours / against: ``label`` says what it isolates, ``costs`` what
+    both sides' times include."""
+
+    label: str
+    ours: str
+    against: str
+    costs: str
+
+
+METHOD_LABEL = "method"  # authors'-style NLFT against ReFT: the method, both as their authors run them
+METHOD_KERNELS_LABEL = "method + kernels"  # NLFT with nlft_kernels against ReFT
+KERNELS_LABEL = "kernels alone"  # NLFT with nlft_kernels against the authors'-style NLFT
+LABEL_WORDS = {
+    METHOD_LABEL: "authors'-style NLFT against ReFT",
+    METHOD_KERNELS_LABEL: "NLFT with nlft_kernels against ReFT",
+    KERNELS_LABEL: "NLFT with nlft_kernels against the authors'-style NLFT",
+}
+STEP_ONLY = "training step only: NLFT on given responses and judgments, ReFT on responses sampled before"
+EVERY_COST = "every cost: NLFT with one generation and one judging pass per sample, ReFT with its sampling"
+
+
+def _comparisons(lora: str) -> tuple[Comparison, ...]:
+    authors, ours = f"nlft_authors_style{lora}", f"nlft_kernels{lora}"
+    return (
+        Comparison(METHOD_LABEL, authors, "reft_no_sampling", STEP_ONLY),
+        Comparison(METHOD_LABEL, f"{authors}_gen_judge", "reft", EVERY_COST),
+        Comparison(METHOD_KERNELS_LABEL, ours, "reft_no_sampling", STEP_ONLY),
+        Comparison(METHOD_KERNELS_LABEL, f"{ours}_gen_judge", "reft", EVERY_COST),
+        Comparison(KERNELS_LABEL, ours, authors, "training step only, both on given responses and judgments"),
+    )
+
+
+COMPARISONS = {"full-ft": _comparisons(""), "paper": _comparisons("_lora")}
+# Results written before these labels existed: what their (ours, against) pairs compared.
+LEGACY_COMPARISONS = {
+    ("nlft_kernels", "reft"): Comparison(
+        METHOD_KERNELS_LABEL,
+        "nlft_kernels",
+        "reft",
+        "uneven: NLFT's step on given responses against ReFT with its sampling (written before issue 16)",
+    ),
+    ("nlft_kernels", "nlft_authors_style"): Comparison(
+        KERNELS_LABEL, "nlft_kernels", "nlft_authors_style", "training step only"
+    ),
+    ("nlft_kernels_lora", "reft"): Comparison(
+        METHOD_KERNELS_LABEL, "nlft_kernels_lora", "reft", "uneven: NLFT's step against ReFT with its sampling"
+    ),
+    ("nlft_authors_style_lora", "reft"): Comparison(
+        METHOD_LABEL, "nlft_authors_style_lora", "reft", "uneven: NLFT's step against ReFT with its sampling"
+    ),
+    ("nlft_kernels_lora", "nlft_authors_style_lora"): Comparison(
+        KERNELS_LABEL, "nlft_kernels_lora", "nlft_authors_style_lora", "training step only"
     ),
 }
+
+
+def comparison_of(reduction: dict) -> Comparison:
+    """The labelled comparison of a reduction, also of one written before labels existed."""
+    ours = reduction.get("ours", "nlft_kernels")
+    if "comparison" in reduction:
+        return Comparison(reduction["comparison"], ours, reduction["against"], reduction.get("costs", ""))
+    return LEGACY_COMPARISONS.get(
+        (ours, reduction["against"]), Comparison("unlabelled", ours, reduction["against"], "")
+    )
+
 
 # The regime of the paper's figures, which this benchmark's paper setting does not reproduce.
 PAPER_REGIME = (
@@ -133,14 +225,20 @@ PAPER_REGIME = (
 METHOD_NOTES = {
     "step": (
         "one call = one optimizer step of the method on the batch: zero_grad, forward(s), backward, "
-        "AdamW step; for reft one PPO iteration: sampling one chain of thought per question, reward, "
-        "old-policy and reference forwards, GAE, 2 PPO epochs each with its own AdamW step"
+        "AdamW step; for reft one PPO iteration as ReFT's train_rl_reft.py runs it: sampling one chain of "
+        "thought per question, reward, old-policy and reference forwards, GAE, global advantage whitening, "
+        "2 PPO epochs over mini-batches of ReFT's 4 questions (one per epoch at a batch of 4 or fewer), each "
+        "with gradient clipping 1.0 and its own AdamW step; reft_no_sampling: the same on responses sampled once "
+        "before the timed calls; "
+        "*_gen_judge: one generation pass (ReFT's sampler, same cap) and one judging pass before the NLFT step"
     ),
     "timing": (
         "first_step_ms: the first call (cold: optimizer state creation, lazy init); steady_ms: median "
-        "of --reps calls after --warmup calls (the first included); per_sample = steady / batch size; "
+        "of --reps calls after --warmup calls (the first included), with their min and max (steady_min_ms, "
+        "steady_max_ms; every call in step_ms); per_sample = steady / batch size; "
         "CUDA: torch.cuda.Event around each call; CPU: time.perf_counter; each method in a fresh "
-        "subprocess; reft's sampling_ms is timed inside its step (synchronised) and is part of steady_ms"
+        "subprocess; sampling_ms (reft, *_gen_judge) and judging_ms are timed inside the step (synchronised) "
+        "and are part of steady_ms; load_average_1min per row: before and after its probes"
     ),
     "memory_cuda": (
         "torch.cuda.max_memory_allocated over all calls, reset after the model(s), optimizer and inputs "
@@ -155,8 +253,18 @@ METHOD_NOTES = {
     ),
     "data": (
         "GSM8K train questions; every other sample is wrong (reference solution with a wrong final "
-        "answer, judged by nlft_kernels.judge); prompts exactly prompt_tokens long (teacher views + "
-        "teacher_tokens), responses exactly response_tokens (reft samples exactly that many tokens)"
+        "answer, judged by nlft_kernels.judge); NLFT and SFT prompts exactly prompt_tokens long (teacher views + "
+        "teacher_tokens), responses exactly response_tokens. ReFT's prompt is its own template "
+        "'Question:\\n{q}\\nAnswer reasoning:\\n' at natural length (left-padded; lengths in "
+        "models[].reft_prompt_tokens); "
+        "its responses are sampled until EOS or reft_max_length tokens with the prompt (their mean length is "
+        "generated_tokens per row), so ReFT's rows train on as many response tokens as it samples"
+    ),
+    "comparisons": (
+        "method: authors'-style NLFT against ReFT (what the method costs as the two papers' code runs it); "
+        "method + kernels: NLFT with nlft_kernels against ReFT; kernels alone: nlft_kernels against the "
+        "authors'-style NLFT. 'training step only' pairs NLFT's step with reft_no_sampling, 'every cost' pairs "
+        "*_gen_judge with reft; time reductions from medians, with the range from the extremes of the timed steps"
     ),
     "precision": "CPU: float32 weights; CUDA: bf16 weights and AdamW state (no autocast, no LoRA)",
 }
@@ -167,8 +275,8 @@ PAPER_NOTES = {
         "the NLFT paper's comparison: NLFT with LoRA (nlft_kernels_lora: nlft_step; nlft_authors_style_lora: "
         "the three views with gradient, as the authors' code) against ReFT as ReFT trains (reft: full "
         "fine-tuning of the policy, a frozen reference copy of it, a value head, sampling). Each row's "
-        "'includes' says what it trains and contains; the NLFT rows sample nothing (they train on given "
-        "responses), reft's time includes its sampling"
+        "'includes' says what it trains and contains: the NLFT rows without _gen_judge and reft_no_sampling "
+        "sample nothing, the *_gen_judge rows and reft include their sampling"
     ),
     "lora": (
         "peft LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=gate_proj/up_proj/down_proj, "
@@ -182,7 +290,10 @@ PAPER_NOTES = {
         "checkpointing in any row (the authors' scripts call peft's prepare_model_for_int8_training, which "
         "turns it on for their NLFT runs)"
     ),
-    "paper": f"the paper's figures (78.27% less time, 92.24% less memory than ReFT) are for {PAPER_REGIME}",
+    "paper": (
+        f"the paper's figures (78.27% less time, 92.24% less memory than ReFT) are for {PAPER_REGIME}; they are "
+        "not directly comparable with any row here and stand apart in the payload's 'paper' entry"
+    ),
 }
 
 
@@ -195,7 +306,7 @@ class ByteTokenizer:
     """A stand-in tokenizer for the tiny test model: UTF-8 bytes are the token ids."""
 
     chat_template = None
-    eos_token_id = None
+    eos_token_id = 2  # a control byte no GSM8K text contains (and LlamaConfig's default EOS)
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": list(text.encode())}
@@ -278,6 +389,7 @@ def prepare(
         preset.prompt_tokens,
         preset.response_tokens,
         preset.teacher_tokens,
+        reft_max_input_length=preset.reft_max_input_length,
     )
     torch.save(asdict(inputs), workdir / "inputs.pt")
     config = AutoConfig.from_pretrained(workdir / "model")
@@ -290,6 +402,8 @@ def prepare(
         "num_hidden_layers": config.num_hidden_layers,
         "tie_word_embeddings": bool(config.tie_word_embeddings),
         "tokenizer": "bytes" if isinstance(tokenizer, ByteTokenizer) else type(tokenizer).__name__,
+        "eos_token_id": inputs.eos_token_id,
+        "reft_prompt_tokens": inputs.reft_prompt_tokens,
     }
 
 
@@ -325,10 +439,13 @@ def measure(spec: dict) -> dict:
     model = load_model(workdir, spec["random_weights"], dtype, device, spec["seed"])
     inputs = StepInputs(**torch.load(workdir / "inputs.pt")).to(device)
     tokenizer = load_tokenizer(workdir)
-    step, modules = build_step(spec["method"], model, inputs, tokenizer.decode)
+    reft_config = ReFTConfig(max_length=spec["reft_max_length"], max_input_length=spec["reft_max_input_length"])
+    step, modules = build_step(
+        spec["method"], model, inputs, tokenizer.decode, reft_config=reft_config, judge=spec.get("judge")
+    )
     torch.manual_seed(spec["seed"])
     row: dict = {"method": spec["method"], "status": "ok", "batch_size": inputs.batch_size}
-    row["includes"] = row_includes(spec["method"])
+    row["includes"] = row_includes(spec["method"], judge=spec.get("judge") or "builtin")
     row["parameters"] = sum(p.numel() for p in model.parameters())
     row["trained_parameters"] = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
     row["lora_parameters"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
@@ -377,9 +494,18 @@ def measure(spec: dict) -> dict:
             "step_ms": times,  # every call, the warm-up ones first: shows a step slowed by other load
         }
         row["steady_ms_per_sample"] = row["steady_ms"] / inputs.batch_size
-        if "sampling_ms" in outs[0]:
-            row["sampling_ms"] = _util.median([o["sampling_ms"] for o in outs[spec["warmup"] :]])
-            row["sampling_ms_per_sample"] = row["sampling_ms"] / inputs.batch_size
+        timed = outs[spec["warmup"] :]
+        for key in ("sampling_ms", "judging_ms"):
+            if key in outs[0] and (key != "sampling_ms" or spec["method"] != "reft_no_sampling"):
+                row[key] = _util.median([o[key] for o in timed])
+                row[key.replace("_ms", "_ms_per_sample")] = row[key] / inputs.batch_size
+        if "generated_tokens" in outs[0]:
+            # Mean sampled tokens per response (EOS included), over the timed calls and over reft_no_sampling's
+            # one sampling; the cap is reft_max_length minus the (padded) prompt.
+            row["generated_tokens"] = sum(o["generated_tokens"] for o in timed) / len(timed)
+            row["generated_tokens_cap"] = spec["reft_max_length"] - inputs.reft_prompt_ids.shape[1]
+        if "grad_norm" in outs[0]:
+            row["grad_norm_before_clipping"] = [o["grad_norm"] for o in outs]
     if device.type == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     elif spec["what"] != "time":
@@ -404,27 +530,79 @@ def probe(spec: dict, in_process: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def reductions(rows: list[dict], pairs=SETTINGS["full-ft"][1]) -> list[dict]:
-    """1 - ours / theirs for time per sample and peak memory, per model and (ours, theirs) pair of
-    ``pairs`` (default: nlft_kernels against reft and against nlft_authors_style), only where both
-    were measured."""
+def reductions(rows: list[dict], comparisons: tuple[Comparison, ...] = COMPARISONS["full-ft"]) -> list[dict]:
+    """Per model and labelled comparison: 1 - ours / against for time per sample (from the medians;
+    ``time_range``: from the extremes, ours' slowest against their fastest and the reverse) and peak
+    memory, only where both were measured."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["method"]: r for r in rows if r["model"] == model and r["status"] == "ok"}
-        for mine, other in pairs:
-            ours = by.get(mine)
-            if ours is None or other not in by:
+        for c in comparisons:
+            ours, other = by.get(c.ours), by.get(c.against)
+            if ours is None or other is None:
                 continue
-            red = {"model": model, "against": other}
-            if mine != "nlft_kernels":
-                red = {"model": model, "ours": mine, "against": other}
+            red = {"model": model, "comparison": c.label, "ours": c.ours, "against": c.against, "costs": c.costs}
             for key, field in (("time", "steady_ms_per_sample"), ("memory", "peak_bytes")):
-                if ours.get(field) is not None and by[other].get(field):
-                    red[key] = 1 - ours[field] / by[other][field]
-            if other == "reft":
-                red["paper"] = PAPER_REDUCTION_VS_REFT
+                if ours.get(field) is not None and other.get(field):
+                    red[key] = 1 - ours[field] / other[field]
+            if all(k in r for r in (ours, other) for k in ("steady_min_ms", "steady_max_ms")):
+                per = {r["method"]: r["batch_size"] for r in (ours, other)}
+                low = 1 - (ours["steady_max_ms"] / per[c.ours]) / (other["steady_min_ms"] / per[c.against])
+                high = 1 - (ours["steady_min_ms"] / per[c.ours]) / (other["steady_max_ms"] / per[c.against])
+                red["time_range"] = [low, high]
             out.append(red)
     return out
+
+
+def estimate_wall_s(preset: Preset, methods: list[str], device: str) -> float | None:
+    """Rough wall time of a CPU run of ``preset`` (2 cores, the embedded SmolLM2), from step times
+    measured on the project's 2-core EPYC at load ~1 (``CPU_SECONDS``); None on a GPU or for other
+    models. Assumes every sampled response runs to the cap (an upper bound where SmolLM2 stops at EOS)."""
+    if device != "cpu" or preset.models != ("smollm2-135m",):
+        return None
+    c = CPU_SECONDS
+    tokens = preset.prompt_tokens + preset.response_tokens  # the NLFT / SFT base sequence
+    scale = tokens / 128  # the committed quick run's steps were measured at 64 + 64 tokens
+    sampled = preset.reft_max_length - c["reft_prompt_tokens"]
+    generation = c["sample_s_per_token"] * sampled * preset.batch_size / 2
+    # ReFT: two no-grad forwards and two forward+backward+AdamW passes over prompt + sampled tokens.
+    reft_train = (preset.reft_max_length / 128) * (2 * c["forward_s"] + 2 * c["forward_backward_s"]) + 2 * c["adamw_s"]
+    step = {
+        "sft": c["sft_s"] * scale,
+        "nlft_authors_style": c["authors_s"] * scale * 1.7,  # three views, the teacher ones longer
+        "nlft_kernels": c["kernels_s"] * scale,
+        "reft_no_sampling": reft_train,
+        "reft": reft_train + generation,
+    }
+    step["nlft_authors_style_lora"] = step["nlft_authors_style"] * c["lora_factor"]
+    step["nlft_kernels_lora"] = step["nlft_kernels"] * c["lora_factor"]
+    total = 0.0
+    for method in methods:
+        base = method.removesuffix("_gen_judge")
+        if base not in step:
+            return None
+        seconds = step[base] + (generation if method.endswith("_gen_judge") else 0.0)
+        # Two probes (time, memory), each loading the model (~15 s), with warmup + reps and warmup + 1 calls.
+        total += 2 * c["load_s"] + seconds * (2 * preset.warmup + preset.reps + 1)
+    return total
+
+
+# Seconds on the project's 2-core AMD EPYC at load ~1, batch 2: the committed quick run (64 + 64 tokens:
+# sft 2.3 s, authors'-style 6.8 s, nlft_kernels 2.1 s per step; ReFT's sampling 3.9 s for 64 tokens),
+# the paper preset's authors'-style LoRA step (~55 s at 300 + 300 tokens), and per-128-token pass times
+# derived from them.
+CPU_SECONDS = {
+    "sft_s": 2.3,
+    "authors_s": 6.8,
+    "kernels_s": 2.1,
+    "lora_factor": 0.9,  # LoRA saves the full AdamW step but keeps every activation
+    "sample_s_per_token": 0.07,  # batch 2, KV cache up to 700 tokens
+    "forward_s": 0.6,  # per 128 tokens, batch 2
+    "forward_backward_s": 1.8,
+    "adamw_s": 0.5,
+    "reft_prompt_tokens": 60,  # ReFT's prompt on GSM8K with SmolLM2's tokenizer, left-padded
+    "load_s": 15.0,
+}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -432,6 +610,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     device = torch.device(args.device)
     preset = args.preset
     load_before = os.getloadavg()
+    estimate = estimate_wall_s(preset, list(args.methods), device.type)
+    if estimate is not None:
+        print(f"estimated CPU wall time on 2 cores: about {estimate / 60:.0f} min", file=sys.stderr, flush=True)
     deadline = _util.Deadline(args.time_budget_s)
     rows, models = [], []
     for model_name in preset.models:
@@ -460,6 +641,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     "seed": args.seed,
                     "warmup": preset.warmup,
                     "reps": preset.reps,
+                    "reft_max_length": preset.reft_max_length,
+                    "reft_max_input_length": preset.reft_max_input_length,
+                    "judge": args.judge,
                 }
                 if device.type == "cuda":
                     row = probe(spec | {"what": "both"}, args.in_process)
@@ -511,13 +695,28 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "time_budget_s": args.time_budget_s,
             "nlft_step": "nlft_kernels.training.nlft_step",
             "nlft_config": asdict(NLFTConfig()),
-            "reft_config": asdict(ReFTConfig()),
+            "reft_config": asdict(
+                ReFTConfig(max_length=preset.reft_max_length, max_input_length=preset.reft_max_input_length)
+            ),
+            # ReFT's own max_gen_length is 700; a preset with less says so here.
+            "reft_max_length_note": (
+                "ReFT's own cap (max_gen_length=700, prompt included)"
+                if preset.reft_max_length == 700
+                else f"lowered from ReFT's 700 to {preset.reft_max_length} (prompt included) for this preset's time "
+                "on the device: about ReFT's prompt plus the NLFT rows' response length and a third; SmolLM2 had "
+                "no ReFT SFT warm-up teaching it to stop after its answer, and responses that run to 700 would "
+                "be ~640 tokens (generated_tokens per row shows the sampled length; --reft-max-length 700 runs "
+                "ReFT's own cap)"
+            ),
+            "reft_sources": {"repository": REFT_REPOSITORY} | REFT_SOURCES,
+            "judge": args.judge or "builtin",
+            "estimated_wall_s": estimate,
         }
         | settings_extra,
         "method": notes,
         "models": models,
         "results": rows,
-        "reductions": reductions(rows, SETTINGS[args.setting][1]),
+        "reductions": reductions(rows, COMPARISONS[args.setting]),
         **({"paper": {"reduction_vs_reft": PAPER_REDUCTION_VS_REFT, "regime": PAPER_REGIME}} if paper else {}),
     }
 
@@ -526,100 +725,125 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if value is None else f"{value / scale:.{digits}f}"
 
 
-def markdown_table(payload: dict) -> str:
-    """The results table (one line per model and method) and the reductions table."""
-    s = payload["settings"]
-    load = payload["load_average_1_5_15min"]["before"]
-    lines = [
-        f"Device: {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads); torch "
-        f"{payload['versions']['torch']}; {s['dtype']}; batch {s['batch_size']}, prompt {s['prompt_tokens']} + "
-        f"response {s['response_tokens']} tokens (teacher prompts +{s['teacher_tokens']}); {payload['date'][:10]}; "
-        f"load average {load[0]:.2f}",
-        f"Command: `{payload['command']}`",
-        "",
-        "| model | method | first step s | steady s/step | s/sample | sampling s/sample | peak memory MiB | loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in payload["results"]:
-        lead = f"| {r['model']} | {r['method']} |"
-        if r["status"] != "ok":
-            lines.append(f"{lead} {r['status']}: {r.get('note', '')[:60]} | | | | | |")
-            continue
-        lines.append(
-            f"{lead} {_fmt(r.get('first_step_ms'), 1e3)} | {_fmt(r.get('steady_ms'), 1e3)} | "
-            f"{_fmt(r.get('steady_ms_per_sample'), 1e3)} | {_fmt(r.get('sampling_ms_per_sample'), 1e3)} | "
-            f"{_fmt(r.get('peak_bytes'), 2**20, 0)} | {r['losses'][-1]:.3g} |"
-        )
-    if payload["reductions"]:
-        lines += [
-            "",
-            "| model | nlft_kernels against | less time per sample | less peak memory | paper (vs ReFT) |",
-            "|---|---|---:|---:|---|",
-        ]
-        for red in payload["reductions"]:
-            paper = red.get("paper")
-            paper = f"{100 * paper['time']:.2f}% time, {100 * paper['memory']:.2f}% memory" if paper else ""
-            pct = {k: f"{100 * red[k]:.1f}%" if k in red else "-" for k in ("time", "memory")}
-            lines.append(f"| {red['model']} | {red['against']} | {pct['time']} | {pct['memory']} | {paper} |")
-    return "\n".join(lines)
+def less_or_more(reduction: float) -> str:
+    """1 - ours / theirs in words: "12.3% less", or "4.5% more" when ours is larger."""
+    return f"{100 * reduction:.1f}% less" if reduction >= 0 else f"{-100 * reduction:.1f}% more"
+
+
+def time_cell(red: dict) -> str:
+    """A reduction's time: the median's, with the range from the timed steps' extremes."""
+    if "time" not in red:
+        return "-"
+    cell = less_or_more(red["time"])
+    if "time_range" in red:
+        low, high = red["time_range"]
+        cell += f" ({100 * low:.1f}% to {100 * high:.1f}%)"
+    return cell
+
+
+def _includes_of(row: dict) -> dict:
+    return row.get("includes") or row_includes(row["method"])
 
 
 def _includes_cells(includes: dict) -> str:
     trained = "LoRA r={r}".format(**includes["lora"]) if includes.get("lora") else "full FT"
     yes_no = {True: "yes", False: "no"}
-    sampling = "included" if includes["sampling"].startswith("included") else "none"
-    return f"{trained} | {yes_no[includes['frozen_reference']]} | {yes_no[includes['value_head']]} | {sampling} |"
+    sampling = includes["sampling"]
+    generation = (
+        "included"
+        if sampling.startswith("included")
+        else "sampled before"
+        if sampling.startswith("excluded")
+        else "given"
+    )
+    judging = includes.get("judging", "")
+    judging = "reward" if judging.startswith("ReFT") else "included" if judging.startswith("included") else "given"
+    if not includes["frozen_reference"] and not includes.get("views", "").startswith(("base", "three")):
+        judging = "-" if judging == "given" else judging  # SFT judges nothing
+    return (
+        f"{trained} | {yes_no[includes['frozen_reference']]} | {yes_no[includes['value_head']]} | "
+        f"{generation} | {judging} |"
+    )
 
 
-def paper_markdown_table(payload: dict) -> str:
-    """``--setting paper``: per row what it includes (trained weights, frozen reference, value head,
-    sampling), time per sample as median (min-max) of the timed steps, peak memory, trained
-    parameters; then the reductions, the paper's beside those against ReFT."""
+def _per_sample_spread(row: dict) -> str:
+    if "steady_min_ms" not in row:
+        return _fmt(row.get("steady_ms_per_sample"), 1e3)
+    per_sample = [row[k] / row["batch_size"] / 1e3 for k in ("steady_ms", "steady_min_ms", "steady_max_ms")]
+    return "{:.2f} ({:.2f}-{:.2f})".format(*per_sample)
+
+
+def _load_cell(row: dict) -> str:
+    load = row.get("load_average_1min")
+    return f"{load['before']:.1f}-{load['after']:.1f}" if load else "-"
+
+
+def _reft_words(settings: dict) -> str:
+    if "reft_max_length" not in settings:  # results written before issue 16
+        return "ReFT on the NLFT base prompt with a forced response length (written before issue 16)"
+    cap = settings["reft_max_length"]
+    lowered = "" if cap == 700 else " (ReFT's own cap is 700; lowered for this preset's time, see the JSON)"
+    return f"ReFT: its own prompt, sampling to EOS or {cap} tokens with the prompt{lowered}"
+
+
+def markdown_table(payload: dict) -> str:
+    """The results table (one line per model and method: what it includes, time per sample as
+    median (min-max) of the timed steps, its generation share, sampled tokens, peak memory, trained
+    parameters, load average) and the labelled comparisons. The paper's figures are in no table."""
     s = payload["settings"]
     load = payload["load_average_1_5_15min"]["before"]
-    lora = s["lora"]
     lines = [
         f"Device: {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads); torch "
-        f"{payload['versions']['torch']}; {s['dtype']} (base weights too); batch {s['batch_size']}, prompt "
-        f"{s['prompt_tokens']} + response {s['response_tokens']} tokens (NLFT's teacher prompts "
-        f"+{s['teacher_tokens']}); "
+        f"{payload['versions']['torch']}; {s['dtype']}; batch {s['batch_size']}, NLFT/SFT prompt "
+        f"{s['prompt_tokens']} + "
+        f"response {s['response_tokens']} tokens (teacher prompts +{s['teacher_tokens']}); {_reft_words(s)}; "
         f"{s['reps']} timed steps after {s['warmup']} warm-up; {payload['date'][:10]}; load average {load[0]:.2f}",
-        f"LoRA: r={lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']} on {'/'.join(lora['targets'])} "
-        "(the authors' values); no gradient checkpointing; AdamW on the trained weights only",
+    ]
+    if "lora" in s:
+        lora = s["lora"]
+        lines.append(
+            f"LoRA: r={lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']} on {'/'.join(lora['targets'])} "
+            "(the authors' values); no gradient checkpointing; AdamW on the trained weights only"
+        )
+    lines += [
         f"Command: `{payload['command']}`",
         "",
-        "| model | method | trains | frozen reference | value head | sampling | s/sample median (min-max) | "
-        "sampling s/sample | peak memory MiB | trained parameters |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|",
+        "| model | method | trains | frozen reference | value head | generation | judging | s/sample median (min-max) "
+        "| of which generation s/sample | generated tokens (mean) | peak memory MiB | trained parameters "
+        "| load 1-min before-after |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in payload["results"]:
         lead = f"| {r['model']} | {r['method']} |"
         if r["status"] != "ok":
-            lines.append(f"{lead} {r['status']}: {r.get('note', '')[:60]} | | | | | | | |")
+            lines.append(f"{lead} {r['status']}: {r.get('note', '')[:60]} | | | | | | | | | | |")
             continue
-        per_sample = [r[k] / r["batch_size"] / 1e3 for k in ("steady_ms", "steady_min_ms", "steady_max_ms")]
-        spread = "{:.2f} ({:.2f}-{:.2f})".format(*per_sample)
-        trained = r["trained_parameters"]
-        trained = f"{trained / 1e6:.2f} M" if trained >= 1e5 else f"{trained:,}"
+        trained = r.get("trained_parameters")
+        trained = "-" if trained is None else f"{trained / 1e6:.2f} M" if trained >= 1e5 else f"{trained:,}"
+        tokens = r.get("generated_tokens")
+        tokens = "-" if tokens is None else f"{tokens:.0f} (cap {r.get('generated_tokens_cap', '-')})"
         lines.append(
-            f"{lead} {_includes_cells(r['includes'])} {spread} | {_fmt(r.get('sampling_ms_per_sample'), 1e3)} | "
-            f"{_fmt(r.get('peak_bytes'), 2**20, 0)} | {trained} |"
+            f"{lead} {_includes_cells(_includes_of(r))} {_per_sample_spread(r)} | "
+            f"{_fmt(r.get('sampling_ms_per_sample'), 1e3)} | {tokens} | {_fmt(r.get('peak_bytes'), 2**20, 0)} | "
+            f"{trained} | {_load_cell(r)} |"
         )
     if payload["reductions"]:
         lines += [
             "",
-            "| model | method | against | less time per sample | less peak memory | paper (NLFT vs ReFT) |",
-            "|---|---|---|---:|---:|---|",
+            "| model | comparison | ours | against | costs counted | time per sample, median (range) | peak memory |",
+            "|---|---|---|---|---|---:|---:|",
         ]
         for red in payload["reductions"]:
-            paper = red.get("paper")
-            paper = f"{100 * paper['time']:.2f}% time, {100 * paper['memory']:.2f}% memory" if paper else ""
-            pct = {k: f"{100 * red[k]:.1f}%" if k in red else "-" for k in ("time", "memory")}
+            c = comparison_of(red)
+            memory = less_or_more(red["memory"]) if "memory" in red else "-"
             lines.append(
-                f"| {red['model']} | {red.get('ours', 'nlft_kernels')} | {red['against']} | {pct['time']} | "
-                f"{pct['memory']} | {paper} |"
+                f"| {red['model']} | {c.label} | {c.ours} | {c.against} | {c.costs} | {time_cell(red)} | {memory} |"
             )
     return "\n".join(lines)
+
+
+# The paper setting's table is the same table (its header adds the LoRA line).
+paper_markdown_table = markdown_table
 
 
 def plot(payload: dict, png_path: Path) -> Path | None:
@@ -697,6 +921,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=float,
         help="start no method after this many seconds; what is left out is recorded (benchmarks.gpu_suite)",
     )
+    p.add_argument(
+        "--judge",
+        help="judge of the *_gen_judge rows' judging pass: builtin (the rule judge, default) or module:function "
+        "(nlft_kernels.judge.load_judge), e.g. an LLM judge",
+    )
+    p.add_argument("--reft-max-length", type=int, help="ReFT's sampling cap, prompt included (its own: 700)")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
@@ -704,12 +934,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.data = args.data or default_data()
-    args.methods = args.methods or list(SETTINGS[args.setting][0])
+    args.methods = args.methods or list(SETTINGS[args.setting])
     default_size = "paper" if args.setting == "paper" else "full"
     preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else default_size]
     overrides = {
         k: getattr(args, k)
-        for k in ("batch_size", "prompt_tokens", "response_tokens", "teacher_tokens", "warmup", "reps")
+        for k in (
+            "batch_size",
+            "prompt_tokens",
+            "response_tokens",
+            "teacher_tokens",
+            "warmup",
+            "reps",
+            "reft_max_length",
+        )
         if getattr(args, k) is not None
     }
     if args.models:
@@ -733,7 +971,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     out = args.out or _util.RESULTS_DIR / f"{prefix}_{slug}_{_util.today()}.json"
     measured = any(r["status"] == "ok" for r in payload["results"])  # a budget of 0 measures nothing
     png = partial(plot, payload) if measured and not args.no_plot else None
-    table = paper_markdown_table(payload) if args.setting == "paper" else markdown_table(payload)
+    table = markdown_table(payload)
     return _util.write_outputs(out, payload, table, png)
 
 

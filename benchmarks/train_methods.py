@@ -15,8 +15,18 @@ earlier GSM8K exemplars or cut from the left to length, responses are the refere
   nlft_kernels        ``nlft_kernels.training.nlft_step``: the fused linear loss on the base
                       view's hidden states, teacher views without gradient, logits never
                       materialised
-  reft                ``benchmarks.reft``: sampling, reward, reference and old-policy forwards,
-                      GAE, two PPO epochs
+  reft                ``benchmarks.reft``: ReFT's PPO iteration as its code runs it: sampling
+                      (ReFT's own prompt at natural length, EOS-terminated, capped), reward,
+                      reference and old-policy forwards, GAE, whitening, two PPO epochs with
+                      gradient clipping
+  reft_no_sampling    the same iteration on responses sampled once before the timed calls:
+                      ReFT's training cost without its sampling
+
+Every cost counted: ``<nlft method>_gen_judge`` adds to the NLFT step one generation pass (one
+response per question, with ReFT's sampler: its prompt, temperature 1, EOS, the same cap) and one
+judging pass (``judge``: the rule judge ``nlft_kernels.judge.judge_response`` by default, or any
+``module:function`` that ``nlft_kernels.judge.load_judge`` loads, e.g. an LLM judge); the NLFT step
+itself then trains on the benchmark's fixed batch, so its tokens equal the other NLFT rows'.
 
 The paper's setting (``bench_train_step --setting paper``) trains the two NLFT methods with LoRA
 instead (``nlft_kernels_lora``, ``nlft_authors_style_lora``: the same steps on a peft model whose
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -41,10 +52,27 @@ from nlft_kernels.judge import judge_response
 from nlft_kernels.training import nlft_step
 from nlft_kernels.training.data import DEFAULT_TEMPLATES, VIEWS, NLFTCollator, NLFTRecord
 
-METHODS = ("sft", "nlft_authors_style", "nlft_kernels", "reft")
+GEN_JUDGE = "_gen_judge"  # suffix: the NLFT method plus one generation and one judging pass per sample
+METHODS = (
+    "sft",
+    "nlft_authors_style",
+    "nlft_kernels",
+    "nlft_authors_style_gen_judge",
+    "nlft_kernels_gen_judge",
+    "reft_no_sampling",
+    "reft",
+)
 # The paper's comparison: NLFT with LoRA against ReFT with full fine-tuning.
-PAPER_METHODS = ("nlft_kernels_lora", "nlft_authors_style_lora", "reft")
-ALL_METHODS = METHODS + PAPER_METHODS[:2]
+PAPER_METHODS = (
+    "nlft_authors_style_lora",
+    "nlft_kernels_lora",
+    "nlft_authors_style_lora_gen_judge",
+    "nlft_kernels_lora_gen_judge",
+    "reft_no_sampling",
+    "reft",
+)
+ALL_METHODS = tuple(dict.fromkeys(METHODS + PAPER_METHODS))
+REFT_METHODS = ("reft", "reft_no_sampling")
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,13 @@ class StepInputs:
     prompt_ids: torch.Tensor
     response_ids: torch.Tensor
     answers: list[str] = field(default_factory=list)
+    # ReFT's prompt (``benchmarks.reft.REFT_PROMPT``) at natural length, left-padded [B, P_reft],
+    # its attention mask, and what the judge of the generation pass reads.
+    reft_prompt_ids: torch.Tensor | None = None
+    reft_prompt_mask: torch.Tensor | None = None
+    questions: list[str] = field(default_factory=list)
+    solutions: list[str] = field(default_factory=list)
+    eos_token_id: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -91,7 +126,17 @@ class StepInputs:
             self.prompt_ids.to(device),
             self.response_ids.to(device),
             list(self.answers),
+            None if self.reft_prompt_ids is None else self.reft_prompt_ids.to(device),
+            None if self.reft_prompt_mask is None else self.reft_prompt_mask.to(device),
+            list(self.questions),
+            list(self.solutions),
+            self.eos_token_id,
         )
+
+    @property
+    def reft_prompt_tokens(self) -> list[int]:
+        """Each question's ReFT prompt length (tokens, padding excluded)."""
+        return self.reft_prompt_mask.sum(1).tolist()
 
 
 def _wrong_solution(solution: str) -> str:
@@ -130,6 +175,7 @@ def build_inputs(
     response_tokens: int,
     teacher_tokens: int,
     wrong_every: int = 2,
+    reft_max_input_length: int = 300,
 ) -> StepInputs:
     """A batch from GSM8K rows (question, answer): sample ``b`` is wrong when ``b % wrong_every
     == wrong_every - 1`` (half the batch by default), so the wrong-response branch of NLFT runs.
@@ -137,8 +183,12 @@ def build_inputs(
     ``tokenizer``: a Hugging Face tokenizer (``tokenizer(text, add_special_tokens=False)``);
     ids are taken modulo ``vocab_size`` for models smaller than the tokenizer. The rows after
     the first ``batch_size`` are the exemplars that fill prompts. The base prompt has exactly
-    ``prompt_tokens`` tokens, the teacher prompts ``prompt_tokens + teacher_tokens``.
+    ``prompt_tokens`` tokens, the teacher prompts ``prompt_tokens + teacher_tokens``. ReFT's
+    prompts are its template at natural length, cut to ``reft_max_input_length`` as ReFT cuts
+    them (keeping the start), left-padded with 0 to the longest.
     """
+    from benchmarks.reft import REFT_PROMPT
+
     if len(rows) < batch_size + 1:
         raise ValueError(f"need at least {batch_size + 1} rows, got {len(rows)}")
 
@@ -174,7 +224,24 @@ def build_inputs(
         features.append(feature)
     batch = NLFTCollator(pad_token_id=0)(features)
     prompts = batch["base_input_ids"][:, :prompt_tokens].clone()
-    return StepInputs(batch, prompts, batch["labels"].clone(), answers)
+    reft = [
+        encode(REFT_PROMPT.format(question=r["question"].strip()))[:reft_max_input_length] for r in rows[:batch_size]
+    ]
+    width = max(map(len, reft))
+    reft_ids = torch.tensor([[0] * (width - len(p)) + p for p in reft])
+    reft_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in reft])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return StepInputs(
+        batch,
+        prompts,
+        batch["labels"].clone(),
+        answers,
+        reft_ids,
+        reft_mask,
+        [r["question"] for r in rows[:batch_size]],
+        [r["answer"] for r in rows[:batch_size]],
+        None if eos is None else eos % vocab_size,
+    )
 
 
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -248,30 +315,94 @@ def add_paper_lora(model, lora: LoRASettings = PAPER_LORA):
     return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora.targets))
 
 
-def row_includes(method: str, lora: LoRASettings = PAPER_LORA) -> dict:
-    """What one step of ``method`` trains and what its time and memory contain, for the results."""
+def row_includes(method: str, lora: LoRASettings = PAPER_LORA, judge: str = "builtin") -> dict:
+    """What one step of ``method`` trains and what its time and memory contain, for the results.
+    ``judge``: the judge of the generation pass (``nlft_kernels.judge.load_judge``'s spec)."""
     views = {
         "sft": "one sequence (prompt + reference response), with gradient",
-        "reft": "the sampled response, no teacher views",
+        "reft": "the sampled response after ReFT's prompt, no teacher views",
     }
     nlft_views = {
         "nlft_kernels": "base view with gradient; standard and judge views without gradient (nlft_step)",
         "nlft_authors_style": "base, standard and judge views in one batch, all with gradient",
     }
-    base = method.removesuffix("_lora")
+    counted = method.endswith(GEN_JUDGE)
+    base = method.removesuffix(GEN_JUDGE).removesuffix("_lora")
+    is_reft = base in REFT_METHODS
+    lora_method = method.removesuffix(GEN_JUDGE).endswith("_lora")
     trained = (
         f"LoRA r={lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on {'/'.join(lora.targets)}; base weights frozen"
-        if method.endswith("_lora")
+        if lora_method
         else "full fine-tuning (every weight of the model)"
     )
+    sampler = "ReFT's sampler (its prompt, temperature 1, EOS-terminated, capped at reft_max_length tokens)"
+    if method == "reft":
+        sampling = "included (one response per question, also reported apart)"
+        generation = f"included: one sampled response per question, {sampler}"
+    elif method == "reft_no_sampling":
+        sampling = "excluded (responses sampled once before the timed steps and reused)"
+        generation = "excluded"
+    elif counted:
+        sampling = "included (one response per question, also reported apart)"
+        generation = f"included: one generated response per question, {sampler}; NLFT then trains on the fixed batch"
+    else:
+        sampling = "none"
+        generation = "none (the response is given)"
+    judge_name = "the rule judge nlft_kernels.judge.judge_response" if judge in (None, "", "builtin") else judge
+    if is_reft:
+        judging = "ReFT's reward: the final answer checked against the reference (nlft_kernels.judge)"
+    elif counted:
+        judging = f"included: one judgment per response by {judge_name}"
+    else:
+        judging = "none (the judgment is given)" if base.startswith("nlft") else "none"
     return {
         "trained": trained,
-        "frozen_reference": method == "reft",
-        "value_head": method == "reft",
-        "sampling": "included (one response per question, also reported apart)" if method == "reft" else "none",
-        "views": views.get(base) or nlft_views[base],
-        "lora": asdict(lora) if method.endswith("_lora") else None,
+        "frozen_reference": is_reft,
+        "value_head": is_reft,
+        "sampling": sampling,
+        "generation": generation,
+        "judging": judging,
+        "gradient_clipping": "1.0 (ReFT's clip_grad_norm)" if is_reft else "none",
+        "views": views.get("reft" if is_reft else base) or nlft_views[base],
+        "lora": asdict(lora) if lora_method else None,
     }
+
+
+def generation_judging_pass(
+    model, inputs: StepInputs, decode: Callable[[list[int]], str], judge: Callable, max_length: int, temperature: float
+) -> StepFn:
+    """One response per question with ReFT's sampler and one judgment of each: what NLFT pays
+    to get the responses and judgments its step trains on. Returns sampling_ms, judging_ms and
+    the mean number of generated tokens."""
+    from benchmarks.reft import response_mask, sample_responses
+
+    def run() -> dict[str, float]:
+        device = inputs.reft_prompt_ids.device
+        _sync(device)
+        start = time.perf_counter()
+        sequences = sample_responses(
+            model, inputs.reft_prompt_ids, inputs.reft_prompt_mask, inputs.eos_token_id, max_length, temperature
+        )
+        _sync(device)
+        sampled = time.perf_counter()
+        responses = sequences[:, inputs.reft_prompt_ids.shape[1] :]
+        lengths = response_mask(responses, inputs.eos_token_id).sum(1).long().tolist()
+        texts = [decode(r[:n].tolist()) for r, n in zip(responses, lengths, strict=True)]
+        judgments = [judge(q, t, a) for q, t, a in zip(inputs.questions, texts, inputs.solutions, strict=True)]
+        judged = time.perf_counter()
+        return {
+            "sampling_ms": (sampled - start) * 1e3,
+            "judging_ms": (judged - sampled) * 1e3,
+            "generated_tokens": sum(lengths) / len(lengths),
+            "judged_correct": sum(bool(j.correct) for j in judgments) / len(judgments),
+        }
+
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build_step(
@@ -282,31 +413,56 @@ def build_step(
     config: NLFTConfig = NLFTConfig(),
     lr: float = 1e-6,
     lora: LoRASettings = PAPER_LORA,
+    reft_config=None,
+    judge: str | None = None,
 ) -> tuple[StepFn, list[torch.nn.Module]]:
     """(step, trained modules) of ``method``; ReFT also builds its frozen reference model and value
     head (the step's ``trainer`` attribute holds them); a ``*_lora`` method wraps ``model`` in
-    ``lora``'s adapters first (the trained module is then the peft model)."""
-    if method == "reft":
-        from benchmarks.reft import ReFTConfig, ReFTTrainer, ValueHead
+    ``lora``'s adapters first (the trained module is then the peft model); a ``*_gen_judge`` method
+    runs ``generation_judging_pass`` before the step (``judge``: a ``load_judge`` spec).
+    ``reft_config``: ReFT's settings (default ``ReFTConfig()``), whose sampler the generation
+    pass shares."""
+    from benchmarks.reft import ReFTConfig, ReFTTrainer, ValueHead
 
+    reft_config = reft_config or ReFTConfig()
+    if method in REFT_METHODS:
         reference = copy.deepcopy(model).requires_grad_(False).eval()
         head = ValueHead(model.config.hidden_size).to(next(model.parameters()))
         optimizer = make_optimizer([*model.parameters(), *head.parameters()], lr)
-        trainer = ReFTTrainer(model, head, reference, optimizer, decode, ReFTConfig())
+        trainer = ReFTTrainer(model, head, reference, optimizer, decode, reft_config, inputs.eos_token_id)
+        # Sampled once here, outside the timed calls, for the step without sampling.
+        fixed = (
+            trainer.sample(inputs.reft_prompt_ids, inputs.reft_prompt_mask) if method == "reft_no_sampling" else None
+        )
 
         def reft_step() -> dict[str, float]:
-            return trainer.step(inputs.prompt_ids, inputs.answers, inputs.response_ids.shape[1])
+            return trainer.step(inputs.reft_prompt_ids, inputs.answers, inputs.reft_prompt_mask, sequences=fixed)
 
         reft_step.trainer = trainer
         return reft_step, [model, head]
-    if method in ALL_METHODS and method.endswith("_lora"):
+    if method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
+    counted = method.endswith(GEN_JUDGE)
+    method = method.removesuffix(GEN_JUDGE)
+    if method.endswith("_lora"):
         model = add_paper_lora(model, lora)
         method = method.removesuffix("_lora")
     optimizer = make_optimizer(model.parameters(), lr)
     if method == "sft":
-        return sft_step(model, optimizer, inputs), [model]
-    if method == "nlft_authors_style":
-        return authors_style_step(model, optimizer, inputs, config), [model]
-    if method == "nlft_kernels":
-        return nlft_kernels_step(model, optimizer, inputs, config), [model]
-    raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
+        step = sft_step(model, optimizer, inputs)
+    elif method == "nlft_authors_style":
+        step = authors_style_step(model, optimizer, inputs, config)
+    else:
+        step = nlft_kernels_step(model, optimizer, inputs, config)
+    if not counted:
+        return step, [model]
+    from nlft_kernels.judge import load_judge
+
+    before = generation_judging_pass(
+        model, inputs, decode, load_judge(judge), reft_config.max_length, reft_config.temperature
+    )
+
+    def counted_step() -> dict[str, float]:
+        return before() | step()
+
+    return counted_step, [model]

@@ -12,11 +12,26 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from benchmarks import bench_train_step as bts
-from benchmarks.reft import ReFTConfig, final_answer_reward, gae, kl_penalised_rewards, ppo_losses
+from benchmarks.reft import (
+    REFT_PROMPT,
+    ReFTConfig,
+    ReFTTrainer,
+    ValueHead,
+    final_answer_reward,
+    gae,
+    kl_penalised_rewards,
+    masked_whiten,
+    ppo_losses,
+    response_mask,
+    sample_responses,
+)
 from benchmarks.train_methods import METHODS, PAPER_LORA, PAPER_METHODS, build_inputs, build_step
 from nlft_kernels.training.data import VIEWS
 
 PROMPT, RESPONSE, TEACHER, BATCH = 12, 6, 5, 4
+# ReFT on the tiny model: its byte prompts (~95 bytes) at natural length, sampling capped below the
+# model's 256 positions.
+TINY_REFT = ReFTConfig(max_length=128, max_input_length=110)
 
 
 def _rows(n: int = 8) -> list[dict]:
@@ -40,7 +55,14 @@ def _model(seed: int = 0):
 @pytest.fixture(scope="module")
 def inputs():
     return build_inputs(
-        _rows(), bts.ByteTokenizer(), bts.MODELS["tiny-llama"]["vocab_size"], BATCH, PROMPT, RESPONSE, TEACHER
+        _rows(),
+        bts.ByteTokenizer(),
+        bts.MODELS["tiny-llama"]["vocab_size"],
+        BATCH,
+        PROMPT,
+        RESPONSE,
+        TEACHER,
+        reft_max_input_length=TINY_REFT.max_input_length,
     )
 
 
@@ -75,7 +97,7 @@ def test_views_carry_the_question_answer_and_judgment():
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_step_is_finite_and_trains(method, inputs):
     model = _model()
-    step, modules = build_step(method, model, inputs, bts.ByteTokenizer().decode, lr=1e-2)
+    step, modules = build_step(method, model, inputs, bts.ByteTokenizer().decode, lr=1e-2, reft_config=TINY_REFT)
     params = {f"{i}.{n}": p for i, m in enumerate(modules) for n, p in m.named_parameters()}
     before = {n: p.detach().clone() for n, p in params.items()}
     out = step()
@@ -84,9 +106,12 @@ def test_each_method_step_is_finite_and_trains(method, inputs):
     # what weight decay alone (lr * 0.01 * |w|) would.
     moved = {n for n, p in params.items() if (p.detach() - before[n]).abs().max() > 1e-3}
     assert {"0.model.embed_tokens.weight", "0.model.layers.0.self_attn.q_proj.weight"} <= moved
-    if method == "reft":
+    if method.startswith("reft"):
         assert len(modules) == 2 and "1.summary.weight" in moved  # the value head is trained too
-        assert out["sampling_ms"] > 0 and 0 <= out["mean_score"] <= 1
+        assert 0 <= out["mean_score"] <= 1 and 1 <= out["generated_tokens"] <= TINY_REFT.max_length - 1
+        assert (out["sampling_ms"] > 0) == (method == "reft")  # reft_no_sampling samples before its calls
+    if method.endswith("_gen_judge"):  # one generation and one judging pass, then the NLFT step
+        assert out["sampling_ms"] > 0 and out["judging_ms"] >= 0 and out["generated_tokens"] >= 1
 
 
 def test_both_nlft_steps_compute_the_same_objective(inputs):
@@ -98,16 +123,87 @@ def test_both_nlft_steps_compute_the_same_objective(inputs):
     assert ours == pytest.approx(authors, rel=1e-4)
 
 
-def test_reft_samples_exactly_the_response_length(inputs):
-    from benchmarks.reft import ReFTTrainer, ValueHead
+def test_reft_prompts_are_reft_template_at_natural_length():
+    """ReFT's own prompt ('Question:\\n{q}\\nAnswer reasoning:\\n'), each at its natural length, left-padded
+    to the longest, cut to max_input_length from the end as ReFT cuts it."""
+    rows = _rows()
+    rows[1] = rows[1] | {"question": rows[1]["question"] + " Explain."}
+    built = build_inputs(rows, bts.ByteTokenizer(), 256, 2, PROMPT, RESPONSE, TEACHER, reft_max_input_length=300)
+    expected = [REFT_PROMPT.format(question=r["question"]).encode() for r in rows[:2]]
+    assert built.reft_prompt_tokens == [len(e) for e in expected] and len(expected[1]) > len(expected[0])
+    for b, e in enumerate(expected):
+        ids, mask = built.reft_prompt_ids[b], built.reft_prompt_mask[b]
+        assert bytes(ids[mask.bool()].tolist()) == e and not mask[: len(ids) - len(e)].any()
+    assert built.eos_token_id == bts.ByteTokenizer.eos_token_id and built.questions[0] == rows[0]["question"]
+    cut = build_inputs(rows, bts.ByteTokenizer(), 256, 2, PROMPT, RESPONSE, TEACHER, reft_max_input_length=20)
+    assert cut.reft_prompt_ids.shape[1] == 20 and bytes(cut.reft_prompt_ids[0].tolist()) == expected[0][:20]
 
-    model = _model()
-    trainer = ReFTTrainer(model, ValueHead(32), _model(), torch.optim.SGD(model.parameters(), lr=0.0), str)
-    sequences = trainer.sample(inputs.prompt_ids, RESPONSE)
-    assert sequences.shape == (BATCH, PROMPT + RESPONSE)
-    assert torch.equal(sequences[:, :PROMPT], inputs.prompt_ids)
+
+def _greedy_model():
+    """The tiny model with its head scaled so that temperature-1 sampling is effectively greedy:
+    the same prompts give the same tokens, so an EOS can be chosen where a row will emit it."""
+    model = _model().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000.0)
+    return model
+
+
+def test_sampling_stops_at_eos_and_respects_the_cap(inputs):
+    prompts, mask = inputs.reft_prompt_ids[:2], inputs.reft_prompt_mask[:2]
+    width, cap = prompts.shape[1], prompts.shape[1] + 12
+    torch.manual_seed(0)
+    free = sample_responses(_greedy_model(), prompts, mask, None, cap)
+    # Without EOS every row runs to the cap, prompt included: ReFT's generate(max_length=...).
+    assert free.shape == (2, cap) and torch.equal(free[:, :width], prompts)
+    eos = int(free[0, width + 4])  # row 0 emits this token at response position 4 (or earlier)
+    first = (free[0, width:] == eos).nonzero()[0].item()
+    torch.manual_seed(0)
+    stopped = sample_responses(_greedy_model(), prompts, mask, eos, cap)
+    responses = stopped[:, width:]
+    assert stopped.shape[1] <= cap
+    assert int(responses[0, first]) == eos and (responses[0, first + 1 :] == 0).all()  # padded after EOS
+    assert torch.equal(responses[0, : first + 1], free[0, width : width + first + 1])
+    lengths = response_mask(responses, eos).sum(1)
+    assert lengths[0] == first + 1  # the EOS counts, what follows does not
+    hits = (free[1, width:] == eos).nonzero()
+    assert lengths[1] == (hits[0].item() + 1 if len(hits) else cap - width)
+    torch.testing.assert_close(
+        response_mask(torch.tensor([[5, 2, 0, 2], [5, 6, 7, 8]]), 2), torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])
+    )
     with pytest.raises(ValueError, match="max_length"):
-        trainer.sample(inputs.prompt_ids, ReFTConfig().max_length)
+        sample_responses(_model(), prompts, mask, eos, width)
+
+
+def test_global_whitening_gives_zero_mean_unit_variance_over_the_batch():
+    torch.manual_seed(0)
+    values = torch.randn(3, 7) + torch.tensor([[10.0], [0.0], [-4.0]])
+    mask = torch.ones(3, 7)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    white = masked_whiten(values, mask)
+    picked = white[mask.bool()]
+    assert picked.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert picked.var(unbiased=True).item() == pytest.approx(1.0, abs=1e-4)
+    # Over the whole batch, not per sample: rows keep their different means.
+    assert white[0][mask[0].bool()].mean() > 0.5 and white[2][mask[2].bool()].mean() < 0.0
+    assert ReFTConfig().adv_whitening == "global"
+
+
+def test_reft_step_clips_the_gradient_norm(inputs):
+    """ReFT's clip_grad_norm=1.0: a step whose gradient norm is far above 1 leaves a clipped gradient
+    of norm 1 on the policy and value head (SGD with lr 0: the gradient stays to be read)."""
+    model = _model()
+    head = ValueHead(model.config.hidden_size)
+    params = [*model.parameters(), *head.parameters()]
+    config = ReFTConfig(max_length=TINY_REFT.max_length, max_input_length=TINY_REFT.max_input_length, vf_coef=1e4)
+    decode = bts.ByteTokenizer().decode
+    trainer = ReFTTrainer(model, head, _model().requires_grad_(False), torch.optim.SGD(params, lr=0.0), decode, config)
+    trainer.eos_token_id = inputs.eos_token_id
+    torch.manual_seed(0)
+    out = trainer.step(inputs.reft_prompt_ids, inputs.answers, inputs.reft_prompt_mask)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    assert out["grad_norm"] > 10.0 and norm.item() == pytest.approx(1.0, rel=1e-4)
+    assert ReFTConfig().clip_grad_norm == 1.0 and ReFTConfig().kl_coef == 0.05 and ReFTConfig().max_length == 700
 
 
 def test_gae_against_hand_computed_values():
@@ -146,6 +242,11 @@ def test_ppo_clip_losses_against_hand_computed_values():
     assert policy.item() == pytest.approx(1.1 / 3)
     # Value: V_clip = [0.7, 0.0, 0.5]; 0.5 max((V-G)^2, (V_clip-G)^2) = 0.5 [0.09, 1, 0.25]. Mean 0.67 / 3.
     assert value.item() == pytest.approx(0.67 / 3)
+    # Two samples of 1 and 3 tokens: ReFT averages each sample's tokens, then the samples (not all tokens).
+    two = [torch.cat([x, x]) for x in (logprobs, old, advantages, values, old_values, returns)]
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    policy, _ = ppo_losses(*two, mask, 0.2, 0.2)
+    assert policy.item() == pytest.approx((-1.2 + 1.1 / 3) / 2)
 
 
 def test_final_answer_reward():
@@ -154,16 +255,30 @@ def test_final_answer_reward():
     assert final_answer_reward("I do not know.", "72") == 0.0
 
 
-def test_reductions_against_hand_computed_values():
+def test_reductions_are_labelled_comparisons():
+    def row(method: str, ms: float, peak: int) -> dict:
+        times = {"steady_ms": ms, "steady_min_ms": 0.5 * ms, "steady_max_ms": 1.5 * ms, "steady_ms_per_sample": ms / 2}
+        return {"model": "m", "method": method, "status": "ok", "batch_size": 2, "peak_bytes": peak} | times
+
     rows = [
-        {"model": "m", "method": "nlft_kernels", "status": "ok", "steady_ms_per_sample": 1.0, "peak_bytes": 100},
-        {"model": "m", "method": "reft", "status": "ok", "steady_ms_per_sample": 4.0, "peak_bytes": 1000},
-        {"model": "m", "method": "nlft_authors_style", "status": "oom"},
+        row("nlft_kernels", 2.0, 100),
+        row("nlft_authors_style", 4.0, 400),
+        row("reft_no_sampling", 8.0, 1000),
+        row("reft", 16.0, 1000),
+        {"model": "m", "method": "nlft_kernels_gen_judge", "status": "oom"},
     ]
-    (red,) = bts.reductions(rows)
-    assert red["against"] == "reft"
+    reds = {(r["comparison"], r["ours"], r["against"]): r for r in bts.reductions(rows)}
+    assert set(reds) == {
+        ("method", "nlft_authors_style", "reft_no_sampling"),
+        ("method + kernels", "nlft_kernels", "reft_no_sampling"),
+        ("kernels alone", "nlft_kernels", "nlft_authors_style"),
+    }
+    red = reds[("method + kernels", "nlft_kernels", "reft_no_sampling")]
     assert red["time"] == pytest.approx(0.75) and red["memory"] == pytest.approx(0.9)
-    assert red["paper"] == bts.PAPER_REDUCTION_VS_REFT
+    # Range: our slowest (1.5 x 2) against their fastest (0.5 x 8), and our fastest against their slowest.
+    assert red["time_range"] == pytest.approx([1 - 3 / 4, 1 - 1 / 12])
+    assert red["costs"].startswith("training step only") and "paper" not in red
+    assert reds[("method", "nlft_authors_style", "reft_no_sampling")]["time"] == pytest.approx(0.5)
 
 
 def test_run_writes_json_table_and_plot(tmp_path):
@@ -174,8 +289,9 @@ def test_run_writes_json_table_and_plot(tmp_path):
         "--tiny",
         "--in-process",
         "--methods",
-        "sft",
         "nlft_kernels",
+        "nlft_kernels_gen_judge",
+        "reft_no_sampling",
         "reft",
         "--data",
         str(data),
@@ -190,18 +306,36 @@ def test_run_writes_json_table_and_plot(tmp_path):
     for key in ("device", "versions", "date", "load_average_1_5_15min", "settings", "method", "models"):
         assert key in payload
     assert payload["versions"]["torch"] == torch.__version__
-    assert [r["method"] for r in payload["results"]] == ["sft", "nlft_kernels", "reft"]
+    rows = {r["method"]: r for r in payload["results"]}
+    assert list(rows) == ["nlft_kernels", "nlft_kernels_gen_judge", "reft_no_sampling", "reft"]
     for row in payload["results"]:
-        assert row["status"] == "ok" and row["finite"]
+        assert row["status"] == "ok" and row["finite"] and "includes" in row and "load_average_1min" in row
         assert row["steady_ms_per_sample"] == pytest.approx(row["steady_ms"] / 2)
         assert row["peak_bytes"] >= 0
-    assert payload["results"][2]["sampling_ms"] > 0
-    (red,) = payload["reductions"]
-    assert red["against"] == "reft"
+    assert rows["reft"]["sampling_ms"] > 0 and "sampling_ms" not in rows["reft_no_sampling"]
+    assert rows["nlft_kernels_gen_judge"]["sampling_ms"] > 0 and "judging_ms" in rows["nlft_kernels_gen_judge"]
+    assert rows["reft"]["generated_tokens"] <= rows["reft"]["generated_tokens_cap"]
+    assert rows["reft"]["includes"]["gradient_clipping"].startswith("1.0")
+    assert rows["nlft_kernels_gen_judge"]["includes"]["judging"].startswith("included")
+    assert rows["reft_no_sampling"]["includes"]["sampling"].startswith("excluded")
+    settings = payload["settings"]
+    assert (
+        settings["reft_max_length"] == bts.PRESETS["tiny"].reft_max_length
+        and "lowered" in settings["reft_max_length_note"]
+    )
+    assert "_template.sh" in settings["reft_sources"]["batch_size"] and settings["judge"] == "builtin"
+    assert settings["reft_config"]["clip_grad_norm"] == 1.0 and settings["reft_config"]["adv_whitening"] == "global"
+    assert [(r["comparison"], r["ours"], r["against"]) for r in payload["reductions"]] == [
+        ("method + kernels", "nlft_kernels", "reft_no_sampling"),
+        ("method + kernels", "nlft_kernels_gen_judge", "reft"),
+    ]
     table = out.with_suffix(".md").read_text()
     assert table == bts.markdown_table(payload) + "\n"
-    assert table.count("| tiny-llama |") == 4  # three methods + one reduction line
-    assert "78.27% time, 92.24% memory" in table
+    assert table.count("| tiny-llama |") == 6  # four methods + two comparisons
+    assert "| tiny-llama | reft | full FT | yes | yes | included | reward |" in table
+    assert "| tiny-llama | reft_no_sampling | full FT | yes | yes | sampled before | reward |" in table
+    assert "| tiny-llama | nlft_kernels_gen_judge | full FT | no | no | included | included |" in table
+    assert "78.27" not in table and "92.24" not in table  # the paper's figures stand apart
     assert out.with_suffix(".png").stat().st_size > 0
 
 
@@ -279,7 +413,13 @@ def test_setting_picks_methods_and_sizes():
         300,
         ("smollm2-135m",),
     )
-    assert paper.preset.reps >= 3
+    # At least 5 timed steps after warm-up in the presets the README reports; ReFT's cap is its 700.
+    for preset in (paper.preset, bts.parse_args(["--quick"]).preset):
+        assert preset.reps >= 5 and preset.warmup >= 1
+    # ReFT's own cap on the GPU; a CPU preset's lower cap is recorded with its reason in the JSON.
+    assert bts.PRESETS["full"].reft_max_length == 700 and paper.preset.reft_max_length <= 700
+    assert bts.parse_args(["--setting", "paper", "--reft-max-length", "700"]).preset.reft_max_length == 700
+    assert bts.estimate_wall_s(paper.preset, paper.methods, "cpu") > 0
     assert bts.parse_args(["--setting", "paper", "--tiny"]).preset == bts.PRESETS["tiny"]
     default = bts.parse_args([])
     assert default.setting == "full-ft" and default.methods == list(METHODS) and default.preset == bts.PRESETS["full"]
@@ -318,16 +458,20 @@ def test_paper_setting_run_writes_labelled_rows(tmp_path):
     assert reft["reference_parameters"] == reft["parameters"] and reft["reference_trained_parameters"] == 0
     assert reft["value_head_parameters"] == hidden + 1
     assert reft["trained_parameters"] == reft["parameters"] + hidden + 1
-    pairs = [(r["ours"], r["against"]) for r in payload["reductions"]]
-    assert pairs == [
-        ("nlft_kernels_lora", "reft"),
-        ("nlft_authors_style_lora", "reft"),
-        ("nlft_kernels_lora", "nlft_authors_style_lora"),
+    for method in ("nlft_kernels_lora_gen_judge", "nlft_authors_style_lora_gen_judge"):
+        assert rows[method]["includes"]["trained"].startswith("LoRA r=16") and rows[method]["sampling_ms"] > 0
+    labelled = [(r["comparison"], r["ours"], r["against"]) for r in payload["reductions"]]
+    assert labelled == [
+        ("method", "nlft_authors_style_lora", "reft_no_sampling"),
+        ("method", "nlft_authors_style_lora_gen_judge", "reft"),
+        ("method + kernels", "nlft_kernels_lora", "reft_no_sampling"),
+        ("method + kernels", "nlft_kernels_lora_gen_judge", "reft"),
+        ("kernels alone", "nlft_kernels_lora", "nlft_authors_style_lora"),
     ]
-    assert [("paper" in r) for r in payload["reductions"]] == [True, True, False]
+    assert not any("paper" in r for r in payload["reductions"])
     table = out.with_suffix(".md").read_text()
-    assert table == bts.paper_markdown_table(payload) + "\n"
-    assert "| tiny-llama | nlft_kernels_lora | LoRA r=16 | no | no | none |" in table
-    assert "| tiny-llama | reft | full FT | yes | yes | included |" in table
-    assert table.count("78.27% time, 92.24% memory") == 2
+    assert table == bts.markdown_table(payload) + "\n"
+    assert "| tiny-llama | nlft_kernels_lora | LoRA r=16 | no | no | given | given |" in table
+    assert "| tiny-llama | reft | full FT | yes | yes | included | reward |" in table
+    assert "78.27" not in table and "92.24" not in table  # the paper's figures: their own sentence, no row
     assert out.with_suffix(".png").stat().st_size > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -90,10 +91,74 @@ def test_train_step_settings_get_their_own_sections(tmp_path):
         ],
     }
     text = readme_tables.paper_setting_summary(payload)
-    assert "78.27% less time and 92.24% less memory for NLFT than for ReFT, are for Llama-3-8B, 8-bit." in text
-    assert "not directly comparable" in text and "smollm2-135m in float32" in text
-    assert (
-        "- smollm2-135m: nlft_kernels_lora against reft: 50.0% less time per sample and 25.0% less peak memory "
-        "(the paper: 78.27% less time, 92.24% less memory)" in text
+    first, _, lines = text.partition("\n\n")
+    # The paper's figures: one sentence of their own, naming their regime; no line of ours carries them.
+    assert "78.27% less time and 92.24% less memory for NLFT than for ReFT, are for Llama-3-8B, 8-bit." in first
+    assert "not directly comparable" in first and "smollm2-135m in float32" in first
+    assert "78.27" not in lines and "92.24" not in lines
+    assert lines.splitlines() == [
+        "- smollm2-135m, method + kernels (NLFT with nlft_kernels against ReFT): nlft_kernels_lora against reft, "
+        "uneven: NLFT's step against ReFT with its sampling: 50.0% less time per sample and 25.0% less peak memory",
+        "- smollm2-135m, method (authors'-style NLFT against ReFT): nlft_authors_style_lora against reft, uneven: "
+        "NLFT's step against ReFT with its sampling: 10.0% less time per sample and 50.0% more peak memory",
+    ]
+
+
+def test_summary_lines_show_the_spread():
+    payload = {
+        "reductions": [
+            {
+                "model": "m",
+                "comparison": "kernels alone",
+                "ours": "nlft_kernels",
+                "against": "nlft_authors_style",
+                "costs": "training step only",
+                "time": 0.5,
+                "time_range": [0.25, 0.625],
+                "memory": 0.1,
+            }
+        ]
+    }
+    assert readme_tables.train_step_summary(payload) == (
+        "- m, kernels alone (NLFT with nlft_kernels against the authors'-style NLFT): nlft_kernels against "
+        "nlft_authors_style, training step only: 50.0% less time per sample (median; 25.0% to 62.5% between the "
+        "extreme steps) and 10.0% less peak memory"
     )
-    assert "10.0% less time per sample and 50.0% more peak memory" in text
+
+
+def _train_step_sections(readme: str) -> dict[str, list[str]]:
+    """The README's generated training-step sections: title -> their lines."""
+    generated = readme.split(readme_tables.START, 1)[1].split(readme_tables.END, 1)[0]
+    sections = {}
+    for part in generated.split("\n### ")[1:]:
+        title, _, body = part.partition("\n")
+        if title.startswith("One training step"):
+            sections[title] = body.splitlines()
+    return sections
+
+
+def test_readme_summary_lines_name_the_comparison_they_report():
+    """Every summary line of the README's training-step sections names its comparison (method,
+    method + kernels or kernels alone, in words), the two rows it sets against each other and what
+    their costs include; the paper's figures appear in no such line and no table row."""
+    from benchmarks.bench_train_step import LABEL_WORDS
+
+    readme = readme_tables.README.read_text(encoding="utf-8")
+    sections = _train_step_sections(readme)
+    assert sections, "the README has no training-step section"
+    pattern = re.compile(
+        r"^- (?P<model>[\w.-]+), (?P<label>method|method \+ kernels|kernels alone) \((?P<words>[^)]*)\): "
+        r"(?P<ours>\w+) against (?P<against>\w+), (?P<costs>.+?): "
+        r"\d+\.\d% (less|more) time per sample.* and \d+\.\d% (less|more) peak memory$"
+    )
+    found = 0
+    for title, lines in sections.items():
+        for line in lines:
+            if line.startswith("- "):
+                match = pattern.match(line)
+                assert match, f"summary line does not name its comparison ({title}): {line}"
+                assert match["words"] == LABEL_WORDS[match["label"]]
+                found += 1
+            if line.startswith("|"):
+                assert "78.27" not in line and "92.24" not in line, line
+    assert found, "no summary line in the training-step sections"
