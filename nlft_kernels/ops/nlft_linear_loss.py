@@ -522,7 +522,6 @@ def _flat(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-@torch.compiler.disable
 def nlft_linear_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -560,7 +559,12 @@ def nlft_linear_loss(
       float32 temporaries) plus the gradients (hidden [N, D]; weight [V, D] and bias
       accumulated in float32 in place, then cast to their dtype); 16-bit inputs on a device
       without float32-output 16-bit matmuls (the CPU) add a float32 copy of ``weight``.
+
+    Under ``torch.compile`` it traces as one custom op (``nlft_kernels.ops.custom_ops``), with
+    ``validate`` off.
     """
+    compiling = torch.compiler.is_compiling()
+    validate = validate and not compiling
     if not isinstance(config, NLFTConfig):
         raise ValueError(f"config must be an NLFTConfig, got {type(config).__name__}")
     if reduction not in REDUCTIONS:
@@ -570,7 +574,8 @@ def nlft_linear_loss(
     check_logits(proxy, "hidden @ weight.T")
     labels = check_labels(labels, proxy, config.ignore_index, validate)
     sample_ids, correct = _check_samples(proxy, labels, correct, sample_ids, hidden.dim() == 2, validate)
-    backend = resolve_backend(backend, hidden.device)
+    if not compiling:  # the op resolves it while compiling
+        backend = resolve_backend(backend, hidden.device)
     acc = acc_dtype(hidden.dtype)
     wrong_rows = ~correct[sample_ids]
     standard_t, standard_mode = _teacher(standard, "standard", proxy, acc, validate)
@@ -592,10 +597,16 @@ def nlft_linear_loss(
         wrong=wrong_rows & valid if judge is not None else torch.zeros_like(valid),
         scale=row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc),
     )
-    rows = chunk_size or chunk_rows_for(
-        flat_labels.numel(), weight.shape[0], _acc_size(weight), hidden.device, dim=weight.shape[1]
-    )
-    loss, *details = NLFTLinearLossFunction.apply(
+    if compiling:  # free memory is read at run time, inside the op (rows 0: automatic)
+        from nlft_kernels.ops.custom_ops import nlft_linear_loss_apply as apply
+
+        rows = chunk_size or 0
+    else:
+        apply = NLFTLinearLossFunction.apply
+        rows = chunk_size or chunk_rows_for(
+            flat_labels.numel(), weight.shape[0], _acc_size(weight), hidden.device, dim=weight.shape[1]
+        )
+    loss, *details = apply(
         _flat(hidden),
         weight,
         bias,
@@ -617,7 +628,6 @@ def nlft_linear_loss(
     return loss, NLFTDetails(*(d.view(labels.shape) for d in details))
 
 
-@torch.compiler.disable
 @torch.no_grad()
 def linear_token_logprobs(
     hidden: torch.Tensor,
@@ -641,6 +651,14 @@ def linear_token_logprobs(
     hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
     proxy = _logits_proxy(hidden, weight.shape[0])
     check_logits(proxy, "hidden @ weight.T")
+    if torch.compiler.is_compiling():  # one custom op, unvalidated (see nlft_kernels.ops.custom_ops)
+        from nlft_kernels.ops.custom_ops import linear_token_logprobs_op
+
+        labels = check_labels(labels, proxy, ignore_index, validate=False)
+        out = linear_token_logprobs_op(
+            _flat(hidden), weight, bias, labels.reshape(-1), ignore_index, chunk_size or 0, backend
+        )
+        return out.view(labels.shape)
     labels = check_labels(labels, proxy, ignore_index, validate)
     backend = resolve_backend(backend, hidden.device)
     flat, flat_labels = _flat(hidden), labels.reshape(-1)
