@@ -538,6 +538,7 @@ def nlft_linear_loss(
     return_details: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    vocab_parallel_group=None,
 ):
     """The NLFT loss of the base view's logits ``hidden @ weight.T + bias``, never materialised.
 
@@ -562,6 +563,12 @@ def nlft_linear_loss(
 
     Under ``torch.compile`` it traces as one custom op (``nlft_kernels.ops.custom_ops``), with
     ``validate`` off.
+
+    vocab_parallel_group: the head's rows are split over this process group (Megatron's layout:
+      ``weight`` [V / P, D] and ``bias`` are this rank's rows [r * V / P, (r + 1) * V / P);
+      ``hidden`` and labels are the same on every rank). The logits shard [N, V / P] is
+      materialised (float32), not chunked, and the hidden gradient is all-reduced over the
+      group in backward (see ``nlft_kernels.ops.vocab_parallel``).
     """
     compiling = torch.compiler.is_compiling()
     validate = validate and not compiling
@@ -570,6 +577,17 @@ def nlft_linear_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
+    if vocab_parallel_group is not None:
+        from nlft_kernels.ops.nlft_loss import nlft_loss
+        from nlft_kernels.ops.vocab_parallel import linear_logits
+
+        logits = linear_logits(_flat(hidden), weight, bias, vocab_parallel_group)
+        logits = logits.view(*hidden.shape[:-1], -1)
+        return nlft_loss(
+            logits, labels, correct, standard=standard, judge=judge, config=config, reduction=reduction,
+            sample_ids=sample_ids, hidden_states=hidden, return_details=return_details, validate=validate,
+            vocab_parallel_group=vocab_parallel_group,
+        )  # fmt: skip
     proxy = _logits_proxy(hidden, weight.shape[0])
     check_logits(proxy, "hidden @ weight.T")
     labels = check_labels(labels, proxy, config.ignore_index, validate)
@@ -639,6 +657,7 @@ def linear_token_logprobs(
     chunk_size: int | None = None,
     backend: str = "auto",
     validate: bool = True,
+    vocab_parallel_group=None,
 ) -> torch.Tensor:
     """log p(label) under ``hidden @ weight.T + bias``, chunked: for the teacher views.
 
@@ -649,6 +668,12 @@ def linear_token_logprobs(
     without float32-output 16-bit matmuls (the CPU) a float32 copy of ``weight``.
     """
     hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
+    if vocab_parallel_group is not None:  # weight: this rank's rows (see nlft_linear_loss)
+        from nlft_kernels.ops.vocab_parallel import global_vocab, linear_token_logprobs_vocab_parallel
+
+        proxy = _logits_proxy(hidden, global_vocab(weight.shape[0], vocab_parallel_group))
+        labels = check_labels(labels, proxy, ignore_index, validate)
+        return linear_token_logprobs_vocab_parallel(hidden, weight, labels, bias, ignore_index, vocab_parallel_group)
     proxy = _logits_proxy(hidden, weight.shape[0])
     check_logits(proxy, "hidden @ weight.T")
     if torch.compiler.is_compiling():  # one custom op, unvalidated (see nlft_kernels.ops.custom_ops)

@@ -660,6 +660,7 @@ def nlft_loss(
     return_details: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    vocab_parallel_group=None,
 ):
     """The NLFT loss (see the spec), fused: no [N, V] temporary besides the base gradient.
 
@@ -680,6 +681,10 @@ def nlft_loss(
       ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``.
     validate: check label range, finiteness and wrong samples' judge (a few host syncs); off
       while ``torch.compile`` traces the call (see ``nlft_kernels.ops.custom_ops``).
+    vocab_parallel_group: a process group over which the vocabulary is split (Megatron's
+      layout, see ``nlft_kernels.ops.vocab_parallel``): ``base_logits`` and teacher logits are
+      this rank's columns [r * V / P, (r + 1) * V / P); labels stay global ids. PyTorch ops,
+      ``backend`` is not used.
     """
     compiling = torch.compiler.is_compiling()
     validate = validate and not compiling
@@ -687,6 +692,13 @@ def nlft_loss(
         raise ValueError(f"config must be an NLFTConfig, got {type(config).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if vocab_parallel_group is not None:
+        from nlft_kernels.ops.vocab_parallel import nlft_loss_vocab_parallel
+
+        return nlft_loss_vocab_parallel(
+            base_logits, labels, correct, standard, judge, config, reduction, sample_ids, hidden_states,
+            return_details, validate, vocab_parallel_group,
+        )  # fmt: skip
     check_logits(base_logits, "base_logits")
     labels = check_labels(labels, base_logits, config.ignore_index, validate)
     flat = base_logits.dim() == 2
