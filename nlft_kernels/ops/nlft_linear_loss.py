@@ -522,7 +522,6 @@ def _flat(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-@torch.compiler.disable
 def nlft_linear_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -539,6 +538,7 @@ def nlft_linear_loss(
     return_details: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    vocab_parallel_group=None,
 ):
     """The NLFT loss of the base view's logits ``hidden @ weight.T + bias``, never materialised.
 
@@ -560,17 +560,40 @@ def nlft_linear_loss(
       float32 temporaries) plus the gradients (hidden [N, D]; weight [V, D] and bias
       accumulated in float32 in place, then cast to their dtype); 16-bit inputs on a device
       without float32-output 16-bit matmuls (the CPU) add a float32 copy of ``weight``.
+
+    Under ``torch.compile`` it traces as one custom op (``nlft_kernels.ops.custom_ops``), with
+    ``validate`` off.
+
+    vocab_parallel_group: the head's rows are split over this process group (Megatron's layout:
+      ``weight`` [V / P, D] and ``bias`` are this rank's rows [r * V / P, (r + 1) * V / P);
+      ``hidden`` and labels are the same on every rank). The logits shard [N, V / P] is
+      materialised (float32), not chunked, and the hidden gradient is all-reduced over the
+      group in backward (see ``nlft_kernels.ops.vocab_parallel``).
     """
+    compiling = torch.compiler.is_compiling()
+    validate = validate and not compiling
     if not isinstance(config, NLFTConfig):
         raise ValueError(f"config must be an NLFTConfig, got {type(config).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
+    if vocab_parallel_group is not None:
+        from nlft_kernels.ops.nlft_loss import nlft_loss
+        from nlft_kernels.ops.vocab_parallel import linear_logits
+
+        logits = linear_logits(_flat(hidden), weight, bias, vocab_parallel_group)
+        logits = logits.view(*hidden.shape[:-1], -1)
+        return nlft_loss(
+            logits, labels, correct, standard=standard, judge=judge, config=config, reduction=reduction,
+            sample_ids=sample_ids, hidden_states=hidden, return_details=return_details, validate=validate,
+            vocab_parallel_group=vocab_parallel_group,
+        )  # fmt: skip
     proxy = _logits_proxy(hidden, weight.shape[0])
     check_logits(proxy, "hidden @ weight.T")
     labels = check_labels(labels, proxy, config.ignore_index, validate)
     sample_ids, correct = _check_samples(proxy, labels, correct, sample_ids, hidden.dim() == 2, validate)
-    backend = resolve_backend(backend, hidden.device)
+    if not compiling:  # the op resolves it while compiling
+        backend = resolve_backend(backend, hidden.device)
     acc = acc_dtype(hidden.dtype)
     wrong_rows = ~correct[sample_ids]
     standard_t, standard_mode = _teacher(standard, "standard", proxy, acc, validate)
@@ -592,10 +615,16 @@ def nlft_linear_loss(
         wrong=wrong_rows & valid if judge is not None else torch.zeros_like(valid),
         scale=row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc),
     )
-    rows = chunk_size or chunk_rows_for(
-        flat_labels.numel(), weight.shape[0], _acc_size(weight), hidden.device, dim=weight.shape[1]
-    )
-    loss, *details = NLFTLinearLossFunction.apply(
+    if compiling:  # free memory is read at run time, inside the op (rows 0: automatic)
+        from nlft_kernels.ops.custom_ops import nlft_linear_loss_apply as apply
+
+        rows = chunk_size or 0
+    else:
+        apply = NLFTLinearLossFunction.apply
+        rows = chunk_size or chunk_rows_for(
+            flat_labels.numel(), weight.shape[0], _acc_size(weight), hidden.device, dim=weight.shape[1]
+        )
+    loss, *details = apply(
         _flat(hidden),
         weight,
         bias,
@@ -617,7 +646,6 @@ def nlft_linear_loss(
     return loss, NLFTDetails(*(d.view(labels.shape) for d in details))
 
 
-@torch.compiler.disable
 @torch.no_grad()
 def linear_token_logprobs(
     hidden: torch.Tensor,
@@ -629,6 +657,7 @@ def linear_token_logprobs(
     chunk_size: int | None = None,
     backend: str = "auto",
     validate: bool = True,
+    vocab_parallel_group=None,
 ) -> torch.Tensor:
     """log p(label) under ``hidden @ weight.T + bias``, chunked: for the teacher views.
 
@@ -639,8 +668,22 @@ def linear_token_logprobs(
     without float32-output 16-bit matmuls (the CPU) a float32 copy of ``weight``.
     """
     hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
+    if vocab_parallel_group is not None:  # weight: this rank's rows (see nlft_linear_loss)
+        from nlft_kernels.ops.vocab_parallel import global_vocab, linear_token_logprobs_vocab_parallel
+
+        proxy = _logits_proxy(hidden, global_vocab(weight.shape[0], vocab_parallel_group))
+        labels = check_labels(labels, proxy, ignore_index, validate)
+        return linear_token_logprobs_vocab_parallel(hidden, weight, labels, bias, ignore_index, vocab_parallel_group)
     proxy = _logits_proxy(hidden, weight.shape[0])
     check_logits(proxy, "hidden @ weight.T")
+    if torch.compiler.is_compiling():  # one custom op, unvalidated (see nlft_kernels.ops.custom_ops)
+        from nlft_kernels.ops.custom_ops import linear_token_logprobs_op
+
+        labels = check_labels(labels, proxy, ignore_index, validate=False)
+        out = linear_token_logprobs_op(
+            _flat(hidden), weight, bias, labels.reshape(-1), ignore_index, chunk_size or 0, backend
+        )
+        return out.view(labels.shape)
     labels = check_labels(labels, proxy, ignore_index, validate)
     backend = resolve_backend(backend, hidden.device)
     flat, flat_labels = _flat(hidden), labels.reshape(-1)

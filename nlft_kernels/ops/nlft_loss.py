@@ -267,7 +267,13 @@ def row_scale(valid, sample_ids, n_samples: int, reduction: str, loss_scale: flo
     if reduction == "token_mean":
         return scale / valid.sum().clamp(min=1)
     if reduction == "sample_mean":
-        n = torch.zeros(n_samples, dtype=dtype, device=valid.device).index_add_(0, sample_ids, valid.to(dtype))
+        if torch.compiler.is_compiling():
+            # Inductor's CPU code generation fails on this index_add_ (a vectorised atomic
+            # scatter, torch 2.13); a one-hot product counts the same (small integers: exact).
+            members = sample_ids == torch.arange(n_samples, device=valid.device)[:, None]
+            n = members.to(dtype) @ valid.to(dtype)
+        else:
+            n = torch.zeros(n_samples, dtype=dtype, device=valid.device).index_add_(0, sample_ids, valid.to(dtype))
         return scale / (n[sample_ids].clamp(min=1) * (n > 0).sum().clamp(min=1))
     return scale
 
@@ -654,6 +660,7 @@ def nlft_loss(
     return_details: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    vocab_parallel_group=None,
 ):
     """The NLFT loss (see the spec), fused: no [N, V] temporary besides the base gradient.
 
@@ -672,12 +679,26 @@ def nlft_loss(
     backend: ``"auto"`` (on the CPU the compiled C++ kernel when ``nlft_kernels._C`` is built,
       else chunked torch; on CUDA Triton or the CUDA kernel, see ``nlft_kernels.backends``),
       ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``.
-    validate: check label range, finiteness and wrong samples' judge (a few host syncs).
+    validate: check label range, finiteness and wrong samples' judge (a few host syncs); off
+      while ``torch.compile`` traces the call (see ``nlft_kernels.ops.custom_ops``).
+    vocab_parallel_group: a process group over which the vocabulary is split (Megatron's
+      layout, see ``nlft_kernels.ops.vocab_parallel``): ``base_logits`` and teacher logits are
+      this rank's columns [r * V / P, (r + 1) * V / P); labels stay global ids. PyTorch ops,
+      ``backend`` is not used.
     """
+    compiling = torch.compiler.is_compiling()
+    validate = validate and not compiling
     if not isinstance(config, NLFTConfig):
         raise ValueError(f"config must be an NLFTConfig, got {type(config).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if vocab_parallel_group is not None:
+        from nlft_kernels.ops.vocab_parallel import nlft_loss_vocab_parallel
+
+        return nlft_loss_vocab_parallel(
+            base_logits, labels, correct, standard, judge, config, reduction, sample_ids, hidden_states,
+            return_details, validate, vocab_parallel_group,
+        )  # fmt: skip
     check_logits(base_logits, "base_logits")
     labels = check_labels(labels, base_logits, config.ignore_index, validate)
     flat = base_logits.dim() == 2
@@ -690,14 +711,16 @@ def nlft_loss(
             )
         if hidden_states.device != base_logits.device:
             raise ValueError(f"hidden_states is on {hidden_states.device} but base_logits is on {base_logits.device}")
-    backend = resolve_backend(backend, base_logits.device, labels.numel(), base_logits.shape[-1])
+    if not compiling:  # the op resolves it while compiling
+        backend = resolve_backend(backend, base_logits.device, labels.numel(), base_logits.shape[-1])
     acc = acc_dtype(base_logits.dtype)
     wrong_rows = ~correct[sample_ids]
     standard_t, standard_mode = _teacher(standard, "standard", base_logits, acc, validate)
     if judge is None:
         # Checked even with validate=False (one host sync, only without a judge): the kernels
-        # would otherwise train the wrong samples as correct ones, silently.
-        if bool(wrong_rows.any()):
+        # would otherwise train the wrong samples as correct ones, silently. The op checks it
+        # at run time while compiling.
+        if not compiling and bool(wrong_rows.any()):
             raise ValueError("judge is required when any sample is wrong (correct has False entries)")
         judge_t, judge_mode = None, VIEW_NONE
     else:
@@ -713,7 +736,11 @@ def nlft_loss(
         wrong=wrong_rows & valid if judge is not None else torch.zeros_like(valid),
         scale=row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc),
     )
-    loss, *details = NLFTLossFunction.apply(
+    if compiling:
+        from nlft_kernels.ops.custom_ops import nlft_loss_apply as apply
+    else:
+        apply = NLFTLossFunction.apply
+    loss, *details = apply(
         base_logits,
         views,
         sample_ids,

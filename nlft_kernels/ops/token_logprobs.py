@@ -232,8 +232,14 @@ def token_logprobs(
     ``ignore_index``. Differentiable in ``logits``; never builds a [N, V] temporary in forward.
 
     ``validate`` checks label range and finiteness (one host sync); turn it off in hot loops.
+    It is off while ``torch.compile`` traces the call (see ``nlft_kernels.ops.custom_ops``).
     """
     check_logits(logits, "logits")
+    if torch.compiler.is_compiling():
+        from nlft_kernels.ops.custom_ops import token_logprobs_apply
+
+        labels = check_labels(labels, logits, ignore_index, validate=False)
+        return token_logprobs_apply(logits, labels, ignore_index, backend)
     labels = check_labels(labels, logits, ignore_index, validate)
     lp = TokenLogprobsFunction.apply(logits, labels, ignore_index, resolve_backend(backend, logits.device))
     if validate and not bool(torch.isfinite(lp).all()):

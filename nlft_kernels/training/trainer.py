@@ -35,6 +35,7 @@ from nlft_kernels.training.data import (
     PromptTemplates,
     encode_records,
 )
+from nlft_kernels.training.distributed import sharded_batch_loss, sharding_of
 
 # Every key that encode_record writes: the Trainer must not drop them as "unused columns".
 FEATURE_COLUMNS = ["labels", "correct"] + [f"{v}_{k}" for v in VIEWS for k in ("input_ids", "prompt_length")]
@@ -120,10 +121,24 @@ def _pad_cat(tensors: Sequence[torch.Tensor], value: int) -> torch.Tensor:
     return torch.cat([nn.functional.pad(t, (0, length - t.shape[1]), value=value) for t in tensors])
 
 
-def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the all-padding columns at the right of a sub-batch."""
-    length = int(mask.sum(1).max())
+def _trim(ids: torch.Tensor, mask: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the all-padding columns at the right of a sub-batch (``length``: its longest row,
+    when known on the host)."""
+    if length is None:
+        length = int(mask.sum(1).max())
     return ids[:, :length], mask[:, :length]
+
+
+def _host_plan(batch: dict[str, torch.Tensor]) -> tuple[list[int], int, int]:
+    """(wrong samples, longest standard prompt + response, longest judge one among the wrong
+    samples) of a batch, in one read: no host sync while the batch is still on the host (as
+    the collator leaves it), one otherwise (the Trainer moves batches to the device first)."""
+    correct = batch["correct"].bool()
+    lengths = torch.stack(
+        [correct.long(), batch["standard_attention_mask"].sum(1), batch["judge_attention_mask"].sum(1)]
+    ).tolist()
+    wrong = [b for b, ok in enumerate(lengths[0]) if not ok]
+    return wrong, max(lengths[1]), max((lengths[2][b] for b in wrong), default=0)
 
 
 def _match_dtypes(hidden, weight, bias):
@@ -166,6 +181,7 @@ def nlft_batch_loss(
     judge_nll_weight: float = 0.0,
     lm_head: nn.Module | None = None,
     pad_token_id: int = 0,
+    validate: bool = True,
 ) -> torch.Tensor:
     """The NLFT loss (a scalar with gradient) of ``batch`` (from :class:`NLFTCollator`).
 
@@ -176,7 +192,13 @@ def nlft_batch_loss(
     ``judge_nll_weight=10`` reproduces the authors' scale of that term (they add it inside the
     loss that ``loss_scale = 10`` multiplies), 0 leaves the judge view a pure teacher.
     ``lm_head``: the module whose weight [V, D] (and bias) map final hidden states to logits;
-    default: the model's output embeddings.
+    default: the model's output embeddings. ``validate``: the ops' input checks (label range,
+    finite log-probs and logits): 15 of the step's 28 host syncs at batch 4 (see
+    ``tests/training/test_host_syncs.py``); off, a NaN shows as a NaN loss instead of an error.
+
+    A model whose parameters are sharded (FSDP2 ``fully_shard``, FSDP1, DeepSpeed ZeRO-3)
+    takes :func:`nlft_kernels.training.distributed.sharded_batch_loss`: the same loss, computed
+    inside the head's forward, with the same forwards on every rank.
     """
     if judge_nll_weight < 0 or not math.isfinite(judge_nll_weight):
         raise ValueError(f"judge_nll_weight must be a finite number >= 0, got {judge_nll_weight}")
@@ -184,15 +206,23 @@ def nlft_batch_loss(
         weight, bias = lm_head_of(model)
     else:
         weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    plan = _host_plan(batch)
     batch = {k: v.to(weight.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if sharding_of(model) is not None:
+        # FSDP / ZeRO-3: the head's weight is whole only inside its forward (see .distributed).
+        head = lm_head if lm_head is not None else causal_lm(model).get_output_embeddings()
+        return sharded_batch_loss(
+            model, batch, config, judge_nll_weight=judge_nll_weight, head=head, pad_token_id=pad_token_id
+        )
     labels, correct = batch["labels"], batch["correct"].bool()
-    wrong = (~correct).nonzero().squeeze(1)
+    wrong_list, standard_length, judge_length = plan
+    wrong = torch.tensor(wrong_list, dtype=torch.int64).to(labels.device, non_blocking=True)
     judge_grad = judge_nll_weight > 0 and wrong.numel() > 0
     ids, mask = batch["base_input_ids"], batch["base_attention_mask"]
     batch_size = ids.shape[0]
     if judge_grad:
         # One forward for base + wrong judge rows: DDP allows a single forward per backward.
-        j_ids, j_mask = _trim(batch["judge_input_ids"][wrong], batch["judge_attention_mask"][wrong])
+        j_ids, j_mask = _trim(batch["judge_input_ids"][wrong], batch["judge_attention_mask"][wrong], judge_length)
         hidden = final_hidden(model, _pad_cat([ids, j_ids], pad_token_id), _pad_cat([mask, j_mask], 0))
         base_hidden = _gather_rows(hidden[:batch_size], batch["base_rows"])
         judge_hidden = _gather_rows(hidden[batch_size:], batch["judge_rows"][wrong])
@@ -202,31 +232,40 @@ def nlft_batch_loss(
 
     teacher = unwrap_model(model)  # no_grad views bypass DDP: no collective for them
     with torch.no_grad():
-        standard = _teacher_logprobs(teacher, batch, "standard", None, labels, w, b, config)
+        standard = _teacher_logprobs(teacher, batch, "standard", None, labels, w, b, config, standard_length, validate)
         judge = None
         if wrong.numel() > 0:
             judge = torch.zeros_like(standard)
             if judge_grad:
                 h, jw, jb = _match_dtypes(judge_hidden.detach(), weight, bias)
-                judge[wrong] = linear_token_logprobs(h, jw, labels[wrong], jb, ignore_index=config.ignore_index)
+                judge[wrong] = linear_token_logprobs(
+                    h, jw, labels[wrong], jb, ignore_index=config.ignore_index, validate=validate
+                )
             else:
-                judge[wrong] = _teacher_logprobs(teacher, batch, "judge", wrong, labels[wrong], w, b, config)
-    loss = nlft_linear_loss(base_hidden, w, labels, correct, standard=standard, judge=judge, bias=b, config=config)
+                judge[wrong] = _teacher_logprobs(
+                    teacher, batch, "judge", wrong, labels[wrong], w, b, config, judge_length, validate
+                )
+    loss = nlft_linear_loss(
+        base_hidden, w, labels, correct, standard=standard, judge=judge, bias=b, config=config, validate=validate
+    )
     if judge_grad:
         h, jw, jb = _match_dtypes(judge_hidden, weight, bias)
         loss = loss + judge_nll_weight * judge_nll(h, jw, jb, labels[wrong], config.ignore_index).sum() / batch_size
     return loss
 
 
-def _teacher_logprobs(model, batch, view, index, labels, weight, bias, config) -> torch.Tensor:
-    """[b, R] float32 label log-probs of teacher ``view`` (samples ``index``, or all), no gradient."""
+def _teacher_logprobs(
+    model, batch, view, index, labels, weight, bias, config, length=None, validate=True
+) -> torch.Tensor:
+    """[b, R] float32 label log-probs of teacher ``view`` (samples ``index``, or all), no
+    gradient; ``length``: the longest of those rows (``_host_plan``)."""
     ids, mask, rows = (batch[f"{view}_{k}"] for k in ("input_ids", "attention_mask", "rows"))
     if index is not None:
         ids, mask, rows = ids[index], mask[index], rows[index]
-    ids, mask = _trim(ids, mask)
+    ids, mask = _trim(ids, mask, length)
     hidden = _gather_rows(final_hidden(model, ids, mask), rows)
     hidden, weight, bias = _match_dtypes(hidden, weight, bias)
-    return linear_token_logprobs(hidden, weight, labels, bias, ignore_index=config.ignore_index)
+    return linear_token_logprobs(hidden, weight, labels, bias, ignore_index=config.ignore_index, validate=validate)
 
 
 def nlft_step(
@@ -238,13 +277,20 @@ def nlft_step(
     optimizer: torch.optim.Optimizer | None = None,
     lm_head: nn.Module | None = None,
     pad_token_id: int = 0,
+    validate: bool = True,
 ) -> torch.Tensor:
     """One NLFT step for users with their own loop: the loss of ``batch`` (see
     :func:`nlft_batch_loss`). Without ``optimizer`` it returns the loss with its graph (call
     ``backward`` yourself, e.g. scaled for accumulation); with one, it also runs backward,
     ``optimizer.step()`` and ``optimizer.zero_grad()`` and returns the detached loss."""
     loss = nlft_batch_loss(
-        model, batch, config, judge_nll_weight=judge_nll_weight, lm_head=lm_head, pad_token_id=pad_token_id
+        model,
+        batch,
+        config,
+        judge_nll_weight=judge_nll_weight,
+        lm_head=lm_head,
+        pad_token_id=pad_token_id,
+        validate=validate,
     )
     if optimizer is None:
         return loss
