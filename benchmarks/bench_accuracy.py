@@ -294,9 +294,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     train_index = payload.get("train_indices") or choose(train_rows, max(settings.n), settings.seed + 1)
     payload["test_indices"], payload["train_indices"] = test_index, train_index
     test = [test_rows[i] for i in test_index]
-    started = time.perf_counter()
-    base, tokenizer = load_model(args.model)
-    study.say(f"model loaded in {time.perf_counter() - started:.0f} s")
+    base = tokenizer = None
+    todo = "base" not in runs or "sampled" not in payload or any(
+        f"{m}_n{n}" not in runs for n in settings.n for m in ("sft", "nlft")
+    )
+    if todo:  # a resumed run with every result recorded only writes its reports
+        started = time.perf_counter()
+        base, tokenizer = load_model(args.model)
+        study.say(f"model loaded in {time.perf_counter() - started:.0f} s")
 
     def evaluate(model, name: str) -> dict:
         t0 = time.perf_counter()
