@@ -2,10 +2,9 @@
 judged records), and ``demo``, which runs them all.
 
 Every subcommand takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a Hugging
-Face model folder or hub name) and ``--data`` (default: GSM8K from ``../shared/data/gsm8k``
-when it is there, else ``openai/gsm8k`` from the hub; or a JSONL file, a folder of
-``{train,test}.jsonl`` or a ``datasets`` hub name, ``name[:config]``). Heavy imports (torch,
-transformers) wait until a subcommand runs.
+Face model folder or hub name) and ``--data`` (default: the GSM8K embedded in the package, read
+with no network; or a JSONL file, a folder of ``{train,test}.jsonl`` or a ``datasets`` hub name,
+``name[:config]``). Heavy imports (torch, transformers) wait until a subcommand runs.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-GSM8K_DIR = Path("shared") / "data" / "gsm8k"
-GSM8K_HUB = "openai/gsm8k:main"  # datasets hub name:config, when there is no local copy
 DEMO_MAX_NEW_TOKENS = 128
 
 
@@ -64,31 +61,32 @@ def _existing_file(text: str) -> Path:
 # ------------------------------------------------------------------------------------ data
 
 
-def default_gsm8k_dir() -> Path | None:
-    """``../shared/data/gsm8k`` next to the current folder or the repository, if it exists."""
-    repo = Path(__file__).resolve().parents[1]
-    for base in (Path.cwd(), Path.cwd().parent, repo.parent):
-        folder = base / GSM8K_DIR
-        if (folder / "train.jsonl").is_file() or (folder / "test.jsonl").is_file():
-            return folder
+def _split_file(folder: Path, split: str) -> Path | None:
+    """``folder/{split}.jsonl``, or its .xz/.gz copy, if there."""
+    for name in (f"{split}.jsonl", f"{split}.jsonl.xz", f"{split}.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
     return None
 
 
 def resolve_data(value: str | None, split: str, parser: argparse.ArgumentParser) -> str:
-    """The source :func:`nlft_kernels.training.data.read_rows` reads for ``--data value`` and ``split``."""
+    """The source :func:`nlft_kernels.training.data.read_rows` reads for ``--data value`` and ``split``:
+    the GSM8K embedded in the package when ``value`` is None."""
+    from nlft_kernels.training.data import data_suffix
+
     if value is None:
-        folder = default_gsm8k_dir()
-        if folder is None:
-            print(f"no GSM8K at ../{GSM8K_DIR}: reading {GSM8K_HUB} from the Hugging Face hub", file=sys.stderr)
-            return GSM8K_HUB
-        value = str(folder)
+        from nlft_kernels.data import GSM8K_SPLITS, gsm8k_file
+
+        if split not in GSM8K_SPLITS:
+            parser.error(f"--split {split}: the embedded GSM8K has the splits {', '.join(GSM8K_SPLITS)}")
+        return str(gsm8k_file(split))
     path = Path(value)
     if path.is_dir():
-        file = path / f"{split}.jsonl"
-        if not file.is_file():
+        file = _split_file(path, split)
+        if file is None:
             parser.error(f"--data {value}: the folder has no {split}.jsonl")
         return str(file)
-    if path.suffix in (".jsonl", ".json") and not path.is_file():
+    if data_suffix(path) in (".jsonl", ".json") and not path.is_file():
         parser.error(f"--data: no such file: {value}")
     return value
 
@@ -365,7 +363,7 @@ def _add_data(p: argparse.ArgumentParser, split: str, what: str) -> None:
         "--data",
         default=None,
         help=f"{what}: a JSONL file with question/answer, a folder with {{train,test}}.jsonl, or a datasets hub "
-        "name[:config] (default: GSM8K in ../shared/data/gsm8k, else openai/gsm8k:main from the hub)",
+        "name[:config] (default: the GSM8K embedded in the package)",
     )
     p.add_argument("--split", default=split, help=f"split of a folder or hub dataset (default: {split})")
 
@@ -417,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         help="folder with train.jsonl and test.jsonl, or a hub name[:config] with train/test splits "
-        "(default: GSM8K in ../shared/data/gsm8k, else openai/gsm8k:main from the hub)",
+        "(default: the GSM8K embedded in the package)",
     )
     _add_generation(demo, samples=8, max_new_tokens=DEMO_MAX_NEW_TOKENS)
     demo.add_argument(

@@ -12,9 +12,30 @@ from pathlib import Path
 import torch
 
 
-def _is_local(source: str | os.PathLike) -> bool:
+# Compressed files are read as their text (the embedded GSM8K is ``.jsonl.xz``).
+_COMPRESSION = {".xz": "lzma", ".gz": "gzip", ".bz2": "bz2"}
+
+
+def data_suffix(source: str | os.PathLike) -> str:
+    """The suffix that says what a file holds, under any compression: ``.jsonl`` for ``a.jsonl.xz``."""
     path = Path(source)
-    return path.suffix in (".jsonl", ".json") or path.exists()
+    if path.suffix in _COMPRESSION:
+        path = path.with_suffix("")
+    return path.suffix
+
+
+def open_text(path: str | os.PathLike):
+    """``path`` opened for reading UTF-8 text, decompressed when it ends in .xz, .gz or .bz2."""
+    module = _COMPRESSION.get(Path(path).suffix)
+    if module is None:
+        return open(path, encoding="utf-8")
+    import importlib
+
+    return importlib.import_module(module).open(path, "rt", encoding="utf-8")
+
+
+def _is_local(source: str | os.PathLike) -> bool:
+    return data_suffix(source) in (".jsonl", ".json") or Path(source).exists()
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
@@ -23,7 +44,7 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     Raises ValueError naming the file and the 1-based line for a line that is not a JSON object.
     """
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if limit is not None and len(rows) >= limit:
                 break
@@ -41,7 +62,7 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
 
 def read_json_list(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """The objects of a JSON file holding one list of objects (the authors' ``.json`` data)."""
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         try:
             rows = json.load(f)
         except json.JSONDecodeError as err:
@@ -66,7 +87,7 @@ def read_rows(source: str | os.PathLike, split: str = "train", limit: int | None
     if _is_local(source):
         if not Path(source).is_file():
             raise FileNotFoundError(f"no such file: {source}")
-        if Path(source).suffix == ".json":
+        if data_suffix(source) == ".json":
             return read_json_list(source, limit)
         return read_jsonl(source, limit)
     from datasets import load_dataset
@@ -162,7 +183,7 @@ def load_records(source: str | os.PathLike, split: str = "train", limit: int | N
     and :func:`record_from_row`). Errors name the file and 1-based line (the row for the hub)."""
     local = _is_local(source)
     records: list[NLFTRecord] = []
-    jsonl = local and Path(source).suffix != ".json"
+    jsonl = local and data_suffix(source) != ".json"
     if jsonl:
         numbered = _numbered_jsonl(source, limit)
     else:
@@ -180,7 +201,7 @@ def _numbered_jsonl(path: str | os.PathLike, limit: int | None):
     """(1-based line number, row) of a JSONL file, for error messages that name the line."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     rows = read_jsonl(path, limit)
     return zip([n for n, _ in lines[: len(rows)]], rows, strict=True)
