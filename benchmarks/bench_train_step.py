@@ -684,7 +684,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="timed calls")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--data", type=Path, default=None, help="GSM8K JSONL (default: the train split embedded in the package)")
+    p.add_argument(
+        "--data", type=Path, default=None, help="GSM8K JSONL (default: the train split embedded in the package)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train_step_<device>_<date>.json)")
     p.add_argument("--no-plot", action="store_true")

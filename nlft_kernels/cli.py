@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -171,39 +172,112 @@ def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
     return out
 
 
-def _judge(args, parser, rows: list[dict] | None = None):
+def _make_judge(args, parser):
+    """The judge the flags name: --base-url (a server), --local-model (transformers), else --judge."""
     from nlft_kernels.judge import load_judge
-    from nlft_kernels.training.data import NLFTRecord, read_jsonl, save_records
+    from nlft_kernels.judges import LocalModelJudge, OpenAIJudge, api_key_from_env, rule_judge
 
+    base_url, local = getattr(args, "base_url", None), getattr(args, "local_model", None)
+    if base_url and local:
+        parser.error("--base-url and --local-model name two judges: give one")
+    if (base_url or local) and args.judge not in (None, "rule"):
+        parser.error("--judge names a third judge next to --base-url/--local-model: give one")
+    if base_url:
+        if not args.model:
+            parser.error("--base-url needs --model, the model name the server serves")
+        names = (args.api_key_env,) if args.api_key_env else None
+        try:
+            return OpenAIJudge(
+                base_url,
+                args.model,
+                api_key=api_key_from_env(names) if names else api_key_from_env(),
+                timeout=args.timeout,
+                max_retries=args.max_retries,
+                backoff=args.backoff,
+                max_tokens=args.max_tokens,
+                temperature=args.judge_temperature,
+                response_format=args.response_format,
+            )
+        except ValueError as err:
+            parser.error(f"--base-url: {err}")
+    if getattr(args, "model", None) and not base_url:
+        parser.error("--model names the server's model: it needs --base-url (for a local model use --local-model)")
+    if local:
+        try:
+            return LocalModelJudge.from_pretrained(
+                None if local == "smollm2" else local, max_new_tokens=args.max_tokens
+            )
+        except (RuntimeError, ValueError) as err:
+            sys.exit(f"nlft judge: error: --local-model {local}: {err}")
+    if args.judge in (None, "rule", "builtin"):
+        return rule_judge
     try:
-        judge = load_judge(args.judge)
+        return load_judge(args.judge)
     except ValueError as err:
         parser.error(f"--judge: {err}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (a link or another spelling of the path included)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False):
+    """Judge --in (or ``rows``) into --out, resumable; returns the NLFT records --out holds."""
+    from nlft_kernels.judge_run import judge_rows
+    from nlft_kernels.judges import JudgeUnavailable
+    from nlft_kernels.training.data import load_records, read_jsonl
+
+    judge = _make_judge(args, parser)
     if rows is None:
+        if _same_file(args.input, args.out):
+            parser.error(f"--out {args.out} is the input file: inputs are never rewritten; name another file")
         try:
             rows = read_jsonl(args.input)
         except ValueError as err:
             parser.error(f"--in: {err}")
-    records = []
-    for number, row in enumerate(rows, 1):
+        source = args.input
+    else:
+        source = "the generated responses"
+    numbered = list(enumerate(rows, 1)) if rows is not None else []
+    for number, row in numbered:
         missing = [k for k in ("question", "response", "answer") if not isinstance(row.get(k), str)]
         if missing:
-            parser.error(f"--in {args.input}, row {number}: missing {', '.join(missing)} (run `nlft generate` first)")
-        verdict = judge(row["question"], row["response"], row["answer"])
-        records.append(
-            NLFTRecord(
-                row["question"],
-                row["response"],
-                row["answer"],
-                verdict.judgment,
-                verdict.correct,
-                row.get("instruction"),
+            parser.error(
+                f"--in {source}, line {number}: missing field {', '.join(missing)} (run `nlft generate` first)"
             )
+    concurrency = args.concurrency or (8 if getattr(args, "base_url", None) else 1)
+    try:
+        run = judge_rows(
+            numbered, judge, args.out, concurrency=concurrency, overwrite=overwrite or getattr(args, "overwrite", False)
         )
-    save_records(args.out, records)
-    correct = sum(r.correct for r in records)
-    _say(f"judged {len(records)} responses: {correct} correct, {len(records) - correct} wrong; wrote {args.out}")
-    return records
+    except JudgeUnavailable as err:
+        sys.exit(f"nlft judge: error: {err}\n(records judged so far are kept in {args.out}; rerun to resume)")
+    except KeyboardInterrupt:
+        print(f"\nnlft judge: interrupted; the records judged so far are in {args.out}: rerun to resume",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
+    except ValueError as err:
+        parser.error(f"--out {args.out}: {err}")
+    if run.repaired:
+        _say(f"{args.out}: removed a last line cut short by an earlier crash (its record is judged again)")
+    if run.skipped:
+        _say(f"resumed: {run.skipped} of {run.total} records were already judged in {args.out}")
+    _say(
+        f"judged {run.judged} responses: {run.correct} correct, {run.wrong} wrong, {run.errors} errors"
+        + (f" ({run.retried} earlier errors retried)" if run.retried else "")
+        + f"; wrote {args.out}"
+    )
+    if run.errors:
+        _say(f"{run.errors} records have an error instead of a verdict (see their 'error' field); "
+             "rerun the same command to retry them")  # fmt: skip
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the error rows were just reported
+        return load_records(args.out)
 
 
 def _train(args, parser, records=None, model=None, tokenizer=None):
@@ -315,7 +389,10 @@ def _demo(args, parser) -> None:
         "accuracy before",
     )
     rows = _generate(stage("generate", split="train", out=out / "responses.jsonl"), parser, model, tokenizer)
-    records = _judge(stage("judge", judge=args.judge, input=None, out=out / "records.jsonl"), parser, rows)
+    # The demo's judge is the rule-based one or a --judge function (--model is the trained model here).
+    judge_args = dict(judge=args.judge, input=None, out=out / "records.jsonl", model=None, base_url=None)
+    judge_args |= dict(local_model=None, concurrency=None)
+    records = _judge(stage("judge", **judge_args), parser, rows, overwrite=True)
     # The weights NLFT gives the responses' tokens at the start of training.
     saliency_args = dict(out=out, max_records=None, png_records=3, batch_size=args.train_batch_size)
     _saliency(stage("saliency map", **saliency_args), parser, records, model, tokenizer)
@@ -397,6 +474,50 @@ def _add_training(p: argparse.ArgumentParser, steps: int, batch_flag: str) -> No
     p.add_argument("--max-length", type=_positive_int, default=1024, help="longest view in tokens (default: 1024)")
 
 
+def _add_judge_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    p.add_argument(
+        "--judge",
+        default=None,
+        help="rule (default: the built-in GSM8K judge), or module:function / path/file.py:function taking "
+        "(question, response, reference) and returning a Judgment, (correct, judgment) or a dict",
+    )
+    server = p.add_argument_group("LLM judge over an OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI)")
+    server.add_argument("--base-url", default=None, help="e.g. http://localhost:8000/v1 (the OpenAI client's base_url)")
+    if with_model:
+        server.add_argument("--model", default=None, help="the model name the server serves (with --base-url)")
+    server.add_argument(
+        "--api-key-env",
+        default=None,
+        help="environment variable holding the API key (default: NLFT_JUDGE_API_KEY, else OPENAI_API_KEY)",
+    )
+    server.add_argument(
+        "--concurrency", type=_positive_int, default=None, help="requests in flight (default: 8; 1 for other judges)"
+    )
+    server.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request (default: 60)")
+    server.add_argument("--max-retries", type=_non_negative_int, default=3, help="retries per request (default: 3)")
+    server.add_argument(
+        "--backoff", type=float, default=1.0, help="first retry's wait in seconds, doubled each time (default: 1)"
+    )
+    server.add_argument(
+        "--max-tokens", type=_positive_int, default=512, help="longest judge reply in tokens (default: 512)"
+    )
+    server.add_argument(
+        "--judge-temperature", type=float, default=0.0, help="sampling temperature of the judge (default: 0)"
+    )
+    server.add_argument(
+        "--response-format",
+        choices=("text", "json_object", "json_schema"),
+        default="text",
+        help="text (any server); json_object (llama.cpp/vLLM constrain the reply to the verdict schema); "
+        "json_schema (OpenAI structured outputs)",
+    )
+    p.add_argument(
+        "--local-model",
+        default=None,
+        help="a local transformers model as judge: a model folder or hub name, or smollm2 (the embedded one)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nlft`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -424,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="test questions for the evaluations (default: --samples)",
     )
-    demo.add_argument("--judge", default=None, help="module:function or file.py:function of your own judge")
+    demo.add_argument(
+        "--judge", default=None, help="rule (default), or module:function / file.py:function of your own judge"
+    )
     demo.add_argument(
         "--temperature",
         type=_positive_float,
@@ -445,15 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--out", type=Path, required=True, help="JSONL of question, answer, response")
 
-    judge = sub.add_parser("judge", help="judge responses against the reference solutions (NLFT records out)")
-    judge.add_argument("--in", dest="input", type=_existing_file, required=True, help="JSONL from `nlft generate`")
-    judge.add_argument("--out", type=Path, required=True, help="JSONL of NLFT records")
-    judge.add_argument(
-        "--judge",
-        default=None,
-        help="module:function or path/file.py:function taking (question, response, reference) "
-        "and returning a Judgment, (correct, judgment) or a dict (default: the built-in judge)",
+    judge = sub.add_parser(
+        "judge",
+        help="judge responses against the reference solutions (NLFT records out): rules, LLM server or local model",
     )
+    judge.add_argument("--in", dest="input", type=_existing_file, required=True, help="JSONL from `nlft generate`")
+    judge.add_argument(
+        "--out", type=Path, required=True, help="JSONL of NLFT records, appended per record; a rerun resumes"
+    )
+    _add_judge_options(judge)
+    judge.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming")
 
     train = sub.add_parser("train", help="NLFT-train a model on judged records")
     _add_model(train)

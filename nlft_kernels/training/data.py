@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-
 # Compressed files are read as their text (the embedded GSM8K is ``.jsonl.xz``).
 _COMPRESSION = {".xz": "lzma", ".gz": "gzip", ".bz2": "bz2"}
 
@@ -180,7 +179,8 @@ def record_from_row(row: dict, where: str = "row") -> NLFTRecord:
 
 def load_records(source: str | os.PathLike, split: str = "train", limit: int | None = None) -> list[NLFTRecord]:
     """The :class:`NLFTRecord` s of a JSONL file or ``datasets`` hub name (see :func:`read_rows`
-    and :func:`record_from_row`). Errors name the file and 1-based line (the row for the hub)."""
+    and :func:`record_from_row`). Errors name the file and 1-based line (the row for the hub).
+    Rows with an ``error`` (records `nlft judge` could not judge) are skipped with a warning."""
     local = _is_local(source)
     records: list[NLFTRecord] = []
     jsonl = local and data_suffix(source) != ".json"
@@ -188,12 +188,22 @@ def load_records(source: str | os.PathLike, split: str = "train", limit: int | N
         numbered = _numbered_jsonl(source, limit)
     else:
         numbered = enumerate(read_rows(source, split, limit))
+    unjudged = 0
     for number, row in numbered:
+        if row.get("error"):  # `nlft judge` could not judge it: no verdict to train on
+            unjudged += 1
+            continue
         if jsonl:
             where = f"{source}, line {number}"
         else:
             where = f"{source}, item {number}" if local else f"{source} ({split}), row {number}"
         records.append(record_from_row(row, where))
+    if unjudged:
+        warnings.warn(
+            f"{source}: {unjudged} rows skipped: the judge gave them an error, not a verdict "
+            "(rerun `nlft judge` with the same --out to retry them)",
+            stacklevel=2,
+        )
     return records
 
 
