@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +51,23 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def _existing_file(text: str) -> Path:
@@ -133,11 +151,13 @@ def _accuracy_line(result: dict, label: str = "accuracy") -> str:
 
 
 def _load(args):
-    from nlft_kernels.models import load_model
+    from nlft_kernels.models import DTYPES, load_model
 
     started = time.perf_counter()
     try:
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(
+            args.model, dtype=DTYPES[args.dtype], load_in_8bit=getattr(args, "load_in_8bit", False)
+        )
     except RuntimeError as err:  # a model that cannot be found or read: a message, not a traceback
         sys.exit(f"nlft {args.command}: error: {err}")
     name = args.model or "smollm2 (the embedded SmolLM2-135M-Instruct)"
@@ -148,6 +168,8 @@ def _load(args):
 def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
     from nlft_kernels.generation import GSM8K_INSTRUCTION, generate_responses, sample_rows
 
+    if args.data is not None and Path(args.data).is_file() and _same_file(Path(args.data), args.out):
+        parser.error(f"--out {args.out} is the input file: inputs are never rewritten; name another file")
     rows = read_data(args.data, args.split, parser)
     chosen = sample_rows(rows, args.samples, args.seed)
     if model is None:
@@ -295,22 +317,51 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
             parser.error(f"--data: {err}")
     if not records:
         parser.error("no NLFT records to train on")
+    try:
+        config = nlft_config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.judge_nll_weight < 0:
+        parser.error(f"--judge-nll-weight must be >= 0, got {args.judge_nll_weight}")
+    if args.load_in_8bit and not args.lora:
+        parser.error("--load-in-8bit trains through LoRA only: drop --full")
     if model is None:
         model, tokenizer = _load(args)
     wrong = sum(not r.correct for r in records)
-    _say(f"training on {len(records)} records ({wrong} wrong, {len(records) - wrong} correct) for {args.steps} steps")
-    model = train(
-        model,
-        tokenizer,
-        records,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        lora=args.lora,
-        seed=args.seed,
-        max_length=args.max_length,
-    )
+    length = f"{args.epochs:g} epochs" if args.epochs else f"{args.steps} steps"
+    _say(f"training on {len(records)} records ({wrong} wrong, {len(records) - wrong} correct) for {length}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = train(
+                model,
+                tokenizer,
+                records,
+                config=config,
+                steps=None if args.epochs else args.steps,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                grad_accum=args.grad_accum,
+                lr=args.lr,
+                lr_scheduler=args.lr_scheduler,
+                warmup_ratio=args.warmup_ratio,
+                lora=args.lora,
+                lora_r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                lora_targets=args.lora_targets,
+                gradient_checkpointing=args.gradient_checkpointing,
+                seed=args.seed,
+                max_length=args.max_length,
+                judge_nll_weight=args.judge_nll_weight,
+            )
+        except ValueError as err:  # a setting the model or the records cannot take: say which
+            sys.exit(f"nlft {args.command}: error: {err}")
+    for warning in caught:  # encode_records' counts of truncated and dropped responses
+        if warning.category is UserWarning and (
+            "truncated" in str(warning.message) or "dropped" in str(warning.message)
+        ):
+            print(f"nlft {args.command}: {warning.message}", file=sys.stderr, flush=True)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     save_model(model, tokenizer, args.out)
@@ -433,6 +484,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         help="Hugging Face model folder or hub name (default: the embedded SmolLM2-135M-Instruct; "
         "a folder written by `nlft train` works too)",
     )
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights' dtype (default: fp32)")
+    p.add_argument(
+        "--load-in-8bit",
+        action="store_true",
+        help="8-bit base weights through bitsandbytes (the paper's setting; needs a CUDA GPU and bitsandbytes)",
+    )
 
 
 def _add_data(p: argparse.ArgumentParser, split: str, what: str) -> None:
@@ -458,11 +515,21 @@ def _add_generation(p: argparse.ArgumentParser, samples: int, max_new_tokens: in
 
 
 def _add_training(p: argparse.ArgumentParser, steps: int, batch_flag: str) -> None:
-    p.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default: {steps})")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default: {steps})")
+    length.add_argument(
+        "--epochs", type=_positive_float, default=None, help="passes over the records, instead of --steps"
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="lora", action="store_true", default=True, help="train LoRA adapters (default)")
     mode.add_argument("--full", dest="lora", action="store_false", help="train every weight")
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    p.add_argument(
+        "--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant", help="(default: constant)"
+    )
+    p.add_argument(
+        "--warmup-ratio", type=_fraction, default=0.0, help="share of the steps of linear warm-up (default: 0)"
+    )
     p.add_argument(
         batch_flag,
         dest="train_batch_size" if batch_flag != "--batch-size" else "batch_size",
@@ -471,7 +538,64 @@ def _add_training(p: argparse.ArgumentParser, steps: int, batch_flag: str) -> No
         help="records per micro-batch (default: 2)",
     )
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default: 1)")
-    p.add_argument("--max-length", type=_positive_int, default=1024, help="longest view in tokens (default: 1024)")
+    p.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=1024,
+        help="longest view in tokens; longer responses are truncated, with a count (default: 1024)",
+    )
+    p.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank (default: 16, as the authors)")
+    p.add_argument("--lora-alpha", type=_positive_float, default=16, help="LoRA alpha (default: 16, as the authors)")
+    p.add_argument("--lora-dropout", type=_fraction, default=0.05, help="LoRA dropout (default: 0.05, as the authors)")
+    p.add_argument(
+        "--lora-targets",
+        type=_name_list,
+        default=None,
+        help="comma-separated module names (default: gate_proj,up_proj,down_proj, as the authors)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+    )
+    p.add_argument(
+        "--judge-nll-weight",
+        type=float,
+        default=0.0,
+        help="weight of the aligned judge-view NLL of wrong samples (default: 0; the authors' scale: 10)",
+    )
+    _add_config_flags(p)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per NLFTConfig field, generated from the dataclass (so none is missed), defaults
+    left to the config: ``--correct-threshold 0.9`` sets ``NLFTConfig.correct_threshold``."""
+    from dataclasses import MISSING, fields
+
+    from nlft_kernels.config import CLUSTER_CRITERIA, NLFTConfig
+
+    group = p.add_argument_group("the NLFT objective (NLFTConfig; defaults: the authors')")
+    for f in fields(NLFTConfig):
+        kind = {"float": float, "int": int, "str": str}[str(f.type)]
+        extra = {"choices": CLUSTER_CRITERIA} if f.name == "cluster_criterion" else {}
+        default = f.default if f.default is not MISSING else None
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"config_{f.name}",
+            type=kind,
+            default=None,
+            metavar=kind.__name__.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {default})",
+            **extra,
+        )
+
+
+def nlft_config_from_args(args: argparse.Namespace):
+    """The NLFTConfig of the ``--<field>`` flags (unset flags keep the config's defaults)."""
+    from dataclasses import fields
+
+    from nlft_kernels.config import NLFTConfig
+
+    given = {f.name: getattr(args, f"config_{f.name}") for f in fields(NLFTConfig)}
+    return NLFTConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def _add_judge_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:

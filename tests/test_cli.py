@@ -170,7 +170,7 @@ def test_judge_input_without_responses(tmp_path, capsys):
     path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
     with pytest.raises(SystemExit):
         main(["judge", "--in", str(path), "--out", str(tmp_path / "r.jsonl")])
-    assert "missing response" in capsys.readouterr().err
+    assert "missing field response" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ end to end

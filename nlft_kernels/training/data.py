@@ -354,9 +354,22 @@ def encode_records(
     add_eos: bool = True,
 ) -> list[dict]:
     """:func:`encode_record` of every record; records whose prompts leave no room for a
-    response token within ``max_length`` are dropped with a warning that counts them."""
+    response token within ``max_length`` are dropped, and responses cut to fit it are
+    truncated (their first tokens kept), each with a warning that counts them."""
     encoded = [encode_record(r, tokenizer, templates, max_length, add_eos) for r in records]
     kept = [e for e in encoded if e is not None]
+    if max_length is not None:
+        cut = sum(
+            len(e["labels"]) < len(response_ids(r.response, tokenizer, add_eos))
+            for r, e in zip(records, encoded, strict=True)
+            if e is not None
+        )
+        if cut:
+            warnings.warn(
+                f"{cut} of {len(kept)} responses truncated to fit max_length={max_length} tokens "
+                "(prompt + response; their first tokens are kept)",
+                stacklevel=2,
+            )
     if len(kept) < len(encoded):
         warnings.warn(
             f"{len(encoded) - len(kept)} of {len(encoded)} records dropped: their prompts leave no room "
