@@ -111,10 +111,12 @@ def judge_messages(question: str, response: str, reference_solution: str, json_r
 
 # -------------------------------------------------------------------------- reading a reply
 
-_NEGATIVE = r"incorrect|not\s+correct|wrong|false|no|fail(?:ed)?|invalid"
-_POSITIVE = r"correct|right|true|yes|pass(?:ed)?|valid"
+# No bare "yes"/"no": "Verdict: no errors" would read as wrong.
+_NEGATIVE = r"incorrect|not\s+correct|wrong|false|fail(?:ed)?|invalid"
+_POSITIVE = r"correct|right|true|pass(?:ed)?|valid"
 _VERDICT_LINE = re.compile(
     rf"^[\s#*_>`\-]*(?:final\s+)?(?:verdict|rating|decision|result|conclusion)[\s*_`]*[:=\-]?[\s*_`\[\"']*"
+    r"(?:the\s+(?:student'?s\s+)?(?:response|answer|solution)\s+is\s+)?"
     rf"(?P<word>{_NEGATIVE}|{_POSITIVE})\b[^\n]*$",
     re.IGNORECASE | re.MULTILINE,
 )

@@ -80,6 +80,8 @@ def ok(number, body):
         ("The final sum is wrong.\nScore: 3/10", False, "The final sum is wrong."),
         ("All steps check out.\nScore: 9", True, None),
         ("It is not correct: 12 should be 13.\nVerdict: not correct", False, "It is not correct: 12 should be 13."),
+        ("Every step checks out.\nVerdict: The response is correct.", True, None),
+        ("It drops the 4 eggs.\nFinal verdict: the student's response is wrong", False, "It drops the 4 eggs."),
     ],
 )
 def test_parse_verdict(reply, correct, judgment):
@@ -97,6 +99,7 @@ def test_parse_verdict(reply, correct, judgment):
         ("Verdict: wrong", "no judgment"),
         ('{"correct": false, "judgment": ""}', "no judgment"),
         ('{"judgment": "hmm"}', "no verdict"),
+        ("Verdict: no errors found", "no verdict"),  # neither word: not guessed
     ],
 )
 def test_parse_verdict_rejects(reply, message):
