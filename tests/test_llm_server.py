@@ -1,7 +1,8 @@
 """`nlft judge` against a real OpenAI-compatible server: llama-cpp-python's, serving the embedded
 SmolLM2-135M-Instruct GGUF on a free localhost port (started once for the module, stopped at the
 end). Skipped when llama-cpp-python[server] is not installed, failed then under
-NLFT_REQUIRE_LLM_SERVER=1 (CI sets it). Few records and short replies keep it to about a minute.
+NLFT_REQUIRE_LLM_SERVER=1 (CI sets it). A record takes about 10 s on 2 cores (the server answers
+one request at a time): 2-3 records per test and 48-64-token replies keep the file to 2-3 minutes.
 
 A 135M model is a poor judge: what is checked is the pipeline (every record sent, answered,
 parsed or recorded as an error with the raw reply, resumable), not the model's verdicts.
@@ -20,7 +21,7 @@ import pytest
 from nlft_kernels.cli import main
 from nlft_kernels.data import read_gsm8k
 from nlft_kernels.generation import sample_rows
-from nlft_kernels.judges import OpenAIJudge
+from nlft_kernels.judges import JudgeError, OpenAIJudge
 from tests._judge_server import LlamaServer, llama_server_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,16 +55,19 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def judge_cmd(server: LlamaServer, responses: Path, out: Path, *extra: str) -> list[str]:
     return ["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url,
-            "--model", LlamaServer.MODEL, "--max-tokens", "64", *extra]  # fmt: skip
+            "--model", LlamaServer.MODEL, "--max-tokens", "48", "--timeout", "300", *extra]  # fmt: skip
 
 
 def test_json_verdicts_from_the_server(llama_server, tmp_path, capsys):
     """With the verdict schema (llama.cpp constrains decoding to it) every reply is a JSON object."""
     print(f"seed {SEED}")
-    responses, out = responses_file(tmp_path, 3), tmp_path / "records.jsonl"
-    main(judge_cmd(llama_server, responses, out, "--response-format", "json_object", "--concurrency", "2"))
+    responses, out = responses_file(tmp_path, 2), tmp_path / "records.jsonl"
+    # Room for the whole object: a reply cut at --max-tokens would not parse.
+    # --concurrency 1: llama-cpp-python 0.3.36's server stalled here on two requests at once.
+    main(judge_cmd(llama_server, responses, out, "--response-format", "json_object", "--concurrency", "1",
+                   "--max-tokens", "64"))  # fmt: skip
     rows = read_jsonl(out)
-    assert sorted(r["line"] for r in rows) == [1, 2, 3]
+    assert sorted(r["line"] for r in rows) == [1, 2]
     for row in rows:
         assert isinstance(row["raw"], str) and row["raw"].lstrip().startswith("{"), row
         if "error" not in row:
@@ -76,12 +80,15 @@ def test_json_verdicts_from_the_server(llama_server, tmp_path, capsys):
 def test_text_replies_are_parsed_or_recorded(llama_server, tmp_path):
     """Free text from a small model: each record gets a verdict or an error carrying the raw reply."""
     responses, out = responses_file(tmp_path, 2), tmp_path / "records.jsonl"
-    main(judge_cmd(llama_server, responses, out))
+    main(judge_cmd(llama_server, responses, out, "--concurrency", "1"))
     rows = read_jsonl(out)
     assert sorted(r["line"] for r in rows) == [1, 2]
     for row in rows:
         assert isinstance(row["raw"], str) and row["raw"].strip()
-        assert ("error" in row and "verdict" in row["error"] + "judgment") or isinstance(row["correct"], bool)
+        if "error" in row:  # what the parser could not read, named, with the reply kept above
+            assert any(why in row["error"] for why in ("no verdict", "no judgment", "empty")), row["error"]
+        else:
+            assert isinstance(row["correct"], bool) and (row["correct"] or row["judgment"])
 
 
 def test_prompt_longer_than_the_context_is_an_error_on_its_record(llama_server, tmp_path):
@@ -91,7 +98,8 @@ def test_prompt_longer_than_the_context_is_an_error_on_its_record(llama_server, 
     rows = [json.loads(line) for line in responses.read_text().splitlines()]
     rows[1]["response"] = "Then 1 + 1 = 2 and 2 + 2 = 4. " * 300
     responses.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    main(judge_cmd(llama_server, responses, out, "--response-format", "json_object", "--max-retries", "1"))
+    main(judge_cmd(llama_server, responses, out, "--response-format", "json_object", "--max-retries", "1",
+                   "--concurrency", "1"))  # fmt: skip
     by_line = {r["line"]: r for r in read_jsonl(out)}
     assert "HTTP" in by_line[2]["error"] and "raw" in by_line[2]
     assert "error" not in by_line[1] or "HTTP" not in by_line[1]["error"]
@@ -101,14 +109,14 @@ def test_timeout_against_the_server(llama_server):
     judge = OpenAIJudge(llama_server.base_url, LlamaServer.MODEL, timeout=0.01, max_retries=1, backoff=0.0,
                         max_tokens=16)  # fmt: skip
     row = read_gsm8k("test", limit=1)[0]
-    with pytest.raises(Exception, match=r"no reply within 0.01 s \(after 2 attempts\)"):
+    with pytest.raises(JudgeError, match=r"no reply within 0.01 s \(after 2 attempts\)"):
         judge(row["question"], row["answer"], row["answer"])
     time.sleep(2)  # let the server finish the abandoned requests before the next test
 
 
 def test_killed_mid_run_then_resumed(llama_server, tmp_path):
     """SIGKILL after the first record arrives; the rerun judges only the rest."""
-    n = 4
+    n = 3
     responses, out = responses_file(tmp_path, n), tmp_path / "records.jsonl"
     cmd = [sys.executable, "-m", "nlft_kernels", *judge_cmd(llama_server, responses, out, "--concurrency", "1")]
     process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -136,12 +144,12 @@ def test_server_stopped_mid_run(tmp_path):
     first = tmp_path / "first.jsonl"
     first.write_text(responses.read_text().splitlines(keepends=True)[0])
     try:
-        main(judge_cmd(server, first, out))
+        main(judge_cmd(server, first, out, "--concurrency", "1"))
     finally:
         server.stop()
     kept = read_jsonl(out)
     assert len(kept) == 1
     with pytest.raises(SystemExit) as info:
-        main(judge_cmd(server, responses, out, "--max-retries", "1", "--backoff", "0.1"))
+        main(judge_cmd(server, responses, out, "--max-retries", "1", "--backoff", "0.1", "--concurrency", "1"))
     assert "cannot reach the judge" in str(info.value.code) and "rerun to resume" in str(info.value.code)
     assert read_jsonl(out) == kept
