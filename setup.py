@@ -233,6 +233,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nlft_kernels", "nlft_kernels.*"]),
+    # The embedded GSM8K (the default data of every command) and its licence.
+    package_data={"nlft_kernels.data": ["gsm8k/*.jsonl.xz", "gsm8k/LICENSE"]},
     install_requires=["torch>=2.4", "triton>=3.0", "transformers", "datasets", "pytest-benchmark", "ninja"],
     extras_require={
         "train": ["peft", "accelerate", "gguf", "tqdm"],

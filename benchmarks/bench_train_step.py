@@ -298,8 +298,10 @@ PAPER_NOTES = {
 
 
 def default_data() -> Path:
-    """GSM8K train JSONL next to the repository (``../shared/data/gsm8k``), or $NLFT_GSM8K."""
-    return Path(os.environ.get("NLFT_GSM8K", _util.REPO_ROOT.parent / "shared/data/gsm8k/train.jsonl"))
+    """$NLFT_GSM8K, else the GSM8K train JSONL embedded in the package."""
+    from nlft_kernels.data import gsm8k_file
+
+    return Path(os.environ["NLFT_GSM8K"]) if os.environ.get("NLFT_GSM8K") else gsm8k_file("train")
 
 
 class ByteTokenizer:
@@ -906,7 +908,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="timed calls")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--data", type=Path, default=None, help="GSM8K JSONL (default: ../shared/data/gsm8k/train.jsonl)")
+    p.add_argument(
+        "--data", type=Path, default=None, help="GSM8K JSONL (default: the train split embedded in the package)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train_step_<device>_<date>.json)")
     p.add_argument("--no-plot", action="store_true")

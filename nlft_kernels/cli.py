@@ -2,23 +2,22 @@
 judged records), and ``demo``, which runs them all.
 
 Every subcommand takes ``--model`` (default: the embedded SmolLM2-135M-Instruct; or a Hugging
-Face model folder or hub name) and ``--data`` (default: GSM8K from ``../shared/data/gsm8k``
-when it is there, else ``openai/gsm8k`` from the hub; or a JSONL file, a folder of
-``{train,test}.jsonl`` or a ``datasets`` hub name, ``name[:config]``). Heavy imports (torch,
-transformers) wait until a subcommand runs.
+Face model folder or hub name) and ``--data`` (default: the GSM8K embedded in the package, read
+with no network; or a JSONL file, a folder of ``{train,test}.jsonl`` or a ``datasets`` hub name,
+``name[:config]``). Heavy imports (torch, transformers) wait until a subcommand runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-GSM8K_DIR = Path("shared") / "data" / "gsm8k"
-GSM8K_HUB = "openai/gsm8k:main"  # datasets hub name:config, when there is no local copy
 DEMO_MAX_NEW_TOKENS = 128
 
 
@@ -54,6 +53,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -64,31 +80,32 @@ def _existing_file(text: str) -> Path:
 # ------------------------------------------------------------------------------------ data
 
 
-def default_gsm8k_dir() -> Path | None:
-    """``../shared/data/gsm8k`` next to the current folder or the repository, if it exists."""
-    repo = Path(__file__).resolve().parents[1]
-    for base in (Path.cwd(), Path.cwd().parent, repo.parent):
-        folder = base / GSM8K_DIR
-        if (folder / "train.jsonl").is_file() or (folder / "test.jsonl").is_file():
-            return folder
+def _split_file(folder: Path, split: str) -> Path | None:
+    """``folder/{split}.jsonl``, or its .xz/.gz copy, if there."""
+    for name in (f"{split}.jsonl", f"{split}.jsonl.xz", f"{split}.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
     return None
 
 
 def resolve_data(value: str | None, split: str, parser: argparse.ArgumentParser) -> str:
-    """The source :func:`nlft_kernels.training.data.read_rows` reads for ``--data value`` and ``split``."""
+    """The source :func:`nlft_kernels.training.data.read_rows` reads for ``--data value`` and ``split``:
+    the GSM8K embedded in the package when ``value`` is None."""
+    from nlft_kernels.training.data import data_suffix
+
     if value is None:
-        folder = default_gsm8k_dir()
-        if folder is None:
-            print(f"no GSM8K at ../{GSM8K_DIR}: reading {GSM8K_HUB} from the Hugging Face hub", file=sys.stderr)
-            return GSM8K_HUB
-        value = str(folder)
+        from nlft_kernels.data import GSM8K_SPLITS, gsm8k_file
+
+        if split not in GSM8K_SPLITS:
+            parser.error(f"--split {split}: the embedded GSM8K has the splits {', '.join(GSM8K_SPLITS)}")
+        return str(gsm8k_file(split))
     path = Path(value)
     if path.is_dir():
-        file = path / f"{split}.jsonl"
-        if not file.is_file():
+        file = _split_file(path, split)
+        if file is None:
             parser.error(f"--data {value}: the folder has no {split}.jsonl")
         return str(file)
-    if path.suffix in (".jsonl", ".json") and not path.is_file():
+    if data_suffix(path) in (".jsonl", ".json") and not path.is_file():
         parser.error(f"--data: no such file: {value}")
     return value
 
@@ -134,11 +151,13 @@ def _accuracy_line(result: dict, label: str = "accuracy") -> str:
 
 
 def _load(args):
-    from nlft_kernels.models import load_model
+    from nlft_kernels.models import DTYPES, load_model
 
     started = time.perf_counter()
     try:
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(
+            args.model, dtype=DTYPES[args.dtype], load_in_8bit=getattr(args, "load_in_8bit", False)
+        )
     except RuntimeError as err:  # a model that cannot be found or read: a message, not a traceback
         sys.exit(f"nlft {args.command}: error: {err}")
     name = args.model or "smollm2 (the embedded SmolLM2-135M-Instruct)"
@@ -149,6 +168,8 @@ def _load(args):
 def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
     from nlft_kernels.generation import GSM8K_INSTRUCTION, generate_responses, sample_rows
 
+    if args.data is not None and Path(args.data).is_file() and _same_file(Path(args.data), args.out):
+        parser.error(f"--out {args.out} is the input file: inputs are never rewritten; name another file")
     rows = read_data(args.data, args.split, parser)
     chosen = sample_rows(rows, args.samples, args.seed)
     if model is None:
@@ -173,39 +194,112 @@ def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
     return out
 
 
-def _judge(args, parser, rows: list[dict] | None = None):
+def _make_judge(args, parser):
+    """The judge the flags name: --base-url (a server), --local-model (transformers), else --judge."""
     from nlft_kernels.judge import load_judge
-    from nlft_kernels.training.data import NLFTRecord, read_jsonl, save_records
+    from nlft_kernels.judges import LocalModelJudge, OpenAIJudge, api_key_from_env, rule_judge
 
+    base_url, local = getattr(args, "base_url", None), getattr(args, "local_model", None)
+    if base_url and local:
+        parser.error("--base-url and --local-model name two judges: give one")
+    if (base_url or local) and args.judge not in (None, "rule"):
+        parser.error("--judge names a third judge next to --base-url/--local-model: give one")
+    if base_url:
+        if not args.model:
+            parser.error("--base-url needs --model, the model name the server serves")
+        names = (args.api_key_env,) if args.api_key_env else None
+        try:
+            return OpenAIJudge(
+                base_url,
+                args.model,
+                api_key=api_key_from_env(names) if names else api_key_from_env(),
+                timeout=args.timeout,
+                max_retries=args.max_retries,
+                backoff=args.backoff,
+                max_tokens=args.max_tokens,
+                temperature=args.judge_temperature,
+                response_format=args.response_format,
+            )
+        except ValueError as err:
+            parser.error(f"--base-url: {err}")
+    if getattr(args, "model", None) and not base_url:
+        parser.error("--model names the server's model: it needs --base-url (for a local model use --local-model)")
+    if local:
+        try:
+            return LocalModelJudge.from_pretrained(
+                None if local == "smollm2" else local, max_new_tokens=args.max_tokens
+            )
+        except (RuntimeError, ValueError) as err:
+            sys.exit(f"nlft judge: error: --local-model {local}: {err}")
+    if args.judge in (None, "rule", "builtin"):
+        return rule_judge
     try:
-        judge = load_judge(args.judge)
+        return load_judge(args.judge)
     except ValueError as err:
         parser.error(f"--judge: {err}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (a link or another spelling of the path included)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False):
+    """Judge --in (or ``rows``) into --out, resumable; returns the NLFT records --out holds."""
+    from nlft_kernels.judge_run import judge_rows
+    from nlft_kernels.judges import JudgeUnavailable
+    from nlft_kernels.training.data import load_records, read_jsonl
+
+    judge = _make_judge(args, parser)
     if rows is None:
+        if _same_file(args.input, args.out):
+            parser.error(f"--out {args.out} is the input file: inputs are never rewritten; name another file")
         try:
             rows = read_jsonl(args.input)
         except ValueError as err:
             parser.error(f"--in: {err}")
-    records = []
-    for number, row in enumerate(rows, 1):
+        source = args.input
+    else:
+        source = "the generated responses"
+    numbered = list(enumerate(rows, 1)) if rows is not None else []
+    for number, row in numbered:
         missing = [k for k in ("question", "response", "answer") if not isinstance(row.get(k), str)]
         if missing:
-            parser.error(f"--in {args.input}, row {number}: missing {', '.join(missing)} (run `nlft generate` first)")
-        verdict = judge(row["question"], row["response"], row["answer"])
-        records.append(
-            NLFTRecord(
-                row["question"],
-                row["response"],
-                row["answer"],
-                verdict.judgment,
-                verdict.correct,
-                row.get("instruction"),
+            parser.error(
+                f"--in {source}, line {number}: missing field {', '.join(missing)} (run `nlft generate` first)"
             )
+    concurrency = args.concurrency or (8 if getattr(args, "base_url", None) else 1)
+    try:
+        run = judge_rows(
+            numbered, judge, args.out, concurrency=concurrency, overwrite=overwrite or getattr(args, "overwrite", False)
         )
-    save_records(args.out, records)
-    correct = sum(r.correct for r in records)
-    _say(f"judged {len(records)} responses: {correct} correct, {len(records) - correct} wrong; wrote {args.out}")
-    return records
+    except JudgeUnavailable as err:
+        sys.exit(f"nlft judge: error: {err}\n(records judged so far are kept in {args.out}; rerun to resume)")
+    except KeyboardInterrupt:
+        print(f"\nnlft judge: interrupted; the records judged so far are in {args.out}: rerun to resume",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
+    except ValueError as err:
+        parser.error(f"--out {args.out}: {err}")
+    if run.repaired:
+        _say(f"{args.out}: removed a last line cut short by an earlier crash (its record is judged again)")
+    if run.skipped:
+        _say(f"resumed: {run.skipped} of {run.total} records were already judged in {args.out}")
+    _say(
+        f"judged {run.judged} responses: {run.correct} correct, {run.wrong} wrong, {run.errors} errors"
+        + (f" ({run.retried} earlier errors retried)" if run.retried else "")
+        + f"; wrote {args.out}"
+    )
+    if run.errors:
+        _say(f"{run.errors} records have an error instead of a verdict (see their 'error' field); "
+             "rerun the same command to retry them")  # fmt: skip
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the error rows were just reported
+        return load_records(args.out)
 
 
 def _train(args, parser, records=None, model=None, tokenizer=None):
@@ -223,22 +317,51 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
             parser.error(f"--data: {err}")
     if not records:
         parser.error("no NLFT records to train on")
+    try:
+        config = nlft_config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.judge_nll_weight < 0:
+        parser.error(f"--judge-nll-weight must be >= 0, got {args.judge_nll_weight}")
+    if args.load_in_8bit and not args.lora:
+        parser.error("--load-in-8bit trains through LoRA only: drop --full")
     if model is None:
         model, tokenizer = _load(args)
     wrong = sum(not r.correct for r in records)
-    _say(f"training on {len(records)} records ({wrong} wrong, {len(records) - wrong} correct) for {args.steps} steps")
-    model = train(
-        model,
-        tokenizer,
-        records,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        lora=args.lora,
-        seed=args.seed,
-        max_length=args.max_length,
-    )
+    length = f"{args.epochs:g} epochs" if args.epochs else f"{args.steps} steps"
+    _say(f"training on {len(records)} records ({wrong} wrong, {len(records) - wrong} correct) for {length}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = train(
+                model,
+                tokenizer,
+                records,
+                config=config,
+                steps=None if args.epochs else args.steps,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                grad_accum=args.grad_accum,
+                lr=args.lr,
+                lr_scheduler=args.lr_scheduler,
+                warmup_ratio=args.warmup_ratio,
+                lora=args.lora,
+                lora_r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                lora_targets=args.lora_targets,
+                gradient_checkpointing=args.gradient_checkpointing,
+                seed=args.seed,
+                max_length=args.max_length,
+                judge_nll_weight=args.judge_nll_weight,
+            )
+        except ValueError as err:  # a setting the model or the records cannot take: say which
+            sys.exit(f"nlft {args.command}: error: {err}")
+    for warning in caught:  # encode_records' counts of truncated and dropped responses
+        if warning.category is UserWarning and (
+            "truncated" in str(warning.message) or "dropped" in str(warning.message)
+        ):
+            print(f"nlft {args.command}: {warning.message}", file=sys.stderr, flush=True)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     save_model(model, tokenizer, args.out)
@@ -317,7 +440,10 @@ def _demo(args, parser) -> None:
         "accuracy before",
     )
     rows = _generate(stage("generate", split="train", out=out / "responses.jsonl"), parser, model, tokenizer)
-    records = _judge(stage("judge", judge=args.judge, input=None, out=out / "records.jsonl"), parser, rows)
+    # The demo's judge is the rule-based one or a --judge function (--model is the trained model here).
+    judge_args = dict(judge=args.judge, input=None, out=out / "records.jsonl", model=None, base_url=None)
+    judge_args |= dict(local_model=None, concurrency=None)
+    records = _judge(stage("judge", **judge_args), parser, rows, overwrite=True)
     # The weights NLFT gives the responses' tokens at the start of training.
     saliency_args = dict(out=out, max_records=None, png_records=3, batch_size=args.train_batch_size)
     _saliency(stage("saliency map", **saliency_args), parser, records, model, tokenizer)
@@ -358,6 +484,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         help="Hugging Face model folder or hub name (default: the embedded SmolLM2-135M-Instruct; "
         "a folder written by `nlft train` works too)",
     )
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights' dtype (default: fp32)")
+    p.add_argument(
+        "--load-in-8bit",
+        action="store_true",
+        help="8-bit base weights through bitsandbytes (the paper's setting; needs a CUDA GPU and bitsandbytes)",
+    )
 
 
 def _add_data(p: argparse.ArgumentParser, split: str, what: str) -> None:
@@ -365,7 +497,7 @@ def _add_data(p: argparse.ArgumentParser, split: str, what: str) -> None:
         "--data",
         default=None,
         help=f"{what}: a JSONL file with question/answer, a folder with {{train,test}}.jsonl, or a datasets hub "
-        "name[:config] (default: GSM8K in ../shared/data/gsm8k, else openai/gsm8k:main from the hub)",
+        "name[:config] (default: the GSM8K embedded in the package)",
     )
     p.add_argument("--split", default=split, help=f"split of a folder or hub dataset (default: {split})")
 
@@ -383,11 +515,21 @@ def _add_generation(p: argparse.ArgumentParser, samples: int, max_new_tokens: in
 
 
 def _add_training(p: argparse.ArgumentParser, steps: int, batch_flag: str) -> None:
-    p.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default: {steps})")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default: {steps})")
+    length.add_argument(
+        "--epochs", type=_positive_float, default=None, help="passes over the records, instead of --steps"
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="lora", action="store_true", default=True, help="train LoRA adapters (default)")
     mode.add_argument("--full", dest="lora", action="store_false", help="train every weight")
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    p.add_argument(
+        "--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant", help="(default: constant)"
+    )
+    p.add_argument(
+        "--warmup-ratio", type=_fraction, default=0.0, help="share of the steps of linear warm-up (default: 0)"
+    )
     p.add_argument(
         batch_flag,
         dest="train_batch_size" if batch_flag != "--batch-size" else "batch_size",
@@ -396,7 +538,108 @@ def _add_training(p: argparse.ArgumentParser, steps: int, batch_flag: str) -> No
         help="records per micro-batch (default: 2)",
     )
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default: 1)")
-    p.add_argument("--max-length", type=_positive_int, default=1024, help="longest view in tokens (default: 1024)")
+    p.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=1024,
+        help="longest view in tokens; longer responses are truncated, with a count (default: 1024)",
+    )
+    p.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank (default: 16, as the authors)")
+    p.add_argument("--lora-alpha", type=_positive_float, default=16, help="LoRA alpha (default: 16, as the authors)")
+    p.add_argument("--lora-dropout", type=_fraction, default=0.05, help="LoRA dropout (default: 0.05, as the authors)")
+    p.add_argument(
+        "--lora-targets",
+        type=_name_list,
+        default=None,
+        help="comma-separated module names (default: gate_proj,up_proj,down_proj, as the authors)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+    )
+    p.add_argument(
+        "--judge-nll-weight",
+        type=float,
+        default=0.0,
+        help="weight of the aligned judge-view NLL of wrong samples (default: 0; the authors' scale: 10)",
+    )
+    _add_config_flags(p)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per NLFTConfig field, generated from the dataclass (so none is missed), defaults
+    left to the config: ``--correct-threshold 0.9`` sets ``NLFTConfig.correct_threshold``."""
+    from dataclasses import MISSING, fields
+
+    from nlft_kernels.config import CLUSTER_CRITERIA, NLFTConfig
+
+    group = p.add_argument_group("the NLFT objective (NLFTConfig; defaults: the authors')")
+    for f in fields(NLFTConfig):
+        kind = {"float": float, "int": int, "str": str}[str(f.type)]
+        extra = {"choices": CLUSTER_CRITERIA} if f.name == "cluster_criterion" else {}
+        default = f.default if f.default is not MISSING else None
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"config_{f.name}",
+            type=kind,
+            default=None,
+            metavar=kind.__name__.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {default})",
+            **extra,
+        )
+
+
+def nlft_config_from_args(args: argparse.Namespace):
+    """The NLFTConfig of the ``--<field>`` flags (unset flags keep the config's defaults)."""
+    from dataclasses import fields
+
+    from nlft_kernels.config import NLFTConfig
+
+    given = {f.name: getattr(args, f"config_{f.name}") for f in fields(NLFTConfig)}
+    return NLFTConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _add_judge_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    p.add_argument(
+        "--judge",
+        default=None,
+        help="rule (default: the built-in GSM8K judge), or module:function / path/file.py:function taking "
+        "(question, response, reference) and returning a Judgment, (correct, judgment) or a dict",
+    )
+    server = p.add_argument_group("LLM judge over an OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI)")
+    server.add_argument("--base-url", default=None, help="e.g. http://localhost:8000/v1 (the OpenAI client's base_url)")
+    if with_model:
+        server.add_argument("--model", default=None, help="the model name the server serves (with --base-url)")
+    server.add_argument(
+        "--api-key-env",
+        default=None,
+        help="environment variable holding the API key (default: NLFT_JUDGE_API_KEY, else OPENAI_API_KEY)",
+    )
+    server.add_argument(
+        "--concurrency", type=_positive_int, default=None, help="requests in flight (default: 8; 1 for other judges)"
+    )
+    server.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request (default: 60)")
+    server.add_argument("--max-retries", type=_non_negative_int, default=3, help="retries per request (default: 3)")
+    server.add_argument(
+        "--backoff", type=float, default=1.0, help="first retry's wait in seconds, doubled each time (default: 1)"
+    )
+    server.add_argument(
+        "--max-tokens", type=_positive_int, default=512, help="longest judge reply in tokens (default: 512)"
+    )
+    server.add_argument(
+        "--judge-temperature", type=float, default=0.0, help="sampling temperature of the judge (default: 0)"
+    )
+    server.add_argument(
+        "--response-format",
+        choices=("text", "json_object", "json_schema"),
+        default="text",
+        help="text (any server); json_object (llama.cpp/vLLM constrain the reply to the verdict schema); "
+        "json_schema (OpenAI structured outputs)",
+    )
+    p.add_argument(
+        "--local-model",
+        default=None,
+        help="a local transformers model as judge: a model folder or hub name, or smollm2 (the embedded one)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         help="folder with train.jsonl and test.jsonl, or a hub name[:config] with train/test splits "
-        "(default: GSM8K in ../shared/data/gsm8k, else openai/gsm8k:main from the hub)",
+        "(default: the GSM8K embedded in the package)",
     )
     _add_generation(demo, samples=8, max_new_tokens=DEMO_MAX_NEW_TOKENS)
     demo.add_argument(
@@ -426,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="test questions for the evaluations (default: --samples)",
     )
-    demo.add_argument("--judge", default=None, help="module:function or file.py:function of your own judge")
+    demo.add_argument(
+        "--judge", default=None, help="rule (default), or module:function / file.py:function of your own judge"
+    )
     demo.add_argument(
         "--temperature",
         type=_positive_float,
@@ -447,15 +692,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--out", type=Path, required=True, help="JSONL of question, answer, response")
 
-    judge = sub.add_parser("judge", help="judge responses against the reference solutions (NLFT records out)")
-    judge.add_argument("--in", dest="input", type=_existing_file, required=True, help="JSONL from `nlft generate`")
-    judge.add_argument("--out", type=Path, required=True, help="JSONL of NLFT records")
-    judge.add_argument(
-        "--judge",
-        default=None,
-        help="module:function or path/file.py:function taking (question, response, reference) "
-        "and returning a Judgment, (correct, judgment) or a dict (default: the built-in judge)",
+    judge = sub.add_parser(
+        "judge",
+        help="judge responses against the reference solutions (NLFT records out): rules, LLM server or local model",
     )
+    judge.add_argument("--in", dest="input", type=_existing_file, required=True, help="JSONL from `nlft generate`")
+    judge.add_argument(
+        "--out", type=Path, required=True, help="JSONL of NLFT records, appended per record; a rerun resumes"
+    )
+    _add_judge_options(judge)
+    judge.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming")
 
     train = sub.add_parser("train", help="NLFT-train a model on judged records")
     _add_model(train)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 CLUSTER_CRITERIA = ("distance", "similarity", "off")
 
@@ -29,21 +29,49 @@ class NLFTConfig:
     while its cosine ``similarity`` is above it; ``off`` disables clusters.
     """
 
-    correct_threshold: float = 0.95
-    saliency_power: float = 5.0
-    cluster_power: float = 0.3
-    other_power: float = 0.6
-    ratio_threshold: float = 1.5
-    judge_min_prob: float = 0.01
-    sigmoid_center: float = 1.5
-    sigmoid_scale: float = 2.0
-    saliency_fraction: float = 0.06
-    unlikelihood_clamp: float = 1e-5
-    nll_weight: float = 1.0
-    loss_scale: float = 10.0
-    ignore_index: int = -100
-    cluster_criterion: str = "distance"
-    cluster_threshold: float = 0.4
+    correct_threshold: float = field(
+        default=0.95, metadata={"help": "tau: a correct response's token is a saliency token when p_s > tau"}
+    )
+    saliency_power: float = field(
+        default=5.0,
+        metadata={"help": "exponent of a correct saliency token's weight 1 + ((p_s - tau) / (1 - tau)) ** power"},
+    )
+    cluster_power: float = field(
+        default=0.3,
+        metadata={"help": "exponent of a cluster neighbour's weight (p_s / tau) ** power (correct responses)"},
+    )
+    other_power: float = field(
+        default=0.6,
+        metadata={"help": "exponent of every other token's weight (p_s / tau) ** power (correct responses)"},
+    )
+    ratio_threshold: float = field(
+        default=1.5, metadata={"help": "a wrong response's saliency test: p_j / p_b and p_j / p_s above this"}
+    )
+    judge_min_prob: float = field(default=0.01, metadata={"help": "a wrong response's saliency test: p_j above this"})
+    sigmoid_center: float = field(
+        default=1.5, metadata={"help": "theta of the unlikelihood weight scale * sigmoid(p_j / p_b - theta)"}
+    )
+    sigmoid_scale: float = field(
+        default=2.0, metadata={"help": "scale of the unlikelihood weight scale * sigmoid(p_j / p_b - theta)"}
+    )
+    saliency_fraction: float = field(
+        default=0.06, metadata={"help": "above this fraction of saliency tokens, a wrong response's other tokens get 0"}
+    )
+    unlikelihood_clamp: float = field(
+        default=1e-5, metadata={"help": "1 - p_b is clamped below at this in the unlikelihood loss"}
+    )
+    nll_weight: float = field(
+        default=1.0, metadata={"help": "weight of the plain NLL added to a correct response's loss"}
+    )
+    loss_scale: float = field(default=10.0, metadata={"help": "the sample loss's factor (the authors' 10)"})
+    ignore_index: int = field(default=-100, metadata={"help": "label of padding and prompt rows"})
+    cluster_criterion: str = field(
+        default="distance", metadata={"help": "saliency clusters: distance (the authors' code), similarity or off"}
+    )
+    cluster_threshold: float = field(
+        default=0.4,
+        metadata={"help": "a neighbour joins a cluster while its cosine distance (or similarity) passes this"},
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

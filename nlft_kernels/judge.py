@@ -29,7 +29,7 @@ import importlib
 import importlib.util
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, DivisionByZero, InvalidOperation, localcontext
 from pathlib import Path
 
@@ -57,11 +57,13 @@ _ARITHMETIC_WORDS = re.compile(
 
 @dataclass(frozen=True)
 class Judgment:
-    """The verdict on one response: ``judgment`` is None for a correct one."""
+    """The verdict on one response: ``judgment`` is None for a correct one; ``raw`` is an LLM
+    judge's reply as it came (kept for audit, not compared)."""
 
     correct: bool
     judgment: str | None
     score: float
+    raw: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,47 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32, device: str | None = None):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_8bit() -> None:
+    """Raise RuntimeError saying why 8-bit base weights cannot load here (bitsandbytes' int8
+    matmul needs a CUDA GPU and the bitsandbytes package)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "8-bit base weights (--load-in-8bit) need a CUDA GPU: bitsandbytes' int8 matmul has no CPU path; "
+            "drop the flag (e.g. --dtype bf16) on this machine"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("8-bit base weights (--load-in-8bit) need bitsandbytes: pip install bitsandbytes")
+
+
+def load_model(
+    name_or_path: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    load_in_8bit: bool = False,
+):
     """``(model, tokenizer)`` for a causal language model, ready for batched generation.
 
     ``None`` or ``"smollm2"``: the embedded SmolLM2-135M-Instruct (dequantised from its Q4_1 GGUF
     file, about 16 s on a CPU). Anything else: a local Hugging Face model folder or a hub name.
+    ``load_in_8bit``: the linear layers' weights in int8 through bitsandbytes (the paper's
+    setting; CUDA only, RuntimeError elsewhere), the rest in ``dtype``.
     The tokenizer pads on the left (generation appends to the right end of every row) and gets a
     pad token (its EOS) when it has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quantized = {}
+    if load_in_8bit:
+        check_8bit()
+        if name_or_path is None or name_or_path == DEFAULT_MODEL:
+            raise RuntimeError("--load-in-8bit needs a Hugging Face model (--model), not the embedded GGUF SmolLM2")
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device or 0}}
     if name_or_path is None or name_or_path == DEFAULT_MODEL:
         if importlib.util.find_spec("gguf") is None:
             raise RuntimeError(f"reading the embedded SmolLM2 needs the package gguf: {SMOLLM2_INSTALL}")
@@ -62,7 +93,7 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **quantized)
         except OSError as err:
             raise RuntimeError(
                 f"cannot load model {name_or_path!r}: not a local model folder, and not a hub name that can be "
@@ -73,7 +104,8 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
     tokenizer.padding_side = "left"
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device or default_device())
+    if not quantized:  # bitsandbytes placed the int8 weights already (and forbids .to)
+        model.to(device or default_device())
     model.eval()
     return model, tokenizer
 

@@ -12,7 +12,6 @@ from nlft_kernels import cli
 from nlft_kernels.cli import build_parser, main
 from tests._tiny import tiny_model, tiny_tokenizer
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 ROWS = [
     {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
      "answer": "She sold 48/2 = <<48/2=24>>24 in May.\n48+24 = <<48+24=72>>72 in all.\n#### 72"},
@@ -98,8 +97,45 @@ def test_data_without_fields(tmp_path, capsys):
     assert "lacks the fields 'question' and 'answer'" in capsys.readouterr().err
 
 
-def test_without_local_gsm8k_the_hub_is_read(monkeypatch, capsys):
-    """No ../shared/data/gsm8k: GSM8K comes from the hub; an unreachable hub is a clean error."""
+def test_default_data_is_the_embedded_gsm8k(monkeypatch, tmp_path):
+    """No --data: GSM8K from inside the package, whatever the current folder and with the hub off."""
+    from nlft_kernels.data import GSM8K_DIR
+
+    monkeypatch.chdir(tmp_path)  # no ../shared next to it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    for split, count in (("train", 7473), ("test", 1319)):
+        source = Path(cli.resolve_data(None, split, parser))
+        assert source.parent == GSM8K_DIR and source.name == f"{split}.jsonl.xz"
+        rows = cli.read_data(None, split, parser)
+        assert len(rows) == count and all(set(r) == {"question", "answer"} for r in rows)
+        assert all("####" in r["answer"] for r in rows)
+    assert (GSM8K_DIR / "LICENSE").read_text().startswith("MIT License")
+    assert "nlft_kernels/data" in str(GSM8K_DIR).replace("\\", "/") and "shared" not in GSM8K_DIR.parts
+
+
+def test_embedded_split_must_exist(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--split", "validation", "--samples", "1"])
+    assert "the embedded GSM8K has the splits train, test" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compression", ["", ".gz", ".xz"])
+def test_data_file_plain_or_compressed(tmp_path, compression):
+    import gzip
+    import lzma
+
+    path = tmp_path / f"rows.jsonl{compression}"
+    text = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    path.write_bytes({"": bytes, ".gz": gzip.compress, ".xz": lzma.compress}[compression](text))
+    assert cli.read_data(str(path), "train", build_parser()) == ROWS
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / f"test.jsonl{compression}").write_bytes(path.read_bytes())
+    assert cli.read_data(str(tmp_path / "folder"), "test", build_parser()) == ROWS
+
+
+def test_hub_name_goes_to_datasets(monkeypatch, capsys):
+    """A hub name is read with datasets.load_dataset (here made offline): a clean error naming it."""
     import datasets
 
     asked = []
@@ -108,19 +144,11 @@ def test_without_local_gsm8k_the_hub_is_read(monkeypatch, capsys):
         asked.append((args, kwargs))
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(cli, "default_gsm8k_dir", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SystemExit):
-        main(["eval", "--samples", "1"])
-    err = capsys.readouterr().err
-    assert "reading openai/gsm8k:main from the Hugging Face hub" in err
-    assert "--data openai/gsm8k:main: no network" in err
+        main(["eval", "--samples", "1", "--data", "openai/gsm8k:main"])
+    assert "--data openai/gsm8k:main: no network" in capsys.readouterr().err
     assert asked == [(("openai/gsm8k", "main"), {"split": "test"})]
-
-
-@pytest.mark.skipif(not GSM8K.is_dir(), reason="GSM8K is not in ../shared/data/gsm8k")
-def test_default_data_is_gsm8k():
-    assert cli.default_gsm8k_dir().resolve() == GSM8K.resolve()
 
 
 def test_unloadable_model(tmp_path, data_dir):
@@ -142,7 +170,7 @@ def test_judge_input_without_responses(tmp_path, capsys):
     path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
     with pytest.raises(SystemExit):
         main(["judge", "--in", str(path), "--out", str(tmp_path / "r.jsonl")])
-    assert "missing response" in capsys.readouterr().err
+    assert "missing field response" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -205,8 +233,6 @@ def test_python_dash_m_entry_point():
 @pytest.mark.slow
 def test_demo_on_smollm2(tmp_path, capsys):
     pytest.importorskip("gguf")
-    if not GSM8K.is_dir():
-        pytest.skip("GSM8K is not in ../shared/data/gsm8k")
     from nlft_kernels.models import smollm2_gguf
 
     try:

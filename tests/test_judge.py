@@ -1,6 +1,5 @@
 """The rule-based judge: answer extraction, number formats, step arithmetic, judgments, the hook."""
 
-import json
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -30,7 +29,6 @@ REFERENCE = (
     "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
     "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer's market.\n#### 18"
 )
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
 @pytest.mark.parametrize(
@@ -209,9 +207,10 @@ def test_reference_without_answer_is_an_error():
         judge_response("q", "The answer is 3", "no number here")
 
 
-@pytest.mark.skipif(not GSM8K.is_file(), reason="GSM8K is not in ../shared/data/gsm8k")
 def test_gsm8k_reference_solutions_judge_themselves_correct():
-    rows = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines()[:500]]
+    from nlft_kernels.data import read_gsm8k
+
+    rows = read_gsm8k("train", limit=500)
     flagged = [(r, find_step_errors(r["answer"])) for r in rows]
     flagged = [(r, errors) for r, errors in flagged if errors]
     flagged_ids = {id(r) for r, _ in flagged}

@@ -71,3 +71,20 @@ def test_install_without_a_working_compiler(tmp_path, cxx, why):
     backends = _backends_of(target)
     assert backends["cpp"].startswith("unavailable") and why in backends["cpp"]
     assert backends["torch"].startswith("available")
+    _embedded_data_installed(target)
+
+
+def _embedded_data_installed(target: Path) -> None:
+    """The installed copy (not the checkout) carries GSM8K and reads it with the hub offline."""
+    data = target / "nlft_kernels" / "data" / "gsm8k"
+    assert {p.name for p in data.iterdir()} >= {"train.jsonl.xz", "test.jsonl.xz", "LICENSE"}
+    code = (
+        "import argparse, nlft_kernels.cli as cli\n"
+        "rows = cli.read_data(None, 'test', argparse.ArgumentParser())\n"
+        "print(cli.resolve_data(None, 'test', argparse.ArgumentParser()), len(rows))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=target, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    path, count = out.stdout.split()
+    assert Path(path).resolve() == (data / "test.jsonl.xz").resolve() and int(count) == 1319

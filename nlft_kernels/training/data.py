@@ -11,10 +11,30 @@ from pathlib import Path
 
 import torch
 
+# Compressed files are read as their text (the embedded GSM8K is ``.jsonl.xz``).
+_COMPRESSION = {".xz": "lzma", ".gz": "gzip", ".bz2": "bz2"}
+
+
+def data_suffix(source: str | os.PathLike) -> str:
+    """The suffix that says what a file holds, under any compression: ``.jsonl`` for ``a.jsonl.xz``."""
+    path = Path(source)
+    if path.suffix in _COMPRESSION:
+        path = path.with_suffix("")
+    return path.suffix
+
+
+def open_text(path: str | os.PathLike):
+    """``path`` opened for reading UTF-8 text, decompressed when it ends in .xz, .gz or .bz2."""
+    module = _COMPRESSION.get(Path(path).suffix)
+    if module is None:
+        return open(path, encoding="utf-8")
+    import importlib
+
+    return importlib.import_module(module).open(path, "rt", encoding="utf-8")
+
 
 def _is_local(source: str | os.PathLike) -> bool:
-    path = Path(source)
-    return path.suffix in (".jsonl", ".json") or path.exists()
+    return data_suffix(source) in (".jsonl", ".json") or Path(source).exists()
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
@@ -23,7 +43,7 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     Raises ValueError naming the file and the 1-based line for a line that is not a JSON object.
     """
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if limit is not None and len(rows) >= limit:
                 break
@@ -41,7 +61,7 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
 
 def read_json_list(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """The objects of a JSON file holding one list of objects (the authors' ``.json`` data)."""
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         try:
             rows = json.load(f)
         except json.JSONDecodeError as err:
@@ -66,7 +86,7 @@ def read_rows(source: str | os.PathLike, split: str = "train", limit: int | None
     if _is_local(source):
         if not Path(source).is_file():
             raise FileNotFoundError(f"no such file: {source}")
-        if Path(source).suffix == ".json":
+        if data_suffix(source) == ".json":
             return read_json_list(source, limit)
         return read_jsonl(source, limit)
     from datasets import load_dataset
@@ -159,20 +179,31 @@ def record_from_row(row: dict, where: str = "row") -> NLFTRecord:
 
 def load_records(source: str | os.PathLike, split: str = "train", limit: int | None = None) -> list[NLFTRecord]:
     """The :class:`NLFTRecord` s of a JSONL file or ``datasets`` hub name (see :func:`read_rows`
-    and :func:`record_from_row`). Errors name the file and 1-based line (the row for the hub)."""
+    and :func:`record_from_row`). Errors name the file and 1-based line (the row for the hub).
+    Rows with an ``error`` (records `nlft judge` could not judge) are skipped with a warning."""
     local = _is_local(source)
     records: list[NLFTRecord] = []
-    jsonl = local and Path(source).suffix != ".json"
+    jsonl = local and data_suffix(source) != ".json"
     if jsonl:
         numbered = _numbered_jsonl(source, limit)
     else:
         numbered = enumerate(read_rows(source, split, limit))
+    unjudged = 0
     for number, row in numbered:
+        if row.get("error"):  # `nlft judge` could not judge it: no verdict to train on
+            unjudged += 1
+            continue
         if jsonl:
             where = f"{source}, line {number}"
         else:
             where = f"{source}, item {number}" if local else f"{source} ({split}), row {number}"
         records.append(record_from_row(row, where))
+    if unjudged:
+        warnings.warn(
+            f"{source}: {unjudged} rows skipped: the judge gave them an error, not a verdict "
+            "(rerun `nlft judge` with the same --out to retry them)",
+            stacklevel=2,
+        )
     return records
 
 
@@ -180,7 +211,7 @@ def _numbered_jsonl(path: str | os.PathLike, limit: int | None):
     """(1-based line number, row) of a JSONL file, for error messages that name the line."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     rows = read_jsonl(path, limit)
     return zip([n for n, _ in lines[: len(rows)]], rows, strict=True)
@@ -323,9 +354,22 @@ def encode_records(
     add_eos: bool = True,
 ) -> list[dict]:
     """:func:`encode_record` of every record; records whose prompts leave no room for a
-    response token within ``max_length`` are dropped with a warning that counts them."""
+    response token within ``max_length`` are dropped, and responses cut to fit it are
+    truncated (their first tokens kept), each with a warning that counts them."""
     encoded = [encode_record(r, tokenizer, templates, max_length, add_eos) for r in records]
     kept = [e for e in encoded if e is not None]
+    if max_length is not None:
+        cut = sum(
+            len(e["labels"]) < len(response_ids(r.response, tokenizer, add_eos))
+            for r, e in zip(records, encoded, strict=True)
+            if e is not None
+        )
+        if cut:
+            warnings.warn(
+                f"{cut} of {len(kept)} responses truncated to fit max_length={max_length} tokens "
+                "(prompt + response; their first tokens are kept)",
+                stacklevel=2,
+            )
     if len(kept) < len(encoded):
         warnings.warn(
             f"{len(encoded) - len(kept)} of {len(encoded)} records dropped: their prompts leave no room "

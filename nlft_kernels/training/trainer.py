@@ -358,16 +358,31 @@ def _pad_id(tokenizer) -> int:
 DEFAULT_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the authors' choice for Llama
 
 
-def add_lora(model: nn.Module, r: int = 16, alpha: int = 16, dropout: float = 0.05, targets=None) -> nn.Module:
+def add_lora(
+    model: nn.Module, r: int = 16, alpha: int = 16, dropout: float = 0.05, targets: Sequence[str] | None = None
+) -> nn.Module:
     """``model`` wrapped in a peft LoRA adapter on ``targets`` (default: the MLP projections
-    gate/up/down when the model has them, else peft's default for the architecture)."""
+    gate/up/down when the model has them, as the authors, else peft's default for the architecture)."""
     from peft import LoraConfig, get_peft_model
 
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if targets is None:
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         targets = [t for t in DEFAULT_LORA_TARGETS if t in names] or None
+    else:
+        targets = list(targets)
+        unknown = [t for t in targets if t not in names]
+        if unknown:  # peft's own error lists every module; name the ones asked for instead
+            raise ValueError(f"LoRA targets {unknown} are not modules of {type(model).__name__}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+
+
+def steps_for_epochs(n_records: int, epochs: float, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps that show every record ``epochs`` times (the last step may be partial)."""
+    return max(1, math.ceil(n_records * epochs / (batch_size * grad_accum)))
 
 
 def train(
@@ -376,13 +391,19 @@ def train(
     records: Sequence[NLFTRecord],
     *,
     config: NLFTConfig = NLFTConfig(),
-    steps: int,
+    steps: int | None = None,
+    epochs: float | None = None,
     batch_size: int = 2,
     grad_accum: int = 1,
     lr: float = 1e-4,
+    lr_scheduler: str = "constant",
+    warmup_ratio: float = 0.0,
     lora: bool = True,
     lora_r: int = 16,
     lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_targets: Sequence[str] | None = None,
+    gradient_checkpointing: bool = False,
     output_dir: str | os.PathLike | None = None,
     seed: int = 0,
     max_length: int = 1024,
@@ -390,25 +411,50 @@ def train(
     judge_nll_weight: float = 0.0,
     progress: bool = True,
 ) -> nn.Module:
-    """NLFT-train ``model`` on ``records`` for ``steps`` optimizer steps; returns the trained model
-    (a peft model when ``lora``). Each step takes ``grad_accum`` micro-batches of ``batch_size``
-    records (shuffled, cycling), AdamW at ``lr``; a tqdm bar shows the loss. With ``output_dir``,
-    saves the adapter (LoRA) or the full model, and the tokenizer, there.
+    """NLFT-train ``model`` on ``records`` for ``steps`` optimizer steps, or ``epochs`` passes over
+    the records; returns the trained model (a peft model when ``lora``). Each step takes
+    ``grad_accum`` micro-batches of ``batch_size`` records (shuffled, cycling), AdamW at ``lr``
+    with ``lr_scheduler`` (constant, linear or cosine decay after ``warmup_ratio`` of the steps
+    of linear warm-up); a tqdm bar shows the loss. LoRA: rank ``lora_r``, ``lora_alpha``,
+    ``lora_dropout`` on ``lora_targets`` (default gate/up/down projections). A model loaded in
+    8 bits (bitsandbytes) is prepared with peft's ``prepare_model_for_kbit_training`` and trains
+    through LoRA only. ``gradient_checkpointing`` recomputes the base view's activations in
+    backward. With ``output_dir``, saves the adapter (LoRA) or the full model, and the tokenizer.
     """
-    if steps < 1 or batch_size < 1 or grad_accum < 1:
-        raise ValueError(f"steps, batch_size and grad_accum must be >= 1, got {steps}, {batch_size}, {grad_accum}")
+    if (steps is None) == (epochs is None):
+        raise ValueError("give either steps or epochs")
+    if (steps is not None and steps < 1) or (epochs is not None and not epochs > 0):
+        raise ValueError(f"steps must be >= 1 and epochs > 0, got {steps}, {epochs}")
+    if batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size}, {grad_accum}")
+    if lr_scheduler not in LR_SCHEDULERS or not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS} and warmup_ratio in [0, 1)")
+    in_8bit = bool(getattr(model, "is_loaded_in_8bit", False))
+    if in_8bit and not lora:
+        raise ValueError("a model with 8-bit base weights trains through LoRA only (drop --full or --load-in-8bit)")
     features = encode_records(records, tokenizer, templates, max_length)
     if not features:
         raise ValueError("no record fits max_length: nothing to train on")
+    if epochs is not None:
+        steps = steps_for_epochs(len(features), epochs, batch_size, grad_accum)
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    if in_8bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        # Non-reentrant: frozen inputs (LoRA) need no requires_grad trick to keep their gradient path.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
-        model = add_lora(model, lora_r, lora_alpha)
+        model = add_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets)
     model.train()
     pad = _pad_id(tokenizer)
     collate = NLFTCollator(pad, config.ignore_index)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
+    name = {"constant": "constant_with_warmup"}.get(lr_scheduler, lr_scheduler)
+    scheduler = transformers.get_scheduler(name, optimizer, int(warmup_ratio * steps), num_training_steps=steps)
     order: list[int] = []
 
     def next_batch():
@@ -431,6 +477,7 @@ def train(
             (loss / grad_accum).backward()
             total += float(loss.detach()) / grad_accum
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{total:.4f}")
     model.eval()

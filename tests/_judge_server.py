@@ -1,0 +1,160 @@
+"""Judge servers for the tests: a stub OpenAI-compatible HTTP server in a thread (faults on
+demand: slow, HTTP 500, garbage), and llama-cpp-python's real server on the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REQUIRE_SERVER_ENV = "NLFT_REQUIRE_LLM_SERVER"
+
+
+def chat_reply(content: str) -> bytes:
+    """An OpenAI chat-completions body whose message is ``content``."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+    return json.dumps({"id": "stub", "object": "chat.completion", "choices": [choice]}).encode()
+
+
+class StubServer:
+    """``handle(request_number, body) -> (status, bytes, delay_s)`` answers each POST; counts requests,
+    keeps their headers and bodies, and the most requests it had in flight at once."""
+
+    def __init__(self, handle: Callable[[int, dict], tuple[int, bytes, float]]) -> None:
+        self.handle, self.requests, self.in_flight, self.max_in_flight = handle, [], 0, 0
+        self.lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stub.lock:
+                    number = len(stub.requests)
+                    stub.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    stub.in_flight += 1
+                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+                try:
+                    status, data, delay = stub.handle(number, body)
+                    time.sleep(delay)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                    pass
+                finally:
+                    with stub.lock:
+                        stub.in_flight -= 1
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> StubServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------- the real llama.cpp server
+
+
+def llama_server_or_skip() -> str:
+    """The GGUF file the server will serve; skips (fails under NLFT_REQUIRE_LLM_SERVER=1) when
+    llama-cpp-python's server or the embedded model is missing."""
+    required = os.environ.get(REQUIRE_SERVER_ENV, "0") == "1"
+
+    def missing(reason: str):
+        if required:
+            pytest.fail(f"{reason}, and {REQUIRE_SERVER_ENV}=1 requires the llama.cpp server tests to run")
+        pytest.skip(reason)
+
+    for module, what in (("llama_cpp", "llama-cpp-python"), ("uvicorn", "llama-cpp-python[server]")):
+        if importlib.util.find_spec(module) is None:
+            missing(f"{what} is not installed (pip install 'llama-cpp-python[server]')")
+    from nlft_kernels.models import smollm2_gguf
+
+    try:
+        folder, name = smollm2_gguf()
+    except RuntimeError as err:
+        missing(str(err))
+    return str(Path(folder) / name)
+
+
+class LlamaServer:
+    """``python -m llama_cpp.server`` serving ``gguf`` on a free localhost port, as model ``smollm2``."""
+
+    MODEL = "smollm2"
+
+    def __init__(self, gguf: str, log: Path, n_ctx: int = 2048) -> None:
+        self.port = free_port()
+        self.log_path = log
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", self.MODEL]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", "2"]
+        self.log = open(log, "wb")
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(timeout=180)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the llama.cpp server exited ({self.process.returncode}): {self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the llama.cpp server did not answer within {timeout} s: {self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()

@@ -1,0 +1,185 @@
+"""The paper's setting from the command line (every NLFTConfig field, dtype, 8-bit, LoRA, gradient
+checkpointing, epochs, judge_nll_weight) and bad input (file and line named, missing fields named,
+truncation counted, inputs never rewritten), on a tiny random Llama saved to a temporary folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, fields
+
+import pytest
+import torch
+
+from nlft_kernels.cli import build_parser, main, nlft_config_from_args
+from nlft_kernels.config import CLUSTER_CRITERIA, NLFTConfig
+from nlft_kernels.training import encode_record, save_records, train
+from nlft_kernels.training.data import response_ids
+from nlft_kernels.training.trainer import steps_for_epochs
+from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
+
+SEED = 0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = tiny_tokenizer()
+    tiny_model(len(tokenizer), seed=SEED).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def records_file(tmp_path):
+    path = tmp_path / "records.jsonl"
+    save_records(path, tiny_records())
+    return path
+
+
+def _other_value(f):
+    """A valid value of field ``f`` that differs from its default."""
+    if f.name == "cluster_criterion":
+        return next(c for c in CLUSTER_CRITERIA if c != f.default)
+    return f.default - 1 if isinstance(f.default, int) else f.default / 2
+
+
+def test_every_nlft_config_field_is_a_flag(tmp_path):
+    """Each field, set alone through its generated flag, reaches NLFTConfig; the others keep defaults."""
+    parser = build_parser()
+    for f in fields(NLFTConfig):
+        assert f.default is not MISSING and f.metadata.get("help"), f"{f.name} needs a default and help"
+        value = _other_value(f)
+        flag = f"--{f.name.replace('_', '-')}"
+        for command in (["train", "--data", __file__, "--out", str(tmp_path)], ["demo"]):
+            config = nlft_config_from_args(parser.parse_args([*command, flag, str(value)]))
+            assert getattr(config, f.name) == value, (f.name, command)
+            assert config == NLFTConfig(**{f.name: value})
+
+
+def test_bad_config_value_names_the_field(records_file, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(records_file), "--out", str(tmp_path / "m"), "--correct-threshold", "1.5"])
+    assert "NLFTConfig.correct_threshold must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_training_flags_parse():
+    args = build_parser().parse_args(
+        ["train", "--data", __file__, "--out", "x", "--dtype", "bf16", "--lora-r", "8", "--lora-alpha", "32",
+         "--lora-dropout", "0.1", "--lora-targets", "q_proj, v_proj", "--gradient-checkpointing", "--epochs", "3",
+         "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--judge-nll-weight", "10", "--load-in-8bit"]
+    )  # fmt: skip
+    assert (args.dtype, args.lora_r, args.lora_alpha, args.lora_dropout) == ("bf16", 8, 32.0, 0.1)
+    assert args.lora_targets == ["q_proj", "v_proj"] and args.gradient_checkpointing and args.load_in_8bit
+    assert (args.epochs, args.lr_scheduler, args.warmup_ratio, args.judge_nll_weight) == (3.0, "cosine", 0.1, 10.0)
+    defaults = build_parser().parse_args(["train", "--data", __file__, "--out", "x"])
+    assert (defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout, defaults.lora_targets) == (16, 16, 0.05, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", __file__, "--out", "x", "--steps", "2", "--epochs", "1"])
+
+
+def test_train_takes_the_paper_settings(capsys):
+    """LoRA rank/alpha/dropout/targets, gradient checkpointing and epochs reach the model and the loop."""
+    tokenizer = tiny_tokenizer()
+    records = tiny_records()
+    print(f"seed {SEED}")
+    model = train(
+        tiny_model(len(tokenizer), seed=SEED), tokenizer, records, epochs=3, batch_size=2, grad_accum=1,
+        lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_targets=["q_proj", "down_proj"],
+        gradient_checkpointing=True, lr_scheduler="cosine", warmup_ratio=0.2, judge_nll_weight=1.0,
+        config=NLFTConfig(loss_scale=5.0), seed=SEED,
+    )  # fmt: skip
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (
+        4,
+        8,
+        0.1,
+        {"q_proj", "down_proj"},
+    )
+    assert model.get_base_model().is_gradient_checkpointing
+    steps = steps_for_epochs(len(records), 3, 2, 1)
+    assert steps == 6 and f"{steps}/{steps}" in capsys.readouterr().err  # the bar ran 6 optimizer steps
+
+
+def test_default_lora_targets_are_the_authors():
+    tokenizer = tiny_tokenizer()
+    model = train(tiny_model(len(tokenizer), seed=SEED), tokenizer, tiny_records(), steps=1, progress=False)
+    assert set(model.peft_config["default"].target_modules) == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_cli_train_dtype_and_targets(model_dir, records_file, tmp_path, capsys):
+    out = tmp_path / "trained"
+    main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1", "--dtype", "bf16",
+          "--lora-targets", "q_proj,v_proj", "--lora-r", "4", "--out", str(out)])  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
+              "--lora-targets", "no_such_proj", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert "LoRA targets ['no_such_proj'] are not modules" in str(info.value.code)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_load_in_8bit_without_cuda_is_a_clear_error(model_dir, records_file, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", str(model_dir), "--data", str(records_file), "--load-in-8bit", "--out",
+              str(tmp_path / "m")])  # fmt: skip
+    assert "need a CUDA GPU" in str(info.value.code)
+
+
+def test_load_in_8bit_trains_lora_only(records_file, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(records_file), "--load-in-8bit", "--full", "--out", str(tmp_path / "m")])
+    assert "--load-in-8bit trains through LoRA only" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_long_responses_are_truncated_with_a_count(model_dir, records_file, tmp_path, capsys):
+    tokenizer = tiny_tokenizer()
+    records = tiny_records()
+    prompts = [max(e[f"{v}_prompt_length"] for v in ("base", "standard", "judge"))
+               for e in (encode_record(r, tokenizer) for r in records)]  # fmt: skip
+    max_length = max(prompts) + 3
+    lengths = [len(response_ids(r.response, tokenizer)) for r in records]
+    expected = sum(n > max_length - p for n, p in zip(lengths, prompts, strict=True))
+    assert 0 < expected < len(records), "the cut must hit some records and spare others"
+    before = records_file.read_bytes()
+    main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
+          "--max-length", str(max_length), "--out", str(tmp_path / "m")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"{expected} of {len(records)} responses truncated to fit max_length={max_length}" in err
+    assert records_file.read_bytes() == before  # the input is only read
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "responses.jsonl"
+    good = json.dumps({"question": "q", "response": "r", "answer": "#### 1"})
+    path.write_text(f"{good}\n\n{{not json\n{good}\n")
+    with pytest.raises(SystemExit):
+        main(["judge", "--in", str(path), "--out", str(tmp_path / "out.jsonl")])
+    assert f"{path}, line 3: not valid JSON" in capsys.readouterr().err
+
+
+def test_record_missing_a_field_names_it(model_dir, tmp_path, capsys):
+    path = tmp_path / "records.jsonl"
+    rows = [{"question": "q", "response": "r", "answer": "a", "correct": True},
+            {"question": "q", "answer": "a", "correct": True}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(model_dir), "--data", str(path), "--steps", "1", "--out", str(tmp_path / "m")])
+    assert f"{path}, line 2: missing field 'response' or 'output'" in capsys.readouterr().err
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(json.dumps({"question": "q", "response": "r"}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["judge", "--in", str(responses), "--out", str(tmp_path / "out.jsonl")])
+    assert "line 1: missing field answer" in capsys.readouterr().err
+
+
+def test_generate_never_writes_over_its_input(tmp_path, capsys):
+    data = tmp_path / "questions.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    before = data.read_bytes()
+    with pytest.raises(SystemExit):
+        main(["generate", "--data", str(data), "--out", str(data)])
+    assert "inputs are never rewritten" in capsys.readouterr().err and data.read_bytes() == before
