@@ -124,6 +124,12 @@ _BRACKETED = re.compile(
     rf"(?:\b(?:verdict|rating)\s*:\s*)?\[\[\s*(?P<word>{_NEGATIVE}|{_POSITIVE})\s*\]\]\.?", re.IGNORECASE
 )
 _SENTINEL_CORRECT = re.compile(r"the\s+(?:student'?s\s+)?response\s+is\s+(?:fully\s+)?correct\b", re.IGNORECASE)
+# The sentence alone is a verdict only in a reply with no word of blame: "The response is correct
+# in its setup, but 9*2=16 is wrong" is not a correct verdict.
+_BLAME = re.compile(
+    r"\b(?:incorrect\w*|wrong\w*|errors?|erroneous|mistakes?|mistaken|not|no|\w+n't|false|fail\w*|invalid)\b",
+    re.IGNORECASE,
+)
 _SCORE_LINE = re.compile(
     r"^[\s#*_>`\-]*score[\s*_`]*[:=]?[\s*_`]*(?P<score>\d+(?:\.\d+)?)\s*(?:/\s*(?P<of>\d+))?[^\n]*$",
     re.IGNORECASE | re.MULTILINE,
@@ -172,7 +178,8 @@ def parse_verdict(reply: str) -> Judgment:
     Read, first that matches: a JSON object (``correct``/``verdict``/``score``, ``judgment``), in
     a code fence or not; the last ``Verdict: correct|wrong`` line (also ``**Verdict:** Incorrect``,
     ``Final verdict - wrong``, ``Rating: [[correct]]``); ``[[correct]]``; the authors' sentence
-    "The response is correct"; a ``Score: n/10`` line (correct when >= 7, the authors' rule).
+    "The response is correct" (only in a reply with no word of blame: incorrect, wrong, error,
+    mistake, not...); a ``Score: n/10`` line (correct when >= 7, the authors' rule).
     The judgment is the reply without its verdict and score lines. A wrong verdict with no
     judgment is an error: NLFT's judge view needs the judgment.
     """
@@ -190,7 +197,7 @@ def parse_verdict(reply: str) -> Judgment:
             score = 10 * value / of if of > 0 else None
         if verdicts:
             correct = not _is_negative(verdicts[-1]["word"])
-        elif _SENTINEL_CORRECT.search(reply) and not re.search(r"\bnot\s+correct\b", reply, re.IGNORECASE):
+        elif _SENTINEL_CORRECT.search(reply) and not _BLAME.search(reply):
             correct = True
         elif score is not None:
             correct = score >= CORRECT_SCORE_OF_10

@@ -100,6 +100,9 @@ def test_parse_verdict(reply, correct, judgment):
         ('{"correct": false, "judgment": ""}', "no judgment"),
         ('{"judgment": "hmm"}', "no verdict"),
         ("Verdict: no errors found", "no verdict"),  # neither word: not guessed
+        # the authors' sentence next to a word of blame is no verdict
+        ("The response is correct in its setup, but 9*2=16 is wrong; the final answer is incorrect.", "no verdict"),
+        ("The response is correct up to step 2, then it makes a mistake.", "no verdict"),
     ],
 )
 def test_parse_verdict_rejects(reply, message):
