@@ -62,33 +62,47 @@ class _Item:
 
 def read_judged(out: str | os.PathLike) -> tuple[set[str], set[str], bool]:
     """(keys judged, keys with only errors so far, whether a cut last line was removed) of an
-    output file. A last line without its newline is a record a crash cut short: it is removed
-    (the file is ours, and appending after it would corrupt the next record)."""
+    output file. Every line is checked first (a file that is not an output of `nlft judge` is
+    refused, untouched). Then a last line without its newline: a whole row keeps its record and
+    gets its newline; a row a crash cut short is removed (appending after it would corrupt the
+    next record) and its record is judged again."""
     path = Path(out)
     if not path.is_file():
         return set(), set(), False
-    repaired = False
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            f.truncate(keep)
-            data, repaired = data[:keep], True
+    data = path.read_bytes()
+    *lines, tail = data.split(b"\n")  # tail: b"" when the file ends with its newline
+    rows = [(number, line.decode("utf-8")) for number, line in enumerate(lines, 1) if line.strip()]
+    tail_row = None
+    if tail.strip():
+        try:  # a crash may cut a character in two: decoded leniently, then parsed
+            tail_row = _row(path, len(lines) + 1, tail.decode("utf-8", "replace"))
+        except ValueError:
+            if not tail.lstrip().startswith(b'{"id"'):  # not one of our rows cut short: not ours
+                raise
     judged, errored = set(), set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path}, line {number}: not valid JSON ({err.msg}); not an output of `nlft judge`?"
-            ) from err
-        if not isinstance(row, dict) or "id" not in row or "line" not in row:
-            raise ValueError(f"{path}, line {number}: no 'id' and 'line': not an output of `nlft judge`")
+    for row in [_row(path, number, line) for number, line in rows] + ([tail_row] if tail_row else []):
         key = f"{row['line']}:{row['id']}"
         (errored if row.get("error") else judged).add(key)
+    repaired = False
+    if tail.strip() and tail_row is not None:
+        with open(path, "ab") as f:  # a whole row: only its newline was lost
+            f.write(b"\n")
+    elif tail.strip():
+        with open(path, "rb+") as f:
+            f.truncate(len(data) - len(tail))
+        repaired = True
     return judged, errored - judged, repaired
+
+
+def _row(path: Path, number: int, line: str) -> dict:
+    """The output row on ``line``; ValueError if it is not one of `nlft judge`'s."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}); not an output of `nlft judge`?") from err
+    if not isinstance(row, dict) or "id" not in row or "line" not in row:
+        raise ValueError(f"{path}, line {number}: no 'id' and 'line': not an output of `nlft judge`")
+    return row
 
 
 def _judge_one(judge: Judge, row: dict) -> Judgment | JudgeError:

@@ -263,6 +263,27 @@ def test_a_cut_last_line_is_removed_and_its_record_judged_again(tmp_path):
     assert out.read_text().splitlines(keepends=True) == lines
 
 
+def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
+    """Only the newline was lost: the row keeps its record and gets its newline back."""
+    out = tmp_path / "records.jsonl"
+    judge_rows(rows(3), rule_judge, out, progress=False)
+    text = out.read_text()
+    out.write_text(text[:-1])
+    run = judge_rows(rows(3), rule_judge, out, progress=False)
+    assert not run.repaired and (run.skipped, run.judged) == (3, 0)
+    assert out.read_text() == text
+
+
+def test_output_that_is_not_ours_is_refused_before_any_repair(tmp_path):
+    """A file that is not ours, its last line without a newline, is refused and left as it was."""
+    out = tmp_path / "records.jsonl"
+    for text in ('{"question": "q"}\n{"question": "r"}', '{"question": "q"}\nhalf a li', "just text"):
+        out.write_text(text)
+        with pytest.raises(ValueError, match="not an output of `nlft judge`"):
+            judge_rows(rows(1), rule_judge, out, progress=False)
+        assert out.read_text() == text
+
+
 def test_edited_input_is_judged_again(tmp_path):
     out = tmp_path / "records.jsonl"
     data = rows(2)
