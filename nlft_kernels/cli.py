@@ -168,8 +168,9 @@ def _load(args):
 def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
     from nlft_kernels.generation import GSM8K_INSTRUCTION, generate_responses, sample_rows
 
-    if args.data is not None and Path(args.data).is_file() and _same_file(Path(args.data), args.out):
-        parser.error(f"--out {args.out} is the input file: inputs are never rewritten; name another file")
+    source = Path(resolve_data(args.data, args.split, parser))  # a folder's {split}.jsonl too
+    if source.is_file() and _same_file(source, Path(args.out)):
+        parser.error(f"--out {args.out} is the input file {source}: inputs are never rewritten; name another file")
     rows = read_data(args.data, args.split, parser)
     chosen = sample_rows(rows, args.samples, args.seed)
     if model is None:

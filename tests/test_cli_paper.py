@@ -183,3 +183,14 @@ def test_generate_never_writes_over_its_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--data", str(data), "--out", str(data)])
     assert "inputs are never rewritten" in capsys.readouterr().err and data.read_bytes() == before
+
+
+def test_generate_never_writes_over_a_folders_split(tmp_path, capsys):
+    """--data a folder: its {split}.jsonl is the input, protected as a file given by name is."""
+    data = tmp_path / "gsm8k" / "train.jsonl"
+    data.parent.mkdir()
+    data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    before = data.read_bytes()
+    with pytest.raises(SystemExit):
+        main(["generate", "--data", str(data.parent), "--out", str(data)])
+    assert "inputs are never rewritten" in capsys.readouterr().err and data.read_bytes() == before
