@@ -177,12 +177,15 @@ def judge_rows(
     """Judge ``rows`` ((1-based input line, dict with question, response, answer), ...) into ``out``.
 
     Resumes from what ``out`` holds unless ``overwrite``. ``concurrency`` judge calls run at once
-    (threads; 1 runs in this thread). Raises :class:`JudgeUnavailable` when the judge cannot be
-    reached (what was judged before stays in ``out``); KeyboardInterrupt passes through likewise.
+    (threads; 1 runs in this thread), at most the judge's own ``concurrency`` when it has one.
+    Raises :class:`JudgeUnavailable` when the judge cannot be reached (what was judged before
+    stays in ``out``); KeyboardInterrupt passes through likewise.
     ``on_result`` sees each output row after it is written.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    # A judge that is not thread-safe says so (LocalModelJudge.concurrency = 1).
+    concurrency = min(concurrency, getattr(judge, "concurrency", None) or concurrency)
     out = Path(out)
     items: list[_Item] = []
     for line, row in rows:

@@ -228,6 +228,25 @@ def test_concurrency_is_bounded_and_every_record_is_written(tmp_path):
     assert len(records) == 9 and sum(not r.correct for r in records) == 4
 
 
+def test_a_judge_that_is_not_thread_safe_runs_alone(tmp_path):
+    """A judge's own ``concurrency`` (LocalModelJudge's is 1) caps the runner's."""
+    import threading
+
+    threads, this_thread = [], threading.current_thread()
+
+    class OneAtATime:
+        concurrency = 1
+        name = "one at a time"
+
+        def __call__(self, question, response, reference_solution):
+            threads.append(threading.current_thread())
+            return rule_judge(question, response, reference_solution)
+
+    assert LocalModelJudge.concurrency == 1
+    run = judge_rows(rows(4), OneAtATime(), tmp_path / "records.jsonl", concurrency=4, progress=False)
+    assert run.judged == 4 and threads == [this_thread] * 4  # concurrency 1: no worker threads
+
+
 def test_errors_are_recorded_then_retried_on_rerun(tmp_path):
     """A garbage reply is an error row with the raw reply; the rerun retries only it."""
     out = tmp_path / "records.jsonl"
