@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlft_kernels.judge import Judgment
+from nlft_kernels.judge import Judgment, as_judgment
 from nlft_kernels.judges import Judge, JudgeError, JudgeUnavailable
 
 FIELDS = ("question", "response", "answer")
@@ -109,13 +109,21 @@ def _judge_one(judge: Judge, row: dict) -> Judgment | JudgeError:
     """The judge's verdict, or the error that replaces it on this record (never raised, except
     :class:`JudgeUnavailable` and interrupts, which end the run)."""
     try:
-        return judge(row["question"], row["response"], row["answer"])
+        result = judge(row["question"], row["response"], row["answer"])
     except (JudgeUnavailable, KeyboardInterrupt):
         raise
     except JudgeError as err:
         return err
     except Exception as err:  # a user judge's bug: recorded on its record, visible, not lost
         return JudgeError(f"{type(err).__name__}: {err}")
+    try:
+        result = as_judgment(result)  # a Judgment as is; a (correct, judgment) pair or dict converted
+    except TypeError as err:
+        return JudgeError(str(err))
+    if not result.correct and not (isinstance(result.judgment, str) and result.judgment.strip()):
+        # NLFT's judge view needs the judgment: the trainer could not read this row (as parse_verdict)
+        return JudgeError("the judge says wrong but gives no judgment of the errors", raw=result.raw)
+    return result
 
 
 def _output_row(item: _Item, result: Judgment | JudgeError, judge_name: str) -> dict:

@@ -272,6 +272,21 @@ def test_errors_are_recorded_then_retried_on_rerun(tmp_path):
     assert len(judged) == 4 and not errored
 
 
+def test_wrong_without_a_judgment_is_an_error_on_the_record(tmp_path):
+    """A user judge (--judge mod:f) that says wrong with no judgment: an error row, which the trainer skips."""
+
+    def terse(question, response, reference_solution):
+        return Judgment("(#1)" not in question, None, 0.0)
+
+    out = tmp_path / "records.jsonl"
+    run = judge_rows(rows(2), terse, out, progress=False)
+    assert (run.judged, run.errors) == (1, 1)
+    (error,) = [r for r in read_jsonl(out) if "error" in r]
+    assert error["line"] == 2 and "gives no judgment" in error["error"]
+    with pytest.warns(UserWarning, match="1 rows skipped"):
+        assert len(load_records(out)) == 1
+
+
 def test_a_cut_last_line_is_removed_and_its_record_judged_again(tmp_path):
     out = tmp_path / "records.jsonl"
     judge_rows(rows(3), rule_judge, out, progress=False)
