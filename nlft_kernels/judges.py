@@ -244,7 +244,7 @@ class OpenAIJudge:
 
     Robustness: ``timeout`` seconds per request; up to ``max_retries`` more attempts after a
     timeout, a dropped connection, HTTP 429 or 5xx, waiting ``backoff * 2**attempt`` seconds
-    (capped at 30, with 10% jitter; a 429's Retry-After when given). After the last attempt a
+    (with 10% jitter; a 429's Retry-After when given; either capped at 30 s). After the last attempt a
     connection that is refused raises :class:`JudgeUnavailable`; the rest raise
     :class:`JudgeError`, as do a body that is not a chat completion and a reply with no verdict
     (not retried: at temperature 0 it would come back the same). HTTP 401/403/404 raise
@@ -321,7 +321,10 @@ class OpenAIJudge:
                         raise JudgeUnavailable(f"cannot reach the judge at {self.url}: {message}") from None
                     raise JudgeError(message, attempts=attempt + 1) from None
                 delay = min(30.0, self.backoff * 2**attempt)
-                delay = err.retry_after if err.retry_after is not None else delay * (1 + 0.1 * random.random())
+                if err.retry_after is not None:  # the server's wait, within the same cap
+                    delay = min(30.0, err.retry_after)
+                else:
+                    delay *= 1 + 0.1 * random.random()
                 self.sleep(delay)
         raise AssertionError("unreachable")
 

@@ -159,6 +159,23 @@ def test_http_500_is_retried_with_backoff():
     assert 0.05 <= waits[0] <= 0.055 and 0.1 <= waits[1] <= 0.11
 
 
+def test_retry_after_is_capped():
+    """A 429 asking for an hour waits 30 s, the backoff's cap."""
+    from nlft_kernels.judges import _Retryable
+
+    waits, replies = [], iter([_Retryable("HTTP 429", retry_after=3600.0), chat_reply(REPLY_RIGHT)])
+    judge = OpenAIJudge("http://h/v1", "m", max_retries=1, sleep=waits.append)
+
+    def post(data, headers):
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return json.loads(reply)["choices"][0]["message"]["content"]
+
+    judge._post = post
+    assert judge("q", "r", "a").correct and waits == [30.0]
+
+
 def test_http_500_every_time_is_an_error_on_the_record():
     with StubServer(lambda n, b: (500, b"internal error", 0.0)) as server:
         judge = OpenAIJudge(server.base_url, "m", max_retries=2, backoff=0.0)
