@@ -238,6 +238,21 @@ class _Retryable(Exception):
         self.fatal, self.retry_after = fatal, retry_after
 
 
+class _Redirected(Exception):
+    """The judge's server answered with a redirect, which is not followed."""
+
+    def __init__(self, code: int, location: str) -> None:
+        super().__init__(f"redirect (HTTP {code}) to {location}")
+        self.code, self.location = code, location
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects with every header of the request, the API key included: refuse."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise _Redirected(code, newurl)
+
+
 class OpenAIJudge:
     """An LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint, with the standard
     library only (urllib): each call sends :func:`judge_messages` and parses the reply.
@@ -247,7 +262,8 @@ class OpenAIJudge:
     (with 10% jitter; a 429's Retry-After when given; either capped at 30 s). After the last attempt a
     connection that is refused raises :class:`JudgeUnavailable`; the rest raise
     :class:`JudgeError`, as do a body that is not a chat completion and a reply with no verdict
-    (not retried: at temperature 0 it would come back the same). HTTP 401/403/404 raise
+    (not retried: at temperature 0 it would come back the same). HTTP 401/403/404 and
+    a redirect (never followed: it would carry the API key elsewhere) raise
     :class:`JudgeUnavailable` at once. Thread-safe: the runner calls it from several threads.
 
     ``response_format``: ``text`` (default, any server), ``json_object`` (with the verdict schema,
@@ -278,6 +294,7 @@ class OpenAIJudge:
         self.max_retries, self.backoff, self.max_tokens = max_retries, backoff, max_tokens
         self.temperature, self.response_format, self.seed, self.sleep = temperature, response_format, seed, sleep
         self.name = f"{model} at {base_url}"
+        self._opener = urllib.request.build_opener(_NoRedirects)
 
     def __call__(self, question: str, response: str, reference_solution: str) -> Judgment:
         messages = judge_messages(question, response, reference_solution, json_reply=self.response_format != "text")
@@ -331,8 +348,13 @@ class OpenAIJudge:
     def _post(self, data: bytes, headers: dict[str, str]) -> str:
         request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+            with self._opener.open(request, timeout=self.timeout) as reply:
                 body = reply.read()
+        except _Redirected as err:
+            raise JudgeUnavailable(
+                f"the judge at {self.url} answered with a {err}; not followed, so that the API key is not "
+                "sent elsewhere: give --base-url the address it redirects to"
+            ) from None
         except urllib.error.HTTPError as err:
             detail = err.read()[:300].decode("utf-8", "replace").strip()
             if err.code in (401, 403):

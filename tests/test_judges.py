@@ -215,6 +215,47 @@ def test_auth_and_endpoint_errors_stop_at_once(status, message):
     assert len(server.requests) == 1
 
 
+def test_redirects_are_not_followed_with_the_api_key():
+    """A server that answers 302: urllib would follow it, Authorization header and all; the judge stops."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))  # read all: no reset on close
+            if self.path.endswith("/chat/completions"):
+                self.send_response(302)
+                self.send_header("Location", "/elsewhere")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = chat_reply(REPLY_RIGHT)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _answer  # noqa: N815 (http.server's names)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = OpenAIJudge(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", api_key="sk-secret")
+        with pytest.raises(JudgeUnavailable, match=r"redirect \(HTTP 302\) to .*/elsewhere.*not followed"):
+            judge("q", "r", "a")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [("POST", "/v1/chat/completions", "Bearer sk-secret")]
+
+
 def test_server_down():
     judge = OpenAIJudge(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=2, backoff=0.01)
     with pytest.raises(JudgeUnavailable, match=r"cannot reach the judge .*connection failed.*after 3 attempts"):
