@@ -235,9 +235,11 @@ def _make_judge(args, parser):
     if args.judge in (None, "rule", "builtin"):
         return rule_judge
     try:
-        return load_judge(args.judge)
+        judge = load_judge(args.judge)
     except ValueError as err:
         parser.error(f"--judge: {err}")
+    judge.name = args.judge  # written into each row: a resume checks that the judge is the same
+    return judge
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -60,10 +60,11 @@ class _Item:
     row: dict
 
 
-def read_judged(out: str | os.PathLike) -> tuple[set[str], set[str], bool]:
+def read_judged(out: str | os.PathLike, judge: str | None = None) -> tuple[set[str], set[str], bool]:
     """(keys judged, keys with only errors so far, whether a cut last line was removed) of an
-    output file. Every line is checked first (a file that is not an output of `nlft judge` is
-    refused, untouched). Then a last line without its newline: a whole row keeps its record and
+    output file. Every line is checked first: a file that is not an output of `nlft judge`, or
+    (``judge`` given) one whose rows another judge wrote, is refused untouched (resuming would mix
+    two judges' verdicts). Then a last line without its newline: a whole row keeps its record and
     gets its newline; a row a crash cut short is removed (appending after it would corrupt the
     next record) and its record is judged again."""
     path = Path(out)
@@ -80,7 +81,13 @@ def read_judged(out: str | os.PathLike) -> tuple[set[str], set[str], bool]:
             if not tail.lstrip().startswith(b'{"id"'):  # not one of our rows cut short: not ours
                 raise
     judged, errored = set(), set()
-    for row in [_row(path, number, line) for number, line in rows] + ([tail_row] if tail_row else []):
+    numbered = [(number, _row(path, number, line)) for number, line in rows]
+    for number, row in numbered + ([(len(lines) + 1, tail_row)] if tail_row else []):
+        if judge is not None and row.get("judge") not in (None, judge):
+            raise ValueError(
+                f"{path}, line {number}: judged by {row['judge']!r}, not by this judge ({judge!r}); resuming "
+                "would mix two judges' verdicts: use a new --out (or --overwrite to start it afresh)"
+            )
         key = f"{row['line']}:{row['id']}"
         (errored if row.get("error") else judged).add(key)
     repaired = False
@@ -184,7 +191,8 @@ def judge_rows(
 ) -> JudgeRun:
     """Judge ``rows`` ((1-based input line, dict with question, response, answer), ...) into ``out``.
 
-    Resumes from what ``out`` holds unless ``overwrite``. ``concurrency`` judge calls run at once
+    Resumes from what ``out`` holds unless ``overwrite`` (each row names its judge: an ``out``
+    another judge wrote is refused with a ValueError). ``concurrency`` judge calls run at once
     (threads; 1 runs in this thread), at most the judge's own ``concurrency`` when it has one.
     Raises :class:`JudgeUnavailable` when the judge cannot be reached (what was judged before
     stays in ``out``); KeyboardInterrupt passes through likewise.
@@ -203,11 +211,11 @@ def judge_rows(
         items.append(_Item(line, f"{line}:{record_id(*(row[k] for k in FIELDS))}", row))
     if overwrite and out.exists():
         out.unlink()
-    judged, errored, repaired = read_judged(out)
+    name = str(getattr(judge, "name", None) or getattr(judge, "__name__", type(judge).__name__))
+    judged, errored, repaired = read_judged(out, judge=name)
     todo = [item for item in items if item.key not in judged]
     run = JudgeRun(total=len(items), skipped=len(items) - len(todo), repaired=repaired)
     run.retried = sum(item.key in errored for item in todo)
-    name = getattr(judge, "name", None) or getattr(judge, "__name__", type(judge).__name__)
     out.parent.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(todo), progress)
     with open(out, "a", encoding="utf-8") as f:

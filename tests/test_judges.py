@@ -392,6 +392,25 @@ def test_output_that_is_not_ours_is_refused(tmp_path):
         judge_rows(rows(1), rule_judge, out, progress=False)
 
 
+def test_resuming_with_another_judge_is_refused(tmp_path, capsys):
+    """Each row names its judge; an --out another judge wrote is not resumed (its verdicts would be kept)."""
+    out = tmp_path / "records.jsonl"
+    judge_rows(rows(2), rule_judge, out, progress=False)
+    before = out.read_text()
+    assert {r["judge"] for r in read_jsonl(out)} == {"rule"}
+    with StubServer(ok) as server:
+        judge = OpenAIJudge(server.base_url, "m")
+        with pytest.raises(ValueError, match=r"line 1: judged by 'rule', not by this judge .*use a new --out"):
+            judge_rows(rows(2), judge, out, progress=False)
+        assert out.read_text() == before and not server.requests
+        responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(2)])
+        with pytest.raises(SystemExit):
+            main(["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model", "m"])
+        assert "judged by 'rule'" in capsys.readouterr().err and out.read_text() == before
+        run = judge_rows(rows(2), judge, out, progress=False, overwrite=True)  # starting afresh is fine
+    assert run.judged == 2 and {r["judge"] for r in read_jsonl(out)} == {judge.name}
+
+
 def test_server_going_down_keeps_what_was_judged(tmp_path):
     out = tmp_path / "records.jsonl"
     server = StubServer(ok).__enter__()
