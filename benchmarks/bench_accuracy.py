@@ -83,8 +83,16 @@ PRESETS = {
     # A few minutes: 8 training questions, 16 test questions, short generations.
     "quick": StudySettings(n=(8,), test_size=16, epochs=1, sample_tokens=96, eval_tokens=128),
     # The tests' size: seconds on a tiny random model.
-    "tiny": StudySettings(n=(2, 4), test_size=4, epochs=1, batch_size=2, max_length=512, sample_tokens=8,
-                          eval_tokens=8, generation_batch=4),
+    "tiny": StudySettings(
+        n=(2, 4),
+        test_size=4,
+        epochs=1,
+        batch_size=2,
+        max_length=512,
+        sample_tokens=8,
+        eval_tokens=8,
+        generation_batch=4,
+    ),
 }
 
 
@@ -219,11 +227,17 @@ class Study:
     def __init__(self, args: argparse.Namespace, settings: StudySettings, argv: list[str]):
         self.args, self.settings = args, settings
         device = torch.device("cpu")
-        self.out = Path(args.out) if args.out else RESULTS_DIR / f"accuracy_{environment(device)['device_slug']}_{today()}.json"
+        self.out = (
+            Path(args.out)
+            if args.out
+            else RESULTS_DIR / f"accuracy_{environment(device)['device_slug']}_{today()}.json"
+        )
         previous = json.loads(self.out.read_text()) if args.resume and self.out.is_file() else None
         if previous:
             recorded, wanted = previous["settings"], _settings_json(settings)
-            same_but_n = {k: v for k, v in recorded.items() if k != "n"} == {k: v for k, v in wanted.items() if k != "n"}
+            same_but_n = {k: v for k, v in recorded.items() if k != "n"} == {
+                k: v for k, v in wanted.items() if k != "n"
+            }
             if not same_but_n or not set(wanted["n"]) <= set(recorded["n"]):
                 sys.exit(f"--resume: {self.out} was written with other settings; remove it or change --out")
             if wanted["n"] != recorded["n"]:
@@ -234,8 +248,11 @@ class Study:
                     f"planned n={recorded['n']}; resumed with n={wanted['n']}: n={dropped} not run"
                 )
                 previous["settings"] = wanted
-                previous["runs"] = {k: v for k, v in previous.get("runs", {}).items()
-                                    if k == "base" or int(k.rsplit("_n", 1)[1]) in wanted["n"]}
+                previous["runs"] = {
+                    k: v
+                    for k, v in previous.get("runs", {}).items()
+                    if k == "base" or int(k.rsplit("_n", 1)[1]) in wanted["n"]
+                }
         self.payload = previous or {
             "benchmark": "bench_accuracy",
             "question": "GSM8K accuracy after SFT on reference solutions vs NLFT on judged own responses",
@@ -276,14 +293,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     from nlft_kernels.training.trainer import add_lora
 
     settings = PRESETS[args.preset]
-    overrides = {k: getattr(args, k) for k in ("n", "test_size", "epochs", "lr", "seed") if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k) for k in ("n", "test_size", "epochs", "lr", "seed") if getattr(args, k) is not None
+    }
     settings = replace(settings, **{k: tuple(v) if k == "n" else v for k, v in overrides.items()})
     torch.set_num_threads(args.threads or torch.get_num_threads())
     study = Study(args, settings, argv)
     payload, runs = study.payload, study.payload["runs"]
     if settings.n != (50, 200) or settings.test_size != 200:
-        payload["notes"] = payload["notes"] + [f"reduced from the study's design (n in 50, 200; 200 test questions): n={list(settings.n)}, "
-                            f"{settings.test_size} test questions"]
+        payload["notes"] = payload["notes"] + [
+            f"reduced from the study's design (n in 50, 200; 200 test questions): n={list(settings.n)}, "
+            f"{settings.test_size} test questions"
+        ]
     payload["notes"].append("one training seed; responses judged by the rule-based GSM8K judge")
     payload["notes"] = list(dict.fromkeys(payload["notes"]))
     progress = not args.no_progress
@@ -295,8 +316,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     payload["test_indices"], payload["train_indices"] = test_index, train_index
     test = [test_rows[i] for i in test_index]
     base = tokenizer = None
-    todo = "base" not in runs or "sampled" not in payload or any(
-        f"{m}_n{n}" not in runs for n in settings.n for m in ("sft", "nlft")
+    todo = (
+        "base" not in runs
+        or "sampled" not in payload
+        or any(f"{m}_n{n}" not in runs for n in settings.n for m in ("sft", "nlft"))
     )
     if todo:  # a resumed run with every result recorded only writes its reports
         started = time.perf_counter()
@@ -306,8 +329,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     def evaluate(model, name: str) -> dict:
         t0 = time.perf_counter()
         result = evaluate_gsm8k(
-            model, tokenizer, test, n=None, batch_size=settings.generation_batch,
-            max_new_tokens=settings.eval_tokens, progress=progress,
+            model,
+            tokenizer,
+            test,
+            n=None,
+            batch_size=settings.generation_batch,
+            max_new_tokens=settings.eval_tokens,
+            progress=progress,
         )
         correct = [s["correct"] for s in result["samples"]]
         row = accuracy_fields(correct) | {
@@ -315,8 +343,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "eval_seconds": time.perf_counter() - t0,
             "responses_sample": [s["response"] for s in result["samples"][:3]],
         }
-        study.say(f"{name}: {row['correct']}/{row['count']} = {row['accuracy']:.1%} "
-                  f"(95% CI {row['ci95'][0]:.1%}-{row['ci95'][1]:.1%})")
+        study.say(
+            f"{name}: {row['correct']}/{row['count']} = {row['accuracy']:.1%} "
+            f"(95% CI {row['ci95'][0]:.1%}-{row['ci95'][1]:.1%})"
+        )
         return row
 
     if "base" not in runs:
@@ -328,8 +358,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         t0 = time.perf_counter()
         questions = [train_rows[i]["question"] for i in train_index]
         responses = generate_responses(
-            base, tokenizer, questions, batch_size=settings.generation_batch, max_new_tokens=settings.sample_tokens,
-            greedy=False, temperature=settings.temperature, seed=settings.seed, progress=progress, desc="sample",
+            base,
+            tokenizer,
+            questions,
+            batch_size=settings.generation_batch,
+            max_new_tokens=settings.sample_tokens,
+            greedy=False,
+            temperature=settings.temperature,
+            seed=settings.seed,
+            progress=progress,
+            desc="sample",
         )
         judged = []
         for i, response in zip(train_index, responses, strict=True):
@@ -345,13 +383,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         own = payload["sampled"][:n]
         records = {
             "sft": [
-                NLFTRecord(train_rows[j["index"]]["question"], sft_target(train_rows[j["index"]]["answer"]),
-                           train_rows[j["index"]]["answer"], None, True, GSM8K_INSTRUCTION)
+                NLFTRecord(
+                    train_rows[j["index"]]["question"],
+                    sft_target(train_rows[j["index"]]["answer"]),
+                    train_rows[j["index"]]["answer"],
+                    None,
+                    True,
+                    GSM8K_INSTRUCTION,
+                )
                 for j in own
             ],
             "nlft": [
-                NLFTRecord(train_rows[j["index"]]["question"], j["response"], train_rows[j["index"]]["answer"],
-                           None if j["correct"] else j["judgment"], j["correct"], GSM8K_INSTRUCTION)
+                NLFTRecord(
+                    train_rows[j["index"]]["question"],
+                    j["response"],
+                    train_rows[j["index"]]["answer"],
+                    None if j["correct"] else j["judgment"],
+                    j["correct"],
+                    GSM8K_INSTRUCTION,
+                )
                 for j in own
             ],
         }
@@ -372,10 +422,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             model = model.merge_and_unload()  # evaluation decodes faster without the adapter's extra matmuls
             row = evaluate(model, key)
             runs[key] = row | {
-                "method": method, "n": n, "steps": steps, "records": len(features),
+                "method": method,
+                "n": n,
+                "steps": steps,
+                "records": len(features),
                 "wrong_records": sum(not r.correct for r in records[method]),
-                "train_seconds": train_seconds, "seconds_per_step": train_seconds / steps,
-                "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+                "train_seconds": train_seconds,
+                "seconds_per_step": train_seconds / steps,
+                "loss_first": losses[0],
+                "loss_last": losses[-1],
+                "losses": losses,
             }
             del model
             study.save()
@@ -404,12 +460,21 @@ def comparisons(runs: dict, settings: StudySettings) -> list[dict]:
         sft, nlft = runs.get(f"sft_n{n}"), runs.get(f"nlft_n{n}")
         if not (sft and nlft):
             continue
-        for label, a, b in (("nlft - sft", sft, nlft), ("sft - base", runs["base"], sft), ("nlft - base", runs["base"], nlft)):
+        for label, a, b in (
+            ("nlft - sft", sft, nlft),
+            ("sft - base", runs["base"], sft),
+            ("nlft - base", runs["base"], nlft),
+        ):
             low, high = paired_bootstrap(a["per_question"], b["per_question"], seed=settings.seed)
-            out.append({
-                "n": n, "comparison": label, "difference": b["accuracy"] - a["accuracy"], "ci95": [low, high],
-                "mcnemar_p": mcnemar_exact(a["per_question"], b["per_question"]),
-            })
+            out.append(
+                {
+                    "n": n,
+                    "comparison": label,
+                    "difference": b["accuracy"] - a["accuracy"],
+                    "ci95": [low, high],
+                    "mcnemar_p": mcnemar_exact(a["per_question"], b["per_question"]),
+                }
+            )
     return out
 
 
@@ -452,9 +517,10 @@ def markdown_table(payload: dict) -> str:
     for c in payload.get("comparisons", []):
         if c["comparison"] == "nlft - sft":
             nlft, sft = runs[f"nlft_n{c['n']}"]["accuracy"], runs[f"sft_n{c['n']}"]["accuracy"]
+            ci = f"95% CI {100 * c['ci95'][0]:+.1f} to {100 * c['ci95'][1]:+.1f}"
             summary.append(
-                f"n = {c['n']}: NLFT {_pct(nlft)} vs SFT {_pct(sft)}, a difference of {100 * c['difference']:+.1f} "
-                f"points (95% CI {100 * c['ci95'][0]:+.1f} to {100 * c['ci95'][1]:+.1f}; McNemar p = {c['mcnemar_p']:.3f})"
+                f"n = {c['n']}: NLFT {_pct(nlft)} vs SFT {_pct(sft)}, a difference of "
+                f"{100 * c['difference']:+.1f} points ({ci}; McNemar p = {c['mcnemar_p']:.3f})"
             )
     if summary:
         lines = ["**Result:** " + "; ".join(summary) + ".", ""] + lines
@@ -472,7 +538,9 @@ def markdown_table(payload: dict) -> str:
         "| samples | epochs | SFT | NLFT |",
         "|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['samples']} | {r['epochs']} | {r['sft']:.2f}% | {r['nlft']:.2f}% |" for r in payload["authors_table"]]
+    lines += [
+        f"| {r['samples']} | {r['epochs']} | {r['sft']:.2f}% | {r['nlft']:.2f}% |" for r in payload["authors_table"]
+    ]
     return "\n".join(lines)
 
 
@@ -492,7 +560,10 @@ def plot(payload: dict, path: Path) -> Path | None:
         rows = [runs.get(f"{method}_n{n}") for n in ns]
         xs = [i + (k - 0.5) * width for i, r in enumerate(rows) if r]
         acc = [100 * r["accuracy"] for r in rows if r]
-        err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in rows if r], [100 * (r["ci95"][1] - r["accuracy"]) for r in rows if r]]
+        err = [
+            [100 * (r["accuracy"] - r["ci95"][0]) for r in rows if r],
+            [100 * (r["ci95"][1] - r["accuracy"]) for r in rows if r],
+        ]
         ax.bar(xs, acc, width, yerr=err, capsize=4, color=colour, label=method.upper())
     base = runs["base"]
     ax.axhline(100 * base["accuracy"], color="grey", linestyle="--", label=f"base {_pct(base['accuracy'])}")

@@ -37,8 +37,8 @@ def test_mcnemar_matches_scipy_binomial_test():
         n = rng.randint(5, 60)
         a = [rng.random() < 0.4 for _ in range(n)]
         b = [rng.random() < 0.5 for _ in range(n)]
-        only_a = sum(x and not y for x, y in zip(a, b))
-        only_b = sum(y and not x for x, y in zip(a, b))
+        only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+        only_b = sum(y and not x for x, y in zip(a, b, strict=True))
         expected = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
         assert ba.mcnemar_exact(a, b) == pytest.approx(expected, rel=1e-12)
 

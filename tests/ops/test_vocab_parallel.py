@@ -16,9 +16,13 @@ from tests._inputs import make_inputs, seed_of
 from tests.training.test_trainer import _free_port
 
 B, T, V, D, WORLD = 4, 11, 64, 16, 2
-# dtype -> (rtol, atol) of the loss and gradients against one process: both accumulate in
-# float32; bf16 gradients differ by a rounding of the stored bf16 value.
-TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-3)}
+# dtype -> (rtol, atol) of the gradients against one process: both accumulate in float32; bf16
+# gradients differ by a rounding of the stored bf16 value, and the linear form's hidden gradient
+# is the sum of two bf16 partial products (one per vocabulary shard): up to two bf16 roundings.
+TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 4e-3)}
+# The loss's relative tolerance: float32 sums of exponentials added in another order (per shard,
+# then across shards) differ by a few float32 roundings of the row's logsumexp, ~2e-5 seen in bf16.
+LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
 CLUSTERS = NLFTConfig()  # clusters on: the hidden states are walked on every rank
 
 
@@ -116,7 +120,7 @@ def test_two_ranks_equal_one_process(tmp_path, dtype, reduction):
     assert bool(details.saliency[x.correct].any()) and bool(details.unlikelihood.any())
     assert bool(details.cluster.any()) and bool(details.killed.any()) and bool((x.labels == -100).any())
     for r, got in enumerate(ranks):
-        torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["loss"], loss, rtol=LOSS_RTOL[dtype], atol=1e-5)
         _same_details(got["details"], details)
         torch.testing.assert_close(got["grad"], _shard(x.base.grad, r), rtol=rtol, atol=atol)
 
@@ -125,7 +129,7 @@ def test_two_ranks_equal_one_process(tmp_path, dtype, reduction):
     assert bool(lin_details.saliency[x.correct].any()) and bool(lin_details.unlikelihood.any())
     for r, got in enumerate(ranks):
         torch.testing.assert_close(got["standard"], standard, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got["lin_loss"], lin_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["lin_loss"], lin_loss, rtol=LOSS_RTOL[dtype], atol=1e-5)
         _same_details(got["lin_details"], lin_details)
         torch.testing.assert_close(got["hidden_grad"], hidden_grad, rtol=rtol, atol=atol)
         torch.testing.assert_close(got["weight_grad"], _shard(w.grad, r), rtol=rtol, atol=atol)
