@@ -20,8 +20,9 @@ B, T, V, D, WORLD = 4, 11, 64, 16, 2
 # gradients differ by a rounding of the stored bf16 value, and the linear form's hidden gradient
 # is the sum of two bf16 partial products (one per vocabulary shard): up to two bf16 roundings.
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 4e-3)}
-# The relative tolerance of the loss and per-token values (log-probs, weights): float32 sums of exponentials added in another order (per shard,
-# then across shards) differ by a few float32 roundings of the row's logsumexp, ~2e-5 seen in bf16.
+# The relative tolerance of the loss and per-token values (log-probs, weights): float32 sums
+# of exponentials added in another order (per shard, then across shards) differ by a few float32
+# roundings of the row's logsumexp, ~2e-5 seen in bf16.
 LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
 CLUSTERS = NLFTConfig()  # clusters on: the hidden states are walked on every rank
 
