@@ -87,21 +87,13 @@ def forward_with_head(model: nn.Module, head: nn.Module, input_ids, attention_ma
     """Run ``model`` on a batch and return ``fn(hidden, weight, bias)``, called inside the
     head's forward: ``hidden`` [B, L, D] the decoder's final states (what the head reads),
     ``weight``/``bias`` the head's parameters as they are there (whole under FSDP/ZeRO-3)."""
-    from nlft_kernels.training.trainer import _accepts, causal_lm
+    from nlft_kernels.training.trainer import decoder_states
 
-    lm = causal_lm(model)
-    captured: list[torch.Tensor] = []
-
-    def hook(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-    handle = lm.get_decoder().register_forward_hook(hook)
-    kwargs = {"logits_to_keep": 1} if _accepts(lm, "logits_to_keep") else {}
-    try:
-        with head_call(head, lambda weight, bias: fn(captured[-1], weight, bias)) as results:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    finally:
-        handle.remove()
+    with (
+        decoder_states(model) as (captured, kwargs),
+        head_call(head, lambda weight, bias: fn(captured[-1], weight, bias)) as results,
+    ):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     if len(captured) != 1 or len(results) != 1:
         raise RuntimeError(f"expected one decoder and one head call per forward, saw {len(captured)}, {len(results)}")
     return results[0]

@@ -15,6 +15,7 @@ gradient, batched with the base view into one forward (so that DDP sees one forw
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -86,13 +87,11 @@ def _accepts(module: nn.Module, name: str) -> bool:
     return name in inspect.signature(module.forward).parameters
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The final hidden states [B, L, D] (what the LM head reads) of ``model`` on a batch.
-
-    The call goes through ``model`` itself (so DDP and peft hooks run); the states are taken
-    by a forward hook on the decoder, and ``logits_to_keep=1`` (where the model accepts it)
-    keeps the head to one position.
-    """
+@contextlib.contextmanager
+def decoder_states(model: nn.Module):
+    """Yields ``(captured, kwargs)``: while open, every call of ``model``'s decoder appends its
+    final hidden states [B, L, D] to ``captured``; pass ``kwargs`` to the model's call
+    (``logits_to_keep=1`` where the model accepts it keeps the head to one position)."""
     lm = causal_lm(model)
     captured: list[torch.Tensor] = []
 
@@ -100,11 +99,20 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
     handle = lm.get_decoder().register_forward_hook(hook)
-    kwargs = {"logits_to_keep": 1} if _accepts(lm, "logits_to_keep") else {}
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        yield captured, ({"logits_to_keep": 1} if _accepts(lm, "logits_to_keep") else {})
     finally:
         handle.remove()
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states [B, L, D] (what the LM head reads) of ``model`` on a batch.
+
+    The call goes through ``model`` itself (so DDP and peft hooks run); the states are taken
+    by a forward hook on the decoder (:func:`decoder_states`).
+    """
+    with decoder_states(model) as (captured, kwargs):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder call per forward, saw {len(captured)}")
     return captured[0]
