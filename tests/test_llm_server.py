@@ -118,7 +118,9 @@ def test_killed_mid_run_then_resumed(llama_server, tmp_path):
     """SIGKILL after the first record arrives; the rerun judges only the rest."""
     n = 3
     responses, out = responses_file(tmp_path, n), tmp_path / "records.jsonl"
-    cmd = [sys.executable, "-m", "nlft_kernels", *judge_cmd(llama_server, responses, out, "--concurrency", "1")]
+    # JSON replies: every record parses, so the rerun's exit status speaks only of the resume.
+    json_replies = ("--response-format", "json_object", "--max-tokens", "64", "--concurrency", "1")
+    cmd = [sys.executable, "-m", "nlft_kernels", *judge_cmd(llama_server, responses, out, *json_replies)]
     process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (not out.exists() or not out.read_text().strip()):
