@@ -129,13 +129,21 @@ def _extensions() -> tuple[list, dict]:
             extra_link_args=["-fopenmp"],
         )
     else:
-        ext = cpp_extension.CppExtension(
-            EXT_NAME, sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
-        )
+        ext = _cpu_extension(cpp_extension)
     build_info["cuda"] = with_cuda
     build_info["reason"] = "" if with_cuda else f"CPU kernel only: {why_not}"
-    build_ext = _optional_build_ext(cpp_extension.BuildExtension, force_cuda)
+    # A CUDA build that fails falls back to the CPU kernel, not to no extension at all.
+    fallback = _cpu_extension(cpp_extension) if with_cuda and not force_cuda else None
+    build_ext = _optional_build_ext(cpp_extension.BuildExtension, force_cuda, fallback)
     return [ext], {"build_ext": build_ext, "build_py": BuildPyWithInfo}
+
+
+def _cpu_extension(cpp_extension):
+    """The extension with the C++ CPU kernel only."""
+    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/cpu/row_pass_dispatch.cpp"]
+    return cpp_extension.CppExtension(
+        EXT_NAME, sources, extra_compile_args={"cxx": list(CXX_FLAGS)}, extra_link_args=["-fopenmp"]
+    )
 
 
 def _import_target_torch():
@@ -164,12 +172,36 @@ def _cuda_wanted(torch, cpp_extension, skip: bool) -> tuple[bool, str]:
         return False, f"torch {torch.__version__} is built without CUDA"
     if cpp_extension.CUDA_HOME is None:
         return False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    home = _cuda_toolkit(cpp_extension.CUDA_HOME)
+    if home is None:
+        where = cpp_extension.CUDA_HOME
+        return False, f"no CUDA toolkit headers (include/cuda_runtime_api.h) under {where}; set CUDA_HOME"
+    # Every later use (include paths, nvcc, libraries) reads this module global.
+    cpp_extension.CUDA_HOME = home
     return True, ""
 
 
-def _optional_build_ext(base, required: bool):
+def _cuda_toolkit(home: str) -> str | None:
+    """The toolkit folder that holds the headers: ``home``, else (when no CUDA_HOME was set) where
+    the nvcc found on PATH really lives, else /usr/local/cuda. torch takes CUDA_HOME as two levels
+    above ``which nvcc``; with nvcc linked or wrapped in /usr/local/bin that is /usr/local, which
+    has no CUDA headers (seen on a machine whose toolkit is /usr/local/cuda-13.0)."""
+    candidates = [home]
+    nvcc = shutil.which("nvcc")
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+        if nvcc:
+            candidates.append(str(Path(nvcc).resolve().parent.parent))
+        candidates.append("/usr/local/cuda")
+    for candidate in candidates:
+        if (Path(candidate) / "include" / "cuda_runtime_api.h").is_file():
+            return candidate
+    return None
+
+
+def _optional_build_ext(base, required: bool, cpu_fallback=None):
     """torch's BuildExtension that compiles the CPU kernel once per instruction set and, unless
-    ``required``, reports a failed build and carries on without the extension."""
+    ``required``, reports a failed build and carries on: with ``cpu_fallback`` (the CPU-only
+    extension, after a failed CUDA build), else without the extension."""
 
     class OptionalBuildExtension(base):
         def build_extensions(self) -> None:
@@ -182,6 +214,8 @@ def _optional_build_ext(base, required: bool):
                 if required:
                     raise
                 traceback.print_exc()
+                if cpu_fallback is not None and self._build_cpu_only(err):
+                    return
                 build_info["extension"] = "not built"
                 build_info["reason"] = f"the build failed ({type(err).__name__}: {str(err)[-500:]})"
                 _say(
@@ -194,6 +228,26 @@ def _optional_build_ext(base, required: bool):
                 build_info["extension"] = "built"
                 build_info["cpu_capabilities"] = list(CPU_CAPABILITIES)
             _write_build_info(os.path.dirname(self.get_ext_fullpath(EXT_NAME)))
+
+        def _build_cpu_only(self, cuda_err: Exception) -> bool:
+            """After a failed CUDA build: build the CPU kernel alone; True when that worked."""
+            why = f"the CUDA kernel did not build ({type(cuda_err).__name__}: {str(cuda_err)[-300:]})"
+            _say(f"{why}; building the CPU kernel only")
+            # The same Extension object (setuptools has finalized it), given the CPU-only build's parts.
+            for ext in self.extensions:
+                for attr in ("sources", "include_dirs", "library_dirs", "libraries", "extra_compile_args",
+                             "extra_link_args", "extra_objects"):  # fmt: skip
+                    setattr(ext, attr, getattr(cpu_fallback, attr))
+            try:
+                super().build_extensions()
+            except Exception:
+                traceback.print_exc()
+                return False
+            self.nlft_built = True
+            build_info.update(extension="built", cuda=False, reason=f"CPU kernel only: {why}")
+            build_info["cpu_capabilities"] = list(CPU_CAPABILITIES)
+            _write_build_info(os.path.dirname(self.get_ext_fullpath(EXT_NAME)))
+            return True
 
         def copy_extensions_to_source(self) -> None:
             # In-place and editable builds: nothing to copy after a failed optional build.
