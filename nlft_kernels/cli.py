@@ -253,20 +253,19 @@ def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False
     """Judge --in (or ``rows``) into --out, resumable; returns the NLFT records --out holds."""
     from nlft_kernels.judge_run import judge_rows
     from nlft_kernels.judges import JudgeUnavailable
-    from nlft_kernels.training.data import load_records, read_jsonl
+    from nlft_kernels.training.data import load_records, read_numbered_jsonl
 
     judge = _make_judge(args, parser)
     if rows is None:
         if _same_file(args.input, args.out):
             parser.error(f"--out {args.out} is the input file: inputs are never rewritten; name another file")
         try:
-            rows = read_jsonl(args.input)
+            numbered = read_numbered_jsonl(args.input)  # the file's line numbers, blank lines counted
         except ValueError as err:
             parser.error(f"--in: {err}")
         source = args.input
     else:
-        source = "the generated responses"
-    numbered = list(enumerate(rows, 1)) if rows is not None else []
+        numbered, source = list(enumerate(rows, 1)), "the generated responses"
     for number, row in numbered:
         missing = [k for k in ("question", "response", "answer") if not isinstance(row.get(k), str)]
         if missing:

@@ -176,6 +176,21 @@ def test_record_missing_a_field_names_it(model_dir, tmp_path, capsys):
     assert "line 1: missing field answer" in capsys.readouterr().err
 
 
+def test_judge_input_lines_are_the_files_lines(tmp_path, capsys):
+    """Blank lines count: a bad row and each output row name the line an editor shows, not the row's rank."""
+    good = json.dumps({"question": "q", "response": "The answer is 1.", "answer": "#### 1"})
+    bad = json.dumps({"question": "q", "response": "r"})
+    path = tmp_path / "responses.jsonl"
+    path.write_text(f"\n{good}\n\n\n{bad}\n")  # the bad row is the 2nd row, on line 5
+    with pytest.raises(SystemExit):
+        main(["judge", "--in", str(path), "--out", str(tmp_path / "out.jsonl")])
+    assert f"--in {path}, line 5: missing field answer" in capsys.readouterr().err
+    path.write_text(f"\n{good}\n\n\n{good}\n")
+    assert main(["judge", "--in", str(path), "--out", str(tmp_path / "out.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rows] == [2, 5] and all(r["correct"] for r in rows)
+
+
 def test_generate_never_writes_over_its_input(tmp_path, capsys):
     data = tmp_path / "questions.jsonl"
     data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
