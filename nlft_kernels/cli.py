@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 DEMO_MAX_NEW_TOKENS = 128
@@ -141,6 +143,30 @@ def _write_json(path: Path, value: dict) -> None:
 
 def _say(message: str) -> None:
     print(message, flush=True)
+
+
+# The warnings the CLI rewords or has already reported, by their messages (training.data's
+# encode_records and load_records): every other warning is shown as Python shows it.
+_COUNT_WARNING = re.compile(r"\d+ of \d+ (?:responses truncated|records dropped)")
+_SKIPPED_ERROR_ROWS = r".*: \d+ rows skipped: the judge gave them an error"
+
+
+@contextmanager
+def _counts_as_messages(prefix: str):
+    """Within the block, encode_records' counts of truncated and dropped responses are printed as
+    ``{prefix}: <count>`` lines on stderr (each time, not once per place); other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=UserWarning, message=_COUNT_WARNING.pattern)
+        show = warnings.showwarning
+
+        def show_counts(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, UserWarning) and _COUNT_WARNING.match(str(message)):
+                print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_counts
+        yield
 
 
 def _accuracy_line(result: dict, label: str = "accuracy") -> str:
@@ -297,10 +323,8 @@ def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False
     if run.errors:
         _say(f"{run.errors} records have an error instead of a verdict (see their 'error' field); "
              "rerun the same command to retry them")  # fmt: skip
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the error rows were just reported
+    with warnings.catch_warnings():  # the error rows were just reported; any other warning shows
+        warnings.filterwarnings("ignore", message=_SKIPPED_ERROR_ROWS, category=UserWarning)
         return load_records(args.out)
 
 
@@ -332,8 +356,7 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
     wrong = sum(not r.correct for r in records)
     length = f"{args.epochs:g} epochs" if args.epochs else f"{args.steps} steps"
     _say(f"training on {len(records)} records ({wrong} wrong, {len(records) - wrong} correct) for {length}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _counts_as_messages(f"nlft {args.command}"):
         try:
             model = train(
                 model,
@@ -359,11 +382,6 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
             )
         except ValueError as err:  # a setting the model or the records cannot take: say which
             sys.exit(f"nlft {args.command}: error: {err}")
-    for warning in caught:  # encode_records' counts of truncated and dropped responses
-        if warning.category is UserWarning and (
-            "truncated" in str(warning.message) or "dropped" in str(warning.message)
-        ):
-            print(f"nlft {args.command}: {warning.message}", file=sys.stderr, flush=True)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     save_model(model, tokenizer, args.out)

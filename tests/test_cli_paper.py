@@ -5,6 +5,7 @@ truncation counted, inputs never rewritten), on a tiny random Llama saved to a t
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import MISSING, fields
 
 import pytest
@@ -118,6 +119,23 @@ def test_cli_train_dtype_and_targets(model_dir, records_file, tmp_path, capsys):
     assert "LoRA targets ['no_such_proj'] are not modules" in str(info.value.code)
 
 
+def test_train_lets_other_warnings_show(model_dir, records_file, tmp_path, monkeypatch):
+    """`nlft train` rewords only encode_records' counts; a warning from anything else in training
+    (here a library's FutureWarning, raised around the real train) still reaches the user."""
+    import nlft_kernels.training as training
+
+    real_train = training.train
+
+    def train_with_a_library_warning(*args, **kwargs):
+        warnings.warn("some_library: `foo` is deprecated, use `bar`", FutureWarning, stacklevel=2)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", train_with_a_library_warning)
+    with pytest.warns(FutureWarning, match="`foo` is deprecated"):
+        main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
+              "--out", str(tmp_path / "m")])  # fmt: skip
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_load_in_8bit_without_cuda_is_a_clear_error(model_dir, records_file, tmp_path):
     with pytest.raises(SystemExit) as info:
@@ -145,8 +163,11 @@ def test_long_responses_are_truncated_with_a_count(model_dir, records_file, tmp_
     expected = sum(n > max_length - p for n, p in zip(lengths, prompts, strict=True))
     assert 0 < expected < len(records), "the cut must hit some records and spare others"
     before = records_file.read_bytes()
-    main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
-          "--max-length", str(max_length), "--out", str(tmp_path / "m")])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
+              "--max-length", str(max_length), "--out", str(tmp_path / "m")])  # fmt: skip
+    assert not any("truncated" in str(w.message) for w in caught)  # printed as a line, not also a warning
     err = capsys.readouterr().err
     assert f"{expected} of {len(records)} responses truncated to fit max_length={max_length}" in err
     assert records_file.read_bytes() == before  # the input is only read
