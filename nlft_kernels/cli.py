@@ -425,13 +425,19 @@ def _saliency(args, parser, records=None, model=None, tokenizer=None) -> dict:
         parser.error("no NLFT records to map")
     if model is None:
         model, tokenizer = _load(args)
+    try:
+        config = nlft_config_from_args(args)  # the same NLFTConfig flags as training
+    except ValueError as err:
+        parser.error(str(err))
     wrong = sum(not r.correct for r in records)
     _say(f"saliency map of {len(records)} records ({wrong} wrong, {len(records) - wrong} correct)")
     details = saliency_details(
-        model, tokenizer, records, max_length=args.max_length, batch_size=args.batch_size, progress=True
+        model, tokenizer, records, config=config, max_length=args.max_length, batch_size=args.batch_size, progress=True
     )
     name = args.model or "smollm2 (the embedded SmolLM2-135M-Instruct)"
-    paths = write_saliency_map(details, args.out, subtitle=f"model: {name}", png_records=args.png_records)
+    paths = write_saliency_map(
+        details, args.out, subtitle=f"model: {name}", png_records=args.png_records, config=config
+    )
     if "png" not in paths and args.png_records > 0:
         _say("no saliency.png: it needs matplotlib (pip install matplotlib)")
     _say(f"wrote the saliency map to {paths['html']}" + (f" and {paths['png']}" if "png" in paths else ""))
@@ -451,14 +457,13 @@ def _demo(args, parser) -> None:
         _say(f"\n== {name}")
         return argparse.Namespace(**(vars(args) | fields))
 
-    eval_args = dict(split="test", samples=args.eval_samples or args.samples, temperature=None)
-    before = _eval(
-        stage("eval before training", **eval_args, out=out / "eval_before.json"),
-        parser,
-        model,
-        tokenizer,
-        "accuracy before",
-    )
+    def evaluate(when: str, model) -> dict:
+        """The accuracy on --eval-samples test questions, written to eval_{when}.json."""
+        eval_args = dict(split="test", samples=args.eval_samples or args.samples, temperature=None)
+        eval_args |= dict(out=out / f"eval_{when}.json")
+        return _eval(stage(f"eval {when} training", **eval_args), parser, model, tokenizer, f"accuracy {when}")
+
+    before = evaluate("before", model)
     rows = _generate(stage("generate", split="train", out=out / "responses.jsonl"), parser, model, tokenizer)
     # The demo's judge is the rule-based one or a --judge function (--model is the trained model here).
     judge_args = dict(judge=args.judge, input=None, out=out / "records.jsonl", model=None, base_url=None)
@@ -470,13 +475,7 @@ def _demo(args, parser) -> None:
     model = _train(
         stage("train", batch_size=args.train_batch_size, out=out / "model"), parser, records, model, tokenizer
     )
-    after = _eval(
-        stage("eval after training", **eval_args, out=out / "eval_after.json"),
-        parser,
-        model,
-        tokenizer,
-        "accuracy after",
-    )
+    after = evaluate("after", model)
     summary = {
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
@@ -747,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument(
         "--max-length", type=_positive_int, default=1024, help="longest view in tokens, as in training (default: 1024)"
     )
+    _add_config_flags(sal)
 
     ev = sub.add_parser("eval", help="GSM8K accuracy (greedy) on a fixed-seed subset")
     _add_model(ev)
