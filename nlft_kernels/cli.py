@@ -329,7 +329,7 @@ def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False
 
 
 def _train(args, parser, records=None, model=None, tokenizer=None):
-    from nlft_kernels.models import save_model
+    from nlft_kernels.models import save_model, saves_adapter_only
     from nlft_kernels.training.data import load_records
 
     try:
@@ -382,10 +382,16 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
             )
         except ValueError as err:  # a setting the model or the records cannot take: say which
             sys.exit(f"nlft {args.command}: error: {err}")
+    if saves_adapter_only(model):  # 8-bit base weights: the adapter alone, unmerged
+        save_model(model, tokenizer, args.out)
+        base = model.peft_config["default"].base_model_name_or_path
+        _say(f"saved the LoRA adapter, not merged (merging into 8-bit weights would round the update away), and "
+             f"the tokenizer to {args.out}; `--model {args.out}` loads it onto its base model {base}")  # fmt: skip
+        return model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     save_model(model, tokenizer, args.out)
-    _say(f"saved the trained model to {args.out}")
+    _say(f"saved the trained model to {args.out}" + (" (LoRA merged)" if args.lora else ""))
     return model
 
 
@@ -727,7 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=_existing_file, required=True, help="JSONL of NLFT records (from `nlft judge`)")
     _add_training(train, steps=20, batch_flag="--batch-size")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the record order (default: 0)")
-    train.add_argument("--out", type=Path, required=True, help="folder for the trained model (LoRA merged)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for the trained model (LoRA merged; with --load-in-8bit the LoRA adapter alone, unmerged)",
+    )
 
     sal = sub.add_parser(
         "saliency",

@@ -144,6 +144,35 @@ def test_load_in_8bit_without_cuda_is_a_clear_error(model_dir, records_file, tmp
     assert "need a CUDA GPU" in str(info.value.code)
 
 
+def test_lora_over_8bit_weights_is_saved_unmerged(model_dir, tmp_path):
+    """The save-path choice: LoRA is merged on save, except over quantized base weights, whose
+    adapter is saved alone. bitsandbytes needs a CUDA GPU, so the tiny CPU model gets the mark
+    transformers' 8-bit loader sets (``is_loaded_in_8bit``); the folder written then holds the
+    adapter only, and load_model puts it back onto its base model with the same outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    from nlft_kernels.models import load_model, save_model, saves_adapter_only
+
+    tokenizer = tiny_tokenizer()
+    base, _ = load_model(str(model_dir))
+    lora = LoraConfig(r=4, target_modules=["gate_proj", "down_proj"], init_lora_weights=False)  # a nonzero update
+    model = get_peft_model(base, lora)
+    assert not saves_adapter_only(model) and not saves_adapter_only(base)  # float weights: merged
+    base.is_loaded_in_8bit = True
+    assert saves_adapter_only(model) and not saves_adapter_only(base)
+    assert save_model(model, tokenizer, tmp_path / "adapter") == "adapter"
+    saved = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved and "model.safetensors" not in saved
+    ids = torch.tensor([[1, 7, 42, 99, 3]])
+    with torch.no_grad():
+        trained = model(ids).logits
+        with model.disable_adapter():
+            untrained = model(ids).logits
+        loaded, _ = load_model(str(tmp_path / "adapter"))
+        torch.testing.assert_close(loaded(ids).logits, trained)
+    assert not torch.allclose(trained, untrained), "the adapter must change the outputs for this to show"
+
+
 def test_load_in_8bit_trains_lora_only(records_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", str(records_file), "--load-in-8bit", "--full", "--out", str(tmp_path / "m")])
