@@ -21,6 +21,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DEMO_MAX_NEW_TOKENS = 128
+EXIT_RECORD_ERRORS = 3
+JUDGE_EXIT_POLICY = (
+    "When it stops: a judge that cannot be reached (connection refused, unknown host, HTTP 401/403/404) stops "
+    "the run at once, and so do --max-consecutive-failures records in a row with no reply at all (timeouts, "
+    "resets) after their retries; Ctrl-C ends the requests in flight and their retries at once. Every record "
+    "judged before a stop is kept in --out: the same command resumes. A record that got no verdict (a "
+    "malformed reply, HTTP 5xx or a timeout after the retries) is written with an 'error' field and retried by "
+    "the next run; the count of such records is printed on stderr. Exit status: 0 the run finished (every "
+    f"record has a verdict, or an error when not --strict); {EXIT_RECORD_ERRORS} the run finished with --strict "
+    "and some records have an error; 1 the run stopped (judge unreachable); 2 bad arguments or input; "
+    "130 interrupted."
+)
 
 
 # ------------------------------------------------------------------------------ argument types
@@ -276,10 +288,10 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False):
-    """Judge --in (or ``rows``) into --out, resumable; returns the NLFT records --out holds."""
-    from nlft_kernels.judge_run import judge_rows
+    """Judge --in (or ``rows``) into --out, resumable; returns the :class:`JudgeRun`."""
+    from nlft_kernels.judge_run import MAX_CONSECUTIVE_FAILURES, judge_rows
     from nlft_kernels.judges import JudgeUnavailable
-    from nlft_kernels.training.data import load_records, read_numbered_jsonl
+    from nlft_kernels.training.data import read_numbered_jsonl
 
     judge = _make_judge(args, parser)
     if rows is None:
@@ -301,7 +313,12 @@ def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False
     concurrency = args.concurrency or (8 if getattr(args, "base_url", None) else 1)
     try:
         run = judge_rows(
-            numbered, judge, args.out, concurrency=concurrency, overwrite=overwrite or getattr(args, "overwrite", False)
+            numbered,
+            judge,
+            args.out,
+            concurrency=concurrency,
+            overwrite=overwrite or getattr(args, "overwrite", False),
+            max_consecutive_failures=getattr(args, "max_consecutive_failures", MAX_CONSECUTIVE_FAILURES),
         )
     except JudgeUnavailable as err:
         sys.exit(f"nlft judge: error: {err}\n(records judged so far are kept in {args.out}; rerun to resume)")
@@ -321,11 +338,23 @@ def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False
         + f"; wrote {args.out}"
     )
     if run.errors:
-        _say(f"{run.errors} records have an error instead of a verdict (see their 'error' field); "
-             "rerun the same command to retry them")  # fmt: skip
-    with warnings.catch_warnings():  # the error rows were just reported; any other warning shows
+        print(f"nlft judge: {run.errors} of {run.total} records have an error instead of a verdict (their 'error' "
+              f"field in {args.out}); rerun the same command to retry them", file=sys.stderr, flush=True)  # fmt: skip
+    return run
+
+
+def _judge_command(args, parser) -> int:
+    """``nlft judge``: exit status 0 when the run finished (3 with --strict when a record has an error)."""
+    return EXIT_RECORD_ERRORS if _judge(args, parser).errors and args.strict else 0
+
+
+def _judged_records(out: Path) -> list:
+    """The NLFT records of a judged file (its error rows, already reported, skipped quietly)."""
+    from nlft_kernels.training.data import load_records
+
+    with warnings.catch_warnings():  # any other warning shows
         warnings.filterwarnings("ignore", message=_SKIPPED_ERROR_ROWS, category=UserWarning)
-        return load_records(args.out)
+        return load_records(out)
 
 
 def _train(args, parser, records=None, model=None, tokenizer=None):
@@ -474,7 +503,8 @@ def _demo(args, parser) -> None:
     # The demo's judge is the rule-based one or a --judge function (--model is the trained model here).
     judge_args = dict(judge=args.judge, input=None, out=out / "records.jsonl", model=None, base_url=None)
     judge_args |= dict(local_model=None, concurrency=None)
-    records = _judge(stage("judge", **judge_args), parser, rows, overwrite=True)
+    _judge(stage("judge", **judge_args), parser, rows, overwrite=True)
+    records = _judged_records(out / "records.jsonl")
     # The weights NLFT gives the responses' tokens at the start of training.
     saliency_args = dict(out=out, max_records=None, png_records=3, batch_size=args.train_batch_size)
     _saliency(stage("saliency map", **saliency_args), parser, records, model, tokenizer)
@@ -642,13 +672,25 @@ def _add_judge_options(p: argparse.ArgumentParser, with_model: bool = True) -> N
     server.add_argument(
         "--concurrency", type=_positive_int, default=None, help="requests in flight (default: 8; 1 for other judges)"
     )
-    server.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request (default: 60)")
+    server.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds per request, in all: connect, wait and the whole reply (default: 60)",
+    )
     server.add_argument("--max-retries", type=_non_negative_int, default=3, help="retries per request (default: 3)")
     server.add_argument(
         "--backoff", type=float, default=1.0, help="first retry's wait in seconds, doubled each time (default: 1)"
     )
     server.add_argument(
         "--max-tokens", type=_positive_int, default=512, help="longest judge reply in tokens (default: 512)"
+    )
+    server.add_argument(
+        "--max-consecutive-failures",
+        type=_non_negative_int,
+        default=5,
+        help="stop after this many records in a row got no reply at all (timeouts, resets), after their "
+        "retries: the server is down or hung; rerun to resume (default: 5; 0: never stop)",
     )
     server.add_argument(
         "--judge-temperature", type=float, default=0.0, help="sampling temperature of the judge (default: 0)"
@@ -720,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     judge = sub.add_parser(
         "judge",
         help="judge responses against the reference solutions (NLFT records out): rules, LLM server or local model",
+        description="Judge responses against the reference solutions; each result is appended to --out as it "
+        "arrives, and a rerun resumes.",
+        epilog=JUDGE_EXIT_POLICY,
     )
     judge.add_argument("--in", dest="input", type=_existing_file, required=True, help="JSONL from `nlft generate`")
     judge.add_argument(
@@ -727,6 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_judge_options(judge)
     judge.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming")
+    judge.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit with status {EXIT_RECORD_ERRORS} when any record ends with an error instead of a verdict "
+        "(default: 0, with their count on stderr)",
+    )
 
     train = sub.add_parser("train", help="NLFT-train a model on judged records")
     _add_model(train)
@@ -774,13 +825,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "demo": _demo,
         "generate": _generate,
-        "judge": _judge,
+        "judge": _judge_command,
         "train": _train,
         "saliency": _saliency,
         "eval": _eval,
     }
-    commands[args.command](args, parser)
-    return 0
+    return commands[args.command](args, parser) or 0  # a command returns its exit status, or nothing for 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ and ``nlft judge``'s flags. The real llama.cpp server: tests/test_llm_server.py.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -192,6 +193,21 @@ def test_slow_server_times_out():
             judge("q", "r", "a")
         assert time.monotonic() - started < 1.5  # two timeouts, not two full replies
     assert len(server.requests) == 2
+
+
+def test_a_reply_that_drips_times_out_in_all():
+    """--timeout bounds the whole request: a body sent a byte every 20 ms (about 3 s in all, each
+    read well within the timeout) ends at 0.4 s, not when the last byte comes."""
+    body = chat_reply(REPLY_RIGHT)
+    assert len(body) * 0.02 > 2.0, "the drip must outlast the timeout several times over"
+    with StubServer(lambda n, b: (200, body, 0.0), drip=0.02) as server:
+        judge = OpenAIJudge(server.base_url, "m", timeout=0.4, max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(JudgeError, match=r"no reply within 0.4 s \(after 1 attempt\)") as info:
+            judge("q", "r", "a")
+        elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 1.5, elapsed
+    assert info.value.transport and len(server.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -422,6 +438,81 @@ def test_server_going_down_keeps_what_was_judged(tmp_path):
     assert sorted(r["line"] for r in read_jsonl(out)) == [1, 2]
 
 
+def test_records_in_a_row_with_no_reply_stop_the_run(tmp_path):
+    """A server that accepts connections but never answers in time: after 3 records in a row
+    timed out the run stops (JudgeUnavailable) instead of timing out on every record; their
+    error rows are kept, and the rerun retries them."""
+    out = tmp_path / "records.jsonl"
+    with StubServer(lambda n, b: (200, chat_reply(REPLY_RIGHT), 2.0)) as server:
+        judge = OpenAIJudge(server.base_url, "m", timeout=0.2, max_retries=0)
+        with pytest.raises(JudgeUnavailable, match=r"the last 3 records got no reply \(the last: no reply within 0.2"):
+            judge_rows(rows(8), judge, out, progress=False, max_consecutive_failures=3)
+    assert len(server.requests) == 3
+    written = read_jsonl(out)
+    assert [r["line"] for r in written] == [1, 2, 3] and all("no reply within" in r["error"] for r in written)
+
+
+def test_a_reply_between_failures_starts_the_count_again(tmp_path):
+    """Odd records time out, even ones are answered: never 2 in a row without a reply, so the run
+    goes to the end with max_consecutive_failures=2, the timeouts as error rows."""
+
+    def odd_ones_hang(number, body):
+        status, data, _ = ok(number, body)
+        return status, data, 2.0 if "wrong" in json.loads(data)["choices"][0]["message"]["content"] else 0.0
+
+    out = tmp_path / "records.jsonl"
+    with StubServer(odd_ones_hang) as server:
+        judge = OpenAIJudge(server.base_url, "m", timeout=0.2, max_retries=0)
+        run = judge_rows(rows(6), judge, out, progress=False, max_consecutive_failures=2)
+    assert (run.judged, run.errors) == (3, 3) and len(server.requests) == 6
+
+
+def test_cli_stops_after_consecutive_failures(tmp_path):
+    responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(6)])
+    out = tmp_path / "records.jsonl"
+    with StubServer(lambda n, b: (200, chat_reply(REPLY_RIGHT), 2.0)) as server:
+        with pytest.raises(SystemExit) as info:
+            main(["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model", "m",
+                  "--timeout", "0.2", "--max-retries", "0", "--concurrency", "1",
+                  "--max-consecutive-failures", "2"])  # fmt: skip
+    message = str(info.value.code)
+    assert "cannot reach the judge" in message and "the last 2 records got no reply" in message
+    assert "rerun to resume" in message and len(server.requests) == 2 and len(read_jsonl(out)) == 2
+
+
+def test_ctrl_c_ends_requests_and_retries_in_flight(tmp_path):
+    """`nlft judge --concurrency 2` interrupted (SIGINT) while one request waits on a 30 s reply and
+    another sleeps a 30 s backoff after an HTTP 500: it exits (130) within seconds, not after them,
+    and the two records judged before stay in the output."""
+    responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(4)])
+    out = tmp_path / "records.jsonl"
+
+    def slow_and_failing(number, body):
+        content = body["messages"][1]["content"]
+        if "(#2)" in content:
+            return 200, chat_reply(REPLY_RIGHT), 30.0
+        if "(#3)" in content:
+            return 500, b"overloaded", 0.0
+        return ok(number, body)
+
+    with StubServer(slow_and_failing) as server:
+        cmd = [sys.executable, "-m", "nlft_kernels", "judge", "--in", str(responses), "--out", str(out)]
+        cmd += ["--base-url", server.base_url, "--model", "m", "--concurrency", "2", "--backoff", "30"]
+        process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300  # a loaded machine starts python slowly
+        while time.monotonic() < deadline and len(server.requests) < 4:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the 500 answered: its call is in its backoff
+        assert len(server.requests) == 4 and server.in_flight == 1, "#2 must be in flight and #3 in its backoff"
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        elapsed = time.monotonic() - started
+    assert process.returncode == 130 and "interrupted" in err.decode()
+    assert elapsed < 5, f"exit took {elapsed:.1f} s: it waited for the requests in flight"
+    assert sorted(r["line"] for r in read_jsonl(out)) == [1, 2] and len(server.requests) == 4
+
+
 def test_killed_mid_run_then_resumed(tmp_path):
     """`nlft judge` in a subprocess, killed (SIGKILL) after its second record; the rerun judges
     only the rest, and every record ends up in the output exactly once."""
@@ -458,7 +549,8 @@ def test_killed_mid_run_then_resumed(tmp_path):
 
 
 def test_cli_judge_against_a_server_with_faults(tmp_path, capsys):
-    """One record answers garbage, one HTTP 500 every time: both are error rows, exit status 0."""
+    """One record answers garbage, one HTTP 500 every time: both are error rows, counted on stderr;
+    exit status 0, or 3 with --strict (the rerun retries both, which fail again)."""
     responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(4)])
     out = tmp_path / "records.jsonl"
 
@@ -471,11 +563,14 @@ def test_cli_judge_against_a_server_with_faults(tmp_path, capsys):
         return ok(number, body)
 
     with StubServer(faulty) as server:
-        main(["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model", "m",
-              "--max-retries", "1", "--backoff", "0"])  # fmt: skip
-    captured = capsys.readouterr()
-    assert "judged 2 responses: 1 correct, 1 wrong, 2 errors" in captured.out
-    assert "rerun the same command to retry them" in captured.out
+        argv = ["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model", "m",
+                "--max-retries", "1", "--backoff", "0"]  # fmt: skip
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        assert "judged 2 responses: 1 correct, 1 wrong, 2 errors" in captured.out
+        assert f"2 of 4 records have an error instead of a verdict (their 'error' field in {out})" in captured.err
+        assert "rerun the same command to retry them" in captured.err
+        assert main([*argv, "--strict"]) == 3
     errors = {r["line"]: r for r in read_jsonl(out) if "error" in r}
     assert "not a chat completion" in errors[2]["error"] and errors[2]["raw"] == "not json at all"
     assert "HTTP 500" in errors[3]["error"] and errors[3]["attempts"] == 2
