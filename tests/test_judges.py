@@ -480,6 +480,17 @@ def test_cli_stops_after_consecutive_failures(tmp_path):
     assert "rerun to resume" in message and len(server.requests) == 2 and len(read_jsonl(out)) == 2
 
 
+def test_judge_help_states_the_stop_and_exit_policy(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["judge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert info.value.code == 0
+    policy = ["--max-consecutive-failures", "rerun to resume", "Ctrl-C ends the requests in flight"]
+    policy += ["Exit status: 0 the run finished", "3 the run finished with --strict", "1 the run stopped"]
+    for words in policy:
+        assert words in text, words
+
+
 def test_ctrl_c_ends_requests_and_retries_in_flight(tmp_path):
     """`nlft judge --concurrency 2` interrupted (SIGINT) while one request waits on a 30 s reply and
     another sleeps a 30 s backoff after an HTTP 500: it exits (130) within seconds, not after them,
@@ -627,19 +638,89 @@ def test_cli_api_key_from_the_environment(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------- a local model
 
 
+SEED = 0
+JUDGE_REPLY = "It adds 3 instead of subtracting.\nVerdict: wrong"
+
+
+def _judge_prompt_ids(tokenizer, question: str, response: str, reference: str):
+    """The token ids a judge model is given: judge_messages through the chat template."""
+    text = tokenizer.apply_chat_template(
+        judge_messages(question, response, reference), tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+
+def _model_that_replies(tokenizer, prompt_ids, reply: str):
+    """The tiny random Llama (seed SEED) with only its output layer fitted, so that greedy decoding
+    after ``prompt_ids`` writes ``reply`` then EOS: a real model and generate, with a known reply."""
+    import torch
+
+    from tests._tiny import tiny_model
+
+    model = tiny_model(len(tokenizer), seed=SEED)
+    target = torch.tensor(tokenizer(reply, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+    ids = torch.cat([prompt_ids[0], target[:-1]])[None]
+    with torch.no_grad():  # the states that predict each reply token, as generate will see them
+        hidden = model.model(ids).last_hidden_state[0, prompt_ids.shape[1] - 1 :]
+    head = model.lm_head.weight
+    optimizer = torch.optim.Adam([head], lr=0.1)
+    for _ in range(2000):
+        logits = hidden @ head.T
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        if loss.item() < 0.05 and logits.argmax(-1).equal(target):  # a margin, for generate's cached states
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (hidden @ head.T).argmax(-1).equal(target), f"the head did not fit (seed {SEED})"
+    return model.eval()
+
+
+def test_local_model_judge_reads_the_verdict_its_model_generates(tmp_path):
+    """The judge gives the model the judge prompt (question, reference, response in the chat
+    template), decodes what it generates and parses it: a wrong verdict with its judgment."""
+    from tests._tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    line, row = 1, {"question": "What is 16 - 3 - 4?", "response": "16 + 3 = 19. The answer is 19.", "answer": "#### 9"}
+    prompt = _judge_prompt_ids(tokenizer, row["question"], row["response"], row["answer"])
+    assert prompt.shape[1] + 40 <= 512, "prompt and reply within the tiny model's positions"
+    judge = LocalModelJudge(_model_that_replies(tokenizer, prompt, JUDGE_REPLY), tokenizer, max_new_tokens=40)
+    judge.name = "tiny"
+    result = judge(row["question"], row["response"], row["answer"])
+    assert (result.correct, result.judgment, result.raw) == (False, "It adds 3 instead of subtracting.", JUDGE_REPLY)
+    out = tmp_path / "records.jsonl"
+    run = judge_rows([(line, row)], judge, out, progress=False)
+    (written,) = read_jsonl(out)
+    assert (run.judged, run.wrong) == (1, 1)
+    assert (written["judge"], written["correct"], written["judgment"]) == (
+        "tiny",
+        False,
+        "It adds 3 instead of subtracting.",
+    )
+
+
 def test_local_model_judge_records_its_unreadable_replies(tmp_path):
-    """A tiny random model cannot judge: its replies are error rows with the raw text, not losses."""
+    """The tiny random model cannot judge: each record is an error row whose raw reply is the
+    model's greedy continuation of that record's judge prompt, not a loss."""
+    import torch
+
     from tests._tiny import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    judge = LocalModelJudge(tiny_model(len(tokenizer)), tokenizer, max_new_tokens=6, name="tiny")
+    model = tiny_model(len(tokenizer), seed=SEED).eval()
+    judge = LocalModelJudge(model, tokenizer, max_new_tokens=6, name="tiny")
     out = tmp_path / "records.jsonl"
     run = judge_rows(rows(2), judge, out, progress=False)
-    written = read_jsonl(out)
-    assert run.errors + run.judged == 2 and len(written) == 2
-    for row in written:
-        assert row["judge"] == "tiny"
-        assert ("error" in row and isinstance(row["raw"], str)) or isinstance(row["correct"], bool)
+    written = {r["line"]: r for r in read_jsonl(out)}
+    assert (run.errors, run.judged) == (2, 0), f"seed {SEED}: {written}"
+    for line, row in rows(2):
+        prompt = _judge_prompt_ids(tokenizer, row["question"], row["response"], row["answer"])
+        with torch.no_grad():
+            generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        reply = tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True)
+        assert written[line]["judge"] == "tiny" and written[line]["raw"] == reply
+        assert "no verdict" in written[line]["error"] or "empty" in written[line]["error"]
 
 
 def test_local_model_needs_a_chat_template():
