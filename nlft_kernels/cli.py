@@ -12,13 +12,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 DEMO_MAX_NEW_TOKENS = 128
+EXIT_RECORD_ERRORS = 3
+JUDGE_EXIT_POLICY = (
+    "When it stops: a judge that cannot be reached (connection refused, unknown host, HTTP 401/403/404) stops "
+    "the run at once, and so do --max-consecutive-failures records in a row with no reply at all (timeouts, "
+    "resets) after their retries; Ctrl-C ends the requests in flight and their retries at once. Every record "
+    "judged before a stop is kept in --out: the same command resumes. A record that got no verdict (a "
+    "malformed reply, HTTP 5xx or a timeout after the retries) is written with an 'error' field and retried by "
+    "the next run; the count of such records is printed on stderr. Exit status: 0 the run finished (every "
+    f"record has a verdict, or an error when not --strict); {EXIT_RECORD_ERRORS} the run finished with --strict "
+    "and some records have an error; 1 the run stopped (judge unreachable); 2 bad arguments or input; "
+    "130 interrupted."
+)
 
 
 # ------------------------------------------------------------------------------ argument types
@@ -143,6 +157,30 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+# The warnings the CLI rewords or has already reported, by their messages (training.data's
+# encode_records and load_records): every other warning is shown as Python shows it.
+_COUNT_WARNING = re.compile(r"\d+ of \d+ (?:responses truncated|records dropped)")
+_SKIPPED_ERROR_ROWS = r".*: \d+ rows skipped: the judge gave them an error"
+
+
+@contextmanager
+def _counts_as_messages(prefix: str):
+    """Within the block, encode_records' counts of truncated and dropped responses are printed as
+    ``{prefix}: <count>`` lines on stderr (each time, not once per place); other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=UserWarning, message=_COUNT_WARNING.pattern)
+        show = warnings.showwarning
+
+        def show_counts(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, UserWarning) and _COUNT_WARNING.match(str(message)):
+                print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_counts
+        yield
+
+
 def _accuracy_line(result: dict, label: str = "accuracy") -> str:
     return f"{label}: {100 * result['accuracy']:.2f}% ({result['correct']}/{result['count']})"
 
@@ -250,23 +288,22 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False):
-    """Judge --in (or ``rows``) into --out, resumable; returns the NLFT records --out holds."""
-    from nlft_kernels.judge_run import judge_rows
+    """Judge --in (or ``rows``) into --out, resumable; returns the :class:`JudgeRun`."""
+    from nlft_kernels.judge_run import MAX_CONSECUTIVE_FAILURES, judge_rows
     from nlft_kernels.judges import JudgeUnavailable
-    from nlft_kernels.training.data import load_records, read_jsonl
+    from nlft_kernels.training.data import read_numbered_jsonl
 
     judge = _make_judge(args, parser)
     if rows is None:
         if _same_file(args.input, args.out):
             parser.error(f"--out {args.out} is the input file: inputs are never rewritten; name another file")
         try:
-            rows = read_jsonl(args.input)
+            numbered = read_numbered_jsonl(args.input)  # the file's line numbers, blank lines counted
         except ValueError as err:
             parser.error(f"--in: {err}")
         source = args.input
     else:
-        source = "the generated responses"
-    numbered = list(enumerate(rows, 1)) if rows is not None else []
+        numbered, source = list(enumerate(rows, 1)), "the generated responses"
     for number, row in numbered:
         missing = [k for k in ("question", "response", "answer") if not isinstance(row.get(k), str)]
         if missing:
@@ -276,7 +313,12 @@ def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False
     concurrency = args.concurrency or (8 if getattr(args, "base_url", None) else 1)
     try:
         run = judge_rows(
-            numbered, judge, args.out, concurrency=concurrency, overwrite=overwrite or getattr(args, "overwrite", False)
+            numbered,
+            judge,
+            args.out,
+            concurrency=concurrency,
+            overwrite=overwrite or getattr(args, "overwrite", False),
+            max_consecutive_failures=getattr(args, "max_consecutive_failures", MAX_CONSECUTIVE_FAILURES),
         )
     except JudgeUnavailable as err:
         sys.exit(f"nlft judge: error: {err}\n(records judged so far are kept in {args.out}; rerun to resume)")
@@ -296,17 +338,27 @@ def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False
         + f"; wrote {args.out}"
     )
     if run.errors:
-        _say(f"{run.errors} records have an error instead of a verdict (see their 'error' field); "
-             "rerun the same command to retry them")  # fmt: skip
-    import warnings
+        print(f"nlft judge: {run.errors} of {run.total} records have an error instead of a verdict (their 'error' "
+              f"field in {args.out}); rerun the same command to retry them", file=sys.stderr, flush=True)  # fmt: skip
+    return run
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the error rows were just reported
-        return load_records(args.out)
+
+def _judge_command(args, parser) -> int:
+    """``nlft judge``: exit status 0 when the run finished (3 with --strict when a record has an error)."""
+    return EXIT_RECORD_ERRORS if _judge(args, parser).errors and args.strict else 0
+
+
+def _judged_records(out: Path) -> list:
+    """The NLFT records of a judged file (its error rows, already reported, skipped quietly)."""
+    from nlft_kernels.training.data import load_records
+
+    with warnings.catch_warnings():  # any other warning shows
+        warnings.filterwarnings("ignore", message=_SKIPPED_ERROR_ROWS, category=UserWarning)
+        return load_records(out)
 
 
 def _train(args, parser, records=None, model=None, tokenizer=None):
-    from nlft_kernels.models import save_model
+    from nlft_kernels.models import save_model, saves_adapter_only
     from nlft_kernels.training.data import load_records
 
     try:
@@ -333,8 +385,7 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
     wrong = sum(not r.correct for r in records)
     length = f"{args.epochs:g} epochs" if args.epochs else f"{args.steps} steps"
     _say(f"training on {len(records)} records ({wrong} wrong, {len(records) - wrong} correct) for {length}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _counts_as_messages(f"nlft {args.command}"):
         try:
             model = train(
                 model,
@@ -360,15 +411,16 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
             )
         except ValueError as err:  # a setting the model or the records cannot take: say which
             sys.exit(f"nlft {args.command}: error: {err}")
-    for warning in caught:  # encode_records' counts of truncated and dropped responses
-        if warning.category is UserWarning and (
-            "truncated" in str(warning.message) or "dropped" in str(warning.message)
-        ):
-            print(f"nlft {args.command}: {warning.message}", file=sys.stderr, flush=True)
+    if saves_adapter_only(model):  # 8-bit base weights: the adapter alone, unmerged
+        save_model(model, tokenizer, args.out)
+        base = model.peft_config["default"].base_model_name_or_path
+        _say(f"saved the LoRA adapter, not merged (merging into 8-bit weights would round the update away), and "
+             f"the tokenizer to {args.out}; `--model {args.out}` loads it onto its base model {base}")  # fmt: skip
+        return model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     save_model(model, tokenizer, args.out)
-    _say(f"saved the trained model to {args.out}")
+    _say(f"saved the trained model to {args.out}" + (" (LoRA merged)" if args.lora else ""))
     return model
 
 
@@ -408,13 +460,19 @@ def _saliency(args, parser, records=None, model=None, tokenizer=None) -> dict:
         parser.error("no NLFT records to map")
     if model is None:
         model, tokenizer = _load(args)
+    try:
+        config = nlft_config_from_args(args)  # the same NLFTConfig flags as training
+    except ValueError as err:
+        parser.error(str(err))
     wrong = sum(not r.correct for r in records)
     _say(f"saliency map of {len(records)} records ({wrong} wrong, {len(records) - wrong} correct)")
     details = saliency_details(
-        model, tokenizer, records, max_length=args.max_length, batch_size=args.batch_size, progress=True
+        model, tokenizer, records, config=config, max_length=args.max_length, batch_size=args.batch_size, progress=True
     )
     name = args.model or "smollm2 (the embedded SmolLM2-135M-Instruct)"
-    paths = write_saliency_map(details, args.out, subtitle=f"model: {name}", png_records=args.png_records)
+    paths = write_saliency_map(
+        details, args.out, subtitle=f"model: {name}", png_records=args.png_records, config=config
+    )
     if "png" not in paths and args.png_records > 0:
         _say("no saliency.png: it needs matplotlib (pip install matplotlib)")
     _say(f"wrote the saliency map to {paths['html']}" + (f" and {paths['png']}" if "png" in paths else ""))
@@ -434,32 +492,26 @@ def _demo(args, parser) -> None:
         _say(f"\n== {name}")
         return argparse.Namespace(**(vars(args) | fields))
 
-    eval_args = dict(split="test", samples=args.eval_samples or args.samples, temperature=None)
-    before = _eval(
-        stage("eval before training", **eval_args, out=out / "eval_before.json"),
-        parser,
-        model,
-        tokenizer,
-        "accuracy before",
-    )
+    def evaluate(when: str, model) -> dict:
+        """The accuracy on --eval-samples test questions, written to eval_{when}.json."""
+        eval_args = dict(split="test", samples=args.eval_samples or args.samples, temperature=None)
+        eval_args |= dict(out=out / f"eval_{when}.json")
+        return _eval(stage(f"eval {when} training", **eval_args), parser, model, tokenizer, f"accuracy {when}")
+
+    before = evaluate("before", model)
     rows = _generate(stage("generate", split="train", out=out / "responses.jsonl"), parser, model, tokenizer)
     # The demo's judge is the rule-based one or a --judge function (--model is the trained model here).
     judge_args = dict(judge=args.judge, input=None, out=out / "records.jsonl", model=None, base_url=None)
     judge_args |= dict(local_model=None, concurrency=None)
-    records = _judge(stage("judge", **judge_args), parser, rows, overwrite=True)
+    _judge(stage("judge", **judge_args), parser, rows, overwrite=True)
+    records = _judged_records(out / "records.jsonl")
     # The weights NLFT gives the responses' tokens at the start of training.
     saliency_args = dict(out=out, max_records=None, png_records=3, batch_size=args.train_batch_size)
     _saliency(stage("saliency map", **saliency_args), parser, records, model, tokenizer)
     model = _train(
         stage("train", batch_size=args.train_batch_size, out=out / "model"), parser, records, model, tokenizer
     )
-    after = _eval(
-        stage("eval after training", **eval_args, out=out / "eval_after.json"),
-        parser,
-        model,
-        tokenizer,
-        "accuracy after",
-    )
+    after = evaluate("after", model)
     summary = {
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
@@ -620,13 +672,25 @@ def _add_judge_options(p: argparse.ArgumentParser, with_model: bool = True) -> N
     server.add_argument(
         "--concurrency", type=_positive_int, default=None, help="requests in flight (default: 8; 1 for other judges)"
     )
-    server.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request (default: 60)")
+    server.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds per request, in all: connect, wait and the whole reply (default: 60)",
+    )
     server.add_argument("--max-retries", type=_non_negative_int, default=3, help="retries per request (default: 3)")
     server.add_argument(
         "--backoff", type=float, default=1.0, help="first retry's wait in seconds, doubled each time (default: 1)"
     )
     server.add_argument(
         "--max-tokens", type=_positive_int, default=512, help="longest judge reply in tokens (default: 512)"
+    )
+    server.add_argument(
+        "--max-consecutive-failures",
+        type=_non_negative_int,
+        default=5,
+        help="stop after this many records in a row got no reply at all (timeouts, resets), after their "
+        "retries: the server is down or hung; rerun to resume (default: 5; 0: never stop)",
     )
     server.add_argument(
         "--judge-temperature", type=float, default=0.0, help="sampling temperature of the judge (default: 0)"
@@ -698,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     judge = sub.add_parser(
         "judge",
         help="judge responses against the reference solutions (NLFT records out): rules, LLM server or local model",
+        description="Judge responses against the reference solutions; each result is appended to --out as it "
+        "arrives, and a rerun resumes.",
+        epilog=JUDGE_EXIT_POLICY,
     )
     judge.add_argument("--in", dest="input", type=_existing_file, required=True, help="JSONL from `nlft generate`")
     judge.add_argument(
@@ -705,13 +772,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_judge_options(judge)
     judge.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming")
+    judge.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit with status {EXIT_RECORD_ERRORS} when any record ends with an error instead of a verdict "
+        "(default: 0, with their count on stderr)",
+    )
 
     train = sub.add_parser("train", help="NLFT-train a model on judged records")
     _add_model(train)
     train.add_argument("--data", type=_existing_file, required=True, help="JSONL of NLFT records (from `nlft judge`)")
     _add_training(train, steps=20, batch_flag="--batch-size")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the record order (default: 0)")
-    train.add_argument("--out", type=Path, required=True, help="folder for the trained model (LoRA merged)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for the trained model (LoRA merged; with --load-in-8bit the LoRA adapter alone, unmerged)",
+    )
 
     sal = sub.add_parser(
         "saliency",
@@ -730,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument(
         "--max-length", type=_positive_int, default=1024, help="longest view in tokens, as in training (default: 1024)"
     )
+    _add_config_flags(sal)
 
     ev = sub.add_parser("eval", help="GSM8K accuracy (greedy) on a fixed-seed subset")
     _add_model(ev)
@@ -746,13 +825,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "demo": _demo,
         "generate": _generate,
-        "judge": _judge,
+        "judge": _judge_command,
         "train": _train,
         "saliency": _saliency,
         "eval": _eval,
     }
-    commands[args.command](args, parser)
-    return 0
+    return commands[args.command](args, parser) or 0  # a command returns its exit status, or nothing for 0
 
 
 if __name__ == "__main__":

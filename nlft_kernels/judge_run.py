@@ -7,6 +7,12 @@ response and reference, so an edited input is judged again). A record the judge 
 (a malformed reply, a timeout, an HTTP error after the retries) is written with an ``error`` and
 the judge's raw reply, never dropped; a rerun tries it again. The input is only read.
 
+When to stop: a judge that cannot be reached (refused connections, a host that does not resolve,
+a refused key) stops the run at once; so do ``max_consecutive_failures`` records in a row that got
+no reply at all (timeouts, resets: the server is down or hung), since the rest would only time
+out too. Ctrl-C, or either stop, sets the judge's ``stop`` event (:class:`OpenAIJudge` has one), so
+the requests in flight and their retries end at once; what was written stays.
+
 Output rows: ``id``, ``line`` (1-based line of the input), ``question``, ``response``, ``answer``,
 ``instruction`` (when the input has one), ``judge``, and then either ``correct``, ``judgment``,
 ``score`` (and ``raw``, an LLM judge's reply) or ``error``, ``raw``, ``attempts``.
@@ -19,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -26,9 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlft_kernels.judge import Judgment, as_judgment
-from nlft_kernels.judges import Judge, JudgeError, JudgeUnavailable
+from nlft_kernels.judges import Judge, JudgeError, JudgeStopped, JudgeUnavailable
 
 FIELDS = ("question", "response", "answer")
+# Records in a row with no reply at all (timeouts, resets) after which a run stops.
+MAX_CONSECUTIVE_FAILURES = 5
 
 
 def record_id(question: str, response: str, answer: str) -> str:
@@ -114,10 +123,10 @@ def _row(path: Path, number: int, line: str) -> dict:
 
 def _judge_one(judge: Judge, row: dict) -> Judgment | JudgeError:
     """The judge's verdict, or the error that replaces it on this record (never raised, except
-    :class:`JudgeUnavailable` and interrupts, which end the run)."""
+    :class:`JudgeUnavailable`, :class:`JudgeStopped` and interrupts, which end the run)."""
     try:
         result = judge(row["question"], row["response"], row["answer"])
-    except (JudgeUnavailable, KeyboardInterrupt):
+    except (JudgeUnavailable, JudgeStopped, KeyboardInterrupt):
         raise
     except JudgeError as err:
         return err
@@ -188,18 +197,24 @@ def judge_rows(
     progress: bool = True,
     overwrite: bool = False,
     on_result: Callable[[dict], None] | None = None,
+    max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
 ) -> JudgeRun:
     """Judge ``rows`` ((1-based input line, dict with question, response, answer), ...) into ``out``.
 
     Resumes from what ``out`` holds unless ``overwrite`` (each row names its judge: an ``out``
     another judge wrote is refused with a ValueError). ``concurrency`` judge calls run at once
     (threads; 1 runs in this thread), at most the judge's own ``concurrency`` when it has one.
-    Raises :class:`JudgeUnavailable` when the judge cannot be reached (what was judged before
-    stays in ``out``); KeyboardInterrupt passes through likewise.
+    Raises :class:`JudgeUnavailable` when the judge cannot be reached, or when
+    ``max_consecutive_failures`` records in a row (0: no limit) got no reply at all (their error
+    rows are written; what was judged before stays in ``out``); KeyboardInterrupt passes through
+    likewise. Either sets the judge's ``stop`` event (when it has one) so that the calls in
+    flight end at once, and clears it when they have.
     ``on_result`` sees each output row after it is written.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if max_consecutive_failures < 0:
+        raise ValueError(f"max_consecutive_failures must be >= 0, got {max_consecutive_failures}")
     # A judge that is not thread-safe says so (LocalModelJudge.concurrency = 1).
     concurrency = min(concurrency, getattr(judge, "concurrency", None) or concurrency)
     out = Path(out)
@@ -218,6 +233,7 @@ def judge_rows(
     run.retried = sum(item.key in errored for item in todo)
     out.parent.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(todo), progress)
+    failures: list[JudgeError] = []  # the records in a row, up to now, that got no reply
     with open(out, "a", encoding="utf-8") as f:
 
         def write(item: _Item, result: Judgment | JudgeError) -> None:
@@ -233,6 +249,12 @@ def judge_rows(
             bar.update(isinstance(result, JudgeError))
             if on_result is not None:
                 on_result(row)
+            failures[:] = [*failures, result] if isinstance(result, JudgeError) and result.transport else []
+            if max_consecutive_failures and len(failures) >= max_consecutive_failures:
+                raise JudgeUnavailable(
+                    f"cannot reach the judge {name}: the last {len(failures)} records got no reply "
+                    f"(the last: {failures[-1]}); the server looks down or too slow for the timeout"
+                )
 
         try:
             _run(todo, judge, write, min(concurrency, max(1, len(todo))))
@@ -242,9 +264,15 @@ def judge_rows(
 
 
 def _run(todo: Sequence[_Item], judge: Judge, write, concurrency: int) -> None:
+    stop = getattr(judge, "stop", None)
+    stop = stop if isinstance(stop, threading.Event) else None
     if concurrency == 1:
-        for item in todo:
-            write(item, _judge_one(judge, item.row))
+        try:
+            for item in todo:
+                write(item, _judge_one(judge, item.row))
+        finally:
+            if stop is not None:
+                stop.clear()  # nothing in flight now: the judge works again
         return
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nlft-judge")
     try:
@@ -253,7 +281,15 @@ def _run(todo: Sequence[_Item], judge: Judge, write, concurrency: int) -> None:
         for future in as_completed(futures):
             write(futures[future], future.result())
     except BaseException:
-        # Stop queued calls at once; the ones in flight end within the judge's timeout.
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Queued calls never start; the ones in flight end at once through the judge's stop
+        # event (their retries and backoff included), so the run ends now, not after them. A
+        # judge without one is not waited for (its calls end on their own).
+        if stop is not None:
+            stop.set()
+        try:
+            pool.shutdown(wait=stop is not None, cancel_futures=True)
+        finally:
+            if stop is not None:
+                stop.clear()
         raise
     pool.shutdown(wait=True)

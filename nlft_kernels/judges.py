@@ -9,8 +9,10 @@ with :func:`parse_verdict`, which tolerates formatting noise.
 
 Failures are typed so that a run can keep every record: :class:`JudgeError` (this record has no
 verdict: a malformed reply, a timeout, an HTTP error after the retries; the runner writes it as an
-error on the record) and :class:`JudgeUnavailable` (no record can be judged: the server cannot be
-reached or refuses the key; the runner stops).
+error on the record; ``transport`` when no reply came at all), :class:`JudgeUnavailable` (no record
+can be judged: the server cannot be reached or refuses the key; the runner stops) and
+:class:`JudgeStopped` (the run is ending: Ctrl-C or another record's fatal error set the judge's
+``stop`` event; nothing is written for the record).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import os
 import random
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 from nlft_kernels.judge import SCORE_CORRECT, SCORE_WRONG_ANSWER, Judgment, judge_response
@@ -48,15 +52,20 @@ class Judge(Protocol):
 
 
 class JudgeError(Exception):
-    """One record got no verdict; ``raw`` is the judge's reply when there was one."""
+    """One record got no verdict; ``raw`` is the judge's reply when there was one; ``transport``
+    when its last attempt got no reply at all (a timeout, a reset or dropped connection)."""
 
-    def __init__(self, message: str, raw: str | None = None, attempts: int = 1) -> None:
+    def __init__(self, message: str, raw: str | None = None, attempts: int = 1, transport: bool = False) -> None:
         super().__init__(message)
-        self.raw, self.attempts = raw, attempts
+        self.raw, self.attempts, self.transport = raw, attempts, transport
 
 
 class JudgeUnavailable(Exception):
     """No record can be judged (server unreachable, key refused, no such endpoint or model)."""
+
+
+class JudgeStopped(Exception):
+    """The run is ending (the judge's ``stop`` event is set): this record was left unjudged."""
 
 
 def rule_judge(question: str, response: str, reference_solution: str) -> Judgment:
@@ -231,11 +240,14 @@ def chat_completions_url(base_url: str) -> str:
 
 
 class _Retryable(Exception):
-    """A failure worth another attempt; ``fatal`` when, after the last one, no record can succeed."""
+    """A failure worth another attempt; ``fatal`` when, after the last one, no record can succeed;
+    ``transport`` when no reply came (not an HTTP error status)."""
 
-    def __init__(self, message: str, fatal: bool = False, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, fatal: bool = False, retry_after: float | None = None, transport: bool = False
+    ) -> None:
         super().__init__(message)
-        self.fatal, self.retry_after = fatal, retry_after
+        self.fatal, self.retry_after, self.transport = fatal, retry_after, transport or fatal
 
 
 class _Redirected(Exception):
@@ -253,18 +265,107 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         raise _Redirected(code, newurl)
 
 
+class _Deadline:
+    """One request's watchdog: when ``timeout`` seconds have passed since it started, or ``stop``
+    is set, it shuts the request's socket down, which ends a read blocked anywhere (the status
+    line, the headers, a body that drips in byte by byte). So ``timeout`` bounds the whole
+    request, not each read as a socket timeout does; ``fired`` says why it ended one."""
+
+    POLL = 0.05  # seconds between looks at ``stop``: how soon Ctrl-C ends a request in flight
+
+    def __init__(self, timeout: float, stop: threading.Event) -> None:
+        self.timeout, self.deadline, self.stop = timeout, time.monotonic() + timeout, stop
+        self.fired: str | None = None
+        self.sock = None
+        self.lock, self.done = threading.Lock(), threading.Event()
+        threading.Thread(target=self._watch, name="nlft-judge-deadline", daemon=True).start()
+
+    def left(self) -> float:
+        return max(self.deadline - time.monotonic(), 1e-3)
+
+    def attach(self, sock) -> None:
+        with self.lock:
+            self.sock = sock
+            if self.fired:
+                self._shut()
+
+    def close(self) -> None:
+        self.done.set()
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(self.POLL, max(self.deadline - time.monotonic(), 0.0))):
+            reason = "stopped" if self.stop.is_set() else "timeout" if time.monotonic() >= self.deadline else None
+            if reason:
+                with self.lock:
+                    if not self.done.is_set():
+                        self.fired = reason
+                        self._shut()
+                return
+
+    def _shut(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed already
+                pass
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, deadline: _Deadline, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        self.timeout = self.deadline.left()  # the connect itself is bounded by what is left
+        super().connect()
+        self.deadline.attach(self.sock)
+
+
+class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, deadline: _Deadline, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        self.timeout = self.deadline.left()
+        super().connect()  # TCP, then TLS: self.sock is the TLS socket
+        self.deadline.attach(self.sock)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(partial(_DeadlineHTTPConnection, deadline=self.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(partial(_DeadlineHTTPSConnection, deadline=self.deadline), req, context=self._context)
+
+
 class OpenAIJudge:
     """An LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint, with the standard
     library only (urllib): each call sends :func:`judge_messages` and parses the reply.
 
-    Robustness: ``timeout`` seconds per request; up to ``max_retries`` more attempts after a
+    Robustness: ``timeout`` seconds per request, in all (connect, headers and body: a server
+    that drips its reply still times out); up to ``max_retries`` more attempts after a
     timeout, a dropped connection, HTTP 429 or 5xx, waiting ``backoff * 2**attempt`` seconds
     (with 10% jitter; a 429's Retry-After when given; either capped at 30 s). After the last attempt a
-    connection that is refused raises :class:`JudgeUnavailable`; the rest raise
-    :class:`JudgeError`, as do a body that is not a chat completion and a reply with no verdict
+    connection that is refused (or a host name that does not resolve) raises
+    :class:`JudgeUnavailable`; the rest raise :class:`JudgeError` (``transport`` when no reply
+    came), as do a body that is not a chat completion and a reply with no verdict
     (not retried: at temperature 0 it would come back the same). HTTP 401/403/404 and
     a redirect (never followed: it would carry the API key elsewhere) raise
     :class:`JudgeUnavailable` at once. Thread-safe: the runner calls it from several threads.
+    ``stop`` (a ``threading.Event``; the runner sets it when a run ends early, e.g. on Ctrl-C)
+    ends the backoff waits and the requests in flight within ~0.05 s, with :class:`JudgeStopped`.
 
     ``response_format``: ``text`` (default, any server), ``json_object`` (with the verdict schema,
     as llama.cpp's server and vLLM constrain it) or ``json_schema`` (OpenAI's structured outputs).
@@ -283,7 +384,7 @@ class OpenAIJudge:
         temperature: float = 0.0,
         response_format: str = "text",
         seed: int | None = 0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         if timeout <= 0 or max_retries < 0 or backoff < 0 or max_tokens < 1:
             raise ValueError("timeout and max_tokens must be positive, max_retries and backoff >= 0")
@@ -294,7 +395,7 @@ class OpenAIJudge:
         self.max_retries, self.backoff, self.max_tokens = max_retries, backoff, max_tokens
         self.temperature, self.response_format, self.seed, self.sleep = temperature, response_format, seed, sleep
         self.name = f"{model} at {base_url}"
-        self._opener = urllib.request.build_opener(_NoRedirects)
+        self.stop = threading.Event()
 
     def __call__(self, question: str, response: str, reference_solution: str) -> Judgment:
         messages = judge_messages(question, response, reference_solution, json_reply=self.response_format != "text")
@@ -329,6 +430,8 @@ class OpenAIJudge:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.max_retries + 1):
+            if self.stop.is_set():
+                raise JudgeStopped("the run is stopping")
             try:
                 return self._post(data, headers), attempt + 1
             except _Retryable as err:
@@ -336,19 +439,41 @@ class OpenAIJudge:
                     message = f"{err} (after {attempt + 1} attempt{'s' * (attempt > 0)})"
                     if err.fatal:
                         raise JudgeUnavailable(f"cannot reach the judge at {self.url}: {message}") from None
-                    raise JudgeError(message, attempts=attempt + 1) from None
+                    raise JudgeError(message, attempts=attempt + 1, transport=err.transport) from None
                 delay = min(30.0, self.backoff * 2**attempt)
                 if err.retry_after is not None:  # the server's wait, within the same cap
                     delay = min(30.0, err.retry_after)
                 else:
                     delay *= 1 + 0.1 * random.random()
-                self.sleep(delay)
+                if self.sleep is not None:
+                    self.sleep(delay)
+                elif self.stop.wait(delay):  # the backoff ends as soon as the run stops
+                    raise JudgeStopped("the run is stopping") from None
         raise AssertionError("unreachable")
 
     def _post(self, data: bytes, headers: dict[str, str]) -> str:
+        """One attempt: the reply's text content, or the failure, typed for :meth:`complete`."""
+        deadline = _Deadline(self.timeout, self.stop)
+        opener = urllib.request.build_opener(
+            _NoRedirects, _DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline)
+        )
+        try:
+            return self._exchange(opener, data, headers)
+        except Exception:
+            # A socket the deadline shut down fails in whatever way the read it cut short does:
+            # say why it ended instead.
+            if deadline.fired == "stopped":
+                raise JudgeStopped("the run is stopping") from None
+            if deadline.fired == "timeout":
+                raise _Retryable(f"no reply within {self.timeout:g} s", transport=True) from None
+            raise
+        finally:
+            deadline.close()
+
+    def _exchange(self, opener, data: bytes, headers: dict[str, str]) -> str:
         request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         try:
-            with self._opener.open(request, timeout=self.timeout) as reply:
+            with opener.open(request, timeout=self.timeout) as reply:
                 body = reply.read()
         except _Redirected as err:
             raise JudgeUnavailable(
@@ -373,13 +498,13 @@ class OpenAIJudge:
         except urllib.error.URLError as err:
             reason = err.reason
             if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"no reply within {self.timeout:g} s") from None
+                raise _Retryable(f"no reply within {self.timeout:g} s", transport=True) from None
             refused = isinstance(reason, (ConnectionRefusedError, socket.gaierror, FileNotFoundError))
-            raise _Retryable(f"connection failed ({reason})", fatal=refused) from None
+            raise _Retryable(f"connection failed ({reason})", fatal=refused, transport=True) from None
         except TimeoutError:
-            raise _Retryable(f"no reply within {self.timeout:g} s") from None
+            raise _Retryable(f"no reply within {self.timeout:g} s", transport=True) from None
         except (ConnectionError, http.client.HTTPException, OSError) as err:  # dropped mid-reply
-            raise _Retryable(f"connection lost ({type(err).__name__}: {err})") from None
+            raise _Retryable(f"connection lost ({type(err).__name__}: {err})", transport=True) from None
         text = body.decode("utf-8", "replace")
         try:
             content = json.loads(text)["choices"][0]["message"]["content"]

@@ -110,11 +110,28 @@ def load_model(
     return model, tokenizer
 
 
-def save_model(model, tokenizer, path: str | Path) -> None:
-    """Save ``model`` (LoRA adapters merged into the weights first) and ``tokenizer`` to ``path``,
-    as a folder :func:`load_model` reads back."""
-    if hasattr(model, "merge_and_unload"):
+def saves_adapter_only(model) -> bool:
+    """Whether :func:`save_model` writes ``model``'s LoRA adapter alone, unmerged: when its base
+    weights are quantized (8-bit through bitsandbytes: ``--load-in-8bit``). Merging would add the
+    float update to int8 weights and round most of it away; the adapter keeps it exactly."""
+    if not hasattr(model, "merge_and_unload"):  # no adapter (or merged already)
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(bool(getattr(base, flag, False)) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized"))
+
+
+def save_model(model, tokenizer, path: str | Path) -> str:
+    """Save ``model`` and ``tokenizer`` to ``path``, as a folder :func:`load_model` reads back;
+    returns what was saved, ``"merged"`` or ``"adapter"``.
+
+    LoRA adapters are merged into the weights first (an ordinary checkpoint), except over
+    quantized base weights (:func:`saves_adapter_only`): then peft's ``save_pretrained`` writes
+    the adapter alone (``adapter_config.json`` + ``adapter_model.safetensors``), which transformers
+    loads onto the base model that ``adapter_config.json`` names."""
+    adapter = saves_adapter_only(model)
+    if not adapter and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     Path(path).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return "adapter" if adapter else "merged"

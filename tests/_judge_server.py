@@ -29,9 +29,10 @@ def chat_reply(content: str) -> bytes:
 
 class StubServer:
     """``handle(request_number, body) -> (status, bytes, delay_s)`` answers each POST; counts requests,
-    keeps their headers and bodies, and the most requests it had in flight at once."""
+    keeps their headers and bodies, and the most requests it had in flight at once. ``drip``: seconds
+    between the bytes of each reply's body (0: the body at once), for a server that is slow but alive."""
 
-    def __init__(self, handle: Callable[[int, dict], tuple[int, bytes, float]]) -> None:
+    def __init__(self, handle: Callable[[int, dict], tuple[int, bytes, float]], drip: float = 0.0) -> None:
         self.handle, self.requests, self.in_flight, self.max_in_flight = handle, [], 0, 0
         self.lock = threading.Lock()
         stub = self
@@ -51,7 +52,12 @@ class StubServer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if not drip:
+                        self.wfile.write(data)
+                    for i in range(len(data) if drip else 0):
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(drip)
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                     pass
                 finally:

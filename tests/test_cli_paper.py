@@ -5,6 +5,7 @@ truncation counted, inputs never rewritten), on a tiny random Llama saved to a t
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import MISSING, fields
 
 import pytest
@@ -118,12 +119,58 @@ def test_cli_train_dtype_and_targets(model_dir, records_file, tmp_path, capsys):
     assert "LoRA targets ['no_such_proj'] are not modules" in str(info.value.code)
 
 
+def test_train_lets_other_warnings_show(model_dir, records_file, tmp_path, monkeypatch):
+    """`nlft train` rewords only encode_records' counts; a warning from anything else in training
+    (here a library's FutureWarning, raised around the real train) still reaches the user."""
+    import nlft_kernels.training as training
+
+    real_train = training.train
+
+    def train_with_a_library_warning(*args, **kwargs):
+        warnings.warn("some_library: `foo` is deprecated, use `bar`", FutureWarning, stacklevel=2)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", train_with_a_library_warning)
+    with pytest.warns(FutureWarning, match="`foo` is deprecated"):
+        main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
+              "--out", str(tmp_path / "m")])  # fmt: skip
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_load_in_8bit_without_cuda_is_a_clear_error(model_dir, records_file, tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["train", "--model", str(model_dir), "--data", str(records_file), "--load-in-8bit", "--out",
               str(tmp_path / "m")])  # fmt: skip
     assert "need a CUDA GPU" in str(info.value.code)
+
+
+def test_lora_over_8bit_weights_is_saved_unmerged(model_dir, tmp_path):
+    """The save-path choice: LoRA is merged on save, except over quantized base weights, whose
+    adapter is saved alone. bitsandbytes needs a CUDA GPU, so the tiny CPU model gets the mark
+    transformers' 8-bit loader sets (``is_loaded_in_8bit``); the folder written then holds the
+    adapter only, and load_model puts it back onto its base model with the same outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    from nlft_kernels.models import load_model, save_model, saves_adapter_only
+
+    tokenizer = tiny_tokenizer()
+    base, _ = load_model(str(model_dir))
+    lora = LoraConfig(r=4, target_modules=["gate_proj", "down_proj"], init_lora_weights=False)  # a nonzero update
+    model = get_peft_model(base, lora)
+    assert not saves_adapter_only(model) and not saves_adapter_only(base)  # float weights: merged
+    base.is_loaded_in_8bit = True
+    assert saves_adapter_only(model) and not saves_adapter_only(base)
+    assert save_model(model, tokenizer, tmp_path / "adapter") == "adapter"
+    saved = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved and "model.safetensors" not in saved
+    ids = torch.tensor([[1, 7, 42, 99, 3]])
+    with torch.no_grad():
+        trained = model(ids).logits
+        with model.disable_adapter():
+            untrained = model(ids).logits
+        loaded, _ = load_model(str(tmp_path / "adapter"))
+        torch.testing.assert_close(loaded(ids).logits, trained)
+    assert not torch.allclose(trained, untrained), "the adapter must change the outputs for this to show"
 
 
 def test_load_in_8bit_trains_lora_only(records_file, tmp_path, capsys):
@@ -145,8 +192,11 @@ def test_long_responses_are_truncated_with_a_count(model_dir, records_file, tmp_
     expected = sum(n > max_length - p for n, p in zip(lengths, prompts, strict=True))
     assert 0 < expected < len(records), "the cut must hit some records and spare others"
     before = records_file.read_bytes()
-    main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
-          "--max-length", str(max_length), "--out", str(tmp_path / "m")])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
+              "--max-length", str(max_length), "--out", str(tmp_path / "m")])  # fmt: skip
+    assert not any("truncated" in str(w.message) for w in caught)  # printed as a line, not also a warning
     err = capsys.readouterr().err
     assert f"{expected} of {len(records)} responses truncated to fit max_length={max_length}" in err
     assert records_file.read_bytes() == before  # the input is only read
@@ -174,6 +224,21 @@ def test_record_missing_a_field_names_it(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["judge", "--in", str(responses), "--out", str(tmp_path / "out.jsonl")])
     assert "line 1: missing field answer" in capsys.readouterr().err
+
+
+def test_judge_input_lines_are_the_files_lines(tmp_path, capsys):
+    """Blank lines count: a bad row and each output row name the line an editor shows, not the row's rank."""
+    good = json.dumps({"question": "q", "response": "The answer is 1.", "answer": "#### 1"})
+    bad = json.dumps({"question": "q", "response": "r"})
+    path = tmp_path / "responses.jsonl"
+    path.write_text(f"\n{good}\n\n\n{bad}\n")  # the bad row is the 2nd row, on line 5
+    with pytest.raises(SystemExit):
+        main(["judge", "--in", str(path), "--out", str(tmp_path / "out.jsonl")])
+    assert f"--in {path}, line 5: missing field answer" in capsys.readouterr().err
+    path.write_text(f"\n{good}\n\n\n{good}\n")
+    assert main(["judge", "--in", str(path), "--out", str(tmp_path / "out.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rows] == [2, 5] and all(r["correct"] for r in rows)
 
 
 def test_generate_never_writes_over_its_input(tmp_path, capsys):

@@ -6,6 +6,7 @@ and ``nlft judge``'s flags. The real llama.cpp server: tests/test_llm_server.py.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -192,6 +193,21 @@ def test_slow_server_times_out():
             judge("q", "r", "a")
         assert time.monotonic() - started < 1.5  # two timeouts, not two full replies
     assert len(server.requests) == 2
+
+
+def test_a_reply_that_drips_times_out_in_all():
+    """--timeout bounds the whole request: a body sent a byte every 20 ms (about 3 s in all, each
+    read well within the timeout) ends at 0.4 s, not when the last byte comes."""
+    body = chat_reply(REPLY_RIGHT)
+    assert len(body) * 0.02 > 2.0, "the drip must outlast the timeout several times over"
+    with StubServer(lambda n, b: (200, body, 0.0), drip=0.02) as server:
+        judge = OpenAIJudge(server.base_url, "m", timeout=0.4, max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(JudgeError, match=r"no reply within 0.4 s \(after 1 attempt\)") as info:
+            judge("q", "r", "a")
+        elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 1.5, elapsed
+    assert info.value.transport and len(server.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -422,6 +438,92 @@ def test_server_going_down_keeps_what_was_judged(tmp_path):
     assert sorted(r["line"] for r in read_jsonl(out)) == [1, 2]
 
 
+def test_records_in_a_row_with_no_reply_stop_the_run(tmp_path):
+    """A server that accepts connections but never answers in time: after 3 records in a row
+    timed out the run stops (JudgeUnavailable) instead of timing out on every record; their
+    error rows are kept, and the rerun retries them."""
+    out = tmp_path / "records.jsonl"
+    with StubServer(lambda n, b: (200, chat_reply(REPLY_RIGHT), 2.0)) as server:
+        judge = OpenAIJudge(server.base_url, "m", timeout=0.2, max_retries=0)
+        with pytest.raises(JudgeUnavailable, match=r"the last 3 records got no reply \(the last: no reply within 0.2"):
+            judge_rows(rows(8), judge, out, progress=False, max_consecutive_failures=3)
+    assert len(server.requests) == 3
+    written = read_jsonl(out)
+    assert [r["line"] for r in written] == [1, 2, 3] and all("no reply within" in r["error"] for r in written)
+
+
+def test_a_reply_between_failures_starts_the_count_again(tmp_path):
+    """Odd records time out, even ones are answered: never 2 in a row without a reply, so the run
+    goes to the end with max_consecutive_failures=2, the timeouts as error rows."""
+
+    def odd_ones_hang(number, body):
+        status, data, _ = ok(number, body)
+        return status, data, 2.0 if "wrong" in json.loads(data)["choices"][0]["message"]["content"] else 0.0
+
+    out = tmp_path / "records.jsonl"
+    with StubServer(odd_ones_hang) as server:
+        judge = OpenAIJudge(server.base_url, "m", timeout=0.2, max_retries=0)
+        run = judge_rows(rows(6), judge, out, progress=False, max_consecutive_failures=2)
+    assert (run.judged, run.errors) == (3, 3) and len(server.requests) == 6
+
+
+def test_cli_stops_after_consecutive_failures(tmp_path):
+    responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(6)])
+    out = tmp_path / "records.jsonl"
+    with StubServer(lambda n, b: (200, chat_reply(REPLY_RIGHT), 2.0)) as server:
+        with pytest.raises(SystemExit) as info:
+            main(["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model", "m",
+                  "--timeout", "0.2", "--max-retries", "0", "--concurrency", "1",
+                  "--max-consecutive-failures", "2"])  # fmt: skip
+    message = str(info.value.code)
+    assert "cannot reach the judge" in message and "the last 2 records got no reply" in message
+    assert "rerun to resume" in message and len(server.requests) == 2 and len(read_jsonl(out)) == 2
+
+
+def test_judge_help_states_the_stop_and_exit_policy(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["judge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert info.value.code == 0
+    policy = ["--max-consecutive-failures", "rerun to resume", "Ctrl-C ends the requests in flight"]
+    policy += ["Exit status: 0 the run finished", "3 the run finished with --strict", "1 the run stopped"]
+    for words in policy:
+        assert words in text, words
+
+
+def test_ctrl_c_ends_requests_and_retries_in_flight(tmp_path):
+    """`nlft judge --concurrency 2` interrupted (SIGINT) while one request waits on a 30 s reply and
+    another sleeps a 30 s backoff after an HTTP 500: it exits (130) within seconds, not after them,
+    and the two records judged before stay in the output."""
+    responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(4)])
+    out = tmp_path / "records.jsonl"
+
+    def slow_and_failing(number, body):
+        content = body["messages"][1]["content"]
+        if "(#2)" in content:
+            return 200, chat_reply(REPLY_RIGHT), 30.0
+        if "(#3)" in content:
+            return 500, b"overloaded", 0.0
+        return ok(number, body)
+
+    with StubServer(slow_and_failing) as server:
+        cmd = [sys.executable, "-m", "nlft_kernels", "judge", "--in", str(responses), "--out", str(out)]
+        cmd += ["--base-url", server.base_url, "--model", "m", "--concurrency", "2", "--backoff", "30"]
+        process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300  # a loaded machine starts python slowly
+        while time.monotonic() < deadline and len(server.requests) < 4:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the 500 answered: its call is in its backoff
+        assert len(server.requests) == 4 and server.in_flight == 1, "#2 must be in flight and #3 in its backoff"
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        elapsed = time.monotonic() - started
+    assert process.returncode == 130 and "interrupted" in err.decode()
+    assert elapsed < 5, f"exit took {elapsed:.1f} s: it waited for the requests in flight"
+    assert sorted(r["line"] for r in read_jsonl(out)) == [1, 2] and len(server.requests) == 4
+
+
 def test_killed_mid_run_then_resumed(tmp_path):
     """`nlft judge` in a subprocess, killed (SIGKILL) after its second record; the rerun judges
     only the rest, and every record ends up in the output exactly once."""
@@ -458,7 +560,8 @@ def test_killed_mid_run_then_resumed(tmp_path):
 
 
 def test_cli_judge_against_a_server_with_faults(tmp_path, capsys):
-    """One record answers garbage, one HTTP 500 every time: both are error rows, exit status 0."""
+    """One record answers garbage, one HTTP 500 every time: both are error rows, counted on stderr;
+    exit status 0, or 3 with --strict (the rerun retries both, which fail again)."""
     responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(4)])
     out = tmp_path / "records.jsonl"
 
@@ -471,11 +574,14 @@ def test_cli_judge_against_a_server_with_faults(tmp_path, capsys):
         return ok(number, body)
 
     with StubServer(faulty) as server:
-        main(["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model", "m",
-              "--max-retries", "1", "--backoff", "0"])  # fmt: skip
-    captured = capsys.readouterr()
-    assert "judged 2 responses: 1 correct, 1 wrong, 2 errors" in captured.out
-    assert "rerun the same command to retry them" in captured.out
+        argv = ["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model", "m",
+                "--max-retries", "1", "--backoff", "0"]  # fmt: skip
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        assert "judged 2 responses: 1 correct, 1 wrong, 2 errors" in captured.out
+        assert f"2 of 4 records have an error instead of a verdict (their 'error' field in {out})" in captured.err
+        assert "rerun the same command to retry them" in captured.err
+        assert main([*argv, "--strict"]) == 3
     errors = {r["line"]: r for r in read_jsonl(out) if "error" in r}
     assert "not a chat completion" in errors[2]["error"] and errors[2]["raw"] == "not json at all"
     assert "HTTP 500" in errors[3]["error"] and errors[3]["attempts"] == 2
@@ -532,19 +638,89 @@ def test_cli_api_key_from_the_environment(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------- a local model
 
 
+SEED = 0
+JUDGE_REPLY = "It adds 3 instead of subtracting.\nVerdict: wrong"
+
+
+def _judge_prompt_ids(tokenizer, question: str, response: str, reference: str):
+    """The token ids a judge model is given: judge_messages through the chat template."""
+    text = tokenizer.apply_chat_template(
+        judge_messages(question, response, reference), tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+
+def _model_that_replies(tokenizer, prompt_ids, reply: str):
+    """The tiny random Llama (seed SEED) with only its output layer fitted, so that greedy decoding
+    after ``prompt_ids`` writes ``reply`` then EOS: a real model and generate, with a known reply."""
+    import torch
+
+    from tests._tiny import tiny_model
+
+    model = tiny_model(len(tokenizer), seed=SEED)
+    target = torch.tensor(tokenizer(reply, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+    ids = torch.cat([prompt_ids[0], target[:-1]])[None]
+    with torch.no_grad():  # the states that predict each reply token, as generate will see them
+        hidden = model.model(ids).last_hidden_state[0, prompt_ids.shape[1] - 1 :]
+    head = model.lm_head.weight
+    optimizer = torch.optim.Adam([head], lr=0.1)
+    for _ in range(2000):
+        logits = hidden @ head.T
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        if loss.item() < 0.05 and logits.argmax(-1).equal(target):  # a margin, for generate's cached states
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (hidden @ head.T).argmax(-1).equal(target), f"the head did not fit (seed {SEED})"
+    return model.eval()
+
+
+def test_local_model_judge_reads_the_verdict_its_model_generates(tmp_path):
+    """The judge gives the model the judge prompt (question, reference, response in the chat
+    template), decodes what it generates and parses it: a wrong verdict with its judgment."""
+    from tests._tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    line, row = 1, {"question": "What is 16 - 3 - 4?", "response": "16 + 3 = 19. The answer is 19.", "answer": "#### 9"}
+    prompt = _judge_prompt_ids(tokenizer, row["question"], row["response"], row["answer"])
+    assert prompt.shape[1] + 40 <= 512, "prompt and reply within the tiny model's positions"
+    judge = LocalModelJudge(_model_that_replies(tokenizer, prompt, JUDGE_REPLY), tokenizer, max_new_tokens=40)
+    judge.name = "tiny"
+    result = judge(row["question"], row["response"], row["answer"])
+    assert (result.correct, result.judgment, result.raw) == (False, "It adds 3 instead of subtracting.", JUDGE_REPLY)
+    out = tmp_path / "records.jsonl"
+    run = judge_rows([(line, row)], judge, out, progress=False)
+    (written,) = read_jsonl(out)
+    assert (run.judged, run.wrong) == (1, 1)
+    assert (written["judge"], written["correct"], written["judgment"]) == (
+        "tiny",
+        False,
+        "It adds 3 instead of subtracting.",
+    )
+
+
 def test_local_model_judge_records_its_unreadable_replies(tmp_path):
-    """A tiny random model cannot judge: its replies are error rows with the raw text, not losses."""
+    """The tiny random model cannot judge: each record is an error row whose raw reply is the
+    model's greedy continuation of that record's judge prompt, not a loss."""
+    import torch
+
     from tests._tiny import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    judge = LocalModelJudge(tiny_model(len(tokenizer)), tokenizer, max_new_tokens=6, name="tiny")
+    model = tiny_model(len(tokenizer), seed=SEED).eval()
+    judge = LocalModelJudge(model, tokenizer, max_new_tokens=6, name="tiny")
     out = tmp_path / "records.jsonl"
     run = judge_rows(rows(2), judge, out, progress=False)
-    written = read_jsonl(out)
-    assert run.errors + run.judged == 2 and len(written) == 2
-    for row in written:
-        assert row["judge"] == "tiny"
-        assert ("error" in row and isinstance(row["raw"], str)) or isinstance(row["correct"], bool)
+    written = {r["line"]: r for r in read_jsonl(out)}
+    assert (run.errors, run.judged) == (2, 0), f"seed {SEED}: {written}"
+    for line, row in rows(2):
+        prompt = _judge_prompt_ids(tokenizer, row["question"], row["response"], row["answer"])
+        with torch.no_grad():
+            generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        reply = tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True)
+        assert written[line]["judge"] == "tiny" and written[line]["raw"] == reply
+        assert "no verdict" in written[line]["error"] or "empty" in written[line]["error"]
 
 
 def test_local_model_needs_a_chat_template():

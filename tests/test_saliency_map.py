@@ -376,6 +376,31 @@ def test_nlft_saliency_on_a_tiny_model(model_dir, tmp_path, capsys):
     assert f"wrote the saliency map to {out / 'saliency.html'} and {out / 'saliency.png'}" in capsys.readouterr().out
 
 
+def test_nlft_saliency_takes_the_nlft_config_flags(model_dir, tmp_path):
+    """`--other-power 2` reaches the config the map is computed with: the weights written are
+    those of NLFTConfig(other_power=2), and differ from the default config's on these records."""
+    from nlft_kernels.cli import main
+    from nlft_kernels.models import load_model
+
+    records = tiny_records()
+    data = _records_file(tmp_path / "records.jsonl", records)
+    out = tmp_path / "map"
+    main(["saliency", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--png-records", "0",
+          "--other-power", "2"])  # fmt: skip
+
+    def weights(row: dict) -> list[float]:
+        return [token["weight"] for token in row["tokens"]]
+
+    written = [weights(json.loads(line)) for line in (out / "saliency.jsonl").read_text().splitlines()]
+    model, tokenizer = load_model(str(model_dir))
+    expected, default = (
+        [weights(d.to_dict()) for d in saliency_details(model, tokenizer, records, config=config)]
+        for config in (NLFTConfig(other_power=2.0), NLFTConfig())
+    )
+    assert written == expected
+    assert written != default, "the flag must change the weights of these records"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

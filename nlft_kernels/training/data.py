@@ -42,7 +42,16 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
 
     Raises ValueError naming the file and the 1-based line for a line that is not a JSON object.
     """
-    rows: list[dict] = []
+    return [row for _, row in read_numbered_jsonl(path, limit)]
+
+
+def read_numbered_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(1-based line number in the file, object) of each non-blank line of a JSONL file (at most
+    ``limit``): the numbers count blank lines too, so that messages name the line an editor shows.
+
+    Raises ValueError naming the file and the line for a line that is not a JSON object.
+    """
+    rows: list[tuple[int, dict]] = []
     with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if limit is not None and len(rows) >= limit:
@@ -55,7 +64,7 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from err
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((number, row))
     return rows
 
 
@@ -185,7 +194,9 @@ def load_records(source: str | os.PathLike, split: str = "train", limit: int | N
     records: list[NLFTRecord] = []
     jsonl = local and data_suffix(source) != ".json"
     if jsonl:
-        numbered = _numbered_jsonl(source, limit)
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"no such file: {source}")
+        numbered = read_numbered_jsonl(source, limit)
     else:
         numbered = enumerate(read_rows(source, split, limit))
     unjudged = 0
@@ -205,16 +216,6 @@ def load_records(source: str | os.PathLike, split: str = "train", limit: int | N
             stacklevel=2,
         )
     return records
-
-
-def _numbered_jsonl(path: str | os.PathLike, limit: int | None):
-    """(1-based line number, row) of a JSONL file, for error messages that name the line."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    with open_text(path) as f:
-        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    rows = read_jsonl(path, limit)
-    return zip([n for n, _ in lines[: len(rows)]], rows, strict=True)
 
 
 def save_records(path: str | os.PathLike, records: Iterable[NLFTRecord]) -> None:
