@@ -17,7 +17,7 @@ from nlft_kernels.training.data import NLFTCollator, encode_records
 from nlft_kernels.training.distributed import sharding_of
 from nlft_kernels.training.trainer import add_lora, causal_lm, nlft_step
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
-from tests.training.test_trainer import _free_port
+from tests.training.test_trainer import _assert_same_params, _ddp_worker, _free_port, _one_step
 
 # float32 throughout; FSDP reduce-scatters (averages) gradients: summation order differs.
 RTOL, ATOL = 1e-5, 1e-6
@@ -182,3 +182,24 @@ def test_sharded_two_ranks_equal_one_process(tmp_path, engine, lora, judge_nll_w
     assert trained and all("lora_" in n for n in trained) == lora
     for name in single:
         torch.testing.assert_close(sharded[name], single[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_nlft_trainer_zero3_through_accelerate(tmp_path):
+    """NLFTTrainer with a ZeRO-3 config (the HF Trainer hands it to accelerate's DeepSpeed plugin),
+    2 gloo ranks of 1 record each on DeepSpeed's CPU accelerator, equals one process on both."""
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("deepspeed", reason="ZeRO-3 needs deepspeed (pip install deepspeed; DS_BUILD_OPS=0 on the CPU)")
+    zero3 = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",  # the Trainer's max_grad_norm=0: no clipping, as on one process
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # shard every parameter
+    }
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), zero3), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    start = {n: p.detach().clone() for n, p in tiny_model(len(tiny_tokenizer())).named_parameters()}
+    assert all(not torch.equal(ranks[0][n], start[n]) for n in ("lm_head.weight", "model.embed_tokens.weight"))
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    _assert_same_params(ranks[0], _one_step(tmp_path / "single", batch=2, accum=1))
