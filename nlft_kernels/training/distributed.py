@@ -93,10 +93,35 @@ def forward_with_head(model: nn.Module, head: nn.Module, input_ids, attention_ma
         decoder_states(model) as (captured, kwargs),
         head_call(head, lambda weight, bias: fn(captured[-1], weight, bias)) as results,
     ):
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     if len(captured) != 1 or len(results) != 1:
         raise RuntimeError(f"expected one decoder and one head call per forward, saw {len(captured)}, {len(results)}")
-    return results[0]
+    result = results[0]
+    if isinstance(result, torch.Tensor) and result.requires_grad:
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        result = _ThroughOutput.apply(result, logits)
+    return result
+
+
+class _ThroughOutput(torch.autograd.Function):
+    """``value`` unchanged, with the model's ``output`` as a second input whose gradient is zero.
+
+    The loss is computed inside the head's forward and leaves the model by a side channel, so
+    without this its gradient would reach the parameters without passing the model's output,
+    where FSDP1 registers the hook that starts its backward (the root's state; otherwise its
+    post-backward hook fails: "expected to be in states [FORWARD_BACKWARD] but current state
+    is IDLE"). The zero gradient through ``output`` ([B, 1, V] with ``logits_to_keep=1``)
+    adds nothing to any gradient."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        ctx.output = (output.shape, output.dtype, output.device)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.output
+        return grad, torch.zeros((), dtype=dtype, device=device).expand(shape)
 
 
 def sharded_batch_loss(

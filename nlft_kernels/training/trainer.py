@@ -49,9 +49,12 @@ _JUDGE_NLL_CHUNK_BYTES = 64 << 20
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """``model`` without DDP/DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    """``model`` without DDP/DataParallel, FSDP1 and DeepSpeed engine (``.module``) and torch.compile
+    (``._orig_mod``) wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

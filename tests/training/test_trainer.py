@@ -15,6 +15,7 @@ import torch
 from nlft_kernels import NLFTConfig
 from nlft_kernels.reference import nlft_loss_reference
 from nlft_kernels.training.data import NLFTCollator, NLFTRecord, PromptTemplates, encode_records
+from nlft_kernels.training.distributed import sharding_of
 from nlft_kernels.training.trainer import NLFTTrainer, add_lora, lm_head_of, nlft_batch_loss, nlft_step, train
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
 
@@ -230,7 +231,9 @@ def test_train_saves_adapter(tok, tmp_path):
 # Gradient accumulation and DDP: one SGD step on the same two records
 
 
-def _trainer(model, tok, features, out, *, batch, steps=1, accum=1, optim="sgd", lr=0.5, bf16=False):
+def _trainer(model, tok, features, out, *, batch, steps=1, accum=1, optim="sgd", lr=0.5, bf16=False, deepspeed=None):
+    """``deepspeed``: a DeepSpeed config (accelerate's DeepSpeed plugin; it ignores DeepSpeed when
+    told to use the CPU, so ``use_cpu`` is off then: DeepSpeed's CPU accelerator runs it)."""
     from transformers import TrainingArguments
 
     args = TrainingArguments(
@@ -247,7 +250,8 @@ def _trainer(model, tok, features, out, *, batch, steps=1, accum=1, optim="sgd",
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=deepspeed is None,
+        deepspeed=deepspeed,
         seed=0,
         bf16=bf16,
         disable_tqdm=True,
@@ -261,11 +265,19 @@ def _two_records():
     return [records[0], records[2]]  # one correct, one wrong; different lengths
 
 
-def _one_step(out, batch, accum):
+def _one_step(out, batch, accum, deepspeed=None, records=None):
     tok = tiny_tokenizer()
     model = tiny_model(len(tok))
-    _trainer(model, tok, encode_records(_two_records(), tok), out, batch=batch, accum=accum).train()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    features = encode_records(_two_records() if records is None else records, tok)
+    trainer = _trainer(model, tok, features, out, batch=batch, accum=accum, deepspeed=deepspeed)
+    trainer.train()
+    if deepspeed is None:
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    import deepspeed as ds
+
+    assert sharding_of(trainer.model_wrapped) == "zero3"
+    with ds.zero.GatheredParameters(list(model.parameters())):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _assert_same_params(a, b):
@@ -283,7 +295,13 @@ def test_gradient_accumulation_equivalence(tmp_path):
     _assert_same_params(together, accumulated)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, deepspeed=None) -> None:
+    """One rank of a 2-record dataset (the sampler gives each rank 1). ``deepspeed``: a config for
+    ZeRO through accelerate, on DeepSpeed's CPU accelerator; there accelerate, with no GPU and
+    not told to use the CPU, has no backend (``_prepare_backend``: DistributedType.NO, one
+    process) and does not split the data, so each rank gets its own record as its dataset."""
+    if deepspeed is not None:
+        os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -294,7 +312,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
-    params = _one_step(Path(out) / f"trainer{rank}", batch=1, accum=1)
+    records = None if deepspeed is None else [_two_records()[rank]]
+    params = _one_step(Path(out) / f"trainer{rank}", batch=1, accum=1, deepspeed=deepspeed, records=records)
     torch.save(params, Path(out) / f"rank{rank}.pt")
     # The Trainer set up the gloo group; left alive, its threads can abort the process at exit
     # ("terminate called without an active exception", SIGABRT), failing the spawn.
