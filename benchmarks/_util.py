@@ -508,6 +508,35 @@ def write_run(
     return write_outputs(out, payload, table, plot if measured else None)
 
 
+def script_main(
+    argv: list[str] | None,
+    parse_args: Callable[[list[str]], argparse.Namespace],
+    probe_main: Callable[[str], None] | None,
+    run: Callable[[argparse.Namespace, list[str]], dict],
+    write: Callable[[argparse.Namespace, dict], Path],
+) -> Path | None:
+    """A script's ``main``: parse ``argv`` (the command line's by default); with --probe, be the
+    subprocess side of ``probe`` and return None; else run and write, returning the JSON path."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if getattr(args, "probe", None):
+        probe_main(args.probe)
+        return None
+    return write(args, run(args, argv))
+
+
+def table_head(columns: list[str], numeric: set[str]) -> list[str]:
+    """The header and alignment lines of a Markdown table (``numeric`` columns right-aligned)."""
+    align = "".join("---:|" if c in numeric else "---|" for c in columns)
+    return ["| " + " | ".join(columns) + " |", "|" + align]
+
+
+def unmeasured_cells(lead: str, row: dict, width: int, empty: int) -> str:
+    """The table line of a row that was not measured: its status and note (cut at ``width``) in
+    the first cell after ``lead``, then ``empty`` empty cells."""
+    return f"{lead} {row['status']}: {row.get('note', '')[:width]}" + " |" * empty
+
+
 # ---- The NLFT rows every loss benchmark builds (and the tests' inputs share) -------------------
 
 # Kinds of sample, cycled over the batch: a correct response with saliency tokens; a wrong one

@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -386,14 +385,17 @@ def markdown_table(payload: dict) -> str:
         f"torch {payload['versions']['torch']}; matmul {rate:.0f} GFLOP/s "
         f"({payload['matmul_rate_shape']['dtype']}); copy bandwidth {bandwidth:.1f} GB/s",
         "",
-        "| N | D | V | dtype | case | median ms | min ms | floor ms | x floor | extra peak MiB | x ours time "
-        "| x ours mem |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *_util.table_head(
+            ["N", "D", "V", "dtype", "case", "median ms", "min ms", "floor ms", "x floor", "extra peak MiB"]
+            + ["x ours time", "x ours mem"],
+            numeric={"N", "D", "V", "median ms", "min ms", "floor ms", "x floor", "extra peak MiB"}
+            | {"x ours time", "x ours mem"},
+        ),
     ]
     for r in payload["cases"]:
         lead = f"| {r['n']} | {r['dim']} | {r['vocab']} | {r['dtype']} | {r['case']} |"
         if r["status"] != "ok":
-            lines.append(f"{lead} {r['status']}: {r['note'][:70]} | | | | | | |")
+            lines.append(_util.unmeasured_cells(lead, r, 70, 7))
             continue
         mem = r.get("peak_extra_bytes")
         mine = ours.get(tuple(r[k] for k in key), {})
@@ -460,16 +462,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return _util.resolve_run_args(p.parse_args(argv))
 
 
-def main(argv: list[str] | None = None) -> Path | None:
-    """Run the benchmark; returns the JSON path (None in the memory-probe subprocess)."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.probe:
-        probe_main(args.probe)
-        return None
-    payload = run(args, argv)
+def write(args, payload: dict) -> Path:
     out = _util.result_path(args.out, "linear_loss", torch.device(payload["device_type"]))
     return _util.write_run(out, payload, markdown_table(payload), None if args.no_plot else partial(plot, payload))
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    """Run the benchmark; returns the JSON path (None in the memory-probe subprocess)."""
+    return _util.script_main(argv, parse_args, probe_main, run, write)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -336,13 +335,15 @@ def markdown_table(payload: dict) -> str:
     lines = [
         f"Device: {payload['device']} ({payload['device_type']}); torch {payload['versions']['torch']}; {copy_text}",
         "",
-        "| N | V | dtype | case | median ms | x nlft_kernels | extra peak MiB | GB/s | % of copy BW |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        *_util.table_head(
+            ["N", "V", "dtype", "case", "median ms", "x nlft_kernels", "extra peak MiB", "GB/s", "% of copy BW"],
+            numeric={"N", "V", "median ms", "x nlft_kernels", "extra peak MiB", "GB/s", "% of copy BW"},
+        ),
     ]
     for r in payload["cases"]:
         lead = f"| {r['n']} | {r['vocab']} | {r['dtype']} | {r['case']} |"
         if r["status"] != "ok":
-            lines.append(f"{lead} {r['status']}: {r['note'][:60]} | | | | |")
+            lines.append(_util.unmeasured_cells(lead, r, 60, 5))
             continue
         base = ours.get((r["n"], r["vocab"], r["dtype"]))
         ratio = f"{r['median_ms'] / base:.2f}" if base else "-"
@@ -378,16 +379,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return _util.resolve_run_args(p.parse_args(argv))
 
 
-def main(argv: list[str] | None = None) -> Path | None:
-    """Run the benchmark; returns the JSON path (None in a probe subprocess)."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.probe:
-        probe_main(args.probe)
-        return None
-    payload = run(args, argv)
+def write(args, payload: dict) -> Path:
     out = _util.result_path(args.out, "bench_loss", torch.device(payload["device_type"]), sep="-")
     return _util.write_run(out, payload, markdown_table(payload), None if args.no_plot else partial(plot_results, out))
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    """Run the benchmark; returns the JSON path (None in a probe subprocess)."""
+    return _util.script_main(argv, parse_args, probe_main, run, write)
 
 
 if __name__ == "__main__":
