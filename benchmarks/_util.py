@@ -114,18 +114,23 @@ def time_ms(
     times = []
     for _ in range(reps):
         reset()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(timed(step, device)[1])
     return times
+
+
+def timed(step: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """(what ``step()`` returned, its milliseconds): CUDA events around the call on CUDA (the
+    call's queued work included), ``time.perf_counter`` on the CPU (its ops are synchronous)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = step()
+        end.record()
+        end.synchronize()
+        return out, start.elapsed_time(end)
+    t0 = time.perf_counter()
+    out = step()
+    return out, (time.perf_counter() - t0) * 1e3
 
 
 def median(values: list[float]) -> float:
@@ -275,6 +280,29 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files only (the Agg backend: benchmark machines have no
+    display), or None when matplotlib is not installed (a run then writes no PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path: Path, title: str | None = None, dpi: int = 120) -> Path:
+    """Title ``fig`` (``title`` over all its axes), lay it out, write it to ``path`` and close it."""
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)
+
+
 def write_outputs(out: Path, payload: dict, table: str, plot: Callable[[Path], Path | None] | None) -> Path:
     """Write a run's JSON to ``out``, its Markdown ``table`` next to it (.md) and, with ``plot``
     (called with the PNG path; None when matplotlib is missing), its PNG; print the table."""
@@ -312,23 +340,24 @@ def benchmark_parser(module: str, doc: str | None, grids: dict[str, object] | No
 def add_run_args(
     p: argparse.ArgumentParser,
     default_out: str,
-    warmup: tuple[int, int],
-    reps: tuple[int, int],
+    warmup: tuple[int, int] | None = None,
+    reps: tuple[int, int] | None = None,
     probe: bool = True,
 ) -> None:
-    """The flags of a measured run: --warmup/--reps (defaults (CUDA, CPU) resolved by
-    ``resolve_run_args``), --seed, --device, --out, --no-plot, and the hidden --probe of the
-    subprocess side of ``probe``."""
-    on = "(default: {} on CUDA, {} on CPU)"
-    p.add_argument("--warmup", type=int, help=f"untimed calls per case {on.format(*warmup)}")
-    p.add_argument("--reps", type=int, help=f"timed calls per case {on.format(*reps)}")
+    """The flags of a measured run: --warmup/--reps when their defaults (CUDA, CPU) are given
+    (resolved by ``resolve_run_args``), --seed, --device, --out, --no-plot, and the hidden --probe
+    of the subprocess side of ``probe``."""
+    if warmup is not None and reps is not None:
+        on = "(default: {} on CUDA, {} on CPU)"
+        p.add_argument("--warmup", type=int, help=f"untimed calls per case {on.format(*warmup)}")
+        p.add_argument("--reps", type=int, help=f"timed calls per case {on.format(*reps)}")
+        p.set_defaults(_run_defaults=(warmup, reps))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--out", type=Path, help=f"JSON path (default benchmarks/results/{default_out})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
     if probe:
         p.add_argument("--probe", help=argparse.SUPPRESS)
-    p.set_defaults(_run_defaults=(warmup, reps))
 
 
 def resolve_run_args(args: argparse.Namespace) -> argparse.Namespace:

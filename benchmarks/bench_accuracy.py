@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._util import RESULTS_DIR, command_line, environment, now_iso, today
+from benchmarks._util import RESULTS_DIR, command_line, environment, now_iso, pyplot, save_figure, today
 
 # The authors' later table (spec, "Reported results"): Llama-3-8B, LoRA, both on the same CoT
 # outputs; accuracy in % per (samples, epochs).
@@ -546,12 +546,8 @@ def markdown_table(payload: dict) -> str:
 
 def plot(payload: dict, path: Path) -> Path | None:
     """Bars of accuracy per (method, n) with 95% intervals, the base model as a line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     runs, ns = payload["runs"], payload["settings"]["n"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -572,10 +568,7 @@ def plot(payload: dict, path: Path) -> Path | None:
     ax.set_title(f"SFT vs NLFT, {payload['model'].split(' (')[0]} ({payload['date'][:10]})", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -412,12 +412,8 @@ def markdown_table(payload: dict) -> str:
 
 def plot(payload: dict, png_path: Path) -> Path | None:
     """Median time (with the floor) and extra peak memory against V, one line per case and N."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; no display on benchmark machines
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _util.pyplot()
+    if plt is None:
         return None
     rows = [r for r in payload["cases"] if r["status"] == "ok"]
     fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -443,11 +439,8 @@ def plot(payload: dict, png_path: Path) -> Path | None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"NLFT loss head, teachers + base fwd/bwd: {payload['device']} ({payload['date'][:10]})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    title = f"NLFT loss head, teachers + base fwd/bwd: {payload['device']} ({payload['date'][:10]})"
+    return _util.save_figure(fig, png_path, title)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
