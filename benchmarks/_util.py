@@ -360,6 +360,19 @@ def add_run_args(
         p.add_argument("--probe", help=argparse.SUPPRESS)
 
 
+AXIS_HELP = {"n": "rows N", "dim": "hidden sizes D", "vocab": "vocabulary sizes V"}
+
+
+def add_grid_args(p: argparse.ArgumentParser, axes: tuple[str, ...], dtype_of: str, cases: tuple[str, ...]) -> None:
+    """Flags overriding the grid's axes (``axes`` from AXIS_HELP, then --dtype of DTYPES), T
+    (--rows-per-sample) and the cases to run (default: all of ``cases``)."""
+    for axis in axes:
+        p.add_argument(f"--{axis}", type=int, nargs="+", help=f"{AXIS_HELP[axis]} (overrides the grid's)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help=f"{dtype_of} dtypes (overrides the grid's)")
+    p.add_argument("--rows-per-sample", type=int, help="T, rows per sample (default 128; 16 with --tiny)")
+    p.add_argument("--cases", nargs="+", choices=cases, default=list(cases))
+
+
 def resolve_run_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill --warmup and --reps from the defaults ``add_run_args`` was given, for the device the
     run will use."""
@@ -564,6 +577,24 @@ def unmeasured_cells(lead: str, row: dict, width: int, empty: int) -> str:
     """The table line of a row that was not measured: its status and note (cut at ``width``) in
     the first cell after ``lead``, then ``empty`` empty cells."""
     return f"{lead} {row['status']}: {row.get('note', '')[:width]}" + " |" * empty
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class RowShape:
+    """What a grid point of ``n`` flat rows, in samples of ``rows_per_sample`` rows, of ``dtype``
+    (a name in DTYPES) derives: a mixin of the scripts' frozen ``Shape`` dataclasses, which name
+    their own axes (and so their result rows' keys, in order)."""
+
+    @property
+    def batch(self) -> int:
+        return self.n // self.rows_per_sample
+
+    @property
+    def elem(self) -> int:
+        """Bytes per element of ``dtype``."""
+        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
 
 
 # ---- The NLFT rows every loss benchmark builds (and the tests' inputs share) -------------------

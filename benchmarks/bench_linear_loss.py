@@ -50,7 +50,7 @@ from nlft_kernels import linear_token_logprobs, nlft_linear_loss, nlft_loss
 
 TORCH_LCE_CASES = ("torch_lce", "torch_lce_x3", "torch_lce_chunked", "torch_lce_chunked_x3")
 CASES = ("nlft_linear_loss", "materialised", "liger_flce", "cut_cross_entropy", *TORCH_LCE_CASES)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = _util.DTYPES
 
 QUICK_GRID = {"n": (1024,), "dim": (256,), "vocab": (4096, 16384, 32000), "dtype": ("float32",)}
 FULL_GRID = {"n": (4096, 16384), "dim": (4096,), "vocab": (32000, 128256, 151936), "dtype": ("bfloat16",)}
@@ -95,20 +95,12 @@ METHOD = {
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(_util.RowShape):
     n: int
     dim: int
     vocab: int
     dtype: str
     rows_per_sample: int
-
-    @property
-    def batch(self) -> int:
-        return self.n // self.rows_per_sample
-
-    @property
-    def elem(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
 
 
 @dataclass
@@ -445,12 +437,7 @@ def plot(payload: dict, png_path: Path) -> Path | None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = _util.benchmark_parser("benchmarks.bench_linear_loss", __doc__, GRIDS)
-    p.add_argument("--n", type=int, nargs="+", help="rows N (overrides the grid's)")
-    p.add_argument("--dim", type=int, nargs="+", help="hidden sizes D (overrides the grid's)")
-    p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V (overrides the grid's)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="hidden/weight dtypes (overrides the grid's)")
-    p.add_argument("--rows-per-sample", type=int, help="T, rows per sample (default 128; 16 with --tiny)")
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    _util.add_grid_args(p, ("n", "dim", "vocab"), "hidden/weight", CASES)
     _util.add_run_args(p, "linear_loss_<device>_<date>.json", warmup=(3, 1), reps=(20, 3))
     return _util.resolve_run_args(p.parse_args(argv))
 

@@ -52,7 +52,7 @@ from nlft_kernels.reference import nlft_loss_reference
 
 LIGER = "liger_cross_entropy_x3"
 CASES = ("nlft_kernels", "authors_style", "reference", "compiled_reference", "cross_entropy", LIGER)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = _util.DTYPES
 
 QUICK_GRID = {"n": (512, 2048), "vocab": (4096, 32000), "dtype": ("float32", "bfloat16")}
 FULL_GRID = {"n": (1024, 8192, 16384), "vocab": (32000, 128256, 151936), "dtype": ("bfloat16", "float32")}
@@ -68,7 +68,7 @@ def bytes_moved(case: str, n: int, vocab: int, dtype: str) -> int:
     """The bytes the fused row pass moves for ``case``'s job on an N x V shape
     (``_util.nlft_row_pass_bytes``; the gradient in the logits dtype): the same count for every
     case computing the NLFT loss, so their achieved bandwidths compare as their times do."""
-    elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    elem = Shape(n, vocab, dtype, 1).elem
     return _util.nlft_row_pass_bytes(n, vocab, elem, TEACHER_LOGIT_VIEWS[case], elem)
 
 
@@ -115,15 +115,11 @@ METHOD = {
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(_util.RowShape):
     n: int
     vocab: int
     dtype: str
     rows_per_sample: int
-
-    @property
-    def batch(self) -> int:
-        return self.n // self.rows_per_sample
 
 
 @dataclass
@@ -360,11 +356,7 @@ def markdown_table(payload: dict) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = _util.benchmark_parser("benchmarks.bench_loss", __doc__, GRIDS)
-    p.add_argument("--n", type=int, nargs="+", help="rows N (overrides the grid's)")
-    p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V (overrides the grid's)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="logits dtypes (overrides the grid's)")
-    p.add_argument("--rows-per-sample", type=int, help="T, rows per sample (default 128; 16 with --tiny)")
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    _util.add_grid_args(p, ("n", "vocab"), "logits", CASES)
     _util.add_run_args(p, "bench_loss-<device>-<date>.json", warmup=(5, 1), reps=(50, 5))
     p.add_argument(
         "--time-budget-s",
