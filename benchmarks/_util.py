@@ -418,14 +418,19 @@ def free(device: torch.device) -> None:
 
 
 def measure(
-    step: Callable[[], object], reset: Callable[[], None], device: torch.device, warmup: int, reps: int
+    step: Callable[[], object],
+    reset: Callable[[], None],
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    peak_memory: bool = True,
 ) -> dict:
-    """The timing fields of one case (median, min, max of ``time_ms``) and, on CUDA, its peak
-    extra memory (``cuda_peak_extra``); leaves the gradients dropped."""
+    """The timing fields of one case (median, min, max of ``time_ms``) and, on CUDA with
+    ``peak_memory``, its peak extra memory (``cuda_peak_extra``); leaves the gradients dropped."""
     times = time_ms(step, reset, device, warmup, reps)
     row = {"status": "ok", "note": "", "median_ms": median(times), "min_ms": min(times), "max_ms": max(times)}
     row["reps"] = len(times)
-    if device.type == "cuda":
+    if device.type == "cuda" and peak_memory:
         reset()
         row["peak_extra_bytes"] = cuda_peak_extra(step, device)
     reset()
@@ -472,6 +477,7 @@ def run_grid(
     finish: Callable[[str, object, dict], dict] | None = None,
     deadline: Deadline | None = None,
     not_run: list | None = None,
+    not_run_of: Callable[[object], dict] = asdict,
 ) -> list[dict]:
     """One row per case and shape, in the grid's order.
 
@@ -480,13 +486,13 @@ def run_grid(
     when it did not fit); ``measure_case(case, shape, batch)`` a case's fields (running out of
     memory gives an ``oom`` row; any other error is raised); ``unavailable(case)`` why a case
     cannot run here (a ``skipped`` row); ``finish(case, shape, row)`` fields added to a measured
-    row. With a ``deadline``, the shapes it leaves out entirely go to ``not_run`` (as dicts) and
-    the cases of a started shape to ``skipped`` rows.
+    row. With a ``deadline``, the shapes it leaves out entirely go to ``not_run`` (as
+    ``not_run_of(shape)``) and the cases of a started shape to ``skipped`` rows.
     """
     rows = []
     for shape in shapes:
         if deadline is not None and deadline.expired():
-            not_run.append(asdict(shape))
+            not_run.append(not_run_of(shape))
             continue
         try:
             batch = make_batch(shape)
