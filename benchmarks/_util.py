@@ -323,8 +323,6 @@ def write_outputs(out: Path, payload: dict, table: str, plot: Callable[[Path], P
 # grid choice, timing, memory, OOM, probes in fresh subprocesses, the payload's header, the result
 # file's name) lives here, as in Liger-Kernel's benchmark/scripts over its utils.py.
 
-GRID_SIZES = ("tiny", "quick", "full")
-
 
 def benchmark_parser(module: str, doc: str | None, grids: dict[str, object] | None = None) -> argparse.ArgumentParser:
     """The parser every script starts from: ``--quick`` and ``--tiny`` (mutually exclusive; the

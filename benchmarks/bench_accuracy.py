@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._util import RESULTS_DIR, command_line, environment, now_iso, pyplot, save_figure, today
+from benchmarks._util import command_line, environment, now_iso, pyplot, result_path, save_figure
 
 # The authors' later table (spec, "Reported results"): Llama-3-8B, LoRA, both on the same CoT
 # outputs; accuracy in % per (samples, epochs).
@@ -227,11 +227,7 @@ class Study:
     def __init__(self, args: argparse.Namespace, settings: StudySettings, argv: list[str]):
         self.args, self.settings = args, settings
         device = torch.device("cpu")
-        self.out = (
-            Path(args.out)
-            if args.out
-            else RESULTS_DIR / f"accuracy_{environment(device)['device_slug']}_{today()}.json"
-        )
+        self.out = result_path(Path(args.out) if args.out else None, "accuracy", device)
         previous = json.loads(self.out.read_text()) if args.resume and self.out.is_file() else None
         if previous:
             recorded, wanted = previous["settings"], _settings_json(settings)
