@@ -25,11 +25,9 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import _util
-from benchmarks.bench_loss import DTYPES, Shape, make_batch
-from nlft_kernels import nlft_loss
+from benchmarks.bench_loss import DTYPES, Shape, build_case, make_batch
 from nlft_kernels.backends import backends, extension
 
 CPU_CASES = ("cpp", "torch", "cross_entropy")
@@ -75,32 +73,12 @@ def row_bandwidth(row: dict, copy_bytes_per_s: float | None) -> dict:
     )
 
 
-def build_step(case: str, batch, device: torch.device):
-    """(step, reset) of one case on ``batch`` (views [3, N, V]: base, standard, judge)."""
-    views, labels = batch.views, batch.labels
-    leaf = views.detach()[0].requires_grad_()
-
-    def reset() -> None:
-        leaf.grad = None
-
+def build_step(case: str, batch, shape: Shape):
+    """(step, reset) of one case: bench_loss's nlft_kernels case with backend ``case``, or its
+    cross_entropy case."""
     if case == "cross_entropy":
-
-        def step() -> None:
-            F.cross_entropy(leaf, labels).backward()
-    else:
-
-        def step() -> None:
-            nlft_loss(
-                leaf,
-                labels,
-                batch.correct,
-                standard=views[1],
-                judge=views[2],
-                sample_ids=batch.sample_ids,
-                backend=case,
-            ).backward()
-
-    return step, reset
+        return build_case("cross_entropy", batch, shape)
+    return build_case("nlft_kernels", batch, shape, backend=case)
 
 
 def run(args, argv: list[str]) -> dict:
@@ -119,7 +97,7 @@ def run(args, argv: list[str]) -> dict:
         return {"n": shape.n, "vocab": shape.vocab, "dtype": shape.dtype}
 
     def measure_case(case: str, shape: Shape, batch) -> dict:
-        step, reset = build_step(case, batch, device)
+        step, reset = build_step(case, batch, shape)
         return _util.measure(step, reset, device, args.warmup, args.reps, peak_memory=False)
 
     rows = _util.run_grid(

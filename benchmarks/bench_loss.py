@@ -154,8 +154,11 @@ def make_batch(shape: Shape, device: torch.device, seed: int = 0) -> Batch:
     return Batch(views=views, labels=rows.labels, sample_ids=rows.sample_ids, correct=rows.correct)
 
 
-def build_case(case: str, batch: Batch, shape: Shape) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(step, reset): ``step`` runs forward+backward of ``case``; ``reset`` drops the gradient."""
+def build_case(
+    case: str, batch: Batch, shape: Shape, backend: str = "auto"
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(step, reset): ``step`` runs forward+backward of ``case`` (nlft_kernels: with ``backend``);
+    ``reset`` drops the gradient."""
     views, labels, b, t = batch.views, batch.labels, shape.batch, shape.rows_per_sample
     leaf = views.detach()[0] if case != "authors_style" else views.detach()
     leaf.requires_grad_()
@@ -167,7 +170,13 @@ def build_case(case: str, batch: Batch, shape: Shape) -> tuple[Callable[[], None
 
         def step() -> None:
             nlft_loss(
-                leaf, labels, batch.correct, standard=views[1], judge=views[2], sample_ids=batch.sample_ids
+                leaf,
+                labels,
+                batch.correct,
+                standard=views[1],
+                judge=views[2],
+                sample_ids=batch.sample_ids,
+                backend=backend,
             ).backward()
     elif case == "authors_style":
 
