@@ -60,6 +60,9 @@ def authors_style_loss(
         fraction = saliency_wrong.sum(dim=1) / n.clamp(min=1)
         killed = (~correct & (fraction > cfg.saliency_fraction))[:, None].expand_as(labels)
         zero = torch.zeros_like(p_s)
+        # The weights repeat nlft_kernels/reference.py's formulas on purpose (duplicates pairs them):
+        # the reference offers no weight function to call, and this baseline must keep its own
+        # tensor ops (float32, under no_grad, on the [B, T] gathers) to cost what the authors' code costs.
         w_correct = torch.where(
             saliency,
             1 + ((p_s - tau) / (1 - tau)) ** cfg.saliency_power,

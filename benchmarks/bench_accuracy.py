@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._util import RESULTS_DIR, command_line, environment, now_iso, today
+from benchmarks._util import command_line, environment, now_iso, pyplot, result_path, save_figure
 
 # The authors' later table (spec, "Reported results"): Llama-3-8B, LoRA, both on the same CoT
 # outputs; accuracy in % per (samples, epochs).
@@ -227,11 +227,7 @@ class Study:
     def __init__(self, args: argparse.Namespace, settings: StudySettings, argv: list[str]):
         self.args, self.settings = args, settings
         device = torch.device("cpu")
-        self.out = (
-            Path(args.out)
-            if args.out
-            else RESULTS_DIR / f"accuracy_{environment(device)['device_slug']}_{today()}.json"
-        )
+        self.out = result_path(Path(args.out) if args.out else None, "accuracy", device)
         previous = json.loads(self.out.read_text()) if args.resume and self.out.is_file() else None
         if previous:
             recorded, wanted = previous["settings"], _settings_json(settings)
@@ -546,12 +542,8 @@ def markdown_table(payload: dict) -> str:
 
 def plot(payload: dict, path: Path) -> Path | None:
     """Bars of accuracy per (method, n) with 95% intervals, the base model as a line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     runs, ns = payload["runs"], payload["settings"]["n"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -572,10 +564,7 @@ def plot(payload: dict, path: Path) -> Path | None:
     ax.set_title(f"SFT vs NLFT, {payload['model'].split(' (')[0]} ({payload['date'][:10]})", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,17 +21,13 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import _util
-from benchmarks.bench_loss import DTYPES, Shape, make_batch
-from nlft_kernels import nlft_loss
+from benchmarks.bench_loss import DTYPES, Shape, build_case, make_batch
 from nlft_kernels.backends import backends, extension
 
 CPU_CASES = ("cpp", "torch", "cross_entropy")
@@ -77,32 +73,12 @@ def row_bandwidth(row: dict, copy_bytes_per_s: float | None) -> dict:
     )
 
 
-def build_step(case: str, batch, device: torch.device):
-    """(step, reset) of one case on ``batch`` (views [3, N, V]: base, standard, judge)."""
-    views, labels = batch.views, batch.labels
-    leaf = views.detach()[0].requires_grad_()
-
-    def reset() -> None:
-        leaf.grad = None
-
+def build_step(case: str, batch, shape: Shape):
+    """(step, reset) of one case: bench_loss's nlft_kernels case with backend ``case``, or its
+    cross_entropy case."""
     if case == "cross_entropy":
-
-        def step() -> None:
-            F.cross_entropy(leaf, labels).backward()
-    else:
-
-        def step() -> None:
-            nlft_loss(
-                leaf,
-                labels,
-                batch.correct,
-                standard=views[1],
-                judge=views[2],
-                sample_ids=batch.sample_ids,
-                backend=case,
-            ).backward()
-
-    return step, reset
+        return build_case("cross_entropy", batch, shape)
+    return build_case("nlft_kernels", batch, shape, backend=case)
 
 
 def run(args, argv: list[str]) -> dict:
@@ -115,54 +91,47 @@ def run(args, argv: list[str]) -> dict:
     shapes = args.shapes or (GPU_SHAPES if args.gpu else QUICK_SHAPES if args.quick else CPU_SHAPES)
     copy_bw, copy_bytes = _util.measured_copy_bandwidth(device)
     load_before = os.getloadavg()
-    deadline = _util.Deadline(args.time_budget_s)
-    rows, not_run = [], []
-    for dtype in args.dtype:
-        for n, vocab in shapes:
-            if deadline.expired():
-                not_run.append({"n": n, "vocab": vocab, "dtype": dtype})
-                continue
-            shape = Shape(n, vocab, dtype, args.rows_per_sample)
-            batch = make_batch(shape, device, args.seed)
-            head = {"n": n, "vocab": vocab, "dtype": dtype}
-            for case in cases:
-                print(f"{head} {case} ...", file=sys.stderr, flush=True)
-                step, reset = build_step(case, batch, device)
-                times = _util.time_ms(step, reset, device, args.warmup, args.reps)
-                reset()
-                row = head | {
-                    "case": case,
-                    "median_ms": _util.median(times),
-                    "min_ms": min(times),
-                    "max_ms": max(times),
-                    "reps": len(times),
-                }
-                rows.append(row | row_bandwidth(row, copy_bw))
-                gc.collect()
-            del batch
-            gc.collect()
-    ce = {(r["n"], r["vocab"], r["dtype"]): r["median_ms"] for r in rows if r["case"] == "cross_entropy"}
+    not_run: list[dict] = []
+
+    def head(shape: Shape, batch=None) -> dict:
+        return {"n": shape.n, "vocab": shape.vocab, "dtype": shape.dtype}
+
+    def measure_case(case: str, shape: Shape, batch) -> dict:
+        step, reset = build_step(case, batch, shape)
+        return _util.measure(step, reset, device, args.warmup, args.reps, peak_memory=False)
+
+    rows = _util.run_grid(
+        [Shape(n, vocab, dtype, args.rows_per_sample) for dtype in args.dtype for n, vocab in shapes],
+        list(cases),
+        device,
+        make_batch=lambda shape: make_batch(shape, device, args.seed),
+        head=head,
+        measure_case=measure_case,
+        finish=lambda case, shape, row: row_bandwidth(row, copy_bw),
+        deadline=_util.Deadline(args.time_budget_s),
+        not_run=not_run,
+        not_run_of=head,
+    )
+    ce = {(r["n"], r["vocab"], r["dtype"]): r.get("median_ms") for r in rows if r["case"] == "cross_entropy"}
     for r in rows:
         base = ce.get((r["n"], r["vocab"], r["dtype"]))
-        r["ratio_to_cross_entropy"] = r["median_ms"] / base if base else None
+        r["ratio_to_cross_entropy"] = r["median_ms"] / base if base and r["status"] == "ok" else None
     module, _ = extension()
-    return {
-        "benchmark": "bench_cpu_kernel",
-        "question": "the compiled NLFT row pass against the chunked torch path / Triton and one cross-entropy",
-        **_util.environment(device),
+    settings = {
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "seed": args.seed,
+        "rows_per_sample": args.rows_per_sample,
+        "cases": list(cases),
+        "time_budget_s": args.time_budget_s,
+    }
+    question = "the compiled NLFT row pass against the chunked torch path / Triton and one cross-entropy"
+    header = _util.payload_header(
+        "bench_cpu_kernel", question, device, "benchmarks.bench_cpu_kernel", argv, settings, METHOD
+    )
+    return header | {
         "cpu_kernel": module.cpu_capability() if module is not None else None,
         "backends": backends(),
-        "date": _util.now_iso(),
-        "command": _util.command_line("benchmarks.bench_cpu_kernel", argv),
-        "settings": {
-            "warmup": args.warmup,
-            "reps": args.reps,
-            "seed": args.seed,
-            "rows_per_sample": args.rows_per_sample,
-            "cases": list(cases),
-            "time_budget_s": args.time_budget_s,
-        },
-        "method": METHOD,
         # Other processes on a shared machine inflate CPU timings; the load average shows how much.
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "copy_bandwidth_bytes_per_s": copy_bw,
@@ -181,10 +150,15 @@ def markdown_table(payload: dict) -> str:
         f"Device: {payload['device']} ({payload['device_type']}, {payload['cpu_threads']} threads); "
         f"torch {payload['versions']['torch']}; {copy_text}",
         "",
-        "| N | V | dtype | case | median ms | x cross_entropy | GB/s | % of copy BW |",
-        "|---:|---:|---|---|---:|---:|---:|---:|",
+        *_util.table_head(
+            ["N", "V", "dtype", "case", "median ms", "x cross_entropy", "GB/s", "% of copy BW"],
+            numeric={"N", "V", "median ms", "x cross_entropy", "GB/s", "% of copy BW"},
+        ),
     ]
     for r in payload["cases"]:
+        if r.get("status", "ok") != "ok":  # results written before rows had a status were all measured
+            lines.append(_util.unmeasured_cells(f"| {r['n']} | {r['vocab']} | {r['dtype']} | {r['case']} |", r, 60, 3))
+            continue
         ratio = f"{r['ratio_to_cross_entropy']:.2f}" if r.get("ratio_to_cross_entropy") is not None else "-"
         lines.append(
             f"| {r['n']} | {r['vocab']} | {r['dtype']} | {r['case']} | {r['median_ms']:.1f} | {ratio} | "
@@ -228,13 +202,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def write(args, payload: dict) -> Path:
+    out = _util.result_path(args.out, "cpu_kernel", torch.device(payload["device_type"]))
+    return _util.write_run(out, payload, markdown_table(payload), None)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    payload = run(args, argv)
-    device = torch.device(payload["device_type"])
-    out = args.out or _util.RESULTS_DIR / f"cpu_kernel_{_util.device_slug(device)}_{_util.today()}.json"
-    return _util.write_outputs(out, payload, markdown_table(payload), None)
+    return _util.script_main(argv, parse_args, None, run, write)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,9 @@ it and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -49,15 +46,16 @@ from pathlib import Path
 import torch
 
 from benchmarks import _util
-from nlft_kernels import NLFTConfig, linear_token_logprobs, nlft_linear_loss, nlft_loss
+from nlft_kernels import linear_token_logprobs, nlft_linear_loss, nlft_loss
 
 TORCH_LCE_CASES = ("torch_lce", "torch_lce_x3", "torch_lce_chunked", "torch_lce_chunked_x3")
 CASES = ("nlft_linear_loss", "materialised", "liger_flce", "cut_cross_entropy", *TORCH_LCE_CASES)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = _util.DTYPES
 
 QUICK_GRID = {"n": (1024,), "dim": (256,), "vocab": (4096, 16384, 32000), "dtype": ("float32",)}
 FULL_GRID = {"n": (4096, 16384), "dim": (4096,), "vocab": (32000, 128256, 151936), "dtype": ("bfloat16",)}
 TINY_GRID = {"n": (64,), "dim": (32,), "vocab": (500,), "dtype": ("float32",)}
+GRIDS = {"tiny": TINY_GRID, "quick": QUICK_GRID, "full": FULL_GRID}
 
 # Label lifts (added to the label's logit) that make the saliency tests fire: log V + 6 puts the
 # standard view's p_s above 0.95, log V + 4 the judge view's p_j far above p_b and p_s.
@@ -97,20 +95,12 @@ METHOD = {
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(_util.RowShape):
     n: int
     dim: int
     vocab: int
     dtype: str
     rows_per_sample: int
-
-    @property
-    def batch(self) -> int:
-        return self.n // self.rows_per_sample
-
-    @property
-    def elem(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
 
 
 @dataclass
@@ -128,28 +118,24 @@ class Batch:
 
 
 def make_batch(shape: Shape, device: torch.device, seed: int = 0) -> Batch:
-    """Random inputs on ``device`` in which saliency, unlikelihood and the 6% rule all occur."""
-    n, steps, vocab = shape.n, shape.rows_per_sample, shape.vocab
+    """Random inputs on ``device`` in which saliency, unlikelihood and the 6% rule all occur (the
+    rows, samples and lifted labels: the harness's ``nlft_rows``)."""
+    n, vocab = shape.n, shape.vocab
     dtype = DTYPES[shape.dtype]
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(3, n, shape.dim, generator=g, device=device)
     hidden[1:] = hidden[0] + 0.5 * torch.randn(2, n, shape.dim, generator=g, device=device)
     weight = torch.randn(vocab, shape.dim, generator=g, device=device) / math.sqrt(shape.dim)
-    labels = torch.randint(0, vocab, (n,), generator=g, device=device)
-    rows = torch.arange(n, device=device)
-    sample_ids, t = rows // steps, rows % steps
-    kind = sample_ids % 4
-    u = torch.rand(n, generator=g, device=device)
+    rows = _util.nlft_rows(n, shape.rows_per_sample, vocab, g, device)
     lifts = torch.zeros(2, n, device=device)
-    lifts[0, (kind == 0) & (u < 0.35)] = math.log(vocab) + STANDARD_LIFT
-    lifts[1, ((kind == 1) & (u < 0.25)) | ((kind == 2) & (t == 0))] = math.log(vocab) + JUDGE_LIFT
-    labels[t >= steps - sample_ids % 3] = NLFTConfig().ignore_index
+    lifts[0, rows.lift_standard] = math.log(vocab) + STANDARD_LIFT
+    lifts[1, rows.lift_judge] = math.log(vocab) + JUDGE_LIFT
     return Batch(
         hidden=hidden.to(dtype),
         weight=weight.to(dtype).requires_grad_(),
-        labels=labels,
-        sample_ids=sample_ids,
-        correct=torch.arange(shape.batch, device=device) % 4 == 0,
+        labels=rows.labels,
+        sample_ids=rows.sample_ids,
+        correct=rows.correct,
         lifts=lifts,
     )
 
@@ -219,12 +205,7 @@ def build_case(case: str, batch: Batch) -> tuple[Callable[[], None], Callable[[]
     if case == "nlft_linear_loss":
 
         def step() -> None:
-            with torch.no_grad():
-                standard, judge = (
-                    lift_logprob(linear_token_logprobs(h, weight, labels), lift)
-                    for h, lift in zip(teachers, batch.lifts, strict=True)
-                )
-            nlft_linear_loss(base, weight, labels, batch.correct, standard=standard, judge=judge, **samples).backward()
+            fused_loss(batch, base).backward()
 
     elif case == "materialised":
 
@@ -279,23 +260,26 @@ def build_case(case: str, batch: Batch) -> tuple[Callable[[], None], Callable[[]
     return step, reset
 
 
-def check_saliency(batch: Batch) -> dict[str, int]:
-    """Counts of saliency, unlikelihood and killed rows of ``batch`` (the fused path's details)."""
+def teacher_logprobs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lifted label log-probs [N] of the standard and judge views, under no_grad, without logits."""
     with torch.no_grad():
-        standard, judge = (
+        return tuple(
             lift_logprob(linear_token_logprobs(h, batch.weight, batch.labels), lift)
             for h, lift in zip(batch.hidden[1:], batch.lifts, strict=True)
         )
-        _, details = nlft_linear_loss(
-            batch.hidden[0],
-            batch.weight,
-            batch.labels,
-            batch.correct,
-            standard=standard,
-            judge=judge,
-            sample_ids=batch.sample_ids,
-            return_details=True,
-        )
+
+
+def fused_loss(batch: Batch, base: torch.Tensor, **kwargs):
+    """The fused path's step: the teachers' log-probs, then ``nlft_linear_loss`` of ``base`` [N, D]."""
+    standard, judge = teacher_logprobs(batch)
+    loss_of = partial(nlft_linear_loss, standard=standard, judge=judge, sample_ids=batch.sample_ids)
+    return loss_of(base, batch.weight, batch.labels, batch.correct, **kwargs)
+
+
+def check_saliency(batch: Batch) -> dict[str, int]:
+    """Counts of saliency, unlikelihood and killed rows of ``batch`` (the fused path's details)."""
+    with torch.no_grad():
+        _, details = fused_loss(batch, batch.hidden[0], return_details=True)
     return {name: int(getattr(details, name).sum()) for name in ("saliency", "unlikelihood", "killed", "cluster")}
 
 
@@ -317,112 +301,62 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, reps: int =
     return 2 * size**3 / (_util.median(times) / 1e3)
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def measure_case(case: str, batch: Batch, device: torch.device, args) -> dict:
     """Median time (and on CUDA, peak extra memory) of one case."""
-    step, reset = build_case(case, batch)
-    times = _util.time_ms(step, reset, device, args.warmup, args.reps)
-    row = {"case": case, "status": "ok", "note": "", "median_ms": _util.median(times)}
-    row |= {"min_ms": min(times), "max_ms": max(times), "reps": len(times)}
-    if device.type == "cuda":
-        reset()
-        row["peak_extra_bytes"] = _util.cuda_peak_extra(step, device)
-    reset()
-    return row
+    return _util.measure(*build_case(case, batch), device, args.warmup, args.reps)
 
 
-def probe_memory_cpu(case: str, shape: Shape, seed: int) -> dict:
-    """Peak extra RSS of one case, in a fresh subprocess (see METHOD["memory_cpu"])."""
-    spec = json.dumps({"case": case, "shape": asdict(shape), "seed": seed})
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_linear_loss", "--memory-probe", spec],
-        cwd=_util.REPO_ROOT,
-        env=os.environ | _util.RSS_ALLOCATOR_ENV,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"memory probe of {case} {shape} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _memory_probe_main(spec: str) -> None:
-    """The subprocess side of ``probe_memory_cpu``: prints {"peak_extra_bytes": ...}."""
+def probe_main(spec: str) -> None:
+    """The subprocess side of the CPU memory probe: prints {"peak_extra_bytes": ...} (METHOD["memory_cpu"])."""
     spec = json.loads(spec)
-    step, reset = build_case(spec["case"], make_batch(Shape(**spec["shape"]), torch.device("cpu"), spec["seed"]))
-    reset()
-    step()  # warm-up: lazy initialisation outside the measured call
-    reset()
-    gc.collect()
-    print(json.dumps({"peak_extra_bytes": _util.rss_peak_extra(step)}))
+    batch = make_batch(Shape(**spec["shape"]), torch.device("cpu"), spec["seed"])
+    print(json.dumps({"peak_extra_bytes": _util.cpu_peak_extra(*build_case(spec["case"], batch))}))
 
 
 def grid(args) -> list[Shape]:
     """The shapes to measure: the chosen grid, with any axis overridden from the command line."""
-    base = TINY_GRID if args.tiny else QUICK_GRID if args.quick else FULL_GRID
-    ns, dims = args.n or base["n"], args.dim or base["dim"]
-    vocabs, dtypes = args.vocab or base["vocab"], args.dtype or base["dtype"]
-    steps = args.rows_per_sample or (16 if args.tiny else 128)
-    for n in ns:
-        if n % steps:
-            raise SystemExit(f"--n {n} is not a multiple of --rows-per-sample {steps}")
-    return [Shape(n, d, v, dt, steps) for dt in dtypes for d in dims for n in ns for v in vocabs]
+    axes = _util.grid_axes(args, GRIDS, ("n", "dim", "vocab", "dtype"))
+    steps = _util.rows_per_sample(args, axes["n"])
+    return [
+        Shape(n, d, v, dt, steps) for dt in axes["dtype"] for d in axes["dim"] for n in axes["n"] for v in axes["vocab"]
+    ]
 
 
 def run(args, argv: list[str]) -> dict:
     """Measure every case of every shape; returns the JSON payload."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _util.pick_device(args.device)
     cuda = device.type == "cuda"
-    copy_bytes = (1 << 30) if cuda else (256 << 20)
-    copy_bw = _util.copy_bandwidth(device, copy_bytes)
+    copy_bw, copy_bytes = _util.measured_copy_bandwidth(device)
     rate_dtype = torch.bfloat16 if cuda else torch.float32
     rate_size = 8192 if cuda else 1024
     rate = matmul_rate(device, rate_dtype, rate_size)
     load_before = os.getloadavg()
-    rows = []
-    for shape in grid(args):
-        head = asdict(shape) | {"batch": shape.batch} | floor(shape, rate, copy_bw)
-        try:
-            batch = make_batch(shape, device, args.seed)
-        except torch.OutOfMemoryError:
-            rows += [head | {"case": c, "status": "oom", "note": "inputs do not fit"} for c in args.cases]
-            continue
-        head["exercised"] = check_saliency(batch)
-        for case in args.cases:
-            why = unavailable(case, device)
-            if why:
-                rows.append(head | {"case": case, "status": "skipped", "note": why})
-                continue
-            print(f"{shape} {case} ...", file=sys.stderr, flush=True)
-            try:
-                row = head | measure_case(case, batch, device, args)
-            except Exception as error:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
-                if not _is_oom(error):
-                    raise
-                row = head | {"case": case, "status": "oom", "note": str(error).splitlines()[0][:200]}
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-            if row["status"] == "ok":
-                if not cuda:
-                    row |= probe_memory_cpu(case, shape, args.seed)
-                row["x_floor"] = row["median_ms"] / row["floor_ms"]
-            rows.append(row)
-        del batch
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-    return {
-        "benchmark": "bench_linear_loss",
-        "question": "memory and time of the fused linear NLFT loss against materialised logits and fused CE",
-        **_util.environment(device),
-        "date": _util.now_iso(),
-        "command": _util.command_line("benchmarks.bench_linear_loss", argv),
-        "settings": {"warmup": args.warmup, "reps": args.reps, "seed": args.seed, "cases": list(args.cases)},
-        "method": METHOD | {"memory": METHOD["memory_cuda" if cuda else "memory_cpu"]},
+
+    def head(shape: Shape, batch: Batch | None) -> dict:
+        fields = asdict(shape) | {"batch": shape.batch} | floor(shape, rate, copy_bw)
+        return fields if batch is None else fields | {"exercised": check_saliency(batch)}
+
+    def finish(case: str, shape: Shape, row: dict) -> dict:
+        memory = {} if cuda else _util.probe("benchmarks.bench_linear_loss", spec(case, shape), True, f"{case} {shape}")
+        return memory | {"x_floor": row["median_ms"] / row["floor_ms"]}
+
+    def spec(case: str, shape: Shape) -> dict:
+        return {"case": case, "shape": asdict(shape), "seed": args.seed}
+
+    rows = _util.run_grid(
+        grid(args),
+        args.cases,
+        device,
+        make_batch=lambda shape: make_batch(shape, device, args.seed),
+        head=head,
+        measure_case=lambda case, shape, batch: measure_case(case, batch, device, args),
+        unavailable=lambda case: unavailable(case, device),
+        finish=finish,
+    )
+    settings = {"warmup": args.warmup, "reps": args.reps, "seed": args.seed, "cases": list(args.cases)}
+    question = "memory and time of the fused linear NLFT loss against materialised logits and fused CE"
+    module = "benchmarks.bench_linear_loss"
+    return _util.payload_header("bench_linear_loss", question, device, module, argv, settings, METHOD) | {
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "copy_bandwidth_bytes_per_s": copy_bw,
         "copy_bandwidth_buffer_bytes": copy_bytes,
@@ -443,14 +377,17 @@ def markdown_table(payload: dict) -> str:
         f"torch {payload['versions']['torch']}; matmul {rate:.0f} GFLOP/s "
         f"({payload['matmul_rate_shape']['dtype']}); copy bandwidth {bandwidth:.1f} GB/s",
         "",
-        "| N | D | V | dtype | case | median ms | min ms | floor ms | x floor | extra peak MiB | x ours time "
-        "| x ours mem |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *_util.table_head(
+            ["N", "D", "V", "dtype", "case", "median ms", "min ms", "floor ms", "x floor", "extra peak MiB"]
+            + ["x ours time", "x ours mem"],
+            numeric={"N", "D", "V", "median ms", "min ms", "floor ms", "x floor", "extra peak MiB"}
+            | {"x ours time", "x ours mem"},
+        ),
     ]
     for r in payload["cases"]:
         lead = f"| {r['n']} | {r['dim']} | {r['vocab']} | {r['dtype']} | {r['case']} |"
         if r["status"] != "ok":
-            lines.append(f"{lead} {r['status']}: {r['note'][:70]} | | | | | | |")
+            lines.append(_util.unmeasured_cells(lead, r, 70, 7))
             continue
         mem = r.get("peak_extra_bytes")
         mine = ours.get(tuple(r[k] for k in key), {})
@@ -467,12 +404,8 @@ def markdown_table(payload: dict) -> str:
 
 def plot(payload: dict, png_path: Path) -> Path | None:
     """Median time (with the floor) and extra peak memory against V, one line per case and N."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; no display on benchmark machines
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _util.pyplot()
+    if plt is None:
         return None
     rows = [r for r in payload["cases"] if r["status"] == "ok"]
     fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -498,49 +431,25 @@ def plot(payload: dict, png_path: Path) -> Path | None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"NLFT loss head, teachers + base fwd/bwd: {payload['device']} ({payload['date'][:10]})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    title = f"NLFT loss head, teachers + base fwd/bwd: {payload['device']} ({payload['date'][:10]})"
+    return _util.save_figure(fig, png_path, title)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_linear_loss", description=__doc__.split("\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help=f"CPU-sized grid {QUICK_GRID}")
-    size.add_argument("--tiny", action="store_true", help=f"smoke-test grid {TINY_GRID}")
-    p.add_argument("--n", type=int, nargs="+", help="rows N (overrides the grid's)")
-    p.add_argument("--dim", type=int, nargs="+", help="hidden sizes D (overrides the grid's)")
-    p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V (overrides the grid's)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="hidden/weight dtypes (overrides the grid's)")
-    p.add_argument("--rows-per-sample", type=int, help="T, rows per sample (default 128; 16 with --tiny)")
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    p.add_argument("--warmup", type=int, help="untimed calls per case (default: 3 on CUDA, 1 on CPU)")
-    p.add_argument("--reps", type=int, help="timed calls per case (default: 20 on CUDA, 3 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/linear_loss_<device>_<date>.json)")
-    p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
-    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    args.warmup = args.warmup if args.warmup is not None else 3 if cuda else 1
-    args.reps = args.reps if args.reps is not None else 20 if cuda else 3
-    return args
+    p = _util.benchmark_parser("benchmarks.bench_linear_loss", __doc__, GRIDS)
+    _util.add_grid_args(p, ("n", "dim", "vocab"), "hidden/weight", CASES)
+    _util.add_run_args(p, "linear_loss_<device>_<date>.json", warmup=(3, 1), reps=(20, 3))
+    return _util.resolve_run_args(p.parse_args(argv))
+
+
+def write(args, payload: dict) -> Path:
+    out = _util.result_path(args.out, "linear_loss", torch.device(payload["device_type"]))
+    return _util.write_run(out, payload, markdown_table(payload), None if args.no_plot else partial(plot, payload))
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     """Run the benchmark; returns the JSON path (None in the memory-probe subprocess)."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.memory_probe:
-        _memory_probe_main(args.memory_probe)
-        return None
-    payload = run(args, argv)
-    device = torch.device(payload["device_type"])
-    out = args.out or _util.RESULTS_DIR / f"linear_loss_{_util.device_slug(device)}_{_util.today()}.json"
-    return _util.write_outputs(out, payload, markdown_table(payload), None if args.no_plot else partial(plot, payload))
+    return _util.script_main(argv, parse_args, probe_main, run, write)
 
 
 if __name__ == "__main__":

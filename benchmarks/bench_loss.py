@@ -32,13 +32,10 @@ it (matplotlib) and the Markdown table (printed, and written next to it as .md).
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -55,11 +52,12 @@ from nlft_kernels.reference import nlft_loss_reference
 
 LIGER = "liger_cross_entropy_x3"
 CASES = ("nlft_kernels", "authors_style", "reference", "compiled_reference", "cross_entropy", LIGER)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = _util.DTYPES
 
 QUICK_GRID = {"n": (512, 2048), "vocab": (4096, 32000), "dtype": ("float32", "bfloat16")}
 FULL_GRID = {"n": (1024, 8192, 16384), "vocab": (32000, 128256, 151936), "dtype": ("bfloat16", "float32")}
 TINY_GRID = {"n": (64,), "vocab": (1000,), "dtype": ("float32",)}
+GRIDS = {"tiny": TINY_GRID, "quick": QUICK_GRID, "full": FULL_GRID}
 
 # Teacher views given as logits in each case's job: the NLFT cases compute the loss of three
 # [N, V] views (base, standard, judge), cross-entropy one view.
@@ -70,7 +68,7 @@ def bytes_moved(case: str, n: int, vocab: int, dtype: str) -> int:
     """The bytes the fused row pass moves for ``case``'s job on an N x V shape
     (``_util.nlft_row_pass_bytes``; the gradient in the logits dtype): the same count for every
     case computing the NLFT loss, so their achieved bandwidths compare as their times do."""
-    elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    elem = Shape(n, vocab, dtype, 1).elem
     return _util.nlft_row_pass_bytes(n, vocab, elem, TEACHER_LOGIT_VIEWS[case], elem)
 
 
@@ -117,15 +115,11 @@ METHOD = {
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(_util.RowShape):
     n: int
     vocab: int
     dtype: str
     rows_per_sample: int
-
-    @property
-    def batch(self) -> int:
-        return self.n // self.rows_per_sample
 
 
 @dataclass
@@ -140,33 +134,31 @@ class Batch:
 
 
 def make_batch(shape: Shape, device: torch.device, seed: int = 0) -> Batch:
-    """Random views built in place on ``device`` (no [N, V] temporaries) so big shapes fit."""
-    n, vocab, steps = shape.n, shape.vocab, shape.rows_per_sample
+    """Random views built in place on ``device`` (no [N, V] temporaries) so big shapes fit; the
+    rows (labels, samples, lifted rows) are the harness's ``nlft_rows``."""
+    n, vocab = shape.n, shape.vocab
     g = torch.Generator(device=device).manual_seed(seed)
     views = torch.randn(3, n, vocab, generator=g, device=device, dtype=DTYPES[shape.dtype])
     views[0].mul_(2)
     views[1:].add_(views[0])  # the teachers are the base view plus noise
-    labels = torch.randint(0, vocab, (n,), generator=g, device=device)
-    rows = torch.arange(n, device=device)
-    sample_ids, t = rows // steps, rows % steps
-    kind = sample_ids % 4
-    u = torch.rand(n, generator=g, device=device)
+    rows = _util.nlft_rows(n, shape.rows_per_sample, vocab, g, device)
+    labels = rows.labels
     # Correct samples: lift the standard view's label above every other logit by log V + 6,
     # so p_s > 1 / (1 + e^-6) > 0.95 on those rows.
-    lift = ((kind == 0) & (u < 0.35)).nonzero().squeeze(1)
+    lift = rows.lift_standard.nonzero().squeeze(1)
     top = views[1].amax(dim=-1)
     views[1, lift, labels[lift]] = (top[lift] + math.log(vocab) + 6).to(views.dtype)
     # Wrong samples: lift the judge view's label so that r1, r2 and p_j pass the saliency test.
-    lift = (((kind == 1) & (u < 0.25)) | ((kind == 2) & (t == 0))).nonzero().squeeze(1)
+    lift = rows.lift_judge.nonzero().squeeze(1)
     views[2, lift, labels[lift]] += math.log(vocab) + 4
-    labels[t >= steps - sample_ids % 3] = NLFTConfig().ignore_index
-    return Batch(
-        views=views, labels=labels, sample_ids=sample_ids, correct=torch.arange(shape.batch, device=device) % 4 == 0
-    )
+    return Batch(views=views, labels=rows.labels, sample_ids=rows.sample_ids, correct=rows.correct)
 
 
-def build_case(case: str, batch: Batch, shape: Shape) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(step, reset): ``step`` runs forward+backward of ``case``; ``reset`` drops the gradient."""
+def build_case(
+    case: str, batch: Batch, shape: Shape, backend: str = "auto"
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(step, reset): ``step`` runs forward+backward of ``case`` (nlft_kernels: with ``backend``);
+    ``reset`` drops the gradient."""
     views, labels, b, t = batch.views, batch.labels, shape.batch, shape.rows_per_sample
     leaf = views.detach()[0] if case != "authors_style" else views.detach()
     leaf.requires_grad_()
@@ -178,7 +170,13 @@ def build_case(case: str, batch: Batch, shape: Shape) -> tuple[Callable[[], None
 
         def step() -> None:
             nlft_loss(
-                leaf, labels, batch.correct, standard=views[1], judge=views[2], sample_ids=batch.sample_ids
+                leaf,
+                labels,
+                batch.correct,
+                standard=views[1],
+                judge=views[2],
+                sample_ids=batch.sample_ids,
+                backend=backend,
             ).backward()
     elif case == "authors_style":
 
@@ -229,161 +227,98 @@ def liger_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def measure_case(case: str, batch: Batch, shape: Shape, device: torch.device, args) -> dict:
-    """Time (and on CUDA, peak memory) of one case; status ``ok``, ``skipped`` or ``oom``."""
-    row: dict = {"case": case, "status": "ok", "note": ""}
+    """Time (and on CUDA, peak memory) of one case in this process; status ``ok`` or ``skipped``."""
     if case == LIGER and (why := liger_unavailable(device)):
-        return row | {"status": "skipped", "note": why}
+        return {"case": case, "status": "skipped", "note": why}
     step, reset = build_case(case, batch, shape)
     if case == "compiled_reference":
         try:  # compilation happens at the first call; a machine without a compiler skips the case
             reset()
             step()
         except Exception as error:  # noqa: BLE001 - any compiler failure means "cannot compile here"
-            if _is_oom(error):
+            if _util.is_oom(error):
                 raise
-            return row | {"status": "skipped", "note": f"torch.compile failed: {type(error).__name__}: {error}"[:300]}
-    times = _util.time_ms(step, reset, device, args.warmup, args.reps)
-    row |= {"median_ms": _util.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
-    if device.type == "cuda":
-        reset()
-        row["peak_extra_bytes"] = _util.cuda_peak_extra(step, device)
-    reset()
+            note = f"torch.compile failed: {type(error).__name__}: {error}"[:300]
+            return {"case": case, "status": "skipped", "note": note}
+    return {"case": case} | _util.measure(step, reset, device, args.warmup, args.reps)
+
+
+def probe_main(spec: str) -> None:
+    """The subprocess side of ``_util.probe``: prints the time fields (``what="time"``) or the peak
+    extra RSS (``"memory"``, see METHOD["memory_cpu"]) of one case as JSON."""
+    spec = json.loads(spec)
+    shape, cpu = Shape(**spec["shape"]), torch.device("cpu")
+    batch = make_batch(shape, cpu, spec["seed"])
+    if spec["what"] == "time":
+        args = argparse.Namespace(warmup=spec["warmup"], reps=spec["reps"])
+        print(json.dumps(measure_case(spec["case"], batch, shape, cpu, args)))
+    else:
+        print(json.dumps({"peak_extra_bytes": _util.cpu_peak_extra(*build_case(spec["case"], batch, shape))}))
+
+
+def measure_cpu(case: str, shape: Shape, batch: Batch | None, args) -> dict:
+    """Time, then peak extra RSS, of one case on the CPU: each in a fresh subprocess (a compiled case
+    leaves OpenMP worker threads spinning that would slow the cases timed after it in the same
+    process, and RSS needs an allocator that returns freed buffers), or here with --in-process."""
+    if args.in_process:
+        row = measure_case(case, batch, shape, torch.device("cpu"), args)
+        if row["status"] == "ok":
+            row["peak_extra_bytes"] = _util.cpu_peak_extra(*build_case(case, batch, shape))
+        return row
+    spec = {"case": case, "shape": asdict(shape), "seed": args.seed, "warmup": args.warmup, "reps": args.reps}
+    row = _util.probe("benchmarks.bench_loss", spec | {"what": "time"}, memory=False, what=f"time of {case} {shape}")
+    if row["status"] == "ok":
+        row |= _util.probe("benchmarks.bench_loss", spec | {"what": "memory"}, True, f"memory of {case} {shape}")
     return row
 
 
-def probe_cpu(case: str, shape: Shape, args, what: str) -> dict:
-    """Time (``what="time"``) or peak extra RSS (``"memory"``) of one case on the CPU, measured in
-    a fresh subprocess: a compiled case leaves OpenMP worker threads spinning that would slow the
-    cases timed after it in the same process, and RSS needs an allocator that returns freed
-    buffers (see METHOD["memory_cpu"])."""
-    spec = json.dumps(
-        {
-            "case": case,
-            "shape": asdict(shape),
-            "seed": args.seed,
-            "what": what,
-            "warmup": args.warmup,
-            "reps": args.reps,
-        }
-    )
-    env = os.environ | (_util.RSS_ALLOCATOR_ENV if what == "memory" else {})
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_loss", "--probe", spec],
-        cwd=_util.REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{what} probe of {case} {shape} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _probe_main(spec: str) -> None:
-    """The subprocess side of ``probe_cpu``: prints the measured case's row as JSON."""
-    spec = json.loads(spec)
-    shape = Shape(**spec["shape"])
-    batch = make_batch(shape, torch.device("cpu"), spec["seed"])
-    if spec["what"] == "time":
-        args = argparse.Namespace(warmup=spec["warmup"], reps=spec["reps"])
-        print(json.dumps(measure_case(spec["case"], batch, shape, torch.device("cpu"), args)))
-        return
-    print(json.dumps({"peak_extra_bytes": cpu_peak_extra(spec["case"], batch, shape)}))
-
-
-def cpu_peak_extra(case: str, batch: Batch, shape: Shape) -> int:
-    """Peak extra RSS of one call of ``case`` after a warm-up call (see METHOD["memory_cpu"])."""
-    step, reset = build_case(case, batch, shape)
-    reset()
-    step()  # warm-up: lazy initialisation and, for the compiled case, compilation
-    reset()
-    gc.collect()
-    return _util.rss_peak_extra(step)
-
-
-def _grid(args) -> list[Shape]:
-    grid = TINY_GRID if args.tiny else QUICK_GRID if args.quick else FULL_GRID
-    ns, vocabs, dtypes = args.n or grid["n"], args.vocab or grid["vocab"], args.dtype or grid["dtype"]
-    steps = args.rows_per_sample or (16 if args.tiny else 128)
-    for n in ns:
-        if n % steps:
-            raise SystemExit(f"--n {n} is not a multiple of --rows-per-sample {steps}")
-    return [Shape(n, v, d, steps) for d in dtypes for v in vocabs for n in ns]
+def grid(args) -> list[Shape]:
+    axes = _util.grid_axes(args, GRIDS, ("n", "vocab", "dtype"))
+    steps = _util.rows_per_sample(args, axes["n"])
+    return [Shape(n, v, d, steps) for d in axes["dtype"] for v in axes["vocab"] for n in axes["n"]]
 
 
 def run(args, argv: list[str]) -> dict:
     """Measure every case of every shape; returns the JSON payload."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _util.pick_device(args.device)
     copy_bw, copy_bytes = _util.measured_copy_bandwidth(device)
     load_before = os.getloadavg()
-    deadline = _util.Deadline(args.time_budget_s)
-    rows, not_run = [], []
-    for shape in _grid(args):
-        if deadline.expired():
-            not_run.append(asdict(shape))
-            continue
-        head = {
-            "n": shape.n,
-            "vocab": shape.vocab,
-            "dtype": shape.dtype,
-            "batch": shape.batch,
-            "rows_per_sample": shape.rows_per_sample,
-        }
-        batch = None
-        if device.type == "cuda" or args.in_process:  # else the CPU cases build them in their subprocesses
-            try:
-                batch = make_batch(shape, device, args.seed)
-            except torch.OutOfMemoryError:
-                rows += [head | {"case": c, "status": "oom", "note": "inputs do not fit"} for c in args.cases]
-                continue
-        for case in args.cases:
-            if deadline.expired():
-                rows.append(head | {"case": case, "status": "skipped", "note": deadline.note()})
-                continue
-            print(f"{shape} {case} ...", file=sys.stderr, flush=True)
-            if device.type == "cpu" and args.in_process:
-                row = head | measure_case(case, batch, shape, device, args)
-                if row["status"] == "ok":
-                    row["peak_extra_bytes"] = cpu_peak_extra(case, batch, shape)
-            elif device.type == "cpu":
-                row = head | probe_cpu(case, shape, args, "time")
-                if row["status"] == "ok":
-                    row |= probe_cpu(case, shape, args, "memory")
-            else:
-                try:
-                    row = head | measure_case(case, batch, shape, device, args)
-                except torch.OutOfMemoryError as error:
-                    row = head | {"case": case, "status": "oom", "note": str(error).splitlines()[0][:200]}
-                gc.collect()
-                torch.cuda.empty_cache()
-            if row["status"] == "ok":
-                row |= row_bandwidth(row, copy_bw)
-            rows.append(row)
-        del batch
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {
-        "benchmark": "bench_loss",
-        "question": "forward+backward time and peak memory of the NLFT loss against its baselines",
-        **_util.environment(device),
-        "date": _util.now_iso(),
-        "command": _util.command_line("benchmarks.bench_loss", argv),
-        "settings": {
-            "warmup": args.warmup,
-            "reps": args.reps,
-            "seed": args.seed,
-            "cases": list(args.cases),
-            "nlft_config": asdict(NLFTConfig()),
-            "time_budget_s": args.time_budget_s,
-            "in_process": args.in_process,
+    # On the CPU the cases build their inputs in their subprocesses (unless --in-process).
+    here = device.type == "cuda" or args.in_process
+    not_run: list[dict] = []
+    rows = _util.run_grid(
+        grid(args),
+        args.cases,
+        device,
+        make_batch=lambda shape: make_batch(shape, device, args.seed) if here else None,
+        head=lambda s, _: {
+            "n": s.n,
+            "vocab": s.vocab,
+            "dtype": s.dtype,
+            "batch": s.batch,
+            "rows_per_sample": s.rows_per_sample,
         },
-        "method": METHOD | {"memory": METHOD["memory_cuda" if device.type == "cuda" else "memory_cpu"]},
+        measure_case=lambda case, shape, batch: (
+            measure_cpu(case, shape, batch, args)
+            if device.type == "cpu"
+            else measure_case(case, batch, shape, device, args)
+        ),
+        finish=lambda case, shape, row: row_bandwidth(row, copy_bw),
+        deadline=_util.Deadline(args.time_budget_s),
+        not_run=not_run,
+    )
+    settings = {
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "seed": args.seed,
+        "cases": list(args.cases),
+        "nlft_config": asdict(NLFTConfig()),
+        "time_budget_s": args.time_budget_s,
+        "in_process": args.in_process,
+    }
+    question = "forward+backward time and peak memory of the NLFT loss against its baselines"
+    return _util.payload_header("bench_loss", question, device, "benchmarks.bench_loss", argv, settings, METHOD) | {
         # Other processes on a shared machine inflate CPU timings; the load average shows how much.
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "backends": backends(),
@@ -405,13 +340,15 @@ def markdown_table(payload: dict) -> str:
     lines = [
         f"Device: {payload['device']} ({payload['device_type']}); torch {payload['versions']['torch']}; {copy_text}",
         "",
-        "| N | V | dtype | case | median ms | x nlft_kernels | extra peak MiB | GB/s | % of copy BW |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        *_util.table_head(
+            ["N", "V", "dtype", "case", "median ms", "x nlft_kernels", "extra peak MiB", "GB/s", "% of copy BW"],
+            numeric={"N", "V", "median ms", "x nlft_kernels", "extra peak MiB", "GB/s", "% of copy BW"},
+        ),
     ]
     for r in payload["cases"]:
         lead = f"| {r['n']} | {r['vocab']} | {r['dtype']} | {r['case']} |"
         if r["status"] != "ok":
-            lines.append(f"{lead} {r['status']}: {r['note'][:60]} | | | | |")
+            lines.append(_util.unmeasured_cells(lead, r, 60, 5))
             continue
         base = ours.get((r["n"], r["vocab"], r["dtype"]))
         ratio = f"{r['median_ms'] / base:.2f}" if base else "-"
@@ -427,21 +364,9 @@ def markdown_table(payload: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_loss", description=__doc__.split("\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help=f"CPU-sized grid {QUICK_GRID}")
-    size.add_argument("--tiny", action="store_true", help=f"smoke-test grid {TINY_GRID}")
-    p.add_argument("--n", type=int, nargs="+", help="rows N (overrides the grid's)")
-    p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V (overrides the grid's)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="logits dtypes (overrides the grid's)")
-    p.add_argument("--rows-per-sample", type=int, help="T, rows per sample (default 128; 16 with --tiny)")
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    p.add_argument("--warmup", type=int, help="untimed calls per case (default: 5 on CUDA, 1 on CPU)")
-    p.add_argument("--reps", type=int, help="timed calls per case (default: 50 on CUDA, 5 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_loss-<device>-<date>.json)")
-    p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
+    p = _util.benchmark_parser("benchmarks.bench_loss", __doc__, GRIDS)
+    _util.add_grid_args(p, ("n", "vocab"), "logits", CASES)
+    _util.add_run_args(p, "bench_loss-<device>-<date>.json", warmup=(5, 1), reps=(50, 5))
     p.add_argument(
         "--time-budget-s",
         type=float,
@@ -452,27 +377,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="CPU: measure in this process, not a fresh subprocess per case (smoke tests; less isolated)",
     )
-    p.add_argument("--probe", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    args.warmup = args.warmup if args.warmup is not None else 5 if cuda else 1
-    args.reps = args.reps if args.reps is not None else 50 if cuda else 5
-    return args
+    return _util.resolve_run_args(p.parse_args(argv))
+
+
+def write(args, payload: dict) -> Path:
+    out = _util.result_path(args.out, "bench_loss", torch.device(payload["device_type"]), sep="-")
+    return _util.write_run(out, payload, markdown_table(payload), None if args.no_plot else partial(plot_results, out))
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     """Run the benchmark; returns the JSON path (None in a probe subprocess)."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.probe:
-        _probe_main(args.probe)
-        return None
-    payload = run(args, argv)
-    device = torch.device("cuda" if payload["device_type"] == "cuda" else "cpu")
-    out = args.out or _util.RESULTS_DIR / f"bench_loss-{_util.device_slug(device)}-{_util.today()}.json"
-    measured = any(r["status"] == "ok" for r in payload["cases"])  # a budget of 0 measures nothing
-    plot = partial(plot_results, out) if measured and not args.no_plot else None
-    return _util.write_outputs(out, payload, markdown_table(payload), plot)
+    return _util.script_main(argv, parse_args, probe_main, run, write)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import glob
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -428,10 +427,6 @@ def _rss(field: str = "VmRSS") -> int:
     return _util._proc_status_bytes(field)
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def measure(spec: dict) -> dict:
     """Run one method as ``spec`` says (``what``: "time", "memory" or "both") and return its row."""
     device = torch.device(spec["device"])
@@ -467,19 +462,11 @@ def measure(spec: dict) -> dict:
     times, outs = [], []
     try:
         for _ in range(calls):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                outs.append(step())
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                outs.append(step())
-                times.append((time.perf_counter() - t0) * 1e3)
+            out, ms = _util.timed(step, device)
+            outs.append(out)
+            times.append(ms)
     except Exception as error:
-        if not _is_oom(error):
+        if not _util.is_oom(error):
             raise
         return row | {"status": "oom", "note": str(error).splitlines()[0][:200]}
     losses = [o["loss"] for o in outs]
@@ -519,17 +506,8 @@ def probe(spec: dict, in_process: bool) -> dict:
     """``measure(spec)`` in a fresh subprocess (or here with ``in_process``, for tests)."""
     if in_process:
         return measure(spec)
-    env = os.environ | (_util.RSS_ALLOCATOR_ENV if spec["what"] == "memory" else {})
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_train_step", "--probe", json.dumps(spec)],
-        cwd=_util.REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"probe {spec['what']} of {spec['method']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    memory = spec["what"] == "memory"
+    return _util.probe("benchmarks.bench_train_step", spec, memory, f"{spec['what']} of {spec['method']}")
 
 
 def reductions(rows: list[dict], comparisons: tuple[Comparison, ...] = COMPARISONS["full-ft"]) -> list[dict]:
@@ -850,12 +828,8 @@ paper_markdown_table = markdown_table
 
 def plot(payload: dict, png_path: Path) -> Path | None:
     """Bars of time per sample (reft's sampling share hatched) and peak memory, one row per model."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _util.pyplot()
+    if plt is None:
         return None
     models = list(dict.fromkeys(r["model"] for r in payload["results"]))
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
@@ -878,18 +852,12 @@ def plot(payload: dict, png_path: Path) -> Path | None:
             ax.tick_params(axis="x", labelsize=8, rotation=15)
             ax.grid(axis="y", alpha=0.3)
     setting = " in the NLFT paper's setting (NLFT with LoRA r=16, ReFT full FT)" if payload.get("setting") else ""
-    fig.suptitle(f"One training step per method{setting}: {payload['device']} ({payload['date'][:10]})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    title = f"One training step per method{setting}: {payload['device']} ({payload['date'][:10]})"
+    return _util.save_figure(fig, png_path, title, dpi=110)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help=f"CPU-sized run: {PRESETS['quick']}")
-    size.add_argument("--tiny", action="store_true", help=f"smoke test: {PRESETS['tiny']}")
+    p = _util.benchmark_parser("benchmarks.bench_train_step", __doc__, PRESETS)
     p.add_argument(
         "--setting",
         choices=sorted(SETTINGS),
@@ -907,13 +875,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="calls before the timed ones, the first (cold) one included")
     p.add_argument("--reps", type=int, help="timed calls")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument(
         "--data", type=Path, default=None, help="GSM8K JSONL (default: the train split embedded in the package)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train_step_<device>_<date>.json)")
-    p.add_argument("--no-plot", action="store_true")
+    _util.add_run_args(p, "train_step_<device>_<date>.json")
     p.add_argument("--in-process", action="store_true", help="measure in this process (tests; less isolated)")
     p.add_argument(
         "--tokenizer",
@@ -931,7 +896,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(nlft_kernels.judge.load_judge), e.g. an LLM judge",
     )
     p.add_argument("--reft-max-length", type=int, help="ReFT's sampling cap, prompt included (its own: 700)")
-    p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
         return args
@@ -962,21 +926,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def write(args: argparse.Namespace, payload: dict) -> Path:
+    prefix = "train_step_paper" if args.setting == "paper" else "train_step"
+    out = _util.result_path(args.out, prefix, torch.device(payload["device_type"]))
+    png = None if args.no_plot else partial(plot, payload)
+    return _util.write_run(out, payload, markdown_table(payload), png, rows="results")
+
+
 def main(argv: list[str] | None = None) -> Path | None:
     """Run the benchmark; returns the JSON path (None in a probe subprocess)."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.probe:
-        print(json.dumps(measure(json.loads(args.probe))))
-        return None
-    payload = run(args, argv)
-    slug = _util.device_slug(torch.device(payload["device_type"]))
-    prefix = "train_step_paper" if args.setting == "paper" else "train_step"
-    out = args.out or _util.RESULTS_DIR / f"{prefix}_{slug}_{_util.today()}.json"
-    measured = any(r["status"] == "ok" for r in payload["results"])  # a budget of 0 measures nothing
-    png = partial(plot, payload) if measured and not args.no_plot else None
-    table = markdown_table(payload)
-    return _util.write_outputs(out, payload, table, png)
+    return _util.script_main(argv, parse_args, lambda spec: print(json.dumps(measure(json.loads(spec)))), run, write)
 
 
 if __name__ == "__main__":

@@ -696,6 +696,9 @@ STEP_FUNCTIONS: dict[str, Callable[[Context, float, StepResult], None]] = {
 # Outputs
 
 
+# _now, _write and the result names here repeat benchmarks/_util.py's now_iso, write_outputs and
+# result_path on purpose: this module imports no torch at its top (its install step puts the
+# device's torch in place first, and --plan runs anywhere), and the harness imports torch.
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 

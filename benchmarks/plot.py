@@ -9,15 +9,13 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks import _util
+
 
 def plot_results(json_path: Path, png_path: Path | None = None) -> Path | None:
     """Write the PNG (default: the JSON's path with .png); None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; no display on benchmark machines
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _util.pyplot()
+    if plt is None:
         return None
     payload = json.loads(Path(json_path).read_text())
     rows = payload["cases"]
@@ -45,12 +43,9 @@ def plot_results(json_path: Path, png_path: Path | None = None) -> Path | None:
             ax.set_title(f"{dtype}", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"NLFT loss, forward+backward: {payload['device']} ({payload['date'][:10]})", fontsize=11)
-    fig.tight_layout()
     png_path = Path(png_path) if png_path else Path(json_path).with_suffix(".png")
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    title = f"NLFT loss, forward+backward: {payload['device']} ({payload['date'][:10]})"
+    return _util.save_figure(fig, png_path, title)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,21 +19,10 @@ import os
 import pytest
 import torch
 
-from benchmarks.bench_loss import (
-    CASES,
-    DTYPES,
-    FULL_GRID,
-    LIGER,
-    QUICK_GRID,
-    TINY_GRID,
-    Shape,
-    build_case,
-    liger_unavailable,
-    make_batch,
-)
+from benchmarks import _util
+from benchmarks.bench_loss import CASES, GRIDS, LIGER, Shape, build_case, liger_unavailable, make_batch
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-GRIDS = {"tiny": TINY_GRID, "quick": QUICK_GRID, "full": FULL_GRID}
+DEVICE = _util.pick_device(None)
 GRID_NAME = os.environ.get("NLFT_BENCH_GRID", "full" if DEVICE.type == "cuda" else "quick")
 if GRID_NAME not in GRIDS:
     raise ValueError(f"NLFT_BENCH_GRID must be one of {sorted(GRIDS)}, got {GRID_NAME!r}")
@@ -67,8 +56,7 @@ def test_loss(benchmark, shape: Shape, case: str) -> None:
         step()
         _sync()
 
-    elem = torch.empty((), dtype=DTYPES[shape.dtype]).element_size()
     benchmark.extra_info.update(
-        n=shape.n, vocab=shape.vocab, dtype=shape.dtype, logits_bytes=shape.n * shape.vocab * elem
+        n=shape.n, vocab=shape.vocab, dtype=shape.dtype, logits_bytes=shape.n * shape.vocab * shape.elem
     )
     benchmark.pedantic(run, setup=reset, rounds=20 if DEVICE.type == "cuda" else 3, warmup_rounds=1)

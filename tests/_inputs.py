@@ -1,4 +1,10 @@
-"""Random NLFT inputs built so that every branch of the rule really occurs."""
+"""Random NLFT inputs built so that every branch of the rule really occurs.
+
+The layout of samples (their kinds, the share of lifted rows of correct ones, the padding) is the
+benchmarks' (benchmarks/_util.py, ``nlft_rows``): the tests and the benchmarks exercise the same
+rule. The values differ on purpose: these are [B, T, V] CPU tensors with fixed margins that the
+float64 comparisons rely on; the benchmarks' are built in place on the device at real sizes.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Kinds of sample, cycled over the batch: a correct response with saliency tokens; a wrong one
-# with many saliency tokens (killed by the 6% rule); a wrong one with exactly one saliency
-# token among >= 17 rows (1/17 < 6%, not killed); a wrong one without saliency tokens.
-KINDS = ("correct", "wrong_many", "wrong_one", "wrong_none")
+from benchmarks._util import CORRECT_LIFTED, KINDS, padding_rows
+
+__all__ = ["KINDS", "NLFTInputs", "make_inputs", "seed_of"]
 
 
 def seed_of(*parts) -> int:
@@ -44,13 +49,13 @@ def make_inputs(
     lse = torch.logsumexp(standard, dim=-1)
     for b in range(batch):
         kind = KINDS[b % len(KINDS)]
-        n = steps - (min(b % 3, steps - 1) if pad else 0)
+        n = steps - (padding_rows(b, steps) if pad else 0)
         labels[b, n:] = -100
         rows = torch.arange(n)
         if kind == "correct":
             correct[b] = True
             # Lift the standard view's label so that p_s lands above 0.95 on about a third of rows.
-            lifted = rows[torch.rand(n, generator=g) < 0.35]
+            lifted = rows[torch.rand(n, generator=g) < CORRECT_LIFTED]
             margin = 3.0 + 4 * torch.rand(len(lifted), generator=g)
             boost = lse[b, lifted] - standard[b, lifted, labels[b, lifted]] + margin
             standard[b, lifted, labels[b, lifted]] += boost

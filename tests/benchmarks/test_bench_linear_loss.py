@@ -1,12 +1,17 @@
 """The pure parts of benchmarks/bench_linear_loss.py: label lifts, inputs that exercise the rule, the floor,
-torch's linear_cross_entropy cases at a tiny size, the table."""
+torch's linear_cross_entropy cases at a tiny size, the table; and a tiny run end to end."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import _util
 from benchmarks.bench_linear_loss import (
     TORCH_LCE_CASES,
     Shape,
@@ -112,3 +117,26 @@ def test_markdown_table_states_every_case_against_ours():
     rows = [line for line in markdown_table(payload).splitlines() if line.startswith("| 64 |")]
     cells = {row.split("|")[5].strip(): [c.strip() for c in row.split("|")[-3:-1]] for row in rows}
     assert cells == {"nlft_linear_loss": ["1.00", "1.00"], "torch_lce_chunked_x3": ["4.00", "0.50"]}
+
+
+def test_tiny_run_writes_json_table_and_plot(tmp_path):
+    """The script end to end on the tiny grid: the fused case measured (its CPU memory in a probe
+    subprocess), Liger skipped with its reason, the inputs' counts recorded, the table written."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "linear.json"
+    cases = ["nlft_linear_loss", "liger_flce"]
+    cmd = [sys.executable, "-m", "benchmarks.bench_linear_loss", "--tiny", "--reps", "1", "--out", str(out)]
+    root = _util.REPO_ROOT
+    env = os.environ | {"PYTHONPATH": str(root)}
+    done = subprocess.run([*cmd, "--cases", *cases], cwd=root, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "bench_linear_loss" and payload["device_type"] in ("cpu", "cuda")
+    ours, liger = payload["cases"]
+    assert ours["case"] == "nlft_linear_loss" and ours["status"] == "ok", ours
+    assert ours["median_ms"] > 0 and ours["peak_extra_bytes"] >= 0 and ours["x_floor"] > 0
+    assert ours["exercised"]["saliency"] > 0 and ours["exercised"]["killed"] > 0
+    assert liger["status"] == "skipped" and liger["note"]
+    table = out.with_suffix(".md").read_text()
+    assert table == markdown_table(payload) + "\n" and table in done.stdout
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -20,18 +20,16 @@ from tests.tolerances import assert_loss_close
 SHAPE = Shape(n=256, vocab=300, dtype="float32", rows_per_sample=32)
 
 
+def reference(batch, views: torch.Tensor, **kwargs):
+    """The reference loss of ``views`` [3, N, V] as [B, T, V] samples of SHAPE."""
+    b, t = SHAPE.batch, SHAPE.rows_per_sample
+    base, standard, judge = (v.view(b, t, -1) for v in views)
+    return nlft_loss_reference(base, batch.labels.view(b, t), batch.correct, standard, judge, **kwargs)
+
+
 def test_inputs_exercise_every_branch():
     batch = make_batch(SHAPE, torch.device("cpu"))
-    b, t = SHAPE.batch, SHAPE.rows_per_sample
-    views = batch.views.double()
-    _, details = nlft_loss_reference(
-        views[0].view(b, t, -1),
-        batch.labels.view(b, t),
-        batch.correct,
-        views[1].view(b, t, -1),
-        views[2].view(b, t, -1),
-        return_details=True,
-    )
+    _, details = reference(batch, batch.views.double(), return_details=True)
     correct = batch.correct
     assert correct.any() and not correct.all()
     assert details["saliency"][correct].any(), "no saliency token in a correct sample"
@@ -44,15 +42,8 @@ def test_inputs_exercise_every_branch():
 def test_cases_compute_the_loss(case, monkeypatch):
     """Every NLFT case computes the reference loss (its gradient lands on the base view)."""
     batch = make_batch(SHAPE, torch.device("cpu"))
-    b, t = SHAPE.batch, SHAPE.rows_per_sample
     views = batch.views
-    expected = nlft_loss_reference(
-        views[0].view(b, t, -1),
-        batch.labels.view(b, t),
-        batch.correct,
-        views[1].view(b, t, -1),
-        views[2].view(b, t, -1),
-    )
+    expected = reference(batch, views)
     seen = []
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: seen.append(self.detach()))
     step, reset = build_case(case, batch, SHAPE)
