@@ -250,16 +250,9 @@ def prepare_nlft_inputs(
         judge_t, judge_mode = teacher_view(judge, "judge", logits, acc, validate)
     flat_labels = labels.reshape(-1).contiguous()
     valid = flat_labels != config.ignore_index
-    views = Views(
-        base=base,
-        standard=standard_t,
-        standard_mode=standard_mode,
-        judge=judge_t,
-        judge_mode=judge_mode,
-        labels=flat_labels,
-        wrong=wrong_rows & valid if judge is not None else torch.zeros_like(valid),
-        scale=row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc),
-    )
+    wrong = wrong_rows & valid if judge is not None else torch.zeros_like(valid)
+    scale = row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc)
+    views = Views(base, standard_t, standard_mode, judge_t, judge_mode, flat_labels, wrong, scale)
     return NLFTInputs(views, sample_ids, correct, labels.shape)
 
 
