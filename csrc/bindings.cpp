@@ -2,8 +2,8 @@
 //
 // first_stage() checks and unpacks the tensors of one call into a RowPass and runs the CPU
 // kernel (csrc/cpu) or, in a build with NLFT_WITH_CUDA, the CUDA kernel (csrc/cuda) on the
-// tensors' device. The Python side (nlft_kernels/ops/nlft_loss.py, _first_stage_ext) passes
-// the fields of its Views and the NLFTConfig constants.
+// tensors' device. The Python side (nlft_kernels/ops/extension_ops.py, a torch.library op with
+// a fake implementation) passes the fields of its Views and RuleConstants' fields by keyword.
 #include <torch/extension.h>
 
 #include <cmath>

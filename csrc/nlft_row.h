@@ -2,7 +2,7 @@
 //
 // Plain C++ with raw pointers so that the CUDA translation unit needs no torch headers (the
 // CPU torch wheel ships none for CUDA). Semantics are those of the Triton `_nlft_fwd_kernel`
-// in nlft_kernels/ops/nlft_loss.py: per row, log-softmax statistics of up to three views,
+// in nlft_kernels/ops/kernels.py: per row, log-softmax statistics of up to three views,
 // the saliency test, the token coefficient and, optionally, the provisional base gradient.
 #pragma once
 
@@ -10,7 +10,8 @@
 
 namespace nlft {
 
-// How a teacher view reaches the kernel (same values as VIEW_* in nlft_loss.py).
+// How a teacher view reaches the kernel (the values of ViewMode in nlft_kernels/ops/contracts.py;
+// tests/csrc/test_contracts.py checks them).
 enum ViewMode : int { kViewNone = 0, kViewLogits = 1, kViewLogprobs = 2 };
 
 // Element types of logits and gradient rows.
@@ -33,7 +34,8 @@ struct RowView {
   ViewMode mode = kViewNone;
 };
 
-// The NLFT constants the row pass needs, already in the form the kernel compares against.
+// The NLFT constants the row pass needs, already in the form the kernel compares against: the
+// fields of RuleConstants (nlft_kernels/ops/contracts.py), passed to the bindings by name.
 struct RowConfig {
   double tau;                 // correct_threshold
   double saliency_power;

@@ -1,6 +1,7 @@
 // The per-row NLFT rule, shared by the CPU and CUDA kernels: from the three label log-probs
 // of one row, decide saliency and the coefficient of (softmax - onehot) in the base gradient.
-// Mirrors `_nlft_fwd_kernel` (and `row_saliency`/`row_terms` in nlft_loss.py) line by line.
+// Mirrors `_nlft_fwd_kernel` (nlft_kernels/ops/kernels.py) and `row_saliency`/`row_terms`
+// (nlft_kernels/ops/row_rule.py) line by line.
 #pragma once
 
 #include <math.h>

@@ -1,14 +1,22 @@
-"""Which implementation runs where, and why.
+"""Which implementation runs where, and why: the one backend registry.
+
+Each backend name maps to its implementations of the three kernel contracts (``Backend``):
+the NLFT row pass, the row scaling of the per-sample fix-up, and the label log-probs
+(forward and backward). Every op reaches them through ``implementation(name)``.
 
 - ``triton``: the fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
-- ``cuda``: the compiled CUDA row pass of ``nlft_kernels._C`` (CUDA tensors, CUDA builds).
-- ``cpp``: the compiled C++ row pass of ``nlft_kernels._C`` (CPU tensors).
+- ``cuda``: the compiled CUDA row pass of ``nlft_kernels._C`` (CUDA tensors, CUDA builds); the
+  extension has no CUDA row-scaling or log-prob kernel, so those run in chunked torch.
+- ``cpp``: the compiled C++ row pass, row scaling and log-prob forward of ``nlft_kernels._C``
+  (CPU tensors); the log-prob backward runs in chunked torch.
 - ``torch``: the chunked PyTorch path (any device).
 
-``backend="auto"`` takes the C++ kernel on the CPU when ``_C`` loads (else ``torch``) and, on
-CUDA tensors, the entry of ``GPU_CHOICE`` for the shape (else ``GPU_DEFAULT``). A compiled
-extension that is missing, stale or built against another torch never breaks
-``import nlft_kernels``: ``backends()`` says what happened and ``auto`` falls back.
+``resolve_backend`` turns a requested name into one that can run on the tensors' device, or
+raises with the reason (``unavailable``); nothing falls back silently. ``backend="auto"``
+takes the C++ kernel on the CPU when ``_C`` loads (else ``torch``) and, on CUDA tensors, the
+entry of ``GPU_CHOICE`` for the shape (else ``GPU_DEFAULT``). A compiled extension that is
+missing, stale or built against another torch never breaks ``import nlft_kernels``:
+``backends()`` says what happened and ``auto`` picks another backend.
 """
 
 from __future__ import annotations
@@ -21,10 +29,14 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from nlft_kernels.ops import extension_ops, kernels, torch_rows
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 
@@ -168,14 +180,34 @@ def gpu_choice(rows: int | None, vocab: int | None) -> str:
     return GPU_DEFAULT
 
 
+def unavailable(backend: str, device: torch.device) -> str | None:
+    """Why the named ``backend`` cannot run on ``device`` (a phrase after ``backend='...'``), or None."""
+    if backend == "triton" and device.type != "cuda" and not triton_interpreted():
+        return (
+            f"needs CUDA tensors (got {device.type}); on the CPU set TRITON_INTERPRET=1 "
+            "before importing triton, or use backend='torch'"
+        )
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"needs CPU tensors, got {device.type}"
+        if (why := _cpp_unavailable()) is not None:
+            return f"is unavailable: {why}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"needs CUDA tensors, got {device.type}"
+        if (why := _cuda_unavailable()) is not None:
+            return f"is unavailable: {why}"
+    return None
+
+
 def resolve_backend(backend: str, device: torch.device, rows: int | None = None, vocab: int | None = None) -> str:
     """The implementation that computes on ``device``: ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"``.
 
     ``auto``: on CUDA tensors ``gpu_choice(rows, vocab)`` (Triton until the CUDA kernel is
     measured faster for a shape); on the CPU the C++ kernel when ``nlft_kernels._C`` loads, else
     the chunked torch path. A named backend that cannot run on ``device`` raises ValueError
-    with the reason. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set before triton
-    is imported).
+    with the reason (``unavailable``). ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``
+    (set before triton is imported).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -183,22 +215,61 @@ def resolve_backend(backend: str, device: torch.device, rows: int | None = None,
         if device.type == "cuda":
             return gpu_choice(rows, vocab)
         return "cpp" if device.type == "cpu" and _cpp_unavailable() is None else "torch"
-    if backend == "triton" and device.type != "cuda" and not triton_interpreted():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU set TRITON_INTERPRET=1 "
-            "before importing triton, or use backend='torch'"
-        )
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpp' needs CPU tensors, got {device.type}")
-        if (why := _cpp_unavailable()) is not None:
-            raise ValueError(f"backend='cpp' is unavailable: {why}")
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device.type}")
-        if (why := _cuda_unavailable()) is not None:
-            raise ValueError(f"backend='cuda' is unavailable: {why}")
+    if (why := unavailable(backend, device)) is not None:
+        raise ValueError(f"backend={backend!r} {why}")
     return backend
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The implementations of one backend, with the signatures of ``nlft_kernels.ops.kernels``:
+
+    row_pass(views, cfg, compute_grad) -> (stats [3, N], saliency [N] bool, gradient or None);
+    scale_rows(grad, factor, rows): grad[r] *= factor[r] in place;
+    label_logprobs(x [B, T, V], labels [N], ignore_index) -> (log p(label) [N], lse [N]);
+    label_logprobs_backward(x, labels, lse, g, ignore_index) -> gradient of x.
+    """
+
+    name: str
+    row_pass: Callable
+    scale_rows: Callable
+    label_logprobs: Callable
+    label_logprobs_backward: Callable
+
+
+REGISTRY: dict[str, Backend] = {
+    "triton": Backend(
+        "triton", kernels.row_pass, kernels.scale_rows, kernels.label_logprobs, kernels.label_logprobs_backward
+    ),
+    "cuda": Backend(
+        "cuda",
+        extension_ops.row_pass,
+        torch_rows.scale_rows,
+        torch_rows.label_logprobs,
+        torch_rows.label_logprobs_backward,
+    ),
+    "cpp": Backend(
+        "cpp",
+        extension_ops.row_pass,
+        extension_ops.scale_rows,
+        extension_ops.label_logprobs,
+        torch_rows.label_logprobs_backward,
+    ),
+    "torch": Backend(
+        "torch",
+        torch_rows.row_pass,
+        torch_rows.scale_rows,
+        torch_rows.label_logprobs,
+        torch_rows.label_logprobs_backward,
+    ),
+}
+
+
+def implementation(backend: str) -> Backend:
+    """The implementations of a resolved backend (``resolve_backend``'s result, not ``"auto"``)."""
+    if backend not in REGISTRY:
+        raise ValueError(f"backend must be one of {tuple(REGISTRY)} once resolved, got {backend!r}")
+    return REGISTRY[backend]
 
 
 def backends() -> dict[str, str]:

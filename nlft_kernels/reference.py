@@ -24,7 +24,11 @@ def label_logprobs(view: torch.Tensor, labels: torch.Tensor, ignore_index: int, 
 
 
 def saliency_clusters_reference(
-    hidden_states: torch.Tensor, saliency: torch.Tensor, valid: torch.Tensor, config: NLFTConfig
+    hidden_states: torch.Tensor,
+    saliency: torch.Tensor,
+    valid: torch.Tensor,
+    config: NLFTConfig,
+    carry_centre: bool = True,
 ) -> torch.Tensor:
     """Cluster neighbours [B, T] bool of the saliency tokens, walking the base view's states.
 
@@ -33,6 +37,9 @@ def saliency_clusters_reference(
     state, becomes ``(centre + h) / 2`` after each accepted neighbour and is carried from the
     left walk into the right walk (not reset). A walk stops at the first rejected neighbour or
     at the edge of the sample's response. Saliency tokens themselves are never cluster tokens.
+
+    ``carry_centre=False`` restarts the centre at the saliency token's state for the right walk:
+    not the authors' walk, kept so that the tests can show their inputs tell the two apart.
     """
     cluster = torch.zeros_like(saliency)
     if config.cluster_criterion == "off":
@@ -45,6 +52,8 @@ def saliency_clusters_reference(
                 continue
             centre = hidden[b, s]  # one centre for both walks: the right walk starts where the left ended
             for direction in (-1, 1):
+                if not carry_centre:
+                    centre = hidden[b, s]
                 k = s + direction
                 while 0 <= k < steps and valid[b, k]:
                     similarity = F.cosine_similarity(hidden[b, k], centre, dim=0).item()

@@ -167,3 +167,56 @@ def test_installed_extension_found_behind_a_checkout_egg_info(tmp_path, monkeypa
     monkeypatch.syspath_prepend(str(checkout))  # the checkout first, as when pytest runs from it
     found = backends_module._installed_file("_C.")
     assert found == str(site / "nlft_kernels" / f"_C{suffix}")
+
+
+def test_every_op_reaches_its_backend_through_the_registry(monkeypatch):
+    """The row pass, the row scaling and the label log-probs (forward and backward) of every
+    public op are the registry's entries: a recording entry for "torch" sees each call."""
+    from nlft_kernels import linear_token_logprobs, nlft_linear_loss, token_logprobs
+    from nlft_kernels.backends import REGISTRY, Backend
+
+    real, calls = REGISTRY["torch"], []
+
+    def record(name):
+        def call(*args):
+            calls.append(name)
+            return getattr(real, name)(*args)
+
+        return call
+
+    names = ("row_pass", "scale_rows", "label_logprobs", "label_logprobs_backward")
+    monkeypatch.setitem(REGISTRY, "torch", Backend("torch", *(record(n) for n in names)))
+    # Wrong samples whose saliency share passes the 6% rule: the second stage rescales rows.
+    x = make_inputs(2, 12, 30, seed=5)
+    loss, details = nlft_loss(
+        x.base, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="torch", return_details=True
+    )
+    loss.backward()
+    assert details.killed.any(), "the inputs must make the second stage rescale rows"
+    assert calls == ["row_pass", "scale_rows"]
+    lp = token_logprobs(x.base.detach().requires_grad_(), x.labels, backend="torch")
+    lp.sum().backward()
+    hidden, weight = torch.randn(2, 12, 8), torch.randn(30, 8)
+    nlft_linear_loss(hidden, weight, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="torch")
+    linear_token_logprobs(hidden, weight, x.labels, backend="torch")
+    assert {"label_logprobs", "label_logprobs_backward"} <= set(calls)
+    assert calls.count("row_pass") >= 2 and calls.count("label_logprobs") >= 2
+
+
+def test_the_registry_names_every_backend_and_refuses_auto():
+    from nlft_kernels.backends import BACKENDS, REGISTRY, implementation
+
+    assert set(REGISTRY) == set(BACKENDS) - {"auto"}
+    for name, entry in REGISTRY.items():
+        assert entry.name == name
+        assert all(callable(getattr(entry, f)) for f in ("row_pass", "scale_rows", "label_logprobs"))
+    with pytest.raises(ValueError, match="once resolved"):
+        implementation("auto")
+
+
+def test_unavailable_gives_the_reason_resolve_backend_raises(no_extension):
+    assert backends_module.unavailable("torch", CPU) is None
+    why = backends_module.unavailable("cpp", CPU)
+    assert why == f"is unavailable: {no_extension}"
+    with pytest.raises(ValueError, match=f"backend='cpp' {why}".replace("(", r"\(").replace(")", r"\)")):
+        resolve_backend("cpp", CPU)

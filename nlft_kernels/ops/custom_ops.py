@@ -15,7 +15,10 @@ is resolved inside the op, and backward scales the stored gradients out of place
 Functions scale them in place; a compiled graph owns its buffers).
 
 The objective's constants cross the op boundary as plain scalars (``config_args``): a custom
-op takes tensors, numbers, strings and lists of them, not an ``NLFTConfig``.
+op takes tensors, numbers, strings and lists of them, not an ``NLFTConfig``. Inside, each op
+runs the same code as its Function: ``stages.nlft_stages`` and the passes of
+``linear_chunks``, through the backend registry. (The compiled kernels of ``_C`` are ops of
+their own: ``ops/extension_ops.py``.)
 """
 
 from __future__ import annotations
@@ -26,15 +29,22 @@ from dataclasses import fields
 import torch
 from torch import Tensor
 
-from nlft_kernels.backends import resolve_backend
+from nlft_kernels.backends import implementation, resolve_backend
 from nlft_kernels.config import NLFTConfig
+from nlft_kernels.ops.contracts import ViewMode, acc_dtype
+from nlft_kernels.ops.inputs import BOOL_DETAILS, DETAIL_FIELDS, Views, as_3d
 from nlft_kernels.ops.launch import grad_dtype
-from nlft_kernels.ops.token_logprobs import acc_dtype
+from nlft_kernels.ops.linear_chunks import (
+    NLFTLinearLossParams,
+    auto_chunk_rows,
+    linear_forward,
+    linear_label_logprobs,
+    linear_none_backward,
+)
+from nlft_kernels.ops.stages import NLFTLossParams, nlft_stages
 
 _NOT_FLOAT = ("ignore_index", "cluster_criterion")
 _FLOAT_FIELDS = tuple(f.name for f in fields(NLFTConfig) if f.name not in _NOT_FLOAT)
-# Bool details in DETAIL_FIELDS order (the others are in the accumulator dtype).
-_BOOL_DETAILS = ("saliency", "unlikelihood", "cluster", "killed")
 
 
 def config_args(cfg: NLFTConfig) -> tuple[list[float], int, str]:
@@ -55,12 +65,37 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _fake_details(rows, acc: torch.dtype, device) -> list[Tensor]:
-    from nlft_kernels.ops.nlft_loss import DETAIL_FIELDS
+def _or_empty(grads, hidden: Tensor, weight: Tensor) -> list[Tensor]:
+    """(hidden, weight, bias) gradients with an empty placeholder where one is None (a custom op
+    returns no None)."""
+    likes = (hidden, weight, weight)
+    return [_empty(like) if g is None else g for g, like in zip(grads, likes, strict=True)]
 
+
+def _fake_details(rows, acc: torch.dtype, device) -> list[Tensor]:
     return [
-        torch.empty(rows, dtype=torch.bool if name in _BOOL_DETAILS else acc, device=device) for name in DETAIL_FIELDS
+        torch.empty(rows, dtype=torch.bool if name in BOOL_DETAILS else acc, device=device) for name in DETAIL_FIELDS
     ]
+
+
+def _fake_grads(hidden: Tensor, weight: Tensor, want) -> list[Tensor]:
+    """The fake (hidden, weight, bias) gradients: shaped like them where wanted, else empty."""
+    likes = ((hidden, hidden.shape), (weight, weight.shape), (weight, weight.shape[:1]))
+    return [like.new_empty(shape) if w else _empty(like) for (like, shape), w in zip(likes, want, strict=True)]
+
+
+def _require_judge(judge_mode: int, correct: Tensor, sample_ids: Tensor) -> None:
+    """The check the public functions skip while compiling: a judge view for wrong samples."""
+    if judge_mode == ViewMode.NONE and bool((~correct[sample_ids]).any()):
+        raise ValueError("judge is required when any sample is wrong (correct has False entries)")
+
+
+def _scaled(grad: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
+    """``grad`` times the upstream gradient (per row for ``"none"``), out of place, in grad's dtype."""
+    if reduction == "none":
+        rows = grad.reshape(grad_loss.numel(), -1)
+        return (rows * grad_loss.reshape(-1, 1)).to(grad.dtype).reshape(grad.shape)
+    return (grad * grad_loss).to(grad.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,12 +105,9 @@ def _fake_details(rows, acc: torch.dtype, device) -> list[Tensor]:
 @torch.library.custom_op("nlft_kernels::token_logprobs", mutates_args=())
 def token_logprobs_op(logits: Tensor, labels: Tensor, ignore_index: int, backend: str) -> tuple[Tensor, Tensor]:
     """(log p(label) [N], lse [N]) of ``logits`` [B, T, V] or [N, V]; see ``TokenLogprobsFunction``."""
-    from nlft_kernels.ops._common import as_3d
-    from nlft_kernels.ops.token_logprobs import _forward_cpp, _forward_torch, _forward_triton
-
     backend = resolve_backend(backend, logits.device)
-    forward = {"triton": _forward_triton, "cpp": _forward_cpp}.get(backend, _forward_torch)
-    return forward(as_3d(logits, "logits"), labels.reshape(-1).contiguous(), ignore_index)
+    labels = labels.reshape(-1).contiguous()
+    return implementation(backend).label_logprobs(as_3d(logits, "logits"), labels, ignore_index)
 
 
 @token_logprobs_op.register_fake
@@ -89,11 +121,7 @@ def token_logprobs_backward_op(
     logits: Tensor, labels: Tensor, lse: Tensor, grad_lp: Tensor, ignore_index: int, backend: str
 ) -> Tensor:
     """The gradient of ``logits`` for the upstream ``grad_lp`` [N]."""
-    from nlft_kernels.ops._common import as_3d
-    from nlft_kernels.ops.token_logprobs import _backward_torch, _backward_triton
-
-    backend = resolve_backend(backend, logits.device)
-    backward = _backward_triton if backend == "triton" else _backward_torch
+    backward = implementation(resolve_backend(backend, logits.device)).label_logprobs_backward
     grad = backward(as_3d(logits, "logits"), labels.reshape(-1).contiguous(), lse, grad_lp.reshape(-1), ignore_index)
     return grad.reshape(logits.shape)
 
@@ -119,7 +147,7 @@ token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_tok
 
 
 def token_logprobs_apply(logits: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tensor:
-    """``TokenLogprobsFunction.apply`` through the custom op."""
+    """``token_logprobs`` through the custom op: log-probs shaped like ``labels``."""
     lp, _ = token_logprobs_op(logits, labels, ignore_index, backend)
     return lp.view(labels.shape)
 
@@ -150,25 +178,12 @@ def nlft_loss_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, gradient of ``base`` [B, T, V] or an empty tensor, the 9 details [N]): the forward of
     ``NLFTLossFunction`` on ``base`` [B, T, V] (``as_3d``) and the teacher views as in ``Views``."""
-    from nlft_kernels.ops.nlft_loss import (
-        DETAIL_FIELDS,
-        VIEW_NONE,
-        Views,
-        first_stage,
-        rescale_rows,
-        second_stage,
-    )
-
     cfg = _config(tuple(floats), ignore_index, criterion)
-    if judge_mode == VIEW_NONE and bool((~correct[sample_ids]).any()):
-        raise ValueError("judge is required when any sample is wrong (correct has False entries)")
+    _require_judge(judge_mode, correct, sample_ids)
     backend = resolve_backend(backend, base.device, labels.numel(), base.shape[-1])
     views = Views(base, standard, standard_mode, judge, judge_mode, labels, wrong, scale)
-    stats, saliency, grad = first_stage(views, cfg, backend, compute_grad)
-    flat_hidden = None if hidden is None else hidden.reshape(saliency.numel(), -1)
-    stage = second_stage(stats, saliency, views, sample_ids, correct, flat_hidden, cfg, reduction, False)
-    if grad is not None and stage.rows.numel():
-        rescale_rows(grad, stage.factor, stage.rows, backend)
+    params = NLFTLossParams(views, sample_ids, correct, hidden, cfg, reduction, backend, False, compute_grad)
+    stage, grad = nlft_stages(params, compute_grad)
     # Outputs of a custom op may not alias each other (the log-probs are rows of one tensor).
     details = [stage.per_row[name].clone() for name in DETAIL_FIELDS]
     return (stage.loss.clone(), _empty(base) if grad is None else grad, *details)
@@ -188,14 +203,6 @@ def _nlft_loss_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
-def _scaled(grad: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
-    """``grad`` times the upstream gradient (per row for ``"none"``), out of place, in grad's dtype."""
-    if reduction == "none":
-        rows = grad.reshape(grad_loss.numel(), -1)
-        return (rows * grad_loss.reshape(-1, 1)).to(grad.dtype).reshape(grad.shape)
-    return (grad * grad_loss).to(grad.dtype)
-
-
 def _nlft_loss_backward(ctx, grad_loss, *_grad_rest):
     (grad,) = ctx.saved_tensors
     base_grad = _scaled(grad, grad_loss, ctx.reduction) if ctx.compute_grad else None
@@ -205,51 +212,21 @@ def _nlft_loss_backward(ctx, grad_loss, *_grad_rest):
 nlft_loss_op.register_autograd(_nlft_loss_backward, setup_context=_nlft_loss_setup)
 
 
-def nlft_loss_apply(
-    base_logits, views, sample_ids, correct, hidden_states, config, reduction, backend, validate, grad_on
-):
-    """``NLFTLossFunction.apply`` (same arguments) through the custom op; ``validate`` is off."""
-    floats, ignore_index, criterion = config_args(config)
-    compute_grad = grad_on and base_logits.requires_grad
+def nlft_loss_apply(base_logits: Tensor, p) -> tuple[Tensor, ...]:
+    """``NLFTLossFunction.apply(base_logits, p)`` (``p``: its ``NLFTLossParams``) through the
+    custom op; ``validate`` is off."""
+    floats, ignore_index, criterion = config_args(p.cfg)
+    v = p.views
     loss, _grad, *details = nlft_loss_op(
-        views.base,
-        views.standard,
-        views.standard_mode,
-        views.judge,
-        views.judge_mode,
-        views.labels,
-        views.wrong,
-        views.scale,
-        sample_ids,
-        correct,
-        None if hidden_states is None else hidden_states.detach(),
-        floats,
-        ignore_index,
-        criterion,
-        reduction,
-        backend,
-        compute_grad,
-    )
+        v.base, v.standard, int(v.standard_mode), v.judge, int(v.judge_mode), v.labels, v.wrong, v.scale,
+        p.sample_ids, p.correct, None if p.hidden_states is None else p.hidden_states.detach(), floats,
+        ignore_index, criterion, p.reduction, p.backend, p.grad_on and base_logits.requires_grad,
+    )  # fmt: skip
     return (loss, *details)
 
 
 # ---------------------------------------------------------------------------------------------
 # nlft_linear_loss and linear_token_logprobs
-
-
-def _linear_views(standard, standard_mode, judge, judge_mode, labels, wrong, scale):
-    from nlft_kernels.ops.nlft_loss import Views
-
-    return Views(None, standard, standard_mode, judge, judge_mode, labels, wrong, scale)
-
-
-def _auto_rows(rows: int, hidden: Tensor, weight: Tensor) -> int:
-    """``rows`` per chunk, or the automatic choice of ``nlft_linear_loss`` when it is 0."""
-    from nlft_kernels.ops.nlft_linear_loss import _acc_size, chunk_rows_for
-
-    return rows or chunk_rows_for(
-        hidden.shape[0], weight.shape[0], _acc_size(weight), hidden.device, dim=weight.shape[1]
-    )
 
 
 @torch.library.custom_op("nlft_kernels::nlft_linear_loss", mutates_args=())
@@ -280,39 +257,15 @@ def nlft_linear_loss_op(
     """(loss, gradients of hidden [N, D], weight [V, D], bias [V] (empty where not in ``want`` or
     with ``"none"``), the factor [N] of each row's provisional gradient, the 9 details [N]): the
     forward of ``NLFTLinearLossFunction`` on flat ``hidden`` [N, D]; ``rows`` 0 picks the chunk."""
-    from nlft_kernels.ops.nlft_linear_loss import _forward_pass, _Grads, _Head
-    from nlft_kernels.ops.nlft_loss import DETAIL_FIELDS, VIEW_NONE
-
     cfg = _config(tuple(floats), ignore_index, criterion)
-    if judge_mode == VIEW_NONE and bool((~correct[sample_ids]).any()):
-        raise ValueError("judge is required when any sample is wrong (correct has False entries)")
+    _require_judge(judge_mode, correct, sample_ids)
     backend = resolve_backend(backend, hidden.device)
-    views = _linear_views(standard, standard_mode, judge, judge_mode, labels, wrong, scale)
-    grads = _Grads(hidden, weight, bias, tuple(want)) if any(want) and reduction != "none" else None
-    with torch.autocast(hidden.device.type, enabled=False):
-        result = _forward_pass(
-            hidden,
-            _Head.of(weight, bias),
-            views,
-            sample_ids,
-            correct,
-            cfg,
-            reduction,
-            backend,
-            False,
-            _auto_rows(rows, hidden, weight),
-            clusters,
-            grads,
-        )
-    out_grads = [_empty(hidden) for _ in range(3)]
-    if grads is not None:
-        out_grads = [
-            _empty(hidden) if grads.hidden is None else grads.hidden,
-            _empty(weight) if grads.weight is None else grads.weight.to(weight.dtype),
-            _empty(weight) if grads.bias is None else grads.bias.to(bias.dtype),
-        ]
+    views = Views(None, standard, standard_mode, judge, judge_mode, labels, wrong, scale)
+    rows = rows or auto_chunk_rows(hidden.shape[0], weight)
+    params = NLFTLinearLossParams(views, sample_ids, correct, cfg, reduction, backend, False, rows, clusters, True)
+    result, grads = linear_forward(hidden, weight, bias, params, tuple(want))
     details = [result.per_row[name] for name in DETAIL_FIELDS]
-    return (result.loss, *out_grads, result.factor, *details)
+    return (result.loss, *_or_empty(grads, hidden, weight), result.factor, *details)
 
 
 @nlft_linear_loss_op.register_fake
@@ -320,12 +273,7 @@ def _(hidden, weight, bias, standard, standard_mode, judge, judge_mode, labels, 
       floats, ignore_index, criterion, reduction, backend, rows, clusters, want):  # fmt: skip
     acc, n = acc_dtype(hidden.dtype), labels.numel()
     loss = hidden.new_empty(n if reduction == "none" else (), dtype=acc)
-    scalar = reduction != "none"
-    grads = [
-        hidden.new_empty(hidden.shape) if scalar and want[0] else _empty(hidden),
-        weight.new_empty(weight.shape) if scalar and want[1] else _empty(weight),
-        weight.new_empty(weight.shape[0]) if scalar and want[2] else _empty(weight),
-    ]
+    grads = _fake_grads(hidden, weight, want if reduction != "none" else (False,) * 3)
     return (loss, *grads, hidden.new_empty(n, dtype=acc), *_fake_details(n, acc, hidden.device))
 
 
@@ -352,31 +300,20 @@ def nlft_linear_loss_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients (hidden, weight, bias; empty where not in ``want``) of ``reduction="none"``
     for the per-row upstream ``grad_loss`` [N]: a second chunked pass, as the eager backward."""
-    from nlft_kernels.ops.nlft_linear_loss import _backward_pass, _Grads, _Head
-
     cfg = _config(tuple(floats), ignore_index, criterion)
     backend = resolve_backend(backend, hidden.device)
-    views = _linear_views(standard, standard_mode, judge, judge_mode, labels, wrong, scale)
-    grads = _Grads(hidden, weight, bias, tuple(want))
-    row_factor = factor * grad_loss.reshape(-1).to(factor.dtype)
-    with torch.autocast(hidden.device.type, enabled=False):
-        head = _Head.of(weight, bias)
-        _backward_pass(hidden, head, views, cfg, backend, _auto_rows(rows, hidden, weight), grads, row_factor)
-    return (
-        _empty(hidden) if grads.hidden is None else grads.hidden,
-        _empty(weight) if grads.weight is None else grads.weight.to(weight.dtype),
-        _empty(weight) if grads.bias is None else grads.bias.to(bias.dtype),
-    )
+    views = Views(None, standard, standard_mode, judge, judge_mode, labels, wrong, scale)
+    grads = linear_none_backward(
+        hidden, weight, bias, views, cfg, backend, rows or auto_chunk_rows(hidden.shape[0], weight), tuple(want),
+        factor, grad_loss,
+    )  # fmt: skip
+    return tuple(_or_empty(grads, hidden, weight))
 
 
 @nlft_linear_loss_backward_op.register_fake
 def _(hidden, weight, bias, standard, standard_mode, judge, judge_mode, labels, wrong, scale, factor, grad_loss,
       floats, ignore_index, criterion, backend, rows, want):  # fmt: skip
-    return (
-        hidden.new_empty(hidden.shape) if want[0] else _empty(hidden),
-        weight.new_empty(weight.shape) if want[1] else _empty(weight),
-        weight.new_empty(weight.shape[0]) if want[2] else _empty(weight),
-    )
+    return tuple(_fake_grads(hidden, weight, want))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -402,64 +339,27 @@ def _linear_backward(ctx, grad_loss, *_grad_rest):
     hidden, weight, bias, standard, judge, labels, wrong, scale, factor = ctx.saved_tensors
     standard_mode, judge_mode, floats, ignore_index, criterion, backend, rows = ctx.args
     grads = nlft_linear_loss_backward_op(
-        hidden,
-        weight,
-        bias if ctx.has_bias else None,
-        standard,
-        standard_mode,
-        judge if ctx.has_judge else None,
-        judge_mode,
-        labels,
-        wrong,
-        scale,
-        factor,
-        grad_loss,
-        floats,
-        ignore_index,
-        criterion,
-        backend,
-        rows,
+        hidden, weight, bias if ctx.has_bias else None, standard, standard_mode, judge if ctx.has_judge else None,
+        judge_mode, labels, wrong, scale, factor, grad_loss, floats, ignore_index, criterion, backend, rows,
         list(ctx.want),
-    )
+    )  # fmt: skip
     return (*[g if want else None for g, want in zip(grads, ctx.want, strict=True)], *none)
 
 
 nlft_linear_loss_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def nlft_linear_loss_apply(
-    hidden, weight, bias, views, sample_ids, correct, cfg, reduction, backend, validate, rows, clusters, train
-):
-    """``NLFTLinearLossFunction.apply`` (same arguments; ``rows`` 0 for automatic) through the
-    custom op; ``validate`` is off."""
-    floats, ignore_index, criterion = config_args(cfg)
-    want = [
-        train and hidden.requires_grad,
-        train and weight.requires_grad,
-        train and bias is not None and bias.requires_grad,
-    ]
+def nlft_linear_loss_apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, p) -> tuple[Tensor, ...]:
+    """``NLFTLinearLossFunction.apply(hidden, weight, bias, p)`` (``p``: its
+    ``NLFTLinearLossParams``; ``rows`` 0 for automatic) through the custom op; ``validate`` is off."""
+    floats, ignore_index, criterion = config_args(p.cfg)
+    want = [p.train and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    v = p.views
     loss, _gh, _gw, _gb, _factor, *details = nlft_linear_loss_op(
-        hidden,
-        weight,
-        bias,
-        views.standard,
-        views.standard_mode,
-        views.judge,
-        views.judge_mode,
-        views.labels,
-        views.wrong,
-        views.scale,
-        sample_ids,
-        correct,
-        floats,
-        ignore_index,
-        criterion,
-        reduction,
-        backend,
-        rows,
-        clusters,
-        want,
-    )
+        hidden, weight, bias, v.standard, int(v.standard_mode), v.judge, int(v.judge_mode), v.labels, v.wrong,
+        v.scale, p.sample_ids, p.correct, floats, ignore_index, criterion, p.reduction, p.backend, p.rows,
+        p.clusters, want,
+    )  # fmt: skip
     return (loss, *details)
 
 
@@ -469,21 +369,9 @@ def linear_token_logprobs_op(
 ) -> Tensor:
     """[N] label log-probs of flat ``hidden`` [N, D] under the head (no gradient), chunked by ``rows``
     (0: automatic); the loop of ``linear_token_logprobs``."""
-    from nlft_kernels.ops.nlft_linear_loss import _Head
-    from nlft_kernels.ops.token_logprobs import token_logprobs
-
     backend = resolve_backend(backend, hidden.device)
-    n = labels.numel()
-    rows = _auto_rows(rows, hidden, weight)
-    out = torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        head = _Head.of(weight, bias)
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            out[start:stop] = token_logprobs(
-                head.logits(hidden[start:stop]), labels[start:stop], ignore_index, backend, validate=False
-            )
-    return out
+    rows = rows or auto_chunk_rows(labels.numel(), weight)
+    return linear_label_logprobs(hidden, weight, bias, labels, ignore_index, rows, backend)
 
 
 @linear_token_logprobs_op.register_fake

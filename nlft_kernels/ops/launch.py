@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nlft_kernels.ops.contracts import acc_dtype
+
 # Kernel families: the NLFT row pass (`_nlft_fwd_kernel`, 1-3 streams), the label log-probs
 # forward and backward (`_token_logprobs_kernel` / `_bwd_kernel`, 1 stream) and the row scaling
 # of the per-sample fix-up (`_scale_rows_kernel`, 1 stream).
@@ -101,6 +103,14 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
     has float32's range).
     """
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def row_pass_buffers(base: torch.Tensor, rows: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The row pass's outputs but saliency, as every backend allocates them: stats [3, N] in ACC
+    and, with ``compute_grad``, the gradient shaped like ``base`` in ``grad_dtype``."""
+    stats = torch.empty(3, rows, dtype=acc_dtype(base.dtype), device=base.device)
+    grad = torch.empty(base.shape, dtype=grad_dtype(base.dtype), device=base.device) if compute_grad else None
+    return stats, grad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,12 +22,16 @@ chunked: per rank, a [N, V / P] logits shard and its gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from nlft_kernels.config import NLFTConfig
-from nlft_kernels.ops.nlft_loss import DETAIL_FIELDS, Views, row_saliency, row_terms, second_stage
-from nlft_kernels.ops.token_logprobs import acc_dtype
+from nlft_kernels.ops.contracts import ViewMode, acc_dtype
+from nlft_kernels.ops.inputs import DETAIL_FIELDS, Views, check_logits, nlft_outputs, prepare_nlft_inputs
+from nlft_kernels.ops.row_rule import row_saliency, row_terms
+from nlft_kernels.ops.stages import second_stage
 
 
 def shard_range(vocab_shard: int, group) -> tuple[int, int]:
@@ -103,20 +107,36 @@ def forward_rows(base, views: Views, teachers, sample_ids, correct, hidden, cfg:
     return stage, grad_rows
 
 
+@dataclass
+class VocabParallelParams:
+    """Everything of one call but the base shard: as for ``forward_rows``; ``grad_on``: the
+    caller's grad mode."""
+
+    views: Views
+    teachers: list[torch.Tensor | None]
+    sample_ids: torch.Tensor
+    correct: torch.Tensor
+    hidden: torch.Tensor | None
+    cfg: NLFTConfig
+    reduction: str
+    group: object
+    grad_on: bool
+
+
 class VocabParallelNLFTFunction(torch.autograd.Function):
     """The NLFT loss of vocabulary-sharded base logits; the gradient is computed in forward and
-    scaled in backward. Inputs after ``base`` are as for ``forward_rows``."""
+    scaled in backward."""
 
     @staticmethod
-    def forward(ctx, base, views, teachers, sample_ids, correct, hidden, cfg, reduction, group, grad_on):
+    def forward(ctx, base, p: VocabParallelParams):
         flat = base.reshape(-1, base.shape[-1])
         acc = acc_dtype(base.dtype)
-        teachers = [None if t is None else t.reshape(flat.shape).to(acc) for t in teachers]
-        want = grad_on and ctx.needs_input_grad[0]
+        teachers = [None if t is None else t.reshape(flat.shape).to(acc) for t in p.teachers]
+        want = p.grad_on and ctx.needs_input_grad[0]
         stage, grad = forward_rows(
-            flat.to(acc), views, teachers, sample_ids, correct, hidden, cfg, reduction, group, want
+            flat.to(acc), p.views, teachers, p.sample_ids, p.correct, p.hidden, p.cfg, p.reduction, p.group, want
         )
-        ctx.reduction, ctx.shape, ctx.dtype = reduction, base.shape, base.dtype
+        ctx.reduction, ctx.shape, ctx.dtype = p.reduction, base.shape, base.dtype
         ctx.save_for_backward(grad)
         details = tuple(stage.per_row[name] for name in DETAIL_FIELDS)
         ctx.mark_non_differentiable(*details)
@@ -127,9 +147,9 @@ class VocabParallelNLFTFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return (None,) * 10
+            return None, None
         scale = grad_loss.reshape(-1, 1) if ctx.reduction == "none" else grad_loss
-        return ((grad * scale).to(ctx.dtype).view(ctx.shape),) + (None,) * 9
+        return (grad * scale).to(ctx.dtype).view(ctx.shape), None
 
 
 class _AllReduceGrad(torch.autograd.Function):
@@ -164,52 +184,30 @@ def nlft_loss_vocab_parallel(
 ):  # fmt: skip
     """``nlft_loss`` with ``vocab_parallel_group=group``: every [.., V] argument is this rank's
     shard [.., V / P]; labels and [B, T] teacher log-probs are global."""
-    from nlft_kernels.ops._common import check_labels, check_logits
-    from nlft_kernels.ops.nlft_loss import VIEW_LOGITS, VIEW_NONE, NLFTDetails, _check_samples, _teacher, row_scale
-
-    check_logits(base_logits, "base_logits")
+    check_logits(base_logits, "base_logits")  # before its shape is read
     vocab = global_vocab(base_logits.shape[-1], group)
-    proxy = base_logits.new_empty(()).expand(*base_logits.shape[:-1], vocab)
-    labels = check_labels(labels, proxy, config.ignore_index, validate)
-    flat = base_logits.dim() == 2
-    sample_ids, correct = _check_samples(base_logits, labels, correct, sample_ids, flat, validate)
-    acc = acc_dtype(base_logits.dtype)
-    wrong_rows = ~correct[sample_ids]
-    standard_t, standard_mode = _teacher(standard, "standard", base_logits, acc, validate)
-    if judge is None:
-        if bool(wrong_rows.any()):
-            raise ValueError("judge is required when any sample is wrong (correct has False entries)")
-        judge_t, judge_mode = None, VIEW_NONE
-    else:
-        judge_t, judge_mode = _teacher(judge, "judge", base_logits, acc, validate)
-    flat_labels = labels.reshape(-1).contiguous()
-    valid = flat_labels != config.ignore_index
-
-    def logprobs(view, mode):
-        return None if mode != VIEW_LOGITS else view
-
-    views = Views(
-        base=None,
-        standard=standard_t if standard_mode != VIEW_LOGITS else None,
-        standard_mode=standard_mode,
-        judge=judge_t if judge_mode not in (VIEW_LOGITS,) else None,
-        judge_mode=judge_mode,
-        labels=flat_labels,
-        wrong=wrong_rows & valid if judge is not None else torch.zeros_like(valid),
-        scale=row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc),
+    inputs = prepare_nlft_inputs(
+        base_logits, labels, correct, standard, judge, config, reduction, sample_ids, validate, vocab=vocab
     )
-    teachers = [logprobs(standard_t, standard_mode), logprobs(judge_t, judge_mode)]
+    views = inputs.views
+    # Teachers given as logits are shards: they go to the Function beside the views, which
+    # keep the [N] log-probs only.
+    teachers = [
+        view if mode == ViewMode.LOGITS else None
+        for view, mode in ((views.standard, views.standard_mode), (views.judge, views.judge_mode))
+    ]
+    if teachers[0] is not None:
+        views.standard = None
+    if teachers[1] is not None:
+        views.judge = None
     hidden = None
     if hidden_states is not None and config.cluster_criterion != "off":
-        hidden = hidden_states.detach().reshape(flat_labels.numel(), -1)
-    loss, *details = VocabParallelNLFTFunction.apply(
-        base_logits, views, teachers, sample_ids, correct, hidden, config, reduction, group, torch.is_grad_enabled()
+        hidden = hidden_states.detach().reshape(views.labels.numel(), -1)
+    params = VocabParallelParams(
+        views, teachers, inputs.sample_ids, inputs.correct, hidden, config, reduction, group, torch.is_grad_enabled()
     )
-    if reduction == "none":
-        loss = loss.view(labels.shape)
-    if not return_details:
-        return loss
-    return loss, NLFTDetails(*(d.view(labels.shape) for d in details))
+    loss, *details = VocabParallelNLFTFunction.apply(base_logits, params)
+    return nlft_outputs(loss, details, inputs.shape, reduction, return_details)
 
 
 def linear_token_logprobs_vocab_parallel(hidden, weight, labels, bias, ignore_index: int, group) -> torch.Tensor:

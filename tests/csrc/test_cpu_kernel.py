@@ -135,11 +135,11 @@ def test_token_logprobs_kernel(vocab, dtype):
 
 def test_token_logprobs_is_cpp_on_the_cpu(monkeypatch):
     """backend="auto" on CPU tensors runs the C++ forward when _C is built."""
-    import nlft_kernels.ops.token_logprobs as module
+    import nlft_kernels.ops.extension_ops as module
 
     calls = []
-    real = module._forward_cpp
-    monkeypatch.setattr(module, "_forward_cpp", lambda *a: calls.append(1) or real(*a))
+    real = module.ext_label_logprobs_op
+    monkeypatch.setattr(module, "ext_label_logprobs_op", lambda *a: calls.append(1) or real(*a))
     logits, labels = torch.randn(2, 3, 50), torch.randint(0, 50, (2, 3))
     token_logprobs(logits, labels)
     assert calls == [1]

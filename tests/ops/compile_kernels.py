@@ -43,7 +43,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import nlft_kernels  # noqa: E402
 import nlft_kernels.ops.launch as launch_module  # noqa: E402
-from nlft_kernels.ops.nlft_loss import rescale_rows  # noqa: E402
+from nlft_kernels.ops.stages import rescale_rows  # noqa: E402
 
 # The kernels above were decorated as compiled JIT functions (TRITON_INTERPRET unset at import).
 # The package only lets backend="triton" take CPU tensors when Triton interprets; from here on

@@ -15,8 +15,8 @@ import torch
 
 from nlft_kernels import NLFTConfig, linear_token_logprobs, nlft_linear_loss, nlft_loss, token_logprobs
 from nlft_kernels.ops import custom_ops
+from nlft_kernels.ops.contracts import ViewMode
 from nlft_kernels.ops.custom_ops import config_args
-from nlft_kernels.ops.nlft_loss import VIEW_LOGITS, VIEW_LOGPROBS
 from tests._inputs import make_inputs, seed_of
 
 B, T, V, D = 4, 9, 33, 16
@@ -79,9 +79,9 @@ def test_opcheck_nlft_loss(reduction):
     args = (
         x.base,
         x.standard.detach(),
-        VIEW_LOGITS,
+        ViewMode.LOGITS,
         x.judge.detach(),
-        VIEW_LOGITS,
+        ViewMode.LOGITS,
         labels,
         ~x.correct[sample_ids] & valid,
         valid.float() / valid.sum(),
@@ -111,7 +111,7 @@ def test_opcheck_nlft_linear_loss(reduction):
     standard = torch.randn(B * T, generator=g) - 3
     floats, ignore, criterion = config_args(NLFTConfig())
     args = (
-        hidden, weight, bias, standard, VIEW_LOGPROBS, standard - 1, VIEW_LOGPROBS, labels,
+        hidden, weight, bias, standard, ViewMode.LOGPROBS, standard - 1, ViewMode.LOGPROBS, labels,
         ~x.correct[sample_ids] & valid, valid.float() / valid.sum(), sample_ids, x.correct,
         floats, ignore, criterion, reduction, "auto", 8, True, [True, True, True],
     )  # fmt: skip

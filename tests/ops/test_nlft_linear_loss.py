@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import nlft_kernels.ops.nlft_linear_loss as linear_module  # noqa: E402
+import nlft_kernels.ops.linear_chunks as linear_module  # noqa: E402
 from nlft_kernels import (  # noqa: E402
     NLFTConfig,
     NLFTLinearLoss,
@@ -298,7 +298,7 @@ def test_triton_backend(dtype):
 def test_frozen_head_and_no_grad(monkeypatch):
     """LoRA-style: only hidden trains; under no_grad the same loss comes out with no graph and
     no gradient is computed (forward alone must not pay for the two gradient matmuls)."""
-    import nlft_kernels.ops.nlft_linear_loss as op
+    import nlft_kernels.ops.linear_chunks as op
 
     case = make_linear_case(torch.float32, seed=17)
     weight, bias = case.weight.detach(), case.bias.detach()
@@ -312,7 +312,7 @@ def test_frozen_head_and_no_grad(monkeypatch):
     def no_gradients(*args, **kwargs):
         raise AssertionError("gradients computed under torch.no_grad")
 
-    monkeypatch.setattr(op, "_Grads", no_gradients)
+    monkeypatch.setattr(op, "Grads", no_gradients)
     with torch.no_grad():
         quiet = nlft_linear_loss(
             case.hidden, weight, case.labels, case.correct, standard=case.standard, judge=case.judge, bias=bias
@@ -598,12 +598,12 @@ ERRORS, ERROR_CASE = _error_cases()
 @pytest.mark.parametrize("change,message,teacher_too", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
 def test_errors_name_the_argument(change, message, teacher_too, monkeypatch):
     """A ValueError naming the argument, raised before any matmul."""
-    import nlft_kernels.ops.nlft_linear_loss as op
+    import nlft_kernels.ops.linear_chunks as op
 
     def no_compute(*args, **kwargs):
         raise AssertionError("computed before validating")
 
-    monkeypatch.setattr(op._Head, "logits", no_compute)
+    monkeypatch.setattr(op.Head, "logits", no_compute)
     case = ERROR_CASE
     kwargs = dict(
         hidden=case.hidden.detach(),

@@ -4,7 +4,7 @@ reference."""
 import pytest
 import torch
 
-import nlft_kernels.ops.nlft_loss as nlft_loss_module
+import nlft_kernels.ops.stages as stages_module
 from nlft_kernels import NLFTConfig, nlft_loss
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference
 from tests._inputs import KINDS, make_inputs, seed_of
@@ -26,8 +26,11 @@ def teacher(x, view: torch.Tensor, form: str) -> torch.Tensor:
     return torch.log_softmax(view.double(), -1).gather(-1, safe[..., None]).squeeze(-1)
 
 
-def run_both(x, reduction="sample_mean", backend="torch", forms=("logits", "logits"), hidden=False, grad_out=None):
+def run_both(
+    x, reduction="sample_mean", backend="torch", forms=("logits", "logits"), hidden=False, grad_out=None, config=None
+):
     """(loss, grad, details) of ours and of the reference on the same inputs."""
+    config = NLFTConfig() if config is None else config
     standard, judge = teacher(x, x.standard, forms[0]), teacher(x, x.judge, forms[1])
     h = x.hidden if hidden else None
     base = x.base.detach().clone().requires_grad_()
@@ -37,6 +40,7 @@ def run_both(x, reduction="sample_mean", backend="torch", forms=("logits", "logi
         x.correct,
         standard=standard,
         judge=judge,
+        config=config,
         reduction=reduction,
         hidden_states=h,
         backend=backend,
@@ -44,7 +48,7 @@ def run_both(x, reduction="sample_mean", backend="torch", forms=("logits", "logi
     )
     ref_base = x.base.detach().double().requires_grad_()
     ref, ref_details = nlft_loss_reference(
-        ref_base, x.labels, x.correct, standard, judge, reduction=reduction, hidden_states=h, return_details=True
+        ref_base, x.labels, x.correct, standard, judge, config, reduction, hidden_states=h, return_details=True
     )
     if grad_out is None:
         grad_out = torch.randn_like(ref) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
@@ -104,31 +108,13 @@ def test_teacher_views_as_logprobs(backend, forms):
 
 @pytest.mark.parametrize("criterion", ["distance", "similarity"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_saliency_clusters_in_the_loss(backend, criterion, monkeypatch):
+def test_saliency_clusters_in_the_loss(backend, criterion):
     x = make_inputs(8, 20, 200, seed=5)
     config = NLFTConfig(cluster_criterion=criterion, cluster_threshold=0.4)
-    standard, judge = x.standard, x.judge
-    base = x.base.detach().clone().requires_grad_()
-    loss, details = nlft_loss(
-        base,
-        x.labels,
-        x.correct,
-        standard=standard,
-        judge=judge,
-        config=config,
-        hidden_states=x.hidden,
-        backend=backend,
-        return_details=True,
-    )
-    ref_base = x.base.detach().double().requires_grad_()
-    ref, ref_details = nlft_loss_reference(
-        ref_base, x.labels, x.correct, standard, judge, config, hidden_states=x.hidden, return_details=True
-    )
+    (loss, grad, details), (ref, ref_grad, ref_details) = run_both(x, backend=backend, hidden=True, config=config)
     assert_exercised(ref_details, x.correct, clusters=True)
     assert_loss_close(loss, ref)
-    loss.backward()
-    ref.backward()
-    assert_grad_close(base.grad, ref_base.grad, torch.float32)
+    assert_grad_close(grad, ref_grad, torch.float32)
     assert_details(details, ref_details, x.labels, x.correct)
 
 
@@ -227,9 +213,9 @@ def test_no_gradient_work_without_requires_grad(case, monkeypatch):
     """Under torch.no_grad() or with detached logits the [N, V] gradient is never computed."""
     x = make_inputs(4, 10, 90, seed=2)
     asked = []
-    real = nlft_loss_module.first_stage
+    real = stages_module.first_stage
     monkeypatch.setattr(
-        nlft_loss_module, "first_stage", lambda v, cfg, backend, grad: asked.append(grad) or real(v, cfg, backend, grad)
+        stages_module, "first_stage", lambda v, cfg, backend, grad: asked.append(grad) or real(v, cfg, backend, grad)
     )
     base = x.base.detach() if case == "detached" else x.base
     with torch.set_grad_enabled(case != "no_grad"):

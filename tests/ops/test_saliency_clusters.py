@@ -6,17 +6,18 @@ did before (the centre reset for the right walk); the tests named ``carried`` bu
 which the two differ, so that a return of the restart would fail them.
 """
 
+import functools
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import nlft_kernels.reference as reference_module
-from nlft_kernels import NLFTConfig, nlft_linear_loss, nlft_loss, saliency_clusters
+from nlft_kernels import NLFTConfig, nlft_linear_loss, saliency_clusters
 from nlft_kernels.reference import nlft_loss_reference, saliency_clusters_reference
 from tests._inputs import make_inputs, seed_of
 from tests.csrc import CPP_BACKEND
+from tests.ops.test_nlft_loss import run_both
 from tests.tolerances import assert_grad_close, assert_loss_close
 
 BACKENDS = ["torch", "triton", CPP_BACKEND]
@@ -98,31 +99,9 @@ def test_errors():
         saliency_clusters(hidden.long(), saliency, valid)
 
 
-def restart_reference(hidden_states, saliency, valid, config):
-    """The walk as it was before: the centre is reset to the saliency token's state for the
-    right walk. Not the authors' walk; here only to show that the tests' inputs tell them apart."""
-    cluster = torch.zeros_like(saliency)
-    hidden = hidden_states.double()
-    batch, steps = saliency.shape
-    for b in range(batch):
-        for s in range(steps):
-            if not saliency[b, s]:
-                continue
-            for direction in (-1, 1):
-                centre = hidden[b, s]
-                k = s + direction
-                while 0 <= k < steps and valid[b, k]:
-                    similarity = F.cosine_similarity(hidden[b, k], centre, dim=0).item()
-                    if config.cluster_criterion == "distance":
-                        accepted = 1.0 - similarity > config.cluster_threshold
-                    else:
-                        accepted = similarity > config.cluster_threshold
-                    if not accepted:
-                        break
-                    cluster[b, k] = True
-                    centre = (centre + hidden[b, k]) / 2
-                    k += direction
-    return cluster & ~saliency
+# The walk as it was before: the centre is reset to the saliency token's state for the right
+# walk. Not the authors' walk; here only to show that the tests' inputs tell them apart.
+restart_reference = functools.partial(saliency_clusters_reference, carry_centre=False)
 
 
 # Two samples of 5 rows, D = 2, the authors' criterion (cosine distance > 0.4), worked by hand.
@@ -279,44 +258,25 @@ def assert_restart_differs(x, config, cluster, saliency, wrong_too: bool = True)
 def test_carried_centre_in_the_loss(backend, criterion, monkeypatch):
     x = loss_inputs(seed_of("carried loss", criterion), criterion)
     config = NLFTConfig(cluster_criterion=criterion, cluster_threshold=0.4)
-    base = x.base.detach().clone().requires_grad_()
-    loss, details = nlft_loss(
-        base,
-        x.labels,
-        x.correct,
-        standard=x.standard,
-        judge=x.judge,
-        config=config,
-        hidden_states=x.hidden,
-        backend=backend,
-        return_details=True,
-    )
-    ref_base = x.base.detach().double().requires_grad_()
-    ref, ref_details = nlft_loss_reference(
-        ref_base, x.labels, x.correct, x.standard, x.judge, config, hidden_states=x.hidden, return_details=True
-    )
+    (loss, grad, details), (ref, ref_grad, ref_details) = run_both(x, backend=backend, hidden=True, config=config)
     assert_restart_differs(x, config, ref_details["cluster"], ref_details["saliency"])
     for name in ("saliency", "cluster", "killed"):
         assert torch.equal(getattr(details, name), ref_details[name]), name
     assert_loss_close(loss, ref)
-    (grad,) = torch.autograd.grad(loss, base)
-    (ref_grad,) = torch.autograd.grad(ref, ref_base)
     assert_grad_close(grad, ref_grad, torch.float32)
     # With the restart walk in the reference some token's loss is another number, by far more
     # than the tolerance: the walk matters.
     monkeypatch.setattr(reference_module, "saliency_clusters_reference", restart_reference)
-    _, restarted = nlft_loss_reference(
-        x.base.detach().double(),
-        x.labels,
-        x.correct,
-        x.standard,
-        x.judge,
-        config,
-        hidden_states=x.hidden,
-        return_details=True,
-    )
+    _, restarted = reference_with_clusters(x, config, x.base.detach().double())
     token_loss = ref_details["token_loss"]
     assert (restarted["token_loss"] - token_loss).abs().max() > 1e-2 * token_loss.abs().max()
+
+
+def reference_with_clusters(x, config, base):
+    """(loss, details) of the reference on ``base`` with the clusters walking ``x.hidden``."""
+    return nlft_loss_reference(
+        base, x.labels, x.correct, x.standard, x.judge, config, hidden_states=x.hidden, return_details=True
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [7, 45])
@@ -347,16 +307,7 @@ def test_carried_centre_in_the_fused_linear_loss(chunk_size):
     )
     grads = torch.autograd.grad(loss, (hidden, weight, bias))
     exact = [p.detach().double().requires_grad_() for p in (hidden, weight, bias)]
-    ref, ref_details = nlft_loss_reference(
-        exact[0] @ exact[1].T + exact[2],
-        x.labels,
-        x.correct,
-        x.standard,
-        x.judge,
-        config,
-        hidden_states=x.hidden,
-        return_details=True,
-    )
+    ref, ref_details = reference_with_clusters(x, config, exact[0] @ exact[1].T + exact[2])
     ref_grads = torch.autograd.grad(ref, exact)
     assert_restart_differs(x, config, ref_details["cluster"], ref_details["saliency"], wrong_too=False)
     for name in ("saliency", "cluster", "killed"):

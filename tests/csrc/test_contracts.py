@@ -1,0 +1,74 @@
+"""The names shared by Python and csrc/ agree: the view modes (``ViewMode`` and ``enum
+ViewMode`` in csrc/nlft_row.h), the rule's constants (``RuleConstants``, the members of
+``RowConfig``, the bindings' keyword arguments and the Triton row pass's parameters), and the
+torch.library registration of ``_C``'s ops (schemas and fake implementations)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+from nlft_kernels.config import NLFTConfig
+from nlft_kernels.ops import extension_ops, kernels
+from nlft_kernels.ops.contracts import RuleConstants, ViewMode
+from tests._inputs import make_inputs
+from tests.csrc import extension_or_skip
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+RULE_FIELDS = [f.name for f in fields(RuleConstants)]
+
+
+def _struct_members(header: str, struct: str) -> list[str]:
+    body = re.search(rf"struct {struct} \{{(.*?)\}};", header, re.S).group(1)
+    return re.findall(r"^\s*(?:double|int64_t)\s+(\w+);", body, re.M)
+
+
+def test_view_modes_match_the_header():
+    header = (CSRC / "nlft_row.h").read_text()
+    body = re.search(r"enum ViewMode : int \{(.*?)\};", header, re.S).group(1)
+    in_c = {name.upper(): int(value) for name, value in re.findall(r"kView(\w+)\s*=\s*(\d+)", body)}
+    assert in_c == {mode.name: int(mode) for mode in ViewMode}
+
+
+def test_rule_constants_match_row_config_bindings_and_kernel():
+    """Every constant is passed by name: the struct, the binding and the kernel use the same names."""
+    header = (CSRC / "nlft_row.h").read_text()
+    assert sorted(_struct_members(header, "RowConfig")) == sorted(RULE_FIELDS)
+    bindings = (CSRC / "bindings.cpp").read_text()
+    first_stage = re.search(r'm\.def\("first_stage".*?\);', bindings, re.S).group(0)
+    assert set(RULE_FIELDS) <= set(re.findall(r'py::arg\("(\w+)"\)', first_stage))
+    # The binding fills RowConfig in the struct's order (an aggregate initialiser).
+    fill = re.search(r"p\.cfg = \{(.*?)\};", bindings, re.S).group(1)
+    assert [name.strip() for name in fill.split(",")] == _struct_members(header, "RowConfig")
+    assert set(RULE_FIELDS) <= set(kernels._nlft_fwd_kernel.arg_names)
+
+
+def test_rule_constants_of_a_config():
+    cfg = NLFTConfig(ratio_threshold=2.0, judge_min_prob=0.0, correct_threshold=0.9, ignore_index=-1)
+    rule = RuleConstants.of(cfg)
+    assert rule.tau == 0.9 and rule.ignore_index == -1
+    assert rule.log_ratio == pytest.approx(0.6931471805599453) and rule.log_judge_min == float("-inf")
+    assert RuleConstants.from_floats(rule.floats(), rule.ignore_index) == rule
+
+
+def test_extension_ops_pass_opcheck():
+    """Schemas, fake implementations and dispatch of the _C ops registered with torch.library."""
+    extension_or_skip()
+    x = make_inputs(2, 5, 40, seed=3)
+    base = x.base.detach()
+    labels = x.labels.reshape(-1).contiguous()
+    wrong = ~x.correct.repeat_interleave(5)
+    scale = torch.full((10,), 0.1)
+    rule = RuleConstants.of(NLFTConfig())
+    standard = x.standard.detach()
+    for compute_grad in (True, False):
+        args = (base, standard, int(ViewMode.LOGITS), x.judge.detach(), int(ViewMode.LOGITS), labels, wrong, scale,
+                rule.floats(), rule.ignore_index, compute_grad)  # fmt: skip
+        torch.library.opcheck(extension_ops.ext_row_pass_op, args)
+    torch.library.opcheck(extension_ops.ext_label_logprobs_op, (base, labels, -100))
+    grad = torch.randn(10, 40)
+    torch.library.opcheck(extension_ops.ext_scale_rows_op, (grad, torch.tensor([1, 4]), torch.rand(10)))
