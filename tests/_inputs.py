@@ -15,7 +15,7 @@ import torch
 
 from benchmarks._util import CORRECT_LIFTED, KINDS, padding_rows
 
-__all__ = ["KINDS", "NLFTInputs", "make_inputs", "seed_of"]
+__all__ = ["KINDS", "NLFTInputs", "generator", "make_inputs", "seed_of"]
 
 
 def seed_of(*parts) -> int:
@@ -24,6 +24,12 @@ def seed_of(*parts) -> int:
     seed = zlib.crc32(repr(parts).encode()) % 100_000
     print(f"seed {seed} for {parts}")
     return seed
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, printed so that pytest shows it with a failure."""
+    print(f"generator seed {seed}")
+    return torch.Generator().manual_seed(seed)
 
 
 @dataclass
@@ -40,6 +46,7 @@ def make_inputs(
     batch: int, steps: int, vocab: int, dtype=torch.float32, seed: int = 0, pad: bool = True, hidden_dim: int = 8
 ) -> NLFTInputs:
     """Fresh inputs; the response of sample b has ``steps - pad_b`` rows, the rest is padding."""
+    print(f"make_inputs({batch}, {steps}, {vocab}, {dtype}, seed={seed}, pad={pad}, hidden_dim={hidden_dim})")
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(batch, steps, vocab, generator=g) * 2
     standard = base + torch.randn(batch, steps, vocab, generator=g)

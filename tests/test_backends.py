@@ -14,7 +14,7 @@ import torch
 
 from nlft_kernels import backends, nlft_loss
 from nlft_kernels.backends import resolve_backend
-from tests._inputs import make_inputs
+from tests._inputs import generator, make_inputs, seed_of
 
 # The module (the package's attribute ``backends`` is the report function).
 backends_module = importlib.import_module("nlft_kernels.backends")
@@ -102,7 +102,7 @@ b = importlib.import_module("nlft_kernels.backends")
 assert nlft_kernels.__file__.startswith(sys.argv[1]), nlft_kernels.__file__
 b._installed_file = lambda prefix: None  # this copy only, not an installed distribution
 import torch
-from tests._inputs import make_inputs
+from tests._inputs import generator, make_inputs, seed_of
 x = make_inputs(2, 4, 10, seed=0)
 loss = nlft_kernels.nlft_loss(x.base, x.labels, x.correct, standard=x.standard, judge=x.judge)
 print(json.dumps({"report": nlft_kernels.backends(), "auto": b.resolve_backend("auto", torch.device("cpu")),
@@ -196,7 +196,8 @@ def test_every_op_reaches_its_backend_through_the_registry(monkeypatch):
     assert calls == ["row_pass", "scale_rows"]
     lp = token_logprobs(x.base.detach().requires_grad_(), x.labels, backend="torch")
     lp.sum().backward()
-    hidden, weight = torch.randn(2, 12, 8), torch.randn(30, 8)
+    g = generator(seed_of("registry calls"))
+    hidden, weight = torch.randn(2, 12, 8, generator=g), torch.randn(30, 8, generator=g)
     nlft_linear_loss(hidden, weight, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="torch")
     linear_token_logprobs(hidden, weight, x.labels, backend="torch")
     assert {"label_logprobs", "label_logprobs_backward"} <= set(calls)
@@ -220,3 +221,25 @@ def test_unavailable_gives_the_reason_resolve_backend_raises(no_extension):
     assert why == f"is unavailable: {no_extension}"
     with pytest.raises(ValueError, match=f"backend='cpp' {why}".replace("(", r"\(").replace(")", r"\)")):
         resolve_backend("cpp", CPU)
+
+
+def test_the_test_matrix_is_the_registry_gated_by_device(no_extension, monkeypatch):
+    """tests/conftest.py's backend parameters: every registry backend in its order, each that
+    cannot run here skipped with the registry's reason, unless the environment requires it."""
+    from nlft_kernels.backends import REGISTRY
+    from tests import conftest
+
+    def skips(params):
+        return {p.values[0]: [m.kwargs["reason"] for m in p.marks if m.name == "skip"] for p in params}
+
+    monkeypatch.setattr(conftest, "REQUIRED_BACKENDS", set())
+    matrix = skips(conftest.backend_params(gpu_too=True))
+    assert list(matrix) == list(REGISTRY)
+    for name, reasons in matrix.items():
+        why = backends_module.unavailable(name, conftest.backend_device(name))
+        assert reasons == ([] if why is None else [f"backend={name!r} {why}"]), name
+    assert matrix["cpp"] == [f"backend='cpp' is unavailable: {no_extension}"] and not matrix["torch"]
+    on_cpu = skips(conftest.backend_params())
+    assert list(on_cpu) == [n for n in REGISTRY if n not in conftest.CPU_TENSORS_ONLY_EXCLUDED]
+    monkeypatch.setattr(conftest, "REQUIRED_BACKENDS", {"cpp"})  # NLFT_REQUIRE_EXTENSION=1: run, and fail
+    assert skips(conftest.backend_params())["cpp"] == []

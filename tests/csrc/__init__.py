@@ -1,34 +1,26 @@
 """Tests of the compiled extension nlft_kernels._C (csrc/).
 
 Without a built extension these tests skip with the reason backends() gives; CI, which builds
-it, sets NLFT_REQUIRE_EXTENSION=1 so that a missing or broken build fails instead.
+it, sets NLFT_REQUIRE_EXTENSION=1 so that a missing or broken build fails instead
+(``tests.conftest.REQUIRE_EXTENSION``, which also keeps the "cpp" backend of the test matrix).
 """
-
-import os
 
 import pytest
 
 from nlft_kernels.backends import extension
-
-REQUIRED = os.environ.get("NLFT_REQUIRE_EXTENSION", "0") == "1"
+from tests.conftest import REQUIRE_EXTENSION, backend_param
 
 
 def extension_or_skip():
     """nlft_kernels._C, or skip (fail under NLFT_REQUIRE_EXTENSION=1) with why it is missing."""
     module, why = extension()
     if module is None:
-        if REQUIRED:
+        if REQUIRE_EXTENSION:
             pytest.fail(f"NLFT_REQUIRE_EXTENSION=1 but {why}")
         pytest.skip(f"nlft_kernels._C is not built: {why}")
     return module
 
 
-def _cpp_marks():
-    module, why = extension()
-    if module is not None or REQUIRED:
-        return ()
-    return (pytest.mark.skip(reason=f"nlft_kernels._C is not built: {why}"),)
-
-
-# The "cpp" backend as a pytest parameter: skipped with the reason when the extension is missing.
-CPP_BACKEND = pytest.param("cpp", marks=_cpp_marks())
+# The "cpp" backend as a pytest parameter of the matrix: skipped with the reason when the
+# extension is missing, failing instead under NLFT_REQUIRE_EXTENSION=1.
+CPP_BACKEND = backend_param("cpp")

@@ -15,7 +15,7 @@ import torch
 from nlft_kernels.config import NLFTConfig
 from nlft_kernels.ops import extension_ops, kernels
 from nlft_kernels.ops.contracts import RuleConstants, ViewMode
-from tests._inputs import make_inputs
+from tests._inputs import generator, make_inputs, seed_of
 from tests.csrc import extension_or_skip
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -70,5 +70,6 @@ def test_extension_ops_pass_opcheck():
                 rule.floats(), rule.ignore_index, compute_grad)  # fmt: skip
         torch.library.opcheck(extension_ops.ext_row_pass_op, args)
     torch.library.opcheck(extension_ops.ext_label_logprobs_op, (base, labels, -100))
-    grad = torch.randn(10, 40)
-    torch.library.opcheck(extension_ops.ext_scale_rows_op, (grad, torch.tensor([1, 4]), torch.rand(10)))
+    g = generator(seed_of("opcheck scale_rows"))
+    grad = torch.randn(10, 40, generator=g)
+    torch.library.opcheck(extension_ops.ext_scale_rows_op, (grad, torch.tensor([1, 4]), torch.rand(10, generator=g)))

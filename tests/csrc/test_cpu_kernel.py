@@ -20,13 +20,14 @@ import torch
 from nlft_kernels import nlft_loss, token_logprobs
 from nlft_kernels.ops.launch import grad_dtype
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference
-from tests._inputs import make_inputs, seed_of
+from tests._inputs import generator, make_inputs, seed_of
+from tests.conftest import dtype_params
 from tests.csrc import extension_or_skip
 from tests.ops.test_nlft_loss import assert_details, assert_exercised, run_both, teacher
 from tests.tolerances import assert_grad_close, assert_loss_close
 
 ROOT = Path(__file__).resolve().parents[2]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DTYPES = dtype_params(torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # float64 logits accumulate in float64: the loss and the gradient match the reference to
 # rounding, far below the float32-accumulation tolerances of tests/tolerances.py.
 FLOAT64_RTOL = 1e-10
@@ -40,7 +41,7 @@ def ext():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(dtype, reduction):
     """Values, gradient and details; every branch of the rule fires (the 6% rule included)."""
     x = make_inputs(8, 20, 300, dtype=dtype, seed=seed_of("cpp", dtype, reduction))
@@ -58,7 +59,7 @@ def test_matches_reference(dtype, reduction):
         torch.testing.assert_close(grad, ref_grad, rtol=FLOAT64_RTOL, atol=atol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gradient_rows_are_stored_in_grad_dtype(dtype):
     """The row pass stores the gradient in nlft_kernels.ops.launch.grad_dtype (float32 for
     float16 logits, so that GradScaler's factor, which arrives in backward, finds no entry
@@ -76,12 +77,12 @@ def test_gradient_rows_are_stored_in_grad_dtype(dtype):
     assert grad.dtype == dtype
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [7, TILE + 1])
 def test_scale_rows(ext, dtype, vocab):
     """scale_rows multiplies the given rows of a gradient buffer in any dtype (float32 for
     float16 logits) in place, in the accumulator type, and leaves the other rows alone."""
-    g = torch.Generator().manual_seed(vocab)
+    g = generator(vocab)
     grad = torch.randn(12, vocab, generator=g).to(dtype)
     before = grad.clone()
     rows = torch.tensor([0, 5, 11])
@@ -94,7 +95,7 @@ def test_scale_rows(ext, dtype, vocab):
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 33, TILE, TILE + 1, 2 * TILE + 13])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.bfloat16, torch.float16))
 def test_vocabulary_sizes_around_tile_and_vector(vocab, dtype):
     """Partial vectors (V below 16 lanes), exact tiles and a partial last tile."""
     x = make_inputs(4, 6, vocab, dtype=dtype, seed=vocab)
@@ -106,11 +107,11 @@ def test_vocabulary_sizes_around_tile_and_vector(vocab, dtype):
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 33, TILE, TILE + 1, 2 * TILE + 13])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_token_logprobs_kernel(vocab, dtype):
     """token_logprobs' C++ forward (label_logprobs): log-probs and lse of strided [B, T, V]
     logits, zero on ignored rows; its gradient (torch's backward from that lse) too."""
-    g = torch.Generator().manual_seed(vocab)
+    g = generator(vocab)
     logits = (torch.randn(3, 9, vocab, generator=g) * 4).to(dtype)[:, 1:].requires_grad_()  # strided rows
     labels = torch.randint(0, vocab, (3, 8), generator=g)
     labels[0, -3:] = labels[2, 0] = -100
@@ -140,7 +141,8 @@ def test_token_logprobs_is_cpp_on_the_cpu(monkeypatch):
     calls = []
     real = module.ext_label_logprobs_op
     monkeypatch.setattr(module, "ext_label_logprobs_op", lambda *a: calls.append(1) or real(*a))
-    logits, labels = torch.randn(2, 3, 50), torch.randint(0, 50, (2, 3))
+    g = generator(seed_of("auto takes cpp"))
+    logits, labels = torch.randn(2, 3, 50, generator=g), torch.randint(0, 50, (2, 3), generator=g)
     token_logprobs(logits, labels)
     assert calls == [1]
 
@@ -166,7 +168,8 @@ def test_teacher_views_in_other_dtypes():
 def test_strided_views_are_read_in_place():
     """Rows of every view taken from wider tensors (row strides that are not V)."""
     x = make_inputs(6, 12, 257, seed=13)
-    pad = lambda t: torch.cat([t.detach(), torch.randn(6, 3, 257)], dim=1)[:, :12]  # noqa: E731
+    g = generator(13)
+    pad = lambda t: torch.cat([t.detach(), torch.randn(6, 3, 257, generator=g)], dim=1)[:, :12]  # noqa: E731
     base = pad(x.base).requires_grad_()
     standard, judge = pad(x.standard), pad(x.judge)
     assert not base.is_contiguous() and not standard.is_contiguous()
@@ -211,11 +214,12 @@ def test_without_gradient_the_statistics_are_the_same():
 
 
 _COPY_SCRIPT = """
+import tests.conftest  # first: it sets TRITON_INTERPRET before triton is imported
+from tests.ops.test_nlft_loss import run_both
+from tests._inputs import generator, make_inputs, seed_of
+from tests.tolerances import assert_grad_close, assert_loss_close
 import torch
 from nlft_kernels.backends import extension
-from tests.ops.test_nlft_loss import run_both
-from tests._inputs import make_inputs, seed_of
-from tests.tolerances import assert_grad_close, assert_loss_close
 module, why = extension()
 assert module is not None, why
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
@@ -225,7 +229,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     assert_grad_close(grad, ref_grad, dtype)
 from nlft_kernels import token_logprobs
 from nlft_kernels.reference import token_logprobs_reference
-logits, labels = torch.randn(3, 5, 2 * 2048 + 29) * 3, torch.randint(0, 2 * 2048 + 29, (3, 5))
+g = generator(seed_of("copy", "token_logprobs"))
+logits = torch.randn(3, 5, 2 * 2048 + 29, generator=g) * 3
+labels = torch.randint(0, 2 * 2048 + 29, (3, 5), generator=g)
 assert_loss_close(token_logprobs(logits, labels, backend="cpp"), token_logprobs_reference(logits.double(), labels))
 print("capability", module.cpu_capability())
 """
@@ -286,7 +292,7 @@ def _bad_labels(labels: torch.Tensor, vocab: int, rows) -> torch.Tensor:
 
 @pytest.mark.parametrize("forms", [("logits", "logits"), ("logprobs", "logprobs")])
 @pytest.mark.parametrize("reduction", ["sample_mean", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.bfloat16, torch.float64))
 def test_out_of_range_labels_give_nan_rows(dtype, reduction, forms):
     """validate=False lets labels outside [0, V) (not ignore_index) reach the kernel. It reads
     nothing at such a label (before, base[label] and the teacher rows were read out of bounds):
@@ -346,12 +352,12 @@ def test_out_of_range_labels_give_nan_rows(dtype, reduction, forms):
         assert loss.isnan()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_token_logprobs_out_of_range_labels_give_nan(dtype):
     """label_logprobs with validate=False: NaN exactly at labels outside [0, V) (nothing read
     there), zero at ignore_index, the reference everywhere else."""
     vocab = 257
-    g = torch.Generator().manual_seed(5)
+    g = generator(5)
     logits = (torch.randn(3, 9, vocab, generator=g) * 4).to(dtype)[:, 1:]  # strided rows
     labels = torch.randint(0, vocab, (3, 8), generator=g)
     labels[0, -2:] = -100

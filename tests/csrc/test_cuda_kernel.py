@@ -4,26 +4,25 @@ Runs only on a machine with a GPU and a _C built with its CUDA kernel; skipped w
 elsewhere (tests/csrc/test_cuda_compile.py still compiles the source there).
 """
 
-import importlib
-
 import pytest
 import torch
 
 from nlft_kernels import nlft_loss
+from nlft_kernels.backends import unavailable
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference
-from tests._inputs import make_inputs, seed_of
+from tests._inputs import generator, make_inputs, seed_of
+from tests.conftest import GPU, dtype_params
 from tests.ops.test_nlft_loss import assert_details, assert_exercised
 from tests.tolerances import assert_grad_close, assert_loss_close
 
-backends_module = importlib.import_module("nlft_kernels.backends")
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)
 def cuda_kernel():
-    why = backends_module._cuda_unavailable()
+    why = unavailable("cuda", GPU)
     if why is not None:
-        pytest.skip(f"the CUDA kernel cannot run here: {why}")
+        pytest.skip(f"backend='cuda' {why}")
 
 
 def _run(x, backend: str, reduction: str, grad_out: torch.Tensor):
@@ -43,7 +42,7 @@ def _run(x, backend: str, reduction: str, grad_out: torch.Tensor):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.bfloat16, torch.float16, torch.float64))
 @pytest.mark.parametrize("vocab", [300, 4099])
 def test_cuda_matches_reference_and_triton(dtype, reduction, vocab):
     x = make_inputs(8, 20, vocab, dtype=dtype, seed=seed_of("cuda", dtype, reduction, vocab))
@@ -51,7 +50,9 @@ def test_cuda_matches_reference_and_triton(dtype, reduction, vocab):
     ref, ref_details = nlft_loss_reference(
         ref_base, x.labels, x.correct, x.standard, x.judge, reduction=reduction, return_details=True
     )
-    grad_out = torch.randn_like(ref) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    g = generator(seed_of("cuda grad_out", dtype, reduction, vocab))
+    grad_out = torch.randn(ref.shape, generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0)
+    grad_out = grad_out.double()
     (ref_grad,) = torch.autograd.grad(ref, ref_base, grad_out)
     assert_exercised(ref_details, x.correct)
     loss, grad, details = _run(x, "cuda", reduction, grad_out)

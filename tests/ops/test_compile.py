@@ -17,7 +17,7 @@ from nlft_kernels import NLFTConfig, linear_token_logprobs, nlft_linear_loss, nl
 from nlft_kernels.ops import custom_ops
 from nlft_kernels.ops.contracts import ViewMode
 from nlft_kernels.ops.custom_ops import config_args
-from tests._inputs import make_inputs, seed_of
+from tests._inputs import generator, make_inputs, seed_of
 
 B, T, V, D = 4, 9, 33, 16
 
@@ -101,7 +101,7 @@ def test_opcheck_nlft_loss(reduction):
 @pytest.mark.parametrize("reduction", ["sample_mean", "none"])
 def test_opcheck_nlft_linear_loss(reduction):
     x = _inputs("opcheck_nlft_linear_loss", reduction)
-    g = torch.Generator().manual_seed(seed_of("opcheck_linear_head", reduction))
+    g = generator(seed_of("opcheck_linear_head", reduction))
     hidden = x.hidden.reshape(B * T, D).requires_grad_()
     weight = torch.randn(V, D, generator=g).requires_grad_()
     bias = torch.randn(V, generator=g).requires_grad_()
@@ -184,7 +184,7 @@ def test_token_logprobs_compiles():
 
 
 def _head(*key):
-    g = torch.Generator().manual_seed(seed_of(*key))
+    g = generator(seed_of(*key))
     return torch.randn(V, D, generator=g) / D**0.5 * 4, torch.randn(V, generator=g)
 
 
@@ -196,7 +196,7 @@ def test_nlft_linear_loss_compiles(reduction, chunk_size):
     config = NLFTConfig(correct_threshold=0.3, ratio_threshold=1.05, judge_min_prob=0.0)
     # Sharper teachers than the base: saliency tokens of both kinds in a random head.
     std_w = 4 * weight
-    judge_w = 2 * weight + torch.randn(V, D, generator=torch.Generator().manual_seed(1))
+    judge_w = 2 * weight + torch.randn(V, D, generator=generator(1))
     # Labels the teacher of each kind of sample prefers: the standard view's for correct
     # samples, the judge's for wrong ones (padding kept).
     teacher = torch.where(x.correct[:, None, None], x.hidden @ std_w.T, x.hidden @ judge_w.T)

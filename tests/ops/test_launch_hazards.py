@@ -13,24 +13,25 @@ import nlft_kernels.ops.launch as launch_module
 from nlft_kernels import nlft_loss, token_logprobs
 from nlft_kernels.ops.launch import FAMILIES, LaunchConfig, launch_config, vocab_bucket
 from nlft_kernels.reference import nlft_loss_reference
-from tests._inputs import NLFTInputs, make_inputs, seed_of
-from tests.csrc import CPP_BACKEND
+from tests._inputs import NLFTInputs, generator, make_inputs, seed_of
+from tests.conftest import backend_device, backend_params, dtype_params
 from tests.tolerances import assert_grad_close, assert_loss_close
 
-BACKENDS = ["torch", "triton", CPP_BACKEND]
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Every backend of the registry, each on its device (Triton and CUDA on a GPU where there is one).
+BACKENDS = backend_params(gpu_too=True)
 pytestmark = pytest.mark.gpu_too
 
 
 def on_device(x: NLFTInputs, backend: str) -> NLFTInputs:
-    """``x`` where ``backend`` computes: CUDA tensors for Triton on a GPU, else as made (CPU)."""
-    device = DEVICE if backend == "triton" else torch.device("cpu")
+    """``x`` where ``backend`` computes (``backend_device``): CUDA tensors for Triton on a GPU and
+    for the CUDA kernel, else as made (CPU)."""
+    device = backend_device(backend)
     moved = {f.name: getattr(x, f.name).detach().to(device) for f in dataclasses.fields(x)}
     moved["base"].requires_grad_()
     return NLFTInputs(**moved)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", dtype_params(torch.bfloat16, torch.float16, torch.float32, torch.float64))
 @pytest.mark.parametrize("streams", [1, 2, 3])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiles_are_powers_of_two_at_every_vocabulary(family, streams, dtype):
@@ -172,7 +173,7 @@ def test_linear_backward_scales_the_saved_gradients_in_place():
     multiplies them where they are (no second [V, D] weight gradient), once."""
     from nlft_kernels import nlft_linear_loss
 
-    g = torch.Generator().manual_seed(seed_of("linear in place"))
+    g = generator(seed_of("linear in place"))
     hidden = torch.randn(3, 5, 16, generator=g).requires_grad_()
     weight = torch.randn(200, 16, generator=g).requires_grad_()
     labels = torch.randint(0, 200, (3, 5), generator=g)

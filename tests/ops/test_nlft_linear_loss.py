@@ -26,25 +26,25 @@ import nlft_kernels.ops.linear_chunks as linear_module  # noqa: E402
 from nlft_kernels import (  # noqa: E402
     NLFTConfig,
     NLFTLinearLoss,
-    backends,
     linear_token_logprobs,
     nlft_linear_loss,
     nlft_loss,
 )
+from nlft_kernels.backends import unavailable  # noqa: E402
 from nlft_kernels.ops.nlft_linear_loss import chunk_rows_for, sample_groups  # noqa: E402
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference  # noqa: E402
-from tests._inputs import make_inputs  # noqa: E402
+from tests._inputs import generator, make_inputs  # noqa: E402
+from tests.conftest import CPU, REQUIRED_BACKENDS, backend_params, dtype_params  # noqa: E402
+from tests.tolerances import LINEAR_GRAD_TOL, LOSS_RTOL  # noqa: E402
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Against the oracle, per input dtype: the loss (float32 logits and accumulation for every
-# input dtype) and the gradients (rtol, and atol as a fraction of the largest reference
-# entry), which are stored in the input dtype.
-LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
-GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 1.5e-2), torch.float16: (4e-3, 2e-3)}
+LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = dtype_params(*LINEAR_DTYPES)
 # Saliency decisions of wrong samples are kept this far (in log space) from their thresholds,
 # so that a 16-bit logit cannot flip one: the tests compare values, not coin tosses.
 DECISION_MARGIN = 0.25
-CPU_BACKENDS = ["torch"] + (["cpp"] if backends()["cpp"].startswith("available") else [])
+# The C++ kernel where it runs here (or is required: NLFT_REQUIRE_EXTENSION=1), else torch: the
+# chunkings below that name it run either way.
+CPU_KERNEL = "cpp" if "cpp" in REQUIRED_BACKENDS or unavailable("cpp", CPU) is None else "torch"
 # (rows per chunk, cluster criterion, backend, grouping) against make_linear_case's 4 samples x
 # 20 rows: 7 splits every sample (and 80 rows end in a partial chunk), 45 holds two whole
 # samples. Chunks of whole samples get their final gradient at once; with split samples, or
@@ -52,10 +52,10 @@ CPU_BACKENDS = ["torch"] + (["cpp"] if backends()["cpp"].startswith("available")
 # the rows the second stage changes are fixed up afterwards.
 CHUNKINGS = [
     (7, "distance", "torch", "samples"),
-    (45, "distance", CPU_BACKENDS[-1], "samples"),
+    (45, "distance", CPU_KERNEL, "samples"),
     (45, "distance", "torch", "one group"),
     (45, "off", "torch", "samples"),
-    (7, "off", CPU_BACKENDS[-1], "samples"),
+    (7, "off", CPU_KERNEL, "samples"),
 ]
 
 
@@ -77,7 +77,7 @@ def make_linear_case(dtype, seed, batch=4, steps=20, vocab=67, dim=16, bias=True
     the lifted labels), now measured from ``hidden @ weight.T + bias``.
     """
     x = make_inputs(batch, steps, vocab, seed=seed, pad=pad, hidden_dim=dim)
-    g = torch.Generator().manual_seed(seed + 1000)
+    g = generator(seed + 1000)
     weight = torch.randn(vocab, dim, generator=g) * 2 / (dim**0.5 * float(x.hidden.std()))
     b = 0.5 * torch.randn(vocab, generator=g) if bias else None
     hidden, weight = x.hidden.to(dtype), weight.to(dtype)
@@ -170,11 +170,11 @@ def assert_exercised(details, correct: torch.Tensor, clusters: bool = True) -> N
 
 
 def assert_close(loss, grads, ref_loss, ref_grads, dtype) -> None:
-    rtol = LOSS_RTOL[dtype]
+    rtol = LOSS_RTOL
     ref_loss = ref_loss.detach()
     scale = float(ref_loss.abs().max())
     torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=rtol, atol=rtol * max(scale, 1e-3))
-    grad_rtol, atol_fraction = GRAD_TOL[dtype]
+    grad_rtol, atol_fraction = LINEAR_GRAD_TOL[dtype]
     names = ("hidden", "weight", "bias")[: len(grads)]
     for name, grad, ref in zip(names, grads, ref_grads, strict=True):
         assert grad.dtype == dtype, f"{name} gradient is {grad.dtype}"
@@ -205,7 +205,7 @@ def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend,
     one_group = grouping == "one group"
     if one_group:
         monkeypatch.setattr(linear_module, "ONE_GROUP_WITH_CLUSTERS", ("cpu",))
-    case = make_linear_case(dtype, seed=DTYPES.index(dtype) * 4 + 2 * (form == "logits") + bias, bias=bias)
+    case = make_linear_case(dtype, seed=LINEAR_DTYPES.index(dtype) * 4 + 2 * (form == "logits") + bias, bias=bias)
     config = NLFTConfig(cluster_criterion=criterion)
     standard, judge = teacher(case, case.standard, form), teacher(case, case.judge, form)
     ref_loss, ref_grads, ref_details = oracle(case, standard, judge, config=config)
@@ -223,7 +223,7 @@ def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend,
 def test_reductions_and_upstream_gradient(reduction, chunk_size, criterion):
     case = make_linear_case(torch.float32, seed=31)
     config = NLFTConfig(cluster_criterion=criterion)
-    g = torch.Generator().manual_seed(5)
+    g = generator(5)
     grad_out = torch.randn(case.labels.shape, generator=g, dtype=torch.float64) if reduction == "none" else None
     grad_out = torch.tensor(1.7, dtype=torch.float64) if grad_out is None else grad_out
     ref_loss, ref_grads, ref_details = oracle(case, case.standard, case.judge, reduction, grad_out, config)
@@ -285,7 +285,7 @@ def test_flat_rows_with_sample_ids(chunk_size):
     assert_close(loss, (grads[0], *grads[1:]), ref_loss, (ref_grads[0][valid], *ref_grads[1:]), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.bfloat16))
 def test_triton_backend(dtype):
     """The Triton first stage (interpreted on the CPU) inside the chunked matmuls."""
     case = make_linear_case(dtype, seed=41, vocab=40, dim=8)
@@ -321,6 +321,8 @@ def test_frozen_head_and_no_grad(monkeypatch):
     torch.testing.assert_close(quiet, loss.detach())
 
 
+# torch and Triton only: the C++ label log-probs are tested in tests/ops/test_token_logprobs.py,
+# and linear_token_logprobs only chunks the matmul around them.
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_token_logprobs(dtype, backend):
@@ -366,7 +368,7 @@ def make_threshold_case(seed: int, batch=4, steps=8, vocab=64) -> ThresholdCase:
     in the wrong ones (2, 3), the other ratio at 3 and p_j = 0.3. Each (view, row) owns three
     hidden coordinates set to 1, and the head holds there three bfloat16 terms summing to the
     designed logits: the product is exact in float64 and within ~1e-6 of it in float32."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     rows = batch * steps
     labels = torch.randint(0, vocab, (rows,), generator=g)
     magnitude = torch.tensor([1e-3, 2e-3, 4e-3, 6e-3])[torch.arange(rows) % 4]
@@ -415,7 +417,7 @@ def decision_margins(details, correct: torch.Tensor, cfg: NLFTConfig) -> torch.T
     return torch.where(correct[:, None], lp_s - math.log(cfg.correct_threshold), wrong)
 
 
-@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_bf16_decisions_near_thresholds_follow_the_exact_logits(backend):
     """The teacher log-probs (linear_token_logprobs) and the base view's chunk logits come from
     float32 logits tiles: decisions within 1e-3 of the 0.95 and 1.5x thresholds at logits near
@@ -469,7 +471,7 @@ def test_module_with_lm_head_and_teacher_views_from_hidden():
         head.weight.copy_(case.weight)
         head.bias.copy_(case.bias)
     loss_fn = NLFTLinearLoss(head, chunk_size=10)
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     teacher_hidden = [case.hidden.detach() + torch.randn(case.hidden.shape, generator=g) for _ in range(2)]
     standard, judge = (loss_fn.teacher_logprobs(h, case.labels) for h in teacher_hidden)
     loss = loss_fn(case.hidden, case.labels, case.correct, standard=standard, judge=judge)
@@ -508,7 +510,8 @@ class TinyLM(nn.Module):
 def test_torch_compile_around_the_loss():
     """A compiled model feeding the loss, and a compiled step calling it (a graph break)."""
     case = make_linear_case(torch.float32, seed=29, vocab=50, dim=8)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # TinyLM's initialisation (nn.Linear, nn.Embedding) draws from the global generator
+    print("torch.manual_seed(0) before TinyLM(50, 8)")
     model = TinyLM(50, 8)
     tokens = case.labels.clamp(min=0)
     loss_fn = NLFTLinearLoss(model.lm_head, chunk_size=16)
@@ -634,7 +637,7 @@ def test_non_finite_logits_are_reported():
 
 
 def test_sample_groups_cut_at_sample_boundaries():
-    g = torch.Generator().manual_seed(11)
+    g = generator(11)
     lengths = torch.randint(1, 30, (40,), generator=g)
     sample_ids = torch.arange(40).repeat_interleave(lengths)
     for rows in (1, 7, 25, 64, 10_000):

@@ -7,13 +7,13 @@ import torch
 import nlft_kernels.ops.stages as stages_module
 from nlft_kernels import NLFTConfig, nlft_loss
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference
-from tests._inputs import KINDS, make_inputs, seed_of
-from tests.csrc import CPP_BACKEND
-from tests.tolerances import assert_grad_close, assert_loss_close
+from tests._inputs import KINDS, generator, make_inputs, seed_of
+from tests.conftest import LOW_PRECISION, backend_params, dtype_params, shape_params
+from tests.tolerances import assert_grad_close, assert_loss_close, assert_no_worse_than_torch
 
-# "cpp": the C++ kernel of nlft_kernels._C (skipped with the reason when it is not built).
-BACKENDS = ["torch", "triton", CPP_BACKEND]
-DTYPES = [torch.float32, torch.bfloat16]
+# Every backend of the registry that computes on CPU tensors (skipped here with its reason).
+BACKENDS = backend_params()
+DTYPES = dtype_params(torch.float32, torch.bfloat16)
 DETAIL_FLAGS = ("saliency", "unlikelihood", "cluster", "killed")
 DETAIL_VALUES = ("logprob_base", "logprob_standard", "logprob_judge", "weight", "token_loss")
 
@@ -50,8 +50,11 @@ def run_both(
     ref, ref_details = nlft_loss_reference(
         ref_base, x.labels, x.correct, standard, judge, config, reduction, hidden_states=h, return_details=True
     )
-    if grad_out is None:
-        grad_out = torch.randn_like(ref) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    if grad_out is None and reduction == "none":
+        g = generator(seed_of("grad_out", tuple(ref.shape)))
+        grad_out = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    elif grad_out is None:
+        grad_out = torch.tensor(1.0, dtype=torch.float64)
     (grad,) = torch.autograd.grad(loss, base, grad_out.to(loss.dtype))
     (ref_grad,) = torch.autograd.grad(ref, ref_base, grad_out)
     return (loss, grad, details), (ref, ref_grad, ref_details)
@@ -93,6 +96,24 @@ def test_matches_reference(backend, reduction, dtype):
     assert_loss_close(loss, ref)
     assert_grad_close(grad, ref_grad, dtype)
     assert_details(details, ref_details, x.labels, x.correct)
+    if dtype in LOW_PRECISION:
+        own_loss, own_grad = torch_in_dtype(x, reduction, dtype)
+        assert_no_worse_than_torch(loss, ref, own_loss, dtype, "loss")
+        assert_no_worse_than_torch(grad, ref_grad, own_grad, dtype, "gradient")
+
+
+def torch_in_dtype(x, reduction: str, dtype: torch.dtype):
+    """(loss, gradient) of the reference computed by torch in ``dtype`` itself (CCE's yardstick),
+    with run_both's gradient of the output."""
+    base = x.base.detach().clone().requires_grad_()
+    loss = nlft_loss_reference(base, x.labels, x.correct, x.standard, x.judge, reduction=reduction, dtype=dtype)
+    if reduction == "none":
+        g = generator(seed_of("grad_out", tuple(loss.shape)))
+        grad_out = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(dtype)
+    else:
+        grad_out = torch.ones((), dtype=dtype)
+    (grad,) = torch.autograd.grad(loss, base, grad_out)
+    return loss, grad
 
 
 @pytest.mark.parametrize("forms", [("logprobs", "logprobs"), ("logits", "logprobs"), ("logprobs", "logits")])
@@ -119,10 +140,11 @@ def test_saliency_clusters_in_the_loss(backend, criterion):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(5, 1, 129), (3, 7, 1000), (4, 20, 64)])
+@pytest.mark.parametrize("shape", shape_params("T=1", "partial tile", "padding"))
 def test_shapes(backend, shape):
-    """T = 1, V well above and below the tile, a V of 64 (a power of two)."""
+    """T = 1, V well above and below the tile, a V of 64 (a power of two) with padding rows."""
     x = make_inputs(*shape, seed=sum(shape))
+    assert (x.labels == -100).any() == (shape[1] > 1), "every sample of T > 1 but the first has padding"
     (loss, grad, details), (ref, ref_grad, ref_details) = run_both(x, "sample_mean", backend)
     assert_loss_close(loss, ref)
     assert_grad_close(grad, ref_grad, torch.float32)
@@ -159,7 +181,8 @@ def test_flat_rows_with_sample_ids(backend):
 def test_sliced_logits_are_read_in_place(backend):
     """logits[:, :-1] (rows not contiguous across samples) gives the same loss and gradient."""
     x = make_inputs(6, 12, 150, seed=9)
-    wide = torch.cat([x.base.detach(), torch.randn(6, 1, 150)], dim=1).requires_grad_()
+    extra = torch.randn(6, 1, 150, generator=generator(seed_of("sliced", backend)))
+    wide = torch.cat([x.base.detach(), extra], dim=1).requires_grad_()
     sliced = wide[:, :-1]
     assert not sliced.is_contiguous()
     loss = nlft_loss(sliced, x.labels, x.correct, standard=x.standard, judge=x.judge, backend=backend)
@@ -291,9 +314,9 @@ def _with(tensor, index, value):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(base_logits=torch.randn(2, 4, 3, 10)), "base_logits"),
-        (dict(base_logits=torch.randint(0, 5, (2, 4, 10))), "base_logits"),
-        (dict(base_logits=torch.randn(2, 0, 10)), "base_logits"),
+        (dict(base_logits=torch.zeros(2, 4, 3, 10)), "base_logits"),
+        (dict(base_logits=torch.zeros(2, 4, 10, dtype=torch.long)), "base_logits"),
+        (dict(base_logits=torch.zeros(2, 0, 10)), "base_logits"),
         (dict(labels=torch.zeros(2, 5, dtype=torch.long)), "labels"),
         (dict(labels=torch.zeros(2, 4)), "labels"),
         (dict(labels=torch.full((2, 4), 10)), "labels"),
@@ -301,14 +324,14 @@ def _with(tensor, index, value):
         (dict(correct=torch.ones(3, dtype=torch.bool)), "correct"),
         (dict(correct=torch.ones(2)), "correct"),
         (dict(correct=[True, False]), "correct"),
-        (dict(standard=torch.randn(2, 4, 11)), "standard"),
+        (dict(standard=torch.zeros(2, 4, 11)), "standard"),
         (dict(standard=torch.zeros(2, 4, dtype=torch.long)), "standard"),
-        (dict(standard=torch.randn(2, 4, 10, device="meta")), "standard"),
+        (dict(standard=torch.empty(2, 4, 10, device="meta")), "standard"),
         (dict(standard=None), "standard"),
         (dict(judge=None), "judge"),
-        (dict(judge=torch.randn(2, 5)), "judge"),
+        (dict(judge=torch.zeros(2, 5)), "judge"),
         (dict(sample_ids=torch.zeros(2, 4, dtype=torch.long)), "sample_ids"),
-        (dict(hidden_states=torch.randn(2, 5, 3)), "hidden_states"),
+        (dict(hidden_states=torch.zeros(2, 5, 3)), "hidden_states"),
         (dict(reduction="mean"), "reduction"),
         (dict(config={"loss_scale": 1.0}), "config"),
         (dict(backend="cuda-graphs"), "backend"),
@@ -371,7 +394,7 @@ def test_triton_on_cpu_without_the_interpreter(monkeypatch):
         _call(_args(backend="triton"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("name", ["standard", "judge"])
 def test_teacher_logprobs_above_zero_name_the_view(name, dtype):
     """A [B, T] teacher must hold log-probs (<= 0): logits or a flipped sign are refused, while

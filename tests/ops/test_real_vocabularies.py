@@ -12,25 +12,23 @@ import torch
 from nlft_kernels import nlft_loss, token_logprobs
 from nlft_kernels.ops.launch import launch_config
 from nlft_kernels.reference import nlft_loss_reference, token_logprobs_reference
-from tests._inputs import seed_of
+from tests._inputs import generator, seed_of
+from tests.conftest import BEYOND_INT32, DEVICE, REAL_VOCABULARIES, dtype_params
 from tests.tolerances import assert_grad_close, assert_loss_close
 
-# Llama-2 / Mistral, GPT-2 (odd: no 16-byte alignment of rows), Llama-3, Qwen2, Gemma.
-VOCABS = (32000, 50257, 128256, 151936, 256000)
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPES = dtype_params(torch.bfloat16, torch.float16, torch.float32)
 # (standard, judge) as given to nlft_loss: [B, T, V] logits, [B, T] label log-probs, or no judge.
 MODES = [(s, j) for s in ("logits", "logprobs") for j in ("logits", "logprobs", "absent")]
 IGNORE = -100
+# The kernels run on CUDA tensors where a GPU is (conftest.DEVICE), else on CPU tensors under the interpreter.
 pytestmark = pytest.mark.gpu_too
-# The kernels run on CUDA tensors where a GPU is, else on CPU tensors under the interpreter.
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def rows_with_every_branch(vocab: int, dtype: torch.dtype, seed: int, judged: bool):
     """Two samples of three rows: sample 0 correct (a saliency row p_s > 0.95, two ordinary);
     sample 1 wrong when ``judged`` (an unlikelihood row, an ordinary row the 6% rule zeroes, a
     padding row), else correct with a padding row."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     base = torch.randn(2, 3, vocab, generator=g, dtype=torch.float64) * 2
     standard = base + torch.randn(2, 3, vocab, generator=g, dtype=torch.float64)
     judge = base + torch.randn(2, 3, vocab, generator=g, dtype=torch.float64) * 0.1
@@ -53,9 +51,9 @@ def as_view(view: torch.Tensor, labels: torch.Tensor, mode: str):
     return torch.where(labels != IGNORE, lp, 0.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("standard_mode, judge_mode", MODES)
-@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("vocab", REAL_VOCABULARIES)
 def test_nlft_loss_at_real_vocabularies(vocab, standard_mode, judge_mode, dtype):
     judged = judge_mode != "absent"
     base, standard, judge, labels, correct = rows_with_every_branch(
@@ -91,10 +89,10 @@ def test_nlft_loss_at_real_vocabularies(vocab, standard_mode, judge_mode, dtype)
     assert not grad[1, 2].any(), "a padding row got a gradient"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", REAL_VOCABULARIES)
 def test_token_logprobs_at_real_vocabularies(vocab, dtype):
-    g = torch.Generator().manual_seed(seed_of("token_logprobs real vocab", vocab, dtype))
+    g = generator(seed_of("token_logprobs real vocab", vocab, dtype))
     logits = (torch.randn(3, vocab, generator=g) * 3).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (3,), generator=g)
     labels[1] = IGNORE
@@ -107,3 +105,28 @@ def test_token_logprobs_at_real_vocabularies(vocab, dtype):
     (ref_grad,) = torch.autograd.grad(ref, ref_logits, grad_out)
     assert_loss_close(lp.cpu(), ref)
     assert_grad_close(grad.cpu(), ref_grad, dtype)
+
+
+@pytest.mark.parametrize("rows_vocab", [BEYOND_INT32])
+def test_token_logprobs_beyond_int32_offsets(rows_vocab):
+    """N * V > 2**31 bfloat16 logits: the last rows, which start past int32 offsets, get the
+    float64 reference's log-probs and gradient, as the first row does."""
+    rows, vocab = rows_vocab
+    checked = torch.tensor([0, rows - 2, rows - 1])
+    assert (rows - 2) * vocab > 2**31, "the last rows must start past int32 offsets"
+    g = generator(seed_of("beyond int32", rows, vocab))
+    logits = torch.empty(rows, vocab, dtype=torch.bfloat16, device=DEVICE)
+    logits.normal_(0, 3, generator=torch.Generator(DEVICE).manual_seed(seed_of("beyond int32 logits", vocab)))
+    logits.requires_grad_()
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    grad_out = torch.zeros(rows, dtype=torch.float64)
+    grad_out[checked] = torch.randn(3, generator=g, dtype=torch.float64)
+    lp = token_logprobs(logits, labels.to(DEVICE), backend="triton")
+    (grad,) = torch.autograd.grad(lp, logits, grad_out.float().to(DEVICE))
+    idx = checked.to(DEVICE)
+    ref_logits = logits.detach()[idx].cpu().double().requires_grad_()
+    ref = token_logprobs_reference(ref_logits, labels[checked])
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits, grad_out[checked])
+    assert_loss_close(lp[idx].cpu(), ref)
+    assert_grad_close(grad[idx].cpu(), ref_grad, torch.bfloat16)
+    assert not grad[1].any(), "a row with no upstream gradient got one"

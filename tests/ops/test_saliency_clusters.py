@@ -13,14 +13,16 @@ import pytest
 import torch
 
 import nlft_kernels.reference as reference_module
-from nlft_kernels import NLFTConfig, nlft_linear_loss, saliency_clusters
+from nlft_kernels import NLFTConfig, saliency_clusters
 from nlft_kernels.reference import nlft_loss_reference, saliency_clusters_reference
-from tests._inputs import make_inputs, seed_of
-from tests.csrc import CPP_BACKEND
+from tests._inputs import generator, make_inputs, seed_of
+from tests.conftest import backend_params
+from tests.ops.test_nlft_linear_loss import LinearCase, fused
 from tests.ops.test_nlft_loss import run_both
 from tests.tolerances import assert_grad_close, assert_loss_close
 
-BACKENDS = ["torch", "triton", CPP_BACKEND]
+# Every backend of the registry that computes on CPU tensors (skipped here with its reason).
+BACKENDS = backend_params()
 IMPLEMENTATIONS = {
     "batched": lambda hidden, saliency, valid, config: saliency_clusters(hidden, saliency, valid, config=config),
     "reference": saliency_clusters_reference,
@@ -28,7 +30,7 @@ IMPLEMENTATIONS = {
 
 
 def inputs(batch, steps, dim, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     # Runs of similar states (a random walk) broken by unrelated ones, so walks both go on and stop.
     smooth = torch.randn(batch, steps, dim, generator=g).cumsum(1)
     hidden = smooth * (torch.rand(batch, steps, 1, generator=g) < 0.5) + 2 * torch.randn(batch, steps, dim, generator=g)
@@ -139,7 +141,7 @@ def angle_states(batch, steps, seed, turn_degrees):
     """[B, T, 2] states at angles that random-walk ``turn_degrees`` (s.d.) per row, of norms in
     [0.5, 1.5]: in two dimensions the centre carried from the left walk points elsewhere than
     the saliency token's state, so the right walks of the two variants often decide differently."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     angle = (torch.randn(batch, steps, generator=g) * math.radians(turn_degrees)).cumsum(1)
     norm = 0.5 + torch.rand(batch, steps, generator=g)
     return torch.stack([angle.cos(), angle.sin()], -1) * norm[..., None]
@@ -196,7 +198,7 @@ WALK_SETTINGS = [("distance", 0.4, 150.0), ("distance", 0.9, 180.0), ("similarit
 def test_carried_centre_random_states(criterion, threshold, turn):
     seed = seed_of("carried", criterion, threshold)
     hidden = angle_states(8, 40, seed, turn)
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     valid = torch.ones(8, 40, dtype=torch.bool)
     for b in range(8):
         valid[b, 40 - 3 * b :] = False
@@ -288,24 +290,13 @@ def test_carried_centre_in_the_fused_linear_loss(chunk_size):
     seed = seed_of("carried linear", chunk_size)
     x = loss_inputs(seed, "distance", wrong_too=False)
     vocab, dim = x.standard.shape[-1], x.hidden.shape[-1]
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     weight = (3 * torch.randn(vocab, dim, generator=g)).requires_grad_()
     bias = torch.randn(vocab, generator=g).requires_grad_()
     hidden = x.hidden.clone().requires_grad_()
+    case = LinearCase(hidden, weight, bias, x.labels, x.correct, x.standard, x.judge)
     config = NLFTConfig()
-    loss, details = nlft_linear_loss(
-        hidden,
-        weight,
-        x.labels,
-        x.correct,
-        standard=x.standard,
-        judge=x.judge,
-        bias=bias,
-        config=config,
-        chunk_size=chunk_size,
-        return_details=True,
-    )
-    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    loss, grads, details = fused(case, x.standard, x.judge, config=config, chunk_size=chunk_size)
     exact = [p.detach().double().requires_grad_() for p in (hidden, weight, bias)]
     ref, ref_details = reference_with_clusters(x, config, exact[0] @ exact[1].T + exact[2])
     ref_grads = torch.autograd.grad(ref, exact)

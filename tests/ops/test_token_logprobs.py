@@ -5,38 +5,56 @@ import torch
 
 from nlft_kernels import token_logprobs
 from nlft_kernels.reference import token_logprobs_reference
-from tests.csrc import CPP_BACKEND
-from tests.tolerances import assert_grad_close, assert_loss_close
+from tests._inputs import generator
+from tests.conftest import LOW_PRECISION, backend_params, dtype_params
+from tests.tolerances import assert_grad_close, assert_loss_close, assert_no_worse_than_torch
 
-# "cpp": the C++ forward of nlft_kernels._C (skipped with the reason when it is not built).
-BACKENDS = ["torch", "triton", CPP_BACKEND]
+# Every backend of the registry that computes on CPU tensors (skipped here with its reason).
+BACKENDS = backend_params()
 
 
 def inputs(shape, vocab, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     logits = (torch.randn(*shape, vocab, generator=g) * 3).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, shape, generator=g)
     labels.view(-1)[::5] = -100
     return logits, labels
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape, vocab", [((3, 7), 333), ((11,), 64), ((2, 1), 1000), ((2,), 50257)])
+@pytest.mark.parametrize(
+    "shape, vocab",
+    [
+        pytest.param((3, 7), 333, id="partial tile"),
+        pytest.param((11,), 64, id="below the tile"),
+        pytest.param((2, 1), 1000, id="T=1"),
+        pytest.param((2,), 50257, id="real vocabulary 50257"),
+    ],
+)
 def test_matches_reference(shape, vocab, backend, dtype):
     # Partial single tiles (333, 1000), a vocabulary below the smallest tile (64) and a real,
     # unaligned one that spans many tiles with the package's own launch configuration (50257).
     logits, labels = inputs(shape, vocab, dtype, seed=vocab + len(shape))
+    assert (labels == -100).any() and (labels != -100).any()
     lp = token_logprobs(logits, labels, backend=backend)
     ref_logits = logits.detach().double().requires_grad_()
     ref = token_logprobs_reference(ref_logits, labels)
     assert lp.shape == labels.shape and lp.dtype == torch.float32
     assert_loss_close(lp, ref)
     assert not lp[labels == -100].any()
-    grad_out = torch.randn(shape, dtype=torch.float64)
+    grad_out = torch.randn(shape, dtype=torch.float64, generator=generator(vocab))
     (grad,) = torch.autograd.grad(lp, logits, grad_out.float())
     (ref_grad,) = torch.autograd.grad(ref, ref_logits, grad_out)
     assert_grad_close(grad, ref_grad, dtype)
+    if dtype in LOW_PRECISION:
+        # CCE's rule: no worse than torch's own log_softmax and its backward in this dtype.
+        own_logits = logits.detach().clone().requires_grad_()
+        own = torch.log_softmax(own_logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        own = torch.where(labels != -100, own, 0)
+        (own_grad,) = torch.autograd.grad(own, own_logits, grad_out.to(dtype))
+        assert_no_worse_than_torch(lp, ref, own, dtype, "log-probs")
+        assert_no_worse_than_torch(grad, ref_grad, own_grad, dtype, "gradient")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

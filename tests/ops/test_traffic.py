@@ -16,7 +16,7 @@ import torch
 
 from nlft_kernels import nlft_loss, token_logprobs
 from nlft_kernels.ops.launch import launch_config, row_pass_traffic, token_logprobs_traffic
-from tests._inputs import make_inputs, seed_of
+from tests._inputs import generator, make_inputs, seed_of
 
 interpreter = pytest.importorskip("triton.runtime.interpreter")
 if not hasattr(interpreter, "interpreter_builder"):
@@ -123,7 +123,7 @@ def test_row_pass_moves_what_its_docstring_says(vocab, judge_form, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("vocab", [300, 40000])
 def test_token_logprobs_moves_what_its_docstring_says(vocab, dtype):
-    g = torch.Generator().manual_seed(seed_of("traffic token_logprobs", vocab, dtype))
+    g = generator(seed_of("traffic token_logprobs", vocab, dtype))
     logits = torch.randn(5, vocab, generator=g).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (5,), generator=g)
     labels[2] = -100

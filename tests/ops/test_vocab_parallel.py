@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nlft_kernels import NLFTConfig, linear_token_logprobs, nlft_linear_loss, nlft_loss
-from tests._inputs import make_inputs, seed_of
+from tests._inputs import generator, make_inputs, seed_of
 from tests.training.test_trainer import _free_port
 
 B, T, V, D, WORLD = 4, 11, 64, 16, 2
@@ -28,7 +28,7 @@ CLUSTERS = NLFTConfig()  # clusters on: the hidden states are walked on every ra
 
 
 def _head(seed, dtype):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return (torch.randn(V, D, generator=g) / D**0.5 * 4).to(dtype), torch.randn(V, generator=g).to(dtype)
 
 
@@ -37,7 +37,7 @@ def _case(seed, dtype):
     labels: those the standard head prefers on correct samples, the judge head on wrong ones)."""
     x = make_inputs(B, T, V, dtype=dtype, seed=seed, hidden_dim=D)
     weight, bias = _head(seed + 1, dtype)
-    g = torch.Generator().manual_seed(seed + 2)
+    g = generator(seed + 2)
     heads = [(3 * weight.float() + torch.randn(V, D, generator=g)).to(dtype) for _ in range(2)]
     teacher = torch.where(x.correct[:, None, None], x.hidden @ heads[0].float().T, x.hidden @ heads[1].float().T)
     labels = torch.where(x.labels == -100, -100, (teacher + bias.float()).argmax(-1))
