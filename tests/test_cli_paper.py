@@ -11,8 +11,8 @@ from dataclasses import MISSING, fields
 import pytest
 import torch
 
-from nlft_kernels.cli import build_parser, main, nlft_config_from_args
 from nlft_kernels.config import CLUSTER_CRITERIA, NLFTConfig
+from nlft_kernels.recipes.cli import build_parser, main, nlft_config_from_args
 from nlft_kernels.training import encode_record, save_records, train
 from nlft_kernels.training.data import response_ids
 from nlft_kernels.training.trainer import steps_for_epochs
@@ -151,7 +151,7 @@ def test_lora_over_8bit_weights_is_saved_unmerged(model_dir, tmp_path):
     adapter only, and load_model puts it back onto its base model with the same outputs."""
     from peft import LoraConfig, get_peft_model
 
-    from nlft_kernels.models import load_model, save_model, saves_adapter_only
+    from nlft_kernels.recipes.models import load_model, save_model, saves_adapter_only
 
     tokenizer = tiny_tokenizer()
     base, _ = load_model(str(model_dir))

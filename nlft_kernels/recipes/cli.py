@@ -108,7 +108,7 @@ def resolve_data(value: str | None, split: str, parser: argparse.ArgumentParser)
     from nlft_kernels.training.data import data_suffix
 
     if value is None:
-        from nlft_kernels.data import GSM8K_SPLITS, gsm8k_file
+        from nlft_kernels.recipes.data import GSM8K_SPLITS, gsm8k_file
 
         if split not in GSM8K_SPLITS:
             parser.error(f"--split {split}: the embedded GSM8K has the splits {', '.join(GSM8K_SPLITS)}")
@@ -189,7 +189,7 @@ def _accuracy_line(result: dict, label: str = "accuracy") -> str:
 
 
 def _load(args):
-    from nlft_kernels.models import DTYPES, load_model
+    from nlft_kernels.recipes.models import DTYPES, load_model
 
     started = time.perf_counter()
     try:
@@ -204,7 +204,7 @@ def _load(args):
 
 
 def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
-    from nlft_kernels.generation import GSM8K_INSTRUCTION, generate_responses, sample_rows
+    from nlft_kernels.recipes.generation import GSM8K_INSTRUCTION, generate_responses, sample_rows
 
     source = Path(resolve_data(args.data, args.split, parser))  # a folder's {split}.jsonl too
     if source.is_file() and _same_file(source, Path(args.out)):
@@ -235,8 +235,8 @@ def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
 
 def _make_judge(args, parser):
     """The judge the flags name: --base-url (a server), --local-model (transformers), else --judge."""
-    from nlft_kernels.judge import load_judge
-    from nlft_kernels.judges import LocalModelJudge, OpenAIJudge, api_key_from_env, rule_judge
+    from nlft_kernels.recipes.judge import load_judge
+    from nlft_kernels.recipes.judges import LocalModelJudge, OpenAIJudge, api_key_from_env, rule_judge
 
     base_url, local = getattr(args, "base_url", None), getattr(args, "local_model", None)
     if base_url and local:
@@ -289,8 +289,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False):
     """Judge --in (or ``rows``) into --out, resumable; returns the :class:`JudgeRun`."""
-    from nlft_kernels.judge_run import MAX_CONSECUTIVE_FAILURES, judge_rows
-    from nlft_kernels.judges import JudgeUnavailable
+    from nlft_kernels.recipes.judge_run import MAX_CONSECUTIVE_FAILURES, judge_rows
+    from nlft_kernels.recipes.judges import JudgeUnavailable
     from nlft_kernels.training.data import read_numbered_jsonl
 
     judge = _make_judge(args, parser)
@@ -358,7 +358,7 @@ def _judged_records(out: Path) -> list:
 
 
 def _train(args, parser, records=None, model=None, tokenizer=None):
-    from nlft_kernels.models import save_model, saves_adapter_only
+    from nlft_kernels.recipes.models import save_model, saves_adapter_only
     from nlft_kernels.training.data import load_records
 
     try:
@@ -425,7 +425,7 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
 
 
 def _eval(args, parser, model=None, tokenizer=None, label: str = "accuracy") -> dict:
-    from nlft_kernels.generation import evaluate_gsm8k
+    from nlft_kernels.recipes.generation import evaluate_gsm8k
 
     rows = read_data(args.data, args.split, parser)
     if model is None:
