@@ -828,7 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nlft`` command line; returns the exit status."""
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ImportError as err:  # the core alone is installed: the command needs the train extra
+        sys.exit(f"nlft: error: the nlft command needs the train extra ({err}): pip install 'nlft-kernels[train]'")
     args = parser.parse_args(argv)
     commands = {
         "demo": _demo,
