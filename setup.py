@@ -35,10 +35,9 @@ import sysconfig
 import traceback
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
-HERE = Path(__file__).parent.resolve()
 CSRC = "csrc"
 EXT_NAME = "nlft_kernels._C"
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
@@ -279,23 +278,6 @@ def _optional_build_ext(base, required: bool, cpu_fallback=None):
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="nlft-kernels",
-    version="0.1.0",
-    description="Fused Triton kernels for Natural Language Fine-Tuning (NLFT, arXiv 2412.20382)",
-    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["nlft_kernels", "nlft_kernels.*"]),
-    # The embedded GSM8K (the default data of every command) and its licence.
-    package_data={"nlft_kernels.data": ["gsm8k/*.jsonl.xz", "gsm8k/LICENSE"]},
-    install_requires=["torch>=2.4", "triton>=3.0", "transformers", "datasets", "pytest-benchmark", "ninja"],
-    extras_require={
-        "train": ["peft", "accelerate", "gguf", "tqdm"],
-        "bench": ["matplotlib"],
-        "dev": ["pytest", "ruff", "selenium"],
-    },
-    entry_points={"console_scripts": ["nlft = nlft_kernels.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# The package's metadata, dependencies, extras, console script and package data are in
+# pyproject.toml's [project]; this file only builds the optional extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

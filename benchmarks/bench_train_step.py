@@ -252,8 +252,8 @@ METHOD_NOTES = {
     ),
     "data": (
         "GSM8K train questions; every other sample is wrong (reference solution with a wrong final "
-        "answer, judged by nlft_kernels.judge); NLFT and SFT prompts exactly prompt_tokens long (teacher views + "
-        "teacher_tokens), responses exactly response_tokens. ReFT's prompt is its own template "
+        "answer, judged by nlft_kernels.recipes.judge); NLFT and SFT prompts exactly prompt_tokens long (teacher "
+        "views + teacher_tokens), responses exactly response_tokens. ReFT's prompt is its own template "
         "'Question:\\n{q}\\nAnswer reasoning:\\n' at natural length (left-padded; lengths in "
         "models[].reft_prompt_tokens); "
         "its responses are sampled until EOS or reft_max_length tokens with the prompt (their mean length is "
@@ -298,7 +298,7 @@ PAPER_NOTES = {
 
 def default_data() -> Path:
     """$NLFT_GSM8K, else the GSM8K train JSONL embedded in the package."""
-    from nlft_kernels.data import gsm8k_file
+    from nlft_kernels.recipes.data import gsm8k_file
 
     return Path(os.environ["NLFT_GSM8K"]) if os.environ.get("NLFT_GSM8K") else gsm8k_file("train")
 
@@ -325,7 +325,7 @@ def load_smollm2(with_model: bool = True):
     """(model or None, tokenizer) of the embedded SmolLM2-135M-Instruct."""
     if with_model:
         try:
-            from nlft_kernels.models import load_model
+            from nlft_kernels.recipes.models import load_model
         except ImportError:
             pass
         else:
@@ -893,7 +893,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--judge",
         help="judge of the *_gen_judge rows' judging pass: builtin (the rule judge, default) or module:function "
-        "(nlft_kernels.judge.load_judge), e.g. an LLM judge",
+        "(nlft_kernels.recipes.judge.load_judge), e.g. an LLM judge",
     )
     p.add_argument("--reft-max-length", type=int, help="ReFT's sampling cap, prompt included (its own: 700)")
     args = p.parse_args(argv)

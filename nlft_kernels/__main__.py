@@ -2,6 +2,6 @@
 
 import sys
 
-from nlft_kernels.cli import main
+from nlft_kernels.recipes.cli import main
 
 sys.exit(main())

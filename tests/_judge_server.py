@@ -107,7 +107,7 @@ def llama_server_or_skip() -> str:
     for module, what in (("llama_cpp", "llama-cpp-python"), ("uvicorn", "llama-cpp-python[server]")):
         if importlib.util.find_spec(module) is None:
             missing(f"{what} is not installed (pip install 'llama-cpp-python[server]')")
-    from nlft_kernels.models import smollm2_gguf
+    from nlft_kernels.recipes.models import smollm2_gguf
 
     try:
         folder, name = smollm2_gguf()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nlft_kernels import cli
-from nlft_kernels.cli import build_parser, main
+from nlft_kernels.recipes import cli
+from nlft_kernels.recipes.cli import build_parser, main
 from tests._tiny import tiny_model, tiny_tokenizer
 
 ROWS = [
@@ -99,7 +99,7 @@ def test_data_without_fields(tmp_path, capsys):
 
 def test_default_data_is_the_embedded_gsm8k(monkeypatch, tmp_path):
     """No --data: GSM8K from inside the package, whatever the current folder and with the hub off."""
-    from nlft_kernels.data import GSM8K_DIR
+    from nlft_kernels.recipes.data import GSM8K_DIR
 
     monkeypatch.chdir(tmp_path)  # no ../shared next to it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -111,7 +111,7 @@ def test_default_data_is_the_embedded_gsm8k(monkeypatch, tmp_path):
         assert len(rows) == count and all(set(r) == {"question", "answer"} for r in rows)
         assert all("####" in r["answer"] for r in rows)
     assert (GSM8K_DIR / "LICENSE").read_text().startswith("MIT License")
-    assert "nlft_kernels/data" in str(GSM8K_DIR).replace("\\", "/") and "shared" not in GSM8K_DIR.parts
+    assert "nlft_kernels/recipes/data" in str(GSM8K_DIR).replace("\\", "/") and "shared" not in GSM8K_DIR.parts
 
 
 def test_embedded_split_must_exist(capsys):
@@ -233,7 +233,7 @@ def test_python_dash_m_entry_point():
 @pytest.mark.slow
 def test_demo_on_smollm2(tmp_path, capsys):
     pytest.importorskip("gguf")
-    from nlft_kernels.models import smollm2_gguf
+    from nlft_kernels.recipes.models import smollm2_gguf
 
     try:
         smollm2_gguf()

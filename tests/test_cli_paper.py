@@ -10,10 +10,12 @@ from dataclasses import MISSING, fields
 
 import pytest
 import torch
+from transformers import TrainingArguments
 
-from nlft_kernels.cli import build_parser, main, nlft_config_from_args
 from nlft_kernels.config import CLUSTER_CRITERIA, NLFTConfig
-from nlft_kernels.training import encode_record, save_records, train
+from nlft_kernels.recipes.cli import build_parser, main, nlft_config_from_args, training_arguments_from_args
+from nlft_kernels.training import NLFTTrainingArguments, encode_record, save_records, train
+from nlft_kernels.training.arguments import TRAIN_KEYWORDS
 from nlft_kernels.training.data import response_ids
 from nlft_kernels.training.trainer import steps_for_epochs
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
@@ -55,6 +57,42 @@ def test_every_nlft_config_field_is_a_flag(tmp_path):
             config = nlft_config_from_args(parser.parse_args([*command, flag, str(value)]))
             assert getattr(config, f.name) == value, (f.name, command)
             assert config == NLFTConfig(**{f.name: value})
+
+
+def test_every_training_setting_is_a_flag():
+    """Each keyword of train() (every field NLFTTrainingArguments adds, and the TrainingArguments
+    fields `nlft train` exposes), set alone through its generated flag, reaches the arguments."""
+    parser = build_parser()
+    base = ["train", "--data", __file__, "--out", "x"]
+    cases = {
+        "steps": (["--steps", "7"], 7),
+        "epochs": (["--epochs", "2.5"], 2.5),
+        "batch_size": (["--batch-size", "3"], 3),
+        "grad_accum": (["--grad-accum", "4"], 4),
+        "lr": (["--lr", "3e-5"], 3e-5),
+        "lr_scheduler": (["--lr-scheduler", "cosine"], "cosine"),
+        "warmup_ratio": (["--warmup-ratio", "0.1"], 0.1),
+        "gradient_checkpointing": (["--gradient-checkpointing"], True),
+        "seed": (["--seed", "5"], 5),
+        "lora": (["--full"], False),
+        "lora_r": (["--lora-r", "4"], 4),
+        "lora_alpha": (["--lora-alpha", "32"], 32.0),
+        "lora_dropout": (["--lora-dropout", "0.1"], 0.1),
+        "lora_targets": (["--lora-targets", "q_proj,v_proj"], ["q_proj", "v_proj"]),
+        "max_length": (["--max-length", "64"], 64),
+        "judge_nll_weight": (["--judge-nll-weight", "10"], 10.0),
+    }
+    assert set(cases) == set(TRAIN_KEYWORDS) - {"output_dir"}  # --out: the CLI saves (merged) itself
+    added = {f.name for f in fields(NLFTTrainingArguments)} - {f.name for f in fields(TrainingArguments)}
+    assert added <= {TRAIN_KEYWORDS[k] for k in cases}, "a field NLFTTrainingArguments adds has no flag"
+    default = training_arguments_from_args(parser.parse_args(base))
+    for keyword, (argv, expected) in cases.items():
+        name = TRAIN_KEYWORDS[keyword]
+        got = training_arguments_from_args(parser.parse_args(base + argv))
+        assert getattr(got, name) == expected and getattr(default, name) != expected, keyword
+    assert isinstance(default, NLFTTrainingArguments) and default.max_steps == 20
+    with pytest.raises(SystemExit):
+        main(base + ["--lora-targets", ","])
 
 
 def test_bad_config_value_names_the_field(records_file, tmp_path, capsys):
@@ -151,7 +189,7 @@ def test_lora_over_8bit_weights_is_saved_unmerged(model_dir, tmp_path):
     adapter only, and load_model puts it back onto its base model with the same outputs."""
     from peft import LoraConfig, get_peft_model
 
-    from nlft_kernels.models import load_model, save_model, saves_adapter_only
+    from nlft_kernels.recipes.models import load_model, save_model, saves_adapter_only
 
     tokenizer = tiny_tokenizer()
     base, _ = load_model(str(model_dir))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import nlft_kernels.generation as generation
-from nlft_kernels.generation import GSM8K_INSTRUCTION, evaluate_gsm8k, generate_responses, prompts, sample_rows
+import nlft_kernels.recipes.generation as generation
+from nlft_kernels.recipes.generation import GSM8K_INSTRUCTION, evaluate_gsm8k, generate_responses, prompts, sample_rows
 from tests._tiny import tiny_model, tiny_tokenizer
 
 QUESTIONS = [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nlft_kernels.judge import (
+from nlft_kernels.recipes.judge import (
     SCORE_CORRECT,
     SCORE_NO_ANSWER,
     SCORE_WRONG_ANSWER,
@@ -208,7 +208,7 @@ def test_reference_without_answer_is_an_error():
 
 
 def test_gsm8k_reference_solutions_judge_themselves_correct():
-    from nlft_kernels.data import read_gsm8k
+    from nlft_kernels.recipes.data import read_gsm8k
 
     rows = read_gsm8k("train", limit=500)
     flagged = [(r, find_step_errors(r["answer"])) for r in rows]
@@ -260,7 +260,7 @@ def test_load_judge_file(tmp_path):
     [
         ("no_colon", "module:function"),
         ("nlft_kernels_no_such_module:judge", "cannot import"),
-        ("nlft_kernels.judge:no_such_function", "no function"),
+        ("nlft_kernels.recipes.judge:no_such_function", "no function"),
         ("/no/such/file.py:judge", "not found"),
     ],
 )

@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-import nlft_kernels.models as models
-from nlft_kernels.models import SMOLLM2_INSTALL, load_model, save_model, smollm2_gguf
+import nlft_kernels.recipes.models as models
+from nlft_kernels.recipes.models import SMOLLM2_INSTALL, load_model, save_model, smollm2_gguf
 from tests._tiny import tiny_model, tiny_tokenizer
 
 

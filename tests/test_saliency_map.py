@@ -361,7 +361,7 @@ def _records_file(path: Path, records) -> Path:
 
 
 def test_nlft_saliency_on_a_tiny_model(model_dir, tmp_path, capsys):
-    from nlft_kernels.cli import main
+    from nlft_kernels.recipes.cli import main
 
     data = _records_file(tmp_path / "records.jsonl", tiny_records())
     out = tmp_path / "map"
@@ -379,8 +379,8 @@ def test_nlft_saliency_on_a_tiny_model(model_dir, tmp_path, capsys):
 def test_nlft_saliency_takes_the_nlft_config_flags(model_dir, tmp_path):
     """`--other-power 2` reaches the config the map is computed with: the weights written are
     those of NLFTConfig(other_power=2), and differ from the default config's on these records."""
-    from nlft_kernels.cli import main
-    from nlft_kernels.models import load_model
+    from nlft_kernels.recipes.cli import main
+    from nlft_kernels.recipes.models import load_model
 
     records = tiny_records()
     data = _records_file(tmp_path / "records.jsonl", records)
@@ -410,7 +410,7 @@ def test_nlft_saliency_takes_the_nlft_config_flags(model_dir, tmp_path):
     ],
 )
 def test_nlft_saliency_bad_arguments(argv, message, capsys):
-    from nlft_kernels.cli import main
+    from nlft_kernels.recipes.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -418,7 +418,7 @@ def test_nlft_saliency_bad_arguments(argv, message, capsys):
 
 
 def test_nlft_saliency_bad_records(tmp_path, capsys):
-    from nlft_kernels.cli import main
+    from nlft_kernels.recipes.cli import main
 
     path = tmp_path / "records.jsonl"
     path.write_text(json.dumps({"question": "q", "response": "r"}) + "\n")
@@ -428,7 +428,7 @@ def test_nlft_saliency_bad_records(tmp_path, capsys):
 
 
 def test_demo_writes_the_saliency_map(model_dir, tmp_path):
-    from nlft_kernels.cli import main
+    from nlft_kernels.recipes.cli import main
     from tests.test_cli import ROWS
 
     data = tmp_path / "data"
@@ -449,8 +449,8 @@ def test_nlft_saliency_on_smollm2(tmp_path, capsys):
     """Two tiny records on the embedded SmolLM2: a correct response that is the reference answer
     itself (the standard view predicts it: saliency tokens) and a wrong one with its judgment."""
     pytest.importorskip("gguf")
-    from nlft_kernels.cli import main
-    from nlft_kernels.models import smollm2_gguf
+    from nlft_kernels.recipes.cli import main
+    from nlft_kernels.recipes.models import smollm2_gguf
     from nlft_kernels.training import NLFTRecord
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,10 +77,10 @@ def test_install_without_a_working_compiler(tmp_path, cxx, why):
 
 def _embedded_data_installed(target: Path) -> None:
     """The installed copy (not the checkout) carries GSM8K and reads it with the hub offline."""
-    data = target / "nlft_kernels" / "data" / "gsm8k"
+    data = target / "nlft_kernels" / "recipes" / "data" / "gsm8k"
     assert {p.name for p in data.iterdir()} >= {"train.jsonl.xz", "test.jsonl.xz", "LICENSE"}
     code = (
-        "import argparse, nlft_kernels.cli as cli\n"
+        "import argparse, nlft_kernels.recipes.cli as cli\n"
         "rows = cli.read_data(None, 'test', argparse.ArgumentParser())\n"
         "print(cli.resolve_data(None, 'test', argparse.ArgumentParser()), len(rows))"
     )
@@ -88,3 +89,75 @@ def _embedded_data_installed(target: Path) -> None:
     assert out.returncode == 0, out.stderr
     path, count = out.stdout.split()
     assert Path(path).resolve() == (data / "test.jsonl.xz").resolve() and int(count) == 1319
+
+
+# ------------------------------------------------------------------ the core apart from the recipes
+
+# What the extras bring: none of it may be needed by the kernel core.
+EXTRAS_ONLY = ("transformers", "datasets", "peft", "accelerate", "gguf", "tqdm", "matplotlib", "pytest_benchmark")
+# Application packages above the core (they need the extras), and `python -m nlft_kernels` (the command).
+ABOVE_CORE = ("nlft_kernels.recipes", "nlft_kernels.training", "nlft_kernels.__main__")
+
+
+def test_core_imports_and_runs_without_the_extras():
+    """Every module of nlft_kernels outside recipes/ and training/ imports, and the loss runs, in an
+    interpreter where the extras' packages cannot be imported (a meta-path finder refuses them)."""
+    code = f"""
+import importlib, pkgutil, sys
+blocked, refused = {EXTRAS_ONLY!r}, []
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            refused.append(name)
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
+sys.meta_path.insert(0, Refuse())
+for name in blocked:
+    sys.modules.pop(name, None)
+import torch, nlft_kernels
+names = [m.name for m in pkgutil.walk_packages(nlft_kernels.__path__, "nlft_kernels.")
+         if not m.name.startswith({ABOVE_CORE!r})]
+for name in names:
+    importlib.import_module(name)
+logits = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+labels = torch.randint(0, 11, (2, 3))
+loss = nlft_kernels.nlft_loss(logits, labels, torch.tensor([True, False]), standard=torch.randn(2, 3, 11),
+                              judge=torch.randn(2, 3, 11), backend="torch")
+loss.backward()
+assert torch.isfinite(loss) and logits.grad.abs().sum() > 0
+try:
+    import nlft_kernels.training
+except ImportError as err:
+    print("training refused:", err)
+print("imported:", len(names), sorted(names))
+print("loaded extras:", sorted(m for m in sys.modules if m.split(".")[0] in blocked))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+    # The finder really stands in the way: training (transformers) cannot be imported under it.
+    assert "transformers" in lines["training refused"], out.stdout
+    imported = eval(lines["imported"].split(" ", 2)[2])
+    assert {"nlft_kernels.config", "nlft_kernels.reference", "nlft_kernels.backends", "nlft_kernels.modules"} <= set(
+        imported
+    ) and any(name.startswith("nlft_kernels.ops.") for name in imported), imported
+    assert lines["loaded extras"].strip() == "[]", out.stdout
+
+
+def test_core_dependencies_are_torch_and_triton():
+    """pyproject.toml's [project] is the one source of the metadata: the core requires torch and
+    triton only, the rest comes through the extras, and setup.py declares none of it."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    name_of = lambda requirement: re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
+    assert sorted(name_of(r) for r in project["dependencies"]) == ["torch", "triton"]
+    extras = {extra: {name_of(r) for r in reqs} for extra, reqs in project["optional-dependencies"].items()}
+    assert {"transformers", "datasets", "peft", "accelerate", "gguf", "tqdm"} <= extras["train"]
+    assert "pytest-benchmark" in extras["bench"] and {"pytest", "pytest-benchmark"} <= extras["dev"]
+    assert "ninja" not in set().union(*extras.values())  # a build requirement only
+    assert project["scripts"]["nlft"] == "nlft_kernels.recipes.cli:main"
+    setup_py = (REPO / "setup.py").read_text()
+    for key in ("install_requires", "extras_require", "version=", "entry_points", "package_data"):
+        assert key not in setup_py, f"setup.py repeats {key}: pyproject.toml's [project] holds it"
+    import nlft_kernels
+
+    assert nlft_kernels.__version__ == project["version"]

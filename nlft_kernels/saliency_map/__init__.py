@@ -12,7 +12,7 @@ matplotlib are imported only by the functions that need them.
 
 In a notebook::
 
-    from nlft_kernels.models import load_model
+    from nlft_kernels.recipes.models import load_model
     from nlft_kernels.saliency_map import saliency_details
     from nlft_kernels.training import load_records
 

@@ -1,6 +1,8 @@
-"""NLFT on a transformers causal LM: records and prompt views (:mod:`.data`), and the loss of a
-batch, the plain-loop step, the ``Trainer`` and ``train`` (:mod:`.trainer`)."""
+"""NLFT on a transformers causal LM: records and prompt views (:mod:`.data`), the training
+settings (:mod:`.arguments`), and the loss of a batch, the plain-loop step, the ``Trainer`` and
+``train`` (:mod:`.trainer`)."""
 
+from nlft_kernels.training.arguments import NLFTTrainingArguments
 from nlft_kernels.training.data import (
     DEFAULT_TEMPLATES,
     VIEWS,
@@ -22,6 +24,7 @@ __all__ = [
     "NLFTCollator",
     "NLFTRecord",
     "NLFTTrainer",
+    "NLFTTrainingArguments",
     "PromptTemplates",
     "add_lora",
     "encode_record",

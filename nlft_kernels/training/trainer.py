@@ -16,10 +16,11 @@ gradient, batched with the base view into one forward (so that DDP sees one forw
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import os
-import random
+import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 
 from nlft_kernels import linear_token_logprobs, nlft_linear_loss
 from nlft_kernels.config import NLFTConfig
+from nlft_kernels.training.arguments import CHECKPOINTING_FIELD, NLFTTrainingArguments, training_arguments
 from nlft_kernels.training.data import (
     DEFAULT_TEMPLATES,
     VIEWS,
@@ -364,7 +366,7 @@ def _pad_id(tokenizer) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# train(): the few-lines entry point of the CLI.
+# train(): NLFTTrainer on NLFTTrainingArguments, with the model prepared (8-bit, checkpointing, LoRA).
 
 DEFAULT_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the authors' choice for Llama
 
@@ -388,9 +390,6 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-LR_SCHEDULERS = ("constant", "linear", "cosine")
-
-
 def steps_for_epochs(n_records: int, epochs: float, batch_size: int, grad_accum: int) -> int:
     """Optimizer steps that show every record ``epochs`` times (the last step may be partial)."""
     return max(1, math.ceil(n_records * epochs / (batch_size * grad_accum)))
@@ -400,99 +399,101 @@ def train(
     model: nn.Module,
     tokenizer,
     records: Sequence[NLFTRecord],
+    args: NLFTTrainingArguments | None = None,
     *,
     config: NLFTConfig = NLFTConfig(),
+    templates: PromptTemplates = DEFAULT_TEMPLATES,
     steps: int | None = None,
     epochs: float | None = None,
-    batch_size: int = 2,
-    grad_accum: int = 1,
-    lr: float = 1e-4,
-    lr_scheduler: str = "constant",
-    warmup_ratio: float = 0.0,
-    lora: bool = True,
-    lora_r: int = 16,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    lr: float | None = None,
+    lr_scheduler: str | None = None,
+    warmup_ratio: float | None = None,
+    lora: bool | None = None,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float | None = None,
     lora_targets: Sequence[str] | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
     output_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    max_length: int = 1024,
-    templates: PromptTemplates = DEFAULT_TEMPLATES,
-    judge_nll_weight: float = 0.0,
+    seed: int | None = None,
+    max_length: int | None = None,
+    judge_nll_weight: float | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """NLFT-train ``model`` on ``records`` for ``steps`` optimizer steps, or ``epochs`` passes over
-    the records; returns the trained model (a peft model when ``lora``). Each step takes
-    ``grad_accum`` micro-batches of ``batch_size`` records (shuffled, cycling), AdamW at ``lr``
-    with ``lr_scheduler`` (constant, linear or cosine decay after ``warmup_ratio`` of the steps
-    of linear warm-up); a tqdm bar shows the loss. LoRA: rank ``lora_r``, ``lora_alpha``,
-    ``lora_dropout`` on ``lora_targets`` (default gate/up/down projections). A model loaded in
-    8 bits (bitsandbytes) is prepared with peft's ``prepare_model_for_kbit_training`` and trains
-    through LoRA only. ``gradient_checkpointing`` recomputes the base view's activations in
-    backward. With ``output_dir``, saves the adapter (LoRA) or the full model, and the tokenizer.
+    """NLFT-train ``model`` on ``records`` with :class:`NLFTTrainer`; returns the trained model (a
+    peft model when ``args.lora``), in eval mode.
+
+    The settings are ``args`` (:class:`NLFTTrainingArguments`), or the keywords, which set its
+    fields (:data:`nlft_kernels.training.arguments.TRAIN_KEYWORDS`; left out: the field's
+    default): ``steps`` optimizer steps or ``epochs`` passes over the records (the last step may
+    be partial), each of ``grad_accum`` micro-batches of ``batch_size`` records in a seeded
+    shuffled order, the Trainer's AdamW at ``lr`` with ``lr_scheduler`` (constant, linear or
+    cosine decay after ``warmup_ratio`` of the steps of linear warm-up); a tqdm bar unless
+    ``progress`` is False. Before the Trainer runs, the model is prepared here: a model loaded in
+    8 bits (bitsandbytes) through peft's ``prepare_model_for_kbit_training`` (it trains through
+    LoRA only), ``gradient_checkpointing`` (non-reentrant) on the base view, then the LoRA adapter
+    (rank ``lora_r``, ``lora_alpha``, ``lora_dropout`` on ``lora_targets``, by default the
+    gate/up/down projections). With ``output_dir``, the adapter (LoRA) or the full model and the
+    tokenizer are saved there at the end; no checkpoint folder is written unless
+    ``args.save_strategy`` asks for one, and no folder at all without ``output_dir``.
     """
-    if (steps is None) == (epochs is None):
-        raise ValueError("give either steps or epochs")
-    if (steps is not None and steps < 1) or (epochs is not None and not epochs > 0):
-        raise ValueError(f"steps must be >= 1 and epochs > 0, got {steps}, {epochs}")
-    if batch_size < 1 or grad_accum < 1:
-        raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size}, {grad_accum}")
-    if lr_scheduler not in LR_SCHEDULERS or not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS} and warmup_ratio in [0, 1)")
+    keywords = dict(
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
+        lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
+        gradient_checkpointing=gradient_checkpointing, output_dir=output_dir, seed=seed, max_length=max_length,
+        judge_nll_weight=judge_nll_weight,
+    )  # fmt: skip
+    if args is None:
+        args = training_arguments(steps=steps, epochs=epochs, progress=progress, **keywords)
+    elif not isinstance(args, NLFTTrainingArguments):
+        raise TypeError(f"args must be NLFTTrainingArguments, got {type(args).__name__}")
+    elif steps is not None or epochs is not None or any(v is not None for v in keywords.values()):
+        raise ValueError("give the training settings either in args or as keywords, not both")
     in_8bit = bool(getattr(model, "is_loaded_in_8bit", False))
-    if in_8bit and not lora:
+    if in_8bit and not args.lora:
         raise ValueError("a model with 8-bit base weights trains through LoRA only (drop --full or --load-in-8bit)")
-    features = encode_records(records, tokenizer, templates, max_length)
+    features = encode_records(records, tokenizer, templates, args.max_length)
     if not features:
         raise ValueError("no record fits max_length: nothing to train on")
-    if epochs is not None:
-        steps = steps_for_epochs(len(features), epochs, batch_size, grad_accum)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
+    # What the Trainer runs on: the steps counted here for epochs, the model prepared here.
+    run_args = copy.copy(args)
+    if args.max_steps <= 0:
+        batch, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        run_args.max_steps = steps_for_epochs(len(features), args.num_train_epochs, batch, accum)
+    checkpointing = bool(getattr(args, CHECKPOINTING_FIELD))
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if hasattr(run_args, name):
+            setattr(run_args, name, False)
+    run_args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()  # no warning on CPU
+    transformers.set_seed(args.seed)  # the LoRA weights' init too
     if in_8bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
         # Non-reentrant: frozen inputs (LoRA) need no requires_grad trick to keep their gradient path.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora:
-        model = add_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets)
-    model.train()
-    pad = _pad_id(tokenizer)
-    collate = NLFTCollator(pad, config.ignore_index)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    name = {"constant": "constant_with_warmup"}.get(lr_scheduler, lr_scheduler)
-    scheduler = transformers.get_scheduler(name, optimizer, int(warmup_ratio * steps), num_training_steps=steps)
-    order: list[int] = []
-
-    def next_batch():
-        nonlocal order
-        picked = []
-        while len(picked) < min(batch_size, len(features)):
-            if not order:
-                order = list(range(len(features)))
-                rng.shuffle(order)
-            picked.append(features[order.pop()])
-        return collate(picked)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(steps), desc="nlft train", disable=not progress)
-    for _ in bar:
-        total = 0.0
-        for _ in range(grad_accum):
-            loss = nlft_step(model, next_batch(), config, judge_nll_weight=judge_nll_weight, pad_token_id=pad)
-            (loss / grad_accum).backward()
-            total += float(loss.detach()) / grad_accum
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{total:.4f}")
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora:
+        model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    with tempfile.TemporaryDirectory(prefix="nlft-train-") as scratch:
+        if args.save_to is None and args.save_strategy == "no":
+            run_args.output_dir = scratch  # the Trainer makes its folder: no folder left where none was named
+        trainer = NLFTTrainer(
+            model=model,
+            args=run_args,
+            train_dataset=features,
+            processing_class=tokenizer,
+            nlft_config=config,
+            judge_nll_weight=args.judge_nll_weight,
+        )
+        trainer.train()
     model.eval()
-    if output_dir is not None:
-        model.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
+    if args.save_to is not None:
+        model.save_pretrained(args.save_to)
+        tokenizer.save_pretrained(args.save_to)
     return model

@@ -343,9 +343,9 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 
 def _load_smollm2():
-    """SmolLM2-135M-Instruct: through nlft_kernels.models when it exists, else from the GGUF file."""
+    """SmolLM2-135M-Instruct: through nlft_kernels.recipes.models when it exists, else from the GGUF file."""
     try:
-        from nlft_kernels.models import load_model
+        from nlft_kernels.recipes.models import load_model
     except ImportError:
         load_model = None
     if load_model is not None:

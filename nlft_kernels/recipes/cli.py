@@ -108,7 +108,7 @@ def resolve_data(value: str | None, split: str, parser: argparse.ArgumentParser)
     from nlft_kernels.training.data import data_suffix
 
     if value is None:
-        from nlft_kernels.data import GSM8K_SPLITS, gsm8k_file
+        from nlft_kernels.recipes.data import GSM8K_SPLITS, gsm8k_file
 
         if split not in GSM8K_SPLITS:
             parser.error(f"--split {split}: the embedded GSM8K has the splits {', '.join(GSM8K_SPLITS)}")
@@ -189,7 +189,7 @@ def _accuracy_line(result: dict, label: str = "accuracy") -> str:
 
 
 def _load(args):
-    from nlft_kernels.models import DTYPES, load_model
+    from nlft_kernels.recipes.models import DTYPES, load_model
 
     started = time.perf_counter()
     try:
@@ -204,7 +204,7 @@ def _load(args):
 
 
 def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
-    from nlft_kernels.generation import GSM8K_INSTRUCTION, generate_responses, sample_rows
+    from nlft_kernels.recipes.generation import GSM8K_INSTRUCTION, generate_responses, sample_rows
 
     source = Path(resolve_data(args.data, args.split, parser))  # a folder's {split}.jsonl too
     if source.is_file() and _same_file(source, Path(args.out)):
@@ -235,8 +235,8 @@ def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
 
 def _make_judge(args, parser):
     """The judge the flags name: --base-url (a server), --local-model (transformers), else --judge."""
-    from nlft_kernels.judge import load_judge
-    from nlft_kernels.judges import LocalModelJudge, OpenAIJudge, api_key_from_env, rule_judge
+    from nlft_kernels.recipes.judge import load_judge
+    from nlft_kernels.recipes.judges import LocalModelJudge, OpenAIJudge, api_key_from_env, rule_judge
 
     base_url, local = getattr(args, "base_url", None), getattr(args, "local_model", None)
     if base_url and local:
@@ -289,8 +289,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False):
     """Judge --in (or ``rows``) into --out, resumable; returns the :class:`JudgeRun`."""
-    from nlft_kernels.judge_run import MAX_CONSECUTIVE_FAILURES, judge_rows
-    from nlft_kernels.judges import JudgeUnavailable
+    from nlft_kernels.recipes.judge_run import MAX_CONSECUTIVE_FAILURES, judge_rows
+    from nlft_kernels.recipes.judges import JudgeUnavailable
     from nlft_kernels.training.data import read_numbered_jsonl
 
     judge = _make_judge(args, parser)
@@ -358,7 +358,7 @@ def _judged_records(out: Path) -> list:
 
 
 def _train(args, parser, records=None, model=None, tokenizer=None):
-    from nlft_kernels.models import save_model, saves_adapter_only
+    from nlft_kernels.recipes.models import save_model, saves_adapter_only
     from nlft_kernels.training.data import load_records
 
     try:
@@ -374,10 +374,9 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
         parser.error("no NLFT records to train on")
     try:
         config = nlft_config_from_args(args)
+        settings = training_arguments_from_args(args)
     except ValueError as err:
         parser.error(str(err))
-    if args.judge_nll_weight < 0:
-        parser.error(f"--judge-nll-weight must be >= 0, got {args.judge_nll_weight}")
     if args.load_in_8bit and not args.lora:
         parser.error("--load-in-8bit trains through LoRA only: drop --full")
     if model is None:
@@ -387,28 +386,7 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
     _say(f"training on {len(records)} records ({wrong} wrong, {len(records) - wrong} correct) for {length}")
     with _counts_as_messages(f"nlft {args.command}"):
         try:
-            model = train(
-                model,
-                tokenizer,
-                records,
-                config=config,
-                steps=None if args.epochs else args.steps,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                grad_accum=args.grad_accum,
-                lr=args.lr,
-                lr_scheduler=args.lr_scheduler,
-                warmup_ratio=args.warmup_ratio,
-                lora=args.lora,
-                lora_r=args.lora_r,
-                lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                lora_targets=args.lora_targets,
-                gradient_checkpointing=args.gradient_checkpointing,
-                seed=args.seed,
-                max_length=args.max_length,
-                judge_nll_weight=args.judge_nll_weight,
-            )
+            model = train(model, tokenizer, records, settings, config=config)
         except ValueError as err:  # a setting the model or the records cannot take: say which
             sys.exit(f"nlft {args.command}: error: {err}")
     if saves_adapter_only(model):  # 8-bit base weights: the adapter alone, unmerged
@@ -425,7 +403,7 @@ def _train(args, parser, records=None, model=None, tokenizer=None):
 
 
 def _eval(args, parser, model=None, tokenizer=None, label: str = "accuracy") -> dict:
-    from nlft_kernels.generation import evaluate_gsm8k
+    from nlft_kernels.recipes.generation import evaluate_gsm8k
 
     rows = read_data(args.data, args.split, parser)
     if model is None:
@@ -569,78 +547,109 @@ def _add_generation(p: argparse.ArgumentParser, samples: int, max_new_tokens: in
     )
 
 
-def _add_training(p: argparse.ArgumentParser, steps: int, batch_flag: str) -> None:
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps (default: {steps})")
-    length.add_argument(
-        "--epochs", type=_positive_float, default=None, help="passes over the records, instead of --steps"
+def add_field_flags(group, cls, specs: dict[str, dict]) -> None:
+    """One flag per field of the dataclass ``cls`` named in ``specs`` (field name -> how its flag
+    differs from the field: ``flags`` (default ``--field-name``), ``dest`` (default the field's
+    name), ``type``, ``default`` (default the field's), ``shown_default``, ``help``, and any other
+    argparse setting), added to ``group`` in that order. The help is the field's
+    ``metadata["help"]`` and its default: flags and fields cannot drift apart."""
+    from dataclasses import MISSING, fields
+
+    by_name = {f.name: f for f in fields(cls)}
+    for name, spec in specs.items():
+        f, spec = by_name[name], dict(spec)
+        field_default = f.default if f.default is not MISSING else None
+        flags = spec.pop("flags", [f"--{name.replace('_', '-')}"])
+        spec.setdefault("dest", name)
+        spec.setdefault("default", field_default)
+        shown = spec.pop("shown_default", spec["default"])
+        text = spec.pop("help", f.metadata.get("help", "")).replace("%", "%%")
+        spec["help"] = f"{text} (default: {shown})"
+        if "action" not in spec:
+            kind = f.type if isinstance(f.type, type) else {"float": float, "int": int}.get(f.type, str)
+            spec.setdefault("type", kind)
+        group.add_argument(*flags, **spec)
+
+
+# The argparse checks of `nlft train`'s flags, one per keyword of train() (training.arguments.TRAIN_KEYWORDS:
+# the NLFTTrainingArguments field it sets, whose help the flag shows).
+TRAINING_FLAG_CHECKS = {
+    "steps": dict(type=_positive_int, help="optimizer steps"),
+    "epochs": dict(type=_positive_float, default=None, help="passes over the records, instead of --steps"),
+    "lr": dict(type=_positive_float),
+    "lr_scheduler": dict(choices=("constant", "linear", "cosine")),
+    "warmup_ratio": dict(type=_fraction, default=0.0, help="share of the steps of linear warm-up"),
+    "batch_size": dict(type=_positive_int),
+    "grad_accum": dict(type=_positive_int, default=1, help="micro-batches per optimizer step"),
+    "max_length": dict(type=_positive_int),
+    "lora_r": dict(type=_positive_int),
+    "lora_alpha": dict(type=_positive_float),
+    "lora_dropout": dict(type=_fraction),
+    "lora_targets": dict(type=_name_list, help="comma-separated module names that get LoRA adapters",
+                         shown_default="gate_proj,up_proj,down_proj, as the authors"),
+    "gradient_checkpointing": dict(action="store_true", default=False,
+                                   help="recompute activations in backward (less memory)"),
+    "judge_nll_weight": dict(type=float),
+    "seed": dict(type=_non_negative_int, help="seed of the record order and the LoRA init"),
+}  # fmt: skip
+
+
+def _training_specs(*keywords: str, **overrides: dict) -> dict[str, dict]:
+    """``add_field_flags`` specs of train()'s ``keywords``: flag ``--keyword``, dest ``keyword``."""
+    from nlft_kernels.training.arguments import TRAIN_KEYWORDS
+
+    specs = {}
+    for keyword in keywords:
+        spec = {"flags": [f"--{keyword.replace('_', '-')}"], "dest": keyword}
+        specs[TRAIN_KEYWORDS[keyword]] = spec | TRAINING_FLAG_CHECKS[keyword] | overrides.get(keyword, {})
+    return specs
+
+
+def _add_training(p: argparse.ArgumentParser, steps: int, batch_flag: str, with_seed: bool = False) -> None:
+    """The training flags, generated from NLFTTrainingArguments (and NLFTConfig's, generated too)."""
+    from nlft_kernels.training.arguments import NLFTTrainingArguments as Args
+
+    add_field_flags(
+        p.add_mutually_exclusive_group(), Args, _training_specs("steps", "epochs", steps={"default": steps})
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--lora", dest="lora", action="store_true", default=True, help="train LoRA adapters (default)")
+    add_field_flags(mode, Args, {"lora": dict(action="store_true", help="train LoRA adapters")})
     mode.add_argument("--full", dest="lora", action="store_false", help="train every weight")
-    p.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
-    p.add_argument(
-        "--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant", help="(default: constant)"
-    )
-    p.add_argument(
-        "--warmup-ratio", type=_fraction, default=0.0, help="share of the steps of linear warm-up (default: 0)"
-    )
-    p.add_argument(
-        batch_flag,
-        dest="train_batch_size" if batch_flag != "--batch-size" else "batch_size",
-        type=_positive_int,
-        default=2,
-        help="records per micro-batch (default: 2)",
-    )
-    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (default: 1)")
-    p.add_argument(
-        "--max-length",
-        type=_positive_int,
-        default=1024,
-        help="longest view in tokens; longer responses are truncated, with a count (default: 1024)",
-    )
-    p.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank (default: 16, as the authors)")
-    p.add_argument("--lora-alpha", type=_positive_float, default=16, help="LoRA alpha (default: 16, as the authors)")
-    p.add_argument("--lora-dropout", type=_fraction, default=0.05, help="LoRA dropout (default: 0.05, as the authors)")
-    p.add_argument(
-        "--lora-targets",
-        type=_name_list,
-        default=None,
-        help="comma-separated module names (default: gate_proj,up_proj,down_proj, as the authors)",
-    )
-    p.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
-    )
-    p.add_argument(
-        "--judge-nll-weight",
-        type=float,
-        default=0.0,
-        help="weight of the aligned judge-view NLL of wrong samples (default: 0; the authors' scale: 10)",
-    )
+    batch = {"flags": [batch_flag], "dest": batch_flag[2:].replace("-", "_")}
+    names = ["lr", "lr_scheduler", "warmup_ratio", "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha"]
+    names += ["lora_dropout", "lora_targets", "gradient_checkpointing", "judge_nll_weight"]
+    add_field_flags(p, Args, _training_specs(*names, *(["seed"] if with_seed else []), batch_size=batch))
     _add_config_flags(p)
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per NLFTConfig field, generated from the dataclass (so none is missed), defaults
     left to the config: ``--correct-threshold 0.9`` sets ``NLFTConfig.correct_threshold``."""
-    from dataclasses import MISSING, fields
+    from dataclasses import fields
 
     from nlft_kernels.config import CLUSTER_CRITERIA, NLFTConfig
 
     group = p.add_argument_group("the NLFT objective (NLFTConfig; defaults: the authors')")
+    specs = {}
     for f in fields(NLFTConfig):
         kind = {"float": float, "int": int, "str": str}[str(f.type)]
-        extra = {"choices": CLUSTER_CRITERIA} if f.name == "cluster_criterion" else {}
-        default = f.default if f.default is not MISSING else None
-        group.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f"config_{f.name}",
-            type=kind,
-            default=None,
-            metavar=kind.__name__.upper(),
-            help=f"{f.metadata.get('help', '')} (default: {default})",
-            **extra,
+        specs[f.name] = dict(
+            dest=f"config_{f.name}", default=None, shown_default=f.default, metavar=kind.__name__.upper()
         )
+        if f.name == "cluster_criterion":
+            specs[f.name]["choices"] = CLUSTER_CRITERIA
+    add_field_flags(group, NLFTConfig, specs)
+
+
+def training_arguments_from_args(args: argparse.Namespace):
+    """The NLFTTrainingArguments of the training flags (ValueError: a setting they cannot take)."""
+    from nlft_kernels.training.arguments import TRAIN_KEYWORDS, training_arguments
+
+    given = {k: getattr(args, k) for k in TRAIN_KEYWORDS if k not in ("steps", "epochs", "output_dir", "seed")}
+    if hasattr(args, "seed"):
+        given["seed"] = args.seed
+    steps = None if args.epochs else args.steps
+    return training_arguments(steps=steps, epochs=args.epochs, **given)
 
 
 def nlft_config_from_args(args: argparse.Namespace):
@@ -782,8 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="NLFT-train a model on judged records")
     _add_model(train)
     train.add_argument("--data", type=_existing_file, required=True, help="JSONL of NLFT records (from `nlft judge`)")
-    _add_training(train, steps=20, batch_flag="--batch-size")
-    train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the record order (default: 0)")
+    _add_training(train, steps=20, batch_flag="--batch-size", with_seed=True)
     train.add_argument(
         "--out",
         type=Path,
@@ -820,7 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nlft`` command line; returns the exit status."""
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ImportError as err:  # the core alone is installed: the command needs the train extra
+        sys.exit(f"nlft: error: the nlft command needs the train extra ({err}): pip install 'nlft-kernels[train]'")
     args = parser.parse_args(argv)
     commands = {
         "demo": _demo,

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol, runtime_checkable
 
-from nlft_kernels.judge import SCORE_CORRECT, SCORE_WRONG_ANSWER, Judgment, judge_response
+from nlft_kernels.recipes.judge import SCORE_CORRECT, SCORE_WRONG_ANSWER, Judgment, judge_response
 
 # The environment variables the API key is read from, first set wins (never a command-line flag:
 # those show in `ps` and shell history).
@@ -69,7 +69,7 @@ class JudgeStopped(Exception):
 
 
 def rule_judge(question: str, response: str, reference_solution: str) -> Judgment:
-    """The rule-based GSM8K judge (:func:`nlft_kernels.judge.judge_response`), behind :class:`Judge`."""
+    """The rule-based GSM8K judge (:func:`nlft_kernels.recipes.judge.judge_response`), behind :class:`Judge`."""
     try:
         return judge_response(question, response, reference_solution)
     except ValueError as err:  # a reference without a final answer: this record only
@@ -532,8 +532,9 @@ class LocalModelJudge:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | None, *, max_new_tokens: int = 512, **load_kwargs) -> LocalModelJudge:
-        """The judge of :func:`nlft_kernels.models.load_model` ``(name_or_path)`` (None: the embedded SmolLM2)."""
-        from nlft_kernels.models import load_model
+        """The judge of :func:`nlft_kernels.recipes.models.load_model` ``(name_or_path)`` (None: the embedded
+        SmolLM2)."""
+        from nlft_kernels.recipes.models import load_model
 
         model, tokenizer = load_model(name_or_path, **load_kwargs)
         return cls(model, tokenizer, max_new_tokens=max_new_tokens, name=name_or_path or "smollm2")
