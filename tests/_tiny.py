@@ -108,3 +108,11 @@ def tiny_records():
             False,
         ),
     ]
+
+
+def save_tiny_model(path):
+    """A tiny model and its tokenizer saved in the folder ``path`` (what ``--model`` takes); returns it."""
+    tokenizer = tiny_tokenizer()
+    tiny_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

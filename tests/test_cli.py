@@ -10,7 +10,8 @@ import pytest
 
 from nlft_kernels.recipes import cli
 from nlft_kernels.recipes.cli import build_parser, main
-from tests._tiny import tiny_model, tiny_tokenizer
+from tests._cli import cli_error, write_jsonl
+from tests._tiny import save_tiny_model
 
 ROWS = [
     {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
@@ -27,11 +28,7 @@ FAST = ["--max-new-tokens", "4", "--batch-size", "2"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = tiny_tokenizer()
-    tiny_model(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture
@@ -166,11 +163,10 @@ def test_bad_judge_hook(tmp_path, capsys):
 
 
 def test_judge_input_without_responses(tmp_path, capsys):
-    path = tmp_path / "responses.jsonl"
-    path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
-    with pytest.raises(SystemExit):
-        main(["judge", "--in", str(path), "--out", str(tmp_path / "r.jsonl")])
-    assert "missing field response" in capsys.readouterr().err
+    path = write_jsonl(tmp_path / "responses.jsonl", [{"question": "q", "answer": "#### 1"}])
+    assert "missing field response" in cli_error(
+        capsys, ["judge", "--in", str(path), "--out", str(tmp_path / "r.jsonl")]
+    )
 
 
 # ------------------------------------------------------------------------------ end to end

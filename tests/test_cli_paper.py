@@ -18,6 +18,7 @@ from nlft_kernels.training import NLFTTrainingArguments, encode_record, save_rec
 from nlft_kernels.training.arguments import TRAIN_KEYWORDS
 from nlft_kernels.training.data import response_ids
 from nlft_kernels.training.trainer import steps_for_epochs
+from tests._cli import cli_error, write_jsonl
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
 
 SEED = 0
@@ -250,18 +251,14 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
 
 
 def test_record_missing_a_field_names_it(model_dir, tmp_path, capsys):
-    path = tmp_path / "records.jsonl"
     rows = [{"question": "q", "response": "r", "answer": "a", "correct": True},
             {"question": "q", "answer": "a", "correct": True}]  # fmt: skip
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SystemExit):
-        main(["train", "--model", str(model_dir), "--data", str(path), "--steps", "1", "--out", str(tmp_path / "m")])
-    assert f"{path}, line 2: missing field 'response' or 'output'" in capsys.readouterr().err
-    responses = tmp_path / "responses.jsonl"
-    responses.write_text(json.dumps({"question": "q", "response": "r"}) + "\n")
-    with pytest.raises(SystemExit):
-        main(["judge", "--in", str(responses), "--out", str(tmp_path / "out.jsonl")])
-    assert "line 1: missing field answer" in capsys.readouterr().err
+    path = write_jsonl(tmp_path / "records.jsonl", rows)
+    train = ["train", "--model", str(model_dir), "--data", str(path), "--steps", "1", "--out", str(tmp_path / "m")]
+    assert f"{path}, line 2: missing field 'response' or 'output'" in cli_error(capsys, train)
+    responses = write_jsonl(tmp_path / "responses.jsonl", [{"question": "q", "response": "r"}])
+    judge = ["judge", "--in", str(responses), "--out", str(tmp_path / "out.jsonl")]
+    assert "line 1: missing field answer" in cli_error(capsys, judge)
 
 
 def test_judge_input_lines_are_the_files_lines(tmp_path, capsys):

@@ -153,20 +153,28 @@ def test_wrong_answer():
     assert "never finds the value 9" in result.judgment and "16-3-4 = 9" in result.judgment
 
 
-def test_wrong_step_and_wrong_answer():
-    response = "She has 16 - 3 - 4 = 8 eggs. She makes 8 * 2 = $16. The answer is 16."
+@pytest.mark.parametrize(
+    "response, score, phrases",
+    [
+        pytest.param(
+            "She has 16 - 3 - 4 = 8 eggs. She makes 8 * 2 = $16. The answer is 16.",
+            SCORE_WRONG_ANSWER,
+            ['The step "16 - 3 - 4 = 8" (line 1) is wrong: 16 - 3 - 4 equals 9, not 8.', "The correct answer is 18"],
+            id="wrong step, wrong answer",
+        ),
+        pytest.param(
+            "She has 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = $20.\nThe answer is 18.",
+            SCORE_WRONG_STEP,
+            ['The step "9 * 2 = $20" (line 2) is wrong: 9 * 2 equals 18, not 20.', "The final answer 18 is right"],
+            id="wrong intermediate step, right answer",
+        ),
+    ],
+)
+def test_wrong_steps_are_named(response, score, phrases):
     result = judge_response(QUESTION, response, REFERENCE)
-    assert not result.correct and result.score == SCORE_WRONG_ANSWER
-    assert 'The step "16 - 3 - 4 = 8" (line 1) is wrong: 16 - 3 - 4 equals 9, not 8.' in result.judgment
-    assert "The correct answer is 18" in result.judgment
-
-
-def test_wrong_intermediate_step_with_right_answer():
-    response = "She has 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = $20.\nThe answer is 18."
-    result = judge_response(QUESTION, response, REFERENCE)
-    assert not result.correct and result.score == SCORE_WRONG_STEP
-    assert 'The step "9 * 2 = $20" (line 2) is wrong: 9 * 2 equals 18, not 20.' in result.judgment
-    assert "The final answer 18 is right" in result.judgment
+    assert not result.correct and result.score == score
+    for phrase in phrases:
+        assert phrase in result.judgment
 
 
 def test_one_more_wrong_step_is_counted():

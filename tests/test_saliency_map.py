@@ -29,7 +29,8 @@ from nlft_kernels.saliency_map import (
     write_saliency_map,
 )
 from nlft_kernels.saliency_map.page import mark_descriptions
-from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
+from tests._cli import cli_error, write_jsonl
+from tests._tiny import save_tiny_model, tiny_model, tiny_records, tiny_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 HOSTILE = '<script>alert("x")</script> & "quotes" \'single\''
@@ -346,11 +347,7 @@ def test_details_truncated_by_max_length(tiny):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = tiny_tokenizer()
-    tiny_model(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def _records_file(path: Path, records) -> Path:
@@ -418,13 +415,9 @@ def test_nlft_saliency_bad_arguments(argv, message, capsys):
 
 
 def test_nlft_saliency_bad_records(tmp_path, capsys):
-    from nlft_kernels.recipes.cli import main
-
-    path = tmp_path / "records.jsonl"
-    path.write_text(json.dumps({"question": "q", "response": "r"}) + "\n")
-    with pytest.raises(SystemExit):
-        main(["saliency", "--data", str(path), "--out", str(tmp_path / "out")])
-    assert "line 1: missing field 'answer'" in capsys.readouterr().err
+    path = write_jsonl(tmp_path / "records.jsonl", [{"question": "q", "response": "r"}])
+    err = cli_error(capsys, ["saliency", "--data", str(path), "--out", str(tmp_path / "out")])
+    assert "line 1: missing field 'answer'" in err
 
 
 def test_demo_writes_the_saliency_map(model_dir, tmp_path):

@@ -58,23 +58,27 @@ def read_numbered_jsonl(path: str | os.PathLike, limit: int | None = None) -> li
                 break
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from err
+            row = _parse_json(path, line, line_number=number)
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
             rows.append((number, row))
     return rows
 
 
+def _parse_json(path, text: str, line_number: int | None = None):
+    """``json.loads(text)``; a ValueError naming ``path`` and the line (``line_number`` for one
+    line of a JSONL file, else the line within ``text``) when it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        line = err.lineno if line_number is None else line_number
+        raise ValueError(f"{path}, line {line}: not valid JSON ({err.msg} at column {err.colno})") from err
+
+
 def read_json_list(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """The objects of a JSON file holding one list of objects (the authors' ``.json`` data)."""
     with open_text(path) as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from err
+        rows = _parse_json(path, f.read())
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
     for i, row in enumerate(rows):
