@@ -19,6 +19,10 @@ from pathlib import Path
 import pytest
 
 REQUIRE_SERVER_ENV = "NLFT_REQUIRE_LLM_SERVER"
+# CI builds llama-cpp-python while the other tests run and writes this file when it is installed
+# ("ok") or has failed (why); the real-server tests wait for it (.ci/run).
+READY_FILE_ENV = "NLFT_LLM_SERVER_READY_FILE"
+READY_WAIT_S = 1500
 
 
 def chat_reply(content: str) -> bytes:
@@ -94,6 +98,22 @@ def free_port() -> int:
 # ------------------------------------------------------------------- the real llama.cpp server
 
 
+def _wait_for_ci_install() -> None:
+    """Where READY_FILE_ENV names a file (CI), wait until the background install has written it."""
+    ready = os.environ.get(READY_FILE_ENV)
+    if not ready:
+        return
+    deadline = time.monotonic() + READY_WAIT_S
+    while not Path(ready).exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"llama-cpp-python[server] not installed within {READY_WAIT_S} s ({READY_FILE_ENV}={ready})")
+        time.sleep(2)
+    status = Path(ready).read_text(encoding="utf-8", errors="replace").strip()
+    if status != "ok":
+        pytest.fail(f"installing llama-cpp-python[server] failed: {status}")
+    importlib.invalidate_caches()  # installed after this process started
+
+
 def llama_server_or_skip() -> str:
     """The GGUF file the server will serve; skips (fails under NLFT_REQUIRE_LLM_SERVER=1) when
     llama-cpp-python's server or the embedded model is missing."""
@@ -104,6 +124,7 @@ def llama_server_or_skip() -> str:
             pytest.fail(f"{reason}, and {REQUIRE_SERVER_ENV}=1 requires the llama.cpp server tests to run")
         pytest.skip(reason)
 
+    _wait_for_ci_install()
     for module, what in (("llama_cpp", "llama-cpp-python"), ("uvicorn", "llama-cpp-python[server]")):
         if importlib.util.find_spec(module) is None:
             missing(f"{what} is not installed (pip install 'llama-cpp-python[server]')")
