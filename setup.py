@@ -45,6 +45,8 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 # csrc/cpu/row_pass_dispatch.cpp picks one at run time. The portable copy comes first so that
 # the linker keeps its copies of the inline functions the three objects share.
 CPU_KERNEL = f"{CSRC}/cpu/row_pass_kernel.cpp"
+# The extension's own sources without CUDA (the CPU kernel's objects are added per instruction set).
+CPU_SOURCES = (f"{CSRC}/bindings.cpp", f"{CSRC}/cpu/row_pass_dispatch.cpp")
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 CPU_CAPABILITIES = {"DEFAULT": []}
 if X86:
@@ -114,7 +116,7 @@ def _extensions() -> tuple[list, dict]:
         if force_cuda:
             raise SystemExit(f"nlft-kernels: NLFT_FORCE_CUDA=1 but the CUDA kernel cannot be built: {why_not}")
         _say(f"building the CPU kernel only: {why_not}")
-    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/cpu/row_pass_dispatch.cpp"]
+    sources = list(CPU_SOURCES)
     cxx = list(CXX_FLAGS)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -139,9 +141,8 @@ def _extensions() -> tuple[list, dict]:
 
 def _cpu_extension(cpp_extension):
     """The extension with the C++ CPU kernel only."""
-    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/cpu/row_pass_dispatch.cpp"]
     return cpp_extension.CppExtension(
-        EXT_NAME, sources, extra_compile_args={"cxx": list(CXX_FLAGS)}, extra_link_args=["-fopenmp"]
+        EXT_NAME, list(CPU_SOURCES), extra_compile_args={"cxx": list(CXX_FLAGS)}, extra_link_args=["-fopenmp"]
     )
 
 
@@ -214,22 +215,25 @@ def _optional_build_ext(base, required: bool, cpu_fallback=None):
                     raise
                 traceback.print_exc()
                 if cpu_fallback is not None and self._build_cpu_only(err):
-                    return
-                build_info["extension"] = "not built"
-                build_info["reason"] = f"the build failed ({type(err).__name__}: {str(err)[-500:]})"
-                _say(
-                    f"the optional extension {EXT_NAME} did not build ({type(err).__name__}: {err}); "
-                    "installing the pure-Python package (backend='torch' on CPU, 'triton' on GPU). "
-                    "Fix the cause and reinstall to get the compiled kernels."
-                )
+                    self.nlft_built = True
+                else:
+                    build_info["extension"] = "not built"
+                    build_info["reason"] = f"the build failed ({type(err).__name__}: {str(err)[-500:]})"
+                    _say(
+                        f"the optional extension {EXT_NAME} did not build ({type(err).__name__}: {err}); "
+                        "installing the pure-Python package (backend='torch' on CPU, 'triton' on GPU). "
+                        "Fix the cause and reinstall to get the compiled kernels."
+                    )
             else:
                 self.nlft_built = True
+            if self.nlft_built:
                 build_info["extension"] = "built"
                 build_info["cpu_capabilities"] = list(CPU_CAPABILITIES)
             _write_build_info(os.path.dirname(self.get_ext_fullpath(EXT_NAME)))
 
         def _build_cpu_only(self, cuda_err: Exception) -> bool:
-            """After a failed CUDA build: build the CPU kernel alone; True when that worked."""
+            """After a failed CUDA build: build the CPU kernel alone; True when that worked (the
+            reason recorded says why the CUDA kernel is missing)."""
             why = f"the CUDA kernel did not build ({type(cuda_err).__name__}: {str(cuda_err)[-300:]})"
             _say(f"{why}; building the CPU kernel only")
             # The same Extension object (setuptools has finalized it), given the CPU-only build's parts.
@@ -242,10 +246,7 @@ def _optional_build_ext(base, required: bool, cpu_fallback=None):
             except Exception:
                 traceback.print_exc()
                 return False
-            self.nlft_built = True
-            build_info.update(extension="built", cuda=False, reason=f"CPU kernel only: {why}")
-            build_info["cpu_capabilities"] = list(CPU_CAPABILITIES)
-            _write_build_info(os.path.dirname(self.get_ext_fullpath(EXT_NAME)))
+            build_info.update(cuda=False, reason=f"CPU kernel only: {why}")
             return True
 
         def copy_extensions_to_source(self) -> None:
