@@ -20,15 +20,19 @@ COSINE_EPS = tl.constexpr(1e-8)
 
 @triton.jit
 def _walk_accepts(hidden_ptr, stride_h, k, cols, mask, centre, threshold, DISTANCE: tl.constexpr, ACC: tl.constexpr):
-    """(accepted, h_k): whether row ``k`` joins the cluster of ``centre`` [BLOCK_D] in ACC."""
+    """(accepted, h_k): whether row ``k`` joins the cluster of ``centre`` [BLOCK_D] in ACC.
+
+    cos = h . c / (max(|h|, eps) max(|c|, eps)) as torch's cosine_similarity, compared without
+    the division: cos > t  <=>  h . c > t * norms (norms > 0); 1 - cos > t  <=>  h . c < (1 - t) * norms.
+    """
     h = tl.load(hidden_ptr + k * stride_h + cols, mask=mask, other=0.0).to(ACC)
-    h_norm = tl.maximum(tl.sqrt(tl.sum(h * h, axis=0)), COSINE_EPS)
-    c_norm = tl.maximum(tl.sqrt(tl.sum(centre * centre, axis=0)), COSINE_EPS)
-    similarity = tl.sum(h * centre, axis=0) / (h_norm * c_norm)
+    eps2 = COSINE_EPS * COSINE_EPS
+    norms = tl.sqrt(tl.maximum(tl.sum(h * h, axis=0), eps2) * tl.maximum(tl.sum(centre * centre, axis=0), eps2))
+    dot = tl.sum(h * centre, axis=0)
     if DISTANCE:
-        accepted = 1.0 - similarity > threshold
+        accepted = dot < (1.0 - threshold) * norms
     else:
-        accepted = similarity > threshold
+        accepted = dot > threshold * norms
     return accepted, h
 
 
