@@ -157,6 +157,19 @@ class Grads:
             self.bias += grad.sum(0, dtype=self.bias.dtype)
 
 
+GradsOut = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def grads_out(grads: Grads | None, weight: torch.Tensor, bias: torch.Tensor | None) -> GradsOut:
+    """(hidden, weight, bias) gradients, the head's in the parameters' dtypes; None where not wanted."""
+    if grads is None:
+        return None, None, None
+    dw = None
+    if grads.want_weight:
+        dw = torch.zeros_like(weight) if grads.weight is None else grads.weight.to(weight.dtype)
+    return grads.hidden, dw, None if grads.bias is None else grads.bias.to(bias.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # The chunk driver.
 
@@ -207,6 +220,18 @@ def _one_chunk(hidden, head: Head, row_pass: RowPass, grads: Grads | None, rows,
     grad = row_pass(Chunk(rows, h, head.logits(h)))
     if grad is not None and grads is not None:
         grads.add(grad, h, head, rows if hidden_grad and isinstance(rows, slice) else None)
+
+
+def linear_pass(hidden, weight, bias, row_pass: RowPass, want: tuple[bool, bool, bool], rows: int) -> GradsOut:
+    """``row_pass`` over flat ``hidden`` [N, D] under the head (``weight`` [V, D], ``bias`` [V]
+    or None, the logits in their dtype), ``rows`` rows at a time (``run_chunks``); returns the
+    gradients in ``want`` (hidden, weight, bias) of the loss whose logits gradients the row
+    pass returns, in the parameters' dtypes (None where not wanted). What a fused linear loss
+    over any row pass runs: its row pass computes the loss terms of each chunk on the side."""
+    grads = Grads(hidden, weight, bias, want) if any(want) else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        run_chunks(hidden, Head.of(weight, bias), row_pass, grads, row_slices(0, hidden.shape[0], rows))
+    return grads_out(grads, weight, bias)
 
 
 def row_slices(start: int, stop: int, rows: int) -> list[slice]:
@@ -390,18 +415,6 @@ def flat_rows_2d(hidden: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The whole passes, as the autograd Function and the custom op (ops/custom_ops.py) both run them.
 
-GradsOut = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
-
-
-def grads_out(grads: Grads | None, weight: torch.Tensor, bias: torch.Tensor | None) -> GradsOut:
-    """(hidden, weight, bias) gradients, the head's in the parameters' dtypes; None where not wanted."""
-    if grads is None:
-        return None, None, None
-    dw = None
-    if grads.want_weight:
-        dw = torch.zeros_like(weight) if grads.weight is None else grads.weight.to(weight.dtype)
-    return grads.hidden, dw, None if grads.bias is None else grads.bias.to(bias.dtype)
-
 
 def linear_forward(hidden, weight, bias, p: NLFTLinearLossParams, want) -> tuple[ForwardResult, GradsOut]:
     """The forward pass over flat ``hidden`` [N, D]: its result and, for reductions to a scalar,
@@ -417,12 +430,9 @@ def linear_none_backward(
 ) -> GradsOut:
     """The gradients in ``want`` of ``reduction="none"`` for the per-row upstream ``grad_loss``
     [N]: a second chunked pass whose row pass folds ``factor * grad_loss`` into each row's scale."""
-    grads = Grads(hidden, weight, bias, want)
     scale = views.scale * factor * grad_loss.reshape(-1).to(factor.dtype)
     row_pass, _ = nlft_row_pass(views, cfg, backend, True, scale)
-    with torch.autocast(hidden.device.type, enabled=False):
-        run_chunks(hidden, Head.of(weight, bias), row_pass, grads, row_slices(0, hidden.shape[0], rows))
-    return grads_out(grads, weight, bias)
+    return linear_pass(hidden, weight, bias, row_pass, want, rows)
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from nlft_kernels.backends import unavailable  # noqa: E402
 from nlft_kernels.ops.chunk_rows import compute_bound_rows  # noqa: E402
 from nlft_kernels.ops.nlft_linear_loss import chunk_rows_for, sample_groups  # noqa: E402
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference  # noqa: E402
-from tests._inputs import generator, make_inputs  # noqa: E402
+from tests._inputs import generator, make_inputs, seed_of  # noqa: E402
 from tests.conftest import CPU, REQUIRED_BACKENDS, backend_params, dtype_params  # noqa: E402
 from tests.tolerances import LINEAR_GRAD_TOL, LOSS_RTOL  # noqa: E402
 
@@ -824,3 +824,58 @@ def test_weight_gradient_is_rounded_once():
 
     assert error(per_chunk) > 2 * error(once), "the inputs do not tell one rounding from forty"
     assert error(dw) <= 1.25 * error(once), (error(dw), error(once), error(per_chunk))
+
+
+class WeightedCrossEntropyRows:
+    """A row pass for the chunk driver (``linear_chunks.linear_pass``), written against its
+    contract only: a token-weighted cross-entropy ``sum_t w_t * CE_t``, its per-row losses kept
+    on the side, the gradient ``w_t * (softmax - onehot)`` written over the chunk's logits."""
+
+    def __init__(self, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        self.labels, self.weights = labels, weights
+        self.losses = torch.zeros(labels.numel(), dtype=torch.float64)
+        self.chunks = 0
+
+    def __call__(self, chunk) -> torch.Tensor:
+        x = chunk.logits.double()
+        labels, weights = self.labels[chunk.rows], self.weights[chunk.rows]
+        lse = torch.logsumexp(x, -1)
+        self.losses[chunk.rows] = weights * (lse - x.gather(1, labels[:, None])[:, 0])
+        grad = torch.softmax(x, -1)
+        grad[torch.arange(len(labels)), labels] -= 1
+        chunk.logits.copy_(grad * weights[:, None])
+        self.chunks += 1
+        return chunk.logits
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunk_driver_runs_any_row_pass(dtype, bias, chunk_size):
+    """The driver's contract with another row pass (the token-weighted cross-entropy of issue
+    21 item 5): the gradients of hidden, weight and bias equal float64 autograd on F.linear's
+    logits, and the loss terms are the row pass's own, one call per chunk."""
+    g = generator(seed_of("chunk driver", dtype, bias, chunk_size))
+    rows, dim, vocab = 50, 12, 37
+    hidden = torch.randn(rows, dim, generator=g).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=g) / dim**0.5).to(dtype)
+    b = torch.randn(vocab, generator=g).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    weights = torch.rand(rows, generator=g, dtype=torch.float64) * (torch.rand(rows, generator=g) > 0.2)
+    row_pass = WeightedCrossEntropyRows(labels, weights)
+    grads = linear_module.linear_pass(hidden, weight, b, row_pass, (True, True, bias), chunk_size)
+
+    exact = [p.double().requires_grad_() for p in (hidden, weight, b) if p is not None]
+    logits = linear_logits(exact, dtype)
+    ref = weights * torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    ref_grads = torch.autograd.grad(ref.sum(), exact)
+    # (a 16-bit GEMM may round a logit to the neighbour of the exact product's rounding)
+    torch.testing.assert_close(row_pass.losses, ref.detach(), rtol=LOSS_RTOL, atol=LOSS_RTOL)
+    assert row_pass.chunks == math.ceil(rows / chunk_size)
+    grad_rtol, atol_fraction = LINEAR_GRAD_TOL[dtype]
+    for grad, ref_grad in zip(grads[: len(exact)], ref_grads, strict=True):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(
+            grad.double(), ref_grad, rtol=grad_rtol, atol=atol_fraction * float(ref_grad.abs().max())
+        )
+    assert (grads[2] is None) == (not bias)
