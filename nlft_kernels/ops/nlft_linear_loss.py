@@ -144,7 +144,7 @@ def nlft_linear_loss(
     vocab_parallel_group: the head's rows are split over this process group (Megatron's layout:
       ``weight`` [V / P, D] and ``bias`` are this rank's rows [r * V / P, (r + 1) * V / P);
       ``hidden`` and labels are the same on every rank). The logits shard [N, V / P] is
-      materialised (float32), not chunked, and the hidden gradient is all-reduced over the
+      materialised (in the input dtype), not chunked, and the hidden gradient is all-reduced over the
       group in backward (see ``nlft_kernels.ops.vocab_parallel``).
     """
     check_options(config, reduction)
