@@ -16,6 +16,8 @@ _FREE_SHARE = 4
 # vendor's datasheets: about 300 and 200), so that the GEMM stays compute-bound with its float32
 # accumulator read and written.
 _DW_INTENSITY = 600
+# A CUDA chunk of a head that no length makes compute-bound (narrow heads) stays within this.
+_MAX_CHUNK_BYTES_CUDA = 1 << 30
 # Off CUDA: a byte cap near the cache-friendly size of the torch row pass, and at most D / 2
 # rows, so that a chunk's buffers stay within twice the weight gradient's size, as in torch's
 # chunked linear_cross_entropy (it binds only for narrow heads; thinner chunks mean more
@@ -60,8 +62,8 @@ def chunk_rows_for(
     logits, and a gradient buffer for the compiled row passes that cannot write in place).
 
     CUDA: up to twice ``compute_bound_rows`` (when ``dim`` is known and such rows exist; else
-    the memory budget alone), within ``free / _FREE_SHARE``; balanced so that every chunk keeps
-    at least the compute-bound rows where memory allows. Elsewhere: within
+    up to ``_MAX_CHUNK_BYTES_CUDA``), within ``free / _FREE_SHARE``; balanced so that every
+    chunk keeps about the compute-bound rows where memory allows. Elsewhere: within
     min(``_MAX_CHUNK_BYTES_OTHER``, free / ``_FREE_SHARE``) and at most ``dim / 2`` rows. Then a
     multiple of ``_ROW_MULTIPLE`` when more fit, at least ``_MIN_CHUNK_ROWS``, at most
     ``n_rows``, balanced so that the last chunk is not a sliver."""
@@ -70,8 +72,7 @@ def chunk_rows_for(
     if device.type == "cuda":
         rows = (free // _FREE_SHARE) // per_row
         target = None if dim is None else compute_bound_rows(vocab, dim, elem_size)
-        if target is not None:
-            rows = min(rows, 2 * target)
+        rows = min(rows, _MAX_CHUNK_BYTES_CUDA // per_row if target is None else 2 * target)
     else:
         rows = min(_MAX_CHUNK_BYTES_OTHER, free // _FREE_SHARE) // per_row
         if dim is not None:

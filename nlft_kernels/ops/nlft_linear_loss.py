@@ -132,8 +132,9 @@ def nlft_linear_loss(
       (:func:`linear_token_logprobs`) to keep their logits out of memory too.
     chunk_size: rows per chunk; default from N, V, D and free memory (:func:`chunk_rows_for`):
       on CUDA long enough for the weight-gradient GEMM to be compute-bound (``compute_bound_rows``:
-      over 1k rows at V=128256, D=4096 in bfloat16) up to twice that, within free memory / 4; elsewhere within
-      min(128 MiB, free memory / 4) and at most D / 2 rows. Peak extra memory is about
+      over 1k rows at V=128256, D=4096 in bfloat16) up to twice that (1 GiB of logits for heads
+      too narrow to be compute-bound), within free memory / 4; elsewhere within min(128 MiB,
+      free memory / 4) and at most D / 2 rows. Peak extra memory is about
       ``chunk_size * V`` logits in the input dtype (twice that where the row pass cannot write
       its gradient in place: the compiled kernels) plus the gradients (hidden [N, D]; weight
       [V, D] and bias accumulated in float32, then cast to their dtype).

@@ -719,8 +719,10 @@ def test_gpu_chunks_keep_the_weight_gradient_gemm_compute_bound(dim, vocab):
     tight = chunk_rows_for(100_000, vocab, 2, cuda, free=1 << 30, dim=dim)
     memory = (1 << 30) // 4 // (2 * vocab * 2) // 64 * 64  # rows in a quarter of 1 GiB
     assert memory < target and memory / 2 < tight <= memory
-    # A narrow head (D = 256) cannot be compute-bound at any length: memory alone decides.
+    # A narrow head (D = 256) cannot be compute-bound at any length: a chunk stays within 1 GiB.
     assert compute_bound_rows(vocab, 256, 2) is None
+    narrow = chunk_rows_for(100_000, vocab, 2, cuda, free=80 << 30, dim=256)
+    assert (1 << 30) // (2 * vocab * 2) // 2 < narrow <= (1 << 30) // (2 * vocab * 2)
 
 
 # Peak resident memory of one loss + backward, above the RSS before the call, for each
