@@ -12,8 +12,8 @@ The chunk driver (``run_chunks``), per chunk of c rows, for any row pass:
 Bytes per logit of a chunk, e the input dtype's size (``chunk_traffic``; counted in
 tests/ops/test_linear_traffic.py): the GEMM writes e; the NLFT row pass reads 2e (its
 log-sum-exp sweep and its gradient sweep) and writes e; the dX and dW GEMMs read e each; a
-bias reads e more. 6e = 12 B in bfloat16 (14 with a bias), where float32 logits and gradient
-plus a cast moved about 26. The GEMMs' [V, D] and [c, D] operands are not per logit: a chunk
+bias reads e more: 6e per logit (7e with a bias), 12 B in bfloat16. The GEMMs' [V, D] and
+[c, D] operands are not per logit: a chunk
 reads W twice (logits, dX) and reads and writes the float32 dW accumulator once (the first
 chunk only writes it): ``chunk_rows_for`` makes chunks long enough for that to hide under the
 GEMMs' arithmetic.
@@ -200,11 +200,11 @@ def run_chunks(
     row_pass: RowPass,
     grads: Grads | None,
     chunks: Iterable[slice | torch.Tensor],
-    hidden_grad: bool = True,
 ) -> None:
     """For each chunk of rows of ``hidden`` [N, D] (a slice or an index [c]): the logits GEMM,
     ``row_pass`` on them, and with ``grads`` the gradient GEMMs of what it returns (the hidden
-    gradient's rows only for slices with ``hidden_grad``).
+    gradient's rows for slices; an index is the fix-up of rows whose hidden gradient is
+    rescaled apart).
 
     Contract: the row pass gets the logits [c, V] (``head.logits_dtype``, contiguous) and
     returns G [c, V] (their gradient, preferably written over them) or None. Bytes per logit
@@ -212,14 +212,14 @@ def run_chunks(
     dX and dW GEMMs read G once each (and the bias sum once). One chunk's buffers live at a
     time: the next logits exist only after the last G is folded in."""
     for rows in chunks:
-        _one_chunk(hidden, head, row_pass, grads, rows, hidden_grad)
+        _one_chunk(hidden, head, row_pass, grads, rows)
 
 
-def _one_chunk(hidden, head: Head, row_pass: RowPass, grads: Grads | None, rows, hidden_grad: bool) -> None:
+def _one_chunk(hidden, head: Head, row_pass: RowPass, grads: Grads | None, rows) -> None:
     h = hidden[rows]
     grad = row_pass(Chunk(rows, h, head.logits(h)))
     if grad is not None and grads is not None:
-        grads.add(grad, h, head, rows if hidden_grad and isinstance(rows, slice) else None)
+        grads.add(grad, h, head, rows if isinstance(rows, slice) else None)
 
 
 def linear_pass(hidden, weight, bias, row_pass: RowPass, want: tuple[bool, bool, bool], rows: int) -> GradsOut:
