@@ -47,6 +47,8 @@ import torch
 
 from benchmarks import _util
 from nlft_kernels import linear_token_logprobs, nlft_linear_loss, nlft_loss
+from nlft_kernels.ops.launch import token_logprobs_traffic
+from nlft_kernels.ops.linear_chunks import chunk_traffic, out_dtype_matmuls
 
 TORCH_LCE_CASES = ("torch_lce", "torch_lce_x3", "torch_lce_chunked", "torch_lce_chunked_x3")
 CASES = ("nlft_linear_loss", "materialised", "liger_flce", "cut_cross_entropy", *TORCH_LCE_CASES)
@@ -84,6 +86,12 @@ METHOD = {
         "10 N V D FLOPs (3 forward logits matmuls + 2 gradient matmuls) / measured matmul rate + "
         "elem * (4 N D + 2 V D) bytes (read 3 hidden views and W, write the hidden and W gradients) / "
         "measured copy bandwidth"
+    ),
+    "logit_bytes": (
+        "the bytes nlft_linear_loss moves through [c, V] logits chunks by its model (counted in "
+        "tests/ops/test_linear_traffic.py): base view N * sum(linear_chunks.chunk_traffic) (logits GEMM "
+        "write, row pass 2 reads + in-place gradient write, dX and dW GEMM reads, in the input dtype), "
+        "teachers 2 N (4 V + 4 (V + 1)) (float32 logits tiles written by the GEMM, read once)"
     ),
     "inputs": (
         "flat rows with sample_ids, B = N / T samples of T rows; hidden ~ N(0, 1), teachers' hidden = base "
@@ -283,6 +291,14 @@ def check_saliency(batch: Batch) -> dict[str, int]:
     return {name: int(getattr(details, name).sum()) for name in ("saliency", "unlikelihood", "killed", "cluster")}
 
 
+def logit_bytes(shape: Shape, device: torch.device) -> int:
+    """The bytes of nlft_linear_loss's step through logits chunks (METHOD["logit_bytes"])."""
+    dtype = DTYPES[shape.dtype]
+    base = chunk_traffic(shape.vocab, dtype, bias=False, out_dtype_matmul=out_dtype_matmuls(device, dtype))
+    teachers = 2 * (4 * shape.vocab + token_logprobs_traffic(shape.vocab, torch.float32)["forward"]["logits"])
+    return shape.n * (sum(base.values()) + teachers)
+
+
 def floor(shape: Shape, matmul_flops_per_s: float, copy_bytes_per_s: float) -> dict[str, float]:
     """The floor of one step (see METHOD["floor"]): FLOPs, bytes and milliseconds."""
     n, d, v = shape.n, shape.dim, shape.vocab
@@ -334,6 +350,7 @@ def run(args, argv: list[str]) -> dict:
 
     def head(shape: Shape, batch: Batch | None) -> dict:
         fields = asdict(shape) | {"batch": shape.batch} | floor(shape, rate, copy_bw)
+        fields["logit_bytes"] = logit_bytes(shape, device)
         return fields if batch is None else fields | {"exercised": check_saliency(batch)}
 
     def finish(case: str, shape: Shape, row: dict) -> dict:
