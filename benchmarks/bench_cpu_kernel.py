@@ -41,10 +41,10 @@ TARGET_RATIO = 1.5  # NLFT loss / one cross-entropy, forward+backward
 
 METHOD = {
     "timing": (
-        "forward+backward of one loss per call, .grad dropped before each call (outside the timed "
-        "region); median over --reps calls after --warmup untimed ones; CUDA: torch.cuda.Event; "
-        "CPU: time.perf_counter"
-    ),
+        "forward+backward of one loss per call, .grad dropped before each call; median over --reps "
+        "calls after --warmup untimed ones; "
+    )
+    + _util.TIMING,
     "cases": (
         "cpp / cuda / triton / torch: nlft_kernels.nlft_loss(base [N, V] with gradient, standard and "
         "judge [N, V] logits without, sample_ids) with that backend; cross_entropy: "

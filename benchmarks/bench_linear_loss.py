@@ -66,10 +66,7 @@ METHOD = {
         "teachers: label log-probs of the standard and judge views under torch.no_grad; base view: "
         "loss forward + backward into hidden.grad and W.grad (sample_mean, clusters on hidden)"
     ),
-    "timing": (
-        "median over --reps calls after --warmup untimed ones, .grad dropped before each call outside "
-        "the timed region; CUDA: torch.cuda.Event around each call; CPU: time.perf_counter"
-    ),
+    "timing": ("median over --reps calls after --warmup untimed ones, .grad dropped before each call; ") + _util.TIMING,
     "memory_cuda": (
         "torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
         "memory_allocated before it: bytes beyond the inputs, the gradients written included"

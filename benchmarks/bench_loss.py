@@ -81,10 +81,11 @@ def row_bandwidth(row: dict, copy_bytes_per_s: float | None) -> dict:
 
 METHOD = {
     "timing": (
-        "forward+backward of one loss per call, .grad dropped before each call (outside the timed "
-        "region); median over --reps calls after --warmup untimed ones; CUDA: torch.cuda.Event "
-        "around each call; CPU: time.perf_counter, each case in a fresh subprocess (a compiled case "
-        "leaves OpenMP threads spinning that slow whatever runs after it in the same process)"
+        "forward+backward of one loss per call, .grad dropped before each call; median over --reps "
+        "calls after --warmup untimed ones; "
+        + _util.TIMING
+        + "; on the CPU each case in a fresh subprocess (a compiled case leaves OpenMP threads spinning "
+        "that slow whatever runs after it in the same process)"
     ),
     "memory_cuda": (
         "torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
