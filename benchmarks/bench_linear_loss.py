@@ -340,6 +340,7 @@ def run(args, argv: list[str]) -> dict:
     def spec(case: str, shape: Shape) -> dict:
         return {"case": case, "shape": asdict(shape), "seed": args.seed}
 
+    not_run: list[dict] = []
     rows = _util.run_grid(
         grid(args),
         args.cases,
@@ -349,8 +350,11 @@ def run(args, argv: list[str]) -> dict:
         measure_case=lambda case, shape, batch: measure_case(case, batch, device, args),
         unavailable=lambda case: unavailable(case, device),
         finish=finish,
+        deadline=_util.Deadline(args.time_budget_s),
+        not_run=not_run,
     )
     settings = {"warmup": args.warmup, "reps": args.reps, "seed": args.seed, "cases": list(args.cases)}
+    settings["time_budget_s"] = args.time_budget_s
     question = "memory and time of the fused linear NLFT loss against materialised logits and fused CE"
     module = "benchmarks.bench_linear_loss"
     return _util.payload_header("bench_linear_loss", question, device, module, argv, settings, METHOD) | {
@@ -360,6 +364,8 @@ def run(args, argv: list[str]) -> dict:
         "matmul_flops_per_s": rate,
         "matmul_rate_shape": {"size": rate_size, "dtype": str(rate_dtype).removeprefix("torch.")},
         "cases": rows,
+        # Shapes the time budget left out entirely (their cases are not in "cases").
+        "not_run": not_run,
     }
 
 
@@ -396,6 +402,9 @@ def markdown_table(payload: dict) -> str:
             f"{lead} {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['floor_ms']:.1f} | {r['x_floor']:.1f} | "
             f"{mem} | {time_share} | {mem_share} |"
         )
+    if payload.get("not_run"):
+        shapes = ", ".join(f"N={s['n']} D={s['dim']} V={s['vocab']} {s['dtype']}" for s in payload["not_run"])
+        lines += ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
     return "\n".join(lines)
 
 
@@ -436,6 +445,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = _util.benchmark_parser("benchmarks.bench_linear_loss", __doc__, GRIDS)
     _util.add_grid_args(p, ("n", "dim", "vocab"), "hidden/weight", CASES)
     _util.add_run_args(p, "linear_loss_<device>_<date>.json", warmup=(3, 1), reps=(20, 3))
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="start no case after this many seconds; what is left out is recorded (benchmarks.gpu_suite)",
+    )
     return _util.resolve_run_args(p.parse_args(argv))
 
 
