@@ -45,7 +45,7 @@ def plan_text(state_path: Path = state.STATE_FILE) -> tuple[str, bool]:
     """The plan as printed by --plan and --dry-run (steps measured before on the plan's GPU, in
     ``state_path``, estimated by that time), and whether it fits one call."""
     entries = state.load(state_path)
-    steps_planned = planned(lambda name: state.measured_seconds(entries, name, PLAN_DEVICE))
+    steps_planned = planned(lambda name: state.measured(entries, name, PLAN_DEVICE))
     source_hash = state.kernel_source_hash()
     total = total_s(steps_planned)
     fits = total <= DEADLINE_S
@@ -79,7 +79,8 @@ def plan_text(state_path: Path = state.STATE_FILE) -> tuple[str, bool]:
         f"| | total | {total:.0f} | | | {verdict}: steps may take {DEADLINE_S} s of the command's "
         f"{COMMAND_TIMEOUT_S} |",
         "",
-        "Time model of each step (seconds; a step measured ok on this GPU before is estimated by that time + 10%):",
+        "Time model of each step (seconds). A step run on this GPU before is estimated by that run instead: "
+        "its time + 10% when it ended, at least half again its budget when the budget stopped it:",
     ]
     lines += [f"  {p.step.name}: {p.estimate.model}" for p in steps_planned]
     lines += ["", "Leads of the model:"]

@@ -88,6 +88,7 @@ LEADS = {
     ),
     "torch_compile_s": Lead(45.0, "guess: inductor compiling F.cross_entropy forward+backward and its no_grad forward"),
     "gpu_test_s": Lead(0.3, "guess: one GPU test's own run time, its compiles apart"),
+    "duplicate_compiles": Lead(1.5, "guess: how many pytest-xdist workers compile each Triton variant on average"),
     "decode_step_s": Lead(0.025, "guess: one HF generate step of a 3B Llama at batch 8, eager"),
     "weights_s_per_billion": Lead(2.5, "guess: seconds per billion parameters to draw random weights on the GPU"),
 }
@@ -112,7 +113,8 @@ class LossGrid:
     vocab: int = 128256
     dtype: str = "bfloat16"
     rows_per_sample: int = 128
-    cases: tuple[str, ...] = ("nlft_kernels", "liger_cross_entropy_x3", "compiled_cross_entropy_x3")
+    # Liger last: it writes its gradient into its input (bench_loss runs the cases in this order).
+    cases: tuple[str, ...] = ("nlft_kernels", "compiled_cross_entropy_x3", "liger_cross_entropy_x3")
     warmup: int = 5
     reps: int = 30
 
@@ -245,12 +247,12 @@ def estimate_build() -> Estimate:
 
 def estimate_tests() -> Estimate:
     tests, variants, w = count_gpu_tests(), triton_variants(), TESTS.workers
-    compile_s, test_s = lead("triton_compile_s"), lead("gpu_test_s")
+    compile_s, test_s, dup = lead("triton_compile_s"), lead("gpu_test_s"), lead("duplicate_compiles")
     start = 2 * lead("python_start_s")
-    s = start + (variants * compile_s + tests * test_s) / w
+    s = start + (dup * variants * compile_s + tests * test_s) / w
     return Estimate(
         s,
-        f"workers' start {start:.0f} + ({variants} Triton variants x {compile_s} s + {tests} tests x "
+        f"workers' start {start:.0f} + ({dup} x {variants} Triton variants x {compile_s} s + {tests} tests x "
         f"{test_s} s) / {w} workers",
     )
 
@@ -452,14 +454,30 @@ class PlannedStep:
     budget_s: int
 
 
-def planned(measured_s: Callable[[str], float | None] = lambda name: None) -> list[PlannedStep]:
-    """Every step with its estimate (``measured_s(name)``: seconds measured before on the plan's GPU,
-    used with a tenth more instead of the model) and enforced budget."""
+@dataclass(frozen=True)
+class Measured:
+    """A step's newest run on the plan's GPU: its seconds, and whether it ended (else its budget
+    stopped it, and the seconds are a lower bound)."""
+
+    seconds: float
+    ended: bool
+
+
+def planned(measured: Callable[[str], Measured | None] = lambda name: None) -> list[PlannedStep]:
+    """Every step with its estimate and enforced budget. ``measured(name)``: the step's newest run
+    on the plan's GPU, which replaces the model: a tenth more than its time when it ended, half again
+    its budget (at least the model) when the budget stopped it, so that a plan that does not fit
+    says so."""
     out = []
     for step in STEPS:
-        model = step.estimate()
-        seen = measured_s(step.name)
-        est = Estimate(1.1 * seen, f"measured on the GPU before: {seen:.0f} s, + 10%") if seen is not None else model
+        model, seen = step.estimate(), measured(step.name)
+        if seen is None:
+            est = model
+        elif seen.ended:
+            est = Estimate(1.1 * seen.seconds, f"measured on the GPU before: {seen.seconds:.0f} s, + 10%")
+        else:
+            s = max(1.5 * seen.seconds, model.seconds)
+            est = Estimate(s, f"stopped by its budget of {seen.seconds:.0f} s on the GPU before: at least {s:.0f} s")
         out.append(PlannedStep(step, est, seen is not None, step.budget_s(est.seconds)))
     return out
 

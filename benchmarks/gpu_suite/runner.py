@@ -255,7 +255,7 @@ def run_plan(
 
     def plan() -> dict[str, PlannedStep]:
         entries = state.load(ctx.state_path)
-        return {p.step.name: p for p in planned(lambda n: state.measured_seconds(entries, n, ctx.device_name))}
+        return {p.step.name: p for p in planned(lambda n: state.measured(entries, n, ctx.device_name))}
 
     finish(ctx, run_step(ctx, plan()["setup"], functions["setup"]), records)
     after_setup = plan()

@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.gpu_suite.plan import REPO_ROOT, RESULTS_DIR
+from benchmarks.gpu_suite.plan import REPO_ROOT, RESULTS_DIR, Measured
 
 STATE_FILE = RESULTS_DIR / "gpu_suite_state.json"
 # The kernel sources a measurement belongs to: the ops (Triton kernels, launch table, autograd
@@ -84,8 +84,11 @@ def done(entries: list[Entry], step: str, source_hash: str, device: str) -> Entr
     return None
 
 
-def measured_seconds(entries: list[Entry], step: str, device: str) -> float | None:
-    """Seconds of the newest ``ok`` run of ``step`` on ``device``, whatever its sources (the time
-    model's measured replacement), or None."""
-    runs = [e for e in entries if e.step == step and e.device == device and e.status == "ok"]
-    return max(runs, key=lambda e: e.date).seconds if runs else None
+def measured(entries: list[Entry], step: str, device: str) -> Measured | None:
+    """The newest run of ``step`` on ``device`` that ended ok or was stopped by its budget, whatever
+    its sources (the time model's measured replacement), or None."""
+    runs = [e for e in entries if e.step == step and e.device == device and e.status in ("ok", "timeout")]
+    if not runs:
+        return None
+    newest = max(runs, key=lambda e: e.date)
+    return Measured(newest.seconds, newest.status == "ok")

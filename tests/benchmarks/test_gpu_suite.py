@@ -91,6 +91,20 @@ def test_a_plan_over_the_budget_fails(tmp_path):
     assert "measured on the GPU before: 100 s" in done.stdout
 
 
+def test_a_step_stopped_by_its_budget_is_planned_longer():
+    model = {p.step.name: p.estimate.seconds for p in plan.planned()}
+    again = {
+        p.step.name: p
+        for p in plan.planned(lambda n: plan.Measured(100.0, n != "tune") if n in ("tune", "setup") else None)
+    }
+    assert again["setup"].estimate.seconds == pytest.approx(110) and again["setup"].measured
+    assert (
+        again["tune"].estimate.seconds == max(150, model["tune"])
+        and "stopped by its budget" in again["tune"].estimate.model
+    )
+    assert again["headline"].estimate.seconds == model["headline"] and not again["headline"].measured
+
+
 # ---- The dry run -----------------------------------------------------------------------------------
 
 
