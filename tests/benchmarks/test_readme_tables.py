@@ -1,4 +1,5 @@
-"""The README's benchmark tables are the ones generated from the committed results."""
+"""The benchmark tables of docs/benchmarks.md and README.md's headline figures are the ones generated from the
+committed results."""
 
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def test_summary_lines_show_the_spread():
 
 
 def _train_step_sections(readme: str) -> dict[str, list[str]]:
-    """The README's generated training-step sections: title -> their lines."""
+    """docs/benchmarks.md's generated training-step sections: title -> their lines."""
     generated = readme.split(readme_tables.START, 1)[1].split(readme_tables.END, 1)[0]
     sections = {}
     for part in generated.split("\n### ")[1:]:
@@ -142,14 +143,14 @@ def _train_step_sections(readme: str) -> dict[str, list[str]]:
 
 
 def test_readme_summary_lines_name_the_comparison_they_report():
-    """Every summary line of the README's training-step sections names its comparison (method,
+    """Every summary line of the docs' training-step sections names its comparison (method,
     method + kernels or kernels alone, in words), the two rows it sets against each other and what
     their costs include; the paper's figures appear in no such line and no table row."""
     from benchmarks.bench_train_step import LABEL_WORDS
 
-    readme = readme_tables.README.read_text(encoding="utf-8")
-    sections = _train_step_sections(readme)
-    assert sections, "the README has no training-step section"
+    docs = readme_tables.DOCS.read_text(encoding="utf-8")
+    sections = _train_step_sections(docs)
+    assert sections, "docs/benchmarks.md has no training-step section"
     pattern = re.compile(
         r"^- (?P<model>[\w.-]+), (?P<label>method|method \+ kernels|kernels alone) \((?P<words>[^)]*)\): "
         r"(?P<ours>\w+) against (?P<against>\w+), (?P<costs>.+?): "
@@ -197,3 +198,24 @@ def test_the_gpu_headline_renders_first_when_a_result_exists(tmp_path):
     assert "| nlft_loss 3 views bf16 N=8192 V=128256 fwd+bwd | 2.50 | 4000 | 90 | 1.00 |" in text
     assert f"| {liger['case']} | 5.00 | 2000 | 45 | 2.00 |" in text
     assert "Copy bandwidth 4444 GB/s" in text and "Not measured: 3x torch.compile(F.cross_entropy) (skipped" in text
+    # README.md's headline line for it: the share of the copy bandwidth, the baselines' times as multiples.
+    line = readme_tables.render_headline(tmp_path).splitlines()[0]
+    assert line.startswith("- NVIDIA H200 (cuda), 2026-12-05: nlft_loss 3 views bf16 N=8192 V=128256 fwd+bwd: 2.50 ms")
+    assert "90% of the same run's copy bandwidth (4444 GB/s); 3x Liger cross_entropy 2.00x its time" in line
+    assert "([JSON](" in line
+
+
+def test_headline_lines_link_their_results(tmp_path):
+    """README.md's headline figures: one line per headline result, each linking its JSON from the
+    README's folder, and the pointer to the full tables; links in docs/ go up one folder."""
+    readme = readme_tables.README.read_text(encoding="utf-8")
+    headline = readme.split(readme_tables.HEADLINE_START, 1)[1].split(readme_tables.HEADLINE_END, 1)[0]
+    links = re.findall(r"\[JSON\]\(([^)]+)\)", headline)
+    assert links, "README.md's headline names no result"
+    for link in links:
+        assert (readme_tables.README.parent / link).is_file(), link
+    assert "(docs/benchmarks.md)" in headline
+    docs = readme_tables.DOCS.read_text(encoding="utf-8")
+    for link in re.findall(r"\]\((\.\./benchmarks/results/[^)]+)\)", docs):
+        assert (readme_tables.DOCS.parent / link).is_file(), link
+    assert readme_tables.render_headline(tmp_path).startswith("\nEvery table"), "no result, no headline line"
