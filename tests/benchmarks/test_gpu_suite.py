@@ -78,6 +78,13 @@ def test_plan_prints_the_call_the_model_and_what_happens_on_failure():
     assert "`timeout`" in out and "`failed`" in out and "next step starts" in out
 
 
+def test_the_docs_give_the_call_and_the_steps():
+    docs = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert plan.run_call() in docs and "python -m benchmarks.gpu_suite --prepare" in docs
+    for step in STEPS:
+        assert f"| {step.item} | `{step.name}` | {step.what} |" in docs
+
+
 def test_a_plan_over_the_budget_fails(tmp_path):
     """Steps measured slow on the plan's GPU replace the model; when they no longer fit, --plan
     says so and exits 1 (and so would --dry-run, which CI runs)."""
