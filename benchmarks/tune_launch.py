@@ -4,7 +4,7 @@ For each key of ``nlft_kernels.ops.launch.TUNED`` (family, vocabulary bucket, st
 times the package's own entry point (``nlft_loss`` for the row pass, ``token_logprobs`` forward
 and backward for the label log-probs) with each candidate written into ``TUNED`` in turn, and
 the rule's choice as the baseline. A candidate sets every field of ``LaunchConfig``: BLOCK_V
-(powers of two that keep the rule's register budget within a factor of two), num_warps, every
+(powers of two from a quarter of the rule's to twice it, its register budget), num_warps, every
 boolean option both ways (an eviction hint, say), and any other option at the rule's value unless
 ``--option NAME=V1,V2`` lists values; so a launch option added to ``LaunchConfig`` is tuned
 without a change here. It writes JSON + Markdown under ``benchmarks/results/`` and prints the ``TUNED``
@@ -56,13 +56,14 @@ def option_values(rule, options: dict[str, tuple] | None = None) -> dict[str, tu
 
 
 def candidates(vocab: int, streams: int, dtype: torch.dtype, options: dict[str, tuple] | None = None):
-    """Every candidate configuration of a key: each (BLOCK_V, num_warps) with 2 to 64 elements per
-    thread and stream, times every combination of ``option_values``."""
+    """Every candidate configuration of a key: each BLOCK_V from a quarter to twice the rule's with each
+    num_warps that gives 2 to 64 elements per thread and stream, times every combination of
+    ``option_values``."""
     from nlft_kernels.ops.launch import MAX_BLOCK_V, MIN_BLOCK_V, heuristic_config, vocab_bucket
 
     rule = heuristic_config(vocab, streams, dtype)
     extra = option_values(rule, options)
-    block = MIN_BLOCK_V
+    block = max(MIN_BLOCK_V, rule.block_v // 4)  # smaller tiles only add loop trips at these vocabularies
     while block <= min(MAX_BLOCK_V, vocab_bucket(vocab), 2 * rule.block_v):
         for warps in WARPS:
             if 2 <= block // (warps * 32) <= 64:  # elements per thread and stream

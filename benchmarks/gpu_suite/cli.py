@@ -75,6 +75,9 @@ def plan_text(state_path: Path = state.STATE_FILE) -> tuple[str, bool]:
             f"{p.step.what} |"
         )
     verdict = "fits" if fits else "DOES NOT FIT"
+    lines.append(
+        f"| | (the suite's start) | {LEADS['suite_start_s'].value:.0f} | | | imports and the plan, before setup |"
+    )
     lines += [
         f"| | total | {total:.0f} | | | {verdict}: steps may take {DEADLINE_S} s of the command's "
         f"{COMMAND_TIMEOUT_S} |",

@@ -58,7 +58,8 @@ class Context:
     deadline_s: float = DEADLINE_S
     started: float = field(default_factory=time.monotonic)
     device: dict = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
+    # The machine has no network: libraries that would ask the Hugging Face Hub are told not to.
+    env: dict[str, str] = field(default_factory=lambda: {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     source_hash: str = field(default_factory=state.kernel_source_hash)
 
     @property
