@@ -226,19 +226,20 @@ def finish(ctx: Context, record: StepRecord, records: list[StepRecord]) -> None:
 # ---- The loop ------------------------------------------------------------------------------------
 
 
-def to_run(ctx: Context, names: list[str], force: bool) -> dict[str, str]:
-    """Which of ``names`` run, and why the others do not: a recorded step done before for these
-    sources on this GPU is skipped; a step for another (the build, for the tests) runs only with it."""
+def not_run(ctx: Context, names: list[str], force: bool) -> dict[str, tuple[str, str]]:
+    """The steps of ``names`` that do not run, with their status and why: a recorded step done before
+    for these sources on this GPU (``done_before``); a step for another that does not run (the build,
+    for the tests: ``skipped``)."""
     entries = state.load(ctx.state_path)
-    why: dict[str, str] = {}
+    why: dict[str, tuple[str, str]] = {}
     for name in names:
         step = BY_NAME[name]
         if step.recorded and not force and (entry := state.done(entries, name, ctx.source_hash, ctx.device_name)):
-            why[name] = f"measured before for these kernel sources on this GPU ({entry.date})"
+            why[name] = ("done_before", f"measured before for these kernel sources on this GPU ({entry.date})")
     for name in names:
         step = BY_NAME[name]
         if step.for_step and (step.for_step not in names or step.for_step in why):
-            why[name] = f"only for {step.for_step}, which does not run"
+            why[name] = ("skipped", f"only for {step.for_step}, which does not run")
     return why
 
 
@@ -248,10 +249,11 @@ def run_plan(
     names: list[str] | None = None,
     force: bool = False,
 ) -> list[StepRecord]:
-    """Run the plan's steps (``names``: a subset; the plan's order either way). Setup runs first,
-    always: it finds the GPU (the state's key) and installs the carried wheels; without CUDA (and not
-    dry) the other steps are skipped."""
-    names = [s.name for s in STEPS if names is None or s.name in names or s.name == "setup"]
+    """Run the plan's steps (``names``: a subset, with the steps they need; the plan's order either
+    way). Setup runs first, always: it finds the GPU (the state's key) and installs the carried
+    wheels; without CUDA (and not dry) the other steps are skipped."""
+    wanted = set(names or BY_NAME)
+    names = [s.name for s in STEPS if s.name in wanted or s.name == "setup" or s.for_step in wanted]
     records: list[StepRecord] = []
 
     def plan() -> dict[str, PlannedStep]:
@@ -260,15 +262,16 @@ def run_plan(
 
     finish(ctx, run_step(ctx, plan()["setup"], functions["setup"]), records)
     after_setup = plan()
-    skip = to_run(ctx, names, force)
-    no_cuda = not ctx.dry_run and ctx.device.get("device_type") != "cuda"
+    skip = not_run(ctx, names, force)
+    if not ctx.dry_run and ctx.device.get("device_type") != "cuda":
+        skip = dict.fromkeys(
+            names, ("skipped", "torch sees no CUDA device here (run it on the GPU machine, or --dry-run)")
+        )
     for name in names[1:]:
-        if no_cuda or name in skip:
-            done = not no_cuda and "before" in skip[name]
-            record = new_record(ctx, after_setup[name], status="done_before" if done else "skipped")
-            record.notes.append(
-                "torch sees no CUDA device here (run it on the GPU machine, or --dry-run)" if no_cuda else skip[name]
-            )
+        if name in skip:
+            status, why = skip[name]
+            record = new_record(ctx, after_setup[name], status=status)
+            record.notes.append(why)
             report(record)
             finish(ctx, record, records)
             continue

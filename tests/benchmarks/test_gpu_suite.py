@@ -283,6 +283,20 @@ def test_a_failed_step_is_recorded_and_the_others_run(tmp_path):
     assert again["headline"] == "failed" and again["tune"] == "done_before"
 
 
+def test_a_chosen_step_brings_what_it_needs(tmp_path):
+    ctx = _context(tmp_path)
+
+    def setup(ctx, budget, record):
+        ctx.device = {"device": "Test GPU", "device_type": "cuda", "device_slug": "test-gpu"}
+
+    functions = dict.fromkeys(STEP_NAMES, lambda ctx, budget, record: None) | {"setup": setup}
+    assert [r.step for r in runner.run_plan(ctx, functions, ["tests"])] == ["setup", "build", "tests"]
+    assert [r.step for r in runner.run_plan(ctx, functions, ["tune"])] == ["setup", "tune"]
+    # tests is done now: its build does not run either.
+    again = {r.step: (r.status, r.notes) for r in runner.run_plan(ctx, functions, ["tests"])}
+    assert again["tests"][0] == "done_before" and again["build"] == ("skipped", ["only for tests, which does not run"])
+
+
 def test_a_step_without_time_left_does_not_start(tmp_path):
     ctx = _context(tmp_path, deadline_s=0)
     record = runner.run_step(ctx, plan.planned()[-1], lambda ctx, budget, record: None)
