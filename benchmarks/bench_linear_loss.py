@@ -68,10 +68,7 @@ METHOD = {
         "teachers: label log-probs of the standard and judge views under torch.no_grad; base view: "
         "loss forward + backward into hidden.grad and W.grad (sample_mean, clusters on hidden)"
     ),
-    "timing": (
-        "median over --reps calls after --warmup untimed ones, .grad dropped before each call outside "
-        "the timed region; CUDA: torch.cuda.Event around each call; CPU: time.perf_counter"
-    ),
+    "timing": ("median over --reps calls after --warmup untimed ones, .grad dropped before each call; ") + _util.TIMING,
     "memory_cuda": (
         "torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
         "memory_allocated before it: bytes beyond the inputs, the gradients written included"
@@ -360,6 +357,7 @@ def run(args, argv: list[str]) -> dict:
     def spec(case: str, shape: Shape) -> dict:
         return {"case": case, "shape": asdict(shape), "seed": args.seed}
 
+    not_run: list[dict] = []
     rows = _util.run_grid(
         grid(args),
         args.cases,
@@ -369,8 +367,11 @@ def run(args, argv: list[str]) -> dict:
         measure_case=lambda case, shape, batch: measure_case(case, batch, device, args),
         unavailable=lambda case: unavailable(case, device),
         finish=finish,
+        deadline=_util.Deadline(args.time_budget_s),
+        not_run=not_run,
     )
     settings = {"warmup": args.warmup, "reps": args.reps, "seed": args.seed, "cases": list(args.cases)}
+    settings["time_budget_s"] = args.time_budget_s
     question = "memory and time of the fused linear NLFT loss against materialised logits and fused CE"
     module = "benchmarks.bench_linear_loss"
     return _util.payload_header("bench_linear_loss", question, device, module, argv, settings, METHOD) | {
@@ -380,6 +381,8 @@ def run(args, argv: list[str]) -> dict:
         "matmul_flops_per_s": rate,
         "matmul_rate_shape": {"size": rate_size, "dtype": str(rate_dtype).removeprefix("torch.")},
         "cases": rows,
+        # Shapes the time budget left out entirely (their cases are not in "cases").
+        "not_run": not_run,
     }
 
 
@@ -416,6 +419,9 @@ def markdown_table(payload: dict) -> str:
             f"{lead} {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['floor_ms']:.1f} | {r['x_floor']:.1f} | "
             f"{mem} | {time_share} | {mem_share} |"
         )
+    if payload.get("not_run"):
+        shapes = ", ".join(f"N={s['n']} D={s['dim']} V={s['vocab']} {s['dtype']}" for s in payload["not_run"])
+        lines += ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
     return "\n".join(lines)
 
 
@@ -456,6 +462,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = _util.benchmark_parser("benchmarks.bench_linear_loss", __doc__, GRIDS)
     _util.add_grid_args(p, ("n", "dim", "vocab"), "hidden/weight", CASES)
     _util.add_run_args(p, "linear_loss_<device>_<date>.json", warmup=(3, 1), reps=(20, 3))
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="start no case after this many seconds; what is left out is recorded (benchmarks.gpu_suite)",
+    )
     return _util.resolve_run_args(p.parse_args(argv))
 
 
