@@ -76,16 +76,20 @@ class NLFTTrainer(transformers.Trainer):
     of micro-batches (exact for equal micro-batches); bf16/fp16 autocast, peft LoRA models and
     DDP (torchrun / accelerate launch) work as with any Trainer.
 
-    nlft_config: the objective's constants; judge_nll_weight: see :func:`nlft_batch_loss`.
+    nlft_config: the objective's constants; judge_nll_weight: see :func:`nlft_batch_loss`
+    (default: ``args.judge_nll_weight`` of :class:`NLFTTrainingArguments`, 0 for plain
+    ``TrainingArguments``).
     """
 
-    def __init__(self, *args, nlft_config: NLFTConfig = NLFTConfig(), judge_nll_weight: float = 0.0, **kwargs):
+    def __init__(self, *args, nlft_config: NLFTConfig = NLFTConfig(), judge_nll_weight: float | None = None, **kwargs):
         tokenizer = kwargs.get("processing_class")
         self.pad_token_id = pad_token_id_of(tokenizer) if tokenizer is not None else 0
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = NLFTCollator(self.pad_token_id, nlft_config.ignore_index)
         super().__init__(*args, **kwargs)
         self.nlft_config = nlft_config
+        if judge_nll_weight is None:
+            judge_nll_weight = getattr(self.args, "judge_nll_weight", 0.0)
         self.judge_nll_weight = judge_nll_weight
         # The loss is a per-sample mean: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -207,7 +211,6 @@ def train(
             train_dataset=features,
             processing_class=tokenizer,
             nlft_config=config,
-            judge_nll_weight=args.judge_nll_weight,
         )
         trainer.train()
     model.eval()

@@ -14,13 +14,14 @@ import torch
 
 from nlft_kernels import NLFTConfig
 from nlft_kernels.saliency_map import batch_details
+from nlft_kernels.training.arguments import NLFTTrainingArguments
 from nlft_kernels.training.data import NLFTCollator, encode_records
 from nlft_kernels.training.distributed import sharding_of
 from nlft_kernels.training.heads import HeadInsideForward, PlainHead, head_access
-from nlft_kernels.training.trainer import nlft_step
+from nlft_kernels.training.trainer import NLFTTrainer, nlft_step
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
 from tests.training.test_distributed import _shard
-from tests.training.test_trainer import _free_port, _trainer
+from tests.training.test_trainer import _free_port
 
 # Every rule fires on the tiny random model: saliency of both kinds and clusters.
 CONFIG = NLFTConfig(correct_threshold=0.0025, ratio_threshold=1.0, judge_min_prob=1e-4, cluster_threshold=0.0)
@@ -90,10 +91,14 @@ def _assert_identical(a, b, what: str) -> None:
 
 @pytest.mark.parametrize("judge_nll_weight", JUDGE_NLL_WEIGHTS)
 def test_trainer_compute_loss_is_the_step(plain, judge_nll_weight, tmp_path):
+    """NLFTTrainer's loss, its judge_nll_weight taken from NLFTTrainingArguments (as train() runs it)."""
     tok = tiny_tokenizer()
     model = tiny_model(len(tok))
-    trainer = _trainer(model, tok, encode_records(tiny_records(), tok), tmp_path, batch=4)
-    trainer.nlft_config, trainer.judge_nll_weight = CONFIG, judge_nll_weight
+    args = NLFTTrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, judge_nll_weight=judge_nll_weight, use_cpu=True, disable_tqdm=True
+    )
+    trainer = NLFTTrainer(model=model, args=args, train_dataset=[], processing_class=tok, nlft_config=CONFIG)
+    assert trainer.judge_nll_weight == judge_nll_weight
     loss = trainer.compute_loss(model, _batch(tok))
     loss.backward()
     _assert_identical(plain[judge_nll_weight], (loss.detach(), _grads(model, None)), "NLFTTrainer.compute_loss")
