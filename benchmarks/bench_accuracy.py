@@ -177,10 +177,10 @@ def fit(model, tokenizer, features: list[dict], method: str, settings: StudySett
     both methods). Returns the per-step losses."""
     from tqdm.auto import tqdm
 
-    from nlft_kernels.training.data import NLFTCollator
-    from nlft_kernels.training.trainer import _pad_id, nlft_step
+    from nlft_kernels.training.data import NLFTCollator, pad_token_id_of
+    from nlft_kernels.training.trainer import nlft_step
 
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id_of(tokenizer)
     collate = NLFTCollator(pad)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)

@@ -571,8 +571,8 @@ def add_field_flags(group, cls, specs: dict[str, dict]) -> None:
         group.add_argument(*flags, **spec)
 
 
-# The argparse checks of `nlft train`'s flags, one per keyword of train() (training.arguments.TRAIN_KEYWORDS:
-# the NLFTTrainingArguments field it sets, whose help the flag shows).
+# The argparse checks of `nlft train`'s flags, one per flag of train_flag_fields() (the
+# NLFTTrainingArguments field it sets, whose help the flag shows).
 TRAINING_FLAG_CHECKS = {
     "steps": dict(type=_positive_int, help="optimizer steps"),
     "epochs": dict(type=_positive_float, default=None, help="passes over the records, instead of --steps"),
@@ -594,14 +594,26 @@ TRAINING_FLAG_CHECKS = {
 }  # fmt: skip
 
 
-def _training_specs(*keywords: str, **overrides: dict) -> dict[str, dict]:
-    """``add_field_flags`` specs of train()'s ``keywords``: flag ``--keyword``, dest ``keyword``."""
-    from nlft_kernels.training.arguments import TRAIN_KEYWORDS
+def train_flag_fields() -> dict[str, str]:
+    """`nlft train`'s training flags (by dest) -> the NLFTTrainingArguments field each sets."""
+    from nlft_kernels.training.arguments import CHECKPOINTING_FIELD, WARMUP_FIELD
 
+    return {
+        "steps": "max_steps", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+        "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate", "lr_scheduler": "lr_scheduler_type",
+        "warmup_ratio": WARMUP_FIELD, "gradient_checkpointing": CHECKPOINTING_FIELD, "seed": "seed", "lora": "lora",
+        "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+        "lora_targets": "lora_targets", "max_length": "max_length", "judge_nll_weight": "judge_nll_weight",
+    }  # fmt: skip
+
+
+def _training_specs(*keywords: str, **overrides: dict) -> dict[str, dict]:
+    """``add_field_flags`` specs of the training flags ``keywords``: flag ``--keyword``, dest ``keyword``."""
+    fields = train_flag_fields()
     specs = {}
     for keyword in keywords:
         spec = {"flags": [f"--{keyword.replace('_', '-')}"], "dest": keyword}
-        specs[TRAIN_KEYWORDS[keyword]] = spec | TRAINING_FLAG_CHECKS[keyword] | overrides.get(keyword, {})
+        specs[fields[keyword]] = spec | TRAINING_FLAG_CHECKS[keyword] | overrides.get(keyword, {})
     return specs
 
 
@@ -643,13 +655,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def training_arguments_from_args(args: argparse.Namespace):
     """The NLFTTrainingArguments of the training flags (ValueError: a setting they cannot take)."""
-    from nlft_kernels.training.arguments import TRAIN_KEYWORDS, training_arguments
+    from nlft_kernels.training.arguments import NLFTTrainingArguments
 
-    given = {k: getattr(args, k) for k in TRAIN_KEYWORDS if k not in ("steps", "epochs", "output_dir", "seed")}
-    if hasattr(args, "seed"):
-        given["seed"] = args.seed
-    steps = None if args.epochs else args.steps
-    return training_arguments(steps=steps, epochs=args.epochs, **given)
+    fields = train_flag_fields()
+    given = {flag: getattr(args, flag, None) for flag in fields if flag not in ("steps", "epochs")}
+    given |= {"epochs": args.epochs} if args.epochs else {"steps": args.steps}
+    settings = {fields[flag]: value for flag, value in given.items() if value is not None}
+    return NLFTTrainingArguments(disable_tqdm=False, **settings)
 
 
 def nlft_config_from_args(args: argparse.Namespace):
