@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from nlft_kernels.recipes.cli import main
-from nlft_kernels.recipes.judge import SCORE_CORRECT, Judgment
-from nlft_kernels.recipes.judge_run import judge_rows, read_judged, record_id
-from nlft_kernels.recipes.judges import (
+from nlft_kernels.recipes.rule_judge import SCORE_CORRECT, Judgment
+from nlft_kernels.recipes.judging import judge_rows, read_judged, record_id
+from nlft_kernels.recipes.llm_judge import (
     Judge,
     JudgeError,
     JudgeUnavailable,
@@ -162,7 +162,7 @@ def test_http_500_is_retried_with_backoff():
 
 def test_retry_after_is_capped():
     """A 429 asking for an hour waits 30 s, the backoff's cap."""
-    from nlft_kernels.recipes.judges import _Retryable
+    from nlft_kernels.recipes.llm_judge import _Retryable
 
     waits, replies = [], iter([_Retryable("HTTP 429", retry_after=3600.0), chat_reply(REPLY_RIGHT)])
     judge = OpenAIJudge("http://h/v1", "m", max_retries=1, sleep=waits.append)

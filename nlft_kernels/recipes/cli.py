@@ -235,8 +235,8 @@ def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
 
 def _make_judge(args, parser):
     """The judge the flags name: --base-url (a server), --local-model (transformers), else --judge."""
-    from nlft_kernels.recipes.judge import load_judge
-    from nlft_kernels.recipes.judges import LocalModelJudge, OpenAIJudge, api_key_from_env, rule_judge
+    from nlft_kernels.recipes.rule_judge import load_judge
+    from nlft_kernels.recipes.llm_judge import LocalModelJudge, OpenAIJudge, api_key_from_env, rule_judge
 
     base_url, local = getattr(args, "base_url", None), getattr(args, "local_model", None)
     if base_url and local:
@@ -289,8 +289,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False):
     """Judge --in (or ``rows``) into --out, resumable; returns the :class:`JudgeRun`."""
-    from nlft_kernels.recipes.judge_run import MAX_CONSECUTIVE_FAILURES, judge_rows
-    from nlft_kernels.recipes.judges import JudgeUnavailable
+    from nlft_kernels.recipes.judging import MAX_CONSECUTIVE_FAILURES, judge_rows
+    from nlft_kernels.recipes.llm_judge import JudgeUnavailable
     from nlft_kernels.training.data import read_numbered_jsonl
 
     judge = _make_judge(args, parser)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol, runtime_checkable
 
-from nlft_kernels.recipes.judge import SCORE_CORRECT, SCORE_WRONG_ANSWER, Judgment, judge_response
+from nlft_kernels.recipes.rule_judge import SCORE_CORRECT, SCORE_WRONG_ANSWER, Judgment, judge_response
 
 # The environment variables the API key is read from, first set wins (never a command-line flag:
 # those show in `ps` and shell history).
@@ -69,7 +69,7 @@ class JudgeStopped(Exception):
 
 
 def rule_judge(question: str, response: str, reference_solution: str) -> Judgment:
-    """The rule-based GSM8K judge (:func:`nlft_kernels.recipes.judge.judge_response`), behind :class:`Judge`."""
+    """The rule-based GSM8K judge (:func:`nlft_kernels.recipes.rule_judge.judge_response`), behind :class:`Judge`."""
     try:
         return judge_response(question, response, reference_solution)
     except ValueError as err:  # a reference without a final answer: this record only

@@ -1,4 +1,4 @@
-"""Judge many responses with any :class:`nlft_kernels.recipes.judges.Judge`, losing nothing on a crash.
+"""Judge many responses with any :class:`nlft_kernels.recipes.llm_judge.Judge`, losing nothing on a crash.
 
 Each result is appended to the output JSONL and flushed as soon as it arrives, so a crash, a kill
 or Ctrl-C keeps every record finished before it; a rerun reads the output first and judges only
@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlft_kernels.recipes.judge import Judgment, as_judgment
-from nlft_kernels.recipes.judges import Judge, JudgeError, JudgeStopped, JudgeUnavailable
+from nlft_kernels.recipes.rule_judge import Judgment, as_judgment
+from nlft_kernels.recipes.llm_judge import Judge, JudgeError, JudgeStopped, JudgeUnavailable
 
 FIELDS = ("question", "response", "answer")
 # Records in a row with no reply at all (timeouts, resets) after which a run stops.

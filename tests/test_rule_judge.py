@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nlft_kernels.recipes.judge import (
+from nlft_kernels.recipes.rule_judge import (
     SCORE_CORRECT,
     SCORE_NO_ANSWER,
     SCORE_WRONG_ANSWER,
@@ -268,7 +268,7 @@ def test_load_judge_file(tmp_path):
     [
         ("no_colon", "module:function"),
         ("nlft_kernels_no_such_module:judge", "cannot import"),
-        ("nlft_kernels.recipes.judge:no_such_function", "no function"),
+        ("nlft_kernels.recipes.rule_judge:no_such_function", "no function"),
         ("/no/such/file.py:judge", "not found"),
     ],
 )
