@@ -283,8 +283,8 @@ def _settings_json(settings: StudySettings) -> dict:
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     from nlft_kernels.recipes.generation import GSM8K_INSTRUCTION, evaluate_gsm8k, generate_responses
-    from nlft_kernels.recipes.rule_judge import judge_response
     from nlft_kernels.recipes.models import load_model
+    from nlft_kernels.recipes.rule_judge import judge_response
     from nlft_kernels.training.data import NLFTRecord, encode_records
     from nlft_kernels.training.trainer import add_lora
 

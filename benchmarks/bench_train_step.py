@@ -893,7 +893,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--judge",
         help="judge of the *_gen_judge rows' judging pass: builtin (the rule judge, default) or module:function "
-        "(nlft_kernels.recipes.rule_judge.load_judge), e.g. an LLM judge",
+        "(nlft_kernels.recipes.judging.load_judge), e.g. an LLM judge",
     )
     p.add_argument("--reft-max-length", type=int, help="ReFT's sampling cap, prompt included (its own: 700)")
     args = p.parse_args(argv)

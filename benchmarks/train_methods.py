@@ -25,7 +25,7 @@ earlier GSM8K exemplars or cut from the left to length, responses are the refere
 Every cost counted: ``<nlft method>_gen_judge`` adds to the NLFT step one generation pass (one
 response per question, with ReFT's sampler: its prompt, temperature 1, EOS, the same cap) and one
 judging pass (``judge``: the rule judge ``nlft_kernels.recipes.rule_judge.judge_response`` by default, or any
-``module:function`` that ``nlft_kernels.recipes.rule_judge.load_judge`` loads, e.g. an LLM judge); the NLFT step
+``module:function`` that ``nlft_kernels.recipes.judging.load_judge`` loads, e.g. an LLM judge); the NLFT step
 itself then trains on the benchmark's fixed batch, so its tokens equal the other NLFT rows'.
 
 The paper's setting (``bench_train_step --setting paper``) trains the two NLFT methods with LoRA
@@ -317,7 +317,7 @@ def add_paper_lora(model, lora: LoRASettings = PAPER_LORA):
 
 def row_includes(method: str, lora: LoRASettings = PAPER_LORA, judge: str = "builtin") -> dict:
     """What one step of ``method`` trains and what its time and memory contain, for the results.
-    ``judge``: the judge of the generation pass (``nlft_kernels.recipes.rule_judge.load_judge``'s spec)."""
+    ``judge``: the judge of the generation pass (``nlft_kernels.recipes.judging.load_judge``'s spec)."""
     views = {
         "sft": "one sequence (prompt + reference response), with gradient",
         "reft": "the sampled response after ReFT's prompt, no teacher views",
@@ -348,7 +348,8 @@ def row_includes(method: str, lora: LoRASettings = PAPER_LORA, judge: str = "bui
     else:
         sampling = "none"
         generation = "none (the response is given)"
-    judge_name = "the rule judge nlft_kernels.recipes.rule_judge.judge_response" if judge in (None, "", "builtin") else judge
+    builtin = judge in (None, "", "builtin")
+    judge_name = "the rule judge nlft_kernels.recipes.rule_judge.judge_response" if builtin else judge
     if is_reft:
         judging = "ReFT's reward: the final answer checked against the reference (nlft_kernels.recipes.rule_judge)"
     elif counted:
@@ -456,7 +457,7 @@ def build_step(
         step = nlft_kernels_step(model, optimizer, inputs, config)
     if not counted:
         return step, [model]
-    from nlft_kernels.recipes.rule_judge import load_judge
+    from nlft_kernels.recipes.judging import load_judge
 
     before = generation_judging_pass(
         model, inputs, decode, load_judge(judge), reft_config.max_length, reft_config.temperature

@@ -1,56 +1,66 @@
-"""Judge many responses with any :class:`nlft_kernels.recipes.llm_judge.Judge`, losing nothing on a crash.
+"""Judging many responses into a JSONL file with any :class:`~nlft_kernels.recipes.judgment.Judge`,
+losing nothing on a crash; and :func:`load_judge`, a user's judge function named on the command line.
 
-Each result is appended to the output JSONL and flushed as soon as it arrives, so a crash, a kill
-or Ctrl-C keeps every record finished before it; a rerun reads the output first and judges only
-the records it does not hold yet (a record is known by its input line and a hash of its question,
-response and reference, so an edited input is judged again). A record the judge could not judge
-(a malformed reply, a timeout, an HTTP error after the retries) is written with an ``error`` and
-the judge's raw reply, never dropped; a rerun tries it again. The input is only read.
+The output is a :class:`~nlft_kernels.recipes.jsonl_store.JsonlStore`: each result is appended and
+flushed as soon as it arrives, so a crash, a kill or Ctrl-C keeps every record finished before it;
+a rerun judges only the records the output does not hold yet. A record is known by the content it
+copies from its input row (question, response, answer, instruction): after the input was edited,
+its rows for edited or deleted lines are dropped (``stale``) and the edited lines judged, so the
+output holds exactly the current input's records. One run writes an output at a time (a second one
+gets :class:`~nlft_kernels.recipes.jsonl_store.OutputBusy`). A record the judge could not judge (a
+malformed reply, a timeout, an HTTP error after the retries) is written with an ``error`` and the
+judge's raw reply, never dropped; a rerun tries it again. The input is only read.
 
 When to stop: a judge that cannot be reached (refused connections, a host that does not resolve,
 a refused key) stops the run at once; so do ``max_consecutive_failures`` records in a row that got
-no reply at all (timeouts, resets: the server is down or hung), since the rest would only time
-out too. Ctrl-C, or either stop, sets the judge's ``stop`` event (:class:`OpenAIJudge` has one), so
-the requests in flight and their retries end at once; what was written stays.
+no reply at all (timeouts, resets: the server is down or hung), since the rest would only time out
+too. Ctrl-C, or either stop, sets the judge's ``stop`` event (:class:`OpenAIJudge` has one), so the
+requests in flight and their retries end at once; what was written stays.
 
-Output rows: ``id``, ``line`` (1-based line of the input), ``question``, ``response``, ``answer``,
-``instruction`` (when the input has one), ``judge``, and then either ``correct``, ``judgment``,
-``score`` (and ``raw``, an LLM judge's reply) or ``error``, ``raw``, ``attempts``.
-:func:`nlft_kernels.training.load_records` reads the file for training and skips the error rows.
+Output rows: ``id`` (the record's key), ``line`` (1-based line of the input), ``question``,
+``response``, ``answer``, ``instruction`` (when the input has one), ``judge``, and then either
+``correct``, ``judgment``, ``score`` (and ``raw``, an LLM judge's reply) or ``error``, ``raw``,
+``attempts``. :func:`nlft_kernels.training.load_records` reads the file for training and skips the
+error rows.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib
+import importlib.util
 import os
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlft_kernels.recipes.rule_judge import Judgment, as_judgment
-from nlft_kernels.recipes.llm_judge import Judge, JudgeError, JudgeStopped, JudgeUnavailable
+from nlft_kernels.recipes.errors import BadInput
+from nlft_kernels.recipes.jsonl_store import JsonlStore, content_keys
+from nlft_kernels.recipes.judgment import (
+    Judge,
+    JudgeError,
+    JudgeFunction,
+    JudgeStopped,
+    JudgeUnavailable,
+    Judgment,
+    as_judgment,
+)
+from nlft_kernels.recipes.rule_judge import judge_response
 
 FIELDS = ("question", "response", "answer")
+# What an output row copies from its input row: its key hashes these.
+KEY_FIELDS = (*FIELDS, "instruction")
 # Records in a row with no reply at all (timeouts, resets) after which a run stops.
 MAX_CONSECUTIVE_FAILURES = 5
-
-
-def record_id(question: str, response: str, answer: str) -> str:
-    """A short hash that tells one (question, response, reference) from another."""
-    digest = hashlib.sha256("\x1f".join((question, response, answer)).encode("utf-8")).hexdigest()
-    return digest[:16]
 
 
 @dataclass
 class JudgeRun:
     """What one run did: ``total`` input records, ``skipped`` (judged by an earlier run),
     ``judged`` now (``correct`` + ``wrong``), ``errors`` now, ``retried`` (errors of an earlier
-    run tried again), ``repaired`` (a last output line cut by a crash, removed)."""
+    run tried again), ``stale`` (rows of an earlier run dropped: their input line was edited or
+    deleted), ``repaired`` (a last output line cut by a crash, removed)."""
 
     total: int = 0
     skipped: int = 0
@@ -59,6 +69,7 @@ class JudgeRun:
     wrong: int = 0
     errors: int = 0
     retried: int = 0
+    stale: int = 0
     repaired: bool = False
 
 
@@ -69,56 +80,51 @@ class _Item:
     row: dict
 
 
-def read_judged(out: str | os.PathLike, judge: str | None = None) -> tuple[set[str], set[str], bool]:
-    """(keys judged, keys with only errors so far, whether a cut last line was removed) of an
-    output file. Every line is checked first: a file that is not an output of `nlft judge`, or
-    (``judge`` given) one whose rows another judge wrote, is refused untouched (resuming would mix
-    two judges' verdicts). Then a last line without its newline: a whole row keeps its record and
-    gets its newline; a row a crash cut short is removed (appending after it would corrupt the
-    next record) and its record is judged again."""
-    path = Path(out)
-    if not path.is_file():
-        return set(), set(), False
-    data = path.read_bytes()
-    *lines, tail = data.split(b"\n")  # tail: b"" when the file ends with its newline
-    rows = [(number, line.decode("utf-8")) for number, line in enumerate(lines, 1) if line.strip()]
-    tail_row = None
-    if tail.strip():
-        try:  # a crash may cut a character in two: decoded leniently, then parsed
-            tail_row = _row(path, len(lines) + 1, tail.decode("utf-8", "replace"))
-        except ValueError:
-            if not tail.lstrip().startswith(b'{"id"'):  # not one of our rows cut short: not ours
-                raise
-    judged, errored = set(), set()
-    numbered = [(number, _row(path, number, line)) for number, line in rows]
-    for number, row in numbered + ([(len(lines) + 1, tail_row)] if tail_row else []):
-        if judge is not None and row.get("judge") not in (None, judge):
-            raise ValueError(
-                f"{path}, line {number}: judged by {row['judge']!r}, not by this judge ({judge!r}); resuming "
-                "would mix two judges' verdicts: use a new --out (or --overwrite to start it afresh)"
-            )
-        key = f"{row['line']}:{row['id']}"
-        (errored if row.get("error") else judged).add(key)
-    repaired = False
-    if tail.strip() and tail_row is not None:
-        with open(path, "ab") as f:  # a whole row: only its newline was lost
-            f.write(b"\n")
-    elif tail.strip():
-        with open(path, "rb+") as f:
-            f.truncate(len(data) - len(tail))
-        repaired = True
-    return judged, errored - judged, repaired
+def judge_name(judge: Judge) -> str:
+    """The name written into each row a judge judged (its ``name``, else its function's name)."""
+    return str(getattr(judge, "name", None) or getattr(judge, "__name__", type(judge).__name__))
 
 
-def _row(path: Path, number: int, line: str) -> dict:
-    """The output row on ``line``; ValueError if it is not one of `nlft judge`'s."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}); not an output of `nlft judge`?") from err
-    if not isinstance(row, dict) or "id" not in row or "line" not in row:
-        raise ValueError(f"{path}, line {number}: no 'id' and 'line': not an output of `nlft judge`")
-    return row
+def judge_store(out: str | os.PathLike, judge: Judge | str) -> JsonlStore:
+    """The :class:`JsonlStore` of a judged file: rows keyed by ``id``, owned by the judge's name."""
+    name = judge if isinstance(judge, str) else judge_name(judge)
+    return JsonlStore(out, kind="`nlft judge`", owner_field="judge", owner=name, owner_label="judged by")
+
+
+def load_judge(spec: str | None) -> JudgeFunction:
+    """The judge function named by ``module:function`` (or ``path/to/file.py:function``).
+
+    None or ``builtin`` gives :func:`~nlft_kernels.recipes.rule_judge.judge_response`. The function
+    takes ``(question, response, reference_solution)`` and returns a :class:`Judgment`, a
+    ``(correct, judgment)`` pair or a dict with ``correct`` and ``judgment``; the result is
+    converted to a ``Judgment``. A spec that names no function is a :class:`BadInput`.
+    """
+    if spec in (None, "", "builtin"):
+        return judge_response
+    module_name, sep, function_name = spec.rpartition(":")
+    if not sep or not module_name or not function_name:
+        raise BadInput(f"--judge must look like module:function or path/to/file.py:function, got {spec!r}")
+    if module_name.endswith(".py") or "/" in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise BadInput(f"judge file not found: {path}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise BadInput(f"cannot import judge module {module_name!r}: {err}") from err
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise BadInput(f"{module_name!r} has no function {function_name!r}")
+
+    def judge(question: str, response: str, reference_solution: str) -> Judgment:
+        return as_judgment(function(question, response, reference_solution))
+
+    judge.__name__ = function_name
+    return judge
 
 
 def _judge_one(judge: Judge, row: dict) -> Judgment | JudgeError:
@@ -143,8 +149,7 @@ def _judge_one(judge: Judge, row: dict) -> Judgment | JudgeError:
 
 
 def _output_row(item: _Item, result: Judgment | JudgeError, judge_name: str) -> dict:
-    row = {"id": item.key.split(":", 1)[1], "line": item.line}
-    row |= {k: item.row[k] for k in FIELDS}
+    row = {"id": item.key, "line": item.line} | {k: item.row[k] for k in FIELDS}
     if item.row.get("instruction") is not None:
         row["instruction"] = item.row["instruction"]
     row["judge"] = judge_name
@@ -152,40 +157,6 @@ def _output_row(item: _Item, result: Judgment | JudgeError, judge_name: str) -> 
         return row | {"error": str(result), "raw": result.raw, "attempts": result.attempts}
     row |= {"correct": result.correct, "judgment": result.judgment, "score": result.score}
     return row | ({"raw": result.raw} if result.raw is not None else {})
-
-
-class _Progress:
-    """tqdm's bar (records, rate, ETA) when tqdm is installed, else a line every few seconds."""
-
-    def __init__(self, total: int, enabled: bool, desc: str = "judge") -> None:
-        self.total, self.done, self.errors, self.started, self.last = total, 0, 0, time.monotonic(), 0.0
-        self.bar = None
-        self.enabled = enabled
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, desc=desc, unit="record", dynamic_ncols=True)
-
-    def update(self, error: bool) -> None:
-        self.done += 1
-        self.errors += error
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"errors {self.errors}", refresh=False)
-            self.bar.update(1)
-            return
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 5 or self.done == self.total):
-            rate = self.done / max(now - self.started, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"judge: {self.done}/{self.total} records, {rate:.2f} records/s, ETA {eta:.0f} s, "
-                  f"errors {self.errors}", file=sys.stderr, flush=True)  # fmt: skip
-            self.last = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def judge_rows(
@@ -202,51 +173,52 @@ def judge_rows(
     """Judge ``rows`` ((1-based input line, dict with question, response, answer), ...) into ``out``.
 
     Resumes from what ``out`` holds unless ``overwrite`` (each row names its judge: an ``out``
-    another judge wrote is refused with a ValueError). ``concurrency`` judge calls run at once
-    (threads; 1 runs in this thread), at most the judge's own ``concurrency`` when it has one.
-    Raises :class:`JudgeUnavailable` when the judge cannot be reached, or when
+    another judge wrote is refused with a :class:`BadInput`, as is one that is not a judged file or
+    that another process is writing). ``concurrency`` judge calls run at once (threads; 1 runs in
+    this thread), at most the judge's own ``concurrency`` when it has one. Raises
+    :class:`JudgeUnavailable` when the judge cannot be reached, or when
     ``max_consecutive_failures`` records in a row (0: no limit) got no reply at all (their error
     rows are written; what was judged before stays in ``out``); KeyboardInterrupt passes through
     likewise. Either sets the judge's ``stop`` event (when it has one) so that the calls in
-    flight end at once, and clears it when they have.
-    ``on_result`` sees each output row after it is written.
+    flight end at once, and clears it when they have. ``on_result`` sees each output row after it
+    is written; a progress bar (tqdm) on stderr unless ``progress`` is False.
     """
+    from tqdm.auto import tqdm
+
     if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        raise BadInput(f"concurrency must be >= 1, got {concurrency}")
     if max_consecutive_failures < 0:
-        raise ValueError(f"max_consecutive_failures must be >= 0, got {max_consecutive_failures}")
+        raise BadInput(f"max_consecutive_failures must be >= 0, got {max_consecutive_failures}")
     # A judge that is not thread-safe says so (LocalModelJudge.concurrency = 1).
     concurrency = min(concurrency, getattr(judge, "concurrency", None) or concurrency)
-    out = Path(out)
-    items: list[_Item] = []
-    for line, row in rows:
-        missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
-        if missing:
-            raise ValueError(f"line {line}: missing field {', '.join(repr(k) for k in missing)}")
-        items.append(_Item(line, f"{line}:{record_id(*(row[k] for k in FIELDS))}", row))
-    if overwrite and out.exists():
-        out.unlink()
-    name = str(getattr(judge, "name", None) or getattr(judge, "__name__", type(judge).__name__))
-    judged, errored, repaired = read_judged(out, judge=name)
-    todo = [item for item in items if item.key not in judged]
-    run = JudgeRun(total=len(items), skipped=len(items) - len(todo), repaired=repaired)
-    run.retried = sum(item.key in errored for item in todo)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bar = _Progress(len(todo), progress)
-    failures: list[JudgeError] = []  # the records in a row, up to now, that got no reply
-    with open(out, "a", encoding="utf-8") as f:
+    numbered = list(rows)
+    for line, row in numbered:
+        wrong = [k for k in FIELDS if not isinstance(row.get(k), str)]
+        if wrong:
+            what = ", ".join(f"{k!r} ({'missing' if k not in row else 'not a string'})" for k in wrong)
+            raise BadInput(f"line {line}: field {what}")
+    keys = content_keys([row for _, row in numbered], KEY_FIELDS)
+    items = [_Item(line, key, row) for (line, row), key in zip(numbered, keys, strict=True)]
+    name = judge_name(judge)
+    with judge_store(out, name) as store:
+        resume = store.open(keys, refresh={item.key: {"line": item.line} for item in items}, overwrite=overwrite)
+        todo = [item for item in items if item.key not in resume.done]
+        run = JudgeRun(total=len(items), skipped=len(items) - len(todo), stale=resume.stale, repaired=resume.repaired)
+        run.retried = sum(item.key in resume.retry for item in todo)
+        bar = tqdm(total=len(todo), desc="judge", unit="record", dynamic_ncols=True, disable=not progress)
+        failures: list[JudgeError] = []  # the records in a row, up to now, that got no reply
 
         def write(item: _Item, result: Judgment | JudgeError) -> None:
             row = _output_row(item, result, name)
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()  # a kill after this line keeps the record
+            store.append(row)
             if isinstance(result, JudgeError):
                 run.errors += 1
             else:
                 run.judged += 1
                 run.correct += result.correct
                 run.wrong += not result.correct
-            bar.update(isinstance(result, JudgeError))
+            bar.set_postfix_str(f"errors {run.errors}", refresh=False)
+            bar.update(1)
             if on_result is not None:
                 on_result(row)
             failures[:] = [*failures, result] if isinstance(result, JudgeError) and result.transport else []

@@ -1,379 +1,218 @@
-"""Judges behind one interface: the rule-based GSM8K judge, an LLM behind any OpenAI-compatible
-chat-completions server (vLLM, SGLang, llama.cpp's server, OpenAI), and a local transformers model.
+"""LLM judges: a model behind any OpenAI-compatible chat-completions server (vLLM, SGLang, llama.cpp's
+server, OpenAI) through the ``openai`` client, and a local transformers model. Both send
+:func:`~nlft_kernels.recipes.judge_prompt.judge_messages` and read the reply with
+:func:`~nlft_kernels.recipes.judge_prompt.parse_verdict`.
 
-A judge is any callable ``judge(question, response, reference_solution) -> Judgment`` (the
-:class:`Judge` protocol). NLFT needs two things from it: is the response correct, and, when it is
-not, a judgment in natural language of what is wrong (the judge view's prompt quotes it). The LLM
-judges ask for both with the paper's judge prompt (:data:`JUDGE_SYSTEM_PROMPT`) and read the reply
-with :func:`parse_verdict`, which tolerates formatting noise.
+The server's address and key follow the ``openai`` client's conventions: ``base_url`` (else
+``$OPENAI_BASE_URL``, else OpenAI's API) and the key from ``$NLFT_JUDGE_API_KEY``, else
+``$OPENAI_API_KEY`` (or the variable ``--api-key-env`` names; never a command-line flag, which
+``ps`` and shell history show). Credentials stay out of what is shown and stored: a base URL with a
+user name or password is refused without being echoed, and server bodies and messages written to
+the output have keys, Bearer tokens and ``key=`` query values redacted (:func:`redact`).
 
-Failures are typed so that a run can keep every record: :class:`JudgeError` (this record has no
-verdict: a malformed reply, a timeout, an HTTP error after the retries; the runner writes it as an
-error on the record; ``transport`` when no reply came at all), :class:`JudgeUnavailable` (no record
-can be judged: the server cannot be reached or refuses the key; the runner stops) and
-:class:`JudgeStopped` (the run is ending: Ctrl-C or another record's fatal error set the judge's
-``stop`` event; nothing is written for the record).
+Needs the ``openai`` package (the ``train`` extra), imported only when an :class:`OpenAIJudge` is made.
 """
 
 from __future__ import annotations
 
-import http.client
+import asyncio
+import concurrent.futures
+import contextvars
 import json
+import math
 import os
 import random
 import re
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from functools import partial
-from typing import Protocol, runtime_checkable
+import warnings
+from collections.abc import Iterable
+from urllib.parse import urlsplit
 
-from nlft_kernels.recipes.rule_judge import SCORE_CORRECT, SCORE_WRONG_ANSWER, Judgment, judge_response
+from nlft_kernels.recipes.errors import BadInput
+from nlft_kernels.recipes.judge_prompt import judge_messages, parse_verdict
+from nlft_kernels.recipes.judgment import JudgeError, JudgeStopped, JudgeUnavailable, Judgment
 
-# The environment variables the API key is read from, first set wins (never a command-line flag:
-# those show in `ps` and shell history).
+# The environment variables the API key is read from, first set wins.
 API_KEY_ENV = ("NLFT_JUDGE_API_KEY", "OPENAI_API_KEY")
-# The authors' scores: a response scored >= 7 of 10 is correct (see training.data.CORRECT_SCORE).
-CORRECT_SCORE_OF_10 = 7
-
-
-@runtime_checkable
-class Judge(Protocol):
-    """What every judge is: ``(question, response, reference_solution) -> Judgment``.
-
-    Raises :class:`JudgeError` when this record gets no verdict, :class:`JudgeUnavailable` when
-    no record can get one. ``name`` (optional) is written into each judged record.
-    """
-
-    def __call__(self, question: str, response: str, reference_solution: str) -> Judgment: ...
-
-
-class JudgeError(Exception):
-    """One record got no verdict; ``raw`` is the judge's reply when there was one; ``transport``
-    when its last attempt got no reply at all (a timeout, a reset or dropped connection)."""
-
-    def __init__(self, message: str, raw: str | None = None, attempts: int = 1, transport: bool = False) -> None:
-        super().__init__(message)
-        self.raw, self.attempts, self.transport = raw, attempts, transport
-
-
-class JudgeUnavailable(Exception):
-    """No record can be judged (server unreachable, key refused, no such endpoint or model)."""
-
-
-class JudgeStopped(Exception):
-    """The run is ending (the judge's ``stop`` event is set): this record was left unjudged."""
-
-
-def rule_judge(question: str, response: str, reference_solution: str) -> Judgment:
-    """The rule-based GSM8K judge (:func:`nlft_kernels.recipes.rule_judge.judge_response`), behind :class:`Judge`."""
-    try:
-        return judge_response(question, response, reference_solution)
-    except ValueError as err:  # a reference without a final answer: this record only
-        raise JudgeError(str(err)) from err
-
-
-rule_judge.name = "rule"
-
-
-# ------------------------------------------------------------------------------- the prompt
-
-# Written after the authors' judge prompt (utils/helper.py `sys2` in the NLFT repository: a math
-# expert sees the problem, the student's response and the correct answer, checks the process and
-# the answer, and either declares the response correct or analyses why it is wrong), plus a
-# verdict line so that a reply can be read without guessing.
-JUDGE_SYSTEM_PROMPT = (
-    "You are a math expert. You are given a math problem, its reference solution and a student's response.\n"
-    "Check whether the student's response is correct: both the solution process and the final answer.\n"
-    "If the response is correct, write: The response is correct.\n"
-    "If the response is wrong, analyse why it is wrong: name the first wrong step and what is wrong with it, "
-    "and say what the correct reasoning and the correct final answer are.\n"
-    "End with one line that is exactly 'Verdict: correct' or 'Verdict: wrong'."
-)
-JUDGE_JSON_INSTRUCTION = (
-    "Reply with a JSON object only: "
-    '{"judgment": "<your analysis of the errors, or The response is correct.>", "correct": true or false}'
-)
-JUDGE_USER_TEMPLATE = (
-    "### Question:\n{question}\n\n### Reference solution:\n{reference}\n\n### Student's response:\n{response}\n"
-)
+BASE_URL_ENV = "OPENAI_BASE_URL"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# Longest wait between two attempts (the backoff's and a server's Retry-After alike).
+MAX_WAIT_S = 30.0
 # For servers that constrain decoding to a schema (llama.cpp, vLLM, SGLang, OpenAI).
 VERDICT_SCHEMA = {
     "type": "object",
     "properties": {"judgment": {"type": "string"}, "correct": {"type": "boolean"}},
     "required": ["judgment", "correct"],
 }
-RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+REDACTED = "[redacted]"
 
 
-def judge_messages(question: str, response: str, reference_solution: str, json_reply: bool = False) -> list[dict]:
-    """The chat messages that ask a judge model for a verdict and a judgment."""
-    system = JUDGE_SYSTEM_PROMPT + ("\n" + JUDGE_JSON_INSTRUCTION if json_reply else "")
-    user = JUDGE_USER_TEMPLATE.format(
-        question=question.strip(), reference=reference_solution.strip(), response=response
-    )
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+# ---------------------------------------------------------------------------- credentials
 
 
-# -------------------------------------------------------------------------- reading a reply
+def api_key_from_env(name: str | None = None) -> str | None:
+    """The API key in the environment variable ``name``, else in the first set of :data:`API_KEY_ENV`.
 
-# No bare "yes"/"no": "Verdict: no errors" would read as wrong.
-_NEGATIVE = r"incorrect|not\s+correct|wrong|false|fail(?:ed)?|invalid"
-_POSITIVE = r"correct|right|true|pass(?:ed)?|valid"
-_VERDICT_LINE = re.compile(
-    rf"^[\s#*_>`\-]*(?:final\s+)?(?:verdict|rating|decision|result|conclusion)[\s*_`]*[:=\-]?[\s*_`\[\"']*"
-    r"(?:the\s+(?:student'?s\s+)?(?:response|answer|solution)\s+is\s+)?"
-    rf"(?P<word>{_NEGATIVE}|{_POSITIVE})\b[^\n]*$",
-    re.IGNORECASE | re.MULTILINE,
-)
-_BRACKETED = re.compile(
-    rf"(?:\b(?:verdict|rating)\s*:\s*)?\[\[\s*(?P<word>{_NEGATIVE}|{_POSITIVE})\s*\]\]\.?", re.IGNORECASE
-)
-_SENTINEL_CORRECT = re.compile(r"the\s+(?:student'?s\s+)?response\s+is\s+(?:fully\s+)?correct\b", re.IGNORECASE)
-# The sentence alone is a verdict only in a reply with no word of blame: "The response is correct
-# in its setup, but 9*2=16 is wrong" is not a correct verdict.
-_BLAME = re.compile(
-    r"\b(?:incorrect\w*|wrong\w*|errors?|erroneous|mistakes?|mistaken|not|no|\w+n't|false|fail\w*|invalid)\b",
-    re.IGNORECASE,
-)
-_SCORE_LINE = re.compile(
-    r"^[\s#*_>`\-]*score[\s*_`]*[:=]?[\s*_`]*(?P<score>\d+(?:\.\d+)?)\s*(?:/\s*(?P<of>\d+))?[^\n]*$",
-    re.IGNORECASE | re.MULTILINE,
-)
-_LABEL = re.compile(r"^[\s#*_`]*(?:judg(?:e)?ment|analysis|explanation|reasoning)[\s*_`]*:[\s*_`]*", re.IGNORECASE)
-_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
+    A ``name`` that is unset or empty gives None with a warning, never another variable's key
+    (that one may belong to another server)."""
+    if name:
+        value = os.environ.get(name)
+        if not value:
+            warnings.warn(
+                f"${name} (named for the judge's API key) is not set or empty: no API key is sent", stacklevel=2
+            )
+        return value or None
+    return next((os.environ[n] for n in API_KEY_ENV if os.environ.get(n)), None)
 
 
-def _is_negative(word: str) -> bool:
-    return re.fullmatch(_NEGATIVE, word.strip(), re.IGNORECASE) is not None
-
-
-def _from_json(reply: str) -> tuple[bool, str | None, float | None] | None:
-    """(correct, judgment, score) of a JSON reply (fenced or not), or None if it is not one."""
-    text = _FENCE.sub("", reply.strip())
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end <= start:
-        return None
+def check_base_url(base_url: str) -> str:
+    """``base_url`` (as for the ``openai`` client, e.g. ``http://host:8000/v1``) without a trailing
+    ``/`` or ``/chat/completions``; :class:`BadInput` for a URL that is not http(s), has a query or
+    carries a user name or password (refused without echoing it: it holds a secret)."""
     try:
-        value = json.loads(text[start : end + 1])
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(value, dict):
-        return None
-    value = {str(k).lower(): v for k, v in value.items()}
-    judgment = next(
-        (value[k] for k in ("judgment", "judgement", "analysis", "explanation", "reason") if k in value), None
-    )
-    judgment = judgment if isinstance(judgment, str) else None
-    score = value.get("score")
-    score = float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None
-    for key in ("correct", "is_correct", "verdict", "rating", "result"):
-        verdict = value.get(key)
-        if isinstance(verdict, bool):
-            return verdict, judgment, score
-        if isinstance(verdict, str) and re.fullmatch(rf"\s*({_NEGATIVE}|{_POSITIVE})\W*", verdict, re.IGNORECASE):
-            return not _is_negative(verdict.strip(" .!")), judgment, score
-    if score is not None:
-        return score >= CORRECT_SCORE_OF_10, judgment, score
-    return None
+        parts = urlsplit(base_url.strip())
+        has_user_info = parts.username is not None or parts.password is not None
+    except ValueError:
+        raise BadInput("the judge's base URL cannot be parsed") from None
+    if has_user_info:
+        raise BadInput(
+            "the judge's base URL holds a user name or password (user:password@host): it is neither sent nor "
+            f"shown; give the key in ${API_KEY_ENV[0]} (or name its variable with --api-key-env)"
+        )
+    if parts.query or parts.fragment:
+        raise BadInput(
+            "the judge's base URL has a query string or fragment (not shown: it may hold a key); give the "
+            f"server's root, e.g. http://host:8000/v1, and the key in ${API_KEY_ENV[0]}"
+        )
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BadInput(f"the judge's base URL must start with http:// or https://, got {base_url!r}")
+    url = base_url.strip().rstrip("/")
+    return url.removesuffix("/chat/completions")
 
 
-def parse_verdict(reply: str) -> Judgment:
-    """The :class:`Judgment` in a judge model's reply; :class:`JudgeError` (with the reply) if none.
-
-    Read, first that matches: a JSON object (``correct``/``verdict``/``score``, ``judgment``), in
-    a code fence or not; the last ``Verdict: correct|wrong`` line (also ``**Verdict:** Incorrect``,
-    ``Final verdict - wrong``, ``Rating: [[correct]]``); ``[[correct]]``; the authors' sentence
-    "The response is correct" (only in a reply with no word of blame: incorrect, wrong, error,
-    mistake, not...); a ``Score: n/10`` line (correct when >= 7, the authors' rule).
-    The judgment is the reply without its verdict and score lines. A wrong verdict with no
-    judgment is an error: NLFT's judge view needs the judgment.
-    """
-    if not isinstance(reply, str) or not reply.strip():
-        raise JudgeError("the judge's reply is empty", raw=reply if isinstance(reply, str) else None)
-    parsed = _from_json(reply)
-    if parsed is not None:
-        correct, judgment, score = parsed
-    else:
-        verdicts = list(_VERDICT_LINE.finditer(reply)) or list(_BRACKETED.finditer(reply))
-        scores = list(_SCORE_LINE.finditer(reply))
-        score = None
-        if scores:
-            value, of = float(scores[-1]["score"]), float(scores[-1]["of"] or 10)
-            score = 10 * value / of if of > 0 else None
-        if verdicts:
-            correct = not _is_negative(verdicts[-1]["word"])
-        elif _SENTINEL_CORRECT.search(reply) and not _BLAME.search(reply):
-            correct = True
-        elif score is not None:
-            correct = score >= CORRECT_SCORE_OF_10
-        else:
-            raise JudgeError("no verdict in the judge's reply (expected a line 'Verdict: correct|wrong')", raw=reply)
-        text = _VERDICT_LINE.sub("", reply)
-        text = _SCORE_LINE.sub("", _BRACKETED.sub("", text))
-        judgment = "\n".join(_LABEL.sub("", line) for line in text.strip().splitlines()).strip() or None
-    if correct:
-        return Judgment(True, None, SCORE_CORRECT, raw=reply)
-    if not judgment or not judgment.strip():
-        raise JudgeError("the judge says wrong but gives no judgment of the errors", raw=reply)
-    return Judgment(False, judgment.strip(), SCORE_WRONG_ANSWER if score is None else score / 10, raw=reply)
+_BEARER = re.compile(r"(\bBearer\s+)[^\s\"',;]+", re.IGNORECASE)
+_KEY_PARAM = re.compile(
+    r"(\b(?:api[_-]?key|access[_-]?token|token|key|secret|password|auth)\s*=\s*)[^&\s\"',;]+", re.IGNORECASE
+)
+_KEY_FIELD = re.compile(
+    r"(\"(?:api[_-]?key|access[_-]?token|token|key|secret|password|authorization)\"\s*:\s*\")[^\"]*", re.IGNORECASE
+)
+_USER_INFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
+_OPENAI_KEY = re.compile(r"\bsk-[A-Za-z0-9_\-]{12,}")
 
 
-# ------------------------------------------------------------ an OpenAI-compatible server
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with credentials replaced by ``[redacted]``: each of ``secrets`` (4 characters or
+    more) wherever it appears, Bearer tokens, ``key=``/``token=``... values, JSON ``"api_key"``
+    fields, the user info of URLs and OpenAI-style ``sk-`` keys."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    text = _BEARER.sub(rf"\1{REDACTED}", text)
+    text = _KEY_PARAM.sub(rf"\1{REDACTED}", text)
+    text = _KEY_FIELD.sub(rf"\1{REDACTED}", text)
+    text = _USER_INFO.sub(rf"\1{REDACTED}@", text)
+    return _OPENAI_KEY.sub(REDACTED, text)
 
 
-def api_key_from_env(names: tuple[str, ...] = API_KEY_ENV) -> str | None:
-    """The first non-empty of the environment variables ``names``."""
-    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+# ------------------------------------------------------------------ the openai client's parts
+
+# The attempts of the request the current task makes (the transport appends one per attempt).
+_ATTEMPTS: contextvars.ContextVar[list[int]] = contextvars.ContextVar("nlft_judge_attempts")
 
 
-def chat_completions_url(base_url: str) -> str:
-    """``{base_url}/chat/completions`` (``base_url`` as for the OpenAI client, e.g. ``http://host:8000/v1``);
-    a URL that already ends in ``/chat/completions`` is kept."""
-    url = base_url.rstrip("/")
-    if not re.match(r"https?://", url):
-        raise ValueError(f"the judge's base URL must start with http:// or https://, got {base_url!r}")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+def _http_module(openai):
+    """The HTTP library the installed ``openai`` is built on (httpx2, or httpx before it)."""
+    import importlib
+
+    return importlib.import_module(openai.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0])
 
 
-class _Retryable(Exception):
-    """A failure worth another attempt; ``fatal`` when, after the last one, no record can succeed;
-    ``transport`` when no reply came (not an HTTP error status)."""
+class _AttemptDeadline:
+    """An HTTP transport around the real one: each attempt ends within ``timeout`` seconds in all
+    (connect, headers and the whole body: a server that drips its reply still times out, which
+    per-read timeouts miss), as the library's own timeout error so that the client retries it."""
 
-    def __init__(
-        self, message: str, fatal: bool = False, retry_after: float | None = None, transport: bool = False
-    ) -> None:
-        super().__init__(message)
-        self.fatal, self.retry_after, self.transport = fatal, retry_after, transport or fatal
+    def __init__(self, http, timeout: float) -> None:
+        self.http, self.timeout, self.inner = http, timeout, http.AsyncHTTPTransport()
 
+    async def handle_async_request(self, request):
+        attempts = _ATTEMPTS.get(None)
+        if attempts is not None:
+            attempts.append(1)
+        try:
+            return await asyncio.wait_for(self._exchange(request), self.timeout)
+        except (TimeoutError, asyncio.TimeoutError):  # noqa: UP041 (two classes before Python 3.11)
+            raise self.http.ReadTimeout(f"no reply within {self.timeout:g} s", request=request) from None
 
-class _Redirected(Exception):
-    """The judge's server answered with a redirect, which is not followed."""
+    async def _exchange(self, request):
+        response = await self.inner.handle_async_request(request)
+        try:  # the raw bytes: the client decodes them (gzip) as it would have
+            body = b"".join([chunk async for chunk in response.aiter_raw()])
+        finally:
+            await response.aclose()
+        return self.http.Response(
+            response.status_code, headers=response.headers, content=body, extensions=response.extensions
+        )
 
-    def __init__(self, code: int, location: str) -> None:
-        super().__init__(f"redirect (HTTP {code}) to {location}")
-        self.code, self.location = code, location
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
+    async def __aenter__(self):
+        return self
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib follows redirects with every header of the request, the API key included: refuse."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise _Redirected(code, newurl)
-
-
-class _Deadline:
-    """One request's watchdog: when ``timeout`` seconds have passed since it started, or ``stop``
-    is set, it shuts the request's socket down, which ends a read blocked anywhere (the status
-    line, the headers, a body that drips in byte by byte). So ``timeout`` bounds the whole
-    request, not each read as a socket timeout does; ``fired`` says why it ended one."""
-
-    POLL = 0.05  # seconds between looks at ``stop``: how soon Ctrl-C ends a request in flight
-
-    def __init__(self, timeout: float, stop: threading.Event) -> None:
-        self.timeout, self.deadline, self.stop = timeout, time.monotonic() + timeout, stop
-        self.fired: str | None = None
-        self.sock = None
-        self.lock, self.done = threading.Lock(), threading.Event()
-        threading.Thread(target=self._watch, name="nlft-judge-deadline", daemon=True).start()
-
-    def left(self) -> float:
-        return max(self.deadline - time.monotonic(), 1e-3)
-
-    def attach(self, sock) -> None:
-        with self.lock:
-            self.sock = sock
-            if self.fired:
-                self._shut()
-
-    def close(self) -> None:
-        self.done.set()
-
-    def _watch(self) -> None:
-        while not self.done.wait(min(self.POLL, max(self.deadline - time.monotonic(), 0.0))):
-            reason = "stopped" if self.stop.is_set() else "timeout" if time.monotonic() >= self.deadline else None
-            if reason:
-                with self.lock:
-                    if not self.done.is_set():
-                        self.fired = reason
-                        self._shut()
-                return
-
-    def _shut(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # closed already
-                pass
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
 
 
-class _DeadlineHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args, deadline: _Deadline, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.deadline = deadline
+def _client_class(openai):
+    """``openai.AsyncOpenAI`` waiting ``backoff * 2**retry`` seconds between attempts (10% jitter),
+    or a server's Retry-After, both capped at :data:`MAX_WAIT_S`: ``--backoff``'s meaning. What is
+    retried (timeouts, dropped connections, HTTP 408/409/429/5xx) and how often is the client's."""
 
-    def connect(self) -> None:
-        self.timeout = self.deadline.left()  # the connect itself is bounded by what is left
-        super().connect()
-        self.deadline.attach(self.sock)
+    class _Client(openai.AsyncOpenAI):
+        backoff = 1.0
 
+        def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None) -> float:
+            retry_after = self._parse_retry_after_header(response_headers)
+            if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+                return min(retry_after, MAX_WAIT_S)
+            retry = options.get_max_retries(self.max_retries) - remaining_retries
+            return min(MAX_WAIT_S, self.backoff * 2.0 ** min(retry, 30) * (1 + 0.1 * random.random()))
 
-class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, deadline: _Deadline, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.deadline = deadline
-
-    def connect(self) -> None:
-        self.timeout = self.deadline.left()
-        super().connect()  # TCP, then TLS: self.sock is the TLS socket
-        self.deadline.attach(self.sock)
+    return _Client
 
 
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline) -> None:
-        super().__init__()
-        self.deadline = deadline
-
-    def http_open(self, req):
-        return self.do_open(partial(_DeadlineHTTPConnection, deadline=self.deadline), req)
-
-
-class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline) -> None:
-        super().__init__()
-        self.deadline = deadline
-
-    def https_open(self, req):
-        return self.do_open(partial(_DeadlineHTTPSConnection, deadline=self.deadline), req, context=self._context)
+# ---------------------------------------------------------------------------- the server judge
 
 
 class OpenAIJudge:
-    """An LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint, with the standard
-    library only (urllib): each call sends :func:`judge_messages` and parses the reply.
+    """An LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint, through ``openai.AsyncOpenAI``.
 
-    Robustness: ``timeout`` seconds per request, in all (connect, headers and body: a server
-    that drips its reply still times out); up to ``max_retries`` more attempts after a
-    timeout, a dropped connection, HTTP 429 or 5xx, waiting ``backoff * 2**attempt`` seconds
-    (with 10% jitter; a 429's Retry-After when given; either capped at 30 s). After the last attempt a
-    connection that is refused (or a host name that does not resolve) raises
+    Each call sends :func:`judge_messages` and parses the reply. ``timeout`` seconds per attempt,
+    in all; up to ``max_retries`` more attempts after a timeout, a dropped connection, HTTP 408,
+    409, 429 or 5xx (the client's retries), waiting as :func:`_client_class` says. After the last
+    attempt a connection that cannot be made (refused, a host that does not resolve) raises
     :class:`JudgeUnavailable`; the rest raise :class:`JudgeError` (``transport`` when no reply
-    came), as do a body that is not a chat completion and a reply with no verdict
-    (not retried: at temperature 0 it would come back the same). HTTP 401/403/404 and
-    a redirect (never followed: it would carry the API key elsewhere) raise
-    :class:`JudgeUnavailable` at once. Thread-safe: the runner calls it from several threads.
-    ``stop`` (a ``threading.Event``; the runner sets it when a run ends early, e.g. on Ctrl-C)
-    ends the backoff waits and the requests in flight within ~0.05 s, with :class:`JudgeStopped`.
+    came), as do a body that is not a chat completion and a reply with no verdict (not retried: at
+    temperature 0 it would come back the same). HTTP 401/403/404 and a redirect (never followed:
+    it would carry the API key elsewhere) raise :class:`JudgeUnavailable` at once.
+
+    Thread-safe: the calls of all threads run on one event loop in a daemon thread. ``stop`` (a
+    ``threading.Event``; the runner sets it when a run ends early, e.g. on Ctrl-C) ends the calls
+    in flight within :attr:`POLL_S` with :class:`JudgeStopped`: their requests are cancelled (the
+    connection closed) and so are their waits between attempts.
 
     ``response_format``: ``text`` (default, any server), ``json_object`` (with the verdict schema,
     as llama.cpp's server and vLLM constrain it) or ``json_schema`` (OpenAI's structured outputs).
     """
 
+    POLL_S = 0.05  # how often a waiting call looks at ``stop``
+
     def __init__(
         self,
-        base_url: str,
+        base_url: str | None,
         model: str,
         *,
         api_key: str | None = None,
@@ -384,18 +223,46 @@ class OpenAIJudge:
         temperature: float = 0.0,
         response_format: str = "text",
         seed: int | None = 0,
-        sleep: Callable[[float], None] | None = None,
     ) -> None:
-        if timeout <= 0 or max_retries < 0 or backoff < 0 or max_tokens < 1:
-            raise ValueError("timeout and max_tokens must be positive, max_retries and backoff >= 0")
+        numbers = {"timeout": timeout, "backoff": backoff, "temperature": temperature}
+        for what, value in numbers.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise BadInput(f"the judge's {what} must be a finite number >= 0, got {value!r}")
+        if timeout <= 0 or max_tokens < 1 or max_retries < 0:
+            raise BadInput("the judge's timeout and max_tokens must be positive, max_retries >= 0")
         if response_format not in RESPONSE_FORMATS:
-            raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}, got {response_format!r}")
-        self.url = chat_completions_url(base_url)
-        self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.max_retries, self.backoff, self.max_tokens = max_retries, backoff, max_tokens
-        self.temperature, self.response_format, self.seed, self.sleep = temperature, response_format, seed, sleep
-        self.name = f"{model} at {base_url}"
+            raise BadInput(f"response_format must be one of {RESPONSE_FORMATS}, got {response_format!r}")
+        try:
+            import openai
+        except ImportError as err:
+            raise ImportError(
+                "the LLM judge needs the openai package: pip install openai (or nlft-kernels[train])"
+            ) from err
+        self.base_url = check_base_url(base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
+        self.url = self.base_url + "/chat/completions"
+        self.model, self.api_key, self.timeout, self.max_retries = model, api_key, float(timeout), max_retries
+        self.max_tokens, self.temperature, self.response_format, self.seed = (
+            max_tokens,
+            temperature,
+            response_format,
+            seed,
+        )
+        self.name = f"{model} at {self.base_url}"
         self.stop = threading.Event()
+        self._openai = openai
+        http = _http_module(openai)
+        self._client = _client_class(openai)(
+            api_key=api_key or "unused",  # with no key, the Authorization header is left out per request
+            base_url=self.base_url,
+            timeout=self.timeout,
+            max_retries=max_retries,
+            http_client=openai.DefaultAsyncHttpxClient(
+                transport=_AttemptDeadline(http, self.timeout), follow_redirects=False, timeout=self.timeout
+            ),
+        )
+        self._client.backoff = backoff
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
 
     def __call__(self, question: str, response: str, reference_solution: str) -> Judgment:
         messages = judge_messages(question, response, reference_solution, json_reply=self.response_format != "text")
@@ -406,113 +273,109 @@ class OpenAIJudge:
             err.attempts = attempts
             raise
 
-    def request_body(self, messages: list[dict]) -> dict:
-        """The JSON body of one chat-completions request."""
-        body: dict = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-        }
+    def request(self, messages: list[dict]) -> dict:
+        """The keyword arguments of ``chat.completions.create`` for ``messages``."""
+        kwargs: dict = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens}
+        kwargs |= {"temperature": self.temperature}
         if self.seed is not None:
-            body["seed"] = self.seed
-        if self.response_format == "json_object":
-            body["response_format"] = {"type": "json_object", "schema": VERDICT_SCHEMA}
+            kwargs["seed"] = self.seed
+        if not self.api_key:
+            kwargs["extra_headers"] = {"Authorization": self._openai.Omit()}
+        if self.response_format == "json_object":  # llama.cpp's and vLLM's schema-constrained JSON
+            kwargs["extra_body"] = {"response_format": {"type": "json_object", "schema": VERDICT_SCHEMA}}
         elif self.response_format == "json_schema":
             schema = {"name": "verdict", "schema": VERDICT_SCHEMA | {"additionalProperties": False}, "strict": True}
-            body["response_format"] = {"type": "json_schema", "json_schema": schema}
-        return body
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": schema}
+        return kwargs
 
     def complete(self, messages: list[dict]) -> tuple[str, int]:
-        """(the reply's text, attempts made) for ``messages``, with the retries described above."""
-        data = json.dumps(self.request_body(messages)).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(self.max_retries + 1):
-            if self.stop.is_set():
-                raise JudgeStopped("the run is stopping")
-            try:
-                return self._post(data, headers), attempt + 1
-            except _Retryable as err:
-                if attempt == self.max_retries:
-                    message = f"{err} (after {attempt + 1} attempt{'s' * (attempt > 0)})"
-                    if err.fatal:
-                        raise JudgeUnavailable(f"cannot reach the judge at {self.url}: {message}") from None
-                    raise JudgeError(message, attempts=attempt + 1, transport=err.transport) from None
-                delay = min(30.0, self.backoff * 2**attempt)
-                if err.retry_after is not None:  # the server's wait, within the same cap
-                    delay = min(30.0, err.retry_after)
-                else:
-                    delay *= 1 + 0.1 * random.random()
-                if self.sleep is not None:
-                    self.sleep(delay)
-                elif self.stop.wait(delay):  # the backoff ends as soon as the run stops
-                    raise JudgeStopped("the run is stopping") from None
-        raise AssertionError("unreachable")
-
-    def _post(self, data: bytes, headers: dict[str, str]) -> str:
-        """One attempt: the reply's text content, or the failure, typed for :meth:`complete`."""
-        deadline = _Deadline(self.timeout, self.stop)
-        opener = urllib.request.build_opener(
-            _NoRedirects, _DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline)
-        )
+        """(the reply's text, attempts made) for ``messages``; ends at once when ``stop`` is set."""
+        if self.stop.is_set():
+            raise JudgeStopped("the run is stopping")
+        future = asyncio.run_coroutine_threadsafe(self._complete(messages), self._event_loop())
         try:
-            return self._exchange(opener, data, headers)
-        except Exception:
-            # A socket the deadline shut down fails in whatever way the read it cut short does:
-            # say why it ended instead.
-            if deadline.fired == "stopped":
-                raise JudgeStopped("the run is stopping") from None
-            if deadline.fired == "timeout":
-                raise _Retryable(f"no reply within {self.timeout:g} s", transport=True) from None
-            raise
+            while not concurrent.futures.wait([future], timeout=self.POLL_S).done:
+                if self.stop.is_set():
+                    raise JudgeStopped("the run is stopping")
         finally:
-            deadline.close()
+            future.cancel()  # Ctrl-C or stop: the request in flight or the wait before the next attempt ends
+        return future.result()
 
-    def _exchange(self, opener, data: bytes, headers: dict[str, str]) -> str:
-        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+    def close(self) -> None:
+        """Close the client's connections and end the event loop's thread."""
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self._client.close(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="nlft-judge-client", daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    async def _complete(self, messages: list[dict]) -> tuple[str, int]:
+        openai, attempts = self._openai, []
+        _ATTEMPTS.set(attempts)  # this task's own context
         try:
-            with opener.open(request, timeout=self.timeout) as reply:
-                body = reply.read()
-        except _Redirected as err:
-            raise JudgeUnavailable(
-                f"the judge at {self.url} answered with a {err}; not followed, so that the API key is not "
-                "sent elsewhere: give --base-url the address it redirects to"
-            ) from None
-        except urllib.error.HTTPError as err:
-            detail = err.read()[:300].decode("utf-8", "replace").strip()
-            if err.code in (401, 403):
+            reply = await self._client.chat.completions.with_raw_response.create(**self.request(messages))
+            text = reply.http_response.text
+        except openai.APIStatusError as err:
+            raise self._status_error(err, len(attempts)) from None
+        except openai.APITimeoutError:
+            raise JudgeError(f"no reply within {self.timeout:g} s{_after(len(attempts))}",
+                             attempts=len(attempts), transport=True) from None  # fmt: skip
+        except openai.APIConnectionError as err:
+            cause = err.__cause__
+            why = self._redact(f"{type(cause).__name__}: {cause}" if cause else str(err))
+            if type(cause).__name__ == "ConnectError":  # refused, a name that does not resolve: no server
                 raise JudgeUnavailable(
-                    f"the judge at {self.url} refused the request (HTTP {err.code}): {detail}; "
-                    f"set the API key in ${API_KEY_ENV[0]} or ${API_KEY_ENV[1]}"
+                    f"cannot reach the judge at {self.url}: connection failed ({why}){_after(len(attempts))}"
                 ) from None
-            if err.code == 404:
-                raise JudgeUnavailable(f"no chat completions at {self.url} for model {self.model!r} "
-                                       f"(HTTP 404): {detail}") from None  # fmt: skip
-            if err.code == 429 or err.code >= 500:
-                retry_after = err.headers.get("Retry-After") if err.headers else None
-                wait = float(retry_after) if retry_after and retry_after.strip().isdigit() else None
-                raise _Retryable(f"HTTP {err.code} from the judge: {detail}", retry_after=wait) from None
-            raise JudgeError(f"HTTP {err.code} from the judge: {detail}") from None
-        except urllib.error.URLError as err:
-            reason = err.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"no reply within {self.timeout:g} s", transport=True) from None
-            refused = isinstance(reason, (ConnectionRefusedError, socket.gaierror, FileNotFoundError))
-            raise _Retryable(f"connection failed ({reason})", fatal=refused, transport=True) from None
-        except TimeoutError:
-            raise _Retryable(f"no reply within {self.timeout:g} s", transport=True) from None
-        except (ConnectionError, http.client.HTTPException, OSError) as err:  # dropped mid-reply
-            raise _Retryable(f"connection lost ({type(err).__name__}: {err})", transport=True) from None
-        text = body.decode("utf-8", "replace")
+            raise JudgeError(f"connection lost ({why}){_after(len(attempts))}",
+                             attempts=len(attempts), transport=True) from None  # fmt: skip
+        return self._content(text), len(attempts)
+
+    def _status_error(self, err, attempts: int) -> Exception:
+        """The error an HTTP error status becomes, its body redacted."""
+        status, body = err.status_code, self._redact(err.response.text)
+        detail = body[:300].strip()
+        if 300 <= status < 400:
+            location = self._redact(err.response.headers.get("location", "?"))
+            return JudgeUnavailable(
+                f"the judge at {self.url} answered with a redirect (HTTP {status}) to {location}; not followed, so "
+                "that the API key is not sent elsewhere: give --base-url the address it redirects to"
+            )
+        if status in (401, 403):
+            return JudgeUnavailable(
+                f"the judge at {self.url} refused the request (HTTP {status}): {detail}; set the API key in "
+                f"${API_KEY_ENV[0]} or ${API_KEY_ENV[1]} (or name its variable with --api-key-env)"
+            )
+        if status == 404:
+            return JudgeUnavailable(f"no chat completions at {self.url} for model {self.model!r} (HTTP 404): {detail}")
+        return JudgeError(
+            f"HTTP {status} from the judge: {detail}{_after(attempts)}", raw=body[:2000], attempts=attempts
+        )
+
+    def _content(self, text: str) -> str:
+        """The reply's message text out of a chat-completion body."""
         try:
             content = json.loads(text)["choices"][0]["message"]["content"]
         except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise JudgeError("the judge's HTTP reply is not a chat completion", raw=text[:2000]) from None
+            raise JudgeError("the judge's HTTP reply is not a chat completion", raw=self._redact(text)[:2000]) from None
         if not isinstance(content, str):
-            raise JudgeError("the judge's reply has no text content", raw=text[:2000])
+            raise JudgeError("the judge's reply has no text content", raw=self._redact(text)[:2000])
         return content
+
+    def _redact(self, text: str) -> str:
+        return redact(text, [self.api_key])
+
+
+def _after(attempts: int) -> str:
+    return f" (after {attempts} attempt{'s' * (attempts != 1)})" if attempts else ""
 
 
 # --------------------------------------------------------------------- a local transformers model
