@@ -259,7 +259,7 @@ def test_ctrl_c_ends_requests_and_retries_in_flight(tmp_path):
         time.sleep(0.2)
         closed = server.closed
     assert process.returncode == 130 and "interrupted" in err.decode()
-    assert elapsed < 5, f"exit took {elapsed:.1f} s: it waited for the requests in flight"
+    assert elapsed < 5, f"exit took {elapsed:.1f} s: it waited for the requests in flight, or for its teardown"
     assert sorted(r["line"] for r in read_jsonl(out)) == [1, 2] and len(server.requests) == 4 and closed == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl", "responses.jsonl"]
 
