@@ -207,6 +207,21 @@ def test_redirects_are_not_followed_with_the_api_key(code):
     assert not elsewhere.requests
 
 
+def test_the_environment_proxy_is_used_unless_no_proxy_exempts_the_host(monkeypatch):
+    """$HTTP_PROXY (a stub that answers as the judge) carries the request for an unresolvable host;
+    with the host in $NO_PROXY the judge connects directly and finds no server."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with StubServer(ok) as proxy:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server.server_address[1]}")
+        monkeypatch.setenv("no_proxy", "")
+        assert OpenAIJudge("http://judge.invalid/v1", "m")(f"{QUESTION} (#0)", "r", REFERENCE).correct
+        monkeypatch.setenv("no_proxy", "judge.invalid")
+        with pytest.raises(JudgeUnavailable, match="cannot reach the judge at http://judge.invalid"):
+            OpenAIJudge("http://judge.invalid/v1", "m", max_retries=0)("q", "r", "a")
+    assert [r["path"] for r in proxy.requests] == ["http://judge.invalid/v1/chat/completions"]
+
+
 # ------------------------------------------------------------------------------ the stop event
 
 

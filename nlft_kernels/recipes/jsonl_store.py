@@ -139,6 +139,7 @@ class JsonlStore:
         self._file = None
         self._lock_fd: int | None = None
         self._keys: frozenset[str] = frozenset()
+        self._retry: frozenset[str] = frozenset()
         self._superseded = False  # a row appended replaces an earlier one: compact at close
         self._written: set[str] = set()
 
