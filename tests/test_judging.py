@@ -194,11 +194,11 @@ def test_a_reply_between_failures_starts_the_count_again(tmp_path):
 
     def odd_ones_hang(number, body):
         status, data, _ = ok(number, body)
-        return status, data, 2.0 if "wrong" in json.loads(data)["choices"][0]["message"]["content"] else 0.0
+        return status, data, 30.0 if "wrong" in json.loads(data)["choices"][0]["message"]["content"] else 0.0
 
     out = tmp_path / "records.jsonl"
-    with StubServer(odd_ones_hang) as server:
-        judge = OpenAIJudge(server.base_url, "m", timeout=0.2, max_retries=0)
+    with StubServer(odd_ones_hang) as server:  # 1 s: an answered record's reply in time on a loaded machine
+        judge = OpenAIJudge(server.base_url, "m", timeout=1.0, max_retries=0)
         run = judge_rows(rows(6), judge, out, progress=False, max_consecutive_failures=2)
     assert (run.judged, run.errors) == (3, 3) and len(server.requests) == 6
 
