@@ -57,25 +57,24 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+def _finite_float(low: float, strict: bool):
+    """An argparse type: a finite number > ``low`` (``strict``) or >= ``low`` (no nan or inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > low if strict else value >= low) or value == float("inf"):
+            bound = "a positive finite number" if strict and low == 0 else f"a finite number >= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0 (no nan, inf or negative)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+_positive_float = _finite_float(0, strict=True)
+_non_negative_float = _finite_float(0, strict=False)
 
 
 def _fraction(text: str) -> float:
@@ -716,7 +715,10 @@ def _add_judge_options(p: argparse.ArgumentParser, with_model: bool = True) -> N
     )
     server.add_argument("--max-retries", type=_non_negative_int, default=3, help="retries per request (default: 3)")
     server.add_argument(
-        "--backoff", type=float, default=1.0, help="first retry's wait in seconds, doubled each time (default: 1)"
+        "--backoff",
+        type=_non_negative_float,
+        default=1.0,
+        help="first retry's wait in seconds, doubled each time (default: 1)",
     )
     server.add_argument(
         "--max-tokens", type=_positive_int, default=512, help="longest judge reply in tokens (default: 512)"
