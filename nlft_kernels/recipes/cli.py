@@ -57,14 +57,24 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+def _finite_float(low: float, strict: bool):
+    """An argparse type: a finite number > ``low`` (``strict``) or >= ``low`` (no nan or inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > low if strict else value >= low) or value == float("inf"):
+            bound = "a positive finite number" if strict and low == 0 else f"a finite number >= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_float = _finite_float(0, strict=True)
+_non_negative_float = _finite_float(0, strict=False)
 
 
 def _fraction(text: str) -> float:
@@ -235,10 +245,13 @@ def _generate(args, parser, model=None, tokenizer=None) -> list[dict]:
 
 def _make_judge(args, parser):
     """The judge the flags name: --base-url (a server), --local-model (transformers), else --judge."""
-    from nlft_kernels.recipes.judge import load_judge
-    from nlft_kernels.recipes.judges import LocalModelJudge, OpenAIJudge, api_key_from_env, rule_judge
+    from nlft_kernels.recipes.judging import load_judge
+    from nlft_kernels.recipes.llm_judge import BASE_URL_ENV, LocalModelJudge, OpenAIJudge, api_key_from_env
+    from nlft_kernels.recipes.rule_judge import rule_judge
 
     base_url, local = getattr(args, "base_url", None), getattr(args, "local_model", None)
+    if not base_url and not local and getattr(args, "model", None):
+        base_url = os.environ.get(BASE_URL_ENV)  # the openai client's convention
     if base_url and local:
         parser.error("--base-url and --local-model name two judges: give one")
     if (base_url or local) and args.judge not in (None, "rule"):
@@ -246,12 +259,11 @@ def _make_judge(args, parser):
     if base_url:
         if not args.model:
             parser.error("--base-url needs --model, the model name the server serves")
-        names = (args.api_key_env,) if args.api_key_env else None
         try:
             return OpenAIJudge(
                 base_url,
                 args.model,
-                api_key=api_key_from_env(names) if names else api_key_from_env(),
+                api_key=api_key_from_env(args.api_key_env),
                 timeout=args.timeout,
                 max_retries=args.max_retries,
                 backoff=args.backoff,
@@ -262,7 +274,10 @@ def _make_judge(args, parser):
         except ValueError as err:
             parser.error(f"--base-url: {err}")
     if getattr(args, "model", None) and not base_url:
-        parser.error("--model names the server's model: it needs --base-url (for a local model use --local-model)")
+        parser.error(
+            f"--model names the server's model: it needs --base-url or ${BASE_URL_ENV} "
+            "(for a local model use --local-model)"
+        )
     if local:
         try:
             return LocalModelJudge.from_pretrained(
@@ -289,10 +304,16 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False):
     """Judge --in (or ``rows``) into --out, resumable; returns the :class:`JudgeRun`."""
-    from nlft_kernels.recipes.judge_run import MAX_CONSECUTIVE_FAILURES, judge_rows
-    from nlft_kernels.recipes.judges import JudgeUnavailable
+    from nlft_kernels.recipes.errors import BadInput
+    from nlft_kernels.recipes.jsonl_store import check_output_path
+    from nlft_kernels.recipes.judging import MAX_CONSECUTIVE_FAILURES, judge_rows
+    from nlft_kernels.recipes.judgment import JudgeUnavailable
     from nlft_kernels.training.data import read_numbered_jsonl
 
+    try:
+        check_output_path(args.out)  # before any work (a --local-model judge loads a model)
+    except BadInput as err:
+        parser.error(f"--out: {err}")
     judge = _make_judge(args, parser)
     if rows is None:
         if _same_file(args.input, args.out):
@@ -324,10 +345,15 @@ def _judge(args, parser, rows: list[dict] | None = None, overwrite: bool = False
         sys.exit(f"nlft judge: error: {err}\n(records judged so far are kept in {args.out}; rerun to resume)")
     except KeyboardInterrupt:
         print(f"\nnlft judge: interrupted; the records judged so far are in {args.out}: rerun to resume",
-              file=sys.stderr)  # fmt: skip
-        sys.exit(130)
+              file=sys.stderr, flush=True)  # fmt: skip
+        sys.stdout.flush()
+        # Nothing is left to do: the interpreter's teardown of the modules imported (torch,
+        # transformers: seconds on a loaded machine) would only delay the shell's prompt.
+        os._exit(130)
     except ValueError as err:
         parser.error(f"--out {args.out}: {err}")
+    if run.stale:
+        _say(f"{args.out}: dropped {run.stale} rows of an earlier run whose input line was edited or deleted")
     if run.repaired:
         _say(f"{args.out}: removed a last line cut short by an earlier crash (its record is judged again)")
     if run.skipped:
@@ -701,7 +727,10 @@ def _add_judge_options(p: argparse.ArgumentParser, with_model: bool = True) -> N
     )
     server.add_argument("--max-retries", type=_non_negative_int, default=3, help="retries per request (default: 3)")
     server.add_argument(
-        "--backoff", type=float, default=1.0, help="first retry's wait in seconds, doubled each time (default: 1)"
+        "--backoff",
+        type=_non_negative_float,
+        default=1.0,
+        help="first retry's wait in seconds, doubled each time (default: 1)",
     )
     server.add_argument(
         "--max-tokens", type=_positive_int, default=512, help="longest judge reply in tokens (default: 512)"
@@ -714,7 +743,10 @@ def _add_judge_options(p: argparse.ArgumentParser, with_model: bool = True) -> N
         "retries: the server is down or hung; rerun to resume (default: 5; 0: never stop)",
     )
     server.add_argument(
-        "--judge-temperature", type=float, default=0.0, help="sampling temperature of the judge (default: 0)"
+        "--judge-temperature",
+        type=_non_negative_float,
+        default=0.0,
+        help="sampling temperature of the judge, a finite number >= 0 (default: 0)",
     )
     server.add_argument(
         "--response-format",
