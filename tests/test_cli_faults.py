@@ -247,12 +247,3 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     records.write_bytes(b'{"question": "q\xff", "response": "r", "answer": "a", "correct": true}\n')
     line = nlft_error("train", "--data", records, "--out", tmp_path / "m")
     assert f"{records}, line 1: not UTF-8 text" in line
-
-
-def test_train_on_no_records_says_so():
-    from nlft_kernels.training import NLFTTrainingArguments, train
-    from tests._tiny import tiny_model, tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    with pytest.raises(ValueError, match="^no records to train on$"):
-        train(tiny_model(len(tokenizer)), tokenizer, [], NLFTTrainingArguments(max_steps=1))

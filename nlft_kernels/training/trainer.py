@@ -454,11 +454,9 @@ def train(
     in_8bit = bool(getattr(model, "is_loaded_in_8bit", False))
     if in_8bit and not args.lora:
         raise ValueError("a model with 8-bit base weights trains through LoRA only (drop --full or --load-in-8bit)")
-    if not records:
-        raise ValueError("no records to train on")
     features = encode_records(records, tokenizer, templates, args.max_length)
     if not features:
-        raise ValueError(f"none of the {len(records)} records fits max_length={args.max_length}: nothing to train on")
+        raise ValueError("no record fits max_length: nothing to train on")
     # What the Trainer runs on: the steps counted here for epochs, the model prepared here.
     run_args = copy.copy(args)
     if args.max_steps <= 0:
