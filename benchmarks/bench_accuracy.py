@@ -177,10 +177,10 @@ def fit(model, tokenizer, features: list[dict], method: str, settings: StudySett
     both methods). Returns the per-step losses."""
     from tqdm.auto import tqdm
 
-    from nlft_kernels.training.data import NLFTCollator
-    from nlft_kernels.training.trainer import _pad_id, nlft_step
+    from nlft_kernels.training.data import NLFTCollator, pad_token_id_of
+    from nlft_kernels.training.trainer import nlft_step
 
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id_of(tokenizer)
     collate = NLFTCollator(pad)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
@@ -443,10 +443,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def _read(data: str | None, split: str) -> list[dict]:
-    from nlft_kernels.recipes.cli import read_data
+    from nlft_kernels.recipes.errors import BadInput
+    from nlft_kernels.recipes.questions import read_data
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_accuracy")
-    return read_data(data, split, parser)
+    try:
+        return read_data(data, split)
+    except BadInput as err:  # as a bad flag of this script: its usage and exit status 2
+        argparse.ArgumentParser(prog="python -m benchmarks.bench_accuracy").error(str(err))
 
 
 def comparisons(runs: dict, settings: StudySettings) -> list[dict]:

@@ -13,9 +13,15 @@ import torch
 from transformers import TrainingArguments
 
 from nlft_kernels.config import CLUSTER_CRITERIA, NLFTConfig
-from nlft_kernels.recipes.cli import build_parser, main, nlft_config_from_args, training_arguments_from_args
+from nlft_kernels.recipes.cli import (
+    build_parser,
+    main,
+    nlft_config_from_args,
+    train_flag_fields,
+    training_arguments_from_args,
+)
 from nlft_kernels.training import NLFTTrainingArguments, encode_record, save_records, train
-from nlft_kernels.training.arguments import TRAIN_KEYWORDS
+from nlft_kernels.training.arguments import CHECKPOINTING_FIELD, WARMUP_FIELD
 from nlft_kernels.training.data import response_ids
 from nlft_kernels.training.trainer import steps_for_epochs
 from tests._cli import cli_error, write_jsonl
@@ -61,9 +67,10 @@ def test_every_nlft_config_field_is_a_flag(tmp_path):
 
 
 def test_every_training_setting_is_a_flag():
-    """Each keyword of train() (every field NLFTTrainingArguments adds, and the TrainingArguments
+    """Each training flag (every field NLFTTrainingArguments adds, and the TrainingArguments
     fields `nlft train` exposes), set alone through its generated flag, reaches the arguments."""
     parser = build_parser()
+    flag_fields = train_flag_fields()
     base = ["train", "--data", __file__, "--out", "x"]
     cases = {
         "steps": (["--steps", "7"], 7),
@@ -83,12 +90,12 @@ def test_every_training_setting_is_a_flag():
         "max_length": (["--max-length", "64"], 64),
         "judge_nll_weight": (["--judge-nll-weight", "10"], 10.0),
     }
-    assert set(cases) == set(TRAIN_KEYWORDS) - {"output_dir"}  # --out: the CLI saves (merged) itself
+    assert set(cases) == set(flag_fields)  # no --output-dir: --out, the CLI saves (merged) itself
     added = {f.name for f in fields(NLFTTrainingArguments)} - {f.name for f in fields(TrainingArguments)}
-    assert added <= {TRAIN_KEYWORDS[k] for k in cases}, "a field NLFTTrainingArguments adds has no flag"
+    assert added <= {flag_fields[k] for k in cases}, "a field NLFTTrainingArguments adds has no flag"
     default = training_arguments_from_args(parser.parse_args(base))
     for keyword, (argv, expected) in cases.items():
-        name = TRAIN_KEYWORDS[keyword]
+        name = flag_fields[keyword]
         got = training_arguments_from_args(parser.parse_args(base + argv))
         assert getattr(got, name) == expected and getattr(default, name) != expected, keyword
     assert isinstance(default, NLFTTrainingArguments) and default.max_steps == 20
@@ -122,12 +129,12 @@ def test_train_takes_the_paper_settings(capsys):
     tokenizer = tiny_tokenizer()
     records = tiny_records()
     print(f"seed {SEED}")
-    model = train(
-        tiny_model(len(tokenizer), seed=SEED), tokenizer, records, epochs=3, batch_size=2, grad_accum=1,
-        lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_targets=["q_proj", "down_proj"],
-        gradient_checkpointing=True, lr_scheduler="cosine", warmup_ratio=0.2, judge_nll_weight=1.0,
-        config=NLFTConfig(loss_scale=5.0), seed=SEED,
+    args = NLFTTrainingArguments(
+        num_train_epochs=3, per_device_train_batch_size=2, gradient_accumulation_steps=1, lora_r=4, lora_alpha=8,
+        lora_dropout=0.1, lora_targets=["q_proj", "down_proj"], lr_scheduler_type="cosine", judge_nll_weight=1.0,
+        seed=SEED, disable_tqdm=False, **{CHECKPOINTING_FIELD: True, WARMUP_FIELD: 0.2},
     )  # fmt: skip
+    model = train(tiny_model(len(tokenizer), seed=SEED), tokenizer, records, args, config=NLFTConfig(loss_scale=5.0))
     lora = model.peft_config["default"]
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (
         4,
@@ -142,7 +149,8 @@ def test_train_takes_the_paper_settings(capsys):
 
 def test_default_lora_targets_are_the_authors():
     tokenizer = tiny_tokenizer()
-    model = train(tiny_model(len(tokenizer), seed=SEED), tokenizer, tiny_records(), steps=1, progress=False)
+    args = NLFTTrainingArguments(max_steps=1, disable_tqdm=True)
+    model = train(tiny_model(len(tokenizer), seed=SEED), tokenizer, tiny_records(), args)
     assert set(model.peft_config["default"].target_modules) == {"gate_proj", "up_proj", "down_proj"}
 
 

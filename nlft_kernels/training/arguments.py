@@ -16,7 +16,6 @@ WARMUP_FIELD = "warmup_ratio" if "warmup_ratio" in _TRAINING_FIELDS else "warmup
 CHECKPOINTING_FIELD = (
     "activation_checkpointing" if "activation_checkpointing" in _TRAINING_FIELDS else "gradient_checkpointing"
 )
-LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -141,54 +140,3 @@ def _at_least(args: NLFTTrainingArguments, name: str, low: int) -> None:
     value = getattr(args, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
-
-
-# train()'s keyword arguments (and the `nlft train` flags of the same names) -> the field each sets.
-TRAIN_KEYWORDS = {
-    "steps": "max_steps",
-    "epochs": "num_train_epochs",
-    "batch_size": "per_device_train_batch_size",
-    "grad_accum": "gradient_accumulation_steps",
-    "lr": "learning_rate",
-    "lr_scheduler": "lr_scheduler_type",
-    "warmup_ratio": WARMUP_FIELD,
-    "gradient_checkpointing": CHECKPOINTING_FIELD,
-    "seed": "seed",
-    "output_dir": "output_dir",
-    "lora": "lora",
-    "lora_r": "lora_r",
-    "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout",
-    "lora_targets": "lora_targets",
-    "max_length": "max_length",
-    "judge_nll_weight": "judge_nll_weight",
-}
-
-
-def training_arguments(*, steps: int | None = None, epochs: float | None = None, progress: bool = True, **kwargs):
-    """The :class:`NLFTTrainingArguments` of :func:`train`'s keyword arguments (:data:`TRAIN_KEYWORDS`;
-    None leaves a field at its default): ``steps`` optimizer steps or ``epochs`` passes over the
-    records (one of the two), a tqdm bar unless ``progress`` is False."""
-    if (steps is None) == (epochs is None):
-        raise ValueError("give either steps or epochs")
-    if (steps is not None and steps < 1) or (epochs is not None and not epochs > 0):
-        raise ValueError(f"steps must be >= 1 and epochs > 0, got {steps}, {epochs}")
-    unknown = sorted(set(kwargs) - set(TRAIN_KEYWORDS))
-    if unknown:
-        raise TypeError(f"unknown training settings {unknown}")
-    if kwargs.get("batch_size") is not None and kwargs["batch_size"] < 1:
-        raise ValueError(f"batch_size must be >= 1, got {kwargs['batch_size']}")
-    if kwargs.get("grad_accum") is not None and kwargs["grad_accum"] < 1:
-        raise ValueError(f"grad_accum must be >= 1, got {kwargs['grad_accum']}")
-    if kwargs.get("lr_scheduler") not in (None, *LR_SCHEDULERS):
-        raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {kwargs['lr_scheduler']!r}")
-    if kwargs.get("warmup_ratio") is not None and not 0.0 <= kwargs["warmup_ratio"] < 1.0:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {kwargs['warmup_ratio']}")
-    settings = {TRAIN_KEYWORDS[k]: v for k, v in kwargs.items() if v is not None}
-    if steps is not None:
-        settings["max_steps"] = steps
-    else:
-        settings["num_train_epochs"] = epochs
-    if kwargs.get("output_dir") is not None:
-        settings["output_dir"] = str(kwargs["output_dir"])
-    return NLFTTrainingArguments(disable_tqdm=not progress, **settings)

@@ -407,6 +407,15 @@ def encode_records(
     return kept
 
 
+def pad_token_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padding is masked out either way)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 @dataclass
 class NLFTCollator:
     """Pads encoded records (:func:`encode_record`) into a batch; right padding, so that every
