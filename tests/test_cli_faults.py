@@ -20,7 +20,7 @@ from nlft_kernels.recipes.errors import BadInput
 from tests._cli import REPO, nlft_command, nlft_env, nlft_error, nlft_ok, not_progress, run_nlft, write_jsonl
 from tests._tiny import save_tiny_model, tiny_records
 
-# Forty short questions: enough batches of one that Ctrl-C lands mid-run.
+# Short questions with their answers.
 MANY = [{"question": f"Tom has {i} apples and buys {i + 3} more. How many?", "answer": f"#### {2 * i + 3}"}
         for i in range(40)]  # fmt: skip
 NO_MODEL = "/no/such/model"  # a run that got past --out would stop here instead
@@ -116,10 +116,11 @@ def test_ctrl_c_during_generate_keeps_finished_rows_and_resumes(model_dir, tmp_p
     """SIGINT mid-run: exit 130 with one line saying where the rows are; every finished row is on
     disk, whole; the same command then generates only the rest, and the file equals what one
     uninterrupted run writes."""
-    data = write_jsonl(tmp_path / "questions.jsonl", MANY)
+    questions = MANY[:12]
+    data = write_jsonl(tmp_path / "questions.jsonl", questions)
     out = tmp_path / "responses.jsonl"
-    argv = ["generate", "--model", model_dir, "--data", data, "--samples", len(MANY), "--batch-size", "1",
-            "--max-new-tokens", "200", "--out", out]  # fmt: skip
+    argv = ["generate", "--model", model_dir, "--data", data, "--samples", len(questions), "--batch-size", "1",
+            "--max-new-tokens", "48", "--out", out]  # fmt: skip
     process = subprocess.Popen(nlft_command(*argv), cwd=REPO, env=nlft_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 600  # a loaded machine starts python slowly
@@ -131,12 +132,12 @@ def test_ctrl_c_during_generate_keeps_finished_rows_and_resumes(model_dir, tmp_p
     assert not_progress(err) == [f"nlft generate: interrupted; the responses generated so far are in {out}: "
                                  "rerun to resume"]  # fmt: skip
     kept = read_jsonl(out)  # every line whole: flushed per batch
-    assert 2 <= len(kept) < len(MANY), "the run was not interrupted mid-way"
+    assert 2 <= len(kept) < len(questions), "the run was not interrupted mid-way"
 
     done = nlft_ok(*argv)
-    assert f"resumed: {len(kept)} of {len(MANY)} responses were already in {out}" in done.stdout
+    assert f"resumed: {len(kept)} of {len(questions)} responses were already in {out}" in done.stdout
     final = read_jsonl(out)
-    assert final[: len(kept)] == kept and len({r["id"] for r in final}) == len(MANY)
+    assert final[: len(kept)] == kept and len({r["id"] for r in final}) == len(questions)
     fresh = tmp_path / "fresh.jsonl"
     nlft_ok(*argv[:-1], fresh)
     by_id = {r["id"]: r for r in read_jsonl(fresh)}
@@ -157,7 +158,7 @@ def test_existing_out_is_resumed_refused_or_overwritten(model_dir, tmp_path):
     first = read_jsonl(out)
     assert len(first) == 3
     before = out.read_bytes()
-    line = nlft_error(*base[:-3], "--max-new-tokens", "5", "--out", out)
+    line = nlft_error(*base[:-4], "--max-new-tokens", "5", "--out", out)
     assert "'max_new_tokens': 4" in line and "'max_new_tokens': 5" in line and "--overwrite" in line
     assert out.read_bytes() == before
 
