@@ -10,7 +10,7 @@ size, learning rate and seed (so the same adapter initialisation and the same ba
 - **SFT** on the reference solutions (GSM8K's, with the calculator annotations ``<<...>>``
   removed and ``#### N`` written as ``The answer is N.``, the form our instruction asks for);
 - **NLFT** on the model's own responses (sampled once per question at ``--temperature``),
-  judged by the rule-based GSM8K judge (:func:`nlft_kernels.recipes.judge.judge_response`), with the
+  judged by the rule-based GSM8K judge (:func:`nlft_kernels.recipes.rule_judge.judge_response`), with the
   reference solution as the standard view and the judgment as the judge view.
 
 This is the design of the authors' later table (SFT on references vs NLFT on responses; spec,
@@ -283,8 +283,8 @@ def _settings_json(settings: StudySettings) -> dict:
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     from nlft_kernels.recipes.generation import GSM8K_INSTRUCTION, evaluate_gsm8k, generate_responses
-    from nlft_kernels.recipes.judge import judge_response
     from nlft_kernels.recipes.models import load_model
+    from nlft_kernels.recipes.rule_judge import judge_response
     from nlft_kernels.training.data import NLFTRecord, encode_records
     from nlft_kernels.training.trainer import add_lora
 

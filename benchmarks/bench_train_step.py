@@ -252,7 +252,7 @@ METHOD_NOTES = {
     ),
     "data": (
         "GSM8K train questions; every other sample is wrong (reference solution with a wrong final "
-        "answer, judged by nlft_kernels.recipes.judge); NLFT and SFT prompts exactly prompt_tokens long (teacher "
+        "answer, judged by nlft_kernels.recipes.rule_judge); NLFT and SFT prompts exactly prompt_tokens long (teacher "
         "views + teacher_tokens), responses exactly response_tokens. ReFT's prompt is its own template "
         "'Question:\\n{q}\\nAnswer reasoning:\\n' at natural length (left-padded; lengths in "
         "models[].reft_prompt_tokens); "
@@ -893,7 +893,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--judge",
         help="judge of the *_gen_judge rows' judging pass: builtin (the rule judge, default) or module:function "
-        "(nlft_kernels.recipes.judge.load_judge), e.g. an LLM judge",
+        "(nlft_kernels.recipes.judging.load_judge), e.g. an LLM judge",
     )
     p.add_argument("--reft-max-length", type=int, help="ReFT's sampling cap, prompt included (its own: 700)")
     args = p.parse_args(argv)

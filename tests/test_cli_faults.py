@@ -62,11 +62,11 @@ def _unusable(kind: str, tmp_path: Path) -> Path:
     [
         ("generate", "a folder", "is a folder; name a file"),
         ("generate", "under a file", "file.txt is a file, not a folder"),
-        ("generate", "/proc", "cannot write in /proc"),
+        ("generate", "/proc", "cannot be written (/proc:"),
         ("eval", "a folder", "is a folder; name a file"),
         ("train", "a file", "is a file; name a folder"),
         ("saliency", "under a file", "file.txt is a file, not a folder"),
-        ("demo", "/proc", "cannot write in /proc"),
+        ("demo", "/proc", "cannot be written (/proc:"),
     ],
 )
 def test_unusable_out_is_refused_before_any_work(command, kind, message, tmp_path):
@@ -152,7 +152,7 @@ def test_existing_out_is_resumed_refused_or_overwritten(model_dir, tmp_path):
     out = tmp_path / "responses.jsonl"
     base = ["generate", "--model", model_dir, "--data", data, "--max-new-tokens", "4", "--out", out]
     out.write_text('{"question": "q", "answer": "a"}\n')
-    assert "line 1: not a row of `nlft generate`" in nlft_error(*base)
+    assert "line 1: no 'id' and 'generation': not an output of `nlft generate`" in nlft_error(*base)
     assert out.read_text() == '{"question": "q", "answer": "a"}\n'
     nlft_ok(*base, "--overwrite")
     first = read_jsonl(out)
@@ -169,6 +169,18 @@ def test_existing_out_is_resumed_refused_or_overwritten(model_dir, tmp_path):
     assert "resumed: 1 of 2 responses were already in" in done.stdout
     final = read_jsonl(out)
     assert final[0] == first[0] and [r["question"] for r in final] == [MANY[0]["question"], "A new question?"]
+
+
+def test_one_writer_per_out(tmp_path):
+    """--out held by another writer (here this test, through the same store): exit 2 naming it."""
+    from nlft_kernels.recipes.jsonl_store import JsonlStore
+
+    out = tmp_path / "responses.jsonl"
+    data = write_jsonl(tmp_path / "questions.jsonl", MANY[:2])
+    with JsonlStore(out, kind="`nlft generate`", owner_field="generation", owner={}) as store:
+        store.open([])
+        line = nlft_error("generate", "--model", NO_MODEL, "--data", data, "--out", out)
+    assert f"{out} is being written by another process" in line
 
 
 # ------------------------------------------------------------------ prompts beyond the context

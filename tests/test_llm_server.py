@@ -21,7 +21,7 @@ import pytest
 from nlft_kernels.recipes.cli import main
 from nlft_kernels.recipes.data import read_gsm8k
 from nlft_kernels.recipes.generation import sample_rows
-from nlft_kernels.recipes.judges import JudgeError, OpenAIJudge
+from nlft_kernels.recipes.llm_judge import JudgeError, OpenAIJudge
 from tests._judge_server import LlamaServer, llama_server_or_skip
 
 REPO = Path(__file__).resolve().parents[1]

@@ -93,7 +93,17 @@ def _embedded_data_installed(target: Path) -> None:
 # ------------------------------------------------------------------ the core apart from the recipes
 
 # What the extras bring: none of it may be needed by the kernel core.
-EXTRAS_ONLY = ("transformers", "datasets", "peft", "accelerate", "gguf", "tqdm", "matplotlib", "pytest_benchmark")
+EXTRAS_ONLY = (
+    "transformers",
+    "datasets",
+    "peft",
+    "accelerate",
+    "gguf",
+    "tqdm",
+    "openai",
+    "matplotlib",
+    "pytest_benchmark",
+)
 # Application packages above the core (they need the extras), and `python -m nlft_kernels` (the command).
 ABOVE_CORE = ("nlft_kernels.recipes", "nlft_kernels.training", "nlft_kernels.__main__")
 
@@ -150,7 +160,7 @@ def test_core_dependencies_are_torch_and_triton():
     name_of = lambda requirement: re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
     assert sorted(name_of(r) for r in project["dependencies"]) == ["torch", "triton"]
     extras = {extra: {name_of(r) for r in reqs} for extra, reqs in project["optional-dependencies"].items()}
-    assert {"transformers", "datasets", "peft", "accelerate", "gguf", "tqdm"} <= extras["train"]
+    assert {"transformers", "datasets", "peft", "accelerate", "gguf", "tqdm", "openai"} <= extras["train"]
     assert "pytest-benchmark" in extras["bench"] and {"pytest", "pytest-benchmark"} <= extras["dev"]
     assert "ninja" not in set().union(*extras.values())  # a build requirement only
     assert project["scripts"]["nlft"] == "nlft_kernels.recipes.cli:main"

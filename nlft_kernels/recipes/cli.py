@@ -10,6 +10,7 @@ through :mod:`logging` (``logging.captureWarnings``) and print as one ``nlft <co
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
@@ -103,8 +104,21 @@ def _warnings_as_lines(prog: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``nlft`` command line; returns the exit status (``--help`` exits 0 as argparse does)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run the ``nlft`` command line; returns the exit status (``--help`` exits 0 as argparse does).
+
+    Run as the program (``argv`` None: the ``nlft`` script, ``python -m nlft_kernels``), an
+    interrupted run exits at once: what it kept is on disk, and the interpreter's teardown
+    (threads still waiting on a request, the modules imported) would only delay the prompt."""
+    status = _main(sys.argv[1:] if argv is None else argv)
+    if argv is None and status == Interrupted.exit_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv: Sequence[str]) -> int:
+    argv = list(argv)
     name = _command_name(argv)
     prog = f"nlft {name}" if name else "nlft"
     with _warnings_as_lines(prog):

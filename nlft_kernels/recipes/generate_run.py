@@ -2,7 +2,8 @@
 appended and flushed as soon as the batch is done, and a rerun generates only the questions the
 file does not hold yet (a row is known by a hash of its question, reference and instruction, so an
 edited or dropped question is generated again and its old row is dropped). A file written with
-other settings (model, max_new_tokens, temperature, seed) is refused, never mixed into.
+other settings (model, max_new_tokens, temperature, seed) is refused, never mixed into, and one
+process writes a file at a time: the output is a :class:`~nlft_kernels.recipes.jsonl_store.JsonlStore`.
 
 Prompts longer than the model's context (less ``max_new_tokens``) are skipped with their count and
 row: one long question must not drive generation out of memory.
@@ -13,8 +14,6 @@ Output rows: ``id``, ``index`` (the question's row in the data), ``question``, `
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nlft_kernels.recipes.errors import BadInput
+from nlft_kernels.recipes.jsonl_store import JsonlStore, content_keys
 
 # tokenizer.model_max_length when a tokenizer sets none (transformers' VERY_LARGE_INTEGER).
 _UNSET_LENGTH = 10**18
@@ -108,60 +108,31 @@ def describe_too_long(too_long: Sequence[TooLong], source: str) -> str:
     )
 
 
-def row_id(row: dict, instruction: str) -> str:
-    """A short hash that tells one (question, answer, instruction) from another."""
-    text = "\x1f".join((row["question"], row["answer"], instruction))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _read_rows(out: Path, settings: dict) -> tuple[list[dict], bool]:
-    """The rows of an earlier run in ``out`` and whether the file must be rewritten before appending
-    (its last line lacks its newline; cut short by a crash, it is left out); BadInput for a file
-    that is not ``nlft generate``'s or was generated with other settings."""
-    lines = out.read_bytes().split(b"\n")  # the last one b"" when the file ends with its newline
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            if number == len(lines):
-                return rows, True  # the last row, cut by a crash: generated again
-            row = None
-        if not isinstance(row, dict) or not {"id", "response", "generation"} <= set(row):
-            raise BadInput(
-                f"--out {out}, line {number}: not a row of `nlft generate`; name another file (or --overwrite "
-                "to replace it)"
-            )
-        if row["generation"] != settings:
-            raise BadInput(
-                f"--out {out}, line {number}: generated with {row['generation']}, not {settings}; resuming would "
-                "mix them: name another file (or --overwrite to start it afresh)"
-            )
-        rows.append(row)
-    return rows, bool(lines[-1].strip())  # a whole last row without its newline: rewritten with it
-
-
-def _rewrite(out: Path, rows: Sequence[dict]) -> None:
-    """``out`` holding ``rows`` only, replaced in one step (a crash leaves the old or the new file)."""
-    scratch = out.with_name(out.name + ".tmp")
-    with open(scratch, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(scratch, out)
+KEY_FIELDS = ("question", "answer", "instruction")
 
 
 @dataclass
 class GeneratePlan:
-    """What is left to generate into ``out``: the (id, index, row) of each question it does not
-    hold yet, the settings (and the ``stamp`` of them each row carries), the counts so far."""
+    """What is left to generate into its output (an open :class:`JsonlStore`: locked, resumed):
+    the (key, index, row) of each question it does not hold yet, the settings (and the ``stamp``
+    of them each row carries), the counts so far. A context manager: leaving it releases the file."""
 
-    out: Path
+    store: JsonlStore
     instruction: str
     settings: GenerationSettings
     stamp: dict
     todo: list[tuple[str, int, dict]]
     run: GenerateRun
+
+    @property
+    def out(self) -> Path:
+        return self.store.path
+
+    def __enter__(self) -> GeneratePlan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
 
 
 def plan_generation(
@@ -174,26 +145,21 @@ def plan_generation(
     overwrite: bool = False,
 ) -> GeneratePlan:
     """The questions of ``chosen`` ((index, row with question and answer) pairs) that the JSONL
-    file ``out`` does not hold yet (all of them with ``overwrite``). Done before the model loads:
-    a file that is not ``nlft generate``'s, or was made with other settings, is BadInput and left
-    untouched; rows of questions no longer asked, and a last row a crash cut short, are removed."""
-    out = Path(out)
+    file ``out`` does not hold yet (all of them with ``overwrite``), ``out`` locked for this run
+    (:class:`~nlft_kernels.recipes.jsonl_store.JsonlStore`: one writer). Done before the model
+    loads: a file that is not ``nlft generate``'s, or was made with other settings, is BadInput
+    and left untouched; rows of questions no longer asked (edited, dropped, not chosen) and a last
+    row a crash cut short are removed."""
     stamp = {"model": model_name, "max_new_tokens": settings.max_new_tokens}
     stamp |= {"temperature": settings.temperature, "seed": settings.seed}
-    keyed = {row_id(row, instruction): (index, row) for index, row in chosen}
-    earlier, cut = ([], False) if overwrite or not out.exists() else _read_rows(out, stamp)
-    kept = [row for row in earlier if row["id"] in keyed]
-    done = {row["id"] for row in kept}
-    run = GenerateRun(total=len(keyed), skipped=len(done), dropped=len(earlier) - len(kept))
-    if overwrite or cut or run.dropped or not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _rewrite(out, kept)
+    store = JsonlStore(out, kind="`nlft generate`", owner_field="generation", owner=stamp, owner_label="generated with")
+    keys = content_keys([row | {"instruction": instruction} for _, row in chosen], KEY_FIELDS)
+    resume = store.open(keys, overwrite=overwrite)
+    todo = [(key, index, row) for key, (index, row) in zip(keys, chosen, strict=True) if key not in resume.done]
     # Shortest questions first, as generate_responses batches them: less padding.
-    todo = sorted(
-        ((key, index, row) for key, (index, row) in keyed.items() if key not in done),
-        key=lambda item: len(item[2]["question"]),
-    )
-    return GeneratePlan(out, instruction, settings, stamp, todo, run)
+    todo.sort(key=lambda item: len(item[2]["question"]))
+    run = GenerateRun(total=len(keys), skipped=len(keys) - len(todo), dropped=resume.stale)
+    return GeneratePlan(store, instruction, settings, stamp, todo, run)
 
 
 def generate_file(model, tokenizer, plan: GeneratePlan, *, progress: bool = True) -> GenerateRun:
@@ -214,28 +180,26 @@ def generate_file(model, tokenizer, plan: GeneratePlan, *, progress: bool = True
     todo = [item for item in plan.todo if item[1] not in skip]
     bar = tqdm(total=len(todo), desc="generate", unit="response", disable=not progress)
     try:
-        with open(plan.out, "a", encoding="utf-8") as f:
-            for start in range(0, len(todo), settings.batch_size):
-                batch = todo[start : start + settings.batch_size]
-                responses = generate_responses(
-                    model,
-                    tokenizer,
-                    [row["question"] for _, _, row in batch],
-                    batch_size=settings.batch_size,
-                    max_new_tokens=settings.max_new_tokens,
-                    greedy=settings.temperature is None,
-                    temperature=settings.temperature or 1.0,
-                    seed=settings.seed + start,
-                    instruction=plan.instruction,
-                    progress=False,
-                )
-                for (key, index, row), response in zip(batch, responses, strict=True):
-                    line = {"id": key, "index": index, "question": row["question"], "answer": row["answer"]}
-                    line |= {"instruction": plan.instruction, "response": response, "generation": plan.stamp}
-                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                f.flush()  # a kill after this keeps the batch
-                run.generated += len(batch)
-                bar.update(len(batch))
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start : start + settings.batch_size]
+            responses = generate_responses(
+                model,
+                tokenizer,
+                [row["question"] for _, _, row in batch],
+                batch_size=settings.batch_size,
+                max_new_tokens=settings.max_new_tokens,
+                greedy=settings.temperature is None,
+                temperature=settings.temperature or 1.0,
+                seed=settings.seed + start,
+                instruction=plan.instruction,
+                progress=False,
+            )
+            for (key, index, row), response in zip(batch, responses, strict=True):
+                line = {"id": key, "index": index, "question": row["question"], "answer": row["answer"]}
+                line |= {"instruction": plan.instruction, "response": response, "generation": plan.stamp}
+                plan.store.append(line)  # flushed: a kill after it keeps the row
+            run.generated += len(batch)
+            bar.update(len(batch))
     finally:
         bar.close()
     return run

@@ -28,7 +28,7 @@ def _probe_folder(folder: Path, flag: str, out: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".nlft-probe-"):
             pass
     except OSError as err:
-        raise BadInput(f"{flag} {out}: cannot write in {folder} ({err.strerror or err})") from None
+        raise BadInput(f"{flag} {out}: cannot be written ({folder}: {err.strerror or err})") from None
 
 
 def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -44,7 +44,7 @@ def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
             with open(out, "ab"):
                 pass
         except OSError as err:
-            raise BadInput(f"{flag} {out}: cannot write it ({err.strerror or err})") from None
+            raise BadInput(f"{flag} {out}: cannot be written ({err.strerror or err})") from None
         return out
     _probe_folder(_first_existing(out.parent), flag, out)
     return out

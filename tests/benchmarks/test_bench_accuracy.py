@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import bench_accuracy as ba
-from nlft_kernels.recipes.judge import extract_answer
+from nlft_kernels.recipes.rule_judge import extract_answer
 from tests._tiny import tiny_model, tiny_tokenizer
 from tests.test_cli import ROWS
 

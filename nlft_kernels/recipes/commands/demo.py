@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
                       "accuracy before")  # fmt: skip
     common.say("\n== generate")
     responses = out / "responses.jsonl"
-    todo = plan(train_questions, chosen, responses, gen, name, overwrite=True)
-    generate(model, tokenizer, todo, train_questions.source)
+    with plan(train_questions, chosen, responses, gen, name, overwrite=True) as todo:
+        generate(model, tokenizer, todo, train_questions.source)
     common.say("\n== judge")
     from nlft_kernels.training.data import read_numbered_jsonl
 

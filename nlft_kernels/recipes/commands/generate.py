@@ -59,8 +59,9 @@ def choose(rows: list[dict], samples: int, seed: int) -> list[tuple[int, dict]]:
 
 
 def plan(questions, chosen, out: Path, settings, model_name: str, overwrite: bool = False):
-    """What is left to generate into ``out`` (before the model loads: a file that cannot be
-    resumed is BadInput, untouched)."""
+    """What is left to generate into ``out``, which this run then holds (before the model loads:
+    a file that cannot be resumed, or that another process writes, is BadInput, untouched); use
+    it as a context manager."""
     from nlft_kernels.recipes.generate_run import plan_generation
 
     return plan_generation(
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput(f"--out {args.out} is the input file {questions.source}: inputs are never rewritten")
     check_out_file(args.out)
     chosen = choose(questions.rows, args.samples, args.seed)
-    todo = plan(questions, chosen, args.out, gen, args.model or "smollm2", args.overwrite)
-    model, tokenizer = common.load(args.model, args.dtype, args.load_in_8bit)
-    generate(model, tokenizer, todo, questions.source)
+    with plan(questions, chosen, args.out, gen, args.model or "smollm2", args.overwrite) as todo:
+        model, tokenizer = common.load(args.model, args.dtype, args.load_in_8bit)
+        generate(model, tokenizer, todo, questions.source)
     return 0

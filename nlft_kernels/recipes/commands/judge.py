@@ -5,6 +5,7 @@ local model."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,12 @@ def add_judge_flags(p: argparse.ArgumentParser) -> None:
         help="stop after this many records in a row got no reply at all (timeouts, resets), after their "
         "retries: the server is down or hung; rerun to resume (0: never stop)",
     )
-    server.add_argument("--judge-temperature", type=float, default=0.0, help="sampling temperature of the judge")
+    server.add_argument(
+        "--judge-temperature",
+        type=_non_negative_float,
+        default=0.0,
+        help="sampling temperature of the judge, a finite number >= 0",
+    )
     server.add_argument(
         "--response-format",
         choices=("text", "json_object", "json_schema"),
@@ -95,9 +101,32 @@ def add_judge_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (no nan, inf or negative)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def server_url(args: argparse.Namespace) -> str | None:
+    """--base-url, else $OPENAI_BASE_URL (the openai client's convention) when --model names a
+    server's model and no other judge is named."""
+    from nlft_kernels.recipes.llm_judge import BASE_URL_ENV
+
+    if args.base_url or args.local_model or not args.model:
+        return args.base_url
+    return os.environ.get(BASE_URL_ENV) or None
+
+
 def check_judge_flags(args: argparse.Namespace) -> None:
     """BadInput for judge flags that cannot go together or take no such value."""
-    base_url, local = args.base_url, args.local_model
+    from nlft_kernels.recipes.llm_judge import BASE_URL_ENV
+
+    base_url, local = server_url(args), args.local_model
     if base_url and local:
         raise BadInput("--base-url and --local-model name two judges: give one")
     if (base_url or local) and args.judge not in (None, "rule"):
@@ -105,7 +134,10 @@ def check_judge_flags(args: argparse.Namespace) -> None:
     if base_url and not args.model:
         raise BadInput("--base-url needs --model, the model name the server serves")
     if args.model and not base_url:
-        raise BadInput("--model names the server's model: it needs --base-url (for a local model use --local-model)")
+        raise BadInput(
+            f"--model names the server's model: it needs --base-url or ${BASE_URL_ENV} (for a local model use "
+            "--local-model)"
+        )
     for name, low in (("concurrency", 1), ("max_retries", 0), ("max_tokens", 1), ("max_consecutive_failures", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
@@ -114,17 +146,16 @@ def check_judge_flags(args: argparse.Namespace) -> None:
 
 def make_judge(args: argparse.Namespace):
     """The judge the flags name: --base-url (a server), --local-model (transformers), else --judge."""
-    from nlft_kernels.recipes.judges import LocalModelJudge, OpenAIJudge, api_key_from_env
+    from nlft_kernels.recipes.llm_judge import LocalModelJudge, OpenAIJudge, api_key_from_env
 
     check_judge_flags(args)
-    base_url, local = args.base_url, args.local_model
+    base_url, local = server_url(args), args.local_model
     if base_url:
-        names = (args.api_key_env,) if args.api_key_env else None
         try:
             return OpenAIJudge(
                 base_url,
                 args.model,
-                api_key=api_key_from_env(names) if names else api_key_from_env(),
+                api_key=api_key_from_env(args.api_key_env),
                 timeout=args.timeout,
                 max_retries=args.max_retries,
                 backoff=args.backoff,
@@ -147,8 +178,8 @@ def make_judge(args: argparse.Namespace):
 def function_judge(spec: str | None):
     """The rule judge (``spec`` None or "rule"), or the function ``module:function`` /
     ``file.py:function`` names."""
-    from nlft_kernels.recipes.judge import load_judge
-    from nlft_kernels.recipes.judges import rule_judge
+    from nlft_kernels.recipes.judging import load_judge
+    from nlft_kernels.recipes.rule_judge import rule_judge
 
     if spec in (None, "rule", "builtin"):
         return rule_judge
@@ -176,8 +207,8 @@ def check_rows(numbered: list[tuple[int, dict]], source: str) -> None:
 def judge_file(numbered, judge, out: Path, *, concurrency: int = 1, overwrite: bool = False, max_failures: int = 5):
     """Judge ``numbered`` ((line, row) pairs) into ``out`` (:func:`judge_run.judge_rows`), printing
     what was resumed and judged; typed errors for a stop, Ctrl-C and a file that cannot be resumed."""
-    from nlft_kernels.recipes.judge_run import judge_rows
-    from nlft_kernels.recipes.judges import JudgeUnavailable
+    from nlft_kernels.recipes.judging import judge_rows
+    from nlft_kernels.recipes.judgment import JudgeUnavailable
 
     try:
         run = judge_rows(
@@ -187,8 +218,8 @@ def judge_file(numbered, judge, out: Path, *, concurrency: int = 1, overwrite: b
         raise RunStopped(f"{err} (records judged so far are kept in {out}; rerun to resume)") from None
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; the records judged so far are in {out}: rerun to resume") from None
-    except ValueError as err:
-        raise BadInput(f"--out {out}: {err}") from None
+    if run.stale:
+        common.say(f"{out}: dropped {run.stale} rows of an earlier run whose input line was edited or deleted")
     if run.repaired:
         common.say(f"{out}: removed a last line cut short by an earlier crash (its record is judged again)")
     if run.skipped:
