@@ -29,6 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo",
         dataclass_types=[NLFTTrainingArguments, NLFTConfig],
+        usage="nlft demo [--model M] [--data D] [--samples N] [--steps N] [--out FOLDER] [--config FILE.yaml] "
+        "[any flag below]",
         help=HELP,
         description=f"Evaluate, generate --samples responses, judge them, map their saliency, NLFT-train on them "
         f"(--steps, default {DEMO_STEPS}; --batch-size is the training batch) and evaluate again. Every training "

@@ -32,6 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
         dataclass_types=[NLFTTrainingArguments, NLFTConfig],
+        usage="nlft train --data RECORDS.jsonl --out FOLDER [--model M] [--steps N | --epochs E] [--config FILE.yaml] "
+        "[any flag below]",
         help=HELP,
         description=f"NLFT-train a model on judged records (--steps, default {DEFAULT_STEPS}, or --epochs) and "
         "save it to --out. Every field of NLFTTrainingArguments (transformers' TrainingArguments and NLFT's: "
