@@ -60,10 +60,10 @@ def _unusable(kind: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     "command, kind, message",
     [
-        ("generate", "a folder", "is a folder; name a file"),
+        ("generate", "a folder", "is a directory: name a file"),
         ("generate", "under a file", "file.txt is a file, not a folder"),
         ("generate", "/proc", "cannot be written (/proc:"),
-        ("eval", "a folder", "is a folder; name a file"),
+        ("eval", "a folder", "is a directory: name a file"),
         ("train", "a file", "is a file; name a folder"),
         ("saliency", "under a file", "file.txt is a file, not a folder"),
         ("demo", "/proc", "cannot be written (/proc:"),

@@ -36,7 +36,7 @@ def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     folder, lies under a file, or sits where nothing can be written. Nothing is created."""
     out = Path(path)
     if out.is_dir():
-        raise BadInput(f"{flag} {out}: is a folder; name a file")
+        raise BadInput(f"{flag} {out}: is a directory: name a file")
     if out.exists():
         if not out.is_file():
             raise BadInput(f"{flag} {out}: not a regular file")
