@@ -163,6 +163,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
     leaves it alone; once that process is gone (killed: the kernel drops its lock) it opens."""
     out = tmp_path / "out.jsonl"
     process = _writer(out, 10, 0.05)
+    assert process.stdout.readline().strip() == "0"  # its first row is written
     try:
         with pytest.raises(OutputBusy, match=rf"{out} is being written by another process \(pid {process.pid}\)"):
             store(out).open([str(i) for i in range(10)])

@@ -104,14 +104,15 @@ def test_temperature_must_be_finite_and_not_negative(value):
 
 
 def test_http_500_is_retried_with_backoff():
-    """Two 500s, then an answer: three requests, about 0.3 s then 0.6 s apart (--backoff 0.3, doubled)."""
+    """Two 500s, then an answer: three requests, 1.5 s then 3 s apart (--backoff 1.5, doubled, up to
+    10% more), not the openai client's own waits (0.5 s then 1 s at most)."""
     replies = iter([(500, b"overloaded", 0.0), (500, b"overloaded", 0.0), (200, chat_reply(REPLY_RIGHT), 0.0)])
     with StubServer(lambda n, b: next(replies)) as server:
-        assert OpenAIJudge(server.base_url, "m", max_retries=3, backoff=0.3)("q", "r", "a").correct
+        assert OpenAIJudge(server.base_url, "m", max_retries=3, backoff=1.5)("q", "r", "a").correct
     at = [r["at"] for r in server.requests]
     assert len(at) == 3
     gaps = [at[1] - at[0], at[2] - at[1]]
-    assert 0.3 <= gaps[0] < 0.3 * 1.1 + 0.5 and 0.6 <= gaps[1] < 0.6 * 1.1 + 0.5, gaps
+    assert 1.5 <= gaps[0] < 1.5 * 1.1 + 1.0 and 3.0 <= gaps[1] < 3.0 * 1.1 + 1.0, gaps
 
 
 def test_429_waits_for_retry_after():
@@ -207,6 +208,21 @@ def test_redirects_are_not_followed_with_the_api_key(code):
     assert not elsewhere.requests
 
 
+def test_the_environment_proxy_is_used_unless_no_proxy_exempts_the_host(monkeypatch):
+    """$HTTP_PROXY (a stub that answers as the judge) carries the request for an unresolvable host;
+    with the host in $NO_PROXY the judge connects directly and finds no server."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with StubServer(ok) as proxy:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server.server_address[1]}")
+        monkeypatch.setenv("no_proxy", "")
+        assert OpenAIJudge("http://judge.invalid/v1", "m")(f"{QUESTION} (#0)", "r", REFERENCE).correct
+        monkeypatch.setenv("no_proxy", "judge.invalid")
+        with pytest.raises(JudgeUnavailable, match="cannot reach the judge at http://judge.invalid"):
+            OpenAIJudge("http://judge.invalid/v1", "m", max_retries=0)("q", "r", "a")
+    assert [r["path"] for r in proxy.requests] == ["http://judge.invalid/v1/chat/completions"]
+
+
 # ------------------------------------------------------------------------------ the stop event
 
 
@@ -242,7 +258,7 @@ def test_stop_ends_a_request_in_flight_and_a_backoff():
         elapsed = time.monotonic() - started
         time.sleep(0.3)
         closed = server.closed
-    assert outcomes == [JudgeStopped, JudgeStopped] and elapsed < 1.0, (outcomes, elapsed)
+    assert outcomes == [JudgeStopped, JudgeStopped] and elapsed < 2.0, (outcomes, elapsed)
     assert len(server.requests) == 2 and closed == 1  # no retry sent; the slow request hung up
 
 

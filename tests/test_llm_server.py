@@ -21,7 +21,8 @@ import pytest
 from nlft_kernels.recipes.cli import main
 from nlft_kernels.recipes.data import read_gsm8k
 from nlft_kernels.recipes.generation import sample_rows
-from nlft_kernels.recipes.llm_judge import JudgeError, OpenAIJudge
+from nlft_kernels.recipes.judgment import JudgeError
+from nlft_kernels.recipes.llm_judge import OpenAIJudge
 from tests._judge_server import LlamaServer, llama_server_or_skip
 
 REPO = Path(__file__).resolve().parents[1]

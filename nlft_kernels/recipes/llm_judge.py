@@ -24,6 +24,7 @@ import os
 import random
 import re
 import threading
+import urllib.request
 import warnings
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -129,13 +130,23 @@ def _http_module(openai):
     return importlib.import_module(openai.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0])
 
 
+def _environment_proxy(url: str) -> str | None:
+    """The proxy ``$HTTPS_PROXY``/``$HTTP_PROXY``/``$ALL_PROXY`` name for ``url``, unless ``$NO_PROXY``
+    exempts its host: a client given its own transport no longer reads them itself."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
+
+
 class _AttemptDeadline:
     """An HTTP transport around the real one: each attempt ends within ``timeout`` seconds in all
     (connect, headers and the whole body: a server that drips its reply still times out, which
     per-read timeouts miss), as the library's own timeout error so that the client retries it."""
 
-    def __init__(self, http, timeout: float) -> None:
-        self.http, self.timeout, self.inner = http, timeout, http.AsyncHTTPTransport()
+    def __init__(self, http, timeout: float, proxy: str | None = None) -> None:
+        self.http, self.timeout, self.inner = http, timeout, http.AsyncHTTPTransport(proxy=proxy)
 
     async def handle_async_request(self, request):
         attempts = _ATTEMPTS.get(None)
@@ -257,7 +268,9 @@ class OpenAIJudge:
             timeout=self.timeout,
             max_retries=max_retries,
             http_client=openai.DefaultAsyncHttpxClient(
-                transport=_AttemptDeadline(http, self.timeout), follow_redirects=False, timeout=self.timeout
+                transport=_AttemptDeadline(http, self.timeout, _environment_proxy(self.base_url)),
+                follow_redirects=False,
+                timeout=self.timeout,
             ),
         )
         self._client.backoff = backoff

@@ -69,10 +69,15 @@ def add_judge_flags(p: argparse.ArgumentParser) -> None:
     )
     server.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: 8; 1 for others)")
     server.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds per request, in all: connect, wait and the whole reply"
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds per request, in all: connect, wait and the whole reply",
     )
     server.add_argument("--max-retries", type=int, default=3, help="retries per request")
-    server.add_argument("--backoff", type=float, default=1.0, help="first retry's wait in seconds, doubled each time")
+    server.add_argument(
+        "--backoff", type=_non_negative_float, default=1.0, help="first retry's wait in seconds, doubled each time"
+    )
     server.add_argument("--max-tokens", type=int, default=512, help="longest judge reply in tokens")
     server.add_argument(
         "--max-consecutive-failures",
@@ -101,15 +106,24 @@ def add_judge_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0 (no nan, inf or negative)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def _finite_float(low: float, strict: bool):
+    """An argparse type: a finite number > ``low`` (``strict``) or >= ``low`` (no nan or inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > low if strict else value >= low) or value == float("inf"):
+            bound = "a positive finite number" if strict and low == 0 else f"a finite number >= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_float = _finite_float(0, strict=True)
+_non_negative_float = _finite_float(0, strict=False)
 
 
 def server_url(args: argparse.Namespace) -> str | None:
