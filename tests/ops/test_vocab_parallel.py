@@ -98,11 +98,13 @@ def _worker(rank: int, port: int, out: str, dtype_name: str, reduction: str) -> 
         torch.distributed.destroy_process_group()
 
 
-def _same_details(got, want, rtol=1e-5):
+def _same_details(got, want, rtol=1e-5, atol_fraction=0.0):
     for name in ("saliency", "unlikelihood", "cluster", "killed"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     for name in ("logprob_base", "logprob_standard", "logprob_judge", "weight", "token_loss"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=rtol, atol=1e-5, msg=name)
+        want_value = getattr(want, name)
+        atol = max(1e-5, atol_fraction * float(want_value.abs().max()))
+        torch.testing.assert_close(getattr(got, name), want_value, rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -131,7 +133,9 @@ def test_two_ranks_equal_one_process(tmp_path, dtype, reduction):
     for r, got in enumerate(ranks):
         torch.testing.assert_close(got["standard"], standard, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["lin_loss"], lin_loss, rtol=LOSS_RTOL[dtype], atol=1e-5)
-        _same_details(got["lin_details"], lin_details, LOSS_RTOL[dtype])
+        # The logits shard and the chunks are F.linear's in bfloat16: GEMMs of other shapes may
+        # round a logit to the neighbouring bfloat16, which moves a token's terms by that much.
+        _same_details(got["lin_details"], lin_details, LOSS_RTOL[dtype], 2**-8 if dtype == torch.bfloat16 else 0.0)
         torch.testing.assert_close(got["hidden_grad"], hidden_grad, rtol=rtol, atol=atol)
         torch.testing.assert_close(got["weight_grad"], _shard(w.grad, r), rtol=rtol, atol=atol)
         torch.testing.assert_close(got["bias_grad"], _shard(b.grad, r), rtol=rtol, atol=atol)
