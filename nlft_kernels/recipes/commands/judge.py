@@ -219,7 +219,7 @@ def check_rows(numbered: list[tuple[int, dict]], source: str) -> None:
 
 
 def judge_file(numbered, judge, out: Path, *, concurrency: int = 1, overwrite: bool = False, max_failures: int = 5):
-    """Judge ``numbered`` ((line, row) pairs) into ``out`` (:func:`judge_run.judge_rows`), printing
+    """Judge ``numbered`` ((line, row) pairs) into ``out`` (:func:`nlft_kernels.recipes.judging.judge_rows`), printing
     what was resumed and judged; typed errors for a stop, Ctrl-C and a file that cannot be resumed."""
     from nlft_kernels.recipes.judging import judge_rows
     from nlft_kernels.recipes.judgment import JudgeUnavailable
