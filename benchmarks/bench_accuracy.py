@@ -443,10 +443,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def _read(data: str | None, split: str) -> list[dict]:
-    from nlft_kernels.recipes.cli import read_data
+    from nlft_kernels.recipes.errors import BadInput
+    from nlft_kernels.recipes.questions import read_data
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_accuracy")
-    return read_data(data, split, parser)
+    try:
+        return read_data(data, split)
+    except BadInput as err:  # as a bad flag of this script: its usage and exit status 2
+        argparse.ArgumentParser(prog="python -m benchmarks.bench_accuracy").error(str(err))
 
 
 def comparisons(runs: dict, settings: StudySettings) -> list[dict]:

@@ -156,8 +156,8 @@ def test_resuming_with_another_judge_is_refused(tmp_path, capsys):
             judge_rows(rows(2), judge, out, progress=False)
         assert out.read_text() == before and not server.requests
         responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(2)])
-        with pytest.raises(SystemExit):
-            main(["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model", "m"])
+        assert main(["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model",
+                     "m"]) == 2  # fmt: skip
         assert "judged by 'rule'" in capsys.readouterr().err and out.read_text() == before
         run = judge_rows(rows(2), judge, out, progress=False, overwrite=True)  # starting afresh is fine
     assert run.judged == 2 and {r["judge"] for r in read_jsonl(out)} == {judge.name}
@@ -203,15 +203,15 @@ def test_a_reply_between_failures_starts_the_count_again(tmp_path):
     assert (run.judged, run.errors) == (3, 3) and len(server.requests) == 6
 
 
-def test_cli_stops_after_consecutive_failures(tmp_path):
+def test_cli_stops_after_consecutive_failures(tmp_path, capsys):
     responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(6)])
     out = tmp_path / "records.jsonl"
     with StubServer(lambda n, b: (200, chat_reply(REPLY_RIGHT), 2.0)) as server:
-        with pytest.raises(SystemExit) as info:
-            main(["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model", "m",
-                  "--timeout", "0.2", "--max-retries", "0", "--concurrency", "1",
-                  "--max-consecutive-failures", "2"])  # fmt: skip
-    message = str(info.value.code)
+        status = main(["judge", "--in", str(responses), "--out", str(out), "--base-url", server.base_url, "--model",
+                       "m", "--timeout", "0.2", "--max-retries", "0", "--concurrency", "1",
+                       "--max-consecutive-failures", "2"])  # fmt: skip
+    message = capsys.readouterr().err
+    assert status == 1
     assert "cannot reach the judge" in message and "the last 2 records got no reply" in message
     assert "rerun to resume" in message and len(server.requests) == 2 and len(read_jsonl(out)) == 2
 
@@ -387,10 +387,9 @@ def test_cli_bad_input_in_process(tmp_path, capsys, monkeypatch, flags, message)
     with StubServer(ok) as server:
         args = {"--in": "responses.jsonl", "--out": "records.jsonl", "--base-url": server.base_url, "--model": "m"}
         args |= dict(zip(flags[::2], flags[1::2], strict=True))
-        with pytest.raises(SystemExit) as info:
-            main(["judge", *sum(args.items(), ())])
+        status = main(["judge", *sum(args.items(), ())])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and message in err and "secret" not in err
+    assert status == 2 and message in err and "secret" not in err
     assert not server.requests and not (tmp_path / "records.jsonl").exists()
 
 
@@ -438,13 +437,13 @@ def test_cli_judge_against_a_server_with_faults(tmp_path, capsys):
     assert "HTTP 500" in errors[3]["error"] and errors[3]["attempts"] == 2
 
 
-def test_cli_server_down_is_a_clean_error(tmp_path):
+def test_cli_server_down_is_a_clean_error(tmp_path, capsys):
     responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(2)])
     out = tmp_path / "records.jsonl"
-    with pytest.raises(SystemExit) as info:
-        main(["judge", "--in", str(responses), "--out", str(out), "--base-url", f"http://127.0.0.1:{free_port()}/v1",
-              "--model", "m", "--max-retries", "0"])  # fmt: skip
-    assert "cannot reach the judge" in str(info.value.code) and "rerun to resume" in str(info.value.code)
+    status = main(["judge", "--in", str(responses), "--out", str(out), "--base-url",
+                   f"http://127.0.0.1:{free_port()}/v1", "--model", "m", "--max-retries", "0"])  # fmt: skip
+    message = capsys.readouterr().err
+    assert status == 1 and "cannot reach the judge" in message and "rerun to resume" in message
     assert out.read_text() == ""
 
 
@@ -460,16 +459,14 @@ def test_cli_server_down_is_a_clean_error(tmp_path):
 )
 def test_cli_judge_flag_errors(tmp_path, capsys, extra, message):
     responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(1)])
-    with pytest.raises(SystemExit):
-        main(["judge", "--in", str(responses), "--out", str(tmp_path / "o.jsonl"), *extra])
+    assert main(["judge", "--in", str(responses), "--out", str(tmp_path / "o.jsonl"), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_cli_never_writes_over_its_input(tmp_path, capsys):
     responses = write_jsonl(tmp_path / "responses.jsonl", [row for _, row in rows(2)])
     before = responses.read_bytes()
-    with pytest.raises(SystemExit):
-        main(["judge", "--in", str(responses), "--out", str(tmp_path / "." / "responses.jsonl")])
+    assert main(["judge", "--in", str(responses), "--out", str(tmp_path / "." / "responses.jsonl")]) == 2
     assert "inputs are never rewritten" in capsys.readouterr().err
     assert responses.read_bytes() == before
 

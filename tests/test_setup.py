@@ -80,9 +80,8 @@ def _embedded_data_installed(target: Path) -> None:
     data = target / "nlft_kernels" / "recipes" / "data" / "gsm8k"
     assert {p.name for p in data.iterdir()} >= {"train.jsonl.xz", "test.jsonl.xz", "LICENSE"}
     code = (
-        "import argparse, nlft_kernels.recipes.cli as cli\n"
-        "rows = cli.read_data(None, 'test', argparse.ArgumentParser())\n"
-        "print(cli.resolve_data(None, 'test', argparse.ArgumentParser()), len(rows))"
+        "from nlft_kernels.recipes.questions import read_data, resolve_data\n"
+        "print(resolve_data(None, 'test'), len(read_data(None, 'test')))"
     )
     env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=target, capture_output=True, text=True)
