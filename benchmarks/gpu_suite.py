@@ -301,7 +301,7 @@ def _probe_device_main(path: str) -> None:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    info = _util.environment(device) | {"backends": backends_module.backends()}
+    info = _util.environment(device) | {"backends": importlib.import_module("nlft_kernels").backends()}
     info["build_info"] = backends_module.build_info()
     info["cuda_kernel"] = backends_module._cuda_unavailable() or "available"
     if cuda:

@@ -1,6 +1,6 @@
 """nlft-kernels: fused kernels for Natural Language Fine-Tuning (arXiv 2412.20382)."""
 
-from nlft_kernels.backends import backends
+from nlft_kernels.backend_report import backends
 from nlft_kernels.config import NLFTConfig
 from nlft_kernels.modules import NLFTLinearLoss
 from nlft_kernels.ops.nlft_linear_loss import linear_token_logprobs, nlft_linear_loss
