@@ -93,7 +93,8 @@ def _scale_impl(a: ScaleArgs) -> None:
     # forward (retain_graph=True, gradcheck) finds the factor that turns it into its own, 1 / this
     # one (NaN where grad_output was 0: the values are gone). No version bump: the buffer is this
     # loss's own, and its saved references stay usable.
-    a.factor.data.copy_(torch.where(grad_output != 0, 1.0 / grad_output, float("nan")).expand(a.factor.shape))
+    undo = torch.where(grad_output != 0, 1.0 / grad_output, float("nan"))
+    a.factor.data.copy_(undo.expand(a.factor.numel()).view(a.factor.shape))
 
 
 scale_grad_op = define("scale_grad_", ScaleArgs, None, _scale_impl, lambda a: None, mutates=("grad", "factor"))

@@ -99,9 +99,11 @@ def second_stage(
     # No host sync: every row's factor, computed on [N] tensors (1 where nothing changes).
     _, _, provisional = row_terms(lp_b, lp_s, lp_j, v.wrong, saliency, torch.zeros_like(demoted), cfg)
     ratio = torch.where(provisional != 0, coef / torch.where(provisional != 0, provisional, 1.0), 0.0)
-    factor = torch.where(demoted, ratio, 1.0)
-    grad_coef = torch.where(valid, coef * v.scale, 0.0)
-    grad_coef = torch.where(valid & torch.isnan(lp_b), float("nan"), grad_coef)  # as the kernels
+    # A label outside the vocabulary (validate=False) gives a NaN gradient row, as the kernels
+    # write it: its factor is NaN too, so that a zeroing fix-up cannot hide it.
+    bad = valid & torch.isnan(lp_b)
+    factor = torch.where(bad, float("nan"), torch.where(demoted, ratio, 1.0))
+    grad_coef = torch.where(bad, float("nan"), torch.where(valid, coef * v.scale, 0.0))
     per_row = {
         "logprob_base": lp_b,
         "logprob_standard": lp_s,
