@@ -223,8 +223,8 @@ def _token_logprobs_bwd_kernel(
 ):
     """One program per row: grad[row] = g[row] * (onehot(label) - softmax(x[row])).
 
-    Reads the [V] row and writes the [V] gradient row (contiguous, logits dtype); ignored rows
-    read nothing and write zeros.
+    Reads the [V] row and writes the [V] gradient row (contiguous, logits dtype; it may be the
+    logits themselves); ignored rows and rows whose g is 0 read nothing and write zeros.
     """
     row = tl.program_id(0).to(tl.int64)
     base = (row // T) * stride_b + (row % T) * stride_t
@@ -232,7 +232,7 @@ def _token_logprobs_bwd_kernel(
     valid = label != ignore_index
     lse = tl.load(lse_ptr + row)
     coef = tl.where(valid, -tl.load(g_ptr + row).to(ACC), 0.0)
-    limit = tl.where(valid, V, 0)
+    limit = tl.where(valid & (coef != 0.0), V, 0)  # rows whose gradient is 0 are written unread
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(x_ptr + base + cols, mask=cols < limit, other=0.0).to(ACC)
