@@ -172,6 +172,20 @@ def test_nlft_loss_compiles(backend, teachers, reduction, clusters):
     _compare(fn, [x.base])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_inplace_grad_compiles(dtype):
+    """inplace_grad=True on logits made inside the graph (the LM head's output): the mutating op
+    traces, and loss and gradients equal eager's (float16: the gradient written in backward)."""
+    x = _inputs("inplace_compiles", dtype)
+    weight, _ = _head("inplace_compiles_head")
+
+    def fn(hidden, weight):
+        logits = (hidden @ weight.T).to(dtype)
+        return nlft_loss(logits, x.labels, x.correct, standard=x.standard, judge=x.judge, inplace_grad=True)
+
+    _compare(fn, [x.hidden, weight], rtol=1e-6, atol=1e-6)
+
+
 def test_nlft_loss_compiles_bf16_without_judge():
     x = _inputs("nlft_loss_compiles_bf16", dtype=torch.bfloat16)
     correct = torch.ones(B, dtype=torch.bool)
