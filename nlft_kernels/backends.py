@@ -124,7 +124,9 @@ class Backend:
     scale_rows(grad [R, V], factor [R]): grad[r] *= factor[r] in place (rows whose factor is 1
       skipped on the device where the backend can);
     label_logprobs(x [B, T, V], labels [N], ignore_index) -> (log p(label) [N], lse [N]);
-    softmax_grad(x, labels, lse, coef, ignore_index, out) -> out = coef * (softmax(x) - onehot).
+    softmax_grad(x, labels, lse, coef, ignore_index, out) -> out = coef * (softmax(x) - onehot);
+    label_logprobs_grad(x, labels, coef, ignore_index, out) -> (log p(label), lse), and ``out``
+      as ``softmax_grad`` writes it, in one pass where the backend has the kernel.
     """
 
     name: str
@@ -132,25 +134,44 @@ class Backend:
     scale_rows: Callable
     label_logprobs: Callable
     softmax_grad: Callable
+    label_logprobs_grad: Callable
 
 
 REGISTRY: dict[str, Backend] = {
-    "triton": Backend("triton", kernels.row_pass, kernels.scale_rows, kernels.label_logprobs, kernels.softmax_grad),
+    "triton": Backend(
+        "triton",
+        kernels.row_pass,
+        kernels.scale_rows,
+        kernels.label_logprobs,
+        kernels.softmax_grad,
+        kernels.label_logprobs_grad,
+    ),  # fmt: skip
     # The extension has a CUDA row pass only: the gradient passes of backward are Triton's
     # (they test each row's factor on the device), the label log-probs chunked torch.
     "cuda": Backend(
-        "cuda", extension_ops.row_pass, kernels.scale_rows, torch_rows.label_logprobs, kernels.softmax_grad
-    ),
+        "cuda",
+        extension_ops.row_pass,
+        kernels.scale_rows,
+        torch_rows.label_logprobs,
+        kernels.softmax_grad,
+        kernels.label_logprobs_grad,
+    ),  # fmt: skip
     "cpp": Backend(
         "cpp",
         extension_ops.row_pass,
         extension_ops.scale_rows,
         extension_ops.label_logprobs,
         extension_ops.softmax_grad,
+        extension_ops.label_logprobs_grad,
     ),  # fmt: skip
     "torch": Backend(
-        "torch", torch_rows.row_pass, torch_rows.scale_rows, torch_rows.label_logprobs, torch_rows.softmax_grad
-    ),
+        "torch",
+        torch_rows.row_pass,
+        torch_rows.scale_rows,
+        torch_rows.label_logprobs,
+        torch_rows.softmax_grad,
+        torch_rows.label_logprobs_grad,
+    ),  # fmt: skip
 }
 
 

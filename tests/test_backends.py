@@ -184,7 +184,7 @@ def test_every_op_reaches_its_backend_through_the_registry(monkeypatch):
 
         return call
 
-    names = ("row_pass", "scale_rows", "label_logprobs", "softmax_grad")
+    names = ("row_pass", "scale_rows", "label_logprobs", "softmax_grad", "label_logprobs_grad")
     monkeypatch.setitem(REGISTRY, "torch", Backend("torch", *(record(n) for n in names)))
     # Wrong samples whose saliency share passes the 6% rule: backward's one pass rescales rows.
     x = make_inputs(2, 12, 30, seed=5)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from nlft_kernels.ops.contracts import GradStore, acc_dtype
+from nlft_kernels.ops.linear_ce import LinearCEArgs, LinearCEOut, linear_ce_op
 from nlft_kernels.ops.linear_ops import (
     NLFTLinearLossArgs,
     NLFTLinearLossOut,
@@ -30,12 +31,16 @@ from nlft_kernels.ops.loss_ops import (
     SoftmaxGradArgs,
     TokenLogprobsArgs,
     TokenLogprobsOut,
+    WeightedCEArgs,
+    WeightedCEOut,
     nlft_loss_inplace_op,
     nlft_loss_op,
     scale_grad_op,
     softmax_grad_inplace_op,
     softmax_grad_op,
     token_logprobs_op,
+    weighted_ce_inplace_op,
+    weighted_ce_op,
 )
 
 
@@ -157,4 +162,69 @@ class NLFTLinearLossFunction(torch.autograd.Function):
         else:
             args, (factor,) = _unstash(ctx)
             grads = nlft_linear_loss_backward_op(*args, factor, grad_loss)
+        return (*[g if want else None for g, want in zip(grads, ctx.want, strict=True)], None)
+
+
+class TokenWeightedCEFunction(torch.autograd.Function):
+    """The token-weighted cross-entropy of ``logits`` (``WeightedCEArgs``): its gradient
+    ``w * scale * (softmax - onehot)`` written once, in forward by the same pass that reads the
+    row (float32, bfloat16) or in backward from the saved lse (float16), as the NLFT loss's."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, args: WeightedCEArgs, inplace: bool):
+        store = GradStore(args.grad)
+        op = weighted_ce_inplace_op if inplace and store == GradStore.FORWARD else weighted_ce_op
+        out = WeightedCEOut._make(op(*args))
+        ctx.store, ctx.inplace, ctx.shape = store, inplace, logits.shape
+        ctx.ignore_index, ctx.offset, ctx.backend = args.ignore_index, 0, args.backend
+        if store == GradStore.FORWARD:
+            factor = torch.ones_like(out.coef)  # per row: grad_output is per row for "none"
+            ctx.save_for_backward(args.logits if inplace else out.grad, factor)
+        elif store == GradStore.BACKWARD:
+            ctx.save_for_backward(args.logits, args.labels, out.lse, out.coef)
+        return out.loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.store == GradStore.NONE:
+            return None, None, None
+        if ctx.store == GradStore.FORWARD:
+            grad, factor = ctx.saved_tensors
+            scale_grad_op(grad, factor, grad_loss, ctx.backend)
+            return grad.view(ctx.shape), None, None
+        logits, labels, lse, coef = ctx.saved_tensors
+        return _gradient_pass(ctx, logits, labels, lse, coef, grad_loss).view(ctx.shape), None, None
+
+
+class LinearTokenWeightedCEFunction(torch.autograd.Function):
+    """The token-weighted cross-entropy of ``hidden @ weight.T + bias`` (``LinearCEArgs``),
+    chunked over rows: for reductions to a scalar, forward computes the gradients of hidden,
+    weight and bias and backward scales them in place; for ``"none"``, backward runs the chunks
+    again with each row's ``grad_output`` in its coefficient."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, args: LinearCEArgs):
+        ctx.reduction, ctx.want, ctx.backend = args.reduction, list(args.want), args.backend
+        if args.reduction == "none":
+            out = LinearCEOut._make(linear_ce_op(*args._replace(want=[False] * 3)))
+            _stash(ctx, args)
+        else:
+            out = LinearCEOut._make(linear_ce_op(*args))
+            factors = [torch.ones((), dtype=acc_dtype(hidden.dtype), device=hidden.device) for _ in range(3)]
+            ctx.save_for_backward(out.grad_hidden, out.grad_weight, out.grad_bias, *factors)
+        return out.loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.reduction != "none":
+            saved = ctx.saved_tensors
+            grads = saved[:3]
+            for grad, factor, want in zip(grads, saved[3:], ctx.want, strict=True):
+                if want:
+                    scale_grad_op(grad, factor, grad_loss, ctx.backend)
+        else:
+            args, _ = _unstash(ctx)
+            grads = LinearCEOut._make(linear_ce_op(*args._replace(grad_output=grad_loss.reshape(-1))))[1:]
         return (*[g if want else None for g, want in zip(grads, ctx.want, strict=True)], None)

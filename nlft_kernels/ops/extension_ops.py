@@ -45,3 +45,11 @@ def softmax_grad(x: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, ignore_in
     zero-filled without a read."""
     compiled().softmax_grad(x, labels, lse, coef, ignore_index, out.view(-1, x.shape[-1]))
     return out
+
+
+def label_logprobs_grad(x: Tensor, labels: Tensor, coef: Tensor, ignore_index: int, out: Tensor):
+    """(log p(label) [N], lse [N]) of CPU ``x`` and ``out`` = ``coef * (softmax(x) - onehot)``:
+    the C++ log-prob pass, then the C++ gradient pass (the row read twice)."""
+    lp, lse = label_logprobs(x, labels, ignore_index)
+    softmax_grad(x, labels, lse, coef, ignore_index, out)
+    return lp, lse

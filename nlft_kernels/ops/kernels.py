@@ -5,7 +5,9 @@
 - ``_scale_rows_kernel``: backward's one pass over a stored gradient: the per-sample fix-up and
   ``grad_output``, skipping rows whose total factor is 1;
 - ``_token_logprobs_kernel`` / ``_token_logprobs_bwd_kernel``: label log-probs and the gradient
-  ``coef * (softmax - onehot)`` from a saved lse (``softmax_grad``).
+  ``coef * (softmax - onehot)`` from a saved lse (``softmax_grad``);
+- ``_token_logprobs_grad_kernel``: both in one launch, the gradient written in forward (the
+  token-weighted cross-entropy's row pass).
 
 Launch shapes come from ``ops/launch.py`` (``launch_config``), the rule's constants from
 ``RuleConstants`` by keyword (``ops/contracts.py``). Every launch runs under the device guard of
@@ -240,6 +242,55 @@ def _token_logprobs_bwd_kernel(
         tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
+@triton.jit
+def _token_logprobs_grad_kernel(
+    x_ptr,
+    stride_b,
+    stride_t,
+    labels_ptr,
+    coef_ptr,
+    lp_ptr,
+    lse_ptr,
+    grad_ptr,
+    T,
+    V,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """One program per row (grid N = B*T): ``_token_logprobs_kernel``'s lp and lse, and in a second
+    sweep of the same program grad[row] = coef[row] * (softmax(x[row]) - onehot(label)): the
+    token-weighted cross-entropy's row pass, its gradient written in forward.
+
+    Reads the [V] row once (the second sweep re-reads it: from L2 on a GPU, the same program read
+    it just before), the label entry and coef; writes two ACC scalars and the [V] gradient row
+    (contiguous, logits dtype; it may be the logits themselves: each tile is read before it is
+    written). Ignored rows read nothing; rows whose coef is 0 are not read a second time; both
+    get zeros.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = (row // T) * stride_b + (row % T) * stride_t
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    limit = tl.where(valid, V, 0)
+    m = tl.full([], LSE_START, ACC)
+    s = tl.zeros([], ACC)
+    for start in range(0, V, BLOCK_V):
+        m, s = lse_tile(x_ptr + base, start + tl.arange(0, BLOCK_V), limit, m, s, ACC)
+    lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)  # finite on ignored rows
+    in_range = (label >= 0) & (label < V)
+    x_label = tl.load(x_ptr + base + label, mask=valid & in_range, other=float("nan")).to(ACC)
+    tl.store(lp_ptr + row, tl.where(valid, x_label - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+    coef = tl.where(valid, tl.load(coef_ptr + row).to(ACC), 0.0)
+    grad_limit = tl.where(coef != 0.0, limit, 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(x_ptr + base + cols, mask=cols < grad_limit, other=0.0).to(ACC)
+        g = softmax_grad_tile(x, cols, lse, label, coef)
+        tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers: the ``triton`` entries of the backend registry (nlft_kernels/backends.py).
 
@@ -334,6 +385,16 @@ def label_logprobs(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> 
     lp = torch.empty(labels.numel(), dtype=acc_dtype(x.dtype), device=x.device)
     lse = torch.empty_like(lp)
     _launch_label_kernel(_token_logprobs_kernel, x, labels, (lp, lse), ignore_index)
+    return lp, lse
+
+
+def label_logprobs_grad(x, labels, coef, ignore_index: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label) [N], lse [N]) of ``x`` [B, T, V] and, in the same pass, ``out`` (contiguous;
+    may be ``x`` itself) = ``coef * (softmax(x) - onehot(label))`` per row."""
+    lp = torch.empty(labels.numel(), dtype=acc_dtype(x.dtype), device=x.device)
+    lse = torch.empty_like(lp)
+    coef = coef.to(lp.dtype).contiguous()
+    _launch_label_kernel(_token_logprobs_grad_kernel, x, labels, (coef, lp, lse, out), ignore_index)
     return lp, lse
 
 

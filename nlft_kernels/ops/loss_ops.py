@@ -297,3 +297,80 @@ def _token_logprobs_fake(a: TokenLogprobsArgs) -> TokenLogprobsOut:
 token_logprobs_op = define(
     "token_logprobs", TokenLogprobsArgs, TokenLogprobsOut, _token_logprobs_impl, _token_logprobs_fake
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# token_weighted_cross_entropy
+
+
+class WeightedCEArgs(NamedTuple):
+    """logits: [B, T, V] (unit stride over V); labels: [N] int64; weights: [N] float (constants);
+    reduction: "mean" (over labelled tokens), "sum" or "none"; grad: a ``GradStore``."""
+
+    logits: Tensor
+    labels: Tensor
+    weights: Tensor
+    ignore_index: int
+    reduction: str
+    backend: str
+    validate: bool
+    grad: int
+
+
+class WeightedCEOut(NamedTuple):
+    loss: Tensor  # reduced, or [N] for "none"
+    grad: Tensor  # the gradient written in forward (FORWARD, not in place), else empty
+    coef: Tensor  # [N] each row's gradient coefficient: weight times the reduction's scale
+    lse: Tensor  # [N]
+
+
+def _weighted_ce(a: WeightedCEArgs, inplace: bool) -> WeightedCEOut:
+    x = a.logits
+    if a.validate:
+        check_label_range(a.labels, x.shape[-1], a.ignore_index)
+        if not bool(torch.isfinite(a.weights).all()):
+            raise ValueError("weights must be finite")
+    backend = implementation(resolve_backend(a.backend, x.device, a.labels.numel(), x.shape[-1]))
+    acc = acc_dtype(x.dtype)
+    valid = a.labels != a.ignore_index
+    weights = a.weights.to(acc)
+    scale = 1.0 / valid.sum().clamp(min=1).to(acc) if a.reduction == "mean" else torch.ones((), dtype=acc)
+    coef = torch.where(valid, weights * scale.to(x.device), 0.0)
+    grad = None
+    if GradStore(a.grad) == GradStore.FORWARD:  # one pass: log-probs and the gradient
+        grad = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        lp, lse = backend.label_logprobs_grad(x, a.labels, coef, a.ignore_index, grad)
+        if inplace:
+            bump_version(x)
+    else:
+        lp, lse = backend.label_logprobs(x, a.labels, a.ignore_index)
+    if a.validate and not bool(torch.isfinite(lp).all()):
+        raise ValueError("logits contains non-finite values (NaN or +inf, or -inf at a label) in a labelled row")
+    token = torch.where(valid, -weights * lp, 0.0)
+    loss = token if a.reduction == "none" else token.sum() * scale
+    return WeightedCEOut(loss, grad if grad is not None and not inplace else _empty(x), coef, lse)
+
+
+def _weighted_ce_fake(a: WeightedCEArgs, inplace: bool = False) -> WeightedCEOut:
+    x, n = a.logits, a.labels.numel()
+    acc = acc_dtype(x.dtype)
+    stored = GradStore(a.grad) == GradStore.FORWARD and not inplace
+    return WeightedCEOut(
+        x.new_empty(n if a.reduction == "none" else (), dtype=acc),
+        x.new_empty(x.shape) if stored else _empty(x),
+        x.new_empty(n, dtype=acc),
+        x.new_empty(n, dtype=acc),
+    )
+
+
+weighted_ce_op = define(
+    "token_weighted_cross_entropy", WeightedCEArgs, WeightedCEOut, lambda a: _weighted_ce(a, False), _weighted_ce_fake
+)
+weighted_ce_inplace_op = define(
+    "token_weighted_cross_entropy_",
+    WeightedCEArgs,
+    WeightedCEOut,
+    lambda a: _weighted_ce(a, True),
+    lambda a: _weighted_ce_fake(a, True),
+    mutates=("logits",),
+)

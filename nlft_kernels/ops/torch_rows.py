@@ -136,3 +136,11 @@ def softmax_grad(x, labels, lse, coef, ignore_index: int, out: torch.Tensor) -> 
         chunk.scatter_add_(1, safe[:, None], -(valid & in_range)[:, None].to(chunk.dtype))
         flat_out[start:stop] = chunk * chunk_coef[:, None]
     return out
+
+
+def label_logprobs_grad(x, labels, coef, ignore_index: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label) [N], lse [N]) of ``x`` [B, T, V] and ``out`` (contiguous; may be ``x``) =
+    ``coef * (softmax(x) - onehot(label))`` per row, one chunk of rows at a time."""
+    lp, lse = label_logprobs(x, labels, ignore_index)
+    softmax_grad(x, labels, lse, coef, ignore_index, out)
+    return lp, lse
