@@ -80,3 +80,13 @@ def token_logprobs_traffic(vocab: int, dtype: torch.dtype) -> dict[str, dict[str
     gradient row once (in the logits dtype)."""
     e = dtype.itemsize
     return {"forward": {"logits": (vocab + 1) * e}, "backward": {"logits": vocab * e, "grad": vocab * e}}
+
+
+def weighted_ce_traffic(vocab: int, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of ``token_weighted_cross_entropy``'s forward for one labelled row whose weight is
+    not 0, gradient written in forward (float32, bfloat16): the row read once with its label
+    entry, re-read by the same program's gradient sweep (``base_reread``: L2 on a GPU), the
+    gradient row written once; with ``grad_output == 1`` backward moves nothing: 2 units of
+    DRAM traffic."""
+    e = dtype.itemsize
+    return {"base": (vocab + 1) * e, "base_reread": vocab * e, "grad": vocab * e}

@@ -24,10 +24,16 @@ import numpy as np
 import pytest
 import torch
 
-from nlft_kernels import nlft_loss, token_logprobs
+from nlft_kernels import nlft_loss, token_logprobs, token_weighted_cross_entropy
 from nlft_kernels.ops.contracts import GradStore
 from nlft_kernels.ops.launch import launch_config
-from nlft_kernels.ops.traffic import dram_units, nlft_backward_traffic, nlft_forward_traffic, token_logprobs_traffic
+from nlft_kernels.ops.traffic import (
+    dram_units,
+    nlft_backward_traffic,
+    nlft_forward_traffic,
+    token_logprobs_traffic,
+    weighted_ce_traffic,
+)
 from tests._inputs import generator, make_inputs, seed_of
 
 interpreter = pytest.importorskip("triton.runtime.interpreter")
@@ -216,3 +222,27 @@ def test_token_logprobs_moves_what_the_model_says(vocab, dtype):
     assert backward.bytes(logits, "load") == 4 * model["backward"]["logits"]
     # every row's gradient is written, zeros at the ignored one
     assert backward.bytes(grad, "store") == 5 * model["backward"]["grad"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_token_weighted_cross_entropy_moves_two_units(dtype):
+    """One read of each labelled row, its gradient written once by the same program (the re-read
+    counted apart as L2 traffic); a row of weight 0 is read once and written as zeros; ignored
+    rows read nothing; backward with grad_output == 1 moves no row."""
+    vocab = 3000
+    g = generator(seed_of("traffic weighted ce", dtype))
+    logits = torch.randn(6, vocab, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (6,), generator=g)
+    labels[5] = -100
+    weights = torch.rand(6, generator=g)
+    weights[4] = 0.0
+    with count_bytes() as forward:
+        loss = token_weighted_cross_entropy(logits, labels, weights, backend="triton")
+    (grad,) = [t for t in loss.grad_fn.saved_tensors if t.dim() == 3]
+    with count_bytes() as backward:
+        loss.backward()
+    model = weighted_ce_traffic(vocab, dtype)
+    assert (model["base"] + model["grad"]) / (vocab * dtype.itemsize) == pytest.approx(2 + 1 / vocab)
+    assert forward.bytes(logits, "load") == 5 * model["base"] + 4 * model["base_reread"]
+    assert forward.bytes(grad, "store") == 6 * model["grad"]
+    assert backward.bytes(grad, "load") == backward.bytes(grad, "store") == 0
