@@ -150,9 +150,16 @@ def test_token_logprobs_is_cpp_on_the_cpu(monkeypatch):
     from nlft_kernels.backends import REGISTRY
 
     calls, real = [], REGISTRY["cpp"]
-    recording = {name: (lambda name: lambda *a: calls.append(name) or getattr(real, name)(*a))(name)
-                 for name in ("label_logprobs", "softmax_grad")}  # fmt: skip
-    monkeypatch.setitem(REGISTRY, "cpp", dataclasses.replace(real, **recording))
+
+    def recording(name):
+        def call(*args):
+            calls.append(name)
+            return getattr(real, name)(*args)
+
+        return call
+
+    names = ("label_logprobs", "softmax_grad")
+    monkeypatch.setitem(REGISTRY, "cpp", dataclasses.replace(real, **{name: recording(name) for name in names}))
     g = generator(seed_of("auto takes cpp"))
     logits, labels = torch.randn(2, 3, 50, generator=g).requires_grad_(), torch.randint(0, 50, (2, 3), generator=g)
     token_logprobs(logits, labels).sum().backward()
