@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
     int64_t judge_mode, const at::Tensor& labels, const at::Tensor& wrong, const at::Tensor& scale,
     int64_t ignore_index, double tau, double saliency_power, double other_power, double log_ratio,
     double log_judge_min, double sigmoid_center, double sigmoid_scale, double unlikelihood_clamp, double nll_weight,
-    bool compute_grad) {
+    bool compute_grad, const std::optional<at::Tensor>& grad_out) {
   TORCH_CHECK(base.dim() == 3 && base.stride(2) == 1, "base logits must be [B, T, V] with unit stride over V");
   const int64_t n_rows = base.size(0) * base.size(1);
   const at::ScalarType acc = base.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -122,7 +122,18 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
   // place; autograd then casts the returned gradient to float16.
   p.grad_dtype = nlft::grad_dtype_for(p.base.dtype);
   std::optional<at::Tensor> grad;
-  if (compute_grad) grad = at::empty(base.sizes(), base.options().dtype(to_scalar_type(p.grad_dtype)));
+  if (compute_grad && grad_out.has_value()) {
+    // The caller's buffer: for inplace_grad, the base logits themselves (each row is read
+    // before its gradient overwrites it, by the same thread).
+    grad = *grad_out;
+    TORCH_CHECK(grad->device() == base.device() && grad->is_contiguous() && grad->sizes() == base.sizes() &&
+                    grad->scalar_type() == to_scalar_type(p.grad_dtype),
+                "grad_out must be a contiguous ", to_scalar_type(p.grad_dtype), " tensor shaped like the base logits");
+    TORCH_CHECK(grad->data_ptr() != base.data_ptr() || base.is_contiguous(),
+                "writing the gradient into the base logits needs contiguous base logits");
+  } else if (compute_grad) {
+    grad = at::empty(base.sizes(), base.options().dtype(to_scalar_type(p.grad_dtype)));
+  }
   p.stats = stats.data_ptr();
   p.saliency = saliency.data_ptr<bool>();
   p.grad = compute_grad ? grad->data_ptr() : nullptr;
@@ -147,22 +158,52 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
   return {stats, saliency, grad};
 }
 
-// grad[r] *= factor[r] for r in rows, in place: the second stage's fix-up (CPU tensors). grad
-// is first_stage's gradient (float32 for float16 base logits) or any other floating tensor.
-void scale_rows(at::Tensor& grad, const at::Tensor& rows, const at::Tensor& factor) {
+// grad[r] *= factor[r] for every row r of grad [R, V], in place (CPU tensors): the fix-up of the
+// stored gradient in backward, with grad_output folded into factor. A row whose factor is 1 is
+// not touched; one whose factor is 0 is zero-filled without being read.
+void scale_rows(at::Tensor& grad, const at::Tensor& factor) {
   TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.dim() >= 1,
               "grad must be a contiguous CPU tensor");
   const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor rows_c = rows.to(at::kLong).contiguous();
   const at::Tensor factor_c = factor.to(acc).contiguous();
   const int64_t vocab = grad.size(-1), n_grad_rows = vocab ? grad.numel() / vocab : 0;
-  if (rows_c.numel()) {
-    const int64_t lo = rows_c.min().item<int64_t>(), hi = rows_c.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < n_grad_rows && hi < factor_c.numel(), "rows must index grad's rows and factor");
-  }
-  nlft::cpu::RowScale s{grad.data_ptr(), to_dtype(grad, "grad"), vocab, rows_c.data_ptr<int64_t>(),
-                        rows_c.numel(), factor_c.data_ptr()};
+  TORCH_CHECK(factor_c.numel() == n_grad_rows, "factor must have one entry per row of grad, got ", factor_c.numel(),
+              " for ", n_grad_rows, " rows");
+  nlft::cpu::RowScale s{grad.data_ptr(), to_dtype(grad, "grad"), vocab, n_grad_rows, factor_c.data_ptr()};
   nlft::cpu::scale_rows_cpu(s);
+}
+
+// out[r] = coef[r] * (softmax(logits[r]) - onehot(labels[r])) from the saved lse [N] (CPU
+// tensors): the gradient computed in backward (float16 logits, vocabulary-parallel shards,
+// token_logprobs). Rows whose coef is 0 or whose label is ignore_index are zero-filled without
+// being read; a label outside [0, V) gets no one-hot. `out` may be `logits` itself (contiguous).
+void softmax_grad(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& coef,
+                  int64_t ignore_index, at::Tensor& out) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 3 && logits.stride(2) == 1,
+              "logits must be CPU [B, T, V] with unit stride over V");
+  const int64_t n_rows = logits.size(0) * logits.size(1);
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == n_rows,
+              "labels must be contiguous int64 [N]");
+  const at::Tensor lse_c = lse.to(acc).contiguous(), coef_c = coef.to(acc).contiguous();
+  TORCH_CHECK(lse_c.numel() == n_rows && coef_c.numel() == n_rows, "lse and coef must be [N]");
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.numel() == logits.numel() &&
+                  out.size(-1) == logits.size(2),
+              "out must be a contiguous CPU tensor of the logits' size");
+  TORCH_CHECK(out.data_ptr() != logits.data_ptr() || logits.is_contiguous(),
+              "writing the gradient into the logits needs contiguous logits");
+  nlft::cpu::RowSoftmaxGrad q{};
+  q.logits = {logits.data_ptr(), logits.stride(0), logits.stride(1), to_dtype(logits, "logits"), nlft::kViewLogits};
+  q.labels = labels.data_ptr<int64_t>();
+  q.ignore_index = ignore_index;
+  q.lse = lse_c.data_ptr();
+  q.coef = coef_c.data_ptr();
+  q.out = out.data_ptr();
+  q.out_dtype = to_dtype(out, "out");
+  q.n_rows = n_rows;
+  q.steps = logits.size(1);
+  q.vocab = logits.size(2);
+  nlft::cpu::softmax_grad_cpu(q);
 }
 
 // (log p(label) [N], lse [N]) of CPU logits [B, T, V], in float (double for float64 logits).
@@ -204,14 +245,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Compiled NLFT row pass (the first stage of nlft_kernels.nlft_loss): C++ CPU and CUDA kernels";
   m.def("first_stage", &first_stage,
         "Row pass: (stats [3, N] acc, saliency [N] bool, gradient [B, T, V] or None: float32 for float16 base "
-        "logits, else in the base dtype, as nlft_kernels.ops.launch.grad_dtype)",
+        "logits, else in the base dtype, as nlft_kernels.ops.launch.grad_dtype; written into grad_out if given)",
         py::arg("base"), py::arg("standard"), py::arg("standard_mode"), py::arg("judge"), py::arg("judge_mode"),
         py::arg("labels"), py::arg("wrong"), py::arg("scale"), py::arg("ignore_index"), py::arg("tau"),
         py::arg("saliency_power"), py::arg("other_power"), py::arg("log_ratio"), py::arg("log_judge_min"),
         py::arg("sigmoid_center"), py::arg("sigmoid_scale"), py::arg("unlikelihood_clamp"), py::arg("nll_weight"),
-        py::arg("compute_grad"));
-  m.def("scale_rows", &scale_rows, "grad[r] *= factor[r] for r in rows, in place (CPU)", py::arg("grad"),
-        py::arg("rows"), py::arg("factor"));
+        py::arg("compute_grad"), py::arg("grad_out") = py::none());
+  m.def("scale_rows", &scale_rows,
+        "grad[r] *= factor[r] for every row, in place (CPU): rows with factor 1 untouched, 0 zero-filled unread",
+        py::arg("grad"), py::arg("factor"));
+  m.def("softmax_grad", &softmax_grad,
+        "out[r] = coef[r] * (softmax(logits[r]) - onehot(label)) from lse (CPU); coef 0 or ignored rows zero-filled",
+        py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("coef"), py::arg("ignore_index"),
+        py::arg("out"));
   m.def("label_logprobs", &label_logprobs,
         "token_logprobs' forward on CPU logits [B, T, V]: (log p(label) [N], lse [N]), zero on ignored rows",
         py::arg("logits"), py::arg("labels"), py::arg("ignore_index"));

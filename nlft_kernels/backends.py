@@ -1,14 +1,15 @@
 """Which implementation runs where, and why: the one backend registry.
 
-Each backend name maps to its implementations of the three kernel contracts (``Backend``):
-the NLFT row pass, the row scaling of the per-sample fix-up, and the label log-probs
-(forward and backward). Every op reaches them through ``implementation(name)``.
+Each backend name maps to its implementations of the four kernel contracts (``Backend``):
+the NLFT row pass, backward's scaling of a stored gradient, the label log-probs, and the
+gradient ``coef * (softmax - onehot)`` from a saved lse. Every op reaches them through
+``implementation(name)``.
 
 - ``triton``: the fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 - ``cuda``: the compiled CUDA row pass of ``nlft_kernels._C`` (CUDA tensors, CUDA builds); the
-  extension has no CUDA row-scaling or log-prob kernel, so those run in chunked torch.
-- ``cpp``: the compiled C++ row pass, row scaling and log-prob forward of ``nlft_kernels._C``
-  (CPU tensors); the log-prob backward runs in chunked torch.
+  extension has no other CUDA kernel: the gradient passes run in Triton, the log-probs in
+  chunked torch.
+- ``cpp``: the compiled C++ kernels of ``nlft_kernels._C`` (CPU tensors).
 - ``torch``: the chunked PyTorch path (any device).
 
 ``resolve_backend`` turns a requested name into one that can run on the tensors' device, or
@@ -21,21 +22,14 @@ missing, stale or built against another torch never breaks ``import nlft_kernels
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.machinery
-import importlib.metadata
-import importlib.util
-import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
+# ``extension`` is looked up here at call time (tests replace it to simulate a missing build).
+from nlft_kernels.extension import build_info, extension
 from nlft_kernels.ops import extension_ops, kernels, torch_rows
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
@@ -47,109 +41,10 @@ BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 GPU_CHOICE: tuple[tuple[int, int, str], ...] = ()
 GPU_DEFAULT = "triton"
 
-# Written by setup.py next to the package: whether the build made _C, why not, and the torch it
-# was built against.
-BUILD_INFO = "_build_info.json"
-REBUILD = "pip install --force-reinstall --no-deps . after torch (or python setup.py build_ext --inplace in a checkout)"
-
 
 def triton_interpreted() -> bool:
     """True when Triton kernels run on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def extension() -> tuple[ModuleType | None, str]:
-    """(``nlft_kernels._C`` or None, where it was loaded from or why it could not be).
-
-    Tests run from a source checkout import the package from the checkout, which holds no
-    compiled files after ``pip install .``; the extension that install built is then loaded
-    from the installed distribution. Any failure to load (a missing file, a stale build, a
-    torch ABI mismatch) is returned as a reason, never raised.
-    """
-    try:
-        _C = importlib.import_module("nlft_kernels._C")
-    except ModuleNotFoundError as err:
-        if err.name != "nlft_kernels._C":
-            return None, _load_failure(err, Path(__file__).parent)
-        installed = _installed_file("_C.")
-        if installed is None:
-            return None, _not_built(err)
-        return _load_installed(installed)
-    except Exception as err:  # noqa: BLE001 - ImportError, OSError: undefined symbols, wrong ABI
-        return None, _load_failure(err, Path(__file__).parent)
-    return _C, f"loaded from {_C.__file__}"
-
-
-def compiled() -> ModuleType:
-    """``nlft_kernels._C`` for a kernel call of a backend that needs it; RuntimeError with the
-    reason when it cannot load (``resolve_backend`` has normally said so before)."""
-    module, why = extension()
-    if module is None:
-        raise RuntimeError(f"nlft_kernels._C is unavailable: {why}")
-    return module
-
-
-def _load_installed(path: str) -> tuple[ModuleType | None, str]:
-    spec = importlib.util.spec_from_file_location(
-        "nlft_kernels._C", path, loader=importlib.machinery.ExtensionFileLoader("nlft_kernels._C", path)
-    )
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:  # noqa: BLE001 - see extension()
-        return None, _load_failure(err, Path(path).parent)
-    sys.modules["nlft_kernels._C"] = module
-    return module, f"loaded from the installed package ({path})"
-
-
-def build_info() -> dict | None:
-    """What setup.py recorded about the build of ``_C`` (in place first, then the installed
-    distribution), or None when no build wrote it."""
-    for path in (Path(__file__).parent / BUILD_INFO, _installed_file(BUILD_INFO)):
-        if path is not None and Path(path).is_file():
-            try:
-                return json.loads(Path(path).read_text())
-            except (OSError, ValueError):
-                return None
-    return None
-
-
-def _not_built(err: BaseException) -> str:
-    info = build_info()
-    if info and info.get("extension") != "built" and info.get("reason"):
-        return f"nlft_kernels._C was not built at install: {info['reason']}"
-    return f"nlft_kernels._C is not built ({err}); build it with {REBUILD}"
-
-
-def _load_failure(err: BaseException, package_dir: Path) -> str:
-    built_against = None
-    info_path = package_dir / BUILD_INFO
-    if info_path.is_file():
-        try:
-            built_against = json.loads(info_path.read_text()).get("torch")
-        except (OSError, ValueError):
-            built_against = None
-    if built_against and built_against != torch.__version__:
-        cause = f"it was built against torch {built_against}, this is torch {torch.__version__}"
-    else:
-        cause = "stale or built against another torch"
-    return f"nlft_kernels._C does not load ({type(err).__name__}: {err}); {cause}: rebuild with {REBUILD}"
-
-
-def _installed_file(prefix: str) -> str | None:
-    """Path of ``nlft_kernels/<prefix>...`` in the installed distribution, if any (the compiled
-    extension for ``"_C."``)."""
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES) if prefix == "_C." else ("",)
-    # Every distribution of that name on sys.path: in a checkout where `pip install .` ran, the
-    # checkout's own nlft_kernels.egg-info (which lists no compiled file) comes first.
-    for dist in importlib.metadata.distributions(name="nlft-kernels"):
-        for file in dist.files or []:
-            if file.parent.name == "nlft_kernels" and file.name.startswith(prefix) and file.name.endswith(suffixes):
-                path = str(file.locate())
-                if os.path.exists(path):
-                    return path
-    return None
 
 
 def _cpp_unavailable() -> str | None:
@@ -224,44 +119,59 @@ def resolve_backend(backend: str, device: torch.device, rows: int | None = None,
 class Backend:
     """The implementations of one backend, with the signatures of ``nlft_kernels.ops.kernels``:
 
-    row_pass(views, cfg, compute_grad) -> (stats [3, N], saliency [N] bool, gradient or None);
-    scale_rows(grad, factor, rows): grad[r] *= factor[r] in place;
+    row_pass(views, cfg, compute_grad, out=None) -> (stats [3, N], saliency [N] bool, gradient
+      or None; written into ``out`` when given);
+    scale_rows(grad [R, V], factor [R]): grad[r] *= factor[r] in place (rows whose factor is 1
+      skipped on the device where the backend can);
     label_logprobs(x [B, T, V], labels [N], ignore_index) -> (log p(label) [N], lse [N]);
-    label_logprobs_backward(x, labels, lse, g, ignore_index) -> gradient of x.
+    softmax_grad(x, labels, lse, coef, ignore_index, out) -> out = coef * (softmax(x) - onehot);
+    label_logprobs_grad(x, labels, coef, ignore_index, out) -> (log p(label), lse), and ``out``
+      as ``softmax_grad`` writes it, in one pass where the backend has the kernel.
     """
 
     name: str
     row_pass: Callable
     scale_rows: Callable
     label_logprobs: Callable
-    label_logprobs_backward: Callable
+    softmax_grad: Callable
+    label_logprobs_grad: Callable
 
 
 REGISTRY: dict[str, Backend] = {
     "triton": Backend(
-        "triton", kernels.row_pass, kernels.scale_rows, kernels.label_logprobs, kernels.label_logprobs_backward
-    ),
+        "triton",
+        kernels.row_pass,
+        kernels.scale_rows,
+        kernels.label_logprobs,
+        kernels.softmax_grad,
+        kernels.label_logprobs_grad,
+    ),  # fmt: skip
+    # The extension has a CUDA row pass only: the gradient passes of backward are Triton's
+    # (they test each row's factor on the device), the label log-probs chunked torch.
     "cuda": Backend(
         "cuda",
         extension_ops.row_pass,
-        torch_rows.scale_rows,
+        kernels.scale_rows,
         torch_rows.label_logprobs,
-        torch_rows.label_logprobs_backward,
-    ),
+        kernels.softmax_grad,
+        kernels.label_logprobs_grad,
+    ),  # fmt: skip
     "cpp": Backend(
         "cpp",
         extension_ops.row_pass,
         extension_ops.scale_rows,
         extension_ops.label_logprobs,
-        torch_rows.label_logprobs_backward,
-    ),
+        extension_ops.softmax_grad,
+        extension_ops.label_logprobs_grad,
+    ),  # fmt: skip
     "torch": Backend(
         "torch",
         torch_rows.row_pass,
         torch_rows.scale_rows,
         torch_rows.label_logprobs,
-        torch_rows.label_logprobs_backward,
-    ),
+        torch_rows.softmax_grad,
+        torch_rows.label_logprobs_grad,
+    ),  # fmt: skip
 }
 
 
@@ -270,27 +180,3 @@ def implementation(backend: str) -> Backend:
     if backend not in REGISTRY:
         raise ValueError(f"backend must be one of {tuple(REGISTRY)} once resolved, got {backend!r}")
     return REGISTRY[backend]
-
-
-def backends() -> dict[str, str]:
-    """Each backend and whether it can run here, with the reason when it cannot."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        triton_state = "available (CUDA)"
-    elif triton_interpreted():
-        triton_state = "available on CPU tensors through the Triton interpreter (slow)"
-    else:
-        triton_state = "unavailable: no CUDA device (set TRITON_INTERPRET=1 to interpret on the CPU)"
-    module, where = extension()
-    cpp_state = (
-        f"available ({module.cpu_capability()} kernel; {where})" if module is not None else f"unavailable: {where}"
-    )
-    why_not_cuda = _cuda_unavailable()
-    cuda_state = f"available ({where})" if why_not_cuda is None else f"unavailable: {why_not_cuda}"
-    return {
-        "triton": triton_state,
-        "cuda": cuda_state,
-        "cpp": cpp_state,
-        "torch": "available (chunked PyTorch, any device)",
-        "auto": f"CPU: {resolve_backend('auto', torch.device('cpu'))}; CUDA: {GPU_DEFAULT} (GPU_CHOICE by shape)",
-    }

@@ -169,3 +169,27 @@ def token_logprobs_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_
     """log p(label) [B, T] in float64 (0 at ``ignore_index``), differentiable in ``logits``."""
     lp = label_logprobs(logits, labels, ignore_index, torch.float64)
     return torch.where(labels != ignore_index, lp, torch.zeros_like(lp))
+
+
+CE_REDUCTIONS = ("mean", "sum", "none")
+
+
+def token_weighted_cross_entropy_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``-w_t * log p(y_t)`` per token in ``dtype``: 0 at ``ignore_index``; ``"mean"`` divides the
+    sum by the number of labelled tokens (not by the sum of the weights, which may be 0 or
+    negative), ``"sum"`` adds them, ``"none"`` keeps them shaped like ``labels``. The weights are
+    constants (no gradient through them)."""
+    valid = labels != ignore_index
+    logprob = label_logprobs(logits, labels, ignore_index, dtype)
+    token = torch.where(valid, -weights.detach().to(dtype) * logprob, torch.zeros((), dtype=dtype))
+    if reduction == "none":
+        return token
+    total = token.sum()
+    return total / valid.sum().clamp(min=1) if reduction == "mean" else total

@@ -100,7 +100,7 @@ sys.path.insert(0, sys.argv[1])
 import nlft_kernels
 b = importlib.import_module("nlft_kernels.backends")
 assert nlft_kernels.__file__.startswith(sys.argv[1]), nlft_kernels.__file__
-b._installed_file = lambda prefix: None  # this copy only, not an installed distribution
+importlib.import_module("nlft_kernels.extension")._installed_file = lambda prefix: None  # this copy only
 import torch
 from tests._inputs import generator, make_inputs, seed_of
 x = make_inputs(2, 4, 10, seed=0)
@@ -165,13 +165,13 @@ def test_installed_extension_found_behind_a_checkout_egg_info(tmp_path, monkeypa
     (site / "nlft_kernels" / f"_C{suffix}").write_bytes(b"")
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.syspath_prepend(str(checkout))  # the checkout first, as when pytest runs from it
-    found = backends_module._installed_file("_C.")
+    found = importlib.import_module("nlft_kernels.extension")._installed_file("_C.")
     assert found == str(site / "nlft_kernels" / f"_C{suffix}")
 
 
 def test_every_op_reaches_its_backend_through_the_registry(monkeypatch):
-    """The row pass, the row scaling and the label log-probs (forward and backward) of every
-    public op are the registry's entries: a recording entry for "torch" sees each call."""
+    """The row pass, backward's scaling, the label log-probs and the gradient from a saved lse of
+    every public op are the registry's entries: a recording entry for "torch" sees each call."""
     from nlft_kernels import linear_token_logprobs, nlft_linear_loss, token_logprobs
     from nlft_kernels.backends import REGISTRY, Backend
 
@@ -184,9 +184,9 @@ def test_every_op_reaches_its_backend_through_the_registry(monkeypatch):
 
         return call
 
-    names = ("row_pass", "scale_rows", "label_logprobs", "label_logprobs_backward")
+    names = ("row_pass", "scale_rows", "label_logprobs", "softmax_grad", "label_logprobs_grad")
     monkeypatch.setitem(REGISTRY, "torch", Backend("torch", *(record(n) for n in names)))
-    # Wrong samples whose saliency share passes the 6% rule: the second stage rescales rows.
+    # Wrong samples whose saliency share passes the 6% rule: backward's one pass rescales rows.
     x = make_inputs(2, 12, 30, seed=5)
     loss, details = nlft_loss(
         x.base, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="torch", return_details=True
@@ -194,14 +194,17 @@ def test_every_op_reaches_its_backend_through_the_registry(monkeypatch):
     loss.backward()
     assert details.killed.any(), "the inputs must make the second stage rescale rows"
     assert calls == ["row_pass", "scale_rows"]
+    half = x.base.detach().half().requires_grad_()  # float16: the gradient is written in backward
+    nlft_loss(half, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="torch").backward()
+    assert calls[2:] == ["row_pass", "softmax_grad"]
     lp = token_logprobs(x.base.detach().requires_grad_(), x.labels, backend="torch")
     lp.sum().backward()
     g = generator(seed_of("registry calls"))
     hidden, weight = torch.randn(2, 12, 8, generator=g), torch.randn(30, 8, generator=g)
     nlft_linear_loss(hidden, weight, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="torch")
     linear_token_logprobs(hidden, weight, x.labels, backend="torch")
-    assert {"label_logprobs", "label_logprobs_backward"} <= set(calls)
-    assert calls.count("row_pass") >= 2 and calls.count("label_logprobs") >= 2
+    assert {"label_logprobs", "softmax_grad"} <= set(calls)
+    assert calls.count("row_pass") >= 3 and calls.count("label_logprobs") >= 2
 
 
 def test_the_registry_names_every_backend_and_refuses_auto():

@@ -8,15 +8,32 @@
 
 namespace nlft::cpu {
 
-// grad[rows[i], :] *= factor[rows[i]] for i < n_rows: the second stage's fix-up of the few rows
-// the per-sample rule or the clusters change, in place, one pass over those rows.
+// grad[r, :] *= factor[r] for every row r < n_rows: the fix-up of the stored gradient in
+// backward (the per-sample rule's factor times grad_output). Rows whose factor is 1 are not
+// touched; rows whose factor is 0 are zero-filled without being read.
 struct RowScale {
   void* grad;                 // [R, V] contiguous, in `dtype`
   DType dtype;
   int64_t vocab;              // V
-  const int64_t* rows;        // [n_rows], each in [0, R)
-  int64_t n_rows;
-  const void* factor;         // indexed by row, float (double for float64 gradients)
+  int64_t n_rows;             // R
+  const void* factor;         // [R] float (double for float64 gradients)
+};
+
+// out[r] = coef[r] * (softmax(x[r]) - onehot(label[r])) from the saved lse: the gradient
+// computed in backward. Rows whose coef is 0 or whose label is ignore_index are zero-filled
+// without being read; a label outside [0, V) gets no one-hot. `out` may alias the logits
+// (contiguous): each tile is read before it is written.
+struct RowSoftmaxGrad {
+  RowView logits;             // [B, T, V] with unit stride over V
+  const int64_t* labels;      // [N]
+  int64_t ignore_index;
+  const void* lse;            // [N] acc
+  const void* coef;           // [N] acc
+  void* out;                  // [N, V] contiguous in out_dtype
+  DType out_dtype;
+  int64_t n_rows;             // N = B * T
+  int64_t steps;              // T
+  int64_t vocab;              // V
 };
 
 // Label log-probs of one view of logits (token_logprobs, linear_token_logprobs' teachers):
@@ -36,16 +53,19 @@ struct RowLogprobs {
 namespace DEFAULT {
 void row_pass(const RowPass& p);
 void scale_rows(const RowScale& s);
+void softmax_grad(const RowSoftmaxGrad& q);
 void label_logprobs(const RowLogprobs& q);
 }
 namespace AVX2 {
 void row_pass(const RowPass& p);
 void scale_rows(const RowScale& s);
+void softmax_grad(const RowSoftmaxGrad& q);
 void label_logprobs(const RowLogprobs& q);
 }
 namespace AVX512 {
 void row_pass(const RowPass& p);
 void scale_rows(const RowScale& s);
+void softmax_grad(const RowSoftmaxGrad& q);
 void label_logprobs(const RowLogprobs& q);
 }
 
@@ -57,6 +77,9 @@ void scale_rows_cpu(const RowScale& s);
 
 // Runs `q` (at::parallel_for over rows).
 void label_logprobs_cpu(const RowLogprobs& q);
+
+// Runs `q` (at::parallel_for over rows).
+void softmax_grad_cpu(const RowSoftmaxGrad& q);
 
 // "AVX512", "AVX2" or "DEFAULT": the copy row_pass_cpu() runs on this machine.
 std::string row_pass_capability();

@@ -36,4 +36,6 @@ void scale_rows_cpu(const RowScale& s) { NLFT_DISPATCH(scale_rows, s); }
 
 void label_logprobs_cpu(const RowLogprobs& q) { NLFT_DISPATCH(label_logprobs, q); }
 
+void softmax_grad_cpu(const RowSoftmaxGrad& q) { NLFT_DISPATCH(softmax_grad, q); }
+
 }  // namespace nlft::cpu

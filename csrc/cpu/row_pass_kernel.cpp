@@ -140,26 +140,27 @@ acc_t label_logprob(const RowView& view, int64_t row, int64_t row_offset, int64_
   return *x - lse.lse();
 }
 
-// Writes coef * (softmax(x) - onehot(label)) of one row to `grad_row` [V] in p.grad_dtype
-// (no one-hot for a label outside [0, V): its coef is NaN, see label_in_range). Gradient rows
-// in the accumulator type (float32 for float32 and float16 logits, float64 for float64 ones)
-// are written in place by the vectorised map; bfloat16 rows through `g_buf`, converted once.
+// Writes coef * (softmax(x) - onehot(label)) of one row of `x` (in `x_dtype`, from `offset`) to
+// `grad_row` [V] in `grad_dtype` (no one-hot for a label outside [0, V): its coef is NaN, see
+// label_in_range). Gradient rows in the accumulator type (float32 for float32 logits, float64
+// for float64 ones) are written in place by the vectorised map; others through `g_buf`,
+// converted once. `grad_row` may be the row of `x` itself (inplace_grad): every tile is read,
+// and its label entry kept, before the tile is written.
 template <typename acc_t>
-void gradient_row(const RowPass& p, int64_t base_offset, int64_t label, acc_t lse, acc_t coef, void* grad_row,
-                  acc_t* x_buf, acc_t* g_buf) {
+void gradient_row(const void* x_ptr, DType x_dtype, int64_t offset, int64_t vocab, int64_t label, acc_t lse,
+                  acc_t coef, void* grad_row, DType grad_dtype, acc_t* x_buf, acc_t* g_buf) {
   using Vec = Vectorized<acc_t>;
   const Vec lse_v(lse), coef_v(coef);
-  const DType dtype = p.base.dtype;
-  const bool direct = is_acc<acc_t>(p.grad_dtype);
-  for (int64_t start = 0; start < p.vocab; start += kTile) {
-    const int64_t n = std::min(kTile, p.vocab - start);
-    const acc_t* x = to_acc<acc_t>(offset_ptr(p.base.ptr, dtype, base_offset + start), dtype, n, x_buf);
+  const bool direct = is_acc<acc_t>(grad_dtype);
+  for (int64_t start = 0; start < vocab; start += kTile) {
+    const int64_t n = std::min(kTile, vocab - start);
+    const acc_t* x = to_acc<acc_t>(offset_ptr(x_ptr, x_dtype, offset + start), x_dtype, n, x_buf);
+    const bool has_label = label >= start && label < start + n;
+    const acc_t x_label = has_label ? x[label - start] : acc_t(0);
     acc_t* g = direct ? static_cast<acc_t*>(grad_row) + start : g_buf;
     at::vec::map([lse_v, coef_v](Vec v) { return (v - lse_v).exp_u20() * coef_v; }, g, x, n);
-    if (label >= start && label < start + n) {
-      g[label - start] = coef * (acc_exp(x[label - start] - lse) - acc_t(1));
-    }
-    if (!direct) from_acc(g, p.grad_dtype, n, static_cast<char*>(grad_row) + start * element_size(p.grad_dtype));
+    if (has_label) g[label - start] = coef * (acc_exp(x_label - lse) - acc_t(1));
+    if (!direct) from_acc(g, grad_dtype, n, static_cast<char*>(grad_row) + start * element_size(grad_dtype));
   }
 }
 
@@ -223,7 +224,10 @@ void row_pass_typed(const RowPass& p) {
       stats[n_rows + row] = lp_s;
       stats[2 * n_rows + row] = lp_j;
       p.saliency[row] = d.saliency;
-      if (grad_row) gradient_row<acc_t>(p, base_off, label, lse_b.lse(), d.coef, grad_row, base_buf, grad_buf);
+      if (grad_row) {
+        gradient_row<acc_t>(p.base.ptr, p.base.dtype, base_off, vocab, label, lse_b.lse(), d.coef, grad_row, p.grad_dtype,
+                            base_buf, grad_buf);
+      }
     }
   });
 }
@@ -237,10 +241,15 @@ void scale_rows_typed(const RowScale& s) {
   at::parallel_for(0, s.n_rows, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(vocab, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(direct ? 0 : kTile);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = s.rows[i];
-      const Vec f(factor[row]);
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t f_row = factor[row];
+      if (f_row == acc_t(1)) continue;  // nothing to change: not read, not written
       void* grad_row = static_cast<char*>(s.grad) + row * vocab * size;
+      if (f_row == acc_t(0)) {  // written as zeros without being read
+        std::memset(grad_row, 0, vocab * size);
+        continue;
+      }
+      const Vec f(f_row);
       for (int64_t start = 0; start < vocab; start += kTile) {
         const int64_t n = std::min(kTile, vocab - start);
         if (direct) {
@@ -254,6 +263,36 @@ void scale_rows_typed(const RowScale& s) {
       }
     }
   });
+}
+
+template <typename acc_t>
+void softmax_grad_typed(const RowSoftmaxGrad& q) {
+  const auto* lse = static_cast<const acc_t*>(q.lse);
+  const auto* coef = static_cast<const acc_t*>(q.coef);
+  const int64_t vocab = q.vocab, size = element_size(q.out_dtype);
+  at::parallel_for(0, q.n_rows, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(vocab, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffers(2 * kTile);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t label = q.labels[row];
+      void* out_row = static_cast<char*>(q.out) + row * vocab * size;
+      if (label == q.ignore_index || coef[row] == acc_t(0)) {
+        std::memset(out_row, 0, vocab * size);
+        continue;
+      }
+      const int64_t offset = (row / q.steps) * q.logits.stride_b + (row % q.steps) * q.logits.stride_t;
+      gradient_row<acc_t>(q.logits.ptr, q.logits.dtype, offset, vocab, label, lse[row], coef[row], out_row,
+                          q.out_dtype, buffers.data(), buffers.data() + kTile);
+    }
+  });
+}
+
+void softmax_grad(const RowSoftmaxGrad& q) {
+  if (q.logits.dtype == kFloat64) {
+    softmax_grad_typed<double>(q);
+  } else {
+    softmax_grad_typed<float>(q);
+  }
 }
 
 template <typename acc_t>

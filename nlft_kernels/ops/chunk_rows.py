@@ -58,8 +58,9 @@ def chunk_rows_for(
     n_rows: int, vocab: int, elem_size: int, device: torch.device, free: int | None = None, dim: int | None = None
 ) -> int:
     """Rows per chunk for ``n_rows`` rows over a vocabulary of ``vocab`` in ``elem_size``-byte
-    logits and hidden size ``dim``; a row of a chunk costs ``2 * vocab * elem_size`` bytes (its
-    logits, and a gradient buffer for the compiled row passes that cannot write in place).
+    logits and hidden size ``dim``; a row of a chunk is budgeted ``2 * vocab * elem_size`` bytes
+    (its logits, which every row pass overwrites with their gradient, and room for the row
+    pass's temporaries).
 
     CUDA: up to twice ``compute_bound_rows`` (when ``dim`` is known and such rows exist; else
     up to ``_MAX_CHUNK_BYTES_CUDA``), within ``free / _FREE_SHARE``; balanced so that every

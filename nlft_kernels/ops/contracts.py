@@ -27,6 +27,30 @@ class ViewMode(IntEnum):
     LOGPROBS = 2  # [N] label log-probs in the accumulator dtype
 
 
+class GradStore(IntEnum):
+    """When and where the gradient of the logits is written: once, in the logits dtype.
+
+    FORWARD: the row pass writes the provisional gradient ``coef * (softmax - onehot)`` while it
+    reads the row (Liger's design: fwd+bwd reads each view once and writes the gradient once);
+    backward applies the per-sample fix-up and ``grad_output`` in one pass that skips rows whose
+    total factor is 1. BACKWARD: forward keeps the row statistics only, backward writes
+    ``grad_output * coef * (softmax - onehot)`` from the saved lse, reading the base row a second
+    time: float16 logits (GradScaler's factor, up to 2**16, arrives with ``grad_output``; stored
+    before it, most of a row's entries flush to 0: ``benchmarks/fp16_gradient_underflow.py``)
+    and vocabulary-parallel shards (the rule needs every rank's statistics first).
+    """
+
+    NONE = 0
+    FORWARD = 1
+    BACKWARD = 2
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, wanted: bool, vocab_parallel: bool = False) -> GradStore:
+        if not wanted:
+            return cls.NONE
+        return cls.BACKWARD if dtype == torch.float16 or vocab_parallel else cls.FORWARD
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate in float32, or float64 for float64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

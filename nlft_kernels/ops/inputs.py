@@ -1,7 +1,16 @@
 """The one input-preparation step of the NLFT entry points (``nlft_loss``, ``nlft_linear_loss``
-and their vocabulary-parallel forms): argument checks, the teacher views' modes, the rows of
-wrong samples and each row's scale in the reduced loss, gathered in ``Views``; and the
-per-token outputs (``NLFTDetails``) shaped back like the labels."""
+and their vocabulary-parallel forms), in two parts:
+
+- ``prepare_nlft_inputs``, in the public function: the checks that read no tensor value
+  (types, shapes, dtypes, devices) and the teacher views' modes, so that a bad call fails
+  before anything runs, and nothing syncs with the device (nothing here breaks a
+  ``torch.compile`` graph);
+- ``make_views``, inside the ops (``ops/loss_ops.py``), at run time: the rows of wrong
+  samples, each row's scale in the reduced loss, gathered in ``Views``, and with ``validate``
+  the checks that read values (label range, sample ids, teacher log-probs, a judge for wrong
+  samples: host syncs), eagerly and compiled alike.
+
+And the per-token outputs (``NLFTDetails``) shaped back like the labels."""
 
 from __future__ import annotations
 
@@ -10,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nlft_kernels.config import NLFTConfig
-from nlft_kernels.ops.contracts import ViewMode, acc_dtype
+from nlft_kernels.ops.contracts import ViewMode
 from nlft_kernels.ops.row_rule import row_scale
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -59,11 +68,9 @@ def check_logits(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a non-empty [B, T, V] or [N, V] tensor, got shape {tuple(x.shape)}")
 
 
-def check_labels(
-    labels: torch.Tensor, logits: torch.Tensor, ignore_index: int, validate: bool, vocab: int | None = None
-) -> torch.Tensor:
+def check_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Labels shaped like ``logits`` without V, integer, on its device; returns them as int64.
-    ``validate`` checks them against ``vocab`` (default: the logits' last dimension)."""
+    Their range is checked at run time (``check_label_range``)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.shape != logits.shape[:-1]:
@@ -72,17 +79,18 @@ def check_labels(
         raise ValueError(f"labels must be an integer tensor (int64), got {labels.dtype}")
     if labels.device != logits.device:
         raise ValueError(f"labels is on {labels.device} but the logits are on {logits.device}")
-    labels = labels.long()
-    if validate:
-        vocab = logits.shape[-1] if vocab is None else vocab
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            value = labels[bad][0].item()
-            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {value}")
-    return labels
+    return labels.long()
 
 
-def check_samples(base_logits, labels, correct, sample_ids, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label in [0, vocab) or ``ignore_index`` (one host sync; ``validate`` only)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {value}")
+
+
+def check_samples(base_logits, labels, correct, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """([N] int64 sample of each row, [S] bool correctness) from the caller's form: [B, T] rows
     (one sample per batch row) or flat [N] rows with ``sample_ids``."""
     if not isinstance(correct, torch.Tensor):
@@ -108,20 +116,19 @@ def check_samples(base_logits, labels, correct, sample_ids, validate: bool) -> t
         raise ValueError(f"sample_ids must be an integer tensor, got {sample_ids.dtype}")
     if sample_ids.device != base_logits.device:
         raise ValueError(f"sample_ids is on {sample_ids.device} but base_logits is on {base_logits.device}")
-    sample_ids = sample_ids.long()
-    if validate:
-        if bool(((sample_ids < 0) | (sample_ids >= correct.numel())).any()):
-            raise ValueError(f"sample_ids must be in [0, {correct.numel()}), one entry of correct per sample")
-        if bool((sample_ids[1:] < sample_ids[:-1]).any()):
-            raise ValueError("sample_ids must be non-decreasing: the rows of one sample are contiguous")
-    return sample_ids, correct
+    return sample_ids.long(), correct
 
 
-def teacher_view(view, name: str, base_logits: torch.Tensor, acc: torch.dtype, validate: bool = False):
-    """A teacher view as ([B, T, V] logits, LOGITS) or ([N] log-probs in ACC, LOGPROBS).
+def check_sample_ids(sample_ids: torch.Tensor, samples: int) -> None:
+    """Sample ids in [0, samples) and non-decreasing (host syncs; ``validate`` only)."""
+    if bool(((sample_ids < 0) | (sample_ids >= samples)).any()):
+        raise ValueError(f"sample_ids must be in [0, {samples}), one entry of correct per sample")
+    if bool((sample_ids[1:] < sample_ids[:-1]).any()):
+        raise ValueError("sample_ids must be non-decreasing: the rows of one sample are contiguous")
 
-    ``validate``: log-probs above 0 (a probability above 1: logits passed as [B, T], or a sign
-    flipped) are refused, beyond the rounding of their dtype (one host sync)."""
+
+def teacher_view(view, name: str, base_logits: torch.Tensor):
+    """A teacher view as ([B, T, V] logits, LOGITS) or ([N] label log-probs, LOGPROBS), detached."""
     if not isinstance(view, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor (logits or label log-probs), got {type(view).__name__}")
     if view.device != base_logits.device:
@@ -132,13 +139,8 @@ def teacher_view(view, name: str, base_logits: torch.Tensor, acc: torch.dtype, v
     if view.shape == base_logits.shape:
         return as_3d(view, name), ViewMode.LOGITS
     if view.shape == base_logits.shape[:-1]:
-        if validate and bool((view > 8 * torch.finfo(view.dtype).eps).any()):
-            worst = float(view.max())
-            raise ValueError(
-                f"{name} given as [B, T] label log-probs must be <= 0 (log of a probability), found {worst:.4g}: "
-                f"pass log-probs (e.g. log_softmax(logits).gather(...)), or the [B, T, V] logits"
-            )
-        return view.reshape(-1).to(acc).contiguous(), ViewMode.LOGPROBS
+        # In the caller's dtype: the ops check it (``check_teacher_logprobs``) and convert it.
+        return view.reshape(-1), ViewMode.LOGPROBS
     raise ValueError(
         f"{name} must be logits of shape {tuple(base_logits.shape)} or label log-probs of shape "
         f"{tuple(base_logits.shape[:-1])}, got {tuple(view.shape)}"
@@ -202,12 +204,17 @@ class Views:
 
 @dataclass
 class NLFTInputs:
-    """One call's inputs after ``prepare_nlft_inputs``: the views, the [N] sample of each row,
-    the [S] correctness of each sample and the labels' shape (that of every per-token output)."""
+    """One call's inputs after ``prepare_nlft_inputs``: labels [N] int64, the [N] sample of each
+    row, the [S] correctness of each sample, the teacher views (``teacher_view``) and the labels'
+    shape (that of every per-token output)."""
 
-    views: Views
+    labels: torch.Tensor
     sample_ids: torch.Tensor
     correct: torch.Tensor
+    standard: torch.Tensor
+    standard_mode: ViewMode
+    judge: torch.Tensor | None
+    judge_mode: ViewMode
     shape: torch.Size
 
 
@@ -217,43 +224,79 @@ def prepare_nlft_inputs(
     correct: torch.Tensor,
     standard: torch.Tensor,
     judge: torch.Tensor | None,
-    config: NLFTConfig,
-    reduction: str,
     sample_ids: torch.Tensor | None,
-    validate: bool,
     *,
     name: str = "base_logits",
-    base: torch.Tensor | None = None,
-    vocab: int | None = None,
 ) -> NLFTInputs:
-    """Check and normalise the arguments of an NLFT loss of ``logits`` [B, T, V] or [N, V]
-    (a zero-byte proxy of that shape where the logits never exist; ``name`` in the errors).
-
-    ``base``: the base logits the row pass reads (None where every chunk brings its own, or
-    set by the caller); ``vocab``: the vocabulary the labels index, when it is not ``logits``' (a shard's).
-    ``config`` and ``reduction`` are checked by the caller (``check_options``), first.
-    """
+    """Check the arguments of an NLFT loss of ``logits`` [B, T, V] or [N, V] (a zero-byte proxy
+    of that shape where the logits never exist; ``name`` in the errors) without reading a value.
+    ``config`` and ``reduction`` are checked by the caller (``check_options``), first."""
     check_logits(logits, name)
-    labels = check_labels(labels, logits, config.ignore_index, validate, vocab)
-    sample_ids, correct = check_samples(logits, labels, correct, sample_ids, validate)
-    acc = acc_dtype(logits.dtype)
-    wrong_rows = ~correct[sample_ids]
-    standard_t, standard_mode = teacher_view(standard, "standard", logits, acc, validate)
-    if judge is None:
-        # Checked even with validate=False (one host sync, only without a judge): the kernels
-        # would otherwise train the wrong samples as correct ones, silently. The custom op
-        # checks it at run time while compiling.
-        if not torch.compiler.is_compiling() and bool(wrong_rows.any()):
-            raise ValueError("judge is required when any sample is wrong (correct has False entries)")
-        judge_t, judge_mode = None, ViewMode.NONE
-    else:
-        judge_t, judge_mode = teacher_view(judge, "judge", logits, acc, validate)
+    labels = check_labels(labels, logits)
+    sample_ids, correct = check_samples(logits, labels, correct, sample_ids)
+    standard_t, standard_mode = teacher_view(standard, "standard", logits)
+    judge_t, judge_mode = (None, ViewMode.NONE) if judge is None else teacher_view(judge, "judge", logits)
     flat_labels = labels.reshape(-1).contiguous()
-    valid = flat_labels != config.ignore_index
-    wrong = wrong_rows & valid if judge is not None else torch.zeros_like(valid)
+    return NLFTInputs(flat_labels, sample_ids, correct, standard_t, standard_mode, judge_t, judge_mode, labels.shape)
+
+
+def check_teacher_logprobs(view: torch.Tensor, name: str) -> None:
+    """Teacher log-probs above 0 (a probability above 1: logits passed as [B, T], or a sign
+    flipped) are refused, beyond the rounding of their dtype (one host sync; ``validate`` only)."""
+    if bool((view > 8 * torch.finfo(view.dtype).eps).any()):
+        worst = float(view.max())
+        raise ValueError(
+            f"{name} given as [B, T] label log-probs must be <= 0 (log of a probability), found {worst:.4g}: "
+            f"pass log-probs (e.g. log_softmax(logits).gather(...)), or the [B, T, V] logits"
+        )
+
+
+def make_views(
+    base: torch.Tensor | None,
+    standard: torch.Tensor | None,
+    standard_mode: int,
+    judge: torch.Tensor | None,
+    judge_mode: int,
+    labels: torch.Tensor,
+    sample_ids: torch.Tensor,
+    correct: torch.Tensor,
+    config: NLFTConfig,
+    reduction: str,
+    acc: torch.dtype,
+    validate: bool,
+    vocab: int,
+) -> Views:
+    """The ``Views`` of one call, inside an op at run time: teacher log-probs in ACC, the rows of
+    wrong samples and each row's scale in the reduced loss. ``vocab``: the vocabulary the labels
+    index (the logits' V, or the whole vocabulary of a vocabulary-parallel call).
+
+    ``validate`` checks what the values must satisfy (host syncs): label range, sample ids,
+    teacher log-probs, a judge view when any sample is wrong. Without it nothing syncs, and the
+    rows of a wrong sample without a judge get a NaN scale: a NaN loss, never a wrong sample
+    silently trained as a correct one.
+    """
+    valid = labels != config.ignore_index
+    if validate:
+        check_label_range(labels, vocab, config.ignore_index)
+        check_sample_ids(sample_ids, correct.numel())
+    wrong_rows = ~correct[sample_ids]
+    if validate:
+        if judge_mode == ViewMode.NONE and bool(wrong_rows.any()):
+            raise ValueError("judge is required when any sample is wrong (correct has False entries)")
+    views = []
+    for view, mode, name in ((standard, standard_mode, "standard"), (judge, judge_mode, "judge")):
+        if mode == ViewMode.LOGPROBS:
+            if validate:
+                check_teacher_logprobs(view, name)
+            view = view.to(acc).contiguous()
+        views.append(view)
     scale = row_scale(valid, sample_ids, correct.numel(), reduction, config.loss_scale, acc)
-    views = Views(base, standard_t, standard_mode, judge_t, judge_mode, flat_labels, wrong, scale)
-    return NLFTInputs(views, sample_ids, correct, labels.shape)
+    if judge_mode == ViewMode.NONE:
+        wrong = torch.zeros_like(valid)
+        scale = torch.where(wrong_rows & valid, float("nan"), scale)
+    else:
+        wrong = wrong_rows & valid
+    return Views(base, views[0], ViewMode(standard_mode), views[1], ViewMode(judge_mode), labels, wrong, scale)
 
 
 @dataclass

@@ -2,14 +2,22 @@
 
 - ``_nlft_fwd_kernel``: the NLFT row pass (log-softmax statistics of up to three views, the
   row rule, the provisional gradient ``coef * (softmax - onehot)`` of the base logits);
-- ``_scale_rows_kernel``: the per-sample stage's fix-up of a few gradient rows;
-- ``_token_logprobs_kernel`` / ``_token_logprobs_bwd_kernel``: label log-probs and their gradient.
+- ``_scale_rows_kernel``: backward's one pass over a stored gradient: the per-sample fix-up and
+  ``grad_output``, skipping rows whose total factor is 1;
+- ``_token_logprobs_kernel`` / ``_token_logprobs_bwd_kernel``: label log-probs and the gradient
+  ``coef * (softmax - onehot)`` from a saved lse (``softmax_grad``);
+- ``_token_logprobs_grad_kernel``: both in one launch, the gradient written in forward (the
+  token-weighted cross-entropy's row pass).
 
 Launch shapes come from ``ops/launch.py`` (``launch_config``), the rule's constants from
-``RuleConstants`` by keyword (``ops/contracts.py``).
+``RuleConstants`` by keyword (``ops/contracts.py``). Every launch runs under the device guard of
+its tensors (``_device_of``): Triton launches on the current CUDA device, which in a process
+that uses several GPUs need not be theirs.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -151,14 +159,17 @@ def _nlft_fwd_kernel(
 
 @triton.jit
 def _scale_rows_kernel(grad_ptr, factor_ptr, V, BLOCK_V: tl.constexpr):
-    """One program per row: grad[row] *= factor[row]; rows whose factor is 1 move no bytes."""
+    """One program per row (grid R): grad[row, :V] *= factor[row], in place, in the factor's
+    type (float32, float64 for float64 gradients). Bytes: none for a row whose factor is 1; the
+    row written once (zeros, nothing read) for a factor of 0; read and written once otherwise."""
     row = tl.program_id(0).to(tl.int64)
     factor = tl.load(factor_ptr + row)
-    limit = tl.where(factor != 1.0, V, 0)
+    write = tl.where(factor != 1.0, V, 0)
+    read = tl.where(factor != 0.0, write, 0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        g = tl.load(grad_ptr + row * V + cols, mask=cols < limit, other=0.0).to(tl.float32)
-        tl.store(grad_ptr + row * V + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=cols < limit)
+        g = tl.load(grad_ptr + row * V + cols, mask=cols < read, other=0.0).to(factor.dtype)
+        tl.store(grad_ptr + row * V + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=cols < write)
 
 
 @triton.jit
@@ -214,8 +225,8 @@ def _token_logprobs_bwd_kernel(
 ):
     """One program per row: grad[row] = g[row] * (onehot(label) - softmax(x[row])).
 
-    Reads the [V] row and writes the [V] gradient row (contiguous, logits dtype); ignored rows
-    read nothing and write zeros.
+    Reads the [V] row and writes the [V] gradient row (contiguous, logits dtype; it may be the
+    logits themselves); ignored rows and rows whose g is 0 read nothing and write zeros.
     """
     row = tl.program_id(0).to(tl.int64)
     base = (row // T) * stride_b + (row % T) * stride_t
@@ -223,10 +234,59 @@ def _token_logprobs_bwd_kernel(
     valid = label != ignore_index
     lse = tl.load(lse_ptr + row)
     coef = tl.where(valid, -tl.load(g_ptr + row).to(ACC), 0.0)
-    limit = tl.where(valid, V, 0)
+    limit = tl.where(valid & (coef != 0.0), V, 0)  # rows whose gradient is 0 are written unread
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(x_ptr + base + cols, mask=cols < limit, other=0.0).to(ACC)
+        g = softmax_grad_tile(x, cols, lse, label, coef)
+        tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _token_logprobs_grad_kernel(
+    x_ptr,
+    stride_b,
+    stride_t,
+    labels_ptr,
+    coef_ptr,
+    lp_ptr,
+    lse_ptr,
+    grad_ptr,
+    T,
+    V,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """One program per row (grid N = B*T): ``_token_logprobs_kernel``'s lp and lse, and in a second
+    sweep of the same program grad[row] = coef[row] * (softmax(x[row]) - onehot(label)): the
+    token-weighted cross-entropy's row pass, its gradient written in forward.
+
+    Reads the [V] row once (the second sweep re-reads it: from L2 on a GPU, the same program read
+    it just before), the label entry and coef; writes two ACC scalars and the [V] gradient row
+    (contiguous, logits dtype; it may be the logits themselves: each tile is read before it is
+    written). Ignored rows read nothing; rows whose coef is 0 are not read a second time; both
+    get zeros.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = (row // T) * stride_b + (row % T) * stride_t
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    limit = tl.where(valid, V, 0)
+    m = tl.full([], LSE_START, ACC)
+    s = tl.zeros([], ACC)
+    for start in range(0, V, BLOCK_V):
+        m, s = lse_tile(x_ptr + base, start + tl.arange(0, BLOCK_V), limit, m, s, ACC)
+    lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)  # finite on ignored rows
+    in_range = (label >= 0) & (label < V)
+    x_label = tl.load(x_ptr + base + label, mask=valid & in_range, other=float("nan")).to(ACC)
+    tl.store(lp_ptr + row, tl.where(valid, x_label - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+    coef = tl.where(valid, tl.load(coef_ptr + row).to(ACC), 0.0)
+    grad_limit = tl.where(coef != 0.0, limit, 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(x_ptr + base + cols, mask=cols < grad_limit, other=0.0).to(ACC)
         g = softmax_grad_tile(x, cols, lse, label, coef)
         tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
@@ -235,76 +295,90 @@ def _token_logprobs_bwd_kernel(
 # Launchers: the ``triton`` entries of the backend registry (nlft_kernels/backends.py).
 
 
+def _device_of(t: torch.Tensor):
+    """The device guard of a launch on ``t``: Triton launches on the current CUDA device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _unversioned(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s memory under a version counter of its own: Triton's interpreter copies every
+    tensor argument back after a launch, which would count as writing tensors that autograd
+    saved (the kernels read them only). A GPU launch touches no version counter."""
+    return t.data
+
+
 def _row_strides(view: torch.Tensor) -> tuple[int, int]:
     return (view.stride(0), view.stride(1)) if view.dim() == 3 else (0, 0)
 
 
-def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, inplace_grad: bool = False):
-    """The row pass (see ``stages.first_stage``): (stats [3, N], saliency [N] bool, gradient or None).
-
-    ``inplace_grad``: the gradient is written over the contiguous base logits (each program
-    reads its row's tile before it writes it) and ``v.base`` is returned as the gradient."""
+def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, out: torch.Tensor | None = None):
+    """The row pass (see ``stages.first_stage``): (stats [3, N], saliency [N] bool, gradient or
+    None); the gradient goes into ``out`` when given (contiguous, shaped like the base logits:
+    the kernel writes row ``r`` at ``r * V``), which may be ``v.base`` itself (``inplace_grad``,
+    the linear loss's chunks: each program reads a tile of its row before it writes it)."""
     base = v.base
     n, vocab = v.labels.numel(), base.shape[-1]
-    stats, grad = row_pass_buffers(base, n, compute_grad and not inplace_grad)
-    if compute_grad and inplace_grad:
-        assert base.is_contiguous(), "an in-place gradient needs contiguous base logits"
-        grad = base
+    stats, grad = row_pass_buffers(base, n, compute_grad and out is None)
+    if compute_grad and out is not None:
+        grad = out
     saliency = torch.empty(n, dtype=torch.int8, device=base.device)
     std, judge = v.standard, v.judge if v.judge is not None else v.standard
     launch = launch_config("row_pass", vocab, v.streams, base.dtype)
-    _nlft_fwd_kernel[(n,)](
-        base,
-        base.stride(0),
-        base.stride(1),
-        std,
-        *_row_strides(std),
-        judge,
-        *_row_strides(judge),
-        v.labels,
-        v.wrong.to(torch.int8),
-        v.scale,
-        stats,
-        saliency,
-        stats if grad is None else grad,  # never written without COMPUTE_GRAD
-        n,
-        base.shape[1],
-        vocab,
-        **RuleConstants.of(cfg).kwargs(),
-        STD=int(v.standard_mode),
-        JUDGE=int(v.judge_mode),
-        COMPUTE_GRAD=compute_grad,
-        BLOCK_V=launch.block_v,
-        ACC=tl_acc(base.dtype),
-        num_warps=launch.num_warps,
-    )
+    with _device_of(base):
+        _nlft_fwd_kernel[(n,)](
+            base,
+            base.stride(0),
+            base.stride(1),
+            std,
+            *_row_strides(std),
+            judge,
+            *_row_strides(judge),
+            v.labels,
+            v.wrong.to(torch.int8),
+            v.scale,
+            stats,
+            saliency,
+            stats if grad is None else grad,  # never written without COMPUTE_GRAD
+            n,
+            base.shape[1],
+            vocab,
+            **RuleConstants.of(cfg).kwargs(),
+            STD=int(v.standard_mode),
+            JUDGE=int(v.judge_mode),
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_V=launch.block_v,
+            ACC=tl_acc(base.dtype),
+            num_warps=launch.num_warps,
+        )
     return stats, saliency.bool(), grad
 
 
-def scale_rows(grad: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor) -> None:
-    """grad[r] *= factor[r] for the rows ``rows`` of ``grad`` [..., V], in place."""
-    flat = grad.view(-1, grad.shape[-1])
-    full = torch.ones(flat.shape[0], dtype=torch.float32, device=grad.device)
-    full[rows] = factor[rows].float()
-    launch = launch_config("scale_rows", flat.shape[1], 1, flat.dtype)
-    _scale_rows_kernel[(flat.shape[0],)](flat, full, flat.shape[1], BLOCK_V=launch.block_v, num_warps=launch.num_warps)
+def scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad[r] *= factor[r] for every row of ``grad`` [R, V] (contiguous), in place; rows whose
+    factor is 1 are neither read nor written, rows whose factor is 0 written without a read."""
+    factor = factor.to(acc_dtype(grad.dtype)).contiguous()
+    launch = launch_config("scale_rows", grad.shape[1], 1, grad.dtype)
+    with _device_of(grad):
+        _scale_rows_kernel[(grad.shape[0],)](_unversioned(grad), factor, grad.shape[1], BLOCK_V=launch.block_v,
+                                             num_warps=launch.num_warps)  # fmt: skip
 
 
 def _launch_label_kernel(kernel, x: torch.Tensor, labels: torch.Tensor, buffers, ignore_index: int) -> None:
     launch = launch_config("token_logprobs", x.shape[-1], 1, x.dtype)
-    kernel[(labels.numel(),)](
-        x,
-        x.stride(0),
-        x.stride(1),
-        labels,
-        *buffers,
-        x.shape[1],
-        x.shape[2],
-        ignore_index,
-        BLOCK_V=launch.block_v,
-        ACC=tl_acc(x.dtype),
-        num_warps=launch.num_warps,
-    )
+    with _device_of(x):
+        kernel[(labels.numel(),)](
+            _unversioned(x),
+            x.stride(0),
+            x.stride(1),
+            labels,
+            *buffers,
+            x.shape[1],
+            x.shape[2],
+            ignore_index,
+            BLOCK_V=launch.block_v,
+            ACC=tl_acc(x.dtype),
+            num_warps=launch.num_warps,
+        )
 
 
 def label_logprobs(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,8 +389,19 @@ def label_logprobs(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> 
     return lp, lse
 
 
-def label_logprobs_backward(x, labels, lse, g, ignore_index: int) -> torch.Tensor:
-    """The gradient [B, T, V] of ``x`` for the upstream gradient ``g`` [N] of the log-probs."""
-    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch_label_kernel(_token_logprobs_bwd_kernel, x, labels, (lse, g.contiguous(), grad), ignore_index)
-    return grad
+def label_logprobs_grad(x, labels, coef, ignore_index: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label) [N], lse [N]) of ``x`` [B, T, V] and, in the same pass, ``out`` (contiguous;
+    may be ``x`` itself) = ``coef * (softmax(x) - onehot(label))`` per row."""
+    lp = torch.empty(labels.numel(), dtype=acc_dtype(x.dtype), device=x.device)
+    lse = torch.empty_like(lp)
+    coef = coef.to(lp.dtype).contiguous()
+    _launch_label_kernel(_token_logprobs_grad_kernel, x, labels, (coef, lp, lse, out), ignore_index)
+    return lp, lse
+
+
+def softmax_grad(x, labels, lse, coef, ignore_index: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` [B, T, V] (contiguous; may be ``x`` itself) = ``coef * (softmax(x) - onehot(label))``
+    per row from the saved ``lse`` [N]; ignored rows get zeros."""
+    g = (-coef).to(lse.dtype).contiguous()  # the kernel writes g * (onehot - softmax)
+    _launch_label_kernel(_token_logprobs_bwd_kernel, x, labels, (lse, g, out), ignore_index)
+    return out

@@ -24,12 +24,14 @@ round once per chunk (tests/ops/test_nlft_linear_loss.py, ``test_weight_gradient
 
 The NLFT loss (``forward_pass``) needs every row of a sample for its per-sample rule (the 6%
 rule, saliency clusters): chunks are groups of whole samples (``sample_groups``), whose second
-stage runs before the gradient GEMMs, so a group's gradient is final when folded in; the
+stage runs before the gradient GEMMs, so a group's gradient is final when folded in: the
+second stage's factor of each row is applied to the chunk's G by one pass of the backend's
+``scale_rows`` (rows whose factor is 1 skipped on the device, 0 written as zeros unread); the
 cluster walk is one launch per group on the GPU (``ops/cluster_kernels.py``). A sample longer
-than a chunk is chunked on its own: its provisional gradients are folded in as they come and
-the rows the second stage changes are fixed afterwards (``_fix_rows``: each row's gradient is
-linear in its G row, so the hidden gradient of those rows is rescaled and the weight and bias
-gradients get ``((factor - 1) G_rows).T @ hidden_rows``, one more [k, V, D] GEMM pair for k rows).
+than a chunk is chunked on its own, twice: once for its statistics (the logits GEMM and one
+read per logit: 2e), then, its factors known, through the whole pass with each row's factor in
+its scale. Nothing of the schedule is read back to the host: the groups come from the [B, T]
+shape (flat rows with ``sample_ids`` read their samples' lengths once).
 
 The teachers' label log-probs (``linear_label_logprobs``) keep float32 logits tiles: a forward
 pass only, where a bfloat16 logit near 30 (off by up to 1/16) would move a teacher's log-prob,
@@ -48,7 +50,7 @@ from nlft_kernels.config import NLFTConfig
 from nlft_kernels.ops.chunk_rows import auto_chunk_rows, chunk_rows_for  # noqa: F401 - imported from here
 from nlft_kernels.ops.contracts import acc_dtype
 from nlft_kernels.ops.inputs import DETAIL_FIELDS, Views, as_3d
-from nlft_kernels.ops.launch import row_pass_traffic
+from nlft_kernels.ops.launch import grad_dtype, row_pass_traffic
 from nlft_kernels.ops.stages import SecondStage, rescale_rows, second_stage
 
 # ---------------------------------------------------------------------------------------------
@@ -144,12 +146,12 @@ class Grads:
         self.weight: torch.Tensor | None = None
         self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] else None
 
-    def add(self, grad: torch.Tensor, hidden: torch.Tensor, head: Head, rows: slice | None) -> None:
+    def add(self, grad: torch.Tensor, hidden: torch.Tensor, head: Head, rows: slice) -> None:
         """Fold ``grad`` [c, V] (the logits gradient of ``hidden`` [c, D], in the head's dtype;
-        a compiled row pass's own buffer is cast to it) into the gradients; ``rows`` says where
-        the hidden gradient goes (None: leave it, the fix-up pass)."""
+        a row pass's own buffer in another dtype is cast to it) into the gradients; ``rows``
+        says where the hidden gradient goes."""
         grad = grad.view(-1, head.weight.shape[0]).to(head.weight.dtype)
-        if self.hidden is not None and rows is not None:
+        if self.hidden is not None:
             torch.mm(grad, head.weight, out=self.hidden[rows])
         if self.want_weight:
             self.weight = accumulate_mm(self.weight, grad.t(), hidden.to(grad.dtype))
@@ -178,12 +180,11 @@ def grads_out(grads: Grads | None, weight: torch.Tensor, bias: torch.Tensor | No
 class Chunk:
     """One chunk of rows as the driver hands it to a row pass.
 
-    rows: the rows' positions in ``hidden`` (a slice, or an index [c] for the fix-up);
-    hidden: [c, D]; logits: [c, V] contiguous, in the head's ``logits_dtype``, freshly made
-    for this row pass, which may overwrite them.
+    rows: the rows' positions in ``hidden``; hidden: [c, D]; logits: [c, V] contiguous, in the
+    head's ``logits_dtype``, freshly made for this row pass, which may overwrite them.
     """
 
-    rows: slice | torch.Tensor
+    rows: slice
     hidden: torch.Tensor
     logits: torch.Tensor
 
@@ -199,12 +200,10 @@ def run_chunks(
     head: Head,
     row_pass: RowPass,
     grads: Grads | None,
-    chunks: Iterable[slice | torch.Tensor],
+    chunks: Iterable[slice],
 ) -> None:
-    """For each chunk of rows of ``hidden`` [N, D] (a slice or an index [c]): the logits GEMM,
-    ``row_pass`` on them, and with ``grads`` the gradient GEMMs of what it returns (the hidden
-    gradient's rows for slices; an index is the fix-up of rows whose hidden gradient is
-    rescaled apart).
+    """For each chunk of rows of ``hidden`` [N, D] (a slice): the logits GEMM, ``row_pass`` on
+    them, and with ``grads`` the gradient GEMMs of what it returns.
 
     Contract: the row pass gets the logits [c, V] (``head.logits_dtype``, contiguous) and
     returns G [c, V] (their gradient, preferably written over them) or None. Bytes per logit
@@ -215,11 +214,11 @@ def run_chunks(
         _one_chunk(hidden, head, row_pass, grads, rows)
 
 
-def _one_chunk(hidden, head: Head, row_pass: RowPass, grads: Grads | None, rows) -> None:
+def _one_chunk(hidden, head: Head, row_pass: RowPass, grads: Grads | None, rows: slice) -> None:
     h = hidden[rows]
     grad = row_pass(Chunk(rows, h, head.logits(h)))
     if grad is not None and grads is not None:
-        grads.add(grad, h, head, rows if isinstance(rows, slice) else None)
+        grads.add(grad, h, head, rows)
 
 
 def linear_pass(hidden, weight, bias, row_pass: RowPass, want: tuple[bool, bool, bool], rows: int) -> GradsOut:
@@ -259,11 +258,16 @@ def chunk_traffic(vocab: int, dtype: torch.dtype, *, bias: bool, out_dtype_matmu
     }
 
 
-def sample_groups(sample_ids: torch.Tensor, rows_per_chunk: int) -> list[tuple[int, int]]:
+def sample_groups(sample_ids: torch.Tensor, rows_per_chunk: int, steps: int = 0) -> list[tuple[int, int]]:
     """Row ranges [start, stop) that cover the rows in order, each made of whole samples
     (``sample_ids`` [N], non-decreasing) and at most ``rows_per_chunk`` rows long, except a
-    sample longer than that, which is a group of its own."""
-    counts = torch.unique_consecutive(sample_ids, return_counts=True)[1].tolist()
+    sample longer than that, which is a group of its own. ``steps``: the rows of every sample
+    when they are all that long (the [B, T] layout: T), which plans the groups from the shape;
+    0 reads the samples' lengths from ``sample_ids`` (one host sync: flat rows)."""
+    if steps:
+        counts = [steps] * (sample_ids.numel() // steps)
+    else:
+        counts = torch.unique_consecutive(sample_ids, return_counts=True)[1].tolist()
     groups, start, stop = [], 0, 0
     for count in counts:
         if stop > start and stop + count - start > rows_per_chunk:
@@ -283,8 +287,8 @@ class NLFTLinearLossParams:
     """Everything of one ``nlft_linear_loss`` call but hidden, weight and bias.
 
     views: the rows, without base logits (each chunk brings its own); rows: rows per chunk;
-    clusters: whether the saliency clusters walk ``hidden``; train: the caller's grad mode
-    (forward runs with grad mode off, so it cannot tell whether a backward can follow).
+    clusters: whether the saliency clusters walk ``hidden``; steps: the rows of every sample in
+    the [B, T] layout (T), 0 for flat rows with ``sample_ids`` (``sample_groups``).
     """
 
     views: Views
@@ -296,7 +300,7 @@ class NLFTLinearLossParams:
     validate: bool
     rows: int
     clusters: bool
-    train: bool
+    steps: int
 
 
 @dataclass
@@ -313,20 +317,19 @@ def nlft_row_pass(
     views: Views, cfg: NLFTConfig, backend: str, compute_grad: bool, scale: torch.Tensor | None = None
 ) -> tuple[RowPass, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The NLFT row pass of a chunk as a ``RowPass``: the backend's first stage on the chunk's
-    logits as base view (the gradient written over them where the backend can), with each row's
-    ``scale`` [N] (default: ``views.scale``) folded into its gradient. Returns (the pass, the
-    list that receives each chunk's (stats [3, c], saliency [c]))."""
+    logits as base view, the gradient written over them (``out=``, every backend) where it is
+    stored in their dtype (``grad_dtype``; float16's is float32, a buffer of the row pass's own,
+    cast by ``Grads.add``), with each row's ``scale`` [N] (default: ``views.scale``) folded into
+    its gradient. Returns (the pass, the list that receives each chunk's (stats [3, c],
+    saliency [c]))."""
     scale = views.scale if scale is None else scale
     row_pass = implementation(backend).row_pass
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def run(chunk: Chunk) -> torch.Tensor | None:
-        if isinstance(chunk.rows, slice):
-            v = views.rows(chunk.rows.start, chunk.rows.stop, chunk.logits)
-        else:
-            v = views.select(chunk.rows, chunk.logits)
-        v = replace(v, scale=scale[chunk.rows])
-        stats, saliency, grad = row_pass(v, cfg, compute_grad, inplace_grad=True)
+        v = replace(views.rows(chunk.rows.start, chunk.rows.stop, chunk.logits), scale=scale[chunk.rows])
+        over = compute_grad and grad_dtype(v.base.dtype) == v.base.dtype
+        stats, saliency, grad = row_pass(v, cfg, compute_grad, out=v.base if over else None)
         seen.append((stats, saliency))
         return grad
 
@@ -335,17 +338,16 @@ def nlft_row_pass(
 
 def forward_pass(hidden, head: Head, p: NLFTLinearLossParams, grads: Grads | None) -> ForwardResult:
     """Every group of whole samples (``sample_groups``): its chunks' statistics, its second
-    stage, and with ``grads`` its gradients (``_group_pass``)."""
+    stage, and with ``grads`` its gradients (``_group_pass``). No host sync with
+    ``p.validate`` False and ``p.steps`` set."""
     n = hidden.shape[0]
     factor = torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device)
     losses, per_rows = [], []
-    for start, stop in sample_groups(p.sample_ids, p.rows):
+    for start, stop in sample_groups(p.sample_ids, p.rows, p.steps):
         stage = _group_pass(hidden, head, p, grads, start, stop)
         factor[start:stop] = stage.factor
         losses.append(stage.loss)
         per_rows.append(stage.per_row)
-        if grads is not None and stop - start > p.rows and stage.rows.numel():
-            _fix_rows(hidden, head, p, grads, stage.rows + start, factor)
     loss = torch.cat(losses) if p.reduction == "none" else torch.stack(losses).sum()
     per_row = {name: torch.cat([r[name] for r in per_rows]) for name in DETAIL_FIELDS}
     return ForwardResult(loss, per_row, factor)
@@ -353,14 +355,19 @@ def forward_pass(hidden, head: Head, p: NLFTLinearLossParams, grads: Grads | Non
 
 def _group_pass(hidden, head: Head, p: NLFTLinearLossParams, grads: Grads | None, start: int, stop: int):
     """The rows [start, stop) of whole samples through the driver; returns their second stage.
-    A group of one chunk gets its second stage inside the row pass, so the gradient the GEMMs
-    fold in is final (a few rows rescaled in place); a longer one folds in provisional gradients."""
-    first, seen = nlft_row_pass(p.views, p.cfg, p.backend, grads is not None)
+
+    A group of one chunk gets its second stage inside the row pass, and the gradient it returns
+    is multiplied by each row's factor before the GEMMs fold it in (the backend's ``scale_rows``:
+    rows whose factor is 1 skipped on the device, rows whose factor is 0 written as zeros). A
+    sample longer than a chunk first goes through for its statistics only (the logits GEMM and
+    one read of each row), then, its second stage decided, through the whole chunk pass with
+    each row's factor folded into its scale: no gradient is folded in before it is final, and
+    which rows changed is never read back to the host."""
     group = replace(
         p.views, labels=p.views.labels[start:stop], wrong=p.views.wrong[start:stop], scale=p.views.scale[start:stop]
     )
 
-    def decide() -> SecondStage:
+    def decide(seen) -> SecondStage:
         stats = torch.cat([s for s, _ in seen], 1)
         saliency = torch.cat([s for _, s in seen])
         if p.validate:
@@ -371,32 +378,28 @@ def _group_pass(hidden, head: Head, p: NLFTLinearLossParams, grads: Grads | None
         )  # fmt: skip
 
     if stop - start > p.rows:
-        run_chunks(hidden, head, first, grads, row_slices(start, stop, p.rows))
-        return decide()
+        slices = row_slices(start, stop, p.rows)
+        statistics, seen = nlft_row_pass(p.views, p.cfg, p.backend, False)
+        run_chunks(hidden, head, statistics, None, slices)
+        stage = decide(seen)
+        if grads is not None:
+            scale = p.views.scale.clone()
+            scale[start:stop] *= stage.factor
+            final, _ = nlft_row_pass(p.views, p.cfg, p.backend, True, scale)
+            run_chunks(hidden, head, final, grads, slices)
+        return stage
+    first, seen = nlft_row_pass(p.views, p.cfg, p.backend, grads is not None)
     stages: list[SecondStage] = []
 
     def final(chunk: Chunk) -> torch.Tensor | None:
         grad = first(chunk)
-        stages.append(decide())
-        if grad is not None and stages[0].rows.numel():
-            rescale_rows(grad, stages[0].factor, stages[0].rows, p.backend)
+        stages.append(decide(seen))
+        if grad is not None:
+            rescale_rows(grad, stages[0].factor, p.backend)
         return grad
 
     run_chunks(hidden, head, final, grads, [slice(start, stop)])
     return stages[0]
-
-
-def _fix_rows(hidden, head: Head, p: NLFTLinearLossParams, grads: Grads, rows, factor) -> None:
-    """Apply the second stage's ``factor`` [N] to the gradients of the rows ``rows`` [k]: the
-    hidden gradient's rows rescaled, the weight and bias gradients given the rows' provisional
-    gradient times ``factor - 1`` (folded into the row pass's scale: no extra [k, V] pass)."""
-    if grads.hidden is not None:
-        grads.hidden.index_copy_(0, rows, grads.hidden[rows] * factor[rows, None].to(grads.hidden.dtype))
-    if not grads.want_weight and grads.bias is None:
-        return
-    scale = p.views.scale * (factor - 1)
-    fix, _ = nlft_row_pass(p.views, p.cfg, p.backend, True, scale)
-    run_chunks(hidden, head, fix, grads, [rows[i : i + p.rows] for i in range(0, rows.numel(), p.rows)])
 
 
 def _check_base_finite(stats: torch.Tensor, views: Views, ignore_index: int) -> None:
@@ -413,7 +416,7 @@ def flat_rows_2d(hidden: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole passes, as the autograd Function and the custom op (ops/custom_ops.py) both run them.
+# The whole passes, as the ops of ops/linear_ops.py run them.
 
 
 def linear_forward(hidden, weight, bias, p: NLFTLinearLossParams, want) -> tuple[ForwardResult, GradsOut]:

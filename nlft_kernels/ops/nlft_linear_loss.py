@@ -17,8 +17,10 @@ saliency tests compare probabilities with 0.95 and ratios with 1.5, and a bfloat
 30 is off by up to 0.06, which moves a log-prob by as much and flips them.
 
 As in Liger-Kernel's fused linear cross-entropy, the gradients are computed in forward and
-backward only scales them; with ``reduction="none"`` the upstream gradient is per row, so
-forward keeps the statistics only and backward makes a second chunked pass.
+backward only scales them (in place, skipped on the device where ``grad_output`` is 1); with
+``reduction="none"`` the upstream gradient is per row, so forward keeps the statistics only
+and backward makes a second chunked pass. The ops are ``ops/linear_ops.py``'s, the autograd
+formula ``NLFTLinearLossFunction`` (``ops/autograd.py``), eagerly and compiled alike.
 """
 
 from __future__ import annotations
@@ -27,23 +29,13 @@ import torch
 
 from nlft_kernels.backends import resolve_backend
 from nlft_kernels.config import NLFTConfig
-from nlft_kernels.ops.custom_ops import linear_token_logprobs_op, nlft_linear_loss_apply
-from nlft_kernels.ops.functions import NLFTLinearLossFunction
-from nlft_kernels.ops.inputs import check_labels, check_logits, check_options, nlft_outputs, prepare_nlft_inputs
-from nlft_kernels.ops.linear_chunks import (
-    NLFTLinearLossParams,
-    auto_chunk_rows,
-    chunk_rows_for,
-    flat_rows_2d,
-    linear_label_logprobs,
-    sample_groups,
-)
-from nlft_kernels.ops.vocab_parallel import (
-    global_vocab,
-    linear_logits,
-    linear_token_logprobs_vocab_parallel,
-    nlft_loss_vocab_parallel,
-)
+from nlft_kernels.ops.autograd import NLFTLinearLossFunction
+from nlft_kernels.ops.inputs import as_3d, check_labels, check_logits, check_options, nlft_outputs, prepare_nlft_inputs
+from nlft_kernels.ops.linear_chunks import chunk_rows_for, flat_rows_2d, sample_groups
+from nlft_kernels.ops.linear_ops import LinearTokenLogprobsArgs, NLFTLinearLossArgs, linear_token_logprobs_op
+from nlft_kernels.ops.loss_ops import config_args
+from nlft_kernels.ops.nlft_loss import nlft_loss
+from nlft_kernels.ops.vocab_parallel import global_vocab, linear_logits, shard_range, shard_statistics
 
 __all__ = ["chunk_rows_for", "linear_token_logprobs", "nlft_linear_loss", "sample_groups"]
 
@@ -135,46 +127,55 @@ def nlft_linear_loss(
       over 1k rows at V=128256, D=4096 in bfloat16) up to twice that (1 GiB of logits for heads
       too narrow to be compute-bound), within free memory / 4; elsewhere within min(128 MiB,
       free memory / 4) and at most D / 2 rows. Peak extra memory is about
-      ``chunk_size * V`` logits in the input dtype (twice that where the row pass cannot write
-      its gradient in place: the compiled kernels) plus the gradients (hidden [N, D]; weight
+      ``chunk_size * V`` logits in the input dtype (every row pass writes their gradient over
+      them; float16 adds a float32 gradient buffer, ``grad_dtype``) plus the gradients (hidden [N, D]; weight
       [V, D] and bias accumulated in float32, then cast to their dtype).
 
-    Under ``torch.compile`` it traces as one custom op (``nlft_kernels.ops.custom_ops``), with
-    ``validate`` off.
+    Under ``torch.compile`` it traces as one op (``nlft_kernels::nlft_linear_loss``) and its
+    autograd Function, as eagerly.
 
     vocab_parallel_group: the head's rows are split over this process group (Megatron's layout:
       ``weight`` [V / P, D] and ``bias`` are this rank's rows [r * V / P, (r + 1) * V / P);
       ``hidden`` and labels are the same on every rank). The logits shard [N, V / P] is
-      materialised (in the input dtype), not chunked, and the hidden gradient is all-reduced over the
-      group in backward (see ``nlft_kernels.ops.vocab_parallel``).
+      materialised in the input dtype (``F.linear``), not chunked, and the hidden gradient is
+      all-reduced over the group in backward (see ``nlft_kernels.ops.vocab_parallel``).
     """
     check_options(config, reduction)
-    compiling = torch.compiler.is_compiling()
-    validate = validate and not compiling
     hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
     if vocab_parallel_group is not None:
-        logits = linear_logits(flat_rows_2d(hidden), weight, bias, vocab_parallel_group)
-        return nlft_loss_vocab_parallel(
-            logits.view(*hidden.shape[:-1], -1), labels, correct, standard, judge, config, reduction, sample_ids,
-            hidden, return_details, validate, vocab_parallel_group,
+        logits = linear_logits(hidden, weight, bias, vocab_parallel_group)
+        return nlft_loss(
+            logits, labels, correct, standard=standard, judge=judge, config=config, reduction=reduction,
+            sample_ids=sample_ids, hidden_states=hidden, return_details=return_details, backend=backend,
+            validate=validate, vocab_parallel_group=vocab_parallel_group,
         )  # fmt: skip
     proxy = _logits_proxy(hidden, weight.shape[0])
-    # The views' base stays the proxy, never read: every chunk brings its own base logits.
-    inputs = prepare_nlft_inputs(
-        proxy, labels, correct, standard, judge, config, reduction, sample_ids, validate, name="hidden @ weight.T",
-        base=proxy,
-    )  # fmt: skip
-    n = inputs.views.labels.numel()
-    if compiling:  # backend and free memory are read at run time, inside the op (rows 0: automatic)
-        apply, rows = nlft_linear_loss_apply, chunk_size or 0
-    else:
-        apply, rows = NLFTLinearLossFunction.apply, chunk_size or auto_chunk_rows(n, weight)
-        backend = resolve_backend(backend, hidden.device)
-    params = NLFTLinearLossParams(
-        inputs.views, inputs.sample_ids, inputs.correct, config, reduction, backend, validate, rows,
-        config.cluster_criterion != "off", torch.is_grad_enabled(),
-    )  # fmt: skip
-    loss, *details = apply(flat_rows_2d(hidden), weight, bias, params)
+    inputs = prepare_nlft_inputs(proxy, labels, correct, standard, judge, sample_ids, name="hidden @ weight.T")
+    rule, ignore_index, criterion = config_args(config)
+    train = torch.is_grad_enabled()
+    args = NLFTLinearLossArgs(
+        hidden=flat_rows_2d(hidden).detach(),
+        weight=weight.detach(),
+        bias=None if bias is None else bias.detach(),
+        standard=inputs.standard,
+        standard_mode=int(inputs.standard_mode),
+        judge=inputs.judge,
+        judge_mode=int(inputs.judge_mode),
+        labels=inputs.labels,
+        sample_ids=inputs.sample_ids,
+        correct=inputs.correct,
+        rule=rule,
+        ignore_index=ignore_index,
+        criterion=criterion,
+        reduction=reduction,
+        backend=backend,
+        validate=validate,
+        rows=chunk_size or 0,
+        clusters=config.cluster_criterion != "off",
+        steps=inputs.shape[-1] if sample_ids is None else 0,
+        want=[train and t is not None and t.requires_grad for t in (hidden, weight, bias)],
+    )
+    loss, *details = NLFTLinearLossFunction.apply(flat_rows_2d(hidden), weight, bias, args)
     return nlft_outputs(loss, details, inputs.shape, reduction, return_details)
 
 
@@ -201,26 +202,26 @@ def linear_token_logprobs(
     """
     hidden, weight, bias = _checked_linear(hidden, weight, bias, chunk_size)
     if vocab_parallel_group is not None:  # weight: this rank's rows (see nlft_linear_loss)
-        proxy = _logits_proxy(hidden, global_vocab(weight.shape[0], vocab_parallel_group))
-        labels = check_labels(labels, proxy, ignore_index, validate)
-        return linear_token_logprobs_vocab_parallel(hidden, weight, labels, bias, ignore_index, vocab_parallel_group)
+        check_logits(_logits_proxy(hidden, global_vocab(weight.shape[0], vocab_parallel_group)), "hidden @ weight.T")
+        logits = as_3d(linear_logits(hidden, weight, bias, vocab_parallel_group, wide=True), "logits")
+        labels = check_labels(labels, logits.view(*labels.shape, -1))
+        flat = labels.reshape(-1)
+        offset = shard_range(weight.shape[0], vocab_parallel_group)[0]
+        lp, _ = shard_statistics(
+            [logits], flat, offset, ignore_index, resolve_backend(backend, hidden.device), vocab_parallel_group
+        )
+        return torch.where(flat != ignore_index, lp[0], 0.0).view(labels.shape)
     proxy = _logits_proxy(hidden, weight.shape[0])
     check_logits(proxy, "hidden @ weight.T")
-    compiling = torch.compiler.is_compiling()
-    validate = validate and not compiling
-    labels = check_labels(labels, proxy, ignore_index, validate)
-    flat_labels = labels.reshape(-1)
-    if compiling:  # one custom op (see nlft_kernels.ops.custom_ops)
-        out = linear_token_logprobs_op(
-            flat_rows_2d(hidden), weight, bias, flat_labels, ignore_index, chunk_size or 0, backend
-        )
-        return out.view(labels.shape)
-    rows = chunk_size or auto_chunk_rows(flat_labels.numel(), weight)
-    backend = resolve_backend(backend, hidden.device)
-    out = linear_label_logprobs(flat_rows_2d(hidden), weight, bias, flat_labels, ignore_index, rows, backend)
-    if validate and not bool(torch.isfinite(out).all()):
-        raise ValueError(
-            "the logits hidden @ weight.T (+ bias) are non-finite (NaN or inf) in a labelled row: "
-            "check hidden, weight and bias"
-        )
-    return out.view(labels.shape)
+    labels = check_labels(labels, proxy)
+    args = LinearTokenLogprobsArgs(
+        hidden=flat_rows_2d(hidden),
+        weight=weight,
+        bias=bias,
+        labels=labels.reshape(-1).contiguous(),
+        ignore_index=ignore_index,
+        rows=chunk_size or 0,
+        backend=backend,
+        validate=validate,
+    )
+    return linear_token_logprobs_op(*args).view(labels.shape)

@@ -11,7 +11,8 @@ statistics decides the per-sample rules (``ops/stages.py``).
 
 Layers, one file each: ``tl_utils`` (Triton helpers) -> ``kernels`` (Triton kernels and
 launchers), ``torch_rows`` / ``extension_ops`` (the other backends) -> ``row_rule`` (the
-torch row rule) -> ``stages`` -> ``functions`` (autograd) -> ``nlft_loss`` /
+torch row rule) -> ``stages`` -> ``loss_ops`` / ``linear_ops`` (the ``torch.library`` ops,
+declared by ``library``) -> ``autograd`` (one Function per loss) -> ``nlft_loss`` /
 ``nlft_linear_loss`` / ``token_logprobs`` (public), with ``inputs`` the one input-preparation
 step and ``contracts`` the names shared with the kernels and ``csrc/``.
 """
@@ -20,22 +21,35 @@ from __future__ import annotations
 
 import torch
 
-from nlft_kernels.backends import resolve_backend
 from nlft_kernels.config import NLFTConfig
-from nlft_kernels.ops.custom_ops import nlft_loss_apply
-from nlft_kernels.ops.functions import NLFTLossFunction
+from nlft_kernels.ops.autograd import NLFTLossFunction
+from nlft_kernels.ops.contracts import GradStore
 from nlft_kernels.ops.inputs import (
     REDUCTIONS,
     NLFTDetails,
     as_3d,
+    check_logits,
     check_options,
     nlft_outputs,
     prepare_nlft_inputs,
 )
-from nlft_kernels.ops.stages import NLFTLossParams
-from nlft_kernels.ops.vocab_parallel import nlft_loss_vocab_parallel
+from nlft_kernels.ops.loss_ops import NLFTLossArgs, config_args
+from nlft_kernels.ops.vocab_parallel import global_vocab, group_name, shard_range
 
 __all__ = ["REDUCTIONS", "NLFTDetails", "nlft_loss"]
+
+
+def check_inplace(logits: torch.Tensor, name: str) -> None:
+    """``inplace_grad=True`` overwrites ``logits`` with its gradient: it must be the contiguous
+    output of an op (the LM head's), not a leaf that requires grad (whose storage is a
+    parameter or an input the caller keeps)."""
+    if logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            f"inplace_grad=True overwrites {name} with its gradient: pass the output of the LM head (a "
+            f"non-leaf tensor), not a leaf that requires grad"
+        )
+    if not logits.is_contiguous():
+        raise ValueError(f"inplace_grad=True needs contiguous {name} (the gradient is written row after row)")
 
 
 def nlft_loss(
@@ -52,9 +66,11 @@ def nlft_loss(
     return_details: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    inplace_grad: bool = False,
     vocab_parallel_group=None,
 ):
-    """The NLFT loss (see the spec), fused: no [N, V] temporary besides the base gradient.
+    """The NLFT loss (see the spec), fused: the gradient of the base logits is their only [N, V]
+    buffer, written once in their dtype (or into their own storage with ``inplace_grad``).
 
     base_logits: [B, T, V] (or flat rows [N, V] with ``sample_ids``) float32/bf16/fp16, the
       trained view; ``logits[b, t]`` predicts ``labels[b, t]``.
@@ -71,23 +87,28 @@ def nlft_loss(
     backend: ``"auto"`` (on the CPU the compiled C++ kernel when ``nlft_kernels._C`` is built,
       else chunked torch; on CUDA Triton or the CUDA kernel, see ``nlft_kernels.backends``),
       ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``.
-    validate: check label range, finiteness and wrong samples' judge (a few host syncs); off
-      while ``torch.compile`` traces the call (see ``nlft_kernels.ops.custom_ops``).
+    validate: check label range, sample ids, finiteness, teacher log-probs and wrong samples'
+      judge (host syncs), eagerly and under ``torch.compile`` alike (inside the op). Off,
+      nothing in the loss waits for the device (forward and backward: a CUDA graph can capture
+      them); a wrong sample without a judge then gives a NaN loss.
+    inplace_grad: write the gradient into ``base_logits``' own storage (Liger-Kernel's trick: no
+      [N, V] gradient buffer). Safe when nothing else needs the logits' values after this call:
+      neither the caller (they hold the gradient afterwards) nor another op's backward (a saved
+      reference raises "modified by an inplace operation": the version counter moves). The
+      logits must be contiguous and not a leaf that requires grad (the LM head's output is
+      both). With float32/bf16 logits the forward overwrites them; with float16 (the gradient
+      is computed in backward, see ``GradStore``) the backward does.
     vocab_parallel_group: a process group over which the vocabulary is split (Megatron's
       layout, see ``nlft_kernels.ops.vocab_parallel``): ``base_logits`` and teacher logits are
-      this rank's columns [r * V / P, (r + 1) * V / P); labels stay global ids. PyTorch ops,
-      ``backend`` is not used.
+      this rank's columns [r * V / P, (r + 1) * V / P); labels stay global ids.
     """
     check_options(config, reduction)
-    compiling = torch.compiler.is_compiling()
-    validate = validate and not compiling
-    if vocab_parallel_group is not None:
-        return nlft_loss_vocab_parallel(
-            base_logits, labels, correct, standard, judge, config, reduction, sample_ids, hidden_states,
-            return_details, validate, vocab_parallel_group,
-        )  # fmt: skip
-    inputs = prepare_nlft_inputs(base_logits, labels, correct, standard, judge, config, reduction, sample_ids, validate)
-    inputs.views.base = as_3d(base_logits, "base_logits")
+    check_logits(base_logits, "base_logits")
+    wanted = torch.is_grad_enabled() and base_logits.requires_grad
+    if inplace_grad and wanted:
+        check_inplace(base_logits, "base_logits")
+    inputs = prepare_nlft_inputs(base_logits, labels, correct, standard, judge, sample_ids)
+    hidden = None
     if hidden_states is not None:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.shape[:-1] != inputs.shape:
             raise ValueError(
@@ -96,12 +117,34 @@ def nlft_loss(
             )
         if hidden_states.device != base_logits.device:
             raise ValueError(f"hidden_states is on {hidden_states.device} but base_logits is on {base_logits.device}")
-    if not compiling:  # the op resolves it while compiling
-        backend = resolve_backend(backend, base_logits.device, inputs.views.labels.numel(), base_logits.shape[-1])
-    params = NLFTLossParams(
-        inputs.views, inputs.sample_ids, inputs.correct, hidden_states, config, reduction, backend, validate,
-        torch.is_grad_enabled(),
-    )  # fmt: skip
-    apply = nlft_loss_apply if compiling else NLFTLossFunction.apply
-    loss, *details = apply(base_logits, params)
+        if config.cluster_criterion != "off":
+            hidden = hidden_states.detach().reshape(inputs.labels.numel(), -1)
+    vocab, group, offset = base_logits.shape[-1], "", 0
+    if vocab_parallel_group is not None:
+        vocab = global_vocab(base_logits.shape[-1], vocab_parallel_group)
+        group = group_name(vocab_parallel_group)
+        offset = shard_range(base_logits.shape[-1], vocab_parallel_group)[0]
+    rule, ignore_index, criterion = config_args(config)
+    args = NLFTLossArgs(
+        base=as_3d(base_logits.detach(), "base_logits"),
+        standard=inputs.standard,
+        standard_mode=int(inputs.standard_mode),
+        judge=inputs.judge,
+        judge_mode=int(inputs.judge_mode),
+        labels=inputs.labels,
+        sample_ids=inputs.sample_ids,
+        correct=inputs.correct,
+        hidden=hidden,
+        rule=rule,
+        ignore_index=ignore_index,
+        criterion=criterion,
+        reduction=reduction,
+        backend=backend,
+        validate=validate,
+        grad=int(GradStore.of(base_logits.dtype, wanted, vocab_parallel_group is not None)),
+        vocab=vocab,
+        group=group,
+        offset=offset,
+    )
+    loss, *details = NLFTLossFunction.apply(base_logits, args, inplace_grad and wanted)
     return nlft_outputs(loss, details, inputs.shape, reduction, return_details)

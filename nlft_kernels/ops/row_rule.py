@@ -72,12 +72,6 @@ def row_scale(valid, sample_ids, n_samples: int, reduction: str, loss_scale: flo
     if reduction == "token_mean":
         return scale / valid.sum().clamp(min=1)
     if reduction == "sample_mean":
-        if torch.compiler.is_compiling():
-            # Inductor's CPU code generation fails on this index_add_ (a vectorised atomic
-            # scatter, torch 2.13); a one-hot product counts the same (small integers: exact).
-            members = sample_ids == torch.arange(n_samples, device=valid.device)[:, None]
-            n = members.to(dtype) @ valid.to(dtype)
-        else:
-            n = torch.zeros(n_samples, dtype=dtype, device=valid.device).index_add_(0, sample_ids, valid.to(dtype))
+        n = torch.zeros(n_samples, dtype=dtype, device=valid.device).index_add_(0, sample_ids, valid.to(dtype))
         return scale / (n[sample_ids].clamp(min=1) * (n > 0).sum().clamp(min=1))
     return scale

@@ -5,7 +5,10 @@ log-probs of the three views, saliency and the provisional gradient
 ``coef * (softmax - onehot)`` of the base logits. Two parts of the rule are not row-local: the
 6% rule (a wrong sample whose saliency share is above ``saliency_fraction`` zeroes its
 ordinary tokens) and saliency clusters. The second stage decides them on [N]-sized statistics
-and says which gradient rows to rescale; in the common case it touches none.
+and gives every row the factor of its provisional gradient (1 for most rows, 0 for killed
+ones): device tensors only, no host sync, so nothing waits for the device and a CUDA graph can
+capture it. Backward applies the factors with ``grad_output`` in one pass that skips rows
+whose total factor is 1 (``scale_rows`` of a backend).
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ from nlft_kernels.ops.row_rule import row_terms
 from nlft_kernels.ops.saliency_clusters import saliency_clusters
 
 
-def first_stage(v: Views, cfg: NLFTConfig, backend: str, compute_grad: bool):
+def first_stage(v: Views, cfg: NLFTConfig, backend: str, compute_grad: bool, out: torch.Tensor | None = None):
     """The row pass: (stats [3, N] ACC log-probs of base/standard/judge, saliency [N] bool,
     provisional gradient of ``v.base`` or None). The gradient rows hold everything but the
-    per-sample rule and the clusters, which ``second_stage`` decides."""
-    return implementation(backend).row_pass(v, cfg, compute_grad)
+    per-sample rule and the clusters, which ``second_stage`` decides; they are written into
+    ``out`` when given (a buffer shaped like the base logits: the base logits themselves for
+    ``inplace_grad``)."""
+    return implementation(backend).row_pass(v, cfg, compute_grad, out)
 
 
-def rescale_rows(grad: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor, backend: str) -> None:
-    """grad[r] *= factor[r] for the rows ``rows`` (a few, usually none), in place."""
-    implementation(backend).scale_rows(grad, factor, rows)
+def rescale_rows(grad: torch.Tensor, factor: torch.Tensor, backend: str) -> None:
+    """grad[r] *= factor[r] for every row of ``grad`` [..., V] in place (``factor`` [R] ACC), in
+    one pass of the backend's ``scale_rows``: rows whose factor is 1 are skipped on the device,
+    rows whose factor is 0 written as zeros without a read."""
+    implementation(backend).scale_rows(grad.view(-1, grad.shape[-1]), factor)
 
 
 @dataclass
@@ -39,14 +46,16 @@ class SecondStage:
     """What the per-sample stage decides from the [N] statistics.
 
     loss: the reduced loss (per-row [N] for ``"none"``); per_row: the details, by field of
-    :class:`NLFTDetails`; rows: [k] int64, the gradient rows to rescale; factor: [N], the
-    factor by which each of those rows' provisional gradient is multiplied (0 zeroes it).
+    :class:`NLFTDetails`; factor: [N], the factor by which each row's provisional gradient is
+    multiplied (1 for most rows, 0 for killed ones); coef: [N], each row's final gradient
+    coefficient, ``grad = coef * (softmax - onehot)`` (0 at padding, NaN for a label outside
+    the vocabulary).
     """
 
     loss: torch.Tensor
     per_row: dict[str, torch.Tensor]
-    rows: torch.Tensor
     factor: torch.Tensor
+    coef: torch.Tensor
 
 
 def second_stage(
@@ -84,11 +93,14 @@ def second_stage(
     raw = torch.where(valid, raw, 0.0)
     loss = cfg.loss_scale * raw if reduction == "none" else (raw * v.scale).sum()
 
-    rows = demoted.nonzero().squeeze(1)
-    factor = torch.ones_like(coef)
-    if rows.numel():
-        _, _, provisional = row_terms(lp_b, lp_s, lp_j, v.wrong, saliency, torch.zeros_like(demoted), cfg)
-        factor = torch.where(provisional != 0, coef / torch.where(provisional != 0, provisional, 1.0), 0.0)
+    # No host sync: every row's factor, computed on [N] tensors (1 where nothing changes).
+    _, _, provisional = row_terms(lp_b, lp_s, lp_j, v.wrong, saliency, torch.zeros_like(demoted), cfg)
+    ratio = torch.where(provisional != 0, coef / torch.where(provisional != 0, provisional, 1.0), 0.0)
+    # A label outside the vocabulary (validate=False) gives a NaN gradient row, as the kernels
+    # write it: its factor is NaN too, so that a zeroing fix-up cannot hide it.
+    bad = valid & torch.isnan(lp_b)
+    factor = torch.where(bad, float("nan"), torch.where(demoted, ratio, 1.0))
+    grad_coef = torch.where(bad, float("nan"), torch.where(valid, coef * v.scale, 0.0))
     per_row = {
         "logprob_base": lp_b,
         "logprob_standard": lp_s,
@@ -100,7 +112,7 @@ def second_stage(
         "killed": killed,
         "token_loss": cfg.loss_scale * raw,
     }
-    return SecondStage(loss, per_row, rows, factor)
+    return SecondStage(loss, per_row, factor, grad_coef)
 
 
 def _check_finite(lp_b, lp_s, lp_j, valid, v: Views) -> None:
@@ -119,37 +131,3 @@ def _check_finite(lp_b, lp_s, lp_j, valid, v: Views) -> None:
             raise ValueError(
                 f"{name} contains non-finite values ({what}: NaN, +inf, or -inf at a label) in a labelled row"
             )
-
-
-@dataclass
-class NLFTLossParams:
-    """Everything of one ``nlft_loss`` call but the base logits (which ``views.base`` reads).
-
-    views: the rows (``ops/inputs.py``); sample_ids [N]; correct [S]; hidden_states: the base
-    view's states for the clusters, or None; backend: resolved; grad_on: the caller's grad mode
-    (``NLFTLossFunction.forward`` runs under no_grad, and needs_input_grad ignores an outer
-    torch.no_grad()).
-    """
-
-    views: Views
-    sample_ids: torch.Tensor
-    correct: torch.Tensor
-    hidden_states: torch.Tensor | None
-    cfg: NLFTConfig
-    reduction: str
-    backend: str
-    validate: bool
-    grad_on: bool
-
-
-def nlft_stages(p: NLFTLossParams, compute_grad: bool) -> tuple[SecondStage, torch.Tensor | None]:
-    """Both stages over all rows of ``p.views``: (the second stage's decisions, the final
-    gradient of ``p.views.base`` or None)."""
-    stats, saliency, grad = first_stage(p.views, p.cfg, p.backend, compute_grad)
-    hidden = None if p.hidden_states is None else p.hidden_states.reshape(saliency.numel(), -1)
-    stage = second_stage(
-        stats, saliency, p.views, p.sample_ids, p.correct, hidden, p.cfg, p.reduction, p.validate, p.backend
-    )
-    if grad is not None and stage.rows.numel():
-        rescale_rows(grad, stage.factor, stage.rows, p.backend)
-    return stage, grad

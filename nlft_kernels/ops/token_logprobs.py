@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from nlft_kernels.backends import resolve_backend
-from nlft_kernels.ops.custom_ops import token_logprobs_apply
-from nlft_kernels.ops.functions import TokenLogprobsFunction, TokenLogprobsParams
-from nlft_kernels.ops.inputs import check_labels, check_logits
+from nlft_kernels.ops.autograd import TokenLogprobsFunction
+from nlft_kernels.ops.inputs import as_3d, check_labels, check_logits
+from nlft_kernels.ops.loss_ops import TokenLogprobsArgs
 
 
 def token_logprobs(
@@ -15,18 +14,19 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log p(label) for each row: ``logits`` [B, T, V] or [N, V] (fp32/bf16/fp16/fp64), ``labels``
     [B, T] or [N] int64 -> float32 (float64 for float64 logits) shaped like ``labels``, 0 at
-    ``ignore_index``. Differentiable in ``logits``; never builds a [N, V] temporary in forward.
+    ``ignore_index``. Differentiable in ``logits``: backward writes the gradient once, from the
+    saved lse; never builds a [N, V] temporary in forward.
 
-    ``validate`` checks label range and finiteness (one host sync); turn it off in hot loops.
-    It is off while ``torch.compile`` traces the call (see ``nlft_kernels.ops.custom_ops``).
+    ``validate`` checks label range and finiteness (host syncs, inside the op: eagerly and
+    under ``torch.compile``); turn it off in hot loops.
     """
     check_logits(logits, "logits")
-    if torch.compiler.is_compiling():
-        labels = check_labels(labels, logits, ignore_index, validate=False)
-        return token_logprobs_apply(logits, labels, ignore_index, backend)
-    labels = check_labels(labels, logits, ignore_index, validate)
-    params = TokenLogprobsParams(labels.reshape(-1).contiguous(), ignore_index, resolve_backend(backend, logits.device))
-    lp = TokenLogprobsFunction.apply(logits, params).view(labels.shape)
-    if validate and not bool(torch.isfinite(lp).all()):
-        raise ValueError("logits contains non-finite values (NaN or +inf, or -inf at a label) in a labelled row")
-    return lp
+    labels = check_labels(labels, logits)
+    args = TokenLogprobsArgs(
+        logits=as_3d(logits.detach(), "logits"),
+        labels=labels.reshape(-1).contiguous(),
+        ignore_index=ignore_index,
+        backend=backend,
+        validate=validate,
+    )
+    return TokenLogprobsFunction.apply(logits, args).view(labels.shape)

@@ -44,17 +44,16 @@ def _label_logprob(rows: torch.Tensor, labels: torch.Tensor, in_range: torch.Ten
     return picked - (torch.logsumexp(rows, dim=-1) if lse is None else lse)
 
 
-def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, inplace_grad: bool = False):
-    """The row pass (see ``stages.first_stage``) with the rule of ``ops/row_rule.py``;
-    ``inplace_grad``: the gradient is written over the contiguous base logits, chunk by chunk
-    once each chunk's statistics are taken, and ``v.base`` is returned as the gradient."""
+def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, out: torch.Tensor | None = None):
+    """The row pass (see ``stages.first_stage``) with the rule of ``ops/row_rule.py``; the
+    gradient goes into ``out`` (contiguous, shaped like the base logits) when given, which may be
+    ``v.base`` itself (each chunk's rows are written after their statistics are taken)."""
     base = v.base
     n, vocab = v.labels.numel(), base.shape[-1]
     acc = acc_dtype(base.dtype)
-    stats, grad = row_pass_buffers(base, n, compute_grad and not inplace_grad)
-    if compute_grad and inplace_grad:
-        assert base.is_contiguous(), "an in-place gradient needs contiguous base logits"
-        grad = base
+    stats, grad = row_pass_buffers(base, n, compute_grad and out is None)
+    if compute_grad and out is not None:
+        grad = out
     saliency = torch.empty(n, dtype=torch.bool, device=base.device)
     grad_rows = grad.view(-1, vocab) if compute_grad else None
 
@@ -85,18 +84,25 @@ def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, inplace_grad: bool =
             _, _, coef = row_terms(lp_b, lp_s, lp_j, wrong, chunk_saliency, torch.zeros_like(valid), cfg)
             coef = torch.where(valid, coef * v.scale[start:stop], 0.0)
             coef = torch.where(valid & ~in_range, float("nan"), coef)  # as the kernels
-            # Out of place: for float32 inputs ``x`` is the caller's tensor itself.
+            # Out of place: for float32 inputs ``x`` is the caller's tensor itself (and, with
+            # ``out`` the base logits, the rows this chunk writes).
             probs = torch.exp(x - lse[:, None])
-            hit = valid & in_range
-            probs[hit, safe[hit]] -= 1.0
+            # The one-hot by a scatter, not a boolean index: no host sync.
+            probs.scatter_add_(1, safe[:, None], -(valid & in_range)[:, None].to(probs.dtype))
             grad_rows[start:stop] = probs.mul_(coef[:, None])
     return stats, saliency, grad
 
 
-def scale_rows(grad: torch.Tensor, factor: torch.Tensor, rows: torch.Tensor) -> None:
-    """grad[r] *= factor[r] for the rows ``rows`` of ``grad`` [..., V], in place."""
-    flat = grad.view(-1, grad.shape[-1])
-    flat.index_copy_(0, rows, flat.index_select(0, rows) * factor[rows, None].to(flat.dtype))
+def scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad[r] *= factor[r] for every row of ``grad`` [R, V] in place, a chunk of rows at a time
+    (every row is read: skipping rows whose factor is 1 needs the kernels' device-side test);
+    rows whose factor is 0 become zeros whatever they held."""
+    factor = factor.to(acc_dtype(grad.dtype))
+    # Under a version counter of its own, as a kernel writing through a pointer would (the
+    # caller, ``scale_grad_``, decides what the write means to autograd).
+    for start, rows in row_chunks(grad.data.unsqueeze(0), chunk_rows(grad.shape[-1])):
+        f = factor[start : start + rows.shape[0], None]
+        rows.copy_(torch.where(f == 0, 0.0, rows * f))
 
 
 def label_logprobs(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,17 +122,26 @@ def label_logprobs(x: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> 
     return lp, lse
 
 
-def label_logprobs_backward(x, labels, lse, g, ignore_index: int) -> torch.Tensor:
-    """The gradient [B, T, V] of ``x`` for the upstream gradient ``g`` [N] of the log-probs."""
-    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device).view(-1, x.shape[-1])
+def softmax_grad(x, labels, lse, coef, ignore_index: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` [B, T, V] (contiguous; may be ``x`` itself) = ``coef * (softmax(x) - onehot(label))``
+    per row from the saved ``lse`` [N], a chunk of rows at a time; ignored rows get zeros."""
+    flat_out = out.view(-1, x.shape[-1])
     flat_labels = labels.reshape(-1)
     for start, rows in row_chunks(x, chunk_rows(x.shape[-1])):
         stop = start + rows.shape[0]
         lab = flat_labels[start:stop]
         valid = lab != ignore_index
-        coef = torch.where(valid, -g[start:stop].to(lse.dtype), 0.0)
+        chunk_coef = torch.where(valid, coef[start:stop].to(lse.dtype), 0.0)
         chunk = torch.exp(rows.to(lse.dtype) - lse[start:stop, None])
-        hit = valid & safe_labels(lab, x.shape[-1])[1]  # no one-hot for a label outside [0, V)
-        chunk[hit, lab[hit]] -= 1.0
-        grad[start:stop] = chunk * coef[:, None]
-    return grad.view(x.shape)
+        safe, in_range = safe_labels(lab, x.shape[-1])  # no one-hot for a label outside [0, V)
+        chunk.scatter_add_(1, safe[:, None], -(valid & in_range)[:, None].to(chunk.dtype))
+        flat_out[start:stop] = chunk * chunk_coef[:, None]
+    return out
+
+
+def label_logprobs_grad(x, labels, coef, ignore_index: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label) [N], lse [N]) of ``x`` [B, T, V] and ``out`` (contiguous; may be ``x``) =
+    ``coef * (softmax(x) - onehot(label))`` per row, one chunk of rows at a time."""
+    lp, lse = label_logprobs(x, labels, ignore_index)
+    softmax_grad(x, labels, lse, coef, ignore_index, out)
+    return lp, lse

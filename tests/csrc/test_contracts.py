@@ -1,7 +1,7 @@
 """The names shared by Python and csrc/ agree: the view modes (``ViewMode`` and ``enum
 ViewMode`` in csrc/nlft_row.h), the rule's constants (``RuleConstants``, the members of
 ``RowConfig``, the bindings' keyword arguments and the Triton row pass's parameters), and the
-torch.library registration of ``_C``'s ops (schemas and fake implementations)."""
+gradient passes of backward on ``_C``'s kernels (schemas and fake implementations)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from nlft_kernels.config import NLFTConfig
-from nlft_kernels.ops import extension_ops, kernels
+from nlft_kernels.ops import kernels
 from nlft_kernels.ops.contracts import RuleConstants, ViewMode
-from tests._inputs import generator, make_inputs, seed_of
+from tests._inputs import generator, seed_of
 from tests.csrc import extension_or_skip
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -55,21 +55,23 @@ def test_rule_constants_of_a_config():
     assert RuleConstants.from_floats(rule.floats(), rule.ignore_index) == rule
 
 
-def test_extension_ops_pass_opcheck():
-    """Schemas, fake implementations and dispatch of the _C ops registered with torch.library."""
+def test_gradient_pass_ops_pass_opcheck_on_the_cpp_backend():
+    """Schemas, fake implementations and dispatch of backward's ops on the C++ kernels
+    (``scale_grad_`` mutates the stored gradient and its factor; ``softmax_grad`` writes a new
+    buffer, ``softmax_grad_`` the logits themselves)."""
     extension_or_skip()
-    x = make_inputs(2, 5, 40, seed=3)
-    base = x.base.detach()
-    labels = x.labels.reshape(-1).contiguous()
-    wrong = ~x.correct.repeat_interleave(5)
-    scale = torch.full((10,), 0.1)
-    rule = RuleConstants.of(NLFTConfig())
-    standard = x.standard.detach()
-    for compute_grad in (True, False):
-        args = (base, standard, int(ViewMode.LOGITS), x.judge.detach(), int(ViewMode.LOGITS), labels, wrong, scale,
-                rule.floats(), rule.ignore_index, compute_grad)  # fmt: skip
-        torch.library.opcheck(extension_ops.ext_row_pass_op, args)
-    torch.library.opcheck(extension_ops.ext_label_logprobs_op, (base, labels, -100))
-    g = generator(seed_of("opcheck scale_rows"))
+    from nlft_kernels.ops.loss_ops import SoftmaxGradArgs, scale_grad_op, softmax_grad_inplace_op, softmax_grad_op
+
+    g = generator(seed_of("opcheck gradient passes"))
     grad = torch.randn(10, 40, generator=g)
-    torch.library.opcheck(extension_ops.ext_scale_rows_op, (grad, torch.tensor([1, 4]), torch.rand(10, generator=g)))
+    factor = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 1.0, 1.0, 3.0, 0.0, 1.0])
+    torch.library.opcheck(scale_grad_op, (grad, factor, torch.tensor(0.5), "cpp"))
+    logits = torch.randn(2, 5, 40, generator=g)
+    labels = torch.randint(0, 40, (10,), generator=g)
+    labels[3] = -100
+    lse = torch.logsumexp(logits.reshape(10, 40), -1)
+    coef = torch.randn(10, generator=g)
+    coef[6] = 0.0
+    args = SoftmaxGradArgs(logits, labels, lse, coef, torch.tensor(2.0), -100, 0, "cpp")
+    torch.library.opcheck(softmax_grad_op, tuple(args))
+    torch.library.opcheck(softmax_grad_inplace_op, tuple(args._replace(logits=logits.clone())))

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from nlft_kernels import nlft_loss, token_logprobs
-from nlft_kernels.ops.launch import grad_dtype
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference
 from tests._inputs import generator, make_inputs, seed_of
 from tests.conftest import dtype_params
@@ -60,37 +59,47 @@ def test_matches_reference(dtype, reduction):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gradient_rows_are_stored_in_grad_dtype(dtype):
-    """The row pass stores the gradient in nlft_kernels.ops.launch.grad_dtype (float32 for
-    float16 logits, so that GradScaler's factor, which arrives in backward, finds no entry
-    flushed to 0: tests/ops/test_launch_hazards.py), the second stage rescales rows of that
-    buffer in place (the 6% rule fires), and autograd returns the logits' dtype."""
+def test_gradient_is_stored_once_in_the_logits_dtype(dtype):
+    """The gradient is one [N, V] buffer in the logits' dtype: written by the row pass in forward
+    for float32, bfloat16 and float64 (backward's fix-up then rescales the rows of the 6% rule in
+    place), or, for float16, in backward from the saved lse (GradScaler's factor arrives with
+    grad_output; stored before it, most entries would flush to 0: tests/ops/test_launch_hazards.py),
+    when forward saves no [N, V] buffer at all."""
     x = make_inputs(8, 20, 300, dtype=dtype, seed=seed_of("cpp grad dtype", dtype))
     base = x.base.detach().clone().requires_grad_()
     loss, details = nlft_loss(
         base, x.labels, x.correct, standard=x.standard, judge=x.judge, backend="cpp", return_details=True
     )
     assert details.killed.any(), "no row was rescaled"
-    (saved,) = loss.grad_fn.saved_tensors
-    assert saved.dtype == grad_dtype(dtype) and saved.shape == base.shape
+    saved = [t for t in loss.grad_fn.saved_tensors if t.dim() == 3]
+    if dtype == torch.float16:
+        assert [t.data_ptr() for t in saved] == [base.data_ptr()], "float16 saves the logits, no gradient buffer"
+    else:
+        assert len(saved) == 1 and saved[0].dtype == dtype and saved[0].shape == base.shape
     (grad,) = torch.autograd.grad(loss, base)
     assert grad.dtype == dtype
+    if dtype != torch.float16:
+        assert grad.data_ptr() == saved[0].data_ptr(), "backward returns the buffer forward wrote"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [7, TILE + 1])
 def test_scale_rows(ext, dtype, vocab):
-    """scale_rows multiplies the given rows of a gradient buffer in any dtype (float32 for
-    float16 logits) in place, in the accumulator type, and leaves the other rows alone."""
+    """scale_rows multiplies every row of a gradient buffer by its factor, in place, in the
+    accumulator type: rows whose factor is 1 keep their bits (never written), rows whose factor
+    is 0 become zeros even where they held NaN (written without a read)."""
     g = generator(vocab)
     grad = torch.randn(12, vocab, generator=g).to(dtype)
+    grad[4] = float("nan")
     before = grad.clone()
-    rows = torch.tensor([0, 5, 11])
     factor = torch.rand(12, generator=g, dtype=torch.float64) * 3
-    ext.scale_rows(grad, rows, factor)
+    factor[[1, 2, 7]] = 1.0
+    factor[[4, 9]] = 0.0
+    ext.scale_rows(grad, factor)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    expected = before.clone()
-    expected[rows] = (before[rows].to(acc) * factor[rows, None].to(acc)).to(dtype)
+    expected = (before.to(acc) * factor[:, None].to(acc)).to(dtype)
+    expected[[1, 2, 7]] = before[[1, 2, 7]]
+    expected[[4, 9]] = 0
     assert torch.equal(grad, expected)
 
 
@@ -135,16 +144,26 @@ def test_token_logprobs_kernel(vocab, dtype):
 
 
 def test_token_logprobs_is_cpp_on_the_cpu(monkeypatch):
-    """backend="auto" on CPU tensors runs the C++ forward when _C is built."""
-    import nlft_kernels.ops.extension_ops as module
+    """backend="auto" on CPU tensors runs the C++ forward and backward when _C is built."""
+    import dataclasses
 
-    calls = []
-    real = module.ext_label_logprobs_op
-    monkeypatch.setattr(module, "ext_label_logprobs_op", lambda *a: calls.append(1) or real(*a))
+    from nlft_kernels.backends import REGISTRY
+
+    calls, real = [], REGISTRY["cpp"]
+
+    def recording(name):
+        def call(*args):
+            calls.append(name)
+            return getattr(real, name)(*args)
+
+        return call
+
+    names = ("label_logprobs", "softmax_grad")
+    monkeypatch.setitem(REGISTRY, "cpp", dataclasses.replace(real, **{name: recording(name) for name in names}))
     g = generator(seed_of("auto takes cpp"))
-    logits, labels = torch.randn(2, 3, 50, generator=g), torch.randint(0, 50, (2, 3), generator=g)
-    token_logprobs(logits, labels)
-    assert calls == [1]
+    logits, labels = torch.randn(2, 3, 50, generator=g).requires_grad_(), torch.randint(0, 50, (2, 3), generator=g)
+    token_logprobs(logits, labels).sum().backward()
+    assert calls == ["label_logprobs", "softmax_grad"]
 
 
 def test_teacher_views_in_other_dtypes():

@@ -1,11 +1,11 @@
 """torch.compile(fullgraph=True) of the fused losses equals eager (loss and gradients).
 
-The ops behind the compiled route (nlft_kernels.ops.custom_ops) are checked by
-``torch.library.opcheck`` (schema, fake implementation, autograd registration); each public
-function is compiled with ``aot_eager`` (fast: the custom ops and the surrounding torch code
-traced into one graph) and, once all together, with ``inductor`` (generated C++; slow on the CPU,
-so one small graph). Inputs are small but exercise every branch: correct and wrong samples,
-saliency tokens of both kinds, padding, clusters.
+The package's ops (``nlft_kernels.ops.loss_ops`` / ``linear_ops``, the same eagerly and
+compiled) are checked by ``torch.library.opcheck`` (schema, fake implementation, dispatch); each
+public function is compiled with ``aot_eager`` (fast: the ops, their autograd Functions and the
+surrounding torch code traced into one graph) and, once all together, with ``inductor``
+(generated C++; slow on the CPU, so one small graph). Inputs are small but exercise every
+branch: correct and wrong samples, saliency tokens of both kinds, padding, clusters.
 """
 
 from __future__ import annotations
@@ -14,9 +14,21 @@ import pytest
 import torch
 
 from nlft_kernels import NLFTConfig, linear_token_logprobs, nlft_linear_loss, nlft_loss, token_logprobs
-from nlft_kernels.ops import custom_ops
-from nlft_kernels.ops.contracts import ViewMode
-from nlft_kernels.ops.custom_ops import config_args
+from nlft_kernels.ops.contracts import GradStore, ViewMode
+from nlft_kernels.ops.linear_ops import (
+    LinearTokenLogprobsArgs,
+    NLFTLinearLossArgs,
+    linear_token_logprobs_op,
+    nlft_linear_loss_op,
+)
+from nlft_kernels.ops.loss_ops import (
+    NLFTLossArgs,
+    TokenLogprobsArgs,
+    config_args,
+    nlft_loss_inplace_op,
+    nlft_loss_op,
+    token_logprobs_op,
+)
 from tests._inputs import generator, make_inputs, seed_of
 
 B, T, V, D = 4, 9, 33, 16
@@ -66,59 +78,61 @@ def _compare(fn, leaves, *args, backend="aot_eager", rtol=0.0, atol=0.0):
 
 def test_opcheck_token_logprobs():
     x = _inputs("opcheck_token_logprobs")
-    torch.library.opcheck(custom_ops.token_logprobs_op, (x.base, x.labels, -100, "auto"))
+    args = TokenLogprobsArgs(x.base.detach(), x.labels.reshape(-1), -100, "auto", True)
+    torch.library.opcheck(token_logprobs_op, tuple(args))
 
 
 @pytest.mark.parametrize("reduction", ["sample_mean", "none"])
-def test_opcheck_nlft_loss(reduction):
+@pytest.mark.parametrize("grad", [GradStore.FORWARD, GradStore.BACKWARD, GradStore.NONE], ids=lambda g: g.name)
+def test_opcheck_nlft_loss(reduction, grad):
     x = _inputs("opcheck_nlft_loss", reduction)
-    sample_ids = torch.arange(B).repeat_interleave(T)
-    labels = x.labels.reshape(-1)
-    valid = labels != -100
-    floats, ignore, criterion = config_args(NLFTConfig())
-    args = (
-        x.base,
-        x.standard.detach(),
-        ViewMode.LOGITS,
-        x.judge.detach(),
-        ViewMode.LOGITS,
-        labels,
-        ~x.correct[sample_ids] & valid,
-        valid.float() / valid.sum(),
-        sample_ids,
-        x.correct,
-        x.hidden.reshape(B * T, D),
-        floats,
-        ignore,
-        criterion,
-        reduction,
-        "auto",
-        True,
+    rule, ignore, criterion = config_args(NLFTConfig())
+    args = NLFTLossArgs(
+        base=x.base.detach(),
+        standard=x.standard.detach(),
+        standard_mode=int(ViewMode.LOGITS),
+        judge=x.judge.detach(),
+        judge_mode=int(ViewMode.LOGITS),
+        labels=x.labels.reshape(-1),
+        sample_ids=torch.arange(B).repeat_interleave(T),
+        correct=x.correct,
+        hidden=x.hidden.reshape(B * T, D),
+        rule=rule,
+        ignore_index=ignore,
+        criterion=criterion,
+        reduction=reduction,
+        backend="auto",
+        validate=True,
+        grad=int(grad),
+        vocab=V,
+        group="",
+        offset=0,
     )
-    torch.library.opcheck(custom_ops.nlft_loss_op, args)
+    torch.library.opcheck(nlft_loss_op, tuple(args))
+    if grad == GradStore.FORWARD:  # the in-place variant writes the gradient into the base logits
+        torch.library.opcheck(nlft_loss_inplace_op, tuple(args._replace(base=x.base.detach().clone())))
 
 
 @pytest.mark.parametrize("reduction", ["sample_mean", "none"])
 def test_opcheck_nlft_linear_loss(reduction):
     x = _inputs("opcheck_nlft_linear_loss", reduction)
     g = generator(seed_of("opcheck_linear_head", reduction))
-    hidden = x.hidden.reshape(B * T, D).requires_grad_()
-    weight = torch.randn(V, D, generator=g).requires_grad_()
-    bias = torch.randn(V, generator=g).requires_grad_()
-    sample_ids = torch.arange(B).repeat_interleave(T)
+    hidden = x.hidden.reshape(B * T, D)
+    weight = torch.randn(V, D, generator=g)
+    bias = torch.randn(V, generator=g)
     labels = x.labels.reshape(-1)
-    valid = labels != -100
     standard = torch.randn(B * T, generator=g) - 3
-    floats, ignore, criterion = config_args(NLFTConfig())
-    args = (
-        hidden, weight, bias, standard, ViewMode.LOGPROBS, standard - 1, ViewMode.LOGPROBS, labels,
-        ~x.correct[sample_ids] & valid, valid.float() / valid.sum(), sample_ids, x.correct,
-        floats, ignore, criterion, reduction, "auto", 8, True, [True, True, True],
+    rule, ignore, criterion = config_args(NLFTConfig())
+    args = NLFTLinearLossArgs(
+        hidden=hidden, weight=weight, bias=bias, standard=standard, standard_mode=int(ViewMode.LOGPROBS),
+        judge=standard - 1, judge_mode=int(ViewMode.LOGPROBS), labels=labels,
+        sample_ids=torch.arange(B).repeat_interleave(T), correct=x.correct, rule=rule, ignore_index=ignore,
+        criterion=criterion, reduction=reduction, backend="auto", validate=True, rows=8, clusters=True,
+        want=[True, True, True],
     )  # fmt: skip
-    torch.library.opcheck(custom_ops.nlft_linear_loss_op, args)
-    torch.library.opcheck(
-        custom_ops.linear_token_logprobs_op, (hidden.detach(), weight.detach(), None, labels, -100, 8, "auto")
-    )
+    torch.library.opcheck(nlft_linear_loss_op, tuple(args))
+    lp_args = LinearTokenLogprobsArgs(hidden, weight, None, labels, -100, 8, "auto", True)
+    torch.library.opcheck(linear_token_logprobs_op, tuple(lp_args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +170,20 @@ def test_nlft_loss_compiles(backend, teachers, reduction, clusters):
     _assert_exercised(details, x)
     assert not clusters or bool(details.cluster.any())
     _compare(fn, [x.base])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_inplace_grad_compiles(dtype):
+    """inplace_grad=True on logits made inside the graph (the LM head's output): the mutating op
+    traces, and loss and gradients equal eager's (float16: the gradient written in backward)."""
+    x = _inputs("inplace_compiles", dtype)
+    weight, _ = _head("inplace_compiles_head")
+
+    def fn(hidden, weight):
+        logits = (hidden @ weight.T).to(dtype)
+        return nlft_loss(logits, x.labels, x.correct, standard=x.standard, judge=x.judge, inplace_grad=True)
+
+    _compare(fn, [x.hidden, weight], rtol=1e-6, atol=1e-6)
 
 
 def test_nlft_loss_compiles_bf16_without_judge():

@@ -112,11 +112,18 @@ def test_labels_out_of_range_read_nothing_outside_the_row(backend, standard_form
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_wrong_samples_without_judge_are_refused_even_unvalidated(backend):
+def test_wrong_samples_without_judge_are_never_trained_as_correct(backend):
+    """Without a judge, wrong samples are refused (validate=True), or, unvalidated (no host
+    sync), their rows make the loss and their gradient NaN: never silently trained as correct."""
     x = on_device(make_inputs(4, 6, 50, seed=seed_of("no judge", backend)), backend)
     assert not x.correct.all()
     with pytest.raises(ValueError, match="judge is required"):
-        nlft_loss(x.base, x.labels, x.correct, standard=x.standard, backend=backend, validate=False)
+        nlft_loss(x.base, x.labels, x.correct, standard=x.standard, backend=backend)
+    loss = nlft_loss(x.base, x.labels, x.correct, standard=x.standard, backend=backend, validate=False)
+    assert loss.isnan()
+    (grad,) = torch.autograd.grad(loss, x.base)
+    wrong_rows = (~x.correct[:, None] & (x.labels != -100)).cpu()
+    assert grad.cpu().isnan().all(-1).equal(wrong_rows)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -146,7 +153,8 @@ def test_fp16_gradient_survives_loss_scaling(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_scales_the_saved_gradient_in_place(backend, reduction):
     """grad_output != 1 (gradient accumulation, loss scaling) multiplies the stored [N, V]
-    gradient where it is: the returned gradient is that buffer, no second one."""
+    gradient where it is: the returned gradient is that buffer, no second one. A second backward
+    through the same forward (retain_graph=True) rescales it to its own grad_output."""
     x = make_inputs(4, 6, 64, seed=seed_of("in place", backend, reduction))
     d = on_device(x, backend)
     loss = nlft_loss(
@@ -155,22 +163,21 @@ def test_backward_scales_the_saved_gradient_in_place(backend, reduction):
     node = loss.grad_fn
     while not hasattr(node, "saved_tensors"):  # "none" reshapes the per-row loss: a view node first
         node = node.next_functions[0][0]
-    (saved,) = node.saved_tensors
-    grad_out = torch.full_like(loss, 0.25) if reduction == "none" else torch.tensor(0.25)
-    (grad,) = torch.autograd.grad(loss, d.base, grad_out.to(loss.device), retain_graph=True)
-    assert grad.data_ptr() == saved.data_ptr()
-    grad = grad.cpu()
+    saved, _factor = node.saved_tensors
     ref_base = x.base.detach().double().requires_grad_()
     ref = nlft_loss_reference(ref_base, x.labels, x.correct, x.standard, x.judge, reduction=reduction)
-    (ref_grad,) = torch.autograd.grad(ref, ref_base, grad_out.double())
-    assert_grad_close(grad, ref_grad, torch.float32)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        torch.autograd.grad(loss, d.base, grad_out.to(loss.device))
+    for scale in (0.25, -3.0):
+        grad_out = torch.full_like(loss, scale) if reduction == "none" else torch.tensor(scale)
+        (grad,) = torch.autograd.grad(loss, d.base, grad_out.to(loss.device), retain_graph=True)
+        assert grad.data_ptr() == saved.data_ptr()
+        (ref_grad,) = torch.autograd.grad(ref, ref_base, grad_out.double(), retain_graph=True)
+        assert_grad_close(grad.cpu(), ref_grad, torch.float32)
 
 
 def test_linear_backward_scales_the_saved_gradients_in_place():
     """nlft_linear_loss stores the hidden and weight gradients in forward; grad_output != 1
-    multiplies them where they are (no second [V, D] weight gradient), once."""
+    multiplies them where they are (no second [V, D] weight gradient); a second backward
+    rescales them to its own grad_output."""
     from nlft_kernels import nlft_linear_loss
 
     g = generator(seed_of("linear in place"))
@@ -186,9 +193,8 @@ def test_linear_backward_scales_the_saved_gradients_in_place():
     ones = torch.autograd.grad(loss(), (hidden, weight))
     scaled = loss()
     saved = scaled.grad_fn.saved_tensors
-    grads = torch.autograd.grad(scaled, (hidden, weight), torch.tensor(0.25), retain_graph=True)
-    assert [t.data_ptr() for t in grads] == [t.data_ptr() for t in saved[:2]]
-    for got, want in zip(grads, ones, strict=True):
-        torch.testing.assert_close(got, 0.25 * want)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        torch.autograd.grad(scaled, (hidden, weight), torch.tensor(0.25))
+    for scale in (0.25, 2.0):
+        grads = torch.autograd.grad(scaled, (hidden, weight), torch.tensor(scale), retain_graph=True)
+        assert [t.data_ptr() for t in grads] == [t.data_ptr() for t in saved[:2]]
+        for got, want in zip(grads, ones, strict=True):
+            torch.testing.assert_close(got, scale * want)

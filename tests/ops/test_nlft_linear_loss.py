@@ -51,9 +51,9 @@ DECISION_MARGIN = 0.25
 CPU_KERNEL = "cpp" if "cpp" in REQUIRED_BACKENDS or unavailable("cpp", CPU) is None else "torch"
 # (rows per chunk, cluster criterion, backend) against make_linear_case's 4 samples x 20 rows:
 # 7 splits every sample (and 80 rows end in a partial chunk), 45 holds two whole samples.
-# Chunks of whole samples get their final gradient at once; with split samples the rows the
-# second stage changes are fixed up afterwards. The Triton row pass and cluster walk
-# (interpreted here) run in test_triton_backend.
+# Chunks of whole samples get their final gradient at once; a split sample is read once for its
+# statistics, then goes through the whole pass with its second stage's factors in its scale.
+# The Triton row pass and cluster walk (interpreted here) run in test_triton_backend.
 CHUNKINGS = [
     (7, "distance", "torch"),
     (45, "distance", CPU_KERNEL),
@@ -194,33 +194,27 @@ def assert_close(loss, grads, ref_loss, ref_grads, dtype) -> None:
         torch.testing.assert_close(grad.double(), ref, rtol=grad_rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def count_fixes(monkeypatch) -> list[int]:
-    """Patch the fix-up of rows changed after their gradient was folded in; returns a list that
-    gets one entry (the number of rows) per call."""
-    calls, fix_rows = [], linear_module._fix_rows
-
-    def counted(*args):
-        calls.append(args[-2].numel())
-        return fix_rows(*args)
-
-    monkeypatch.setattr(linear_module, "_fix_rows", counted)
-    return calls
+def splits_samples(case: LinearCase, chunk_size: int) -> bool:
+    """Whether the driver's schedule has a sample longer than a chunk (its statistics pass, then
+    the pass with its factors folded in), from the [B, T] layout as the driver plans it."""
+    steps = case.labels.shape[1]
+    sample_ids = torch.arange(case.labels.numel()) // steps
+    return any(stop - start > chunk_size for start, stop in sample_groups(sample_ids, chunk_size, steps))
 
 
 @pytest.mark.parametrize("chunk_size,criterion,backend", CHUNKINGS, ids=["-".join(map(str, c)) for c in CHUNKINGS])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("form", ["logits", "logprobs"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend, monkeypatch):
+def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend):
     case = make_linear_case(dtype, seed=LINEAR_DTYPES.index(dtype) * 4 + 2 * (form == "logits") + bias, bias=bias)
     config = NLFTConfig(cluster_criterion=criterion)
     standard, judge = teacher(case, case.standard, form), teacher(case, case.judge, form)
     ref_loss, ref_grads, ref_details = oracle(case, standard, judge, config=config)
     assert_exercised(ref_details, case.correct, clusters=criterion != "off")
-    fixes = count_fixes(monkeypatch)
+    assert splits_samples(case, chunk_size) == (chunk_size < case.labels.shape[1])
     loss, grads, details = fused(case, standard, judge, chunk_size=chunk_size, backend=backend, config=config)
     assert_close(loss, grads, ref_loss, ref_grads, dtype)
-    assert bool(fixes) == (chunk_size < case.labels.shape[1])
     for name in ("saliency", "unlikelihood", "cluster", "killed"):
         assert torch.equal(getattr(details, name), ref_details[name]), name
 
