@@ -146,11 +146,19 @@ def lse_sweep(
 
 @triton.jit
 def grad_sweep(
-    x_row, grad_row, V, valid, lse, label, coef, BLOCK_V: tl.constexpr, ACC: tl.constexpr, POLICY: tl.constexpr
+    x_row, grad_row, V, valid, lse, label, coef, LOGITS_TILE: tl.constexpr, ACC: tl.constexpr, POLICY: tl.constexpr
 ):
     """grad_row[:V] = coef * (softmax(x_row) - onehot(label)) with the row's ``lse``: reads the
     row only where ``valid`` (else it writes zeros: coef is 0 there), full tiles without masks
-    on the store, the last partial tile masked; loads and stores carry ``POLICY``."""
+    on the store, the last partial tile masked; loads and stores carry ``POLICY``.
+
+    The tile is the first sweep's ``LOGITS_TILE`` narrowed where the gradient is wider than the
+    logits (float16 logits, float32 gradient: half), so that a thread stores one 16-byte vector
+    of the tile it loaded: with more, Triton loads more per thread than it may store and
+    converts between the two through shared memory, with barriers, on every tile."""
+    BLOCK_V: tl.constexpr = (
+        LOGITS_TILE * x_row.dtype.element_ty.primitive_bitwidth // grad_row.dtype.element_ty.primitive_bitwidth
+    )
     lanes = tl.arange(0, BLOCK_V)
     lse2 = lse * LOG2E
     # Masks as comparisons of the lanes with a multiple of the vector width: one predicate per
