@@ -95,6 +95,14 @@ def _nlft_fwd_kernel(
     KEEP: tl.constexpr = "evict_last" if EVICT else ""
     STREAM: tl.constexpr = "evict_first" if EVICT else ""
 
+    # The row's scalars, read before the sweep: one register each across it instead of a
+    # pointer (two), and their latency hidden behind it.
+    scale = tl.load(scale_ptr + row).to(ACC)
+    if STD != 1:
+        lp_s = tl.where(valid, tl.load(std_ptr + row, mask=valid, other=0.0).to(ACC), 0.0)
+    if JUDGE == 2:
+        lp_j = tl.where(use_judge, tl.load(judge_ptr + row, mask=use_judge, other=0.0).to(ACC), 0.0)
+
     # First sweep: per-lane running (max, sum) of each logits view (ops/tl_utils.py).
     m_b = tl.full([BLOCK_V], LSE_START, ACC)
     s_b = tl.zeros([BLOCK_V], ACC)
@@ -129,13 +137,9 @@ def _nlft_fwd_kernel(
     lp_b = tl.where(valid, x_label - lse_b, 0.0)
     if STD == 1:
         lp_s = view_logprob(std_ptr, std_off, m_s, s_s, label, valid, in_range, ACC)
-    else:
-        lp_s = tl.where(valid, tl.load(std_ptr + row, mask=valid, other=0.0).to(ACC), 0.0)
     if JUDGE == 1:
         lp_j = view_logprob(judge_ptr, judge_off, m_j, s_j, label, use_judge, in_range, ACC)
-    elif JUDGE == 2:
-        lp_j = tl.where(use_judge, tl.load(judge_ptr + row, mask=use_judge, other=0.0).to(ACC), 0.0)
-    else:
+    elif JUDGE == 0:
         lp_j = tl.zeros([], ACC)
 
     # The row rule (ops/row_rule.py, csrc/row_rule.h).
@@ -157,7 +161,7 @@ def _nlft_fwd_kernel(
     )
     coef_wrong = tl.where(saliency_wrong, coef_unlikely, tl.sqrt(p_s))
     coef = tl.where(wrong, coef_wrong, w_correct + nll_weight)
-    coef = tl.where(valid, coef * tl.load(scale_ptr + row).to(ACC), 0.0)
+    coef = tl.where(valid, coef * scale, 0.0)
     # A label outside [0, V): a NaN gradient row even where the teachers are log-probs, and no
     # saliency (as decide_row in csrc/row_rule.h).
     coef = tl.where(valid & ~in_range, float("nan"), coef)
