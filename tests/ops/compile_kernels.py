@@ -240,8 +240,8 @@ def bar_sync_count(instructions: list[Instruction]) -> int:
 
 def loop_profile(instructions: list[Instruction]) -> list[dict]:
     """Every loop of the SASS (a branch back to a lower address: the loop runs from the target
-    to the branch), outermost first: instructions, BAR.SYNC, SHFL, MUFU (exp/log), global loads
-    and stores in its body. Read by ``--profile``; a view of the code, not a measurement."""
+    to the branch), outermost first: instructions, BAR.SYNC, SHFL, MUFU (exp/log), local-memory
+    accesses (spills), global loads and stores in its body. Read by ``--profile``; a view of the code, not a measurement."""
     loops = []
     for branch in instructions:
         target = re.fullmatch(r"(?:`\()?0x([0-9a-f]+)\)?`?", branch.operands.strip())
@@ -256,6 +256,7 @@ def loop_profile(instructions: list[Instruction]) -> list[dict]:
                     "bar_sync": bar_sync_count(body),
                     "shfl": sum(i.opcode.startswith("SHFL") for i in body),
                     "mufu": sum(i.opcode.startswith("MUFU") for i in body),
+                    "local": sum(i.opcode.startswith(("STL", "LDL")) for i in body),
                     "loads": sorted(i.opcode for i in body if i.opcode.startswith("LDG")),
                     "stores": sorted(i.opcode for i in body if i.opcode.startswith("STG")),
                 }
@@ -265,8 +266,9 @@ def loop_profile(instructions: list[Instruction]) -> list[dict]:
 
 def resources(compiled, ptxas_log: str, target: GPUTarget, workdir: Path) -> dict:
     """Registers, stack and local memory of the cubin (cuobjdump), spill bytes (the ptxas log),
-    the shared memory the launch asks for, the registers of the launched block and the static
-    count of block-wide barriers in the SASS (``bar_sync_count``)."""
+    the shared memory the launch asks for, the registers of the launched block, the static
+    count of block-wide barriers in the SASS (``bar_sync_count``) and its local-memory accesses
+    (spills) inside loops."""
     cubin = workdir / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     usage = subprocess.run(
@@ -277,6 +279,7 @@ def resources(compiled, ptxas_log: str, target: GPUTarget, workdir: Path) -> dic
     assert spills, f"no spill line in the ptxas log of {compiled.metadata.name}: {ptxas_log[-500:]}"
     threads = compiled.metadata.num_warps * 32
     registers = int(fields["REG"])
+    instructions = sass(cubin)
     return {
         "arch": f"sm_{target.arch}",
         "registers": registers,
@@ -287,14 +290,16 @@ def resources(compiled, ptxas_log: str, target: GPUTarget, workdir: Path) -> dic
         "local_bytes": int(fields["LOCAL"]),
         "spill_store_bytes": int(spills.group(1)),
         "spill_load_bytes": int(spills.group(2)),
-        "bar_sync": bar_sync_count(sass(cubin)),
+        "bar_sync": bar_sync_count(instructions),
+        "local_accesses_in_loops": sum(loop["local"] for loop in loop_profile(instructions)),
     }
 
 
 # float64 (the gradcheck dtype) divides in IEEE double precision, whose slow path ptxas emits as a
-# subroutine: a call frame of 8 bytes and one register saved across the call (4 bytes stored once
-# per program and loaded once), seen on sm_80 in the no-gradient three-view kernel whatever the
-# warps. That is not register pressure; any other spill, and any spill of a 16/32-bit variant, is.
+# subroutine (CALL): a frame of 8 bytes and up to 8 bytes of registers saved across the calls,
+# stored once per program before the sweeps and loaded once after (none in a loop: checked),
+# seen with Triton 3.8 in the gradient kernels whose standard view is given as log-probs. That is
+# not register pressure; any other spill, and any spill of a 16/32-bit variant, is.
 FP64_CALL_FRAME_BYTES = 8
 # Block-wide barriers (``bar_sync_count``) allowed in an sm_90 variant: each is a wait of every
 # warp on the slowest one. The row kernels keep their running statistics per thread and reduce
@@ -310,6 +315,7 @@ def check(row: dict) -> list[str]:
     call_frame = (
         "*fp64" in row["pointer_types"].values()
         and row["local_bytes"] == 0
+        and row["local_accesses_in_loops"] == 0
         and max(row["stack_bytes"], row["spill_store_bytes"], row["spill_load_bytes"]) <= FP64_CALL_FRAME_BYTES
     )
     if spills and not call_frame:
