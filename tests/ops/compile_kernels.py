@@ -241,7 +241,8 @@ def bar_sync_count(instructions: list[Instruction]) -> int:
 def loop_profile(instructions: list[Instruction]) -> list[dict]:
     """Every loop of the SASS (a branch back to a lower address: the loop runs from the target
     to the branch), outermost first: instructions, BAR.SYNC, SHFL, MUFU (exp/log), local-memory
-    accesses (spills), global loads and stores in its body. Read by ``--profile``; a view of the code, not a measurement."""
+    accesses (spills), global loads and stores in its body. Read by ``--profile``; a view of the
+    code, not a measurement."""
     loops = []
     for branch in instructions:
         target = re.fullmatch(r"(?:`\()?0x([0-9a-f]+)\)?`?", branch.operands.strip())
