@@ -284,41 +284,14 @@ def render_headline(results: Path = _util.RESULTS_DIR, where: Path = README.pare
 def aot_section(results: Path, where: Path = DOCS.parent) -> str:
     """What compiles for GPUs ahead of time, from the two resource reports (written by
     ``tests/ops/compile_kernels.py --write`` and ``benchmarks.cuda_resources``; CI checks both
-    are current): per kernel, its variants, registers per architecture, shared memory, spills."""
+    are current): per kernel, its variants, registers per architecture, block-wide barriers
+    (Triton: one table per Triton version of the report), shared memory, spills."""
     parts = []
     triton_path, cuda_path = results / "aot_triton_kernels.json", results / "aot_cuda_kernels.json"
     if triton_path.exists():
-        report = json.loads(triton_path.read_text())
-        rows = report["variants"]
-        lines = [
-            f"Triton {report['triton']}, {report['date']}: `{report['command']}`; JSON "
-            f"[{triton_path.name}]({_link(triton_path, where)}). Every variant the "
-            f"package launches at V = {', '.join(map(str, report['vocabularies']))} ({', '.join(report['dtypes'])}, "
-            "every view mode, with and without gradient, with the JIT's 16-byte specialisation).\n",
-            "| kernel | variants | registers sm_80 | registers sm_90 | max threads | max shared B "
-            "| spill bytes, 16/32-bit (float64) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for kernel in sorted({r["kernel"] for r in rows}):
-            mine = [r for r in rows if r["kernel"] == kernel]
-            regs = {a: [r["registers"] for r in mine if r["arch"] == a] for a in ("sm_80", "sm_90")}
-            spills = {
-                wide: max(
-                    (
-                        r["spill_store_bytes"] + r["spill_load_bytes"] + r["local_bytes"]
-                        for r in mine
-                        if ("*fp64" in r["pointer_types"].values()) == wide
-                    ),
-                    default=0,
-                )
-                for wide in (False, True)
-            }
-            lines.append(
-                f"| `{kernel}` | {len(mine) // 2} | {min(regs['sm_80'])}-{max(regs['sm_80'])} | "
-                f"{min(regs['sm_90'])}-{max(regs['sm_90'])} | {max(r['threads'] for r in mine)} | "
-                f"{max(r['shared_bytes'] for r in mine)} | {spills[False]} ({spills[True]}) |"
-            )
-        parts.append("\n".join(lines) + "\n")
+        sections = json.loads(triton_path.read_text())["triton_versions"]
+        for version, section in sections.items():
+            parts.append(triton_aot_table(version, section, triton_path, where))
     if cuda_path.exists():
         report = json.loads(cuda_path.read_text())
         lines = [
@@ -340,6 +313,50 @@ def aot_section(results: Path, where: Path = DOCS.parent) -> str:
     if not parts:
         return ""
     return "### Compiled for GPUs ahead of time, without a GPU\n\n" + "\n".join(parts)
+
+
+def _span(values: list[int]) -> str:
+    return f"{min(values)}-{max(values)}" if min(values) != max(values) else str(min(values))
+
+
+def triton_aot_table(version: str, section: dict, path: Path, where: Path = DOCS.parent) -> str:
+    """One Triton version's section of ``aot_triton_kernels.json`` as a table: per kernel, its
+    variants, registers and static BAR.SYNC count per architecture (ranges over the variants),
+    threads, shared memory and spill bytes (16/32-bit and float64 variants apart); links relative
+    to the directory ``where``."""
+    rows = section["variants"]
+    lines = [
+        f"Triton {version} (torch {section['torch']}), {section['date']}: `{section['command']}`; JSON "
+        f"[{path.name}]({_link(path, where)}). Every variant the package launches at "
+        f"V = {', '.join(map(str, section['vocabularies']))} ({', '.join(section['dtypes'])}, every view mode, "
+        "with and without gradient, with the JIT's 16-byte specialisation); BAR.SYNC: block-wide barriers in "
+        "the SASS, counted once per place in the code.\n",
+        "| kernel | variants | registers sm_80 | registers sm_90 | BAR.SYNC sm_80 | BAR.SYNC sm_90 | max threads "
+        "| max shared B | spill bytes, 16/32-bit (float64) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kernel in sorted({r["kernel"] for r in rows}):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        arch = {a: [r for r in mine if r["arch"] == a] for a in ("sm_80", "sm_90")}
+        spills = {
+            wide: max(
+                (
+                    r["spill_store_bytes"] + r["spill_load_bytes"] + r["local_bytes"]
+                    for r in mine
+                    if ("*fp64" in r["pointer_types"].values()) == wide
+                ),
+                default=0,
+            )
+            for wide in (False, True)
+        }
+        regs = {a: _span([r["registers"] for r in arch[a]]) for a in arch}
+        bars = {a: _span([r["bar_sync"] for r in arch[a]]) for a in arch}
+        lines.append(
+            f"| `{kernel}` | {len(mine) // 2} | {regs['sm_80']} | {regs['sm_90']} | {bars['sm_80']} | "
+            f"{bars['sm_90']} | {max(r['threads'] for r in mine)} | {max(r['shared_bytes'] for r in mine)} | "
+            f"{spills[False]} ({spills[True]}) |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _without_skipped(table: str) -> str:

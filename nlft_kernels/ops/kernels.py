@@ -27,7 +27,17 @@ from nlft_kernels.config import NLFTConfig
 from nlft_kernels.ops.contracts import RuleConstants, acc_dtype
 from nlft_kernels.ops.inputs import Views
 from nlft_kernels.ops.launch import launch_config, row_pass_buffers
-from nlft_kernels.ops.tl_utils import LSE_START, lse_tile, softmax_grad_tile, tl_acc, view_logprob
+from nlft_kernels.ops.tl_utils import (
+    LSE_START,
+    grad_sweep,
+    lse_sweep,
+    row_lse,
+    row_stats1,
+    row_stats2,
+    row_stats3,
+    tl_acc,
+    view_logprob,
+)
 
 
 @triton.jit
@@ -65,6 +75,7 @@ def _nlft_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     """One program per row (grid N = B*T).
 
@@ -87,36 +98,56 @@ def _nlft_fwd_kernel(
     base_off = b * base_sb + t * base_st
     std_off = b * std_sb + t * std_st
     judge_off = b * judge_sb + t * judge_st
-    # Ignored rows read nothing; correct rows never read the judge view.
+    # Ignored rows read nothing (a loop bound of 0); correct rows never read the judge view.
     limit = tl.where(valid, V, 0)
-    limit_judge = tl.where(use_judge, V, 0)
+    KEEP: tl.constexpr = "evict_last" if EVICT else ""
+    STREAM: tl.constexpr = "evict_first" if EVICT else ""
 
-    m_b = tl.full([], LSE_START, ACC)
-    s_b = tl.zeros([], ACC)
-    m_s = tl.full([], LSE_START, ACC)
-    s_s = tl.zeros([], ACC)
-    m_j = tl.full([], LSE_START, ACC)
-    s_j = tl.zeros([], ACC)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        m_b, s_b = lse_tile(base_ptr + base_off, cols, limit, m_b, s_b, ACC)
-        if STD == 1:
-            m_s, s_s = lse_tile(std_ptr + std_off, cols, limit, m_s, s_s, ACC)
+    # The row's scalars, read before the sweep: one register each across it instead of a
+    # pointer (two), and their latency hidden behind it.
+    scale = tl.load(scale_ptr + row).to(ACC)
+    if STD != 1:
+        lp_s = tl.where(valid, tl.load(std_ptr + row, mask=valid, other=0.0).to(ACC), 0.0)
+    if JUDGE == 2:
+        lp_j = tl.where(use_judge, tl.load(judge_ptr + row, mask=use_judge, other=0.0).to(ACC), 0.0)
+
+    # First sweep: per-lane running (max, sum) of each logits view (ops/tl_utils.py).
+    m_b = tl.full([BLOCK_V], LSE_START, ACC)
+    s_b = tl.zeros([BLOCK_V], ACC)
+    m_s, s_s, m_j, s_j = m_b, s_b, m_b, s_b
+    base, std, judge = base_ptr + base_off, std_ptr + std_off, judge_ptr + judge_off
+    if JUDGE == 1:
+        if use_judge:
+            m_b, s_b, m_s, s_s, m_j, s_j = lse_sweep(
+                base, std, judge, limit, m_b, s_b, m_s, s_s, m_j, s_j, STD == 1, True, BLOCK_V, ACC, KEEP, STREAM
+            )
+        else:
+            m_b, s_b, m_s, s_s, m_j, s_j = lse_sweep(
+                base, std, judge, limit, m_b, s_b, m_s, s_s, m_j, s_j, STD == 1, False, BLOCK_V, ACC, KEEP, STREAM
+            )
+    else:
+        m_b, s_b, m_s, s_s, m_j, s_j = lse_sweep(
+            base, std, judge, limit, m_b, s_b, m_s, s_s, m_j, s_j, STD == 1, False, BLOCK_V, ACC, KEEP, STREAM
+        )
+    # One cross-warp reduction per row for all the views' (max, sum).
+    if STD == 1:
         if JUDGE == 1:
-            m_j, s_j = lse_tile(judge_ptr + judge_off, cols, limit_judge, m_j, s_j, ACC)
+            m_b, s_b, m_s, s_s, m_j, s_j = row_stats3(m_b, s_b, m_s, s_s, m_j, s_j)
+        else:
+            m_b, s_b, m_s, s_s = row_stats2(m_b, s_b, m_s, s_s)
+    elif JUDGE == 1:
+        m_b, s_b, m_j, s_j = row_stats2(m_b, s_b, m_j, s_j)
+    else:
+        m_b, s_b = row_stats1(m_b, s_b)
 
-    lse_b = tl.where(valid, m_b + tl.log(tl.where(valid, s_b, 1.0)), 0.0)
+    lse_b = row_lse(m_b, s_b, valid)
     x_label = tl.load(base_ptr + base_off + label, mask=valid & in_range, other=float("nan")).to(ACC)
     lp_b = tl.where(valid, x_label - lse_b, 0.0)
     if STD == 1:
         lp_s = view_logprob(std_ptr, std_off, m_s, s_s, label, valid, in_range, ACC)
-    else:
-        lp_s = tl.where(valid, tl.load(std_ptr + row, mask=valid, other=0.0).to(ACC), 0.0)
     if JUDGE == 1:
         lp_j = view_logprob(judge_ptr, judge_off, m_j, s_j, label, use_judge, in_range, ACC)
-    elif JUDGE == 2:
-        lp_j = tl.where(use_judge, tl.load(judge_ptr + row, mask=use_judge, other=0.0).to(ACC), 0.0)
-    else:
+    elif JUDGE == 0:
         lp_j = tl.zeros([], ACC)
 
     # The row rule (ops/row_rule.py, csrc/row_rule.h).
@@ -138,7 +169,7 @@ def _nlft_fwd_kernel(
     )
     coef_wrong = tl.where(saliency_wrong, coef_unlikely, tl.sqrt(p_s))
     coef = tl.where(wrong, coef_wrong, w_correct + nll_weight)
-    coef = tl.where(valid, coef * tl.load(scale_ptr + row).to(ACC), 0.0)
+    coef = tl.where(valid, coef * scale, 0.0)
     # A label outside [0, V): a NaN gradient row even where the teachers are log-probs, and no
     # saliency (as decide_row in csrc/row_rule.h).
     coef = tl.where(valid & ~in_range, float("nan"), coef)
@@ -150,11 +181,8 @@ def _nlft_fwd_kernel(
     tl.store(saliency_ptr + row, saliency.to(tl.int8))
 
     if COMPUTE_GRAD:
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x_b = tl.load(base_ptr + base_off + cols, mask=cols < limit, other=0.0).to(ACC)
-            g = softmax_grad_tile(x_b, cols, lse_b, label, coef)
-            tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        # Second sweep: the base row again (in L2 where its first-sweep reads were kept there).
+        grad_sweep(base, grad_ptr + row * V, V, valid, lse_b, label, coef, BLOCK_V, ACC, STREAM)
 
 
 @triton.jit
@@ -185,6 +213,7 @@ def _token_logprobs_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     """One program per row (grid N = B*T): lp[row] = x[row, label] - lse(x[row]), lse saved.
 
@@ -195,17 +224,21 @@ def _token_logprobs_kernel(
     base = (row // T) * stride_b + (row % T) * stride_t
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    limit = tl.where(valid, V, 0)  # ignored rows read nothing
-    m = tl.full([], LSE_START, ACC)
-    s = tl.zeros([], ACC)
-    for start in range(0, V, BLOCK_V):
-        m, s = lse_tile(x_ptr + base, start + tl.arange(0, BLOCK_V), limit, m, s, ACC)
-    lse = m + tl.log(tl.where(valid, s, 1.0))
+    limit = tl.where(valid, V, 0)  # ignored rows read nothing: a loop bound of 0
+    STREAM: tl.constexpr = "evict_first" if EVICT else ""
+    m = tl.full([BLOCK_V], LSE_START, ACC)
+    s = tl.zeros([BLOCK_V], ACC)
+    x_row = x_ptr + base
+    m, s, _, _, _, _ = lse_sweep(
+        x_row, x_row, x_row, limit, m, s, m, s, m, s, False, False, BLOCK_V, ACC, STREAM, STREAM
+    )
+    m, s = row_stats1(m, s)
+    lse = row_lse(m, s, valid)
     # With validate=False nobody checked the label: NaN rather than a read outside the row.
     in_range = (label >= 0) & (label < V)
     x_label = tl.load(x_ptr + base + label, mask=valid & in_range, other=float("nan")).to(ACC)
     tl.store(lp_ptr + row, tl.where(valid, x_label - lse, 0.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    tl.store(lse_ptr + row, lse)
 
 
 @triton.jit
@@ -222,6 +255,7 @@ def _token_logprobs_bwd_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     """One program per row: grad[row] = g[row] * (onehot(label) - softmax(x[row])).
 
@@ -234,12 +268,9 @@ def _token_logprobs_bwd_kernel(
     valid = label != ignore_index
     lse = tl.load(lse_ptr + row)
     coef = tl.where(valid, -tl.load(g_ptr + row).to(ACC), 0.0)
-    limit = tl.where(valid & (coef != 0.0), V, 0)  # rows whose gradient is 0 are written unread
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(x_ptr + base + cols, mask=cols < limit, other=0.0).to(ACC)
-        g = softmax_grad_tile(x, cols, lse, label, coef)
-        tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+    STREAM: tl.constexpr = "evict_first" if EVICT else ""
+    # Rows whose gradient is 0 (ignored, or g = 0) are written as zeros unread.
+    grad_sweep(x_ptr + base, grad_ptr + row * V, V, valid & (coef != 0.0), lse, label, coef, BLOCK_V, ACC, STREAM)
 
 
 @triton.jit
@@ -257,6 +288,7 @@ def _token_logprobs_grad_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     """One program per row (grid N = B*T): ``_token_logprobs_kernel``'s lp and lse, and in a second
     sweep of the same program grad[row] = coef[row] * (softmax(x[row]) - onehot(label)): the
@@ -272,23 +304,22 @@ def _token_logprobs_grad_kernel(
     base = (row // T) * stride_b + (row % T) * stride_t
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    limit = tl.where(valid, V, 0)
-    m = tl.full([], LSE_START, ACC)
-    s = tl.zeros([], ACC)
-    for start in range(0, V, BLOCK_V):
-        m, s = lse_tile(x_ptr + base, start + tl.arange(0, BLOCK_V), limit, m, s, ACC)
-    lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)  # finite on ignored rows
+    limit = tl.where(valid, V, 0)  # ignored rows read nothing: a loop bound of 0
+    # The first sweep keeps the row in L2 for the second (evict_last), which streams it out.
+    KEEP: tl.constexpr = "evict_last" if EVICT else ""
+    STREAM: tl.constexpr = "evict_first" if EVICT else ""
+    m = tl.full([BLOCK_V], LSE_START, ACC)
+    s = tl.zeros([BLOCK_V], ACC)
+    x_row = x_ptr + base
+    m, s, _, _, _, _ = lse_sweep(x_row, x_row, x_row, limit, m, s, m, s, m, s, False, False, BLOCK_V, ACC, KEEP, KEEP)
+    m, s = row_stats1(m, s)
+    lse = row_lse(m, s, valid)  # finite (0) on ignored rows
     in_range = (label >= 0) & (label < V)
     x_label = tl.load(x_ptr + base + label, mask=valid & in_range, other=float("nan")).to(ACC)
     tl.store(lp_ptr + row, tl.where(valid, x_label - lse, 0.0))
     tl.store(lse_ptr + row, lse)
     coef = tl.where(valid, tl.load(coef_ptr + row).to(ACC), 0.0)
-    grad_limit = tl.where(coef != 0.0, limit, 0)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(x_ptr + base + cols, mask=cols < grad_limit, other=0.0).to(ACC)
-        g = softmax_grad_tile(x, cols, lse, label, coef)
-        tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+    grad_sweep(x_row, grad_ptr + row * V, V, valid & (coef != 0.0), lse, label, coef, BLOCK_V, ACC, STREAM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +379,7 @@ def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, out: torch.Tensor | 
             COMPUTE_GRAD=compute_grad,
             BLOCK_V=launch.block_v,
             ACC=tl_acc(base.dtype),
+            EVICT=launch.evict,
             num_warps=launch.num_warps,
         )
     return stats, saliency.bool(), grad
@@ -377,6 +409,7 @@ def _launch_label_kernel(kernel, x: torch.Tensor, labels: torch.Tensor, buffers,
             ignore_index,
             BLOCK_V=launch.block_v,
             ACC=tl_acc(x.dtype),
+            EVICT=launch.evict,
             num_warps=launch.num_warps,
         )
 

@@ -4,11 +4,21 @@ The same functions feed the launches in ``ops/``, the tests and the ahead-of-tim
 (``tests/ops/compile_kernels.py``), so what is compiled and tested is what runs.
 
 A kernel family streams ``streams`` rows of length V at once (the base logits, plus the
-standard and judge logits when they are given as logits); each stream keeps one float32 (or
-float64) tile of ``BLOCK_V`` live. The tile is a power of two (``tl.arange`` requires it),
-chosen so that the live tiles of all streams fit a register budget per program, and no larger
-than the vocabulary. ``TUNED`` overrides the rule for measured shapes: it is filled from GPU
-measurements (``python -m benchmarks.gpu_suite``) and empty until a GPU has been lent.
+standard and judge logits when they are given as logits). Each thread owns, per stream, one
+16-byte vector of each ``BLOCK_V`` tile (8 bfloat16/float16, 4 float32 or 2 float64 entries: one
+128-bit load) and keeps a running (max, sum) per entry it owns (``ops/tl_utils.py``), so the
+registers a thread needs grow with the streams times the entries per thread, not with the tile;
+the tile is those entries times the threads (``NUM_WARPS`` warps), a power of two (``tl.arange``
+requires it), no larger than the vocabulary's power of two. ``TUNED`` overrides the rule for
+measured shapes: it is filled from GPU measurements (``python -m benchmarks.gpu_suite``) and
+empty until a GPU has been lent.
+
+Eviction hints (``LaunchConfig.evict``, on by default): the NLFT row pass reads the base row
+with ``evict_last`` in its first sweep, so that its second sweep (the gradient) can find it in L2,
+and the teacher rows, the second sweep and the gradient stores with ``evict_first``; the label
+log-prob kernels stream with ``evict_first``. Whether this pays (a base row of V=128256 bfloat16
+is 250 KiB: L2 holds the rows in flight only with about one row per SM) waits for a GPU
+measurement: the launch tuning of ``benchmarks.gpu_suite`` toggles it.
 """
 
 from __future__ import annotations
@@ -24,24 +34,22 @@ from nlft_kernels.ops.contracts import acc_dtype
 # of the per-sample fix-up (`_scale_rows_kernel`, 1 stream).
 FAMILIES = ("row_pass", "token_logprobs", "scale_rows")
 
-# Live elements per program across all streams: 16K for 16-bit inputs (converted to float32
-# tiles, half the bytes in flight), 8K for float32, 2K for float64 (two registers an element;
-# float64 is for gradcheck, not speed).
-_ELEMENT_BUDGET = {2: 16384, 4: 8192, 8: 2048}
-# Live tile elements per thread across the streams before the warps are raised: past it ptxas
-# spilled (three bf16/fp16 streams of 4096 at 8 warps: 48 live elements; three float64 streams
-# of 512 at 4 warps: 12, through a 4-byte spill in a libdevice call).
-_LIVE_PER_THREAD = {4: 32, 8: 8}
+# Bytes of one stream's tile that one thread loads and owns: one 128-bit vector.
+VECTOR_BYTES = 16
+# Warps of a program: 256 threads; with three streams of 16-bit logits (8 entries each) about
+# 80 registers a thread, so two or three programs (rows) per SM and 48 KiB or more in flight.
+NUM_WARPS = 8
 MIN_BLOCK_V = 128
 MAX_BLOCK_V = 16384
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """``BLOCK_V`` (a power of two) and ``num_warps`` of one launch."""
+    """``BLOCK_V`` (a power of two), ``num_warps`` and the eviction hints (``evict``) of one launch."""
 
     block_v: int
     num_warps: int
+    evict: bool = True
 
     def __post_init__(self) -> None:
         if self.block_v < 1 or self.block_v & (self.block_v - 1):
@@ -64,22 +72,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 TUNED: dict[tuple[str, int, int, str], LaunchConfig] = {}
 
 
-def _prev_power_of_2(x: int) -> int:
-    return 1 << (max(x, 1).bit_length() - 1)
-
-
 def heuristic_config(vocab: int, streams: int, dtype: torch.dtype) -> LaunchConfig:
-    """The rule: the largest power-of-two tile whose ``streams`` live tiles fit the budget,
-    at least ``MIN_BLOCK_V`` and at most the vocabulary's power of two; warps by tile size, raised
-    until each thread holds at most ``_LIVE_PER_THREAD`` live elements (the AOT compile checks
-    the result has no spills), at most 16."""
-    budget = _ELEMENT_BUDGET[dtype.itemsize]
-    per_stream = _prev_power_of_2(budget // max(streams, 1))
-    block = max(MIN_BLOCK_V, min(vocab_bucket(vocab), per_stream, MAX_BLOCK_V))
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    live = _LIVE_PER_THREAD[8 if dtype == torch.float64 else 4]
-    needed = vocab_bucket(-(-block * streams // (32 * live)))
-    return LaunchConfig(block, min(max(num_warps, needed), 16))
+    """The rule: ``NUM_WARPS`` warps, each thread owning one ``VECTOR_BYTES`` vector per stream
+    of a tile (a tile of 2048 16-bit, 1024 float32 or 512 float64 entries), whatever the number
+    of streams (each adds that vector's running statistics to a thread's registers; the AOT
+    compile checks there are no spills). Vocabularies below the tile get the tile of their power
+    of two (at least ``MIN_BLOCK_V``) and as many warps as it fills, at least one."""
+    per_thread = VECTOR_BYTES // dtype.itemsize
+    block = max(MIN_BLOCK_V, min(vocab_bucket(vocab), per_thread * 32 * NUM_WARPS, MAX_BLOCK_V))
+    return LaunchConfig(block, max(1, min(NUM_WARPS, block // (per_thread * 32))))
 
 
 def launch_config(family: str, vocab: int, streams: int, dtype: torch.dtype) -> LaunchConfig:

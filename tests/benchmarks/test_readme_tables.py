@@ -219,3 +219,34 @@ def test_headline_lines_link_their_results(tmp_path):
     for link in re.findall(r"\]\((\.\./benchmarks/results/[^)]+)\)", docs):
         assert (readme_tables.DOCS.parent / link).is_file(), link
     assert readme_tables.render_headline(tmp_path).startswith("\nEvery table"), "no result, no headline line"
+
+
+def test_aot_table_shows_each_triton_version_with_its_barriers():
+    """One table per Triton section of aot_triton_kernels.json, with registers and BAR.SYNC ranges
+    per architecture over a kernel's variants, and float64's spills apart."""
+
+    def row(arch: str, regs: int, bars: int, fp64: bool = False, spill: int = 0) -> dict:
+        return {
+            "kernel": "_k",
+            "arch": arch,
+            "registers": regs,
+            "bar_sync": bars,
+            "threads": 256,
+            "shared_bytes": 48,
+            "pointer_types": {"x_ptr": "*fp64" if fp64 else "*bf16"},
+            "spill_store_bytes": spill,
+            "spill_load_bytes": spill,
+            "local_bytes": 0,
+        }
+
+    variants = [row("sm_80", 40, 2), row("sm_90", 44, 2), row("sm_80", 90, 4, True, 4), row("sm_90", 96, 6, True)]
+    section = {"torch": "2.11.0", "date": "2026-01-01", "command": "cmd", "vocabularies": [7], "dtypes": ["x"]}
+    path = _util.RESULTS_DIR / "aot_triton_kernels.json"
+    table = readme_tables.triton_aot_table("3.6.0", section | {"variants": variants}, path)
+    assert table.startswith("Triton 3.6.0 (torch 2.11.0), 2026-01-01: `cmd`")
+    assert "| BAR.SYNC sm_80 | BAR.SYNC sm_90 |" in table
+    assert "| `_k` | 2 | 40-90 | 44-96 | 2-4 | 2-6 | 256 | 48 | 0 (8) |" in table
+    committed = json.loads(path.read_text())["triton_versions"]
+    rendered = readme_tables.aot_section(_util.RESULTS_DIR)
+    for version in committed:
+        assert f"Triton {version} (torch " in rendered

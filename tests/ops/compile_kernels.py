@@ -11,9 +11,18 @@ for CUDA, and the JIT's cache hook records the variant instead of launching it. 
 variant is then compiled to a cubin for sm_80 and sm_90, and its resources are read from the
 cubin (registers, stack, local memory) and from ptxas (spill bytes).
 
+Each SASS is also read for its static count of block-wide barriers (``bar_sync_count``): the
+row kernels reduce across warps once per row, and an sm_90 variant may have at most
+``MAX_BAR_SYNC_SM90``.
+
 Run as a script without TRITON_INTERPRET:
-  python -m tests.ops.compile_kernels                # compile, check 0 spills, print a summary
-  python -m tests.ops.compile_kernels --write FILE   # also write the resources as JSON
+  python -m tests.ops.compile_kernels                # compile, check, print a summary
+  python -m tests.ops.compile_kernels --write FILE   # also write the resources as FILE's section
+                                                     # of the installed Triton (others kept)
+  python -m tests.ops.compile_kernels --vocab 128256 --dtype bfloat16 --profile
+                                                     # a subset, with each sm_90 SASS loop's
+                                                     # instructions, barriers, shuffles, loads
+  python -m tests.ops.compile_kernels --list FILE    # only the launched variants, not compiled
 """
 
 from __future__ import annotations
@@ -119,8 +128,9 @@ def _plain(value):
     return value if isinstance(value, int | float | bool | str) else str(value)
 
 
-def record_launches() -> list[Variant]:
-    """Every distinct kernel variant that the package's public functions launch at ``VOCABS``."""
+def record_launches(vocabs=VOCABS, dtypes=DTYPES) -> list[Variant]:
+    """Every distinct kernel variant that the package's public functions launch at ``vocabs``
+    (and the vocabularies of ``TUNED``) in ``dtypes``."""
     seen: dict[Variant, None] = {}
 
     def hook(*, fn, compile, **_):
@@ -144,8 +154,8 @@ def record_launches() -> list[Variant]:
     try:
         # The measured entries of the launch table choose their own tiles: compile those too.
         tuned = {bucket for _, bucket, _, _ in launch_module.TUNED}
-        for vocab in sorted(set(VOCABS) | tuned):
-            for dtype in DTYPES:
+        for vocab in sorted(set(vocabs) | tuned):
+            for dtype in dtypes:
                 _launch_everything(vocab, dtype)
     finally:
         knobs.runtime.jit_cache_hook = None
@@ -154,7 +164,8 @@ def record_launches() -> list[Variant]:
 
 
 def _launch_everything(vocab: int, dtype: torch.dtype) -> None:
-    """Call each public entry point that launches a Triton kernel, as a user would."""
+    """Call each public entry point that launches a Triton kernel, as a user would: forward and
+    backward (float16's gradient is written in backward), in place and not."""
     g = torch.Generator().manual_seed(vocab)
     for batch, steps in SHAPES:
         base = torch.randn(batch, steps, vocab, generator=g).to(dtype)
@@ -165,15 +176,29 @@ def _launch_everything(vocab: int, dtype: torch.dtype) -> None:
                 for judge in (logits, logprobs, None):
                     correct = torch.tensor([judge is None or b % 2 == 0 for b in range(batch)])
                     x = base.clone().requires_grad_(grad)
-                    nlft_kernels.nlft_loss(
+                    loss = nlft_kernels.nlft_loss(
                         x, labels, correct, standard=std, judge=judge, backend="triton", validate=False
                     )
+                    if grad:
+                        loss.backward(torch.tensor(0.5))  # grad_output != 1: backward's scaling pass
+        leaf = base.clone().requires_grad_()
+        correct = torch.tensor([b % 2 == 0 for b in range(batch)])
+        nlft_kernels.nlft_loss(
+            leaf * 1, labels, correct, standard=logits, judge=logits, backend="triton", validate=False,
+            inplace_grad=True,
+        ).backward()  # fmt: skip
         x = base.clone().requires_grad_()
         lp = nlft_kernels.token_logprobs(x, labels, backend="triton", validate=False)
         lp.sum().backward()
+        weights = torch.rand(batch, steps, generator=g)
+        for inplace in (False, True):
+            leaf = base.clone().requires_grad_()
+            nlft_kernels.token_weighted_cross_entropy(
+                leaf * 1, labels, weights, backend="triton", validate=False, inplace_grad=inplace
+            ).backward()
     flat = torch.randn(4, vocab, generator=g).to(dtype)
-    factor = torch.full((4,), 0.5)
-    rescale_rows(flat, factor, torch.arange(2), "triton")
+    factor = torch.tensor([0.5, 1.0, 0.0, 2.0])
+    rescale_rows(flat, factor, "triton")
     if dtype != torch.float64:
         hidden = torch.randn(2, 3, 16, generator=g).to(dtype).requires_grad_()
         weight = torch.randn(vocab, 16, generator=g).to(dtype).requires_grad_()
@@ -182,7 +207,11 @@ def _launch_everything(vocab: int, dtype: torch.dtype) -> None:
         std = nlft_kernels.linear_token_logprobs(hidden.detach(), weight.detach(), labels, backend="triton")
         nlft_kernels.nlft_linear_loss(
             hidden, weight, labels, correct, standard=std, judge=std, backend="triton", validate=False
-        )
+        ).backward()
+        weights = torch.rand(2, 3, generator=g)
+        nlft_kernels.linear_token_weighted_cross_entropy(
+            hidden, weight, labels, weights, backend="triton", validate=False
+        ).backward()
 
 
 def compile_variant(variant: Variant, target: GPUTarget):
@@ -201,18 +230,76 @@ def compile_variant(variant: Variant, target: GPUTarget):
     return compiled, log.getvalue()
 
 
+CUDA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# One SASS instruction as ``cuobjdump -sass`` prints it: /*address*/ [@[!]predicate] OPCODE operands ;
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", re.M)
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str
+    operands: str
+
+
+def sass(cubin: Path) -> list[Instruction]:
+    """The kernel's SASS instructions, in address order (the cubin holds one kernel)."""
+    text = subprocess.run([CUDA_BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return [Instruction(int(a, 16), op, args.strip()) for a, op, args in _SASS_INSTRUCTION.findall(text)]
+
+
+def bar_sync_count(instructions: list[Instruction]) -> int:
+    """Static count of block-wide barriers: instructions whose opcode is ``BAR.SYNC`` with any
+    modifier (``BAR.SYNC``, ``BAR.SYNC.DEFER_BLOCKING``: what ``__syncthreads`` and Triton's
+    ``gpu.barrier`` become), predicated or not, once per place in the code (not per execution).
+    Not counted: ``BAR.ARV``/``BAR.RED`` (not emitted here), ``WARPSYNC`` and ``BSSY``/``BSYNC``
+    (convergence of one warp's divergent branches, no wait on other warps)."""
+    return sum(1 for i in instructions if i.opcode == "BAR.SYNC" or i.opcode.startswith("BAR.SYNC."))
+
+
+def loop_profile(instructions: list[Instruction]) -> list[dict]:
+    """Every loop of the SASS (a branch back to a lower address: the loop runs from the target
+    to the branch), outermost first: instructions, BAR.SYNC, SHFL, MUFU (exp/log), local-memory
+    accesses (spills), global loads and stores in its body. Read by ``--profile``; a view of the
+    code, not a measurement."""
+    loops = []
+    for branch in instructions:
+        target = re.fullmatch(r"(?:`\()?0x([0-9a-f]+)\)?`?", branch.operands.strip())
+        if branch.opcode.startswith("BRA") and target and int(target.group(1), 16) < branch.address:
+            start = int(target.group(1), 16)
+            body = [i for i in instructions if start <= i.address <= branch.address]
+            loops.append(
+                {
+                    "from": hex(start),
+                    "to": hex(branch.address),
+                    "instructions": len(body),
+                    "bar_sync": bar_sync_count(body),
+                    "shfl": sum(i.opcode.startswith("SHFL") for i in body),
+                    "mufu": sum(i.opcode.startswith("MUFU") for i in body),
+                    "local": sum(i.opcode.startswith(("STL", "LDL")) for i in body),
+                    "loads": sorted(i.opcode for i in body if i.opcode.startswith("LDG")),
+                    "stores": sorted(i.opcode for i in body if i.opcode.startswith("STG")),
+                }
+            )
+    return sorted(loops, key=lambda loop: (int(loop["from"], 16), -int(loop["to"], 16)))
+
+
 def resources(compiled, ptxas_log: str, target: GPUTarget, workdir: Path) -> dict:
     """Registers, stack and local memory of the cubin (cuobjdump), spill bytes (the ptxas log),
-    the shared memory the launch asks for and the registers of the launched block."""
+    the shared memory the launch asks for, the registers of the launched block, the static
+    count of block-wide barriers in the SASS (``bar_sync_count``) and its local-memory accesses
+    (spills) inside loops."""
     cubin = workdir / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run(
+        [CUDA_BIN / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True, check=True
+    ).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
     assert spills, f"no spill line in the ptxas log of {compiled.metadata.name}: {ptxas_log[-500:]}"
     threads = compiled.metadata.num_warps * 32
     registers = int(fields["REG"])
+    instructions = sass(cubin)
     return {
         "arch": f"sm_{target.arch}",
         "registers": registers,
@@ -223,14 +310,21 @@ def resources(compiled, ptxas_log: str, target: GPUTarget, workdir: Path) -> dic
         "local_bytes": int(fields["LOCAL"]),
         "spill_store_bytes": int(spills.group(1)),
         "spill_load_bytes": int(spills.group(2)),
+        "bar_sync": bar_sync_count(instructions),
+        "local_accesses_in_loops": sum(loop["local"] for loop in loop_profile(instructions)),
     }
 
 
 # float64 (the gradcheck dtype) divides in IEEE double precision, whose slow path ptxas emits as a
-# subroutine: a call frame of 8 bytes and one register saved across the call (4 bytes stored once
-# per program and loaded once), seen on sm_80 in the no-gradient three-view kernel whatever the
-# warps. That is not register pressure; any other spill, and any spill of a 16/32-bit variant, is.
+# subroutine (CALL): a frame of 8 bytes and up to 8 bytes of registers saved across the calls,
+# stored once per program before the sweeps and loaded once after (none in a loop: checked),
+# seen with Triton 3.8 in the gradient kernels whose standard view is given as log-probs. That is
+# not register pressure; any other spill, and any spill of a 16/32-bit variant, is.
 FP64_CALL_FRAME_BYTES = 8
+# Block-wide barriers (``bar_sync_count``) allowed in an sm_90 variant: each is a wait of every
+# warp on the slowest one. The row kernels keep their running statistics per thread and reduce
+# across warps once per row (issue 21).
+MAX_BAR_SYNC_SM90 = 8
 
 
 def check(row: dict) -> list[str]:
@@ -241,55 +335,120 @@ def check(row: dict) -> list[str]:
     call_frame = (
         "*fp64" in row["pointer_types"].values()
         and row["local_bytes"] == 0
+        and row["local_accesses_in_loops"] == 0
         and max(row["stack_bytes"], row["spill_store_bytes"], row["spill_load_bytes"]) <= FP64_CALL_FRAME_BYTES
     )
     if spills and not call_frame:
         problems.append("spills to local memory")
+    if row["arch"] == "sm_90" and row["bar_sync"] > MAX_BAR_SYNC_SM90:
+        problems.append(f"{row['bar_sync']} BAR.SYNC > {MAX_BAR_SYNC_SM90}")
     if row["registers_per_block"] > REGISTERS_PER_SM:
         problems.append(f"{row['registers']} registers x {row['threads']} threads > {REGISTERS_PER_SM}")
     return problems
 
 
-def compile_share(worker: int, workers: int) -> list[dict]:
-    """Resources of every ``workers``-th (variant, target) from ``worker`` on, in this process."""
-    jobs = [(v, t) for v in record_launches() for t in TARGETS][worker::workers]
+def compile_share(worker: int, workers: int, vocabs: tuple, dtypes: tuple, profile: bool = False) -> list[dict]:
+    """Resources of every ``workers``-th (variant, target) from ``worker`` on, in this process
+    (with ``profile``, each row also gets its SASS loops: ``loop_profile``)."""
+    jobs = [(v, t) for v in record_launches(vocabs, dtypes) for t in TARGETS][worker::workers]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant, target in jobs:
             compiled, log = compile_variant(variant, target)
             row = {**variant.describe(), **resources(compiled, log, target, Path(tmp))}
-            rows.append({**row, "problems": check(row)})
+            row["problems"] = check(row)
+            if profile:
+                row["loops"] = loop_profile(sass(Path(tmp) / "kernel.cubin"))
+            rows.append(row)
     return rows
+
+
+def section(rows: list[dict], command: str, vocabs, dtypes) -> dict:
+    """The report of one Triton version: what was compiled, with what, and every variant."""
+    return {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "vocabularies": sorted(vocabs),
+        "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+        "variants": rows,
+    }
+
+
+def write_section(path: Path, part: dict) -> None:
+    """Put ``part`` into the report at ``path`` as the section of its Triton version, keeping the
+    sections of other versions (each is written by a run under that version)."""
+    report = json.loads(path.read_text()) if path.exists() else {}
+    sections = report.get("triton_versions", {})
+    sections[part["triton"]] = part
+    report = {
+        "what": "every Triton kernel variant the package launches, compiled ahead of time by "
+        "tests/ops/compile_kernels.py for sm_80 and sm_90 with each Triton version below (one section each): "
+        "registers, spills, shared memory and the static BAR.SYNC count of the SASS",
+        "triton_versions": dict(sorted(sections.items(), key=lambda kv: _version(kv[0]), reverse=True)),
+    }
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", type=Path, help="write every variant's resources to this JSON file")
+    parser.add_argument("--write", type=Path, help="write the resources as this Triton's section of this JSON file")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
+    parser.add_argument("--vocab", type=int, action="append", help="only these vocabularies (default: VOCABS)")
+    parser.add_argument("--dtype", action="append", help="only these dtypes, e.g. bfloat16 (default: DTYPES)")
+    parser.add_argument("--profile", action="store_true", help="print each sm_90 variant's SASS loops")
+    parser.add_argument("--list", type=Path, help="only record the launched variants (per target) into this JSON")
     args = parser.parse_args(argv)
+    vocabs = tuple(args.vocab or VOCABS)
+    dtypes = tuple(getattr(torch, name) for name in args.dtype) if args.dtype else DTYPES
+    if args.list:
+        launched = [{**v.describe(), "arch": f"sm_{t.arch}"} for v in record_launches(vocabs, dtypes) for t in TARGETS]
+        args.list.write_text(json.dumps(launched, indent=1) + "\n")
+        print(f"recorded {len(launched)} launched variants x targets into {args.list}")
+        return 0
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        shares = pool.map(compile_share, range(args.jobs), [args.jobs] * args.jobs)
+        shares = pool.map(
+            compile_share,
+            range(args.jobs),
+            [args.jobs] * args.jobs,
+            [vocabs] * args.jobs,
+            [dtypes] * args.jobs,
+            [args.profile] * args.jobs,
+        )
         rows = [row for share in shares for row in share]
     rows.sort(key=lambda r: json.dumps(r, sort_keys=True))
     problems = [f"{r['kernel']} {r['arch']} {r['constexprs']}: {p}" for r in rows for p in r["problems"]]
     variants = len(rows) // len(TARGETS)
     kernels = sorted({row["kernel"] for row in rows})
-    print(f"compiled {len(rows)} kernel variants ({variants} launched x {len(TARGETS)} targets) of {kernels}")
-    print(f"max registers {max(r['registers'] for r in rows)}, max shared {max(r['shared_bytes'] for r in rows)} B")
+    print(
+        f"Triton {triton.__version__}: compiled {len(rows)} kernel variants "
+        f"({variants} launched x {len(TARGETS)} targets) of {kernels}"
+    )
+    print(
+        f"max registers {max(r['registers'] for r in rows)}, max shared {max(r['shared_bytes'] for r in rows)} B, "
+        f"max BAR.SYNC sm_90 {max(r['bar_sync'] for r in rows if r['arch'] == 'sm_90')}"
+    )
+    if args.profile:
+        for r in rows:
+            if r["arch"] == "sm_90":
+                print(json.dumps({k: r[k] for k in ("kernel", "constexprs", "num_warps", "registers", "bar_sync")}))
+                print("  divisible_by_16:", ",".join(r["divisible_by_16"]))
+                for loop in r.pop("loops"):
+                    print("  loop", json.dumps(loop))
     if args.write:
-        report = {
-            "what": "every Triton kernel variant the package launches at the vocabularies below, "
-            "compiled ahead of time by tests/ops/compile_kernels.py",
-            "command": "python -m tests.ops.compile_kernels --write " + str(args.write),
-            "date": datetime.date.today().isoformat(),
-            "triton": triton.__version__,
-            "torch": torch.__version__,
-            "vocabularies": list(VOCABS),
-            "dtypes": [str(d).removeprefix("torch.") for d in DTYPES],
-            "variants": rows,
-        }
-        args.write.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.write}")
+        command = "python -m tests.ops.compile_kernels --write " + str(args.write)
+        command += "".join(f" --vocab {v}" for v in args.vocab or ()) + "".join(
+            f" --dtype {d}" for d in args.dtype or ()
+        )
+        write_section(
+            args.write, section([{k: v for k, v in r.items() if k != "loops"} for r in rows], command, vocabs, dtypes)
+        )
+        print(f"wrote the Triton {triton.__version__} section of {args.write}")
     for problem in problems:
         print("PROBLEM:", problem)
     return 1 if problems else 0

@@ -1,6 +1,14 @@
-"""Every Triton kernel variant the package launches compiles for sm_80 and sm_90 without spills,
-and the committed resource report (benchmarks/results/aot_triton_kernels.json) is that of the
-code as it is: the same variants, and the same registers where the Triton version is the same."""
+"""Every Triton kernel variant the package launches compiles for sm_80 and sm_90 without spills and,
+on sm_90, with at most ``MAX_BAR_SYNC_SM90`` block-wide barriers; the committed resource report
+(benchmarks/results/aot_triton_kernels.json) holds one section per Triton version (the CI's and
+the lent GPU machines'), each of every launched variant, and is that of the code as it is.
+
+Compiling every variant takes long (about 690 launched x 2 targets), so CI compiles a
+representative subset with the installed Triton (``SUBSET``: the headline bfloat16 vocabulary,
+aligned, an unaligned one, and float64) and checks that its resources equal the committed ones;
+the committed sections are checked in full, and the set of launched variants (recorded without
+compiling) must be the committed one.
+"""
 
 import json
 import os
@@ -8,10 +16,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import triton
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "benchmarks" / "results" / "aot_triton_kernels.json"
+# The Triton versions the report must hold: CI's (what `pip install torch` brings) and the lent
+# GPU machines' (torch 2.11).
+REQUIRED_VERSIONS = ("3.8", "3.6")
+# Compiled in CI: (vocabularies, dtypes), each the cross product.
+SUBSET = (("128256", "50257"), ("bfloat16",)), (("32000",), ("float64",))
+KERNELS = {
+    "_nlft_fwd_kernel",
+    "_scale_rows_kernel",
+    "_token_logprobs_kernel",
+    "_token_logprobs_bwd_kernel",
+    "_token_logprobs_grad_kernel",
+    "_cluster_walk_kernel",
+}
+# Resources that must equal the committed ones where the Triton version is the same.
+COMPARED = ("registers", "shared_bytes", "bar_sync", "spill_store_bytes", "spill_load_bytes", "stack_bytes")
 
 
 def _key(row: dict) -> str:
@@ -19,45 +43,88 @@ def _key(row: dict) -> str:
     return json.dumps(identity, sort_keys=True)
 
 
-def test_launched_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
+def _compile_kernels(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    report = tmp_path / "aot.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.ops.compile_kernels", "--write", str(report)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    return subprocess.run(
+        [sys.executable, "-m", "tests.ops.compile_kernels", *args], cwd=ROOT, env=env, capture_output=True, text=True
     )
+
+
+def _sections() -> dict[str, dict]:
+    return json.loads(COMMITTED.read_text())["triton_versions"]
+
+
+def _installed_section() -> dict:
+    section = _sections().get(triton.__version__)
+    if section is None:
+        pytest.skip(f"the report has no section of the installed Triton {triton.__version__}")
+    return section
+
+
+def test_committed_report_of_every_version_meets_the_limits():
+    """Both required Triton versions, every vocabulary and dtype, no problem in any variant:
+    <= 8 BAR.SYNC on sm_90, one block within an SM's registers, 0 spills (compile_kernels.check)
+    but for float64's division call frame, named below."""
+    from tests.ops import compile_kernels
+
+    sections = _sections()
+    for wanted in REQUIRED_VERSIONS:
+        assert any(v == wanted or v.startswith(wanted + ".") for v in sections), f"no Triton {wanted} section"
+    for version, section in sections.items():
+        assert section["triton"] == version
+        assert section["vocabularies"] == sorted(compile_kernels.VOCABS)
+        assert section["dtypes"] == [str(d).removeprefix("torch.") for d in compile_kernels.DTYPES]
+        rows = section["variants"]
+        assert {r["arch"] for r in rows} == {"sm_80", "sm_90"} and {r["kernel"] for r in rows} == KERNELS
+        for row in rows:
+            assert row["problems"] == [] == compile_kernels.check(row), (version, row)
+            assert row["local_bytes"] == row["local_accesses_in_loops"] == 0, (version, row)
+            spilled = row["spill_store_bytes"] or row["spill_load_bytes"] or row["stack_bytes"]
+            if spilled:
+                # The one exception, named: float64 (the gradcheck dtype) divides in IEEE double
+                # precision, whose slow path ptxas emits as a subroutine; where ptxas keeps
+                # registers across those calls it saves them once per program (at most 8 bytes,
+                # stored before the sweeps, loaded once after) in the calls' 8-byte frame. Not
+                # register pressure: no local-memory access in any loop (asserted above).
+                assert "*fp64" in row["pointer_types"].values(), (version, row)
+                limit = compile_kernels.FP64_CALL_FRAME_BYTES
+                assert max(row["stack_bytes"], row["spill_store_bytes"], row["spill_load_bytes"]) <= limit, row
+            if row["arch"] == "sm_90":
+                assert row["bar_sync"] <= compile_kernels.MAX_BAR_SYNC_SM90, (version, row)
+
+
+def test_committed_report_lists_every_launched_variant(tmp_path):
+    """The variants the package launches now (recorded through the JIT, not compiled) are the
+    committed ones of the installed Triton: the JIT's specialisation is part of a variant (aligned
+    V=32000 and unaligned V=50257 rows give different ones)."""
+    section = _installed_section()
+    listed = tmp_path / "variants.json"
+    run = _compile_kernels("--list", str(listed))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    fresh = json.loads(report.read_text())
-    rows = fresh["variants"]
-    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
-    assert {r["kernel"] for r in rows} == {
-        "_nlft_fwd_kernel",
-        "_scale_rows_kernel",
-        "_token_logprobs_kernel",
-        "_token_logprobs_bwd_kernel",
-        "_cluster_walk_kernel",
-    }
-    # The JIT's specialisation is part of what is compiled: aligned (V=32000) and unaligned
-    # (V=50257) rows give different variants.
-    aligned = {("base_sb" in r["divisible_by_16"]) for r in rows if r["kernel"] == "_nlft_fwd_kernel"}
+    launched = json.loads(listed.read_text())
+    assert {_key(r) for r in section["variants"]} == {_key(r) for r in launched}, (
+        "the launched variants changed: regenerate with python -m tests.ops.compile_kernels --write "
+        f"{COMMITTED.relative_to(ROOT)} (under each Triton version of the report)"
+    )
+    aligned = {("base_sb" in r["divisible_by_16"]) for r in launched if r["kernel"] == "_nlft_fwd_kernel"}
     assert aligned == {True, False}
+
+
+@pytest.mark.parametrize("vocabs, dtypes", SUBSET, ids=lambda v: "+".join(v))
+def test_subset_compiles_as_committed(tmp_path, vocabs, dtypes):
+    """A subset compiled with the installed Triton for sm_80 and sm_90: no problem, and the
+    resources the committed section of this Triton states."""
+    section = _installed_section()
+    report = tmp_path / "aot.json"
+    args = [a for v in vocabs for a in ("--vocab", v)] + [a for d in dtypes for a in ("--dtype", d)]
+    run = _compile_kernels(*args, "--write", str(report))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = json.loads(report.read_text())["triton_versions"][triton.__version__]["variants"]
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    committed = {_key(r): r for r in section["variants"]}
     for row in rows:
         assert row["problems"] == [], row
-        assert row["registers"] * row["threads"] <= 65536, row
-        if "*fp64" not in row["pointer_types"].values():  # float64 may keep a call frame (compile_kernels)
-            assert row["spill_store_bytes"] == row["spill_load_bytes"] == row["local_bytes"] == 0, row
-            assert row["stack_bytes"] == 0, row
-
-    committed = json.loads(COMMITTED.read_text())
-    assert {_key(r) for r in committed["variants"]} == {_key(r) for r in rows}, (
-        "the launched variants changed: regenerate with python -m tests.ops.compile_kernels --write "
-        f"{COMMITTED.relative_to(ROOT)}"
-    )
-    if committed["triton"] == triton.__version__:
-        ours = {_key(r): (r["registers"], r["shared_bytes"]) for r in rows}
-        assert {_key(r): (r["registers"], r["shared_bytes"]) for r in committed["variants"]} == ours
+        assert _key(row) in committed, row
+        assert {k: row[k] for k in COMPARED} == {k: committed[_key(row)][k] for k in COMPARED}, row
