@@ -37,11 +37,11 @@ def test_a_training_arguments_with_help_on_every_field_it_adds_or_changes():
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ({"lora_r": 0}, "lora_r must be >= 1"),
+        ({"lora_r": 0}, "lora_r must be a whole number >= 1, got 0"),
         ({"lora_alpha": -1.0}, "lora_alpha must be a positive"),
         ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)"),
         ({"lora_targets": []}, "lora_targets must name at least one module"),
-        ({"max_length": 0}, "max_length must be >= 1"),
+        ({"max_length": 0}, "max_length must be a whole number >= 1, got 0"),
         ({"judge_nll_weight": float("nan")}, "judge_nll_weight must be a finite number >= 0"),
     ],
 )

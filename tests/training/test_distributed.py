@@ -128,6 +128,10 @@ def _sharded_worker(
         if rank == 0:
             torch.save(params, Path(out) / "sharded.pt")
         torch.save({"calls": calls, "loss": loss}, Path(out) / f"rank{rank}.pt")
+        # No rank leaves while the other still has collectives or FSDP's gathers in flight: a gloo
+        # peer that closes its connections mid-operation aborts the other process (SIGABRT, seen
+        # in CI on fsdp1-full).
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
