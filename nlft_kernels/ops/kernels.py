@@ -104,8 +104,12 @@ def _nlft_fwd_kernel(
     STREAM: tl.constexpr = "evict_first" if EVICT else ""
 
     # The row's scalars, read before the sweep: one register each across it instead of a
-    # pointer (two), and their latency hidden behind it.
-    scale = tl.load(scale_ptr + row).to(ACC)
+    # pointer (two), and their latency hidden behind it; with three logits views the sweep
+    # holds three views' statistics and the scale is read after it (ptxas spilled it across
+    # the sweep in float32 and float64 variants at 64 registers).
+    THREE_VIEWS: tl.constexpr = (STD == 1) and (JUDGE == 1)
+    if not THREE_VIEWS:
+        scale = tl.load(scale_ptr + row).to(ACC)
     if STD != 1:
         lp_s = tl.where(valid, tl.load(std_ptr + row, mask=valid, other=0.0).to(ACC), 0.0)
     if JUDGE == 2:
@@ -140,6 +144,8 @@ def _nlft_fwd_kernel(
     else:
         m_b, s_b = row_stats1(m_b, s_b)
 
+    if THREE_VIEWS:
+        scale = tl.load(scale_ptr + row).to(ACC)
     lse_b = row_lse(m_b, s_b, valid)
     x_label = tl.load(base_ptr + base_off + label, mask=valid & in_range, other=float("nan")).to(ACC)
     lp_b = tl.where(valid, x_label - lse_b, 0.0)
