@@ -174,12 +174,15 @@ def _nlft_fwd_kernel(
         one_minus >= unlikelihood_clamp, -w_unlikely * p_b / tl.maximum(one_minus, unlikelihood_clamp), 0.0
     )
     coef_wrong = tl.where(saliency_wrong, coef_unlikely, tl.sqrt(p_s))
-    coef = tl.where(wrong, coef_wrong, w_correct + nll_weight)
+    # ``use_judge`` (= valid & wrong) stands for ``wrong`` from here: the two differ only on
+    # ignored rows, whose coefficient and saliency are masked below, and ``wrong`` need not be
+    # kept across the sweep (ptxas put it in a stack slot in three-view variants).
+    coef = tl.where(use_judge, coef_wrong, w_correct + nll_weight)
     coef = tl.where(valid, coef * scale, 0.0)
     # A label outside [0, V): a NaN gradient row even where the teachers are log-probs, and no
     # saliency (as decide_row in csrc/row_rule.h).
     coef = tl.where(valid & ~in_range, float("nan"), coef)
-    saliency = tl.where(wrong, saliency_wrong, saliency_correct) & valid & in_range
+    saliency = tl.where(use_judge, saliency_wrong, saliency_correct) & valid & in_range
 
     tl.store(stats_ptr + row, lp_b)
     tl.store(stats_ptr + N + row, lp_s)
