@@ -13,7 +13,9 @@ The interpreter executes every ``tl.load`` / ``tl.store`` through one builder; w
 masked memory operations counts the bytes each actually touches (masked-off lanes excluded),
 attributed to the tensor whose memory they fall in. The hook takes the pointers and the mask
 by position (first and second of a load; first and third of a store), which Triton 3.x keeps
-across its versions while the trailing arguments change (3.8 added ``eviction_policy``).
+across its versions while the trailing arguments change (3.8 added ``eviction_policy``); the
+unmasked loads and stores of full tiles reach them too (the builder's ``create_load`` and
+``create_store`` call them with an all-true mask, in Triton 3.6 and 3.8).
 """
 
 from __future__ import annotations
