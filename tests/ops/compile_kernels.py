@@ -53,6 +53,14 @@ from triton.compiler import ASTSource  # noqa: E402
 import nlft_kernels  # noqa: E402
 import nlft_kernels.ops.launch as launch_module  # noqa: E402
 from nlft_kernels.ops.stages import rescale_rows  # noqa: E402
+from tests.ops.aot_limits import (  # noqa: E402, F401 - the limits and the variants' grid, named once
+    DTYPES,
+    FP64_CALL_FRAME_BYTES,
+    MAX_BAR_SYNC_SM90,
+    REGISTERS_PER_SM,
+    VOCABS,
+    check,
+)
 
 # The kernels above were decorated as compiled JIT functions (TRITON_INTERPRET unset at import).
 # The package only lets backend="triton" take CPU tensors when Triton interprets; from here on
@@ -60,11 +68,8 @@ from nlft_kernels.ops.stages import rescale_rows  # noqa: E402
 os.environ["TRITON_INTERPRET"] = "1"
 
 TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
-VOCABS = (32000, 50257, 128256, 151936, 256000)
-DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # (batch, steps): T unaligned, T aligned to 16, T = 1 (the JIT specialises sizes too).
 SHAPES = ((2, 3), (1, 16), (3, 1))
-REGISTERS_PER_SM = 65536
 
 
 class _NoDeviceDriver(DriverBase):
@@ -313,38 +318,6 @@ def resources(compiled, ptxas_log: str, target: GPUTarget, workdir: Path) -> dic
         "bar_sync": bar_sync_count(instructions),
         "local_accesses_in_loops": sum(loop["local"] for loop in loop_profile(instructions)),
     }
-
-
-# float64 (the gradcheck dtype) divides in IEEE double precision, whose slow path ptxas emits as a
-# subroutine (CALL): a frame of 8 bytes and up to 8 bytes of registers saved across the calls,
-# stored once per program before the sweeps and loaded once after (none in a loop: checked),
-# seen with Triton 3.8 in the gradient kernels whose standard view is given as log-probs. That is
-# not register pressure; any other spill, and any spill of a 16/32-bit variant, is.
-FP64_CALL_FRAME_BYTES = 8
-# Block-wide barriers (``bar_sync_count``) allowed in an sm_90 variant: each is a wait of every
-# warp on the slowest one. The row kernels keep their running statistics per thread and reduce
-# across warps once per row (issue 21).
-MAX_BAR_SYNC_SM90 = 8
-
-
-def check(row: dict) -> list[str]:
-    """What would make this variant fail or crawl on a GPU: spills, local memory, a block whose
-    registers exceed one SM's."""
-    problems = []
-    spills = row["spill_store_bytes"] or row["spill_load_bytes"] or row["local_bytes"] or row["stack_bytes"]
-    call_frame = (
-        "*fp64" in row["pointer_types"].values()
-        and row["local_bytes"] == 0
-        and row["local_accesses_in_loops"] == 0
-        and max(row["stack_bytes"], row["spill_store_bytes"], row["spill_load_bytes"]) <= FP64_CALL_FRAME_BYTES
-    )
-    if spills and not call_frame:
-        problems.append("spills to local memory")
-    if row["arch"] == "sm_90" and row["bar_sync"] > MAX_BAR_SYNC_SM90:
-        problems.append(f"{row['bar_sync']} BAR.SYNC > {MAX_BAR_SYNC_SM90}")
-    if row["registers_per_block"] > REGISTERS_PER_SM:
-        problems.append(f"{row['registers']} registers x {row['threads']} threads > {REGISTERS_PER_SM}")
-    return problems
 
 
 def compile_share(worker: int, workers: int, vocabs: tuple, dtypes: tuple, profile: bool = False) -> list[dict]:

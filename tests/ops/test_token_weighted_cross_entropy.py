@@ -21,6 +21,7 @@ from tests.conftest import (
     dtype_params,
     shape_params,
 )
+from tests.ops.test_nlft_linear_loss import linear_logits
 from tests.tolerances import LINEAR_GRAD_TOL, assert_grad_close, assert_loss_close
 
 BACKENDS = backend_params(gpu_too=True)
@@ -143,7 +144,8 @@ def test_compiles_fullgraph():
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] != "cuda"])
 def test_linear_form_matches_reference(backend, dtype, reduction):
     """From hidden states in chunks of 8 rows (several chunks, a partial last one): loss and the
-    gradients of hidden, weight and bias against float64 autograd on the reference."""
+    gradients of hidden, weight and bias against float64 autograd on the reference, whose logits
+    are ``F.linear``'s in the input dtype (the chunk driver's logits: ``linear_logits``)."""
     g = generator(seed_of("twce linear", backend, dtype, reduction))
     batch, steps, dim, vocab = 3, 7, 16, 300
     hidden = torch.randn(batch, steps, dim, generator=g).to(dtype)
@@ -157,7 +159,7 @@ def test_linear_form_matches_reference(backend, dtype, reduction):
     grad_out = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)
     grads = torch.autograd.grad(loss, leaves, grad_out)
     ref_leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
-    logits = ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2]
+    logits = linear_logits(ref_leaves, dtype)
     ref = token_weighted_cross_entropy_reference(logits, labels, weights, reduction=reduction)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
     assert_loss_close(loss, ref)

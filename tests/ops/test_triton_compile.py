@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import triton
 
+from tests.ops import aot_limits
+
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "benchmarks" / "results" / "aot_triton_kernels.json"
 # The Triton versions the report must hold: CI's (what `pip install torch` brings) and the lent
@@ -65,21 +67,19 @@ def _installed_section() -> dict:
 
 def test_committed_report_of_every_version_meets_the_limits():
     """Both required Triton versions, every vocabulary and dtype, no problem in any variant:
-    <= 8 BAR.SYNC on sm_90, one block within an SM's registers, 0 spills (compile_kernels.check)
+    <= 8 BAR.SYNC on sm_90, one block within an SM's registers, 0 spills (aot_limits.check)
     but for float64's division call frame, named below."""
-    from tests.ops import compile_kernels
-
     sections = _sections()
     for wanted in REQUIRED_VERSIONS:
         assert any(v == wanted or v.startswith(wanted + ".") for v in sections), f"no Triton {wanted} section"
     for version, section in sections.items():
         assert section["triton"] == version
-        assert section["vocabularies"] == sorted(compile_kernels.VOCABS)
-        assert section["dtypes"] == [str(d).removeprefix("torch.") for d in compile_kernels.DTYPES]
+        assert section["vocabularies"] == sorted(aot_limits.VOCABS)
+        assert section["dtypes"] == [str(d).removeprefix("torch.") for d in aot_limits.DTYPES]
         rows = section["variants"]
         assert {r["arch"] for r in rows} == {"sm_80", "sm_90"} and {r["kernel"] for r in rows} == KERNELS
         for row in rows:
-            assert row["problems"] == [] == compile_kernels.check(row), (version, row)
+            assert row["problems"] == [] == aot_limits.check(row), (version, row)
             assert row["local_bytes"] == row["local_accesses_in_loops"] == 0, (version, row)
             spilled = row["spill_store_bytes"] or row["spill_load_bytes"] or row["stack_bytes"]
             if spilled:
@@ -89,10 +89,10 @@ def test_committed_report_of_every_version_meets_the_limits():
                 # stored before the sweeps, loaded once after) in the calls' 8-byte frame. Not
                 # register pressure: no local-memory access in any loop (asserted above).
                 assert "*fp64" in row["pointer_types"].values(), (version, row)
-                limit = compile_kernels.FP64_CALL_FRAME_BYTES
+                limit = aot_limits.FP64_CALL_FRAME_BYTES
                 assert max(row["stack_bytes"], row["spill_store_bytes"], row["spill_load_bytes"]) <= limit, row
             if row["arch"] == "sm_90":
-                assert row["bar_sync"] <= compile_kernels.MAX_BAR_SYNC_SM90, (version, row)
+                assert row["bar_sync"] <= aot_limits.MAX_BAR_SYNC_SM90, (version, row)
 
 
 def test_committed_report_lists_every_launched_variant(tmp_path):
