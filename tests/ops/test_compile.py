@@ -127,7 +127,7 @@ def test_opcheck_nlft_linear_loss(reduction):
         hidden=hidden, weight=weight, bias=bias, standard=standard, standard_mode=int(ViewMode.LOGPROBS),
         judge=standard - 1, judge_mode=int(ViewMode.LOGPROBS), labels=labels,
         sample_ids=torch.arange(B).repeat_interleave(T), correct=x.correct, rule=rule, ignore_index=ignore,
-        criterion=criterion, reduction=reduction, backend="auto", validate=True, rows=8, clusters=True,
+        criterion=criterion, reduction=reduction, backend="auto", validate=True, rows=8, clusters=True, steps=T,
         want=[True, True, True],
     )  # fmt: skip
     torch.library.opcheck(nlft_linear_loss_op, tuple(args))
