@@ -114,6 +114,14 @@ def _nlft_fwd_kernel(
         lp_s = tl.where(valid, tl.load(std_ptr + row, mask=valid, other=0.0).to(ACC), 0.0)
     if JUDGE == 2:
         lp_j = tl.where(use_judge, tl.load(judge_ptr + row, mask=use_judge, other=0.0).to(ACC), 0.0)
+    # The label's logit of each logits view, also read before the sweep: no row pointer is
+    # needed after it (ptxas spilled the judge row's pointer across the two sweeps of the
+    # three-view variants at 80 registers on sm_80). NaN for a label outside [0, V).
+    x_b = tl.load(base_ptr + base_off + label, mask=valid & in_range, other=float("nan")).to(ACC)
+    if STD == 1:
+        x_s = tl.load(std_ptr + std_off + label, mask=valid & in_range, other=float("nan")).to(ACC)
+    if JUDGE == 1:
+        x_j = tl.load(judge_ptr + judge_off + label, mask=use_judge & in_range, other=float("nan")).to(ACC)
 
     # First sweep: per-lane running (max, sum) of each logits view (ops/tl_utils.py).
     m_b = tl.full([BLOCK_V], LSE_START, ACC)
@@ -147,12 +155,11 @@ def _nlft_fwd_kernel(
     if THREE_VIEWS:
         scale = tl.load(scale_ptr + row).to(ACC)
     lse_b = row_lse(m_b, s_b, valid)
-    x_label = tl.load(base_ptr + base_off + label, mask=valid & in_range, other=float("nan")).to(ACC)
-    lp_b = tl.where(valid, x_label - lse_b, 0.0)
+    lp_b = tl.where(valid, x_b - lse_b, 0.0)
     if STD == 1:
-        lp_s = view_logprob(std_ptr, std_off, m_s, s_s, label, valid, in_range, ACC)
+        lp_s = view_logprob(x_s, m_s, s_s, valid)
     if JUDGE == 1:
-        lp_j = view_logprob(judge_ptr, judge_off, m_j, s_j, label, use_judge, in_range, ACC)
+        lp_j = view_logprob(x_j, m_j, s_j, use_judge)
     elif JUDGE == 0:
         lp_j = tl.zeros([], ACC)
 

@@ -197,10 +197,9 @@ def softmax_grad_tile(x, lanes, start, lse2, label, coef, BLOCK_V: tl.constexpr)
 
 
 @triton.jit
-def view_logprob(ptr, offset, m, s, label, use, in_range, ACC: tl.constexpr):
-    """log p(label) of a streamed view from its row (max, sum); 0 where ``use`` is false,
-    NaN where the label is outside [0, V) (nothing outside the row is read)."""
-    x_label = tl.load(ptr + offset + label, mask=use & in_range, other=float("nan")).to(ACC)
+def view_logprob(x_label, m, s, use):
+    """log p(label) of a streamed view from its label's logit and its row's (max, sum); 0 where
+    ``use`` is false."""
     return tl.where(use, x_label - m - tl.log(tl.where(use, s, 1.0)), 0.0)
 
 
