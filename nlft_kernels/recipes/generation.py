@@ -35,15 +35,18 @@ def generate_responses(
     greedy: bool = True,
     temperature: float = 1.0,
     seed: int = 0,
-    instruction: str = GSM8K_INSTRUCTION,
+    instruction: str | None = GSM8K_INSTRUCTION,
     progress: bool = True,
     desc: str = "generate",
+    stop: Sequence[str] = (),
 ) -> list[str]:
     """One response per question, generated in batches of ``batch_size`` (left-padded prompts).
 
     Greedy by default; ``greedy=False`` samples at ``temperature`` from a generator seeded with
     ``seed``. Questions are batched by prompt length (less padding) and answers returned in the
-    order of ``questions``. Special tokens are removed from the text.
+    order of ``questions``. Special tokens are removed from the text. ``stop``: strings that end
+    a row's generation (e.g. ``"\n\n"`` for tasks read up to the first blank line; the text
+    keeps the stop string); ``instruction`` None: the templates' default system prompt.
     """
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
@@ -74,6 +77,7 @@ def generate_responses(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([_ProgressStep(bar)]),
+                **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
                 **sampling,
             )
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
