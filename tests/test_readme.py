@@ -1,4 +1,4 @@
-"""The README's Python examples run as written (on a tiny random Llama where they need a model)."""
+"""The Python examples of README.md and docs/ run as written (on a tiny random Llama where they need a model)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ import torch
 from nlft_kernels.training import NLFTCollator, encode_records, save_records
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
-def python_block(heading: str, index: int = 0) -> str:
-    """The ``index``-th ```python block of the README section that starts with ``heading``."""
-    text = README.read_text(encoding="utf-8")
-    start = text.index(f"\n{heading}\n")
-    end = text.find("\n## ", start + 1)
+def python_block(heading: str, index: int = 0, page: Path = README) -> str:
+    """The ``index``-th ```python block of the section of ``page`` that starts with ``heading``
+    (up to the next heading of the same level)."""
+    text = page.read_text(encoding="utf-8")
+    start = text.index(f"\n{heading}\n") if f"\n{heading}\n" in text else text.index(f"{heading}\n")
+    level = heading.split(" ", 1)[0]
+    end = text.find(f"\n{level} ", start + 1)
     blocks = re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.S)
     assert len(blocks) > index, f"no python block {index} under {heading!r}"
     return blocks[index]
@@ -42,7 +45,7 @@ def test_linear_loss_in_a_training_loop(tokenizer):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = model.lm_head.weight.detach().clone()
     namespace = {"model": model, "loader": [batch], "optimizer": optimizer}
-    exec(python_block("### Never materialise the logits: `nlft_linear_loss`", 1), namespace)
+    exec(python_block("## Never materialise the logits: `nlft_linear_loss`", 1, ROOT / "docs" / "api.md"), namespace)
     assert torch.isfinite(namespace["loss"])
     assert not torch.equal(model.lm_head.weight, before)  # the head trained through the fused loss
 
@@ -51,7 +54,7 @@ def test_train_on_your_data(tokenizer, tmp_path, monkeypatch):
     """The training example, with 2 steps instead of 100 to keep the suite fast."""
     monkeypatch.chdir(tmp_path)
     save_records("data.jsonl", tiny_records())
-    code = python_block("### Train with NLFT on your data")
+    code = python_block("# Train with NLFT on your data", page=ROOT / "docs" / "training.md")
     assert "steps=100" in code
     namespace = {"model": tiny_model(len(tokenizer)), "tokenizer": tokenizer}
     exec(code.replace("steps=100", "steps=2"), namespace)

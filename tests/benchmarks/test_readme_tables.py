@@ -1,4 +1,5 @@
-"""The README's benchmark tables are the ones generated from the committed results."""
+"""The benchmark tables of docs/benchmarks.md and README.md's headline figures are the ones generated from the
+committed results."""
 
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def test_summary_lines_show_the_spread():
 
 
 def _train_step_sections(readme: str) -> dict[str, list[str]]:
-    """The README's generated training-step sections: title -> their lines."""
+    """docs/benchmarks.md's generated training-step sections: title -> their lines."""
     generated = readme.split(readme_tables.START, 1)[1].split(readme_tables.END, 1)[0]
     sections = {}
     for part in generated.split("\n### ")[1:]:
@@ -138,14 +139,14 @@ def _train_step_sections(readme: str) -> dict[str, list[str]]:
 
 
 def test_readme_summary_lines_name_the_comparison_they_report():
-    """Every summary line of the README's training-step sections names its comparison (method,
+    """Every summary line of the docs' training-step sections names its comparison (method,
     method + kernels or kernels alone, in words), the two rows it sets against each other and what
     their costs include; the paper's figures appear in no such line and no table row."""
     from benchmarks.bench_train_step import LABEL_WORDS
 
-    readme = readme_tables.README.read_text(encoding="utf-8")
-    sections = _train_step_sections(readme)
-    assert sections, "the README has no training-step section"
+    docs = readme_tables.DOCS.read_text(encoding="utf-8")
+    sections = _train_step_sections(docs)
+    assert sections, "docs/benchmarks.md has no training-step section"
     pattern = re.compile(
         r"^- (?P<model>[\w.-]+), (?P<label>method|method \+ kernels|kernels alone) \((?P<words>[^)]*)\): "
         r"(?P<ours>\w+) against (?P<against>\w+), (?P<costs>.+?): "
@@ -162,3 +163,19 @@ def test_readme_summary_lines_name_the_comparison_they_report():
             if line.startswith("|"):
                 assert "78.27" not in line and "92.24" not in line, line
     assert found, "no summary line in the training-step sections"
+
+
+def test_headline_lines_link_their_results(tmp_path):
+    """README.md's headline figures: one line per headline result, each linking its JSON from the
+    README's folder, and the pointer to the full tables; links in docs/ go up one folder."""
+    readme = readme_tables.README.read_text(encoding="utf-8")
+    headline = readme.split(readme_tables.HEADLINE_START, 1)[1].split(readme_tables.HEADLINE_END, 1)[0]
+    links = re.findall(r"\[JSON\]\(([^)]+)\)", headline)
+    assert links, "README.md's headline names no result"
+    for link in links:
+        assert (readme_tables.README.parent / link).is_file(), link
+    assert "(docs/benchmarks.md)" in headline
+    docs = readme_tables.DOCS.read_text(encoding="utf-8")
+    for link in re.findall(r"\]\((\.\./benchmarks/results/[^)]+)\)", docs):
+        assert (readme_tables.DOCS.parent / link).is_file(), link
+    assert readme_tables.render_headline(tmp_path).startswith("\nEvery table"), "no result, no headline line"
