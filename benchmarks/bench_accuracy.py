@@ -74,7 +74,7 @@ class StudySettings:
     temperature: float = 0.7  # of the model's own samples
     epochs: int = 2
     batch_size: int = 4
-    lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     lr_size: int = 50  # the size (and first seed) the learning rate is chosen at
     lora_r: int = 16
     lora_alpha: int = 32
@@ -266,14 +266,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         }
 
     lr = choose_lr(study, settings, train_and_eval, validation)
-    for seed in settings.seeds:
-        for n in settings.n:
-            for arm in settings.arms:
-                key = run_key(arm, n, seed)
-                if key in runs:
-                    continue
-                runs[key] = train_and_eval(arm, n, seed, lr, test, key)
-                study.save()
+    # SFT and NLFT on every seed and size first: the comparison the study is for is complete
+    # before the extra arms (rejection sampling, references) start.
+    primary = [arm for arm in settings.arms if arm in ("sft", "nlft")]
+    for group in (primary, [arm for arm in settings.arms if arm not in primary]):
+        for seed in settings.seeds:
+            for n in settings.n:
+                for arm in group:
+                    key = run_key(arm, n, seed)
+                    if key not in runs:
+                        runs[key] = train_and_eval(arm, n, seed, lr, test, key)
+                        study.save()
 
     per_question = settings.samples_per_question
     payload["diagnostics_summary"] = {

@@ -65,6 +65,7 @@ def test_references_are_verified_by_the_judge(name):
     for p in task.problems("test", 60, SEED):
         response = task.reference_response(p)
         assert task.judge(p, response).correct, (p.question, response)
+        assert task.judge_row(task.prompt(p), response, p.solution).correct
         assert not find_step_errors(response)
         assert task.read(response + "\n\nQ: What is 1 + 1?\nA: 1 + 1 = 2.") == response
         if p.steps:  # the answer is the last step's value, each step computed from the one before
@@ -178,6 +179,10 @@ def test_sentiment_judge_reads_the_label_and_quotes_the_cues():
     assert "does not say" in task.judge(p, "I cannot tell.").judgment
     assert task.judge(p, f"It is {p.label}.").correct
     assert read_label("Positive words, but the answer is: negative") == "negative"
+    # On a row's texts (as `nlft judge` reads them) the verdict and judgment are the same.
+    assert task.judge_row(task.prompt(p), f"The answer is {other}.", p.solution) == verdict
+    with pytest.raises(ValueError, match="not a reference solution"):
+        task.judge_row("q", "r", "#### 5")
 
 
 def test_unknown_task_names_the_known_ones():

@@ -101,6 +101,7 @@ def generate(
         progress=progress,
         desc=desc,
         stop=STOP_STRINGS if task.stop_at_blank_line else (),
+        share_prefix=task.share_prefix,  # the worked examples: one KV cache per batch
     )
     return [task.read(t) for t in texts]
 

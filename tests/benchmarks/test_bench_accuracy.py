@@ -120,7 +120,7 @@ def tiny_model_dir(tmp_path_factory):
 def test_tiny_study_end_to_end_and_resume(tiny_model_dir, tmp_path):
     from nlft_kernels.recipes.tasks import get_task
 
-    out = tmp_path / "accuracy.json"
+    out = tmp_path / "accuracy_tiny.json"
     argv = ["--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(out), "--no-progress"]
     payload = ba.main(argv)
     s = ba.PRESETS["tiny"]
@@ -170,6 +170,12 @@ def test_tiny_study_end_to_end_and_resume(tiny_model_dir, tmp_path):
     md = out.with_suffix(".md").read_text()
     assert md.startswith("**Result:** n = 2: NLFT ") and "| SFT (same responses) |" in md and "6% rule" in md
     assert out.with_suffix(".png").stat().st_size > 1000
+    # docs/study.md's generated part: the command, the JSON, the plot and the table.
+    from benchmarks import readme_tables
+
+    section = readme_tables.render_study("study", tmp_path, tmp_path)
+    assert "[accuracy_tiny.json](accuracy_tiny.json)" in section and "![accuracy_tiny](accuracy_tiny.png)" in section
+    assert md.strip() in section and readme_tables.render_study("llm-judge", tmp_path, tmp_path) == "Not run yet."
 
     # A crash after some runs: --resume redoes only what is missing, the same seeds giving the same models.
     crashed = json.loads(out.read_text())

@@ -151,6 +151,9 @@ class Task:
     max_new_tokens: int = 32
     # Whether generation may stop at the first blank line (the reader drops the rest).
     stop_at_blank_line: bool = True
+    # Whether the prompts start with the same tokens (the worked examples): generation then runs
+    # them once per batch and shares their KV cache.
+    share_prefix: bool = True
     # Whether code can write this task's responses with chosen mistakes (the sibling solver).
     has_solver: bool = True
 
@@ -167,6 +170,14 @@ class Task:
 
     def judge(self, problem: Problem, response: str) -> Judgment:
         raise NotImplementedError
+
+    def judge_row(self, question: str, response: str, reference_solution: str) -> Judgment:
+        """The judge on a row's texts (``question``, ``response``, ``answer`` as ``nlft judge``
+        reads them; the question may carry the worked examples): a
+        :data:`~nlft_kernels.recipes.judge.JudgeFunction`. Arithmetic and GSM8K: the rule judge."""
+        from nlft_kernels.recipes.judge import judge_response
+
+        return judge_response(question, response, reference_solution)
 
     def reference_response(self, problem: Problem) -> str:
         """The reference solution as a response (SFT on references trains on it)."""

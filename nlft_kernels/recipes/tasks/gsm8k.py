@@ -29,6 +29,7 @@ class GSM8KTask(Task):
     description = "GSM8K (the paper's task; SmolLM2-135M is at ~1.5% on it)"
     max_new_tokens = 256
     stop_at_blank_line = False  # solutions run over several lines
+    share_prefix = False
     has_solver = False
 
     def __init__(self, rows: dict[str, list[dict]] | None = None):

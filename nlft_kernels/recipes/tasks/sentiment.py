@@ -23,6 +23,7 @@ ADJECTIVES = {
 _N, _A = len(NOUNS), 10
 _SPACE = 2 * _N * _A * _N * _A
 _LABEL_AFTER = re.compile(r"answer\s+is\s*:?\s*\W*(positive|negative)", re.IGNORECASE)
+_SOLUTION = re.compile(r"calls the (\w+) (\w+) and the (\w+) (\w+)\. The answer is (positive|negative)\.")
 _LABEL_ANYWHERE = re.compile(r"\b(positive|negative)\b", re.IGNORECASE)
 
 
@@ -81,6 +82,14 @@ class SentimentTask(Task):
                             f"The correct answer is {problem.label}.", SCORE_NO_ANSWER)  # fmt: skip
         sentence = f"The response says the review is {given}, but it is {problem.label}: {reasons}."
         return Judgment(False, f"{sentence} The correct answer is {problem.label}.", SCORE_WRONG_ANSWER)
+
+    def judge_row(self, question: str, response: str, reference_solution: str) -> Judgment:
+        """The judge on a row's texts: the label and cues read back from the reference solution."""
+        match = _SOLUTION.search(reference_solution)
+        if match is None:
+            raise ValueError(f"not a reference solution of this task: {reference_solution!r}")
+        noun1, adj1, noun2, adj2, label = match.groups()
+        return self.judge(_review((label, noun1, adj1, noun2, adj2)), response)
 
     def wrong_spans(self, problem: Problem, response: str) -> list[tuple[int, int]]:
         """The words of the wrong label in ``response``."""
