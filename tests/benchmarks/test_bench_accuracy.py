@@ -192,3 +192,28 @@ def test_tiny_study_end_to_end_and_resume(tiny_model_dir, tmp_path):
         assert resumed["runs"][key]["per_question"] == runs[key]["per_question"]
     with pytest.raises(SystemExit, match="other settings"):  # another design cannot resume this file
         ba.main([*argv, "--resume", "--n", "3"])
+
+
+def test_llm_judge_writes_the_judgment_and_keeps_the_rules_verdict():
+    from nlft_kernels.recipes.tasks import get_task
+    from tests._judge_server import StubServer, chat_reply
+
+    task = get_task("add2")
+    (p,) = task.problems("train", 1, SEED)
+    wrong = p.solution.replace(p.answer, str(int(p.answer) + 10))
+    replies = [json.dumps({"judgment": "The sum drops a carry.", "correct": False}), "no verdict at all"]
+
+    def handle(number: int, body: dict):
+        return 200, chat_reply(replies[min(number, 1)]), 0.0
+
+    with StubServer(handle) as server:
+        judge = ba.llm_judge(task, server.base_url, "stub")
+        assert judge(p, p.solution) == task.judge(p, p.solution)  # a right response: no request
+        assert not server.requests
+        first = judge(p, wrong)
+        assert (first.correct, first.judgment) == (False, "The sum drops a carry.")
+        question = server.requests[0]["body"]["messages"][-1]["content"]
+        assert p.question in question and "Q: What is 27 + 45?" not in question  # the question, not the shots
+        second = judge(p, wrong)  # an unreadable reply: the rule's judgment, counted
+        assert second == task.judge(p, wrong)
+    assert judge.counts == {"asked": 2, "llm_said_wrong": 1, "fallback_to_rule": 1}
