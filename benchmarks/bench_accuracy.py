@@ -473,10 +473,12 @@ def markdown_table(payload: dict) -> str:
     )
     lines = []
     summary = []
+    judge = "LLM-judged NLFT" if payload.get("judge") == "llm" else "NLFT"
     for c in payload.get("comparisons", []):
-        if c["comparison"] == "nlft - sft":
+        other = {"nlft - sft": "SFT", "nlft - nlft_rule": "rule-judged NLFT"}.get(c["comparison"])
+        if other:
             summary.append(
-                f"n = {c['n']}: NLFT {_pct(c['b_accuracy'])} vs SFT {_pct(c['a_accuracy'])}, "
+                f"n = {c['n']}: {judge} {_pct(c['b_accuracy'])} vs {other} {_pct(c['a_accuracy'])}, "
                 f"{_pts(c['difference'])} points (95% CI {_pts(c['ci95'][0])} to {_pts(c['ci95'][1])}; "
                 f"stratified McNemar p = {c['p']:.3f}, Holm {c['p_holm']:.3f})"
             )
