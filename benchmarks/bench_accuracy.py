@@ -278,19 +278,44 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                         runs[key] = train_and_eval(arm, n, seed, lr, test, key)
                         study.save()
 
-    per_question = settings.samples_per_question
-    payload["diagnostics_summary"] = {
-        str(n): summarize([r for s in settings.seeds for r in payload["diagnostics"][str(s)][: n * per_question]])
-        for n in settings.n
-    }
-    payload["comparisons"] = comparison_rows(runs, settings)
-    payload["complete"] = True
     payload["finished"] = now_iso()
+    return finish(study, settings)
+
+
+def finish(study: Study, settings: StudySettings) -> dict:
+    """The study's summaries from its runs (the diagnostics per size, pooled over seeds, and per
+    run; the comparisons), then the JSON, Markdown and PNG."""
+    from nlft_kernels.recipes.diagnostics import summarize
+
+    payload = study.payload
+    per_question = settings.samples_per_question
+    rows = {(n, s): payload["diagnostics"][str(s)][: n * per_question] for n in settings.n for s in settings.seeds}
+    payload["diagnostics_summary"] = {
+        str(n): summarize([r for s in settings.seeds for r in rows[(n, s)]]) for n in settings.n
+    }
+    payload["diagnostics_per_run"] = {f"n{n}_s{s}": summarize(rows[(n, s)]) for n, s in rows}
+    payload["comparisons"] = comparison_rows(payload["runs"], settings)
+    payload["complete"] = True
     study.save()
     write_markdown(payload, study.out.with_suffix(".md"))
     png = plot(payload, study.out.with_suffix(".png"))
     study.say(f"wrote {study.out}, {study.out.with_suffix('.md')}" + (f", {png}" if png else ""))
     return payload
+
+
+def report_only(args: argparse.Namespace, argv: list[str]) -> dict:
+    """``--report-only``: the summaries, Markdown and PNG of a study whose runs are all in ``--out``,
+    recomputed by this code (nothing is trained or evaluated; the JSON's command stays)."""
+    settings = resolve_settings(args)
+    args.resume = True
+    study = Study(args, settings, argv)
+    study.payload.pop("resumed_at", None)
+    study.payload.pop("resumed_command", None)
+    wanted = {run_key(arm, n, s) for arm in settings.arms for n in settings.n for s in settings.seeds}
+    missing = sorted(wanted - set(study.payload["runs"]))
+    if missing or "base" not in study.payload["runs"]:
+        sys.exit(f"--report-only: {study.out} lacks runs {missing or ['base']}; finish it with --resume")
+    return finish(study, settings)
 
 
 def resolve_settings(args: argparse.Namespace) -> StudySettings:
@@ -620,11 +645,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", help="JSON path (default: benchmarks/results/accuracy_<device>_<date>.json)")
     p.add_argument("--resume", action="store_true", help="continue the run recorded in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report-only", action="store_true", help="recompute the summaries and reports of --out's runs")
     args = p.parse_args(argv)
     for name in ("n", "seeds", "test_size", "epochs"):
         value = getattr(args, name)
         if value is not None and min(value if isinstance(value, list) else [value]) < (0 if name == "seeds" else 1):
             p.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'seeds' else 1}")
+    if args.report_only:
+        if not args.out:
+            p.error("--report-only needs --out")
+        return report_only(args, argv)
     return run(args, argv)
 
 
