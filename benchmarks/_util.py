@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import timeit
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,38 +100,68 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# How every benchmark times a call (the METHOD texts of the bench_* scripts quote it).
+TIMING = (
+    "CUDA: triton.testing.do_bench (CUDA events around each call, the L2 cache flushed before each; "
+    "--warmup/--reps counts converted to its milliseconds through a first short do_bench, so the number "
+    "of timed calls is about --reps and recorded as reps), the reset (dropping .grad, host only) inside "
+    "the call; CPU: one call per measurement through timeit, which torch.utils.benchmark.Timer wraps, "
+    "with torch.utils.benchmark's clock, the reset outside it"
+)
+# Calls of ``step`` that do_bench makes besides the requested warm-up and timed ones, in time_ms's two
+# do_bench calls (each: one first call, five to estimate; the first also one warm-up and one timed).
+DO_BENCH_EXTRA_CALLS = 2 * (1 + 5) + 2
+
+
 def time_ms(
     step: Callable[[], object], reset: Callable[[], None], device: torch.device, warmup: int, reps: int
 ) -> list[float]:
-    """Milliseconds of each of ``reps`` calls of ``step`` after ``warmup`` untimed ones.
-
-    ``reset`` runs before every call, outside the timed region (e.g. dropping ``.grad``).
-    CUDA: events around each call; CPU: ``time.perf_counter`` (the CPU ops are synchronous).
-    """
+    """Milliseconds of each timed call of ``step``, after ``warmup`` untimed ones; ``reset`` runs
+    before every call (e.g. dropping ``.grad``). See TIMING: ``triton.testing.do_bench`` on CUDA
+    (about ``reps`` timed calls), timeit with torch.utils.benchmark's clock on the CPU (exactly
+    ``reps``)."""
+    if device.type == "cuda":
+        return _do_bench_ms(step, reset, warmup, reps)
     for _ in range(warmup):
         reset()
         step()
-    synchronize(device)
     times = []
     for _ in range(reps):
         reset()
-        times.append(timed(step, device)[1])
+        times.append(_timeit_one(step) * 1e3)
     return times
 
 
+def _timeit_one(call: Callable[[], object]) -> float:
+    """Seconds of one call of ``call``: ``timeit`` with ``torch.utils.benchmark``'s clock (which
+    synchronises the GPU where there is one). ``torch.utils.benchmark.Timer.timeit(n)`` wraps the
+    same machinery but first makes max(n // 100, 2) untimed calls, which would triple the calls of a
+    one-call measurement."""
+    from torch.utils.benchmark.utils.timer import timer as clock
+
+    return timeit.Timer(call, timer=clock).timeit(number=1)
+
+
+def _do_bench_ms(step: Callable[[], object], reset: Callable[[], None], warmup: int, reps: int) -> list[float]:
+    """``triton.testing.do_bench``'s per-call times: it takes milliseconds of warm-up and of timed
+    calls, so a first do_bench with none of either (one call after its own estimate) gives the
+    time of one call, through which the counts become milliseconds."""
+    from triton.testing import do_bench
+
+    def call() -> None:
+        reset()
+        step()
+
+    one = do_bench(call, warmup=0, rep=0, return_mode="median")
+    return list(do_bench(call, warmup=warmup * one, rep=reps * one, return_mode="all"))
+
+
 def timed(step: Callable[[], object], device: torch.device) -> tuple[object, float]:
-    """(what ``step()`` returned, its milliseconds): CUDA events around the call on CUDA (the
-    call's queued work included), ``time.perf_counter`` on the CPU (its ops are synchronous)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = step()
-        end.record()
-        end.synchronize()
-        return out, start.elapsed_time(end)
-    t0 = time.perf_counter()
-    out = step()
-    return out, (time.perf_counter() - t0) * 1e3
+    """(what ``step()`` returned, its milliseconds) of one call, timed as ``_timeit_one`` does: the
+    clock synchronises the GPU before each reading, so the call's queued work is included."""
+    out: list[object] = []
+    seconds = _timeit_one(lambda: out.append(step()))
+    return out[0], seconds * 1e3
 
 
 def median(values: list[float]) -> float:
@@ -423,7 +454,7 @@ def measure(
     reps: int,
     peak_memory: bool = True,
 ) -> dict:
-    """The timing fields of one case (median, min, max of ``time_ms``) and, on CUDA with
+    """The timing fields of one case (median, min, max of ``time_ms``, and how many calls it timed) and, on CUDA with
     ``peak_memory``, its peak extra memory (``cuda_peak_extra``); leaves the gradients dropped."""
     times = time_ms(step, reset, device, warmup, reps)
     row = {"status": "ok", "note": "", "median_ms": median(times), "min_ms": min(times), "max_ms": max(times)}

@@ -339,13 +339,13 @@ def make_judge(args: argparse.Namespace, task):
 
 def llm_judge(task, base_url: str, model: str):
     """A judge whose verdict is the task's rule judge's and whose judgment text, for a wrong
-    response, an LLM writes (the paper's judge prompt, :class:`nlft_kernels.recipes.judges.OpenAIJudge`).
+    response, an LLM writes (the paper's judge prompt, :class:`nlft_kernels.recipes.llm_judge.OpenAIJudge`).
 
     The verdict stays the rule's so that the arms train on the same right and wrong records as
     the rule-judged study: only the text in the judge view differs. Where the LLM gives no
     usable judgment, the rule's is kept (and counted)."""
-    from nlft_kernels.recipes.judge import Judgment
-    from nlft_kernels.recipes.judges import JudgeError, OpenAIJudge
+    from nlft_kernels.recipes.judgment import JudgeError, Judgment
+    from nlft_kernels.recipes.llm_judge import OpenAIJudge
 
     llm = OpenAIJudge(base_url, model=model, temperature=0.0, response_format="json_object")
     counts = {"asked": 0, "llm_said_wrong": 0, "fallback_to_rule": 0}

@@ -21,6 +21,7 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -41,10 +42,10 @@ TARGET_RATIO = 1.5  # NLFT loss / one cross-entropy, forward+backward
 
 METHOD = {
     "timing": (
-        "forward+backward of one loss per call, .grad dropped before each call (outside the timed "
-        "region); median over --reps calls after --warmup untimed ones; CUDA: torch.cuda.Event; "
-        "CPU: time.perf_counter"
-    ),
+        "forward+backward of one loss per call, .grad dropped before each call; median over --reps "
+        "calls after --warmup untimed ones; "
+    )
+    + _util.TIMING,
     "cases": (
         "cpp / cuda / triton / torch: nlft_kernels.nlft_loss(base [N, V] with gradient, standard and "
         "judge [N, V] logits without, sample_ids) with that backend; cross_entropy: "
@@ -129,18 +130,22 @@ def run(args, argv: list[str]) -> dict:
     header = _util.payload_header(
         "bench_cpu_kernel", question, device, "benchmarks.bench_cpu_kernel", argv, settings, METHOD
     )
-    return header | {
-        "cpu_kernel": module.cpu_capability() if module is not None else None,
-        "backends": backends(),
-        # Other processes on a shared machine inflate CPU timings; the load average shows how much.
-        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
-        "copy_bandwidth_bytes_per_s": copy_bw,
-        "copy_bandwidth_buffer_bytes": copy_bytes,
-        "target": {"nlft_over_cross_entropy_at_most": TARGET_RATIO},
-        "cases": rows,
-        # Shapes the time budget left out (their cases are not in "cases").
-        "not_run": not_run,
-    }
+    return (
+        header
+        | {
+            "cpu_kernel": module.cpu_capability() if module is not None else None,
+            "backends": backends(),
+            # Other processes on a shared machine inflate CPU timings; the load average shows how much.
+            "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
+            "copy_bandwidth_bytes_per_s": copy_bw,
+            "copy_bandwidth_buffer_bytes": copy_bytes,
+            "target": {"nlft_over_cross_entropy_at_most": TARGET_RATIO},
+            "cases": rows,
+            # Shapes the time budget left out (their cases are not in "cases").
+            "not_run": not_run,
+        }
+        | ({"gpu_choice": propose_gpu_choice({"cases": rows})} if args.gpu else {})
+    )
 
 
 def markdown_table(payload: dict) -> str:
@@ -167,7 +172,79 @@ def markdown_table(payload: dict) -> str:
     if payload.get("not_run"):
         shapes = ", ".join(f"{s['n']}x{s['vocab']} {s['dtype']}" for s in payload["not_run"])
         lines += ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
+    if literal := payload.get("gpu_choice", {}).get("literal"):
+        lines += ["", f"Proposed ({GPU_CHOICE_RULE}), for nlft_kernels/backends.py:", "", "```python", literal, "```"]
     return "\n".join(lines)
+
+
+# --gpu proposes nlft_kernels.backends.GPU_CHOICE from its timings: CUDA must beat Triton by more
+# than this (timing noise) to be chosen; "any larger shape" is this limit.
+CUDA_MARGIN = 0.03
+UNBOUNDED = 2**31 - 1
+
+GPU_CHOICE_RULE = (
+    "per measured (N, V): geometric mean over dtypes of cuda / triton median time; cuda where it is below "
+    f"{1 - CUDA_MARGIN:.2f}, else triton; each N covers the rows up to it (the largest: all rows), each V the "
+    "vocabularies up to it (the largest: all)"
+)
+
+
+def propose_gpu_choice(payload: dict, default: str = "triton") -> dict:
+    """GPU_CHOICE entries (max rows N, max vocabulary V, backend) from bench_cpu_kernel --gpu.
+
+    Per measured (N, V): the geometric mean over dtypes of CUDA's median time over Triton's;
+    CUDA wins where that is below 1 - CUDA_MARGIN (Triton, the default, keeps ties). A shape takes
+    the first entry whose limits hold (backends.gpu_choice), so per vocabulary, from the smallest,
+    each measured N covers the rows up to it and the largest covers all rows beyond; the largest
+    vocabulary covers every larger one. Consecutive entries with one backend merge, trailing
+    entries of the default go (the default takes what no entry holds), and where CUDA wins
+    nowhere the proposal is ``()``.
+    """
+    times: dict[tuple[int, int, str], dict[str, float]] = {}
+    for row in payload["cases"]:
+        if row.get("median_ms") is not None and row["case"] in ("cuda", "triton"):
+            times.setdefault((row["n"], row["vocab"], row["dtype"]), {})[row["case"]] = row["median_ms"]
+    ratios: dict[tuple[int, int], dict[str, float]] = {}
+    for (n, vocab, dtype), by_case in times.items():
+        if {"cuda", "triton"} <= set(by_case):
+            ratios.setdefault((n, vocab), {})[dtype] = by_case["cuda"] / by_case["triton"]
+    points = []
+    for (n, vocab), by_dtype in sorted(ratios.items(), key=lambda item: (item[0][1], item[0][0])):
+        geo = math.exp(sum(math.log(r) for r in by_dtype.values()) / len(by_dtype))
+        winner = "cuda" if geo < 1 - CUDA_MARGIN else default
+        points.append({"n": n, "vocab": vocab, "cuda_over_triton": by_dtype, "geomean": geo, "backend": winner})
+    if not points:
+        return {"proposal": None, "reason": "no shape has both a cuda and a triton timing", "points": []}
+    vocabs = sorted({p["vocab"] for p in points})
+    entries: list[tuple[int, int, str]] = []
+    for vocab in vocabs:
+        group = [p for p in points if p["vocab"] == vocab]
+        max_vocab = UNBOUNDED if vocab == vocabs[-1] else vocab
+        for i, p in enumerate(group):
+            max_rows = UNBOUNDED if i == len(group) - 1 else p["n"]
+            if entries and entries[-1][1] == max_vocab and entries[-1][2] == p["backend"]:
+                entries[-1] = (max_rows, max_vocab, p["backend"])
+            else:
+                entries.append((max_rows, max_vocab, p["backend"]))
+    while entries and entries[-1][2] == default:
+        entries.pop()
+    if all(e[2] == default for e in entries):
+        entries = []
+    return {
+        "proposal": [list(e) for e in entries],
+        "literal": gpu_choice_literal(entries),
+        "rule": GPU_CHOICE_RULE,
+        "margin": CUDA_MARGIN,
+        "points": points,
+    }
+
+
+def gpu_choice_literal(entries: list[tuple[int, int, str]]) -> str:
+    """The assignment to paste into nlft_kernels/backends.py."""
+    if not entries:
+        return "GPU_CHOICE: tuple[tuple[int, int, str], ...] = ()"
+    body = "".join(f"    ({r}, {v}, {b!r}),\n" for r, v, b in entries).replace("'", '"')
+    return f"GPU_CHOICE: tuple[tuple[int, int, str], ...] = (\n{body})"
 
 
 def _shape(text: str) -> tuple[int, int]:

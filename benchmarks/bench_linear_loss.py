@@ -47,6 +47,8 @@ import torch
 
 from benchmarks import _util
 from nlft_kernels import linear_token_logprobs, nlft_linear_loss, nlft_loss
+from nlft_kernels.ops.launch import token_logprobs_traffic
+from nlft_kernels.ops.linear_chunks import chunk_traffic, out_dtype_matmuls
 
 TORCH_LCE_CASES = ("torch_lce", "torch_lce_x3", "torch_lce_chunked", "torch_lce_chunked_x3")
 CASES = ("nlft_linear_loss", "materialised", "liger_flce", "cut_cross_entropy", *TORCH_LCE_CASES)
@@ -66,10 +68,7 @@ METHOD = {
         "teachers: label log-probs of the standard and judge views under torch.no_grad; base view: "
         "loss forward + backward into hidden.grad and W.grad (sample_mean, clusters on hidden)"
     ),
-    "timing": (
-        "median over --reps calls after --warmup untimed ones, .grad dropped before each call outside "
-        "the timed region; CUDA: torch.cuda.Event around each call; CPU: time.perf_counter"
-    ),
+    "timing": ("median over --reps calls after --warmup untimed ones, .grad dropped before each call; ") + _util.TIMING,
     "memory_cuda": (
         "torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
         "memory_allocated before it: bytes beyond the inputs, the gradients written included"
@@ -84,6 +83,12 @@ METHOD = {
         "10 N V D FLOPs (3 forward logits matmuls + 2 gradient matmuls) / measured matmul rate + "
         "elem * (4 N D + 2 V D) bytes (read 3 hidden views and W, write the hidden and W gradients) / "
         "measured copy bandwidth"
+    ),
+    "logit_bytes": (
+        "the bytes nlft_linear_loss moves through [c, V] logits chunks by its model (counted in "
+        "tests/ops/test_linear_traffic.py): base view N * sum(linear_chunks.chunk_traffic) (logits GEMM "
+        "write, row pass 2 reads + in-place gradient write, dX and dW GEMM reads, in the input dtype), "
+        "teachers 2 N (4 V + 4 (V + 1)) (float32 logits tiles written by the GEMM, read once)"
     ),
     "inputs": (
         "flat rows with sample_ids, B = N / T samples of T rows; hidden ~ N(0, 1), teachers' hidden = base "
@@ -283,6 +288,14 @@ def check_saliency(batch: Batch) -> dict[str, int]:
     return {name: int(getattr(details, name).sum()) for name in ("saliency", "unlikelihood", "killed", "cluster")}
 
 
+def logit_bytes(shape: Shape, device: torch.device) -> int:
+    """The bytes of nlft_linear_loss's step through logits chunks (METHOD["logit_bytes"])."""
+    dtype = DTYPES[shape.dtype]
+    base = chunk_traffic(shape.vocab, dtype, bias=False, out_dtype_matmul=out_dtype_matmuls(device, dtype))
+    teachers = 2 * (4 * shape.vocab + token_logprobs_traffic(shape.vocab, torch.float32)["forward"]["logits"])
+    return shape.n * (sum(base.values()) + teachers)
+
+
 def floor(shape: Shape, matmul_flops_per_s: float, copy_bytes_per_s: float) -> dict[str, float]:
     """The floor of one step (see METHOD["floor"]): FLOPs, bytes and milliseconds."""
     n, d, v = shape.n, shape.dim, shape.vocab
@@ -334,6 +347,7 @@ def run(args, argv: list[str]) -> dict:
 
     def head(shape: Shape, batch: Batch | None) -> dict:
         fields = asdict(shape) | {"batch": shape.batch} | floor(shape, rate, copy_bw)
+        fields["logit_bytes"] = logit_bytes(shape, device)
         return fields if batch is None else fields | {"exercised": check_saliency(batch)}
 
     def finish(case: str, shape: Shape, row: dict) -> dict:
@@ -343,6 +357,7 @@ def run(args, argv: list[str]) -> dict:
     def spec(case: str, shape: Shape) -> dict:
         return {"case": case, "shape": asdict(shape), "seed": args.seed}
 
+    not_run: list[dict] = []
     rows = _util.run_grid(
         grid(args),
         args.cases,
@@ -352,8 +367,11 @@ def run(args, argv: list[str]) -> dict:
         measure_case=lambda case, shape, batch: measure_case(case, batch, device, args),
         unavailable=lambda case: unavailable(case, device),
         finish=finish,
+        deadline=_util.Deadline(args.time_budget_s),
+        not_run=not_run,
     )
     settings = {"warmup": args.warmup, "reps": args.reps, "seed": args.seed, "cases": list(args.cases)}
+    settings["time_budget_s"] = args.time_budget_s
     question = "memory and time of the fused linear NLFT loss against materialised logits and fused CE"
     module = "benchmarks.bench_linear_loss"
     return _util.payload_header("bench_linear_loss", question, device, module, argv, settings, METHOD) | {
@@ -363,6 +381,8 @@ def run(args, argv: list[str]) -> dict:
         "matmul_flops_per_s": rate,
         "matmul_rate_shape": {"size": rate_size, "dtype": str(rate_dtype).removeprefix("torch.")},
         "cases": rows,
+        # Shapes the time budget left out entirely (their cases are not in "cases").
+        "not_run": not_run,
     }
 
 
@@ -399,6 +419,9 @@ def markdown_table(payload: dict) -> str:
             f"{lead} {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['floor_ms']:.1f} | {r['x_floor']:.1f} | "
             f"{mem} | {time_share} | {mem_share} |"
         )
+    if payload.get("not_run"):
+        shapes = ", ".join(f"N={s['n']} D={s['dim']} V={s['vocab']} {s['dtype']}" for s in payload["not_run"])
+        lines += ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
     return "\n".join(lines)
 
 
@@ -439,6 +462,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = _util.benchmark_parser("benchmarks.bench_linear_loss", __doc__, GRIDS)
     _util.add_grid_args(p, ("n", "dim", "vocab"), "hidden/weight", CASES)
     _util.add_run_args(p, "linear_loss_<device>_<date>.json", warmup=(3, 1), reps=(20, 3))
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="start no case after this many seconds; what is left out is recorded (benchmarks.gpu_suite)",
+    )
     return _util.resolve_run_args(p.parse_args(argv))
 
 

@@ -12,6 +12,9 @@ samples present):
   reference           ``nlft_kernels.reference.nlft_loss_reference`` in float32, eager
   compiled_reference  the same under ``torch.compile``
   cross_entropy       one ``F.cross_entropy`` on the base view: the lower bound
+  compiled_cross_entropy_x3
+                      ``torch.compile(F.cross_entropy)`` once per view (base with gradient, the
+                      teachers under no_grad): what torch.compile makes of three cross-entropies
   liger_cross_entropy_x3
                       Liger-Kernel's fused cross-entropy once per view (base with gradient, the
                       teachers under no_grad): what a user gets by calling a fused cross-entropy
@@ -51,7 +54,8 @@ from nlft_kernels import NLFTConfig, backends, nlft_loss
 from nlft_kernels.reference import nlft_loss_reference
 
 LIGER = "liger_cross_entropy_x3"
-CASES = ("nlft_kernels", "authors_style", "reference", "compiled_reference", "cross_entropy", LIGER)
+COMPILED_CE = "compiled_cross_entropy_x3"
+CASES = ("nlft_kernels", "authors_style", "reference", "compiled_reference", "cross_entropy", COMPILED_CE, LIGER)
 DTYPES = _util.DTYPES
 
 QUICK_GRID = {"n": (512, 2048), "vocab": (4096, 32000), "dtype": ("float32", "bfloat16")}
@@ -81,10 +85,11 @@ def row_bandwidth(row: dict, copy_bytes_per_s: float | None) -> dict:
 
 METHOD = {
     "timing": (
-        "forward+backward of one loss per call, .grad dropped before each call (outside the timed "
-        "region); median over --reps calls after --warmup untimed ones; CUDA: torch.cuda.Event "
-        "around each call; CPU: time.perf_counter, each case in a fresh subprocess (a compiled case "
-        "leaves OpenMP threads spinning that slow whatever runs after it in the same process)"
+        "forward+backward of one loss per call, .grad dropped before each call; median over --reps "
+        "calls after --warmup untimed ones; "
+        + _util.TIMING
+        + "; on the CPU each case in a fresh subprocess (a compiled case leaves OpenMP threads spinning "
+        "that slow whatever runs after it in the same process)"
     ),
     "memory_cuda": (
         "torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
@@ -203,6 +208,15 @@ def build_case(
 
         def step() -> None:
             F.cross_entropy(leaf, labels).backward()
+    elif case == COMPILED_CE:
+        torch._dynamo.reset()  # as compiled_reference: a fresh compilation per shape
+        cross_entropy = torch.compile(F.cross_entropy, dynamic=False)
+
+        def step() -> None:
+            with torch.no_grad():
+                cross_entropy(views[1], labels)
+                cross_entropy(views[2], labels)
+            cross_entropy(leaf, labels).backward()
     elif case == LIGER:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -232,7 +246,7 @@ def measure_case(case: str, batch: Batch, shape: Shape, device: torch.device, ar
     if case == LIGER and (why := liger_unavailable(device)):
         return {"case": case, "status": "skipped", "note": why}
     step, reset = build_case(case, batch, shape)
-    if case == "compiled_reference":
+    if case in ("compiled_reference", COMPILED_CE):
         try:  # compilation happens at the first call; a machine without a compiler skips the case
             reset()
             step()

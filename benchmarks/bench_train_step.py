@@ -26,7 +26,9 @@ See benchmarks/train_methods.py and benchmarks/reft.py for what each step does.
 Run from the repository root:
   python -m benchmarks.bench_train_step --quick   # CPU: the embedded SmolLM2-135M, short sequences
   python -m benchmarks.bench_train_step           # GPU: random-weight Llama-3 shapes in bf16
-  python -m benchmarks.bench_train_step --setting paper   # the paper's setting, SmolLM2-135M
+  python -m benchmarks.bench_train_step --setting paper   # the paper's setting, SmolLM2-135M (CPU)
+  python -m benchmarks.bench_train_step --setting paper --base-weights int8   # GPU: Llama-3.2-3B shapes,
+                                                          # NLFT LoRA on 8-bit base weights (preset paper-gpu)
 Writes benchmarks/results/train_step_<device>_<date>.{json,md,png}, with ``--setting paper``
 train_step_paper_<device>_<date>.* (``--out`` for the JSON path).
 """
@@ -52,6 +54,7 @@ from benchmarks import _util
 from benchmarks.reft import REFT_REPOSITORY, REFT_SOURCES, ReFTConfig
 from benchmarks.train_methods import (
     ALL_METHODS,
+    GEN_JUDGE,
     METHODS,
     PAPER_LORA,
     PAPER_METHODS,
@@ -90,6 +93,25 @@ MODELS: dict[str, dict | None] = {
         "intermediate_size": 8192,
         "num_hidden_layers": 16,
         "head_dim": 64,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+    # The paper's regime on one GPU (benchmarks.gpu_suite): every layer of Meta's Llama-3.2-3B (28 layers,
+    # 3072 wide, 24 heads of 128, its vocabulary tied to the embeddings, llama3 RoPE scaling as the 1B's).
+    "llama3.2-3b": LLAMA3
+    | {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "head_dim": 128,
         "tie_word_embeddings": True,
         "max_position_embeddings": 131072,
         "rope_scaling": {
@@ -141,7 +163,14 @@ PRESETS = {
     "tiny": Preset(("tiny-llama",), 2, 16, 8, 8, 1, 1, 40, 24),
     # --setting paper: the paper's lengths on the CPU's model (NLFT responses of 300 tokens).
     "paper": Preset(("smollm2-135m",), 2, 300, 300, 300, 1, 5, 400, 300),
+    # --setting paper on a GPU: the paper's lengths and ReFT's own cap on Llama-3.2-3B-shaped random weights;
+    # 2 warm-up calls (the cold one included) and 3 timed, the GPU suite's train step (with --base-weights int8).
+    "paper-gpu": Preset(("llama3.2-3b",), 8, 300, 300, 300, 2, 3),
 }
+
+# --base-weights int8: the frozen base of the LoRA rows in 8 bits, as the paper's runs loaded Llama-3-8B
+# (transformers' load_in_8bit: bitsandbytes' Linear8bitLt, LLM.int8 with outliers above 6.0 kept in 16 bits).
+INT8_THRESHOLD = 6.0
 
 # What each setting runs.
 SETTINGS = {"full-ft": METHODS, "paper": PAPER_METHODS}
@@ -235,7 +264,8 @@ METHOD_NOTES = {
         "first_step_ms: the first call (cold: optimizer state creation, lazy init); steady_ms: median "
         "of --reps calls after --warmup calls (the first included), with their min and max (steady_min_ms, "
         "steady_max_ms; every call in step_ms); per_sample = steady / batch size; "
-        "CUDA: torch.cuda.Event around each call; CPU: time.perf_counter; each method in a fresh "
+        "each call timed through timeit with torch.utils.benchmark's clock (it synchronises the GPU before "
+        "each reading); each method in a fresh "
         "subprocess; sampling_ms (reft, *_gen_judge) and judging_ms are timed inside the step (synchronised) "
         "and are part of steady_ms; load_average_1min per row: before and after its probes"
     ),
@@ -252,7 +282,7 @@ METHOD_NOTES = {
     ),
     "data": (
         "GSM8K train questions; every other sample is wrong (reference solution with a wrong final "
-        "answer, judged by nlft_kernels.recipes.judge); NLFT and SFT prompts exactly prompt_tokens long (teacher "
+        "answer, judged by nlft_kernels.recipes.rule_judge); NLFT and SFT prompts exactly prompt_tokens long (teacher "
         "views + teacher_tokens), responses exactly response_tokens. ReFT's prompt is its own template "
         "'Question:\\n{q}\\nAnswer reasoning:\\n' at natural length (left-padded; lengths in "
         "models[].reft_prompt_tokens); "
@@ -284,8 +314,10 @@ PAPER_NOTES = {
         "the adapters"
     ),
     "precision": (
-        "CPU: float32 weights, base weights included (the paper's base weights were 8-bit: bitsandbytes' "
-        "int8 matmul has no CPU path here); CUDA: bf16 weights and AdamW state; no autocast; no gradient "
+        "CPU: float32 weights, base weights included; CUDA: bf16 weights and AdamW state; with --base-weights int8 "
+        "the LoRA rows' frozen linear layers (all but the LM head) are bitsandbytes' Linear8bitLt (LLM.int8, "
+        "threshold 6.0, as the paper's 8-bit base weights; each row's base_weights says which), ReFT's full "
+        "fine-tuning keeps the dtype; no autocast; no gradient "
         "checkpointing in any row (the authors' scripts call peft's prepare_model_for_int8_training, which "
         "turns it on for their NLFT runs)"
     ),
@@ -423,6 +455,43 @@ def load_model(workdir: Path, random_weights: bool, dtype: torch.dtype, device: 
     return model.train()
 
 
+def int8_unavailable() -> str:
+    """Why the int8 base weights cannot be built here ('' when they can)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes): no int8 base weights"
+    return ""
+
+
+def is_lora(method: str) -> bool:
+    return method.removesuffix(GEN_JUDGE).endswith("_lora")
+
+
+def int8_base_weights(model):
+    """``model`` with every ``nn.Linear`` but the LM head replaced, in place, by a frozen bitsandbytes
+    ``Linear8bitLt`` holding its weight in int8 (quantised on the move to the model's device), as
+    ``load_in_8bit=True`` loads a model; the adapters then wrap these layers (peft's 8-bit LoRA)."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear or child is head:
+                continue
+            quantized = bnb.nn.Linear8bitLt(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                has_fp16_weights=False,
+                threshold=INT8_THRESHOLD,
+            )
+            device = child.weight.device
+            quantized.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                quantized.bias = torch.nn.Parameter(child.bias.data.cpu(), requires_grad=False)
+            setattr(module, name, quantized.to(device))
+    return model
+
+
 def _rss(field: str = "VmRSS") -> int:
     return _util._proc_status_bytes(field)
 
@@ -434,6 +503,9 @@ def measure(spec: dict) -> dict:
     workdir = Path(spec["workdir"])
     runtime_rss = _rss() if device.type == "cpu" else 0
     model = load_model(workdir, spec["random_weights"], dtype, device, spec["seed"])
+    int8 = spec.get("base_weights") == "int8" and is_lora(spec["method"])
+    if int8:
+        model = int8_base_weights(model)
     inputs = StepInputs(**torch.load(workdir / "inputs.pt")).to(device)
     tokenizer = load_tokenizer(workdir)
     reft_config = ReFTConfig(max_length=spec["reft_max_length"], max_input_length=spec["reft_max_input_length"])
@@ -442,6 +514,7 @@ def measure(spec: dict) -> dict:
     )
     torch.manual_seed(spec["seed"])
     row: dict = {"method": spec["method"], "status": "ok", "batch_size": inputs.batch_size}
+    row["base_weights"] = f"int8 (Linear8bitLt, threshold {INT8_THRESHOLD})" if int8 else spec["dtype"]
     row["includes"] = row_includes(spec["method"], judge=spec.get("judge") or "builtin")
     row["parameters"] = sum(p.numel() for p in model.parameters())
     row["trained_parameters"] = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
@@ -624,7 +697,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     "reft_max_length": preset.reft_max_length,
                     "reft_max_input_length": preset.reft_max_input_length,
                     "judge": args.judge,
+                    "base_weights": args.base_weights,
                 }
+                if args.base_weights == "int8" and is_lora(method) and (why := int8_unavailable()):
+                    rows.append({"model": model_name, "method": method, "status": "skipped", "note": why})
+                    continue
                 if device.type == "cuda":
                     row = probe(spec | {"what": "both"}, args.in_process)
                 else:
@@ -655,7 +732,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "r=16 (nlft_kernels; the authors' code) against ReFT with full fine-tuning, a frozen reference and "
             "a value head"
         )
-    settings_extra = {"lora": asdict(PAPER_LORA), "gradient_checkpointing": False} if paper else {}
+    settings_extra = (
+        {"lora": asdict(PAPER_LORA), "gradient_checkpointing": False, "base_weights": args.base_weights}
+        if paper
+        else {}
+    )
     return {
         "benchmark": "bench_train_step",
         **({"setting": "paper"} if paper else {}),
@@ -864,7 +945,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="full-ft",
         help="full-ft: every method trains every weight (default); paper: the NLFT paper's comparison, NLFT "
         f"with LoRA r=16 against ReFT full fine-tuning ({', '.join(PAPER_METHODS)}; sizes {PRESETS['paper']} "
-        "unless --quick or --tiny)",
+        f"on the CPU, {PRESETS['paper-gpu']} on CUDA, unless --quick or --tiny)",
     )
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), help="models (overrides the preset's)")
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="default: the setting's methods")
@@ -893,9 +974,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--judge",
         help="judge of the *_gen_judge rows' judging pass: builtin (the rule judge, default) or module:function "
-        "(nlft_kernels.recipes.judge.load_judge), e.g. an LLM judge",
+        "(nlft_kernels.recipes.judging.load_judge), e.g. an LLM judge",
     )
     p.add_argument("--reft-max-length", type=int, help="ReFT's sampling cap, prompt included (its own: 700)")
+    p.add_argument(
+        "--base-weights",
+        choices=("dtype", "int8"),
+        default="dtype",
+        help="the LoRA rows' frozen base weights: in --dtype (default), or int8 as the paper's (bitsandbytes' "
+        "LLM.int8, Linear8bitLt; ReFT's full fine-tuning keeps --dtype)",
+    )
     args = p.parse_args(argv)
     if args.probe:
         return args
@@ -903,7 +991,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.data = args.data or default_data()
     args.methods = args.methods or list(SETTINGS[args.setting])
-    default_size = "paper" if args.setting == "paper" else "full"
+    default_size = ("paper-gpu" if args.device == "cuda" else "paper") if args.setting == "paper" else "full"
     preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else default_size]
     overrides = {
         k: getattr(args, k)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import _util, bench_accuracy, bench_cpu_kernel, bench_linear_loss, bench_loss, bench_train_step
+from benchmarks.gpu_suite import headline as gpu_headline
 
 README = _util.REPO_ROOT / "README.md"
 DOCS = _util.REPO_ROOT / "docs" / "benchmarks.md"
@@ -31,7 +32,14 @@ STUDY_MARKERS = {
                   "<!-- llm-judge:end -->"),
 }  # fmt: skip
 
-LOSS_BASELINES = ("authors_style", "reference", "compiled_reference", "cross_entropy", "liger_cross_entropy_x3")
+LOSS_BASELINES = (
+    "authors_style",
+    "reference",
+    "compiled_reference",
+    "cross_entropy",
+    "compiled_cross_entropy_x3",
+    "liger_cross_entropy_x3",
+)
 
 
 def loss_table(payload: dict) -> str:
@@ -118,6 +126,13 @@ def _setting(payload: dict) -> str:
 
 # (title, file pattern in benchmarks/results, table of one payload, which payloads of the pattern)
 SECTIONS: tuple[tuple[str, str, Callable[[dict], str], Callable[[dict], bool] | None], ...] = (
+    (
+        "The headline on a GPU: the fused NLFT loss against the same run's copy bandwidth, 3x Liger CE and "
+        "torch.compile'd CE (benchmarks.gpu_suite)",
+        "gpu_headline_*.json",
+        gpu_headline.table,
+        None,
+    ),
     (
         "One training step: SFT, the authors' NLFT, NLFT with nlft_kernels, ReFT (method, method + kernels, "
         "kernels alone)",
@@ -253,6 +268,19 @@ def _loss_headline(payload: dict) -> str | None:
     )
 
 
+def _gpu_headline(payload: dict) -> str | None:
+    """The fused loss's share of the same run's copy bandwidth, and each baseline's time as a multiple of its."""
+    rows = {r["bench_case"]: r for r in payload["rows"]}
+    ours = rows.pop("nlft_kernels", None)
+    if ours is None:
+        return None
+    others = "; ".join(f"{r['case'].split(' bf16')[0]} {r['ms'] / ours['ms']:.2f}x its time" for r in rows.values())
+    return (
+        f"{ours['case']}: {ours['ms']:.2f} ms, {ours['gbs']:.0f} GB/s, {100 * ours['fraction_of_copy']:.0f}% of the "
+        f"same run's copy bandwidth ({payload['copy_gbs']:.0f} GB/s)" + (f"; {others}" if others else "")
+    )
+
+
 def _accuracy_headline(payload: dict) -> str | None:
     """The accuracy study's result sentence (the first line of its table when it states one)."""
     first = bench_accuracy.markdown_table(payload).splitlines()[0]
@@ -261,6 +289,7 @@ def _accuracy_headline(payload: dict) -> str | None:
 
 # (pattern, which payloads, headline of one payload) for README.md's headline figures.
 HEADLINES: tuple[tuple[str, Callable[[dict], bool] | None, Callable[[dict], str | None]], ...] = (
+    ("gpu_headline_*.json", None, _gpu_headline),
     ("train_step_paper_*.json", lambda p: _setting(p) == "paper", _kernels_alone),
     ("train_step_*.json", lambda p: _setting(p) == "full-ft", _kernels_alone),
     ("bench_loss-*.json", None, _loss_headline),

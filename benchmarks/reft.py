@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nlft_kernels.recipes.judge import answers_equal, extract_answer, parse_number
+from nlft_kernels.recipes.rule_judge import answers_equal, extract_answer, parse_number
 
 # ReFT's code at the commit read (lqtrung1998/mwp_ReFT, main): where each setting comes from.
 REFT_REPOSITORY = "https://github.com/lqtrung1998/mwp_ReFT/tree/bdc844e02e5c783d4361d7777f4ad486e7e116da"
@@ -129,7 +129,7 @@ class ValueHead(nn.Module):
 def final_answer_reward(text: str, reference: str, config: ReFTConfig = ReFTConfig()) -> float:
     """ReFT's reward: ``reward_correct`` for the right final answer, ``reward_wrong`` for a wrong
     but extractable one, ``reward_none`` when no answer can be extracted (by the package's
-    GSM8K judge, ``nlft_kernels.recipes.judge.extract_answer``)."""
+    GSM8K judge, ``nlft_kernels.recipes.rule_judge.extract_answer``)."""
     predicted = extract_answer(text)
     if predicted is None:
         return config.reward_none

@@ -29,7 +29,11 @@ if GRID_NAME not in GRIDS:
 GRID = GRIDS[GRID_NAME]
 ROWS_PER_SAMPLE = 16 if GRID_NAME == "tiny" else 128
 SHAPES = [Shape(n, v, d, ROWS_PER_SAMPLE) for d in GRID["dtype"] for v in GRID["vocab"] for n in GRID["n"]]
-ORDER = [c for c in CASES if c != "compiled_reference"] + ["compiled_reference"]
+# The compiled cases after the others (their OpenMP threads), Liger last (it overwrites its input).
+ORDER = [c for c in CASES if not c.startswith("compiled") and c != LIGER] + [
+    c for c in CASES if c.startswith("compiled")
+]
+ORDER.append(LIGER)
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,7 +7,7 @@ prompt). Exact lengths keep the comparison about the methods, not about padding:
 are the package's prompt views (``nlft_kernels.training.data.DEFAULT_TEMPLATES``) left-filled with
 earlier GSM8K exemplars or cut from the left to length, responses are the reference solution
 (or, for a wrong sample, that solution with a wrong final answer, judged by
-``nlft_kernels.recipes.judge``) repeated and cut; ``nlft_kernels.training.data.NLFTCollator`` batches them.
+``nlft_kernels.recipes.rule_judge``) repeated and cut; ``nlft_kernels.training.data.NLFTCollator`` batches them.
 
   sft                 cross-entropy on the response, the Hugging Face way (``labels=``)
   nlft_authors_style  the three views in one batch of 3B sequences, all with gradient, the
@@ -24,8 +24,8 @@ earlier GSM8K exemplars or cut from the left to length, responses are the refere
 
 Every cost counted: ``<nlft method>_gen_judge`` adds to the NLFT step one generation pass (one
 response per question, with ReFT's sampler: its prompt, temperature 1, EOS, the same cap) and one
-judging pass (``judge``: the rule judge ``nlft_kernels.recipes.judge.judge_response`` by default, or any
-``module:function`` that ``nlft_kernels.recipes.judge.load_judge`` loads, e.g. an LLM judge); the NLFT step
+judging pass (``judge``: the rule judge ``nlft_kernels.recipes.rule_judge.judge_response`` by default, or any
+``module:function`` that ``nlft_kernels.recipes.judging.load_judge`` loads, e.g. an LLM judge); the NLFT step
 itself then trains on the benchmark's fixed batch, so its tokens equal the other NLFT rows'.
 
 The paper's setting (``bench_train_step --setting paper``) trains the two NLFT methods with LoRA
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from benchmarks.authors_style import authors_style_loss
 from nlft_kernels import NLFTConfig
-from nlft_kernels.recipes.judge import judge_response
+from nlft_kernels.recipes.rule_judge import judge_response
 from nlft_kernels.training import nlft_step
 from nlft_kernels.training.data import DEFAULT_TEMPLATES, VIEWS, NLFTCollator, NLFTRecord
 
@@ -317,7 +317,7 @@ def add_paper_lora(model, lora: LoRASettings = PAPER_LORA):
 
 def row_includes(method: str, lora: LoRASettings = PAPER_LORA, judge: str = "builtin") -> dict:
     """What one step of ``method`` trains and what its time and memory contain, for the results.
-    ``judge``: the judge of the generation pass (``nlft_kernels.recipes.judge.load_judge``'s spec)."""
+    ``judge``: the judge of the generation pass (``nlft_kernels.recipes.judging.load_judge``'s spec)."""
     views = {
         "sft": "one sequence (prompt + reference response), with gradient",
         "reft": "the sampled response after ReFT's prompt, no teacher views",
@@ -348,9 +348,10 @@ def row_includes(method: str, lora: LoRASettings = PAPER_LORA, judge: str = "bui
     else:
         sampling = "none"
         generation = "none (the response is given)"
-    judge_name = "the rule judge nlft_kernels.recipes.judge.judge_response" if judge in (None, "", "builtin") else judge
+    builtin = judge in (None, "", "builtin")
+    judge_name = "the rule judge nlft_kernels.recipes.rule_judge.judge_response" if builtin else judge
     if is_reft:
-        judging = "ReFT's reward: the final answer checked against the reference (nlft_kernels.recipes.judge)"
+        judging = "ReFT's reward: the final answer checked against the reference (nlft_kernels.recipes.rule_judge)"
     elif counted:
         judging = f"included: one judgment per response by {judge_name}"
     else:
@@ -456,7 +457,7 @@ def build_step(
         step = nlft_kernels_step(model, optimizer, inputs, config)
     if not counted:
         return step, [model]
-    from nlft_kernels.recipes.judge import load_judge
+    from nlft_kernels.recipes.judging import load_judge
 
     before = generation_judging_pass(
         model, inputs, decode, load_judge(judge), reft_config.max_length, reft_config.temperature

@@ -1,10 +1,13 @@
-"""Measure the launch table of the Triton kernels: the best (BLOCK_V, num_warps) per key.
+"""Measure the launch table of the Triton kernels: the best launch configuration per key.
 
 For each key of ``nlft_kernels.ops.launch.TUNED`` (family, vocabulary bucket, streams, dtype) it
 times the package's own entry point (``nlft_loss`` for the row pass, ``token_logprobs`` forward
 and backward for the label log-probs) with each candidate written into ``TUNED`` in turn, and
-the rule's choice as the baseline; candidates keep the rule's register budget within a factor
-of two. It writes JSON + Markdown under ``benchmarks/results/`` and prints the ``TUNED``
+the rule's choice as the baseline. A candidate sets every field of ``LaunchConfig``: BLOCK_V
+(powers of two from a quarter of the rule's to twice it, its register budget), num_warps, every
+boolean option both ways (an eviction hint, say), and any other option at the rule's value unless
+``--option NAME=V1,V2`` lists values; so a launch option added to ``LaunchConfig`` is tuned
+without a change here. It writes JSON + Markdown under ``benchmarks/results/`` and prints the ``TUNED``
 literal of the keys where a candidate beats the rule by more than ``--min-gain``: paste it into
 ``ops/launch.py`` (the AOT compile test then compiles those variants too).
 
@@ -15,6 +18,8 @@ literal of the keys where a candidate beats the rule by more than ``--min-gain``
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -26,17 +31,46 @@ from benchmarks import _util
 ROWS = 4096
 VOCABS = (32000, 50257, 128256, 151936, 256000)
 WARPS = (4, 8, 16)
+# The launch-table keys measured, as FAMILY:STREAMS; the headline case (three logit views) first, so
+# that a time budget cut leaves the rest.
+KEYS = ("row_pass:3", "row_pass:2", "row_pass:1", "token_logprobs:1")
 
 
-def candidates(vocab: int, streams: int, dtype: torch.dtype):
-    from nlft_kernels.ops.launch import MAX_BLOCK_V, MIN_BLOCK_V, LaunchConfig, heuristic_config, vocab_bucket
+def parse_key(text: str) -> tuple[str, int]:
+    """``"row_pass:3"`` -> ("row_pass", 3)."""
+    family, _, streams = text.partition(":")
+    return family, int(streams)
+
+
+def option_values(rule, options: dict[str, tuple] | None = None) -> dict[str, tuple]:
+    """The values each launch option other than BLOCK_V and num_warps takes among the candidates:
+    ``options``' values where given, both values of a boolean option, else the rule's value."""
+    values = {}
+    for f in dataclasses.fields(rule):
+        if f.name in ("block_v", "num_warps"):
+            continue
+        given = (options or {}).get(f.name)
+        current = getattr(rule, f.name)
+        values[f.name] = tuple(given) if given else (False, True) if isinstance(current, bool) else (current,)
+    return values
+
+
+def candidates(vocab: int, streams: int, dtype: torch.dtype, options: dict[str, tuple] | None = None):
+    """Every candidate configuration of a key: each BLOCK_V from a quarter to twice the rule's with each
+    num_warps that gives 2 to 64 elements per thread and stream, times every combination of
+    ``option_values``."""
+    from nlft_kernels.ops.launch import MAX_BLOCK_V, MIN_BLOCK_V, heuristic_config, vocab_bucket
 
     rule = heuristic_config(vocab, streams, dtype)
-    block = MIN_BLOCK_V
+    extra = option_values(rule, options)
+    block = max(MIN_BLOCK_V, rule.block_v // 4)  # smaller tiles only add loop trips at these vocabularies
     while block <= min(MAX_BLOCK_V, vocab_bucket(vocab), 2 * rule.block_v):
         for warps in WARPS:
             if 2 <= block // (warps * 32) <= 64:  # elements per thread and stream
-                yield LaunchConfig(block, warps)
+                for combo in itertools.product(*extra.values()):
+                    yield dataclasses.replace(
+                        rule, block_v=block, num_warps=warps, **dict(zip(extra, combo, strict=True))
+                    )
         block *= 2
 
 
@@ -74,8 +108,7 @@ def make_step(family: str, rows: int, vocab: int, streams: int, dtype: torch.dty
 def tune(args, device: torch.device) -> list[dict]:
     import nlft_kernels.ops.launch as launch
 
-    # The headline case first (three logit views), so that a budget cut leaves the rest.
-    keys = [("row_pass", 3), ("row_pass", 2), ("row_pass", 1), ("token_logprobs", 1)]
+    keys = [parse_key(k) for k in args.keys]
     deadline = _util.Deadline(args.time_budget_s)
     rows = []
     for family, streams in keys:
@@ -88,7 +121,7 @@ def tune(args, device: torch.device) -> list[dict]:
                 key = (family, launch.vocab_bucket(vocab), streams, str(dtype).removeprefix("torch."))
                 rule = launch.heuristic_config(vocab, streams, dtype)
                 timed = []
-                for cfg in candidates(vocab, streams, dtype):
+                for cfg in candidates(vocab, streams, dtype, args.options):
                     launch.TUNED[key] = cfg
                     try:
                         ms = _util.median(_util.time_ms(step, reset, device, args.warmup, args.reps))
@@ -109,11 +142,11 @@ def tune(args, device: torch.device) -> list[dict]:
                         "bucket": key[1],
                         "streams": streams,
                         "dtype": key[3],
-                        "rule": [rule.block_v, rule.num_warps],
+                        "rule": dataclasses.asdict(rule),
                         "rule_ms": rule_ms,
-                        "best": [best.block_v, best.num_warps],
+                        "best": dataclasses.asdict(best),
                         "best_ms": best_ms,
-                        "candidates": [{"block_v": c.block_v, "num_warps": c.num_warps, "ms": ms} for ms, c in timed],
+                        "candidates": [dataclasses.asdict(c) | {"ms": ms} for ms, c in timed],
                     }
                 )
                 print(f"{key}: rule {rule} {rule_ms} ms, best {best} {best_ms:.3f} ms")
@@ -126,23 +159,39 @@ def proposal(rows: list[dict], min_gain: float) -> str:
     for r in rows:
         if r["rule_ms"] is None or r["best_ms"] < (1 - min_gain) * r["rule_ms"]:
             key = (r["family"], r["bucket"], r["streams"], r["dtype"])
-            lines.append(f"    {key!r}: LaunchConfig({r['best'][0]}, {r['best'][1]}),")
+            lines.append(f"    {key!r}: {config_literal(r['best'])},")
     lines.append("}")
     return "\n".join(lines)
 
 
+def config_literal(fields: dict) -> str:
+    """``LaunchConfig(block_v=..., num_warps=..., ...)`` of a result's configuration."""
+    return "LaunchConfig(" + ", ".join(f"{name}={value!r}" for name, value in fields.items()) + ")"
+
+
 def table(rows: list[dict]) -> str:
     out = [
-        "| family | V | streams | dtype | rule (BLOCK_V, warps) | rule ms | best | best ms |",
-        "|---|---:|---:|---|---|---:|---|---:|",
+        "| family | V | streams | dtype | rule | rule ms | best | best ms | candidates |",
+        "|---|---:|---:|---|---|---:|---|---:|---:|",
     ]
     for r in rows:
         rule_ms = f"{r['rule_ms']:.3f}" if r["rule_ms"] is not None else "-"
+        rule, best = (", ".join(f"{k}={v}" for k, v in r[which].items()) for which in ("rule", "best"))
         out.append(
-            f"| {r['family']} | {r['vocab']} | {r['streams']} | {r['dtype']} | {tuple(r['rule'])} | {rule_ms} "
-            f"| {tuple(r['best'])} | {r['best_ms']:.3f} |"
+            f"| {r['family']} | {r['vocab']} | {r['streams']} | {r['dtype']} | {rule} | {rule_ms} "
+            f"| {best} | {r['best_ms']:.3f} | {len(r['candidates'])} |"
         )
     return "\n".join(out)
+
+
+def parse_option(text: str) -> tuple[str, tuple]:
+    """``"num_stages=2,3"`` -> ("num_stages", (2, 3)): values as Python literals (ints, True/False)."""
+    import ast
+
+    name, _, values = text.partition("=")
+    if not name or not values:
+        raise argparse.ArgumentTypeError(f"--option takes NAME=V1,V2, got {text!r}")
+    return name, tuple(ast.literal_eval(v) for v in values.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,9 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-gain", type=float, default=0.03, help="fraction faster than the rule to propose")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--time-budget-s", type=float, help="stop starting new keys after this many seconds")
+    parser.add_argument("--keys", nargs="+", default=list(KEYS), help=f"FAMILY:STREAMS keys (default {' '.join(KEYS)})")
+    parser.add_argument(
+        "--option",
+        type=parse_option,
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="values of a LaunchConfig option to try (booleans are tried both ways without it)",
+    )
     parser.add_argument("--out", type=Path, help="result JSON (default: benchmarks/results/launch_<device>_<date>)")
     args = parser.parse_args(argv)
-    args.dtypes, args.not_run = [getattr(torch, d) for d in args.dtypes], []
+    args.dtypes, args.not_run, args.options = [getattr(torch, d) for d in args.dtypes], [], dict(args.option)
+    from nlft_kernels.ops.launch import LaunchConfig
+
+    if unknown := set(args.options) - {f.name for f in dataclasses.fields(LaunchConfig)}:
+        parser.error(f"--option: LaunchConfig has no field {sorted(unknown)}")
+    if bad := [k for k in args.keys if parse_key(k) not in {parse_key(known) for known in KEYS}]:
+        parser.error(f"--keys: {bad} are not among {' '.join(KEYS)}")
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
         args.rows, args.vocabs, args.dtypes, args.warmup, args.reps = 2, [300], (torch.float32,), 0, 1
@@ -168,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = tune(args, device)
     literal = proposal(rows, args.min_gain)
     payload = {
-        "what": "launch table of the Triton kernels: each candidate (BLOCK_V, num_warps) timed through the public API",
+        "what": "launch table of the Triton kernels: each candidate LaunchConfig timed through the public API",
         "command": _util.command_line("benchmarks.tune_launch", argv),
         "environment": _util.environment(device),
         "rows_per_launch": args.rows,

@@ -27,7 +27,12 @@ class NLFTConfig:
     Saliency clusters (only when hidden states are given): a neighbour joins while its cosine
     ``distance`` to the running centre is above ``cluster_threshold`` (the authors' code), or
     while its cosine ``similarity`` is above it; ``off`` disables clusters.
+
+    Every check is in ``__post_init__``; the ``nlft`` command parses the fields with
+    ``HfArgumentParser`` (``--correct-threshold 0.9``), under the heading ``_argument_group_name``.
     """
+
+    _argument_group_name = "the NLFT objective (NLFTConfig; defaults: the authors')"
 
     correct_threshold: float = field(
         default=0.95, metadata={"help": "tau: a correct response's token is a saliency token when p_s > tau"}

@@ -1,11 +1,13 @@
 """Judge servers for the tests: a stub OpenAI-compatible HTTP server in a thread (faults on
-demand: slow, HTTP 500, garbage), and llama-cpp-python's real server on the embedded SmolLM2."""
+demand: slow, HTTP 500, garbage, headers), the inputs and answers the judge tests share, and
+llama-cpp-python's real server on the embedded SmolLM2."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -25,6 +27,31 @@ READY_FILE_ENV = "NLFT_LLM_SERVER_READY_FILE"
 READY_WAIT_S = 1500
 
 
+QUESTION = "Janet has 16 eggs, eats 3 and bakes with 4. She sells the rest at $2 each. How much does she make?"
+REFERENCE = "16 - 3 - 4 = <<16-3-4=9>>9 eggs.\n9 * 2 = $<<9*2=18>>18\n#### 18"
+REPLY_WRONG = "The step 16 - 3 = 12 is wrong: 16 - 3 is 13. The correct answer is 18.\nVerdict: wrong"
+REPLY_RIGHT = "The response is correct.\nVerdict: correct"
+
+
+def rows(n: int) -> list[tuple[int, dict]]:
+    """n distinct (line, row) inputs, question ``QUESTION (#i)``: even ones right, odd ones wrong."""
+    out = []
+    for i in range(n):
+        response = "16 - 3 - 4 = 9. 9 * 2 = 18. The answer is 18." if i % 2 == 0 else f"The answer is {20 + i}."
+        out.append((i + 1, {"question": f"{QUESTION} (#{i})", "response": response, "answer": REFERENCE}))
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def ok(number: int, body: dict) -> tuple[int, bytes, float]:
+    """A stub's answer: wrong for the questions of :func:`rows` with an odd #, right otherwise."""
+    odd = int(body["messages"][1]["content"].split("(#")[1].split(")")[0]) % 2
+    return 200, chat_reply(REPLY_WRONG if odd else REPLY_RIGHT), 0.0
+
+
 def chat_reply(content: str) -> bytes:
     """An OpenAI chat-completions body whose message is ``content``."""
     choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
@@ -32,12 +59,14 @@ def chat_reply(content: str) -> bytes:
 
 
 class StubServer:
-    """``handle(request_number, body) -> (status, bytes, delay_s)`` answers each POST; counts requests,
-    keeps their headers and bodies, and the most requests it had in flight at once. ``drip``: seconds
-    between the bytes of each reply's body (0: the body at once), for a server that is slow but alive."""
+    """``handle(request_number, body) -> (status, bytes, delay_s[, headers])`` answers each POST;
+    counts requests, keeps their headers, bodies and arrival times (``time.monotonic``), and the most
+    requests it had in flight at once. ``drip``: seconds between the bytes of each reply's body (0:
+    the body at once), for a server that is slow but alive. ``closed`` counts the requests whose
+    client hung up before the reply was sent (a cancelled request)."""
 
     def __init__(self, handle: Callable[[int, dict], tuple[int, bytes, float]], drip: float = 0.0) -> None:
-        self.handle, self.requests, self.in_flight, self.max_in_flight = handle, [], 0, 0
+        self.handle, self.requests, self.in_flight, self.max_in_flight, self.closed = handle, [], 0, 0, 0
         self.lock = threading.Lock()
         stub = self
 
@@ -46,13 +75,17 @@ class StubServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub.lock:
                     number = len(stub.requests)
-                    stub.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    stub.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "at": time.monotonic()}
+                    )
                     stub.in_flight += 1
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                 try:
-                    status, data, delay = stub.handle(number, body)
-                    time.sleep(delay)
+                    status, data, delay, *headers = stub.handle(number, body)
+                    _wait_or_hang_up(self.connection, delay)
                     self.send_response(status)
+                    for name, value in (headers[0] if headers else {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -62,8 +95,9 @@ class StubServer:
                         self.wfile.write(data[i : i + 1])
                         self.wfile.flush()
                         time.sleep(drip)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
+                except (BrokenPipeError, ConnectionResetError, _HungUp):  # the client timed out or left
+                    with stub.lock:
+                        stub.closed += 1
                 finally:
                     with stub.lock:
                         stub.in_flight -= 1
@@ -86,6 +120,19 @@ class StubServer:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _HungUp(Exception):
+    """The client closed the connection while its request waited for the reply."""
+
+
+def _wait_or_hang_up(connection: socket.socket, delay: float) -> None:
+    """Sleep ``delay`` seconds, or until the client closes the connection (a cancelled request)."""
+    deadline = time.monotonic() + delay
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([connection], [], [], min(left, 0.05))
+        if ready and not connection.recv(1, socket.MSG_PEEK):
+            raise _HungUp
 
 
 def free_port() -> int:

@@ -178,9 +178,9 @@ def test_every_op_reaches_its_backend_through_the_registry(monkeypatch):
     real, calls = REGISTRY["torch"], []
 
     def record(name):
-        def call(*args):
+        def call(*args, **kwargs):
             calls.append(name)
-            return getattr(real, name)(*args)
+            return getattr(real, name)(*args, **kwargs)
 
         return call
 

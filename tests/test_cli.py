@@ -1,16 +1,17 @@
-"""The ``nlft`` command line: argument parsing, errors, and every subcommand end to end on a tiny
-random Llama model saved to a temporary folder (no network, a few seconds each)."""
+"""The ``nlft`` command line: parsing (in process), and every subcommand as a real process
+(``python -m nlft_kernels``: exit status, stdout, stderr, files) on a tiny random Llama saved to a
+temporary folder (no network)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from nlft_kernels.recipes import cli
-from nlft_kernels.recipes.cli import build_parser, main
-from tests._cli import cli_error, write_jsonl
+from nlft_kernels.recipes import questions
+from nlft_kernels.recipes.cli import build_parser, parse_args
+from nlft_kernels.recipes.commands.demo import DEMO_MAX_NEW_TOKENS
+from nlft_kernels.recipes.errors import BadInput
+from tests._cli import bad_input, nlft_error, nlft_ok, run_nlft, write_jsonl
 from tests._tiny import save_tiny_model
 
 ROWS = [
@@ -24,6 +25,8 @@ ROWS = [
                "100 - 50 - 30 - 15 = <<100-50-30-15=5>>5\n#### 5"},
 ]  # fmt: skip
 FAST = ["--max-new-tokens", "4", "--batch-size", "2"]
+# What a successful training run prints on stderr besides progress bars: none of it.
+TRAIN_INFO = ()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def data_dir(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     for split in ("train", "test"):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+        write_jsonl(folder / f"{split}.jsonl", ROWS)
     return folder
 
 
@@ -49,12 +52,20 @@ def read_jsonl(path):
 
 def test_parser_defaults():
     args = build_parser().parse_args(["demo"])
-    assert (args.samples, args.steps, args.lora, args.model, args.out) == (8, 4, True, None, Path("nlft-demo"))
-    assert args.max_new_tokens == cli.DEMO_MAX_NEW_TOKENS
+    assert (args.samples, args.lora, args.model, args.out) == (8, True, None, Path("nlft-demo"))
+    assert args.max_new_tokens == DEMO_MAX_NEW_TOKENS and args.max_steps is None  # demo's default steps: 4
     args = build_parser().parse_args(["train", "--data", __file__, "--out", "x", "--full", "--lr", "3e-5"])
-    assert (args.lora, args.lr, args.batch_size) == (False, 3e-5, 2)
+    assert (args.lora, args.learning_rate, args.per_device_train_batch_size) == (False, 3e-5, 2)
     args = build_parser().parse_args(["eval", "--samples", "5", "--seed", "3"])
     assert (args.samples, args.seed, args.split, args.out) == (5, 3, "test", None)
+
+
+def test_bad_flags_are_bad_input():
+    """Parse errors are BadInput (one line, exit 2 from main), not argparse's usage block and exit."""
+    with pytest.raises(BadInput, match=r"invalid float value: 'x' \(`nlft train --help` lists the flags\)"):
+        parse_args(["train", "--data", __file__, "--out", "x", "--lr", "x"])
+    with pytest.raises(BadInput, match="unrecognized arguments: --lerning-rate"):
+        parse_args(["train", "--data", __file__, "--out", "x", "--lerning-rate", "1"])
 
 
 @pytest.mark.parametrize(
@@ -63,35 +74,46 @@ def test_parser_defaults():
         ([], "required: COMMAND"),
         (["fly"], "invalid choice"),
         (["demo", "--samples", "0"], "must be >= 1"),
-        (["demo", "--samples", "two"], "expected a whole number"),
-        (["eval", "--seed", "-1"], "must be >= 0"),
-        (["train", "--data", __file__, "--out", "x", "--lr", "0"], "positive finite"),
-        (["train", "--data", __file__, "--out", "x", "--lora", "--full"], "not allowed with argument"),
+        (["demo", "--samples", "two"], "invalid int value: 'two'"),
+        (["eval", "--seed", "-1"], "seed must be a whole number >= 0"),
+        (["train", "--data", __file__, "--out", "x", "--lr", "0"], "learning_rate (--lr) must be a positive finite"),
+        (["train", "--data", __file__, "--out", "x", "--steps", "2", "--epochs", "1"], "--steps and --epochs"),
         (["train", "--out", "x"], "required: --data"),
-        (["judge", "--in", "/no/such/file.jsonl", "--out", "x"], "no such file"),
-        (["generate", "--data", "/no/such/file.jsonl", "--out", "x"], "no such file"),
+        (["judge", "--in", "/no/such/file.jsonl", "--out", "x"], "--in: no such file"),
+        (["generate", "--data", "/no/such/file.jsonl", "--out", "x"], "--data: no such file"),
+        (["generate", "--out", "x", "--temperature", "nan"], "temperature must be a positive finite number"),
+        (["train", "--data", __file__, "--out", "x", "--lora-targets", ","], "lora_targets must name at least one"),
+        (["train", "--data", __file__, "--out", "x", "--correct-threshold", "1.5"], "correct_threshold must be in (0"),
+        (["saliency", "--data", __file__, "--out", "x", "--max-records", "0"], "--max-records must be >= 1"),
+        (["judge", "--in", __file__, "--out", "x", "--concurrency", "0"], "--concurrency must be >= 1"),
     ],
 )
-def test_bad_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_arguments(argv, message):
+    """Bad flags: BadInput naming what is wrong (before any model loads)."""
+    assert message in bad_input(*argv)
 
 
-def test_data_folder_without_split(tmp_path, capsys):
-    (tmp_path / "train.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
-    with pytest.raises(SystemExit):
-        main(["eval", "--data", str(tmp_path), "--model", "unused"])
-    assert "has no test.jsonl" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "nlft: error: the following arguments are required: COMMAND"),
+        (["train", "--data", __file__, "--out", "x", "--lr", "x"], "nlft train: error: argument --learning_rate"),
+        (["generate", "--out", "x", "--temperature", "nan"], "nlft generate: error: temperature must be a positive"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, message):
+    """The process: exit status 2 and one line on stderr (no usage block, no traceback)."""
+    assert nlft_error(*argv).startswith(message)
 
 
-def test_data_without_fields(tmp_path, capsys):
-    path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps({"problem": "1 + 1?"}) + "\n")
-    with pytest.raises(SystemExit):
-        main(["eval", "--data", str(path)])
-    assert "lacks the fields 'question' and 'answer'" in capsys.readouterr().err
+def test_data_folder_without_split(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", ROWS[:1])
+    assert "has no test.jsonl" in bad_input("eval", "--data", tmp_path, "--model", "unused")
+
+
+def test_data_without_fields(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"problem": "1 + 1?"}])
+    assert f"--data {path}, line 1: missing field 'question'" in bad_input("eval", "--data", path)
 
 
 def test_default_data_is_the_embedded_gsm8k(monkeypatch, tmp_path):
@@ -100,21 +122,18 @@ def test_default_data_is_the_embedded_gsm8k(monkeypatch, tmp_path):
 
     monkeypatch.chdir(tmp_path)  # no ../shared next to it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    parser = build_parser()
     for split, count in (("train", 7473), ("test", 1319)):
-        source = Path(cli.resolve_data(None, split, parser))
+        source = Path(questions.resolve_data(None, split))
         assert source.parent == GSM8K_DIR and source.name == f"{split}.jsonl.xz"
-        rows = cli.read_data(None, split, parser)
+        rows = questions.read_data(None, split)
         assert len(rows) == count and all(set(r) == {"question", "answer"} for r in rows)
         assert all("####" in r["answer"] for r in rows)
     assert (GSM8K_DIR / "LICENSE").read_text().startswith("MIT License")
     assert "nlft_kernels/recipes/data" in str(GSM8K_DIR).replace("\\", "/") and "shared" not in GSM8K_DIR.parts
 
 
-def test_embedded_split_must_exist(capsys):
-    with pytest.raises(SystemExit):
-        main(["eval", "--split", "validation", "--samples", "1"])
-    assert "the embedded GSM8K has the splits train, test" in capsys.readouterr().err
+def test_embedded_split_must_exist():
+    assert "the embedded GSM8K has the splits train, test" in bad_input("eval", "--split", "validation")
 
 
 @pytest.mark.parametrize("compression", ["", ".gz", ".xz"])
@@ -125,14 +144,14 @@ def test_data_file_plain_or_compressed(tmp_path, compression):
     path = tmp_path / f"rows.jsonl{compression}"
     text = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
     path.write_bytes({"": bytes, ".gz": gzip.compress, ".xz": lzma.compress}[compression](text))
-    assert cli.read_data(str(path), "train", build_parser()) == ROWS
+    assert questions.read_data(str(path), "train") == ROWS
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / f"test.jsonl{compression}").write_bytes(path.read_bytes())
-    assert cli.read_data(str(tmp_path / "folder"), "test", build_parser()) == ROWS
+    assert questions.read_data(str(tmp_path / "folder"), "test") == ROWS
 
 
-def test_hub_name_goes_to_datasets(monkeypatch, capsys):
-    """A hub name is read with datasets.load_dataset (here made offline): a clean error naming it."""
+def test_hub_name_goes_to_datasets(monkeypatch):
+    """A hub name is read with datasets.load_dataset (here made offline): BadInput naming it."""
     import datasets
 
     asked = []
@@ -142,92 +161,83 @@ def test_hub_name_goes_to_datasets(monkeypatch, capsys):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(SystemExit):
-        main(["eval", "--samples", "1", "--data", "openai/gsm8k:main"])
-    assert "--data openai/gsm8k:main: no network" in capsys.readouterr().err
+    with pytest.raises(BadInput, match="--data openai/gsm8k:main: no network"):
+        questions.read_questions("openai/gsm8k:main", "test")
     assert asked == [(("openai/gsm8k", "main"), {"split": "test"})]
 
 
 def test_unloadable_model(tmp_path, data_dir):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--data", str(data_dir), "--model", str(tmp_path / "no-model"), "--samples", "1"])
-    assert "cannot load model" in str(exit_info.value.code)
+    line = bad_input("eval", "--data", data_dir, "--model", tmp_path / "no-model", "--samples", "1")
+    assert "--model: cannot load model" in line
 
 
-def test_bad_judge_hook(tmp_path, capsys):
-    path = tmp_path / "responses.jsonl"
-    path.write_text(json.dumps({"question": "q", "answer": "#### 1", "response": "1"}) + "\n")
-    with pytest.raises(SystemExit):
-        main(["judge", "--in", str(path), "--out", str(tmp_path / "r.jsonl"), "--judge", "nope"])
-    assert "--judge" in capsys.readouterr().err
+def test_bad_judge_hook(tmp_path):
+    path = write_jsonl(tmp_path / "responses.jsonl", [{"question": "q", "answer": "#### 1", "response": "1"}])
+    assert "--judge" in bad_input("judge", "--in", path, "--out", tmp_path / "r.jsonl", "--judge", "nope")
 
 
-def test_judge_input_without_responses(tmp_path, capsys):
+def test_judge_input_without_responses(tmp_path):
     path = write_jsonl(tmp_path / "responses.jsonl", [{"question": "q", "answer": "#### 1"}])
-    assert "missing field response" in cli_error(
-        capsys, ["judge", "--in", str(path), "--out", str(tmp_path / "r.jsonl")]
-    )
+    assert "line 1: missing field response" in bad_input("judge", "--in", path, "--out", tmp_path / "r.jsonl")
 
 
 # ------------------------------------------------------------------------------ end to end
 
 
-def test_generate_judge_train_eval(model_dir, data_dir, tmp_path, capsys):
+def test_generate_judge_train_eval(model_dir, data_dir, tmp_path):
+    """Each step a process that exits 0 with nothing on stderr but its progress bars."""
     responses, records, trained = tmp_path / "responses.jsonl", tmp_path / "records.jsonl", tmp_path / "trained"
-    main(["generate", "--model", str(model_dir), "--data", str(data_dir), "--samples", "2", "--out", str(responses)]
-         + FAST)  # fmt: skip
+    nlft_ok("generate", "--model", model_dir, "--data", data_dir, "--samples", "2", "--out", responses, *FAST)
     generated = read_jsonl(responses)
     assert len(generated) == 2 and all(set(r) >= {"question", "answer", "response", "instruction"} for r in generated)
     assert {r["question"] for r in generated} <= {r["question"] for r in ROWS}
 
-    main(["judge", "--in", str(responses), "--out", str(records)])
+    nlft_ok("judge", "--in", responses, "--out", records)
     judged = read_jsonl(records)
     assert len(judged) == 2 and all(isinstance(r["correct"], bool) for r in judged)
     # A random model does not solve the problems: every record is wrong and carries a judgment.
     assert all(not r["correct"] and "The correct answer is" in r["judgment"] for r in judged)
 
-    main(["train", "--model", str(model_dir), "--data", str(records), "--steps", "2", "--out", str(trained)])
+    nlft_ok("train", "--model", model_dir, "--data", records, "--steps", "2", "--out", trained)
     assert (trained / "config.json").is_file() and not (trained / "adapter_config.json").exists()
 
     result_path = tmp_path / "eval.json"
-    main(["eval", "--model", str(trained), "--data", str(data_dir), "--samples", "3", "--out", str(result_path)]
-         + FAST)  # fmt: skip
+    done = nlft_ok("eval", "--model", trained, "--data", data_dir, "--samples", "3", "--out", result_path, *FAST)
     result = json.loads(result_path.read_text())
     assert result["count"] == 3 and len(result["samples"]) == 3
-    assert "accuracy: 0.00% (0/3)" in capsys.readouterr().out.splitlines()[-1]
+    assert "accuracy: 0.00% (0/3)" in done.stdout.splitlines()[-1]
 
 
 def test_judge_with_user_hook(tmp_path):
     hook = tmp_path / "my_judge.py"
     hook.write_text("def judge(question, response, reference):\n    return (len(response) > 3, 'Too short.')\n")
     rows = [{"question": "q", "answer": "#### 7", "response": r} for r in ("seven", "7")]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    main(
-        ["judge", "--in", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"), "--judge", f"{hook}:judge"]
-    )
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    nlft_ok("judge", "--in", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl", "--judge", f"{hook}:judge")
     judged = read_jsonl(tmp_path / "out.jsonl")
     assert [(r["correct"], r["judgment"]) for r in judged] == [(True, None), (False, "Too short.")]
 
 
-def test_demo(model_dir, data_dir, tmp_path, capsys):
+def test_demo(model_dir, data_dir, tmp_path):
     out = tmp_path / "demo"
-    main(["demo", "--model", str(model_dir), "--data", str(data_dir), "--samples", "2", "--steps", "1",
-          "--out", str(out)] + FAST)  # fmt: skip
+    done = nlft_ok("demo", "--model", model_dir, "--data", data_dir, "--samples", "2", "--steps", "1", "--out", out,
+                   "--max-new-tokens", "4", "--generate-batch-size", "2")  # fmt: skip
     for name in ("eval_before.json", "responses.jsonl", "records.jsonl", "eval_after.json", "summary.json"):
         assert (out / name).is_file(), name
+    assert (out / "saliency.html").is_file() and (out / "model" / "config.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["count"] == 2 and summary["train_records"] == 2 and summary["steps"] == 1
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("GSM8K accuracy on 2 test questions: before 0.00% -> after 0.00%")
 
 
 def test_python_dash_m_entry_point():
-    done = subprocess.run([sys.executable, "-m", "nlft_kernels", "--help"], capture_output=True, text=True)
+    done = run_nlft("--help")
     assert done.returncode == 0 and "demo" in done.stdout and "generate" in done.stdout
 
 
 @pytest.mark.slow
-def test_demo_on_smollm2(tmp_path, capsys):
+def test_demo_on_smollm2(tmp_path):
     pytest.importorskip("gguf")
     from nlft_kernels.recipes.models import smollm2_gguf
 
@@ -235,7 +245,7 @@ def test_demo_on_smollm2(tmp_path, capsys):
         smollm2_gguf()
     except RuntimeError as err:
         pytest.skip(str(err))
-    main(["demo", "--samples", "2", "--steps", "1", "--max-new-tokens", "48", "--out", str(tmp_path / "demo")])
+    done = nlft_ok("demo", "--samples", "2", "--steps", "1", "--max-new-tokens", "48", "--out", tmp_path / "demo")
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["count"] == 2 and summary["train_records"] == 2
-    assert "GSM8K accuracy on 2 test questions" in capsys.readouterr().out
+    assert "GSM8K accuracy on 2 test questions" in done.stdout

@@ -1,11 +1,11 @@
-"""The paper's setting from the command line (every NLFTConfig field, dtype, 8-bit, LoRA, gradient
-checkpointing, epochs, judge_nll_weight) and bad input (file and line named, missing fields named,
-truncation counted, inputs never rewritten), on a tiny random Llama saved to a temporary folder."""
+"""The paper's setting from the command line (every NLFTConfig and NLFTTrainingArguments field a
+flag, the short aliases the README uses, dtype, 8-bit, LoRA, gradient checkpointing, epochs,
+judge_nll_weight) and bad input (file and line named, missing fields named, truncation counted,
+inputs never rewritten), on a tiny random Llama saved to a temporary folder."""
 
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import MISSING, fields
 
 import pytest
@@ -13,15 +13,18 @@ import torch
 from transformers import TrainingArguments
 
 from nlft_kernels.config import CLUSTER_CRITERIA, NLFTConfig
-from nlft_kernels.recipes.cli import build_parser, main, nlft_config_from_args, training_arguments_from_args
+from nlft_kernels.recipes.cli import build_parser, parse_args
+from nlft_kernels.recipes.commands.settings import nlft_config, training_arguments
+from nlft_kernels.recipes.commands.train import DEFAULT_STEPS
 from nlft_kernels.training import NLFTTrainingArguments, encode_record, save_records, train
-from nlft_kernels.training.arguments import TRAIN_KEYWORDS
+from nlft_kernels.training.arguments import CHECKPOINTING_FIELD, WARMUP_FIELD
 from nlft_kernels.training.data import response_ids
 from nlft_kernels.training.trainer import steps_for_epochs
-from tests._cli import cli_error, write_jsonl
+from tests._cli import REPO, bad_input, nlft_ok, run_nlft, write_jsonl
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
 
 SEED = 0
+TRAIN = ["train", "--data", __file__, "--out", "x"]
 
 
 @pytest.fixture(scope="module")
@@ -47,33 +50,39 @@ def _other_value(f):
     return f.default - 1 if isinstance(f.default, int) else f.default / 2
 
 
-def test_every_nlft_config_field_is_a_flag(tmp_path):
-    """Each field, set alone through its generated flag, reaches NLFTConfig; the others keep defaults."""
-    parser = build_parser()
+def test_every_nlft_config_field_is_a_flag():
+    """Each field, set alone through its flag (HfArgumentParser's), reaches NLFTConfig; the others
+    keep their defaults."""
     for f in fields(NLFTConfig):
         assert f.default is not MISSING and f.metadata.get("help"), f"{f.name} needs a default and help"
         value = _other_value(f)
-        flag = f"--{f.name.replace('_', '-')}"
-        for command in (["train", "--data", __file__, "--out", str(tmp_path)], ["demo"]):
-            config = nlft_config_from_args(parser.parse_args([*command, flag, str(value)]))
-            assert getattr(config, f.name) == value, (f.name, command)
-            assert config == NLFTConfig(**{f.name: value})
+        for flag in (f"--{f.name}", f"--{f.name.replace('_', '-')}"):
+            for command in (TRAIN, ["demo"], ["saliency", "--data", __file__, "--out", "x"]):
+                config = nlft_config(parse_args([*command, flag, str(value)]))
+                assert config == NLFTConfig(**{f.name: value}), (f.name, command)
 
 
-def test_every_training_setting_is_a_flag():
-    """Each keyword of train() (every field NLFTTrainingArguments adds, and the TrainingArguments
-    fields `nlft train` exposes), set alone through its generated flag, reaches the arguments."""
-    parser = build_parser()
-    base = ["train", "--data", __file__, "--out", "x"]
+def test_every_training_field_is_a_flag():
+    """Every field of NLFTTrainingArguments (transformers' and NLFT's) is a flag of `nlft train` and
+    `nlft demo`: nothing is left out, and no list of them is kept by hand."""
+    for name in ("train", "demo"):
+        parser = build_parser(only=name).commands[name]
+        dests = {action.dest for action in parser._actions}
+        missing = {f.name for f in fields(NLFTTrainingArguments) if f.init} - dests
+        assert not missing, f"nlft {name}: no flag for {sorted(missing)}"
+
+
+def test_the_readme_flags_reach_the_arguments():
+    """The short flags of the README (field aliases), each set alone, reach their field."""
     cases = {
-        "steps": (["--steps", "7"], 7),
-        "epochs": (["--epochs", "2.5"], 2.5),
-        "batch_size": (["--batch-size", "3"], 3),
-        "grad_accum": (["--grad-accum", "4"], 4),
-        "lr": (["--lr", "3e-5"], 3e-5),
-        "lr_scheduler": (["--lr-scheduler", "cosine"], "cosine"),
-        "warmup_ratio": (["--warmup-ratio", "0.1"], 0.1),
-        "gradient_checkpointing": (["--gradient-checkpointing"], True),
+        "max_steps": (["--steps", "7"], 7),
+        "num_train_epochs": (["--epochs", "2.5"], 2.5),
+        "per_device_train_batch_size": (["--batch-size", "3"], 3),
+        "gradient_accumulation_steps": (["--grad-accum", "4"], 4),
+        "learning_rate": (["--lr", "3e-5"], 3e-5),
+        "lr_scheduler_type": (["--lr-scheduler", "cosine"], "cosine"),
+        WARMUP_FIELD: (["--warmup-ratio", "0.1"], 0.1),
+        CHECKPOINTING_FIELD: (["--gradient-checkpointing"], True),
         "seed": (["--seed", "5"], 5),
         "lora": (["--full"], False),
         "lora_r": (["--lora-r", "4"], 4),
@@ -83,38 +92,40 @@ def test_every_training_setting_is_a_flag():
         "max_length": (["--max-length", "64"], 64),
         "judge_nll_weight": (["--judge-nll-weight", "10"], 10.0),
     }
-    assert set(cases) == set(TRAIN_KEYWORDS) - {"output_dir"}  # --out: the CLI saves (merged) itself
     added = {f.name for f in fields(NLFTTrainingArguments)} - {f.name for f in fields(TrainingArguments)}
-    assert added <= {TRAIN_KEYWORDS[k] for k in cases}, "a field NLFTTrainingArguments adds has no flag"
-    default = training_arguments_from_args(parser.parse_args(base))
-    for keyword, (argv, expected) in cases.items():
-        name = TRAIN_KEYWORDS[keyword]
-        got = training_arguments_from_args(parser.parse_args(base + argv))
-        assert getattr(got, name) == expected and getattr(default, name) != expected, keyword
-    assert isinstance(default, NLFTTrainingArguments) and default.max_steps == 20
-    with pytest.raises(SystemExit):
-        main(base + ["--lora-targets", ","])
+    assert added <= set(cases), "a field NLFTTrainingArguments adds is not in the README's flags"
+    default = training_arguments(parse_args(TRAIN), DEFAULT_STEPS)
+    assert isinstance(default, NLFTTrainingArguments) and default.max_steps == DEFAULT_STEPS
+    for name, (argv, expected) in cases.items():
+        got = training_arguments(parse_args(TRAIN + argv), DEFAULT_STEPS)
+        value = getattr(got, name)
+        value = getattr(value, "value", value)  # a SchedulerType
+        assert value == expected and getattr(default, name) != expected, name
+    epochs = training_arguments(parse_args([*TRAIN, "--epochs", "2"]), DEFAULT_STEPS)
+    assert (epochs.max_steps, epochs.num_train_epochs) == (-1, 2.0)
 
 
-def test_bad_config_value_names_the_field(records_file, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--data", str(records_file), "--out", str(tmp_path / "m"), "--correct-threshold", "1.5"])
-    assert "NLFTConfig.correct_threshold must be in (0, 1)" in capsys.readouterr().err
-
-
-def test_training_flags_parse():
-    args = build_parser().parse_args(
-        ["train", "--data", __file__, "--out", "x", "--dtype", "bf16", "--lora-r", "8", "--lora-alpha", "32",
-         "--lora-dropout", "0.1", "--lora-targets", "q_proj, v_proj", "--gradient-checkpointing", "--epochs", "3",
-         "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--judge-nll-weight", "10", "--load-in-8bit"]
+def test_the_papers_command_parses():
+    """The README's paper command (less --load-in-8bit's GPU) gives the paper's settings."""
+    args = parse_args(
+        [*TRAIN, "--dtype", "bf16", "--lora-r", "16", "--lora-alpha", "16", "--lora-dropout", "0.05",
+         "--lora-targets", "gate_proj,up_proj,down_proj", "--gradient-checkpointing", "--epochs", "3", "--lr", "5e-5",
+         "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--batch-size", "1", "--grad-accum", "4",
+         "--max-length", "8192", "--judge-nll-weight", "10", "--load-in-8bit"]
     )  # fmt: skip
-    assert (args.dtype, args.lora_r, args.lora_alpha, args.lora_dropout) == ("bf16", 8, 32.0, 0.1)
-    assert args.lora_targets == ["q_proj", "v_proj"] and args.gradient_checkpointing and args.load_in_8bit
-    assert (args.epochs, args.lr_scheduler, args.warmup_ratio, args.judge_nll_weight) == (3.0, "cosine", 0.1, 10.0)
-    defaults = build_parser().parse_args(["train", "--data", __file__, "--out", "x"])
-    assert (defaults.lora_r, defaults.lora_alpha, defaults.lora_dropout, defaults.lora_targets) == (16, 16, 0.05, None)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--data", __file__, "--out", "x", "--steps", "2", "--epochs", "1"])
+    settings = training_arguments(args, DEFAULT_STEPS)
+    assert (args.dtype, args.load_in_8bit, settings.lora_r, settings.lora_alpha, settings.lora_dropout) == (
+        "bf16", True, 16, 16.0, 0.05)  # fmt: skip
+    assert settings.lora_targets == ["gate_proj", "up_proj", "down_proj"] and getattr(settings, CHECKPOINTING_FIELD)
+    assert (settings.num_train_epochs, settings.max_steps, settings.learning_rate) == (3.0, -1, 5e-5)
+    assert (getattr(settings, WARMUP_FIELD), settings.per_device_train_batch_size) == (0.1, 1)
+    assert (settings.gradient_accumulation_steps, settings.max_length, settings.judge_nll_weight) == (4, 8192, 10.0)
+    assert settings.lr_scheduler_type.value == "cosine"
+
+
+def test_bad_config_value_names_the_field(records_file, tmp_path):
+    argv = ["train", "--data", records_file, "--out", tmp_path / "m", "--correct-threshold", "1.5"]
+    assert "NLFTConfig.correct_threshold must be in (0, 1)" in bad_input(*argv)
 
 
 def test_train_takes_the_paper_settings(capsys):
@@ -122,12 +133,12 @@ def test_train_takes_the_paper_settings(capsys):
     tokenizer = tiny_tokenizer()
     records = tiny_records()
     print(f"seed {SEED}")
-    model = train(
-        tiny_model(len(tokenizer), seed=SEED), tokenizer, records, epochs=3, batch_size=2, grad_accum=1,
-        lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_targets=["q_proj", "down_proj"],
-        gradient_checkpointing=True, lr_scheduler="cosine", warmup_ratio=0.2, judge_nll_weight=1.0,
-        config=NLFTConfig(loss_scale=5.0), seed=SEED,
+    args = NLFTTrainingArguments(
+        num_train_epochs=3, per_device_train_batch_size=2, gradient_accumulation_steps=1, lora_r=4, lora_alpha=8,
+        lora_dropout=0.1, lora_targets=["q_proj", "down_proj"], lr_scheduler_type="cosine", judge_nll_weight=1.0,
+        seed=SEED, disable_tqdm=False, **{CHECKPOINTING_FIELD: True, WARMUP_FIELD: 0.2},
     )  # fmt: skip
+    model = train(tiny_model(len(tokenizer), seed=SEED), tokenizer, records, args, config=NLFTConfig(loss_scale=5.0))
     lora = model.peft_config["default"]
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (
         4,
@@ -142,45 +153,39 @@ def test_train_takes_the_paper_settings(capsys):
 
 def test_default_lora_targets_are_the_authors():
     tokenizer = tiny_tokenizer()
-    model = train(tiny_model(len(tokenizer), seed=SEED), tokenizer, tiny_records(), steps=1, progress=False)
+    args = NLFTTrainingArguments(max_steps=1, disable_tqdm=True)
+    model = train(tiny_model(len(tokenizer), seed=SEED), tokenizer, tiny_records(), args)
     assert set(model.peft_config["default"].target_modules) == {"gate_proj", "up_proj", "down_proj"}
 
 
-def test_cli_train_dtype_and_targets(model_dir, records_file, tmp_path, capsys):
+def test_cli_train_dtype_and_targets(model_dir, records_file, tmp_path):
     out = tmp_path / "trained"
-    main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1", "--dtype", "bf16",
-          "--lora-targets", "q_proj,v_proj", "--lora-r", "4", "--out", str(out)])  # fmt: skip
+    nlft_ok("train", "--model", model_dir, "--data", records_file, "--steps", "1", "--dtype", "bf16",
+            "--lora-targets", "q_proj,v_proj", "--lora-r", "4", "--out", out)  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
-    with pytest.raises(SystemExit) as info:
-        main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
-              "--lora-targets", "no_such_proj", "--out", str(tmp_path / "x")])  # fmt: skip
-    assert "LoRA targets ['no_such_proj'] are not modules" in str(info.value.code)
+    message = bad_input("train", "--model", model_dir, "--data", records_file, "--steps", "1",
+                        "--lora-targets", "no_such_proj", "--out", tmp_path / "x")  # fmt: skip
+    assert "LoRA targets ['no_such_proj'] are not modules" in message
 
 
-def test_train_lets_other_warnings_show(model_dir, records_file, tmp_path, monkeypatch):
-    """`nlft train` rewords only encode_records' counts; a warning from anything else in training
-    (here a library's FutureWarning, raised around the real train) still reaches the user."""
-    import nlft_kernels.training as training
-
-    real_train = training.train
-
-    def train_with_a_library_warning(*args, **kwargs):
-        warnings.warn("some_library: `foo` is deprecated, use `bar`", FutureWarning, stacklevel=2)
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train", train_with_a_library_warning)
-    with pytest.warns(FutureWarning, match="`foo` is deprecated"):
-        main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
-              "--out", str(tmp_path / "m")])  # fmt: skip
+def test_warnings_show_one_line_each(model_dir, tmp_path):
+    """A warning of this package prints as one `nlft <command>:` line; anyone else's (here a judge
+    function's FutureWarning) as Python shows it: nothing is hidden or reworded."""
+    hook = tmp_path / "old_judge.py"
+    hook.write_text("import warnings\n\ndef judge(question, response, reference):\n"
+                    "    warnings.warn('old_judge: use new_judge', FutureWarning)\n"
+                    "    return True, None\n")  # fmt: skip
+    responses = write_jsonl(tmp_path / "responses.jsonl", [{"question": "q", "answer": "#### 1", "response": "1"}])
+    done = run_nlft("judge", "--in", responses, "--out", tmp_path / "records.jsonl", "--judge", f"{hook}:judge")
+    assert done.returncode == 0 and f"{hook}:4: FutureWarning: old_judge: use new_judge" in done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_load_in_8bit_without_cuda_is_a_clear_error(model_dir, records_file, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        main(["train", "--model", str(model_dir), "--data", str(records_file), "--load-in-8bit", "--out",
-              str(tmp_path / "m")])  # fmt: skip
-    assert "need a CUDA GPU" in str(info.value.code)
+    message = bad_input("train", "--model", model_dir, "--data", records_file, "--load-in-8bit", "--out",
+                        tmp_path / "m")  # fmt: skip
+    assert "need a CUDA GPU" in message
 
 
 def test_lora_over_8bit_weights_is_saved_unmerged(model_dir, tmp_path):
@@ -212,16 +217,16 @@ def test_lora_over_8bit_weights_is_saved_unmerged(model_dir, tmp_path):
     assert not torch.allclose(trained, untrained), "the adapter must change the outputs for this to show"
 
 
-def test_load_in_8bit_trains_lora_only(records_file, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--data", str(records_file), "--load-in-8bit", "--full", "--out", str(tmp_path / "m")])
-    assert "--load-in-8bit trains through LoRA only" in capsys.readouterr().err
+def test_load_in_8bit_trains_lora_only(records_file, tmp_path):
+    message = bad_input("train", "--data", records_file, "--load-in-8bit", "--full", "--out", tmp_path / "m")
+    assert "--load-in-8bit trains through LoRA only" in message
 
 
 # ------------------------------------------------------------------------------ bad input
 
 
-def test_long_responses_are_truncated_with_a_count(model_dir, records_file, tmp_path, capsys):
+def test_long_responses_are_truncated_with_a_count(model_dir, records_file, tmp_path):
+    """The count of truncated responses: one `nlft train:` line on stderr, the only one."""
     tokenizer = tiny_tokenizer()
     records = tiny_records()
     prompts = [max(e[f"{v}_prompt_length"] for v in ("base", "standard", "judge"))
@@ -231,66 +236,72 @@ def test_long_responses_are_truncated_with_a_count(model_dir, records_file, tmp_
     expected = sum(n > max_length - p for n, p in zip(lengths, prompts, strict=True))
     assert 0 < expected < len(records), "the cut must hit some records and spare others"
     before = records_file.read_bytes()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        main(["train", "--model", str(model_dir), "--data", str(records_file), "--steps", "1",
-              "--max-length", str(max_length), "--out", str(tmp_path / "m")])  # fmt: skip
-    assert not any("truncated" in str(w.message) for w in caught)  # printed as a line, not also a warning
-    err = capsys.readouterr().err
-    assert f"{expected} of {len(records)} responses truncated to fit max_length={max_length}" in err
+    count = f"nlft train: {expected} of {len(records)} responses truncated to fit max_length={max_length}"
+    done = nlft_ok("train", "--model", model_dir, "--data", records_file, "--steps", "1", "--max-length", max_length,
+                   "--out", tmp_path / "m", allowed=(count,))  # fmt: skip
+    assert count in done.stderr
     assert records_file.read_bytes() == before  # the input is only read
 
 
-def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "responses.jsonl"
     good = json.dumps({"question": "q", "response": "r", "answer": "#### 1"})
     path.write_text(f"{good}\n\n{{not json\n{good}\n")
-    with pytest.raises(SystemExit):
-        main(["judge", "--in", str(path), "--out", str(tmp_path / "out.jsonl")])
-    assert f"{path}, line 3: not valid JSON" in capsys.readouterr().err
+    assert f"{path}, line 3: not valid JSON" in bad_input("judge", "--in", path, "--out", tmp_path / "out.jsonl")
 
 
-def test_record_missing_a_field_names_it(model_dir, tmp_path, capsys):
+def test_record_missing_a_field_names_it(model_dir, tmp_path):
     rows = [{"question": "q", "response": "r", "answer": "a", "correct": True},
             {"question": "q", "answer": "a", "correct": True}]  # fmt: skip
     path = write_jsonl(tmp_path / "records.jsonl", rows)
-    train = ["train", "--model", str(model_dir), "--data", str(path), "--steps", "1", "--out", str(tmp_path / "m")]
-    assert f"{path}, line 2: missing field 'response' or 'output'" in cli_error(capsys, train)
+    message = bad_input("train", "--model", model_dir, "--data", path, "--steps", "1", "--out", tmp_path / "m")
+    assert f"{path}, line 2: missing field 'response' or 'output'" in message
     responses = write_jsonl(tmp_path / "responses.jsonl", [{"question": "q", "response": "r"}])
-    judge = ["judge", "--in", str(responses), "--out", str(tmp_path / "out.jsonl")]
-    assert "line 1: missing field answer" in cli_error(capsys, judge)
+    assert "line 1: missing field answer" in bad_input("judge", "--in", responses, "--out", tmp_path / "out.jsonl")
 
 
-def test_judge_input_lines_are_the_files_lines(tmp_path, capsys):
+def test_judge_input_lines_are_the_files_lines(tmp_path):
     """Blank lines count: a bad row and each output row name the line an editor shows, not the row's rank."""
     good = json.dumps({"question": "q", "response": "The answer is 1.", "answer": "#### 1"})
     bad = json.dumps({"question": "q", "response": "r"})
     path = tmp_path / "responses.jsonl"
     path.write_text(f"\n{good}\n\n\n{bad}\n")  # the bad row is the 2nd row, on line 5
-    with pytest.raises(SystemExit):
-        main(["judge", "--in", str(path), "--out", str(tmp_path / "out.jsonl")])
-    assert f"--in {path}, line 5: missing field answer" in capsys.readouterr().err
+    message = bad_input("judge", "--in", path, "--out", tmp_path / "out.jsonl")
+    assert f"--in {path}, line 5: missing field answer" in message
     path.write_text(f"\n{good}\n\n\n{good}\n")
-    assert main(["judge", "--in", str(path), "--out", str(tmp_path / "out.jsonl")]) == 0
+    nlft_ok("judge", "--in", path, "--out", tmp_path / "out.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rows] == [2, 5] and all(r["correct"] for r in rows)
 
 
-def test_generate_never_writes_over_its_input(tmp_path, capsys):
-    data = tmp_path / "questions.jsonl"
-    data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+def test_generate_never_writes_over_its_input(tmp_path):
+    data = write_jsonl(tmp_path / "questions.jsonl", [{"question": "q", "answer": "#### 1"}])
     before = data.read_bytes()
-    with pytest.raises(SystemExit):
-        main(["generate", "--data", str(data), "--out", str(data)])
-    assert "inputs are never rewritten" in capsys.readouterr().err and data.read_bytes() == before
+    assert "inputs are never rewritten" in bad_input("generate", "--data", data, "--out", data)
+    assert data.read_bytes() == before
 
 
-def test_generate_never_writes_over_a_folders_split(tmp_path, capsys):
+def test_generate_never_writes_over_a_folders_split(tmp_path):
     """--data a folder: its {split}.jsonl is the input, protected as a file given by name is."""
     data = tmp_path / "gsm8k" / "train.jsonl"
     data.parent.mkdir()
-    data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    write_jsonl(data, [{"question": "q", "answer": "#### 1"}])
     before = data.read_bytes()
-    with pytest.raises(SystemExit):
-        main(["generate", "--data", str(data.parent), "--out", str(data)])
-    assert "inputs are never rewritten" in capsys.readouterr().err and data.read_bytes() == before
+    assert "inputs are never rewritten" in bad_input("generate", "--data", data.parent, "--out", data)
+    assert data.read_bytes() == before
+
+
+def test_the_docs_paper_config_is_the_papers_command(tmp_path):
+    """docs/cli.md's paper.yaml gives what the paper's command line gives (flags and file agree)."""
+    text = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
+    config = tmp_path / "paper.yaml"
+    config.write_text(text.split("```yaml\n", 1)[1].split("```", 1)[0], encoding="utf-8")
+    from_file = parse_args([*TRAIN, "--config", str(config)])
+    flags = parse_args(
+        [*TRAIN, "--model", "meta-llama/Meta-Llama-3-8B", "--load-in-8bit", "--dtype", "bf16", "--lora-r", "16",
+         "--lora-alpha", "16", "--lora-dropout", "0.05", "--gradient-checkpointing", "--epochs", "3", "--lr", "5e-5",
+         "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--batch-size", "1", "--grad-accum", "4",
+         "--max-length", "8192", "--judge-nll-weight", "10"]
+    )  # fmt: skip
+    assert vars(from_file) | {"config": None} == vars(flags) | {"config": None}
+    assert training_arguments(from_file, DEFAULT_STEPS).to_dict() == training_arguments(flags, DEFAULT_STEPS).to_dict()

@@ -21,7 +21,8 @@ import pytest
 from nlft_kernels.recipes.cli import main
 from nlft_kernels.recipes.data import read_gsm8k
 from nlft_kernels.recipes.generation import sample_rows
-from nlft_kernels.recipes.judges import JudgeError, OpenAIJudge
+from nlft_kernels.recipes.judgment import JudgeError
+from nlft_kernels.recipes.llm_judge import OpenAIJudge
 from tests._judge_server import LlamaServer, llama_server_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_killed_mid_run_then_resumed(llama_server, tmp_path):
     assert sorted(r["line"] for r in final) == list(range(1, n + 1)) and final[: len(kept)] == kept
 
 
-def test_server_stopped_mid_run(tmp_path):
+def test_server_stopped_mid_run(tmp_path, capsys):
     """The server goes away after the first record: `nlft judge` stops with a clear error, and
     the record judged before stays in the output."""
     server = LlamaServer(llama_server_or_skip(), tmp_path / "server.log")
@@ -151,7 +152,7 @@ def test_server_stopped_mid_run(tmp_path):
         server.stop()
     kept = read_jsonl(out)
     assert len(kept) == 1
-    with pytest.raises(SystemExit) as info:
-        main(judge_cmd(server, responses, out, "--max-retries", "1", "--backoff", "0.1", "--concurrency", "1"))
-    assert "cannot reach the judge" in str(info.value.code) and "rerun to resume" in str(info.value.code)
+    status = main(judge_cmd(server, responses, out, "--max-retries", "1", "--backoff", "0.1", "--concurrency", "1"))
+    message = capsys.readouterr().err
+    assert status == 1 and "cannot reach the judge" in message and "rerun to resume" in message
     assert read_jsonl(out) == kept

@@ -29,7 +29,7 @@ from nlft_kernels.saliency_map import (
     write_saliency_map,
 )
 from nlft_kernels.saliency_map.page import mark_descriptions
-from tests._cli import cli_error, write_jsonl
+from tests._cli import bad_input, nlft_ok, write_jsonl
 from tests._tiny import save_tiny_model, tiny_model, tiny_records, tiny_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
@@ -357,12 +357,10 @@ def _records_file(path: Path, records) -> Path:
     return path
 
 
-def test_nlft_saliency_on_a_tiny_model(model_dir, tmp_path, capsys):
-    from nlft_kernels.recipes.cli import main
-
+def test_nlft_saliency_on_a_tiny_model(model_dir, tmp_path):
     data = _records_file(tmp_path / "records.jsonl", tiny_records())
     out = tmp_path / "map"
-    main(["saliency", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-records", "3"])
+    done = nlft_ok("saliency", "--model", model_dir, "--data", data, "--out", out, "--max-records", "3")
     page = (out / "saliency.html").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in (out / "saliency.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 3 and (out / "saliency.png").is_file()
@@ -370,20 +368,18 @@ def test_nlft_saliency_on_a_tiny_model(model_dir, tmp_path, capsys):
     assert len(tree.tokens) == sum(len(r["tokens"]) for r in rows)
     assert [a["id"] for tag, _, a in tree.elements if tag == "section"] == ["record-1", "record-2", "record-3"]
     assert f"model: {model_dir}" in page
-    assert f"wrote the saliency map to {out / 'saliency.html'} and {out / 'saliency.png'}" in capsys.readouterr().out
+    assert f"wrote the saliency map to {out / 'saliency.html'} and {out / 'saliency.png'}" in done.stdout
 
 
 def test_nlft_saliency_takes_the_nlft_config_flags(model_dir, tmp_path):
     """`--other-power 2` reaches the config the map is computed with: the weights written are
     those of NLFTConfig(other_power=2), and differ from the default config's on these records."""
-    from nlft_kernels.recipes.cli import main
     from nlft_kernels.recipes.models import load_model
 
     records = tiny_records()
     data = _records_file(tmp_path / "records.jsonl", records)
     out = tmp_path / "map"
-    main(["saliency", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--png-records", "0",
-          "--other-power", "2"])  # fmt: skip
+    nlft_ok("saliency", "--model", model_dir, "--data", data, "--out", out, "--png-records", "0", "--other-power", "2")
 
     def weights(row: dict) -> list[float]:
         return [token["weight"] for token in row["tokens"]]
@@ -406,22 +402,16 @@ def test_nlft_saliency_takes_the_nlft_config_flags(model_dir, tmp_path):
         (["saliency", "--data", __file__, "--out", "x", "--max-records", "0"], "must be >= 1"),
     ],
 )
-def test_nlft_saliency_bad_arguments(argv, message, capsys):
-    from nlft_kernels.recipes.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+def test_nlft_saliency_bad_arguments(argv, message):
+    assert message in bad_input(*argv)
 
 
-def test_nlft_saliency_bad_records(tmp_path, capsys):
+def test_nlft_saliency_bad_records(tmp_path):
     path = write_jsonl(tmp_path / "records.jsonl", [{"question": "q", "response": "r"}])
-    err = cli_error(capsys, ["saliency", "--data", str(path), "--out", str(tmp_path / "out")])
-    assert "line 1: missing field 'answer'" in err
+    assert "line 1: missing field 'answer'" in bad_input("saliency", "--data", path, "--out", tmp_path / "out")
 
 
 def test_demo_writes_the_saliency_map(model_dir, tmp_path):
-    from nlft_kernels.recipes.cli import main
     from tests.test_cli import ROWS
 
     data = tmp_path / "data"
@@ -429,8 +419,8 @@ def test_demo_writes_the_saliency_map(model_dir, tmp_path):
     for split in ("train", "test"):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
     out = tmp_path / "demo"
-    main(["demo", "--model", str(model_dir), "--data", str(data), "--samples", "2", "--steps", "1",
-          "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)])  # fmt: skip
+    nlft_ok("demo", "--model", model_dir, "--data", data, "--samples", "2", "--steps", "1", "--max-new-tokens", "4",
+            "--generate-batch-size", "2", "--out", out)  # fmt: skip
     records = [json.loads(line) for line in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()]
     tree = parse((out / "saliency.html").read_text(encoding="utf-8"))
     assert len([tag for tag, _, _ in tree.elements if tag == "section"]) == len(records) == 2
@@ -438,11 +428,10 @@ def test_demo_writes_the_saliency_map(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_nlft_saliency_on_smollm2(tmp_path, capsys):
+def test_nlft_saliency_on_smollm2(tmp_path):
     """Two tiny records on the embedded SmolLM2: a correct response that is the reference answer
     itself (the standard view predicts it: saliency tokens) and a wrong one with its judgment."""
     pytest.importorskip("gguf")
-    from nlft_kernels.recipes.cli import main
     from nlft_kernels.recipes.models import smollm2_gguf
     from nlft_kernels.training import NLFTRecord
 
@@ -463,7 +452,7 @@ def test_nlft_saliency_on_smollm2(tmp_path, capsys):
     ]
     data = _records_file(tmp_path / "records.jsonl", records)
     out = tmp_path / "map"
-    main(["saliency", "--data", str(data), "--out", str(out)])
+    done = nlft_ok("saliency", "--data", data, "--out", out)
     rows = [json.loads(line) for line in (out / "saliency.jsonl").read_text(encoding="utf-8").splitlines()]
     tree = parse((out / "saliency.html").read_text(encoding="utf-8"))
     assert len(tree.tokens) == sum(len(r["tokens"]) for r in rows) > 20
@@ -476,4 +465,4 @@ def test_nlft_saliency_on_smollm2(tmp_path, capsys):
     assert all(t["p_judge"] is None for t in correct_tokens)
     assert all(t["p_judge"] is not None for t in rows[1]["tokens"])
     assert (out / "saliency.png").stat().st_size > 10_000
-    assert "wrote the saliency map" in capsys.readouterr().out
+    assert "wrote the saliency map" in done.stdout

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from nlft_kernels.recipes.judge import find_step_errors
+from nlft_kernels.recipes.rule_judge import find_step_errors
 from nlft_kernels.recipes.tasks import FAMILIES, SPLITS, before_blank_line, get_task, split_of, task_names
 from nlft_kernels.recipes.tasks.sentiment import read_label
 

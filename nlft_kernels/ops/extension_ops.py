@@ -89,8 +89,10 @@ ext_label_logprobs_op = torch.ops.nlft_kernels.ext_label_logprobs.default
 # The registry's entries, with the signatures of the Triton launchers (ops/kernels.py).
 
 
-def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool):
-    """The row pass of the C++ (CPU tensors) or CUDA kernel (CUDA tensors)."""
+def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, inplace_grad: bool = False):
+    """The row pass of the C++ (CPU tensors) or CUDA kernel (CUDA tensors). The bindings
+    allocate the gradient themselves: ``inplace_grad`` is not honoured (a new buffer in
+    ``grad_dtype`` comes back)."""
     rule = RuleConstants.of(cfg)
     judge_mode = ViewMode(v.judge_mode)
     stats, saliency, grad = ext_row_pass_op(

@@ -239,11 +239,17 @@ def _row_strides(view: torch.Tensor) -> tuple[int, int]:
     return (view.stride(0), view.stride(1)) if view.dim() == 3 else (0, 0)
 
 
-def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool):
-    """The row pass (see ``stages.first_stage``): (stats [3, N], saliency [N] bool, gradient or None)."""
+def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, inplace_grad: bool = False):
+    """The row pass (see ``stages.first_stage``): (stats [3, N], saliency [N] bool, gradient or None).
+
+    ``inplace_grad``: the gradient is written over the contiguous base logits (each program
+    reads its row's tile before it writes it) and ``v.base`` is returned as the gradient."""
     base = v.base
     n, vocab = v.labels.numel(), base.shape[-1]
-    stats, grad = row_pass_buffers(base, n, compute_grad)
+    stats, grad = row_pass_buffers(base, n, compute_grad and not inplace_grad)
+    if compute_grad and inplace_grad:
+        assert base.is_contiguous(), "an in-place gradient needs contiguous base logits"
+        grad = base
     saliency = torch.empty(n, dtype=torch.int8, device=base.device)
     std, judge = v.standard, v.judge if v.judge is not None else v.standard
     launch = launch_config("row_pass", vocab, v.streams, base.dtype)

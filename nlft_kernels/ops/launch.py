@@ -148,3 +148,26 @@ def token_logprobs_traffic(vocab: int, dtype: torch.dtype) -> dict[str, dict[str
     gradient row once (in the logits dtype)."""
     e = dtype.itemsize
     return {"forward": {"logits": (vocab + 1) * e}, "backward": {"logits": vocab * e, "grad": vocab * e}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The saliency-cluster walk (``ops/cluster_kernels.py``): one program per sample holds the
+# running centre [D] and one hidden row [D] in registers, so its tile spans the hidden size.
+
+# Largest hidden size the walk holds in one tile: 16384 (Llama-3-405B's D) in float32, 4096 in
+# float64 (for gradcheck); larger heads take the torch walk.
+MAX_CLUSTER_BLOCK_D = {4: 16384, 8: 4096}
+
+
+def cluster_walk_config(dim: int, dtype: torch.dtype) -> LaunchConfig | None:
+    """``BLOCK_D`` (as ``block_v``: the power of two at or above ``dim``, at least 16) and warps
+    of ``_cluster_walk_kernel`` for hidden states [N, ``dim``] of ``dtype``: two live tiles
+    (centre, row) of at most ``_LIVE_PER_THREAD`` elements per thread each (half that in
+    float64), at most 16 warps; None when ``dim`` is beyond ``MAX_CLUSTER_BLOCK_D``. The AOT
+    compile for sm_80/sm_90 of every dtype at D = 8 .. 16384 has no spills."""
+    acc_size = 8 if dtype == torch.float64 else 4
+    block = max(16, vocab_bucket(dim))
+    if block > MAX_CLUSTER_BLOCK_D[acc_size]:
+        return None
+    live = _LIVE_PER_THREAD[acc_size] // (2 if acc_size == 8 else 1)
+    return LaunchConfig(block, min(max(1, vocab_bucket(-(-block // (32 * live)))), 16))

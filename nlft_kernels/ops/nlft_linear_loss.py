@@ -1,27 +1,20 @@
 """The NLFT loss and teacher log-probs straight from hidden states: the [N, V] logits never exist.
 
-``nlft_linear_loss(hidden, weight, ...)`` equals ``nlft_loss(hidden @ weight.T + bias, ...)``
-(with ``hidden_states=hidden`` for the saliency clusters). The rows are processed in chunks:
-per chunk, the logits ``[c, V]`` are one matmul, the core op's first stage (Triton on CUDA,
-chunked torch elsewhere) turns them into the label statistics and the provisional gradient
-``G_c = coef * (softmax - onehot)``, and two more matmuls fold ``G_c`` into the gradients of
-``hidden`` (``G_c @ weight``) and ``weight`` (``G_c.T @ hidden_c``, accumulated in float32 in
-place). Peak extra memory is a few [c, V] tensors plus the gradients themselves.
+``nlft_linear_loss(hidden, weight, ...)`` equals ``nlft_loss(F.linear(hidden, weight, bias), ...)``
+(with ``hidden_states=hidden`` for the saliency clusters). The rows are processed in chunks by
+the driver of ``ops/linear_chunks.py``: per chunk, the logits ``[c, V]`` are one GEMM in the
+input dtype, the core op's first stage (Triton on CUDA, the C++ kernel or chunked torch
+elsewhere) turns them into the label statistics and writes the gradient
+``G_c = coef * (softmax - onehot)`` over them, and two more GEMMs fold ``G_c`` into the
+gradients of ``hidden`` (``G_c @ weight``) and ``weight`` (``G_c.T @ hidden_c``, accumulated in
+float32). Peak extra memory is one chunk's logits plus the gradients themselves. Chunks are
+groups of whole samples, so the per-sample rule (the 6% rule, saliency clusters) is decided
+before a chunk's gradient is folded in (``ops/linear_chunks.py`` says how, the bytes each
+step moves, and how the rows per chunk are chosen).
 
-The logits tiles are float32 for every input dtype (float32 accumulation and output; see
-``_Head``): the saliency tests compare probabilities with 0.95 and ratios with 1.5, and a
-bfloat16 logit near 30 is off by up to 0.06, which moves a log-prob by as much and flips them.
-
-The per-sample part of the rule (the 6% rule, saliency clusters) needs every row of a sample.
-Chunks are cut at sample boundaries (``sample_groups`` in ``ops/linear_chunks.py``): a chunk of whole samples gets its
-second stage, and so its final gradient, before the two matmuls fold it in. With clusters on
-a GPU (``ONE_GROUP_WITH_CLUSTERS``), the second stage runs once over all rows instead, because
-the cluster walk costs O(T) small ops per call, too many launches to repeat per chunk. Then
-(and for a sample longer than a chunk) the provisional gradients are folded in as they come,
-and the rows the second stage changes are fixed afterwards: each row's gradient is linear in its ``G`` row, so
-the hidden gradient of those rows is rescaled in place and the weight/bias gradients are
-corrected by recomputing ``G`` for those rows only: ``+ ((factor - 1) * G_rows).T @ hidden_rows``.
-That costs up to two more [k, V, D] matmuls for k changed rows.
+The teachers' label log-probs (``linear_token_logprobs``) come from float32 logits tiles: the
+saliency tests compare probabilities with 0.95 and ratios with 1.5, and a bfloat16 logit near
+30 is off by up to 0.06, which moves a log-prob by as much and flips them.
 
 As in Liger-Kernel's fused linear cross-entropy, the gradients are computed in forward and
 backward only scales them; with ``reduction="none"`` the upstream gradient is per row, so
@@ -137,14 +130,14 @@ def nlft_linear_loss(
     labels, correct, standard, judge, sample_ids, reduction, return_details, backend, validate:
       as in :func:`nlft_loss`; pass the teacher views as [B, T] label log-probs
       (:func:`linear_token_logprobs`) to keep their logits out of memory too.
-    chunk_size: rows per chunk; default from N, V and free memory (:func:`chunk_rows_for`):
-      as many rows as fit in min(1 GiB on CUDA or 128 MiB elsewhere, free memory / 4), and
-      off CUDA at most D / 2, a multiple of 64 when more than 64 fit, balanced so the last
-      chunk is not a sliver. Peak
-      extra memory is about ``chunk_size * V * 16`` bytes (float32 logits and gradient, and two
-      float32 temporaries) plus the gradients (hidden [N, D]; weight [V, D] and bias
-      accumulated in float32 in place, then cast to their dtype); 16-bit inputs on a device
-      without float32-output 16-bit matmuls (the CPU) add a float32 copy of ``weight``.
+    chunk_size: rows per chunk; default from N, V, D and free memory (:func:`chunk_rows_for`):
+      on CUDA long enough for the weight-gradient GEMM to be compute-bound (``compute_bound_rows``:
+      over 1k rows at V=128256, D=4096 in bfloat16) up to twice that (1 GiB of logits for heads
+      too narrow to be compute-bound), within free memory / 4; elsewhere within min(128 MiB,
+      free memory / 4) and at most D / 2 rows. Peak extra memory is about
+      ``chunk_size * V`` logits in the input dtype (twice that where the row pass cannot write
+      its gradient in place: the compiled kernels) plus the gradients (hidden [N, D]; weight
+      [V, D] and bias accumulated in float32, then cast to their dtype).
 
     Under ``torch.compile`` it traces as one custom op (``nlft_kernels.ops.custom_ops``), with
     ``validate`` off.
@@ -152,7 +145,7 @@ def nlft_linear_loss(
     vocab_parallel_group: the head's rows are split over this process group (Megatron's layout:
       ``weight`` [V / P, D] and ``bias`` are this rank's rows [r * V / P, (r + 1) * V / P);
       ``hidden`` and labels are the same on every rank). The logits shard [N, V / P] is
-      materialised (float32), not chunked, and the hidden gradient is all-reduced over the
+      materialised (in the input dtype), not chunked, and the hidden gradient is all-reduced over the
       group in backward (see ``nlft_kernels.ops.vocab_parallel``).
     """
     check_options(config, reduction)

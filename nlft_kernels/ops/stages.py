@@ -59,10 +59,12 @@ def second_stage(
     cfg: NLFTConfig,
     reduction: str,
     validate: bool,
+    backend: str | None = None,
 ) -> SecondStage:
     """The per-sample rule (saliency fraction), the clusters, the loss and the gradient fix-up.
 
-    Works on [N]-sized tensors only; ``hidden_states`` [N, D] or None.
+    Works on [N]-sized tensors only; ``hidden_states`` [N, D] or None; ``backend`` picks the
+    cluster walk (``saliency_clusters``).
     """
     lp_b, lp_s, lp_j = stats
     valid = v.labels != cfg.ignore_index
@@ -74,7 +76,7 @@ def second_stage(
     killed_sample = ~correct & (counts[1] > cfg.saliency_fraction * counts[0])
     killed = killed_sample[sample_ids] & valid & ~saliency & v.wrong
     if hidden_states is not None and cfg.cluster_criterion != "off":
-        cluster = saliency_clusters(hidden_states.detach(), saliency, valid, sample_ids, cfg)
+        cluster = saliency_clusters(hidden_states.detach(), saliency, valid, sample_ids, cfg, backend)
     else:
         cluster = torch.zeros_like(saliency)
     demoted = cluster | killed
@@ -145,7 +147,9 @@ def nlft_stages(p: NLFTLossParams, compute_grad: bool) -> tuple[SecondStage, tor
     gradient of ``p.views.base`` or None)."""
     stats, saliency, grad = first_stage(p.views, p.cfg, p.backend, compute_grad)
     hidden = None if p.hidden_states is None else p.hidden_states.reshape(saliency.numel(), -1)
-    stage = second_stage(stats, saliency, p.views, p.sample_ids, p.correct, hidden, p.cfg, p.reduction, p.validate)
+    stage = second_stage(
+        stats, saliency, p.views, p.sample_ids, p.correct, hidden, p.cfg, p.reduction, p.validate, p.backend
+    )
     if grad is not None and stage.rows.numel():
         rescale_rows(grad, stage.factor, stage.rows, p.backend)
     return stage, grad

@@ -44,12 +44,17 @@ def _label_logprob(rows: torch.Tensor, labels: torch.Tensor, in_range: torch.Ten
     return picked - (torch.logsumexp(rows, dim=-1) if lse is None else lse)
 
 
-def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool):
-    """The row pass (see ``stages.first_stage``) with the rule of ``ops/row_rule.py``."""
+def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, inplace_grad: bool = False):
+    """The row pass (see ``stages.first_stage``) with the rule of ``ops/row_rule.py``;
+    ``inplace_grad``: the gradient is written over the contiguous base logits, chunk by chunk
+    once each chunk's statistics are taken, and ``v.base`` is returned as the gradient."""
     base = v.base
     n, vocab = v.labels.numel(), base.shape[-1]
     acc = acc_dtype(base.dtype)
-    stats, grad = row_pass_buffers(base, n, compute_grad)
+    stats, grad = row_pass_buffers(base, n, compute_grad and not inplace_grad)
+    if compute_grad and inplace_grad:
+        assert base.is_contiguous(), "an in-place gradient needs contiguous base logits"
+        grad = base
     saliency = torch.empty(n, dtype=torch.bool, device=base.device)
     grad_rows = grad.view(-1, vocab) if compute_grad else None
 

@@ -168,12 +168,17 @@ class _AllReduceGrad(torch.autograd.Function):
         return grad, None
 
 
-def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:
-    """This rank's logits shard [..., Vp] in ACC (float32 for 16-bit inputs) of ``hidden``
-    [..., D] under the head's local rows ``weight`` [Vp, D]; the gradient of ``hidden`` is
-    all-reduced over ``group`` in backward."""
-    acc = acc_dtype(weight.dtype)
+def linear_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group, wide: bool = False
+) -> torch.Tensor:
+    """This rank's logits shard [..., Vp] of ``hidden`` [..., D] under the head's local rows
+    ``weight`` [Vp, D]: in the input dtype (``F.linear``'s, as the chunks of
+    ``nlft_linear_loss``), or with ``wide`` in ACC (the teachers' log-probs, as
+    ``linear_token_logprobs``); the gradient of ``hidden`` is all-reduced over ``group`` in backward."""
     hidden = _AllReduceGrad.apply(hidden, group) if torch.is_grad_enabled() and hidden.requires_grad else hidden
+    if not wide:
+        return torch.nn.functional.linear(hidden, weight, bias)
+    acc = acc_dtype(weight.dtype)
     logits = hidden.to(acc) @ weight.to(acc).t()
     return logits if bias is None else logits + bias.to(acc)
 
@@ -213,7 +218,7 @@ def nlft_loss_vocab_parallel(
 def linear_token_logprobs_vocab_parallel(hidden, weight, labels, bias, ignore_index: int, group) -> torch.Tensor:
     """``linear_token_logprobs`` with the head's rows split over ``group`` (no gradient)."""
     with torch.no_grad():
-        logits = linear_logits(hidden.reshape(-1, hidden.shape[-1]), weight, bias, group)
+        logits = linear_logits(hidden.reshape(-1, hidden.shape[-1]), weight, bias, group, wide=True)
         flat = labels.reshape(-1)
         valid = flat != ignore_index
         lp, _ = label_logprobs([logits], torch.where(valid, flat, 0), group)

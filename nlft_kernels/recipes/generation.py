@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nlft_kernels.recipes.judge import answers_equal, extract_answer, format_number
+from nlft_kernels.recipes.rule_judge import answers_equal, extract_answer, format_number
 from nlft_kernels.training.data import NLFTRecord, PromptTemplates
 
 # The system prompt of the base view for GSM8K: generation, evaluation and the NLFT records the
@@ -160,7 +160,7 @@ def evaluate_gsm8k(
 ) -> dict:
     """GSM8K accuracy of ``model`` on ``n`` rows drawn with ``seed`` (greedy decoding).
 
-    A response is right when its final answer (:func:`nlft_kernels.recipes.judge.extract_answer`) equals
+    A response is right when its final answer (:func:`nlft_kernels.recipes.rule_judge.extract_answer`) equals
     the reference's ``#### n``. Returns ``{"accuracy", "correct", "count", "seed",
     "max_new_tokens", "samples": [{"index", "question", "response", "predicted", "reference",
     "correct"}, ...]}``.

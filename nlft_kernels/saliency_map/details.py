@@ -2,12 +2,10 @@
 trainer runs them, and the loss's own per-token details (:class:`nlft_kernels.NLFTDetails`).
 
 Nothing of the rule is recomputed here: the records are encoded and collated by
-:mod:`nlft_kernels.training.data` (``encode_record``, ``NLFTCollator``), each view's final
-hidden states are gathered on the rows that predict the response tokens (as
-:func:`nlft_kernels.training.trainer.nlft_batch_loss` does), the teachers' label log-probs come
-from :func:`nlft_kernels.linear_token_logprobs` and every weight and mark from
-:func:`nlft_kernels.nlft_linear_loss` with ``return_details=True`` (saliency clusters walk the
-base view's hidden states, as in training).
+:mod:`nlft_kernels.training.data` (``encode_record``, ``NLFTCollator``) and run through the
+trainer's own batch loss (:func:`nlft_kernels.training.batch_loss.nlft_batch_loss` with
+``return_details=True``): every weight and mark comes from :func:`nlft_kernels.nlft_linear_loss`'s
+details (saliency clusters walk the base view's hidden states, as in training).
 """
 
 from __future__ import annotations
@@ -123,53 +121,25 @@ def token_pieces(tokenizer, text: str, ids: Sequence[int]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The three views through the model.
+# The three views through the model: the trainer's batch loss, with its details.
 
 
 def _to_float(values: torch.Tensor) -> list[float]:
     return [float(v) for v in values.double().cpu()]
 
 
-def _view_rows(model, batch, view: str, index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """[b, R, D] final hidden states of ``view`` on the rows that predict the response tokens."""
-    from nlft_kernels.training.trainer import final_hidden
-
-    ids, mask, rows = (batch[f"{view}_{k}"] for k in ("input_ids", "attention_mask", "rows"))
-    if index is not None:
-        ids, mask, rows = ids[index], mask[index], rows[index]
-    length = int(mask.sum(1).max())  # drop the all-padding columns of the sub-batch
-    hidden = final_hidden(model, ids[:, :length], mask[:, :length])
-    return hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).to(dtype)
-
-
 @torch.no_grad()
-def batch_details(model, batch: dict[str, torch.Tensor], config: NLFTConfig = NLFTConfig()):
+def batch_details(model, batch: dict[str, torch.Tensor], config: NLFTConfig = NLFTConfig(), pad_token_id: int = 0):
     """The :class:`nlft_kernels.NLFTDetails` of a collated batch (:class:`NLFTCollator`), and the
     judge log-probs' validity: ``(details, judged)`` with ``judged`` [B] bool (wrong samples).
 
-    The views run as in training: base and standard for every sample, judge for the wrong
-    ones; the loss is :func:`nlft_kernels.nlft_linear_loss` on the base view's hidden states.
+    The trainer's own batch loss (:func:`nlft_kernels.training.batch_loss.nlft_batch_loss`
+    with ``return_details``), without gradient: the same views, rows, teachers and fused loss.
     """
-    from nlft_kernels import linear_token_logprobs, nlft_linear_loss
-    from nlft_kernels.training.trainer import lm_head_of
+    from nlft_kernels.training.batch_loss import nlft_batch_loss
 
-    weight, bias = lm_head_of(model)
-    batch = {k: v.to(weight.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    labels, correct = batch["labels"], batch["correct"].bool()
-    ignore = config.ignore_index
-    base = _view_rows(model, batch, "base", None, weight.dtype)
-    standard_rows = _view_rows(model, batch, "standard", None, weight.dtype)
-    standard = linear_token_logprobs(standard_rows, weight, labels, bias, ignore_index=ignore)
-    wrong = (~correct).nonzero().squeeze(1)
-    judge = None
-    if wrong.numel() > 0:
-        judge = torch.zeros_like(standard)
-        judge_rows = _view_rows(model, batch, "judge", wrong, weight.dtype)
-        judge[wrong] = linear_token_logprobs(judge_rows, weight, labels[wrong], bias, ignore_index=ignore)
-    _, details = nlft_linear_loss(
-        base, weight, labels, correct, standard=standard, judge=judge, bias=bias, config=config, return_details=True
-    )
-    return details, ~correct
+    _, details = nlft_batch_loss(model, batch, config, pad_token_id=pad_token_id, return_details=True)
+    return details, ~batch["correct"].bool().to(details.weight.device)
 
 
 def saliency_details(
@@ -194,7 +164,13 @@ def saliency_details(
     not change them. The model runs in eval mode (no dropout), then gets its mode back.
     ``progress``: a tqdm bar over the records.
     """
-    from nlft_kernels.training.data import DEFAULT_TEMPLATES, NLFTCollator, encode_record, response_ids
+    from nlft_kernels.training.data import (
+        DEFAULT_TEMPLATES,
+        NLFTCollator,
+        encode_record,
+        pad_token_id_of,
+        response_ids,
+    )
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -214,8 +190,8 @@ def saliency_details(
     ]
     encoded = [(i, encode_record(r, tokenizer, templates, max_length)) for i, r in enumerate(records)]
     encoded = [(i, e) for i, e in encoded if e is not None]
-    pad = next((v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
-    collate = NLFTCollator(int(pad), config.ignore_index)
+    pad = pad_token_id_of(tokenizer)
+    collate = NLFTCollator(pad, config.ignore_index)
 
     from tqdm.auto import tqdm
 
@@ -226,7 +202,7 @@ def saliency_details(
     try:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            details, judged = batch_details(model, collate([e for _, e in chunk]), config)
+            details, judged = batch_details(model, collate([e for _, e in chunk]), config, pad)
             for b, (i, features) in enumerate(chunk):
                 labels = features["labels"]
                 results[i].tokens = _tokens(tokenizer, records[i].response, labels, details, b, bool(judged[b]))

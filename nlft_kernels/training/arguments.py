@@ -16,7 +16,6 @@ WARMUP_FIELD = "warmup_ratio" if "warmup_ratio" in _TRAINING_FIELDS else "warmup
 CHECKPOINTING_FIELD = (
     "activation_checkpointing" if "activation_checkpointing" in _TRAINING_FIELDS else "gradient_checkpointing"
 )
-LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -29,23 +28,56 @@ class NLFTTrainingArguments(transformers.TrainingArguments):
     (after the warm-up, if any), 2 records per micro-batch, seed 0, no checkpoint folders
     (``save_strategy="no"``), no logging integration (``report_to="none"``), no output folder
     (``output_dir=None``: :func:`train` saves the trained model only when one is named).
+
+    The ``nlft`` command parses these fields with ``HfArgumentParser``: each is a flag
+    ``--field_name`` / ``--field-name``; ``aliases`` in a field's metadata are its short flags
+    (``--lr``, ``--steps``, ...). Every check is here, in ``__post_init__``.
     """
+
+    _argument_group_name = "training (NLFTTrainingArguments: transformers' TrainingArguments and NLFT's fields)"
 
     output_dir: str | None = field(
         default=None,
         metadata={"help": "where train() saves the trained model (the LoRA adapter, or every weight) and the "
                   "tokenizer; checkpoints go there too when save_strategy asks for them (default: none)"},
     )  # fmt: skip
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    max_steps: int = field(
+        default=-1, metadata={"help": "optimizer steps (-1: num_train_epochs passes instead)", "aliases": ["--steps"]}
+    )
+    num_train_epochs: float = field(
+        default=3.0,
+        metadata={"help": "passes over the records when max_steps is -1 (the last step may be partial)",
+                  "aliases": ["--epochs"]},
+    )  # fmt: skip
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate", "aliases": ["--lr"]})
     lr_scheduler_type: str = field(
         default="constant",
         metadata={"help": "learning-rate schedule after the warm-up: constant, linear or cosine decay (any "
-                  "transformers SchedulerType)"},
+                  "transformers SchedulerType)", "aliases": ["--lr-scheduler"]},
     )  # fmt: skip
-    per_device_train_batch_size: int = field(default=2, metadata={"help": "records per micro-batch"})
+    per_device_train_batch_size: int = field(
+        default=2, metadata={"help": "records per micro-batch", "aliases": ["--batch-size"]}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per optimizer step", "aliases": ["--grad-accum"]}
+    )
+    if WARMUP_FIELD == "warmup_steps":  # transformers 5: one field, below 1 a share of the steps
+        warmup_steps: float = field(
+            default=0,
+            metadata={"help": "linear warm-up: a number of steps, or below 1 a share of the steps (--warmup-ratio)",
+                      "aliases": ["--warmup-ratio"]},
+        )  # fmt: skip
+    if CHECKPOINTING_FIELD == "activation_checkpointing":
+        # transformers 5 renamed it; NLFT keeps the name users know, as a flag that needs no value.
+        gradient_checkpointing: bool | None = field(
+            default=None,
+            metadata={"help": "recompute activations in backward (less memory); sets activation_checkpointing",
+                      "nargs": "?", "const": True},
+        )  # fmt: skip
     seed: int = field(default=0, metadata={"help": "seed of the record order and of the LoRA weights' init"})
     save_strategy: str = field(default="no", metadata={"help": "checkpoints during training: no, steps or epoch"})
-    report_to: str | list[str] | None = field(
+    # None first, as in TrainingArguments: HfArgumentParser then parses the flag as a string.
+    report_to: None | str | list[str] = field(
         default="none", metadata={"help": "logging integrations (wandb, tensorboard, ...); none by default"}
     )
     lora: bool = field(default=True, metadata={"help": "train LoRA adapters (peft); False trains every weight"})
@@ -68,76 +100,43 @@ class NLFTTrainingArguments(transformers.TrainingArguments):
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        _at_least(self, "per_device_train_batch_size", 1)
+        _at_least(self, "gradient_accumulation_steps", 1)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps (--steps) must be >= 1, or -1 for num_train_epochs, got {self.max_steps}")
+        if self.max_steps == -1 and not (self.num_train_epochs > 0 and math.isfinite(self.num_train_epochs)):
+            epochs = self.num_train_epochs
+            raise ValueError(f"num_train_epochs (--epochs) must be a positive finite number, got {epochs}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate (--lr) must be a positive finite number, got {self.learning_rate}")
+        _at_least(self, "lora_r", 1)
         if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             raise ValueError(f"lora_alpha must be a positive finite number, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if isinstance(self.lora_targets, str):  # "q_proj,v_proj", as on a command line
-            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
-        if self.lora_targets is not None and (not self.lora_targets or not all(self.lora_targets)):
-            raise ValueError(f"lora_targets must name at least one module, got {self.lora_targets!r}")
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [self.lora_targets]
+        if self.lora_targets is not None:  # "q_proj,v_proj" or "q_proj v_proj", as on a command line
+            self.lora_targets = [t.strip() for item in self.lora_targets for t in str(item).split(",") if t.strip()]
+            if not self.lora_targets:
+                raise ValueError("lora_targets must name at least one module, got none")
+        _at_least(self, "max_length", 1)
         if not (self.judge_nll_weight >= 0 and math.isfinite(self.judge_nll_weight)):
             raise ValueError(f"judge_nll_weight must be a finite number >= 0, got {self.judge_nll_weight}")
         warmup = getattr(self, WARMUP_FIELD)
-        if not 0.0 <= warmup < 1.0 and WARMUP_FIELD == "warmup_ratio":
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup}")
+        if not (warmup >= 0 and math.isfinite(warmup)) or (WARMUP_FIELD == "warmup_ratio" and warmup >= 1):
+            raise ValueError(f"{WARMUP_FIELD} (--warmup-ratio) must be in [0, 1), got {warmup}")
         if self.lr_scheduler_type == "constant" and warmup > 0:
             self.lr_scheduler_type = "constant_with_warmup"  # transformers' "constant" ignores the warm-up
+        if CHECKPOINTING_FIELD == "activation_checkpointing" and self.gradient_checkpointing is not None:
+            if self.activation_checkpointing is None:  # the old name given: no deprecation warning for it
+                self.activation_checkpointing = self.gradient_checkpointing
         # What was asked, before TrainingArguments fills in its own folder name.
         self.save_to = self.output_dir
         super().__post_init__()
 
 
-# train()'s keyword arguments (and the `nlft train` flags of the same names) -> the field each sets.
-TRAIN_KEYWORDS = {
-    "steps": "max_steps",
-    "epochs": "num_train_epochs",
-    "batch_size": "per_device_train_batch_size",
-    "grad_accum": "gradient_accumulation_steps",
-    "lr": "learning_rate",
-    "lr_scheduler": "lr_scheduler_type",
-    "warmup_ratio": WARMUP_FIELD,
-    "gradient_checkpointing": CHECKPOINTING_FIELD,
-    "seed": "seed",
-    "output_dir": "output_dir",
-    "lora": "lora",
-    "lora_r": "lora_r",
-    "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout",
-    "lora_targets": "lora_targets",
-    "max_length": "max_length",
-    "judge_nll_weight": "judge_nll_weight",
-}
-
-
-def training_arguments(*, steps: int | None = None, epochs: float | None = None, progress: bool = True, **kwargs):
-    """The :class:`NLFTTrainingArguments` of :func:`train`'s keyword arguments (:data:`TRAIN_KEYWORDS`;
-    None leaves a field at its default): ``steps`` optimizer steps or ``epochs`` passes over the
-    records (one of the two), a tqdm bar unless ``progress`` is False."""
-    if (steps is None) == (epochs is None):
-        raise ValueError("give either steps or epochs")
-    if (steps is not None and steps < 1) or (epochs is not None and not epochs > 0):
-        raise ValueError(f"steps must be >= 1 and epochs > 0, got {steps}, {epochs}")
-    unknown = sorted(set(kwargs) - set(TRAIN_KEYWORDS))
-    if unknown:
-        raise TypeError(f"unknown training settings {unknown}")
-    if kwargs.get("batch_size") is not None and kwargs["batch_size"] < 1:
-        raise ValueError(f"batch_size must be >= 1, got {kwargs['batch_size']}")
-    if kwargs.get("grad_accum") is not None and kwargs["grad_accum"] < 1:
-        raise ValueError(f"grad_accum must be >= 1, got {kwargs['grad_accum']}")
-    if kwargs.get("lr_scheduler") not in (None, *LR_SCHEDULERS):
-        raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {kwargs['lr_scheduler']!r}")
-    if kwargs.get("warmup_ratio") is not None and not 0.0 <= kwargs["warmup_ratio"] < 1.0:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {kwargs['warmup_ratio']}")
-    settings = {TRAIN_KEYWORDS[k]: v for k, v in kwargs.items() if v is not None}
-    if steps is not None:
-        settings["max_steps"] = steps
-    else:
-        settings["num_train_epochs"] = epochs
-    if kwargs.get("output_dir") is not None:
-        settings["output_dir"] = str(kwargs["output_dir"])
-    return NLFTTrainingArguments(disable_tqdm=not progress, **settings)
+def _at_least(args: NLFTTrainingArguments, name: str, low: int) -> None:
+    value = getattr(args, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")

@@ -52,10 +52,11 @@ def read_numbered_jsonl(path: str | os.PathLike, limit: int | None = None) -> li
     Raises ValueError naming the file and the line for a line that is not a JSON object.
     """
     rows: list[tuple[int, dict]] = []
-    with open_text(path) as f:
-        for number, line in enumerate(f, 1):
+    with _open_bytes(path) as f:
+        for number, raw in enumerate(f, 1):
             if limit is not None and len(rows) >= limit:
                 break
+            line = _decode(path, raw, number)
             if not line.strip():
                 continue
             row = _parse_json(path, line, line_number=number)
@@ -63,6 +64,28 @@ def read_numbered_jsonl(path: str | os.PathLike, limit: int | None = None) -> li
                 raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
             rows.append((number, row))
     return rows
+
+
+def _open_bytes(path: str | os.PathLike):
+    """``path`` opened for reading bytes, decompressed when it ends in .xz, .gz or .bz2."""
+    module = _COMPRESSION.get(Path(path).suffix)
+    if module is None:
+        return open(path, "rb")
+    import importlib
+
+    return importlib.import_module(module).open(path, "rb")
+
+
+def _decode(path, data: bytes, line_number: int | None = None) -> str:
+    """``data`` as UTF-8 text; a ValueError naming ``path`` and the line (``line_number``, else the
+    line within ``data``) of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = line_number if line_number is not None else data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        bad = data[err.start : err.end]
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte {bad!r} at column {column})") from None
 
 
 def _parse_json(path, text: str, line_number: int | None = None):
@@ -77,8 +100,8 @@ def _parse_json(path, text: str, line_number: int | None = None):
 
 def read_json_list(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """The objects of a JSON file holding one list of objects (the authors' ``.json`` data)."""
-    with open_text(path) as f:
-        rows = _parse_json(path, f.read())
+    with _open_bytes(path) as f:
+        rows = _parse_json(path, _decode(path, f.read()))
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
     for i, row in enumerate(rows):
@@ -382,6 +405,15 @@ def encode_records(
             stacklevel=2,
         )
     return kept
+
+
+def pad_token_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padding is masked out either way)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
 
 
 @dataclass

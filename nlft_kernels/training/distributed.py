@@ -1,4 +1,4 @@
-"""The NLFT step under engines that shard parameters: FSDP2, FSDP1, DeepSpeed ZeRO-3.
+"""The LM head under engines that shard parameters: FSDP2, FSDP1, DeepSpeed ZeRO-3.
 
 Under those engines the LM head's weight is whole only inside the forward of the module that
 owns it: FSDP2 holds a sharded DTensor outside it, FSDP1 (``use_orig_params``) and ZeRO-3 a
@@ -12,9 +12,9 @@ parameters inside the engine's forward, which the engine then reduces and reshar
 does for any other layer. No gather is added: the engine's own unshard of the head is reused.
 
 Every forward under these engines is a collective (each rank all-gathers each layer's
-shards), so every rank must run the same forwards in the same order. :func:`sharded_batch_loss`
-runs the standard view, then the judge view, then the base view on every rank, the judge view
-with an empty batch on a rank that has no wrong sample.
+shards), so every rank must run the same forwards in the same order: the batch loss
+(:mod:`nlft_kernels.training.batch_loss`) runs each view on every rank, through
+:class:`nlft_kernels.training.heads.HeadInsideForward`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+
+from nlft_kernels.training.model_access import decoder_states
 
 PARAMETER_SHARDING = ("fsdp2", "fsdp1", "zero3")
 
@@ -72,9 +74,10 @@ def head_call(head: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor | None],
 
 def gathered_head(head: nn.Module):
     """A context in which ``head``'s parameters are whole outside any forward: DeepSpeed's
-    ``GatheredParameters`` for ZeRO-3 (modifier rank None: read only), else nothing. The trainer
-    does not need it (it computes inside the head's forward); it is for loops that call
-    :func:`nlft_kernels.nlft_linear_loss` themselves with a ZeRO-3 model."""
+    ``GatheredParameters`` for ZeRO-3 (modifier rank None: read only), else nothing. For loops
+    that call :func:`nlft_kernels.nlft_linear_loss` themselves with a ZeRO-3 model and run
+    backward inside the context; the batch loss does not need it (it computes inside the
+    head's forward, where the engine reduces the head's gradient as any layer's)."""
     params = list(head.parameters())
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
@@ -87,8 +90,6 @@ def forward_with_head(model: nn.Module, head: nn.Module, input_ids, attention_ma
     """Run ``model`` on a batch and return ``fn(hidden, weight, bias)``, called inside the
     head's forward: ``hidden`` [B, L, D] the decoder's final states (what the head reads),
     ``weight``/``bias`` the head's parameters as they are there (whole under FSDP/ZeRO-3)."""
-    from nlft_kernels.training.trainer import decoder_states
-
     with (
         decoder_states(model) as (captured, kwargs),
         head_call(head, lambda weight, bias: fn(captured[-1], weight, bias)) as results,
@@ -122,78 +123,3 @@ class _ThroughOutput(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         shape, dtype, device = ctx.output
         return grad, torch.zeros((), dtype=dtype, device=device).expand(shape)
-
-
-def sharded_batch_loss(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    config,
-    *,
-    judge_nll_weight: float,
-    head: nn.Module,
-    pad_token_id: int,
-) -> torch.Tensor:
-    """:func:`nlft_kernels.training.trainer.nlft_batch_loss` for a model whose parameters are
-    sharded (``sharding_of``): the same loss, each view's head work inside its forward, and the
-    same forwards on every rank: standard (no gradient), judge (no gradient; a one-token dummy
-    row where this rank has no wrong sample), base (gradient). With ``judge_nll_weight > 0``
-    the judge rows ride in the base forward, as on one process: standard, then base + judge."""
-    from nlft_kernels import linear_token_logprobs, nlft_linear_loss
-    from nlft_kernels.training.trainer import _gather_rows, _match_dtypes, _pad_cat, _trim, judge_nll
-
-    labels, correct = batch["labels"], batch["correct"].bool()
-    wrong = (~correct).nonzero().squeeze(1)
-    judge_grad = judge_nll_weight > 0
-    ignore = config.ignore_index
-
-    def logprobs_of(rows, view_labels):
-        def fn(hidden, weight, bias):
-            if view_labels.shape[0] == 0:
-                return torch.zeros(view_labels.shape, dtype=torch.float32, device=hidden.device)
-            h, w, b = _match_dtypes(_gather_rows(hidden, rows), weight, bias)
-            return linear_token_logprobs(h, w, view_labels, b, ignore_index=ignore)
-
-        return fn
-
-    def view_batch(view, index):
-        ids, mask, rows = (batch[f"{view}_{k}"] for k in ("input_ids", "attention_mask", "rows"))
-        if index is not None:
-            ids, mask, rows = ids[index], mask[index], rows[index]
-        if ids.shape[0] == 0:  # every rank runs the forward: a dummy row here
-            return ids.new_full((1, 1), pad_token_id), mask.new_ones((1, 1)), rows
-        return (*_trim(ids, mask), rows)
-
-    with torch.no_grad():
-        ids, mask, rows = view_batch("standard", None)
-        standard = forward_with_head(model, head, ids, mask, logprobs_of(rows, labels))
-        judge = None
-        if not judge_grad:
-            ids, mask, rows = view_batch("judge", wrong)
-            judge_wrong = forward_with_head(model, head, ids, mask, logprobs_of(rows, labels[wrong]))
-            if wrong.numel() > 0:
-                judge = torch.zeros_like(standard)
-                judge[wrong] = judge_wrong
-
-    base_ids, base_mask = batch["base_input_ids"], batch["base_attention_mask"]
-    size = base_ids.shape[0]
-    if judge_grad:
-        j_ids, j_mask, _ = view_batch("judge", wrong)
-        if wrong.numel() > 0:
-            base_ids, base_mask = _pad_cat([base_ids, j_ids], pad_token_id), _pad_cat([base_mask, j_mask], 0)
-
-    def loss_fn(hidden, weight, bias):
-        judge_view = judge
-        if judge_grad and wrong.numel() > 0:
-            judge_hidden = _gather_rows(hidden[size:], batch["judge_rows"][wrong])
-            h, w, b = _match_dtypes(judge_hidden.detach(), weight, bias)
-            judge_view = torch.zeros_like(standard)
-            with torch.no_grad():
-                judge_view[wrong] = linear_token_logprobs(h, w, labels[wrong], b, ignore_index=ignore)
-        h, w, b = _match_dtypes(_gather_rows(hidden[:size], batch["base_rows"]), weight, bias)
-        loss = nlft_linear_loss(h, w, labels, correct, standard=standard, judge=judge_view, bias=b, config=config)
-        if judge_grad and wrong.numel() > 0:
-            h, w, b = _match_dtypes(judge_hidden, weight, bias)
-            loss = loss + judge_nll_weight * judge_nll(h, w, b, labels[wrong], ignore).sum() / size
-        return loss
-
-    return forward_with_head(model, head, base_ids, base_mask, loss_fn)

@@ -25,7 +25,7 @@ from benchmarks.reft import (
     response_mask,
     sample_responses,
 )
-from benchmarks.train_methods import METHODS, PAPER_LORA, PAPER_METHODS, build_inputs, build_step
+from benchmarks.train_methods import METHODS, PAPER_LORA, PAPER_METHODS, add_paper_lora, build_inputs, build_step
 from nlft_kernels.training.data import VIEWS
 
 PROMPT, RESPONSE, TEACHER, BATCH = 12, 6, 5, 4
@@ -475,3 +475,32 @@ def test_paper_setting_run_writes_labelled_rows(tmp_path):
     assert "| tiny-llama | reft | full FT | yes | yes | included | reward |" in table
     assert "78.27" not in table and "92.24" not in table  # the paper's figures: their own sentence, no row
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_int8_base_weights_as_the_paper_loaded_its_model():
+    """--base-weights int8: every linear layer but the LM head becomes a frozen bitsandbytes Linear8bitLt
+    (LLM.int8) holding int8 weights; the model computes nearly what it did, and the paper's LoRA adapters
+    wrap those layers and alone receive gradients (bitsandbytes' int8 matmul runs on the CPU too)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    config = LlamaConfig(**bts.MODELS["tiny-llama"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
+    bts.int8_base_weights(model)
+    modules = dict(model.named_modules())
+    assert linears and all(isinstance(modules[n], bnb.nn.Linear8bitLt) for n in linears)
+    assert all(modules[n].weight.dtype == torch.int8 and not modules[n].weight.requires_grad for n in linears)
+    assert type(model.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        after = model(ids).logits
+    assert ((after - before).norm() / before.norm()).item() < 5e-2
+    peft_model = add_paper_lora(model)
+    wrapped = [m for n, m in peft_model.named_modules() if n.endswith(PAPER_LORA.targets) and hasattr(m, "lora_A")]
+    assert wrapped and all(isinstance(m.base_layer, bnb.nn.Linear8bitLt) for m in wrapped)
+    peft_model.train()
+    peft_model(ids, labels=ids).loss.backward()
+    trained = [n for n, p in peft_model.named_parameters() if p.grad is not None]
+    assert trained and all("lora_" in n for n in trained)

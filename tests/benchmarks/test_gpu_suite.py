@@ -1,151 +1,208 @@
-"""benchmarks/gpu_suite.py: the plan fits the device's limits, the dry run writes every step's
-outputs and bundles on the CPU, GPU_CHOICE follows the measurement, and --collect restores the
-bundles."""
+"""benchmarks.gpu_suite: the plan fits one run-tool call (and says so when it does not), the dry run
+runs every step on the CPU and writes $OUT as the GPU machine would, a second run skips what the
+state file has, budgets are enforced, and --collect restores the files and the state."""
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import zipfile
+from pathlib import Path
 
 import pytest
 
-from benchmarks import _util, gpu_suite
-from benchmarks.gpu_suite import BY_NAME, CALLS, STEPS
+from benchmarks import _util, bench_loss
+from benchmarks.gpu_suite import plan, runner, state, steps, wheels
+from benchmarks.gpu_suite.plan import BY_NAME, STEPS, Estimate, PlannedStep
 
-backends_module = importlib.import_module("nlft_kernels.backends")
-
-STEP_NAMES = {"install", "tests", "cpu_kernel", "summary", "loss", "tune", "linear_loss", "train_step"}
-
-
-def test_plan_lists_every_step_within_the_budgets():
-    assert {s.name for s in STEPS} == STEP_NAMES
-    assert all(0 < s.budget_s < 9 * 60 for s in STEPS), [(s.name, s.budget_s) for s in STEPS]
-    assert sum(s.budget_s for s in STEPS) < 25 * 60
-    # Every step runs in some run-tool call; each call fits one command's 10 minutes (install is
-    # built in the first call and carried after it).
-    assert {n for call in CALLS for n in call} == STEP_NAMES
-    assert "summary" in CALLS[0]  # GPU_CHOICE comes back with the first call
-    assert gpu_suite.CALL_DEADLINE_S < 600
-    for i, call in enumerate(CALLS):
-        assert call[0] == "install"
-        assert gpu_suite.call_budget_s(call, cached_install=i > 0) <= gpu_suite.CALL_DEADLINE_S, call
-    # A benchmark's own budget leaves its step time to write its results.
-    assert all(s.margin_s < s.budget_s for s in STEPS)
+ROOT = plan.REPO_ROOT
+STEP_NAMES = [s.name for s in STEPS]
 
 
-def test_plan_prints_budgets_commands_and_run_tool_calls():
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_suite", "--plan"],
-        cwd=gpu_suite.REPO_ROOT,
+def suite(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.gpu_suite ARGS`` as a real process from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_suite", *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
     )
-    assert done.returncode == 0, done.stderr
-    plan = done.stdout
+
+
+# ---- The plan ------------------------------------------------------------------------------------
+
+
+def test_the_call_fits_the_run_tool_and_the_lease():
+    assert plan.MACHINE_START_S + plan.TRANSFER_S + plan.COMMAND_TIMEOUT_S == plan.CALL_WALL_S <= 9 * 60
+    assert plan.COMMAND_TIMEOUT_S <= 600  # one command's limit
+    assert plan.DEADLINE_S + plan.CLOSE_S == plan.COMMAND_TIMEOUT_S
+    # One bundle per step and suite.json come back.
+    assert len(STEPS) + 1 <= plan.OUT_MAX_FILES
+    # The priority order of issue 21: (a) setup, build, tests; (b) headline; (c); (d); (e).
+    assert [s.item for s in STEPS] == sorted(s.item for s in STEPS) and STEPS[0].name == "setup"
+    assert plan.HARNESS_EXTRA_CALLS == _util.DO_BENCH_EXTRA_CALLS + 1
+
+
+def test_the_plan_fits_one_call():
+    """The sum of the steps' estimates (each from its grid through its stated model) stays within the
+    time the command gives its steps; this test fails when a grid or a measurement pushes it over."""
+    steps_planned = plan.planned()
+    total = plan.total_s(steps_planned)
+    assert total <= plan.DEADLINE_S, [(p.step.name, round(p.estimate.seconds)) for p in steps_planned]
+    for p in steps_planned:
+        assert p.estimate.seconds > 0 and p.estimate.model
+        assert p.budget_s >= p.estimate.seconds + 30, p
+    # The headline's bytes come from the package's traffic model (through bench_loss).
+    assert plan.loss_bytes("nlft_kernels") == _util.nlft_row_pass_bytes(8192, 128256, 2, 2, 2)
+
+
+def test_plan_prints_the_call_the_model_and_what_happens_on_failure():
+    done = suite("--plan", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    call = 'run(command="PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_suite --run", carry=[".gpu_carry"], timeout_s='
+    assert call + f"{plan.COMMAND_TIMEOUT_S})" in out
+    assert "--prepare" in out and "--collect" in out and "fits" in out and "DOES NOT FIT" not in out
     for step in STEPS:
-        assert f"{step.budget_s / 60:.1f} m" in plan and step.what in plan
-    for module in ("bench_loss", "tune_launch", "bench_linear_loss", "bench_cpu_kernel --gpu", "bench_train_step"):
-        assert f"python3 -m benchmarks.{module}" in plan
-    assert "pip wheel --no-deps --no-build-isolation --no-index" in plan and "tests/csrc/test_cuda_kernel.py" in plan
-    for call in CALLS:
-        assert f'run(command="{gpu_suite.run_tool_command(call)}", carry=["build/gpu_suite"], timeout_s=600)' in plan
-    assert "--prepare" in plan and "--collect" in plan
+        assert f"| {step.item} | {step.name} |" in out and f"  {step.name}: " in out
+    for name, lead in plan.LEADS.items():
+        assert f"{name} = {lead.value:g}: {lead.source}" in out
+    assert "`timeout`" in out and "`failed`" in out and "next step starts" in out
 
 
-def test_gpu_tests_are_the_marked_files():
-    files = gpu_suite.gpu_test_files()
-    assert "tests/csrc/test_cuda_kernel.py" in files
-    # This module sets TRITON_INTERPRET=1 when imported: it must not be collected on the GPU.
-    assert "tests/ops/test_nlft_linear_loss.py" not in files
-    # gpu_too: Triton at real vocabularies, on CUDA tensors there (interpreted on the CPU elsewhere)
-    assert "tests/ops/test_real_vocabularies.py" in files
+def test_the_docs_give_the_call_and_the_steps():
+    docs = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert plan.run_call() in docs and "python -m benchmarks.gpu_suite --prepare" in docs
+    for step in STEPS:
+        assert f"| {step.item} | `{step.name}` | {step.what} |" in docs
+
+
+def test_a_plan_over_the_budget_fails(tmp_path):
+    """Steps measured slow on the plan's GPU replace the model; when they no longer fit, --plan
+    says so and exits 1 (and so would --dry-run, which CI runs)."""
+    slow = [
+        state.Entry(name, "0" * 16, plan.PLAN_DEVICE, "ok", 100.0, "2026-12-01T00:00:00+00:00") for name in STEP_NAMES
+    ]
+    path = state.save(slow, tmp_path / "state.json")
+    done = suite("--plan", "--state", str(path), timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "DOES NOT FIT" in done.stdout and "(measured)" in done.stdout
+    assert "measured on the GPU before: 100 s" in done.stdout
+
+
+def test_a_step_stopped_by_its_budget_is_planned_longer():
+    model = {p.step.name: p.estimate.seconds for p in plan.planned()}
+    again = {
+        p.step.name: p
+        for p in plan.planned(lambda n: plan.Measured(100.0, n != "tune") if n in ("tune", "setup") else None)
+    }
+    assert again["setup"].estimate.seconds == pytest.approx(110) and again["setup"].measured
+    assert (
+        again["tune"].estimate.seconds == max(150, model["tune"])
+        and "stopped by its budget" in again["tune"].estimate.model
+    )
+    assert again["headline"].estimate.seconds == model["headline"] and not again["headline"].measured
+
+
+# ---- The dry run -----------------------------------------------------------------------------------
+
+
+def _results_snapshot() -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in _util.RESULTS_DIR.iterdir()}
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """One dry run of every step (about a minute on 2 cores), shared by the tests below."""
+    """Two dry runs into one folder (a few minutes on 2 cores): the first runs every step, the
+    second finds them in its state file."""
     work = tmp_path_factory.mktemp("gpu_suite")
-    before = _suite_files()
-    start = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--work-dir", str(work)],
-        cwd=gpu_suite.REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=os.environ | {"PYTHONPATH": str(gpu_suite.REPO_ROOT)},
-        timeout=600,
-    )
-    seconds = time.monotonic() - start
-    return work, done, seconds, _suite_files() == before
+    before = _results_snapshot()
+    first = suite("--dry-run", "--work-dir", str(work))
+    first_out = work.parent / "first_out"
+    shutil.copytree(work / "out", first_out)
+    second = suite("--dry-run", "--work-dir", str(work))
+    return work, first, second, first_out, _results_snapshot() == before
 
 
-def _suite_files() -> dict:
-    """The files in benchmarks/results/ a dry run could have written there by mistake (others may
-    write other results while the tests run)."""
-    return {
-        p.name: p.stat().st_mtime_ns
-        for p in _util.RESULTS_DIR.iterdir()
-        if "dry-run" in p.name or p.name.startswith(("gpu_tests_", "gpu_choice_", "gpu_suite_"))
+def test_dry_run_runs_every_step_and_touches_nothing_here(dry_run):
+    work, first, _, out, untouched = dry_run
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-3000:]
+    assert untouched, "the dry run wrote into benchmarks/results/"
+    assert "| total |" in first.stdout and "Dry run on the CPU" in first.stdout
+    records = {r["step"]: r for r in json.loads((out / "suite.json").read_text())["records"]}
+    assert list(records) == STEP_NAMES
+    status = {name: r["status"] for name, r in records.items()}
+    assert status == dict.fromkeys(STEP_NAMES, "ok") | {"build": "skipped"}, status
+    # Each step that ran left its bundle: its record, log and results, under the names --collect restores.
+    for name in STEP_NAMES:
+        if records[name]["status"] != "ok":
+            continue
+        with tarfile.open(out / f"{name}.tar.gz") as tar:
+            members = set(tar.getnames())
+        assert f"build/gpu_suite/steps/{name}.json" in members and f"build/gpu_suite/steps/{name}.log" in members
+        assert set(records[name]["outputs"]) <= members
+    assert len(list(out.iterdir())) <= plan.OUT_MAX_FILES
+    assert all(p.stat().st_size <= plan.OUT_MAX_FILE_BYTES for p in out.iterdir())
+    tests = json.loads(next((work / "results").glob("gpu_tests_*.json")).read_text())
+    assert tests["failed"] == 0 and tests["skipped"] > 0 and tests["passed"] == 0, tests
+    assert "-n 2" in tests["command"] and f"--timeout {plan.TESTS.timeout_s}" in tests["command"]
+
+
+def test_a_second_run_skips_what_the_state_file_has(dry_run):
+    work, _, second, _, _ = dry_run
+    assert second.returncode == 0, second.stdout[-3000:]
+    records = {r["step"]: r for r in json.loads((work / "out" / "suite.json").read_text())["records"]}
+    recorded = [s.name for s in STEPS if s.recorded]
+    assert {n: records[n]["status"] for n in recorded} == dict.fromkeys(recorded, "done_before")
+    assert records["setup"]["status"] == "ok"  # always: it finds the GPU
+    assert records["build"]["status"] == "skipped" and "only for tests" in records["build"]["notes"][0]
+    entries = state.load(work / "state.json")
+    assert {e.step for e in entries} == set(recorded) and {e.source_hash for e in entries} == {
+        state.kernel_source_hash()
     }
 
 
-def test_dry_run_runs_every_step(dry_run):
-    work, done, seconds, results_untouched = dry_run
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert results_untouched, "the dry run wrote into benchmarks/results/"
-    assert "Run-tool calls" in done.stdout  # the plan comes first
-    records = {n: json.loads((work / "steps" / f"{n}.json").read_text()) for n in STEP_NAMES}
-    assert {n: r["status"] for n, r in records.items()} == dict.fromkeys(STEP_NAMES, "ok")
-    # What needs CUDA says so, and why.
-    assert "skipped --gpu: needs CUDA" in done.stdout
-    assert "GPU_CHOICE not proposed" in done.stdout
-    tests = json.loads(next((work / "results").glob("gpu_tests_*.json")).read_text())
-    assert tests["failed"] == 0 and tests["skipped"] > 0 and tests["passed"] == 0, tests
-    print(f"dry run: {seconds:.0f} s")
+def test_the_headline_file(dry_run):
+    work, *_ = dry_run
+    (path,) = (work / "results").glob("gpu_headline_*.json")
+    head = json.loads(path.read_text())
+    assert {"device", "copy_gbs", "rows"} <= set(head) and head["copy_gbs"] > 0
+    (row,) = head["rows"]
+    assert set(row) >= {"case", "ms", "gbs", "fraction_of_copy"}
+    assert row["case"] == "nlft_loss 3 views fp32 N=64 V=1000 fwd+bwd"
+    nbytes = bench_loss.bytes_moved("nlft_kernels", 64, 1000, "float32")
+    assert row["bytes"] == nbytes == _util.nlft_row_pass_bytes(64, 1000, 4, 2, 4)
+    assert row["gbs"] == pytest.approx(nbytes / (row["ms"] / 1e3) / 1e9)
+    assert row["fraction_of_copy"] == pytest.approx(row["gbs"] / head["copy_gbs"])
+    (liger,) = head["not_measured"]
+    assert liger["case"].startswith("3x Liger cross_entropy") and liger["status"] == "skipped" and liger["note"]
 
 
-def test_dry_run_writes_each_benchmarks_outputs(dry_run):
-    work, done, _, _ = dry_run
-    results = work / "results"
-    for prefix, suffixes in (
-        ("bench_loss-", (".json", ".md", ".png")),
-        ("linear_loss_", (".json", ".md", ".png")),
-        ("train_step_", (".json", ".md", ".png")),
-        ("cpu_kernel_", (".json", ".md")),
-        ("launch_", (".json", ".md")),
-        ("gpu_choice_", (".json", ".md")),
-        ("gpu_suite_", (".json", ".md")),
-    ):
-        (found,) = results.glob(f"{prefix}*.json")
-        for suffix in suffixes:
-            assert found.with_suffix(suffix).stat().st_size > 0, (found, suffix)
-    loss = json.loads(next(results.glob("bench_loss-*.json")).read_text())
-    ours = next(r for r in loss["cases"] if r["case"] == "nlft_kernels")
-    assert ours["bytes_moved"] == _util.nlft_row_pass_bytes(ours["n"], ours["vocab"], 4, 2, 4)
-    assert ours["achieved_bytes_per_s"] > 0 and ours["fraction_of_copy_bandwidth"] > 0
-    suite = json.loads(next(results.glob("gpu_suite_*.json")).read_text())
-    assert set(suite["steps"]) == STEP_NAMES - {"summary"} and suite["dry_run"]
-
-
-def test_dry_run_bundles_fit_the_run_tool_and_collect_restores_them(dry_run, tmp_path):
-    work, _, _, _ = dry_run
-    bundles = sorted((work / "out").iterdir())
-    assert [b.name for b in bundles] == sorted(f"{n}.tar.gz" for n in STEP_NAMES)
-    assert len(bundles) <= gpu_suite.OUT_MAX_FILES
-    assert all(b.stat().st_size <= gpu_suite.OUT_MAX_FILE_BYTES for b in bundles)
-    written = gpu_suite.collect(work / "out", root=tmp_path)
-    names = {p.relative_to(tmp_path).as_posix() for p in written}
-    loss_json = next((work / "results").glob("bench_loss-*.json"))
-    assert f"benchmarks/results/{loss_json.name}" in names
-    assert "build/gpu_suite/steps/loss.json" in names and "build/gpu_suite/device.json" in names
-    assert (tmp_path / "benchmarks/results" / loss_json.name).read_bytes() == loss_json.read_bytes()
+def test_collect_restores_the_files_and_updates_the_state(dry_run, tmp_path):
+    _, _, _, out, _ = dry_run
+    returned = tmp_path / "returned"
+    shutil.copytree(out, returned)
+    # As a GPU run's: --collect leaves a dry run's records out of the state file.
+    suite_json = json.loads((returned / "suite.json").read_text())
+    (returned / "suite.json").write_text(json.dumps(suite_json | {"dry_run": False}))
+    root = tmp_path / "root"
+    written = runner.collect(returned, root=root)
+    names = {p.relative_to(root).as_posix() for p in written}
+    headline_json = next(n for n in names if n.startswith("benchmarks/results/gpu_headline_"))
+    assert "build/gpu_suite/steps/headline.json" in names
+    assert (root / headline_json).read_bytes() == tarfile.open(returned / "headline.tar.gz").extractfile(
+        headline_json
+    ).read()
+    entries = state.load(root / "benchmarks/results/gpu_suite_state.json")
+    assert sorted(e.step for e in entries) == sorted(s.name for s in STEPS if s.recorded)
 
 
 def test_collect_refuses_paths_outside_results_and_work(tmp_path):
@@ -153,64 +210,180 @@ def test_collect_refuses_paths_outside_results_and_work(tmp_path):
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
         for name in ("../escape.txt", "nlft_kernels/backends.py", "benchmarks/results/ok.json"):
-            data = b"{}"
             info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
     root = tmp_path / "root"
-    written = gpu_suite.collect(archive.parent, root=root)
+    written = runner.collect(archive.parent, root=root)
     assert [p.relative_to(root).as_posix() for p in written] == ["benchmarks/results/ok.json"]
     assert not (tmp_path / "escape.txt").exists()
 
 
-def _cpu_kernel_payload(ms: dict[tuple[int, int], tuple[float, float]]) -> dict:
-    """bench_cpu_kernel --gpu rows: (N, V) -> (cuda ms, triton ms), the same in both dtypes."""
-    rows = []
-    for (n, vocab), (cuda, triton) in ms.items():
-        for dtype in ("bfloat16", "float32"):
-            shape = {"n": n, "vocab": vocab, "dtype": dtype}
-            rows += [shape | {"case": "cuda", "median_ms": cuda}, shape | {"case": "triton", "median_ms": triton}]
-            rows.append(shape | {"case": "cross_entropy", "median_ms": 1.0})
-    return {"device_type": "cuda", "cases": rows}
+# ---- Budgets and failures ---------------------------------------------------------------------------
 
 
-def test_gpu_choice_sends_each_measured_shape_to_its_faster_kernel(monkeypatch):
-    # CUDA wins at few rows; at 32000 also at 8192 rows; Triton wins the big shapes, and a 1%
-    # CUDA lead (under the noise margin) stays with Triton.
-    measured = {
-        (1024, 32000): (1.0, 1.5),
-        (8192, 32000): (5.0, 6.0),
-        (1024, 128256): (2.0, 2.5),
-        (8192, 128256): (9.9, 10.0),
-    }
-    choice = gpu_suite.propose_gpu_choice(_cpu_kernel_payload(measured))
-    assert choice["proposal"] == [
-        [gpu_suite.UNBOUNDED, 32000, "cuda"],
-        [1024, gpu_suite.UNBOUNDED, "cuda"],
-    ]
-    monkeypatch.setattr(backends_module, "GPU_CHOICE", tuple(tuple(e) for e in choice["proposal"]))
-    monkeypatch.setattr(backends_module, "_cuda_unavailable", lambda: None)
-    for (n, vocab), (cuda, triton) in measured.items():
-        want = "cuda" if cuda / triton < 1 - gpu_suite.CUDA_MARGIN else "triton"
-        assert backends_module.gpu_choice(n, vocab) == want, (n, vocab)
-    # Beyond the grid: the nearest measured point decides.
-    assert backends_module.gpu_choice(100_000, 32000) == "cuda"
-    assert backends_module.gpu_choice(100_000, 256000) == "triton"
-    literal = choice["literal"]
-    namespace: dict = {}
-    exec(literal, namespace)  # the printed literal is valid Python with the same entries
-    assert [list(e) for e in namespace["GPU_CHOICE"]] == choice["proposal"]
+def _context(tmp_path: Path, deadline_s: float = 1e9) -> runner.Context:
+    ctx = runner.Context(False, tmp_path / "work", tmp_path / "results", tmp_path / "out", tmp_path / "state.json")
+    ctx.deadline_s = deadline_s
+    return ctx
 
 
-def test_gpu_choice_is_empty_when_triton_always_wins():
-    choice = gpu_suite.propose_gpu_choice(_cpu_kernel_payload({(1024, 32000): (2.0, 1.0), (8192, 32000): (3.0, 3.0)}))
-    assert choice["proposal"] == [] and choice["literal"].endswith("= ()")
-    none = gpu_suite.propose_gpu_choice({"cases": [{"n": 1, "vocab": 2, "dtype": "float32", "case": "triton"}]})
-    assert none["proposal"] is None and none["reason"]
+def _gone(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "\nState:\tZ" in status.read_text()
 
 
-def test_steps_that_need_cuda_are_skipped_without_it(tmp_path, capsys):
-    ctx = gpu_suite.Context(False, tmp_path, tmp_path / "results", None, None, {"device_type": "cpu"})
-    (result,) = gpu_suite.run_steps(["loss"], ctx)
-    assert result.status == "skipped" and "needs CUDA" in result.notes[0]
-    assert BY_NAME["loss"].needs_cuda and not BY_NAME["summary"].needs_cuda
+def test_a_step_past_its_budget_is_stopped_with_its_children(tmp_path):
+    ctx = _context(tmp_path)
+    pids = tmp_path / "pids"
+    code = (
+        "import os, subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}'); time.sleep(60)"
+    )
+
+    def slow(ctx, budget, record):
+        steps._run(ctx, record, [sys.executable, "-c", code], budget)
+
+    start = time.monotonic()
+    record = runner.run_step(ctx, PlannedStep(BY_NAME["tune"], Estimate(1, "test"), False, 3), slow)
+    assert record.status == "timeout" and record.seconds < 20 and time.monotonic() - start < 30
+    assert "killed after its budget of 3 s" in ctx.log("tune").read_text()
+    deadline = time.monotonic() + 10
+    while not all(_gone(int(pid)) for pid in pids.read_text().split()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(int(pid)) for pid in pids.read_text().split()), "a child outlived its step's budget"
+
+
+def test_a_failed_step_is_recorded_and_the_others_run(tmp_path):
+    ctx = _context(tmp_path)
+
+    def setup(ctx, budget, record):
+        ctx.device = {"device": "Test GPU", "device_type": "cuda", "device_slug": "test-gpu"}
+
+    def broken(ctx, budget, record):
+        raise RuntimeError("the kernel did not compile")
+
+    def exits_1(ctx, budget, record):
+        steps._run(ctx, record, [sys.executable, "-c", "raise SystemExit(1)"], budget)
+
+    functions = dict.fromkeys(STEP_NAMES, lambda ctx, budget, record: None)
+    functions |= {"setup": setup, "headline": broken, "linear_loss": exits_1}
+    records = {r.step: r for r in runner.run_plan(ctx, functions)}
+    assert records["headline"].status == "failed" and "did not compile" in records["headline"].notes[0]
+    assert records["linear_loss"].status == "failed"
+    assert records["train_step"].status == "ok" and records["tune"].status == "ok"
+    suite_json = json.loads((ctx.out / "suite.json").read_text())
+    assert [r["status"] for r in suite_json["records"]] == [records[n].status for n in STEP_NAMES]
+    # Failed steps are not done: the next run repeats them; the ok ones it skips.
+    entries = state.load(ctx.state_path)
+    assert not state.done(entries, "headline", ctx.source_hash, "Test GPU")
+    assert state.done(entries, "tune", ctx.source_hash, "Test GPU")
+    again = {r.step: r.status for r in runner.run_plan(ctx, functions)}
+    assert again["headline"] == "failed" and again["tune"] == "done_before"
+
+
+def test_a_chosen_step_brings_what_it_needs(tmp_path):
+    ctx = _context(tmp_path)
+
+    def setup(ctx, budget, record):
+        ctx.device = {"device": "Test GPU", "device_type": "cuda", "device_slug": "test-gpu"}
+
+    functions = dict.fromkeys(STEP_NAMES, lambda ctx, budget, record: None) | {"setup": setup}
+    assert [r.step for r in runner.run_plan(ctx, functions, ["tests"])] == ["setup", "build", "tests"]
+    assert [r.step for r in runner.run_plan(ctx, functions, ["tune"])] == ["setup", "tune"]
+    # tests is done now: its build does not run either.
+    again = {r.step: (r.status, r.notes) for r in runner.run_plan(ctx, functions, ["tests"])}
+    assert again["tests"][0] == "done_before" and again["build"] == ("skipped", ["only for tests, which does not run"])
+
+
+def test_a_step_without_time_left_does_not_start(tmp_path):
+    ctx = _context(tmp_path, deadline_s=0)
+    record = runner.run_step(ctx, plan.planned()[-1], lambda ctx, budget, record: None)
+    assert record.status == "not_started" and "the next call starts here" in record.notes[0]
+
+
+def test_without_cuda_the_steps_are_skipped_with_the_reason(tmp_path):
+    ctx = _context(tmp_path)
+
+    def setup(ctx, budget, record):
+        ctx.device = {"device": "AMD EPYC", "device_type": "cpu", "device_slug": "cpu"}
+
+    records = runner.run_plan(ctx, dict.fromkeys(STEP_NAMES, setup))
+    assert [r.status for r in records] == ["ok"] + ["skipped"] * (len(STEPS) - 1)
+    assert "no CUDA device" in records[1].notes[0]
+
+
+# ---- The state file -------------------------------------------------------------------------------------
+
+
+def test_the_kernel_source_hash_follows_the_kernel_sources_only(tmp_path):
+    for name, text in (("nlft_kernels/ops/a.py", "x = 1"), ("csrc/cuda/k.cu", "// k"), ("README.md", "r")):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    first = state.kernel_source_hash(tmp_path)
+    (tmp_path / "README.md").write_text("another readme")
+    assert state.kernel_source_hash(tmp_path) == first
+    for name in ("nlft_kernels/ops/a.py", "csrc/cuda/k.cu"):
+        before = state.kernel_source_hash(tmp_path)
+        (tmp_path / name).write_text((tmp_path / name).read_text() + "\n")
+        assert state.kernel_source_hash(tmp_path) != before, name
+
+
+def test_the_committed_state_file_reads():
+    entries = state.load()
+    assert all(e.step in BY_NAME and BY_NAME[e.step].recorded for e in entries)
+
+
+# ---- The carried wheels -----------------------------------------------------------------------------------
+
+
+def _wheel(path: Path, requires: list[str], python: str = ">=3.10") -> Path:
+    meta = "Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n" + f"Requires-Python: {python}\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    libs = ["demo/libdemo_cuda118.so", "demo/libdemo_cuda130.so", "demo/libdemo_cpu.so", "demo/__init__.py"]
+    with zipfile.ZipFile(path, "w") as z:
+        for name in libs:
+            z.writestr(name, b"\0" * 64)
+        z.writestr("demo-1.0.dist-info/METADATA", meta)
+        z.writestr("demo-1.0.dist-info/RECORD", "".join(f"{n},sha256=x,64\n" for n in libs))
+    return path
+
+
+def test_a_wheel_is_cut_down_to_the_native_library_the_machine_loads(tmp_path):
+    path = _wheel(tmp_path / "demo-1.0-py3-none-any.whl", [])
+    removed = wheels.keep_native(path, ("libdemo_cuda130.so", "libdemo_cpu.so"))
+    assert removed == ["demo/libdemo_cuda118.so"]
+    with zipfile.ZipFile(path) as z:
+        assert "demo/libdemo_cuda118.so" not in z.namelist() and "demo/libdemo_cuda130.so" in z.namelist()
+        assert "libdemo_cuda118" not in z.read("demo-1.0.dist-info/RECORD").decode()
+    assert wheels.bnb_library() == "libbitsandbytes_cuda130.so"  # torch 2.11.0+cu130 there
+
+
+def test_requirements_are_checked_against_the_machine(tmp_path):
+    ok = _wheel(tmp_path / "ok.whl", ["torch>=2.1.2", "triton>=2.3.1", "pytest>=7", "execnet>=2.1", "x; extra == 'y'"])
+    assert wheels.check_requirements(ok) == []
+    bad = _wheel(tmp_path / "bad.whl", ["triton>=3.7", "nowhere-package"], python=">=3.13")
+    problems = wheels.check_requirements(bad)
+    assert len(problems) == 3, problems
+    assert any("triton 3.6.0" in p for p in problems) and any("not carried" in p for p in problems)
+    assert any("3.12.3" in p for p in problems)
+
+
+def test_what_travels_fits():
+    carried = wheels.folder_bytes(ROOT / plan.CARRY_DIR) if (ROOT / plan.CARRY_DIR).exists() else 0
+    assert wheels.tree_bytes() + carried <= plan.TREE_MAX_BYTES
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{plan.CARRY_DIR}/wheels/x.whl"], cwd=ROOT)
+    assert ignored.returncode == 0, f"{plan.CARRY_DIR}/ must be ignored: the run call carries it"
+
+
+@pytest.mark.skipif(
+    not (ROOT / plan.CARRY_DIR / "manifest.json").exists(),
+    reason="no .gpu_carry/ (python -m benchmarks.gpu_suite --prepare)",
+)
+def test_the_prepared_wheels_install_offline_and_work():
+    manifest = json.loads((ROOT / plan.CARRY_DIR / "manifest.json").read_text())
+    assert {w["name"] for w in manifest["wheels"]} == {w.name for w in wheels.WHEELS}
+    assert all(w["problems"] == [] for w in manifest["wheels"]), manifest["wheels"]
+    output = wheels.check_install()
+    assert "cut-cross-entropy torch_compile" in output and "Linear8bitLt" in output

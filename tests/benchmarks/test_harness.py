@@ -4,6 +4,7 @@ probes in fresh processes, result-file names, and the NLFT rows every loss bench
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,3 +158,34 @@ def test_nlft_rows_lay_out_every_kind_of_sample(n, steps):
         assert int(judge.sum()) == {"correct": 0, "wrong_many": int(judge.sum()), "wrong_one": 1, "wrong_none": 0}[kind]
     if steps >= 16:
         assert rows.lift_standard.any() and rows.lift_judge.view(batch, steps)[1::4].sum(1).gt(1).any()
+
+
+def test_time_ms_on_the_cpu_times_each_call_once():
+    """timeit with torch.utils.benchmark's clock: exactly ``reps`` timed calls, each the call's own time."""
+    calls = []
+
+    def step():
+        calls.append("step")
+        time.sleep(0.01)
+
+    times = _util.time_ms(step, lambda: calls.append("reset"), torch.device("cpu"), warmup=1, reps=4)
+    assert len(times) == 4 and calls == ["reset", "step"] * 5
+    assert all(9 < t < 500 for t in times), times
+    out, ms = _util.timed(lambda: (time.sleep(0.02), "done")[1], torch.device("cpu"))
+    assert out == "done" and 19 < ms < 500
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the harness times through do_bench there")
+def test_time_ms_on_cuda_goes_through_do_bench():
+    device = torch.device("cuda")
+    src = torch.randn(1 << 27, device=device)  # 512 MiB: far beyond the L2
+    dst = torch.empty_like(src)
+    resets = []
+    times = _util.time_ms(lambda: dst.copy_(src), lambda: resets.append(1), device, warmup=3, reps=20)
+    assert 10 <= len(times) <= 40 and min(times) > 0, times
+    assert len(resets) >= len(times) + 5  # before every call, do_bench's own estimates included
+    rate = 2 * src.numel() * 4 / (_util.median(times) / 1e3)
+    assert 1e11 < rate < 2e13, rate  # a copy's bytes per second, not a launch's
+    _, ms = _util.timed(lambda: dst.copy_(src), device)
+    assert ms > 0.5 * _util.median(times)  # the clock synchronises: the queued copy is counted

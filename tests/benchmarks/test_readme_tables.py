@@ -66,7 +66,11 @@ def test_train_step_settings_get_their_own_sections(tmp_path):
 
     write("train_step_cpu-x_2026-01-01.json", "2026-01-01T00:00:00", None)
     write("train_step_paper_cpu-x_2026-02-01.json", "2026-02-01T00:00:00", "paper")
-    (full, _, _, keep_full), (paper, pattern, _, keep_paper) = readme_tables.SECTIONS[:2]
+    by_pattern = {section[1]: section for section in readme_tables.SECTIONS}
+    (full, _, _, keep_full), (paper, pattern, _, keep_paper) = (
+        by_pattern["train_step_*.json"],
+        by_pattern["train_step_paper_*.json"],
+    )
     assert "paper" not in full and "paper's setting" in paper
     found = readme_tables.newest_per_device("train_step_*.json", tmp_path, keep_full)
     assert [p.name for p, _ in found] == ["train_step_cpu-x_2026-01-01.json"]
@@ -163,6 +167,42 @@ def test_readme_summary_lines_name_the_comparison_they_report():
             if line.startswith("|"):
                 assert "78.27" not in line and "92.24" not in line, line
     assert found, "no summary line in the training-step sections"
+
+
+def test_the_gpu_headline_renders_first_when_a_result_exists(tmp_path):
+    """A gpu_headline_*.json (as benchmarks.gpu_suite writes it) renders in its own section, the first;
+    without one there is no such section."""
+    assert "The headline on a GPU" not in readme_tables.render(tmp_path)
+    ours = {"case": "nlft_loss 3 views bf16 N=8192 V=128256 fwd+bwd", "bench_case": "nlft_kernels", "ms": 2.5}
+    ours |= {"gbs": 4000.0, "fraction_of_copy": 0.9}
+    liger = {"case": "3x Liger cross_entropy bf16 N=8192 V=128256 fwd+bwd on the base, fwd on 2 teachers"}
+    liger |= {"bench_case": "liger_cross_entropy_x3", "ms": 5.0, "gbs": 2000.0, "fraction_of_copy": 0.45}
+    payload = {
+        "device": "NVIDIA H200",
+        "device_type": "cuda",
+        "device_slug": "nvidia-h200",
+        "date": "2026-12-05T00:00:00+00:00",
+        "command": "python -m benchmarks.bench_loss --n 8192 --vocab 128256",
+        "copy_gbs": 4444.0,
+        "copy_buffer_bytes": 2**30,
+        "target_fraction_of_copy": 0.85,
+        "rows": [ours, liger],
+        "not_measured": [{"case": "3x torch.compile(F.cross_entropy)", "status": "skipped", "note": "no compiler"}],
+    }
+    (tmp_path / "gpu_headline_nvidia-h200_2026-12-05.json").write_text(json.dumps(payload))
+    title, pattern, table, keep = readme_tables.SECTIONS[0]
+    assert title.startswith("The headline on a GPU")
+    ((path, found),) = readme_tables.newest_per_device(pattern, tmp_path, keep)
+    assert path.name == "gpu_headline_nvidia-h200_2026-12-05.json" and found == payload
+    text = table(found)
+    assert "| nlft_loss 3 views bf16 N=8192 V=128256 fwd+bwd | 2.50 | 4000 | 90 | 1.00 |" in text
+    assert f"| {liger['case']} | 5.00 | 2000 | 45 | 2.00 |" in text
+    assert "Copy bandwidth 4444 GB/s" in text and "Not measured: 3x torch.compile(F.cross_entropy) (skipped" in text
+    # README.md's headline line for it: the share of the copy bandwidth, the baselines' times as multiples.
+    line = readme_tables.render_headline(tmp_path).splitlines()[0]
+    assert line.startswith("- NVIDIA H200 (cuda), 2026-12-05: nlft_loss 3 views bf16 N=8192 V=128256 fwd+bwd: 2.50 ms")
+    assert "90% of the same run's copy bandwidth (4444 GB/s); 3x Liger cross_entropy 2.00x its time" in line
+    assert "([JSON](" in line
 
 
 def test_headline_lines_link_their_results(tmp_path):

@@ -1,9 +1,11 @@
 """nlft_linear_loss and linear_token_logprobs against the float64 reference.
 
-The oracle evaluates the float64 reference on the exact (float64) product
-``hidden @ weight.T + bias`` of the input-dtype tensors, with the gradient flowing to hidden,
-weight and bias through that matmul: the fused path computes its logits tiles in float32
-whatever the input dtype, so it must agree with the exact logits, not with 16-bit ones.
+The oracle evaluates the float64 reference on the logits ``F.linear`` would give, the exact
+(float64) product ``hidden @ weight.T + bias`` of the input-dtype tensors rounded once to the
+input dtype (the fused path's chunk logits: one GEMM with float32 accumulation), with the
+gradient flowing to hidden, weight and bias through the exact product. The teachers' label
+log-probs (``linear_token_logprobs``) come from float32 logits tiles: they agree with the exact
+product itself.
 """
 
 import os
@@ -22,6 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+import nlft_kernels.ops.chunk_rows as chunk_module  # noqa: E402
 import nlft_kernels.ops.linear_chunks as linear_module  # noqa: E402
 from nlft_kernels import (  # noqa: E402
     NLFTConfig,
@@ -31,9 +34,10 @@ from nlft_kernels import (  # noqa: E402
     nlft_loss,
 )
 from nlft_kernels.backends import unavailable  # noqa: E402
+from nlft_kernels.ops.chunk_rows import compute_bound_rows  # noqa: E402
 from nlft_kernels.ops.nlft_linear_loss import chunk_rows_for, sample_groups  # noqa: E402
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference  # noqa: E402
-from tests._inputs import generator, make_inputs  # noqa: E402
+from tests._inputs import generator, make_inputs, seed_of  # noqa: E402
 from tests.conftest import CPU, REQUIRED_BACKENDS, backend_params, dtype_params  # noqa: E402
 from tests.tolerances import LINEAR_GRAD_TOL, LOSS_RTOL  # noqa: E402
 
@@ -45,17 +49,16 @@ DECISION_MARGIN = 0.25
 # The C++ kernel where it runs here (or is required: NLFT_REQUIRE_EXTENSION=1), else torch: the
 # chunkings below that name it run either way.
 CPU_KERNEL = "cpp" if "cpp" in REQUIRED_BACKENDS or unavailable("cpp", CPU) is None else "torch"
-# (rows per chunk, cluster criterion, backend, grouping) against make_linear_case's 4 samples x
-# 20 rows: 7 splits every sample (and 80 rows end in a partial chunk), 45 holds two whole
-# samples. Chunks of whole samples get their final gradient at once; with split samples, or
-# with clusters in one group of all rows (the GPU's way, ONE_GROUP_WITH_CLUSTERS, forced here),
-# the rows the second stage changes are fixed up afterwards.
+# (rows per chunk, cluster criterion, backend) against make_linear_case's 4 samples x 20 rows:
+# 7 splits every sample (and 80 rows end in a partial chunk), 45 holds two whole samples.
+# Chunks of whole samples get their final gradient at once; with split samples the rows the
+# second stage changes are fixed up afterwards. The Triton row pass and cluster walk
+# (interpreted here) run in test_triton_backend.
 CHUNKINGS = [
-    (7, "distance", "torch", "samples"),
-    (45, "distance", CPU_KERNEL, "samples"),
-    (45, "distance", "torch", "one group"),
-    (45, "off", "torch", "samples"),
-    (7, "off", CPU_KERNEL, "samples"),
+    (7, "distance", "torch"),
+    (45, "distance", CPU_KERNEL),
+    (45, "off", "torch"),
+    (7, "off", CPU_KERNEL),
 ]
 
 
@@ -119,12 +122,21 @@ def teacher(case: LinearCase, view: torch.Tensor, form: str) -> torch.Tensor:
     return view if form == "logits" else token_logprobs_reference(view, case.labels).float()
 
 
-def oracle(case: LinearCase, standard, judge, reduction="sample_mean", grad_out=None, config=None):
-    """(loss, grads, details) of the float64 reference on the exact logits of the input-dtype tensors."""
-    exact_params = [p.detach().double().requires_grad_() for p in params(case)]
+def linear_logits(exact_params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The float64 logits of ``F.linear`` in ``dtype``: the exact product of the float64
+    ``exact_params`` (hidden, weight[, bias]) rounded once to ``dtype``, the gradient flowing
+    through the exact product (the rounding is the identity for it)."""
     logits = exact_params[0] @ exact_params[1].T
-    if case.bias is not None:
+    if len(exact_params) > 2:
         logits = logits + exact_params[2]
+    return logits + (logits.detach().to(dtype).double() - logits.detach())
+
+
+def oracle(case: LinearCase, standard, judge, reduction="sample_mean", grad_out=None, config=None):
+    """(loss, grads, details) of the float64 reference on the input-dtype logits of the
+    input-dtype tensors (``linear_logits``)."""
+    exact_params = [p.detach().double().requires_grad_() for p in params(case)]
+    logits = linear_logits(exact_params, case.hidden.dtype)
     loss, details = nlft_loss_reference(
         logits,
         case.labels,
@@ -195,16 +207,11 @@ def count_fixes(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(
-    "chunk_size,criterion,backend,grouping", CHUNKINGS, ids=["-".join(map(str, c)) for c in CHUNKINGS]
-)
+@pytest.mark.parametrize("chunk_size,criterion,backend", CHUNKINGS, ids=["-".join(map(str, c)) for c in CHUNKINGS])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("form", ["logits", "logprobs"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend, grouping, monkeypatch):
-    one_group = grouping == "one group"
-    if one_group:
-        monkeypatch.setattr(linear_module, "ONE_GROUP_WITH_CLUSTERS", ("cpu",))
+def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend, monkeypatch):
     case = make_linear_case(dtype, seed=LINEAR_DTYPES.index(dtype) * 4 + 2 * (form == "logits") + bias, bias=bias)
     config = NLFTConfig(cluster_criterion=criterion)
     standard, judge = teacher(case, case.standard, form), teacher(case, case.judge, form)
@@ -213,7 +220,7 @@ def test_matches_materialised(dtype, form, bias, chunk_size, criterion, backend,
     fixes = count_fixes(monkeypatch)
     loss, grads, details = fused(case, standard, judge, chunk_size=chunk_size, backend=backend, config=config)
     assert_close(loss, grads, ref_loss, ref_grads, dtype)
-    assert bool(fixes) == ((criterion != "off" and one_group) or chunk_size < case.labels.shape[1])
+    assert bool(fixes) == (chunk_size < case.labels.shape[1])
     for name in ("saliency", "unlikelihood", "cluster", "killed"):
         assert torch.equal(getattr(details, name), ref_details[name]), name
 
@@ -418,24 +425,31 @@ def decision_margins(details, correct: torch.Tensor, cfg: NLFTConfig) -> torch.T
 
 
 @pytest.mark.parametrize("backend", backend_params())
-def test_bf16_decisions_near_thresholds_follow_the_exact_logits(backend):
-    """The teacher log-probs (linear_token_logprobs) and the base view's chunk logits come from
-    float32 logits tiles: decisions within 1e-3 of the 0.95 and 1.5x thresholds at logits near
-    30 follow the exact product of the bfloat16 inputs, where bfloat16 logits (off by up to
-    1/16 there) flip some of them."""
+def test_bf16_decisions_near_thresholds(backend):
+    """Decisions within 1e-3 of the 0.95 and 1.5x thresholds at logits near 30, where bfloat16
+    logits (off by up to 1/16 there) flip some of them. The teachers' log-probs
+    (linear_token_logprobs) come from float32 logits tiles: the decisions that rest on them
+    alone follow the exact product of the bfloat16 inputs. The base view's chunk logits are
+    bfloat16, as F.linear's: the decisions on p_j / p_b follow the reference on those."""
     case = make_threshold_case(seed=53)
     cfg = NLFTConfig(cluster_criterion="off")
 
     def reference(logits):
         return nlft_loss_reference(logits[0], case.labels, case.correct, logits[1], logits[2], cfg, return_details=True)
 
-    ref_loss, ref = reference(case.logits)
-    margins = decision_margins(ref, case.correct, cfg)
+    _, exact = reference(case.logits)
+    margins = decision_margins(exact, case.correct, cfg)
     assert bool((margins.abs() > 5e-4).all() & (margins.abs() < 1e-2).all()), margins
-    assert ref["saliency"].any() and not ref["saliency"].all()
+    assert exact["saliency"].any() and not exact["saliency"].all()
     _, rounded = reference(case.logits.to(torch.bfloat16).double())
-    flipped = rounded["saliency"] != ref["saliency"]
+    flipped = rounded["saliency"] != exact["saliency"]
     assert flipped[case.correct].any() and flipped[~case.correct].any(), "bfloat16 logits flip no decision here"
+    # The fused path's logits: the base view's in bfloat16, the teachers' exact.
+    mixed = case.logits.clone()
+    mixed[0] = case.logits[0].to(torch.bfloat16).double()
+    ref_loss, ref = reference(mixed)
+    assert (ref["saliency"] != exact["saliency"])[~case.correct].any(), "the base view's rounding flips nothing"
+    assert torch.equal(ref["saliency"][case.correct], exact["saliency"][case.correct])
 
     weight = case.weight.clone().requires_grad_()
     base = case.hidden[0].clone().requires_grad_()
@@ -656,29 +670,59 @@ def test_sample_groups_cut_at_sample_boundaries():
 
 
 def test_chunk_size_choice():
-    cpu = torch.device("cpu")
-    # Enough memory: the byte cap decides, and the rows split into balanced chunks.
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # Enough memory: the byte cap decides (a row costs 2 V e: its logits, and a separate
+    # gradient for the compiled row passes), and the rows split into balanced chunks.
     rows = chunk_rows_for(100_000, 128_256, 2, cpu, free=64 << 30)
-    assert rows * 128_256 * (2 * 2 + 8) <= (128 << 20) * 1.1 and rows >= 16
+    assert rows * 128_256 * 2 * 2 <= (128 << 20) * 1.1 and rows >= 16
     chunks = math.ceil(100_000 / rows)
     assert chunks * rows - 100_000 < rows
     # Little free memory: the chunk shrinks with it (down to a floor), never past N.
     assert chunk_rows_for(100_000, 128_256, 2, cpu, free=128 << 20) < rows
     assert chunk_rows_for(100_000, 128_256, 2, cpu, free=0) == 16
     assert chunk_rows_for(10, 32_000, 4, cpu, free=64 << 30) == 10
-    # Off CUDA a narrow head (D = 256) caps the chunk at D / 2 rows, whatever V; a real head
-    # (SmolLM2's D = 576, V = 49152) is held by the byte cap alone, and CUDA by its own cap.
-    assert chunk_rows_for(1024, 32_000, 4, cpu, free=64 << 30) == 256
+    # Off CUDA a chunk has at most D / 2 rows (D = 256: 128, whatever V; SmolLM2's D = 576:
+    # 288, a multiple of 64: 256), below the byte cap's 512 at V = 32000; CUDA has no such cap.
+    assert chunk_rows_for(1024, 32_000, 4, cpu, free=64 << 30) == 512
     assert chunk_rows_for(1024, 32_000, 4, cpu, free=64 << 30, dim=256) == 128
     assert chunk_rows_for(1024, 4096, 4, cpu, free=64 << 30, dim=256) == 128
-    assert chunk_rows_for(4096, 49_152, 4, cpu, free=64 << 30, dim=576) == chunk_rows_for(
-        4096, 49_152, 4, cpu, free=64 << 30
-    )
-    assert chunk_rows_for(1024, 32_000, 4, torch.device("cuda"), free=64 << 30, dim=256) == 1024
+    assert chunk_rows_for(4096, 49_152, 2, cpu, free=64 << 30, dim=576) == 256
+    assert chunk_rows_for(1024, 32_000, 4, cuda, free=64 << 30, dim=256) == 1024
     # A larger vocabulary gets fewer rows per chunk.
     assert chunk_rows_for(100_000, 151_936, 2, cpu, free=64 << 30) < chunk_rows_for(
         100_000, 32_000, 2, cpu, free=64 << 30
     )
+
+
+def dw_intensity(rows: int, vocab: int, dim: int, elem: int) -> float:
+    """FLOP per byte of the dW GEMM [V, c] x [c, D] into a float32 [V, D] accumulator: 2 c V D
+    FLOPs over G and the hidden chunk read once (e c (V + D)) and the accumulator read and
+    written (8 V D)."""
+    return 2 * rows * vocab * dim / (elem * rows * (vocab + dim) + 8 * vocab * dim)
+
+
+@pytest.mark.parametrize("vocab", [32000, 128_256, 151_936])
+@pytest.mark.parametrize("dim", [2048, 4096, 8192])
+def test_gpu_chunks_keep_the_weight_gradient_gemm_compute_bound(dim, vocab):
+    """On CUDA a chunk is at least as long as the dW GEMM needs to be compute-bound
+    (``compute_bound_rows``: the fewest rows reaching the target intensity, ``_DW_INTENSITY``,
+    twice the H100/H200 ridge point) when memory allows, and at most twice that; with little
+    memory, memory decides. At V = 128256, D = 4096, bfloat16 that is over 1k rows."""
+    cuda = torch.device("cuda")
+    target = compute_bound_rows(vocab, dim, 2)
+    assert dw_intensity(target, vocab, dim, 2) >= chunk_module._DW_INTENSITY > dw_intensity(target - 1, vocab, dim, 2)
+    if (vocab, dim) == (128_256, 4096):
+        assert target >= 1024
+    for n in (target // 2, target + 1, 8192, 100_000):
+        rows = chunk_rows_for(n, vocab, 2, cuda, free=80 << 30, dim=dim)
+        assert rows == n if n <= 2 * target - 64 else target - 32 <= rows <= 2 * target, (n, rows)
+    tight = chunk_rows_for(100_000, vocab, 2, cuda, free=1 << 30, dim=dim)
+    memory = (1 << 30) // 4 // (2 * vocab * 2) // 64 * 64  # rows in a quarter of 1 GiB
+    assert memory < target and memory / 2 < tight <= memory
+    # A narrow head (D = 256) cannot be compute-bound at any length: a chunk stays within 1 GiB.
+    assert compute_bound_rows(vocab, 256, 2) is None
+    narrow = chunk_rows_for(100_000, vocab, 2, cuda, free=80 << 30, dim=256)
+    assert (1 << 30) // (2 * vocab * 2) // 2 < narrow <= (1 << 30) // (2 * vocab * 2)
 
 
 # Peak resident memory of one loss + backward, above the RSS before the call, for each
@@ -701,6 +745,10 @@ _MEMORY_SCRIPT = textwrap.dedent(
     hidden = torch.randn(2, rows // 2, dim, requires_grad=True)
     correct = torch.ones(2, dtype=torch.bool)
     standard = -torch.rand(2, rows // 2)  # teacher views as label log-probs
+    # One small call first: the first call of the process allocates what every later one reuses
+    # (the kernels' thread pools, lazily built tables), which is no chunk's.
+    warm, labels = torch.randn(2, 8, dim, requires_grad=True), torch.zeros(2, 8, dtype=torch.long)
+    nlft_linear_loss(warm, torch.randn(16, dim), labels, correct, standard=-torch.rand(2, 8)).backward()
     extra = {}
     for path in ("fused", "teacher", "materialised"):
         for vocab in vocabs:
@@ -751,3 +799,85 @@ def test_peak_memory_is_bounded_by_a_chunk():
     assert materialised_growth >= logits_growth, report
     assert fused_growth <= logits_growth / 4, report
     assert extra[f"teacher {vocabs[1]}"] - extra[f"teacher {vocabs[0]}"] <= logits_growth / 8, report
+
+
+def test_weight_gradient_is_rounded_once():
+    """The weight gradient sums the chunks in float32 and is rounded to bfloat16 once, as
+    F.linear's backward over all rows: with 40 chunks (and the fix-up of the rows the 6% rule
+    zeroes) its error against float64 is that of one rounding of the exact G.T @ hidden (G the
+    logits gradient in bfloat16), where adding each chunk's product in bfloat16 would round 40
+    times (emulated here: clearly worse)."""
+    case = make_linear_case(torch.bfloat16, seed=61, batch=4, steps=40, vocab=64, dim=32)
+    config = NLFTConfig(cluster_criterion="off")
+    _, (_, dw, _) = fused(case, case.standard, case.judge, config=config, chunk_size=4)[:2]
+    exact_params = [p.detach().double().requires_grad_() for p in params(case)]
+    logits = linear_logits(exact_params, torch.bfloat16).detach().requires_grad_()
+    loss = nlft_loss_reference(logits, case.labels, case.correct, case.standard, case.judge, config)
+    (g,) = torch.autograd.grad(loss, logits)
+    g, h = g.reshape(-1, g.shape[-1]).to(torch.bfloat16), case.hidden.detach().reshape(g.numel() // 64, -1)
+    exact = g.double().T @ h.double()
+    once = exact.to(torch.bfloat16)
+    per_chunk = torch.zeros_like(once)
+    for start in range(0, g.shape[0], 4):
+        per_chunk.addmm_(g[start : start + 4].T, h[start : start + 4])
+
+    def error(x):
+        return float((x.double() - exact).abs().max() / exact.abs().max())
+
+    assert error(per_chunk) > 2 * error(once), "the inputs do not tell one rounding from forty"
+    assert error(dw) <= 1.25 * error(once), (error(dw), error(once), error(per_chunk))
+
+
+class WeightedCrossEntropyRows:
+    """A row pass for the chunk driver (``linear_chunks.linear_pass``), written against its
+    contract only: a token-weighted cross-entropy ``sum_t w_t * CE_t``, its per-row losses kept
+    on the side, the gradient ``w_t * (softmax - onehot)`` written over the chunk's logits."""
+
+    def __init__(self, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        self.labels, self.weights = labels, weights
+        self.losses = torch.zeros(labels.numel(), dtype=torch.float64)
+        self.chunks = 0
+
+    def __call__(self, chunk) -> torch.Tensor:
+        x = chunk.logits.double()
+        labels, weights = self.labels[chunk.rows], self.weights[chunk.rows]
+        lse = torch.logsumexp(x, -1)
+        self.losses[chunk.rows] = weights * (lse - x.gather(1, labels[:, None])[:, 0])
+        grad = torch.softmax(x, -1)
+        grad[torch.arange(len(labels)), labels] -= 1
+        chunk.logits.copy_(grad * weights[:, None])
+        self.chunks += 1
+        return chunk.logits
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunk_driver_runs_any_row_pass(dtype, bias, chunk_size):
+    """The driver's contract with another row pass (the token-weighted cross-entropy of issue
+    21 item 5): the gradients of hidden, weight and bias equal float64 autograd on F.linear's
+    logits, and the loss terms are the row pass's own, one call per chunk."""
+    g = generator(seed_of("chunk driver", dtype, bias, chunk_size))
+    rows, dim, vocab = 50, 12, 37
+    hidden = torch.randn(rows, dim, generator=g).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=g) / dim**0.5).to(dtype)
+    b = torch.randn(vocab, generator=g).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    weights = torch.rand(rows, generator=g, dtype=torch.float64) * (torch.rand(rows, generator=g) > 0.2)
+    row_pass = WeightedCrossEntropyRows(labels, weights)
+    grads = linear_module.linear_pass(hidden, weight, b, row_pass, (True, True, bias), chunk_size)
+
+    exact = [p.double().requires_grad_() for p in (hidden, weight, b) if p is not None]
+    logits = linear_logits(exact, dtype)
+    ref = weights * torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    ref_grads = torch.autograd.grad(ref.sum(), exact)
+    # (a 16-bit GEMM may round a logit to the neighbour of the exact product's rounding)
+    torch.testing.assert_close(row_pass.losses, ref.detach(), rtol=LOSS_RTOL, atol=LOSS_RTOL)
+    assert row_pass.chunks == math.ceil(rows / chunk_size)
+    grad_rtol, atol_fraction = LINEAR_GRAD_TOL[dtype]
+    for grad, ref_grad in zip(grads[: len(exact)], ref_grads, strict=True):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(
+            grad.double(), ref_grad, rtol=grad_rtol, atol=atol_fraction * float(ref_grad.abs().max())
+        )
+    assert (grads[2] is None) == (not bias)

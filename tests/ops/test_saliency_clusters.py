@@ -1,6 +1,7 @@
-"""The vectorised saliency-cluster walk against the reference's Python loops.
+"""The saliency-cluster walks (the Triton kernel, interpreted here, and the batched torch walk)
+against the reference's Python loops.
 
-Both follow the authors' ``token_cluster``: one running centre per saliency token, carried
+All follow the authors' ``token_cluster``: one running centre per saliency token, carried
 from the left walk into the right walk. ``restart_reference`` below is the walk this package
 did before (the centre reset for the right walk); the tests named ``carried`` build inputs on
 which the two differ, so that a return of the restart would fail them.
@@ -14,7 +15,10 @@ import torch
 
 import nlft_kernels.reference as reference_module
 from nlft_kernels import NLFTConfig, saliency_clusters
+from nlft_kernels.ops.launch import cluster_walk_config
+from nlft_kernels.ops.saliency_clusters import WALKS
 from nlft_kernels.reference import nlft_loss_reference, saliency_clusters_reference
+from tests._host_syncs import HostSyncCounter
 from tests._inputs import generator, make_inputs, seed_of
 from tests.conftest import backend_params
 from tests.ops.test_nlft_linear_loss import LinearCase, fused
@@ -23,10 +27,19 @@ from tests.tolerances import assert_grad_close, assert_loss_close
 
 # Every backend of the registry that computes on CPU tensors (skipped here with its reason).
 BACKENDS = backend_params()
+# The two walks, each through the backend that takes it: the kernel (Triton, interpreted on the
+# CPU) and the batched torch walk.
+WALK_BACKENDS = {"kernel": "triton", "batched": "torch"}
+assert all(WALKS[backend] == walk for walk, backend in WALK_BACKENDS.items())
 IMPLEMENTATIONS = {
-    "batched": lambda hidden, saliency, valid, config: saliency_clusters(hidden, saliency, valid, config=config),
-    "reference": saliency_clusters_reference,
-}
+    walk: functools.partial(
+        lambda hidden, saliency, valid, config, backend: saliency_clusters(
+            hidden, saliency, valid, config=config, backend=backend
+        ),
+        backend=backend,
+    )
+    for walk, backend in WALK_BACKENDS.items()
+} | {"reference": saliency_clusters_reference}
 
 
 def inputs(batch, steps, dim, seed):
@@ -45,10 +58,11 @@ def inputs(batch, steps, dim, seed):
     "criterion, threshold", [("distance", 0.4), ("distance", 0.9), ("similarity", 0.3), ("similarity", 0.6)]
 )
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_reference(criterion, threshold, seed):
+@pytest.mark.parametrize("walk", WALK_BACKENDS)
+def test_matches_reference(walk, criterion, threshold, seed):
     hidden, saliency, valid = inputs(6, 40, 8, seed)
     config = NLFTConfig(cluster_criterion=criterion, cluster_threshold=threshold)
-    cluster = saliency_clusters(hidden, saliency, valid, config=config)
+    cluster = saliency_clusters(hidden, saliency, valid, config=config, backend=WALK_BACKENDS[walk])
     expected = saliency_clusters_reference(hidden, saliency, valid, config)
     assert torch.equal(cluster, expected)
     # The inputs exercise walks that accept neighbours and walks that stop before the sample ends.
@@ -56,14 +70,83 @@ def test_matches_reference(criterion, threshold, seed):
     assert not (cluster & ~valid).any() and not (cluster & saliency).any()
 
 
-def test_flat_rows_with_sample_ids():
+@pytest.mark.parametrize("walk", WALK_BACKENDS)
+def test_flat_rows_with_sample_ids(walk):
     hidden, saliency, valid = inputs(5, 30, 6, seed=3)
     config = NLFTConfig()
     expected = saliency_clusters_reference(hidden, saliency, valid, config)
     sample_ids = torch.arange(5)[:, None].expand(5, 30)[valid]
-    cluster = saliency_clusters(hidden[valid], saliency[valid], sample_ids=sample_ids, config=config)
+    backend = WALK_BACKENDS[walk]
+    cluster = saliency_clusters(hidden[valid], saliency[valid], sample_ids=sample_ids, config=config, backend=backend)
     assert expected.any()
     assert torch.equal(cluster, expected[valid])
+
+
+def ragged_inputs(seed: int, samples: int, dim: int, dtype=torch.float32):
+    """Flat rows of ``samples`` samples of 1 to 24 rows (sample ids from 3 on, some skipped), with
+    padding rows (valid False) at sample ends and inside samples, and a saliency token on ~40% of
+    the rows: [B, T]-free inputs for the flat form, and their [B, T] layout for the reference."""
+    g = generator(seed)
+    lengths = torch.randint(1, 25, (samples,), generator=g)
+    lengths[:3] = torch.tensor([1, 2, 24])  # a one-row sample, a two-row one, a long one
+    steps = int(lengths.max())
+    hidden = torch.zeros(samples, steps, dim)
+    valid = torch.zeros(samples, steps, dtype=torch.bool)
+    smooth = torch.randn(samples, steps, dim, generator=g).cumsum(1)
+    states = smooth * (torch.rand(samples, steps, 1, generator=g) < 0.7) + torch.randn(samples, steps, dim, generator=g)
+    for b, n in enumerate(lengths.tolist()):
+        hidden[b, :n] = states[b, :n]
+        valid[b, :n] = True
+        valid[b, n - 1] &= b % 3 != 1  # padding at the sample's end
+        if n > 6 and b % 2 == 0:
+            valid[b, n // 2] = False  # and a hole inside the sample
+    saliency = (torch.rand(samples, steps, generator=g) < 0.4) & valid
+    present = torch.arange(steps)[None, :] < lengths[:, None]
+    sample_ids = (3 + 2 * torch.arange(samples))[:, None].expand(samples, steps)[present]
+    return hidden.to(dtype), saliency, valid, present, sample_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("criterion, threshold", [("distance", 0.4), ("similarity", 0.2), ("similarity", -0.5)])
+@pytest.mark.parametrize("walk", WALK_BACKENDS)
+def test_ragged_samples_many_saliency_tokens(walk, criterion, threshold, dtype):
+    """Samples of 1 to 24 rows as flat rows, padding at their ends and inside them, saliency on
+    ~40% of the rows; the loose thresholds send walks to the samples' edges (and stop them
+    there), the tight one stops most walks early."""
+    seed = seed_of("ragged walk", criterion, threshold, dtype)
+    hidden, saliency, valid, present, sample_ids = ragged_inputs(seed, samples=12, dim=24, dtype=dtype)
+    config = NLFTConfig(cluster_criterion=criterion, cluster_threshold=threshold)
+    expected = saliency_clusters_reference(hidden, saliency, valid, config)
+    cluster = saliency_clusters(
+        hidden[present], saliency[present], valid[present], sample_ids, config, backend=WALK_BACKENDS[walk]
+    )
+    assert torch.equal(cluster, expected[present])
+    assert saliency.sum() > 40 and expected.any() and (valid & ~saliency & ~expected).any()
+    # Some walk reaches a sample's first or last response row (its edge) as a cluster token.
+    first = valid.int().argmax(1)
+    last = valid.shape[1] - 1 - valid.flip(1).int().argmax(1)
+    rows = torch.arange(valid.shape[0])
+    assert (expected[rows, first] | expected[rows, last]).any()
+
+
+def test_the_kernel_walk_never_waits_for_the_host():
+    """One launch, no host sync (on a GPU: nothing that waits for the device)."""
+    hidden, saliency, valid, present, sample_ids = ragged_inputs(seed_of("sync-free walk"), samples=4, dim=8)
+    flat = hidden[present], saliency[present], valid[present], sample_ids
+    with HostSyncCounter() as syncs:
+        cluster = saliency_clusters(*flat, backend="triton")
+    assert syncs.count == 0, syncs.sites
+    assert cluster.any()
+
+
+def test_hidden_sizes_beyond_the_kernel_tile_take_the_batched_walk():
+    dim = 16385
+    assert cluster_walk_config(16384, torch.float32) is not None and cluster_walk_config(dim, torch.float32) is None
+    hidden, saliency, valid = inputs(2, 6, dim, seed=8)
+    config = NLFTConfig(cluster_criterion="similarity", cluster_threshold=-0.3)
+    cluster = saliency_clusters(hidden, saliency | (torch.arange(6) == 2), valid, config=config, backend="triton")
+    expected = saliency_clusters_reference(hidden, saliency | (torch.arange(6) == 2), valid, config)
+    assert expected.any() and torch.equal(cluster, expected)
 
 
 def test_walks_never_cross_samples():
@@ -72,22 +155,26 @@ def test_walks_never_cross_samples():
     hidden = torch.eye(8).repeat(2, 1).view(2, 8, 8)
     saliency = torch.zeros(2, 8, dtype=torch.bool)
     saliency[0, 6] = True
-    cluster = saliency_clusters(hidden, saliency)
-    assert cluster[0].tolist() == [True] * 6 + [False, True] and not cluster[1].any()
+    for backend in WALK_BACKENDS.values():
+        cluster = saliency_clusters(hidden, saliency, backend=backend)
+        assert cluster[0].tolist() == [True] * 6 + [False, True] and not cluster[1].any(), backend
 
 
 def test_off_and_no_saliency():
     hidden, saliency, valid = inputs(2, 10, 4, seed=4)
-    assert not saliency_clusters(hidden, saliency, valid, config=NLFTConfig(cluster_criterion="off")).any()
-    assert not saliency_clusters(hidden, torch.zeros_like(saliency), valid).any()
+    for backend in WALK_BACKENDS.values():
+        off = NLFTConfig(cluster_criterion="off")
+        assert not saliency_clusters(hidden, saliency, valid, config=off, backend=backend).any()
+        assert not saliency_clusters(hidden, torch.zeros_like(saliency), valid, backend=backend).any()
 
 
-def test_long_walks_are_compacted():
-    # Longer than the compaction period, with walks that stop at different steps.
+@pytest.mark.parametrize("walk", WALK_BACKENDS)
+def test_long_walks(walk):
+    # Longer than the batched walk's compaction period, with walks that stop at different steps.
     hidden, saliency, valid = inputs(3, 90, 4, seed=5)
     config = NLFTConfig(cluster_criterion="similarity", cluster_threshold=-0.3)
     expected = saliency_clusters_reference(hidden, saliency, valid, config)
-    assert torch.equal(saliency_clusters(hidden, saliency, valid, config=config), expected)
+    assert torch.equal(saliency_clusters(hidden, saliency, valid, config=config, backend=WALK_BACKENDS[walk]), expected)
     covered = (expected | saliency).int()
     longest = max(len(run) for row in covered.tolist() for run in "".join(map(str, row)).split("0"))
     assert longest > 16 and (valid & ~saliency & ~expected).any()
@@ -99,6 +186,8 @@ def test_errors():
         saliency_clusters(hidden[:, :5], saliency, valid)
     with pytest.raises(ValueError, match="hidden_states"):
         saliency_clusters(hidden.long(), saliency, valid)
+    with pytest.raises(ValueError, match="backend"):
+        saliency_clusters(hidden, saliency, valid, backend="auto")
 
 
 # The walk as it was before: the centre is reset to the saliency token's state for the right
@@ -195,7 +284,8 @@ WALK_SETTINGS = [("distance", 0.4, 150.0), ("distance", 0.9, 180.0), ("similarit
 
 
 @pytest.mark.parametrize("criterion, threshold, turn", WALK_SETTINGS)
-def test_carried_centre_random_states(criterion, threshold, turn):
+@pytest.mark.parametrize("walk", WALK_BACKENDS)
+def test_carried_centre_random_states(walk, criterion, threshold, turn):
     seed = seed_of("carried", criterion, threshold)
     hidden = angle_states(8, 40, seed, turn)
     g = generator(seed)
@@ -211,9 +301,10 @@ def test_carried_centre_random_states(criterion, threshold, turn):
     # saliency token's walk may reach row s + 1 under both).
     differs = (expected != restarted)[planted].any(dim=1)
     assert len(planted) >= 4 and 2 * differs.sum() >= len(planted)
-    assert torch.equal(saliency_clusters(hidden, saliency, valid, config=config), expected)
+    backend = WALK_BACKENDS[walk]
+    assert torch.equal(saliency_clusters(hidden, saliency, valid, config=config, backend=backend), expected)
     sample_ids = torch.arange(8)[:, None].expand(8, 40)[valid]
-    flat = saliency_clusters(hidden[valid], saliency[valid], sample_ids=sample_ids, config=config)
+    flat = saliency_clusters(hidden[valid], saliency[valid], sample_ids=sample_ids, config=config, backend=backend)
     assert torch.equal(flat, expected[valid])
 
 

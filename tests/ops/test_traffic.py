@@ -57,13 +57,14 @@ def count_bytes():
     traffic = Traffic()
     load, store = builder.create_masked_load, builder.create_masked_store
 
-    def counted_load(ptrs, mask, other, cache_policy, is_volatile):
+    # The cache arguments after the mask vary with Triton's version: passed through as they come.
+    def counted_load(ptrs, mask, *rest):
         traffic.add(ptrs, mask, "load")
-        return load(ptrs, mask, other, cache_policy, is_volatile)
+        return load(ptrs, mask, *rest)
 
-    def counted_store(ptrs, value, mask, cache_policy):
+    def counted_store(ptrs, value, mask, *rest):
         traffic.add(ptrs, mask, "store")
-        return store(ptrs, value, mask, cache_policy)
+        return store(ptrs, value, mask, *rest)
 
     builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
     try:

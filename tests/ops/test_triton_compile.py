@@ -40,6 +40,7 @@ def test_launched_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
         "_scale_rows_kernel",
         "_token_logprobs_kernel",
         "_token_logprobs_bwd_kernel",
+        "_cluster_walk_kernel",
     }
     # The JIT's specialisation is part of what is compiled: aligned (V=32000) and unaligned
     # (V=50257) rows give different variants.

@@ -12,18 +12,29 @@ import pytest
 import torch
 
 from nlft_kernels import NLFTConfig, linear_token_logprobs, nlft_linear_loss, nlft_loss
+from tests import tolerances
 from tests._inputs import generator, make_inputs, seed_of
 from tests.training.test_trainer import _free_port
 
 B, T, V, D, WORLD = 4, 11, 64, 16, 2
-# dtype -> (rtol, atol) of the gradients against one process: both accumulate in float32; bf16
-# gradients differ by a rounding of the stored bf16 value, and the linear form's hidden gradient
-# is the sum of two bf16 partial products (one per vocabulary shard): up to two bf16 roundings.
-TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 4e-3)}
-# The relative tolerance of the loss and per-token values (log-probs, weights): float32 sums
-# of exponentials added in another order (per shard, then across shards) differ by a few float32
-# roundings of the row's logsumexp, ~2e-5 seen in bf16.
-LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
+# The gradients against one process follow tests/tolerances.py's rule for the dtype (rtol, atol a
+# fraction of the largest reference entry): both accumulate in float32 in another order (the
+# saliency weight amplifies a float32 rounding of the logsumexp, 3.0e-5 relative seen in fp32); bf16
+# gradients differ by a rounding of the stored bf16 value, and the linear form's hidden gradient is
+# the sum of two bf16 partial products (one per vocabulary shard): up to two bf16 roundings.
+
+
+def _grad_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = tolerances.TOLERANCES[dtype]
+    atol = tol.grad_atol_fraction * max(float(want.abs().max()), 1e-6)
+    torch.testing.assert_close(got, want, rtol=tol.grad_rtol, atol=atol)
+
+
+# The relative tolerance of the loss and per-token values (log-probs, weights): the rule every
+# other test uses (tests/tolerances.py's LOSS_RTOL): float32 sums of exponentials added in another
+# order (per shard, then across shards) differ by a few float32 roundings of the row's logsumexp,
+# which the saliency weight 1 + ((p_s - tau) / (1 - tau))**5 amplifies (3.0e-5 seen in fp32).
+LOSS_RTOL = {torch.float32: tolerances.LOSS_RTOL, torch.bfloat16: tolerances.LOSS_RTOL}
 CLUSTERS = NLFTConfig()  # clusters on: the hidden states are walked on every rank
 
 
@@ -98,11 +109,13 @@ def _worker(rank: int, port: int, out: str, dtype_name: str, reduction: str) -> 
         torch.distributed.destroy_process_group()
 
 
-def _same_details(got, want, rtol=1e-5):
+def _same_details(got, want, rtol=1e-5, atol_fraction=0.0):
     for name in ("saliency", "unlikelihood", "cluster", "killed"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     for name in ("logprob_base", "logprob_standard", "logprob_judge", "weight", "token_loss"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=rtol, atol=1e-5, msg=name)
+        want_value = getattr(want, name)
+        atol = max(1e-5, atol_fraction * float(want_value.abs().max()))
+        torch.testing.assert_close(getattr(got, name), want_value, rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -113,7 +126,6 @@ def test_two_ranks_equal_one_process(tmp_path, dtype, reduction):
     dtype_name = str(dtype).removeprefix("torch.")
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), dtype_name, reduction), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    rtol, atol = TOLERANCES[dtype]
 
     x, weight, bias, heads, labels = _case(seed_of("vocab_parallel", dtype_name, reduction), dtype)
     loss, details = _loss_outputs(x, x.base, reduction)
@@ -123,7 +135,7 @@ def test_two_ranks_equal_one_process(tmp_path, dtype, reduction):
     for r, got in enumerate(ranks):
         torch.testing.assert_close(got["loss"], loss, rtol=LOSS_RTOL[dtype], atol=1e-5)
         _same_details(got["details"], details, LOSS_RTOL[dtype])
-        torch.testing.assert_close(got["grad"], _shard(x.base.grad, r), rtol=rtol, atol=atol)
+        _grad_close(got["grad"], _shard(x.base.grad, r), dtype)
 
     w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
     lin_loss, lin_details, standard, hidden_grad = _linear_outputs(x, w, b, heads, labels)
@@ -131,7 +143,9 @@ def test_two_ranks_equal_one_process(tmp_path, dtype, reduction):
     for r, got in enumerate(ranks):
         torch.testing.assert_close(got["standard"], standard, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["lin_loss"], lin_loss, rtol=LOSS_RTOL[dtype], atol=1e-5)
-        _same_details(got["lin_details"], lin_details, LOSS_RTOL[dtype])
-        torch.testing.assert_close(got["hidden_grad"], hidden_grad, rtol=rtol, atol=atol)
-        torch.testing.assert_close(got["weight_grad"], _shard(w.grad, r), rtol=rtol, atol=atol)
-        torch.testing.assert_close(got["bias_grad"], _shard(b.grad, r), rtol=rtol, atol=atol)
+        # The logits shard and the chunks are F.linear's in bfloat16: GEMMs of other shapes may
+        # round a logit to the neighbouring bfloat16, which moves a token's terms by that much.
+        _same_details(got["lin_details"], lin_details, LOSS_RTOL[dtype], 2**-8 if dtype == torch.bfloat16 else 0.0)
+        _grad_close(got["hidden_grad"], hidden_grad, dtype)
+        _grad_close(got["weight_grad"], _shard(w.grad, r), dtype)
+        _grad_close(got["bias_grad"], _shard(b.grad, r), dtype)

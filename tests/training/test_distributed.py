@@ -15,7 +15,8 @@ import torch
 from nlft_kernels import NLFTConfig
 from nlft_kernels.training.data import NLFTCollator, encode_records
 from nlft_kernels.training.distributed import sharding_of
-from nlft_kernels.training.trainer import add_lora, causal_lm, nlft_step
+from nlft_kernels.training.model_access import causal_lm
+from nlft_kernels.training.trainer import add_lora, nlft_step
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
 from tests.training.test_trainer import _assert_same_params, _ddp_worker, _free_port, _one_step
 
@@ -127,6 +128,10 @@ def _sharded_worker(
         if rank == 0:
             torch.save(params, Path(out) / "sharded.pt")
         torch.save({"calls": calls, "loss": loss}, Path(out) / f"rank{rank}.pt")
+        # No rank leaves while the other still has collectives or FSDP's gathers in flight: a gloo
+        # peer that closes its connections mid-operation aborts the other process (SIGABRT, seen
+        # in CI on fsdp1-full).
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

@@ -14,9 +14,12 @@ import torch
 
 from nlft_kernels import NLFTConfig
 from nlft_kernels.reference import nlft_loss_reference
+from nlft_kernels.training.arguments import NLFTTrainingArguments
+from nlft_kernels.training.batch_loss import nlft_batch_loss
 from nlft_kernels.training.data import NLFTCollator, NLFTRecord, PromptTemplates, encode_records
 from nlft_kernels.training.distributed import sharding_of
-from nlft_kernels.training.trainer import NLFTTrainer, add_lora, lm_head_of, nlft_batch_loss, nlft_step, train
+from nlft_kernels.training.model_access import lm_head_of
+from nlft_kernels.training.trainer import NLFTTrainer, add_lora, nlft_step, train
 from tests._tiny import tiny_model, tiny_records, tiny_tokenizer
 
 # float32 model, float64 reference: the loss and gradients agree to about this (relative).
@@ -160,11 +163,12 @@ def test_teacher_views_run_without_gradient(tok):
     model = tiny_model(len(tok))
     batch = _batch(tok)
     size, n_wrong = len(batch["correct"]), int((~batch["correct"]).sum())
+    # the teachers first (their activations gone before the base view's are kept), then the base view
     calls = _decoder_calls(model, lambda: nlft_batch_loss(model, batch))
-    assert calls == [(size, True), (size, False), (n_wrong, False)]
+    assert calls == [(size, False), (n_wrong, False), (size, True)]
     # with judge_nll_weight the judge view has gradient: one forward for base + wrong judge rows
     calls = _decoder_calls(model, lambda: nlft_batch_loss(model, batch, judge_nll_weight=1.0))
-    assert calls == [(size + n_wrong, True), (size, False)]
+    assert calls == [(size, False), (size + n_wrong, True)]
 
 
 def test_teacher_activations_are_not_kept(tok):
@@ -211,20 +215,28 @@ def test_lora(tok, tie):
 
 
 def test_train_saves_adapter(tok, tmp_path):
-    model = train(
-        tiny_model(len(tok)),
-        tok,
-        tiny_records(),
-        steps=2,
-        batch_size=2,
-        grad_accum=2,
-        lr=1e-2,
-        output_dir=tmp_path / "out",
-        progress=False,
+    args = NLFTTrainingArguments(
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        output_dir=str(tmp_path / "out"),
+        disable_tqdm=True,
     )
+    model = train(tiny_model(len(tok)), tok, tiny_records(), args)
     assert (tmp_path / "out" / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
     assert any(p.requires_grad for p in model.parameters())
+
+
+def test_train_names_an_empty_record_list(tok):
+    """An empty list is not "no record fits max_length": each says what is wrong."""
+    args = NLFTTrainingArguments(max_steps=1, disable_tqdm=True)
+    with pytest.raises(ValueError, match="the record list is empty"):
+        train(tiny_model(len(tok)), tok, [], args)
+    tight = NLFTTrainingArguments(max_steps=1, disable_tqdm=True, max_length=4)
+    with pytest.warns(UserWarning, match="records dropped"), pytest.raises(ValueError, match="fits max_length=4"):
+        train(tiny_model(len(tok)), tok, tiny_records(), tight)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ addition, one- and two-step word problems from templates, and their mixture.
 
 Every solution is written as the worked examples write it, one equation per calculation, then
 "The answer is N." (``27 + 45 = 72. The answer is 72.``): the rule judge
-(:func:`nlft_kernels.recipes.judge.judge_response`) checks each written equation and the final
+(:func:`nlft_kernels.recipes.rule_judge.judge_response`) checks each written equation and the final
 answer, so a reference is verifiable by the same judge that judges the model.
 """
 
@@ -14,7 +14,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nlft_kernels.recipes.judge import Judgment, judge_response
+from nlft_kernels.recipes.judgment import Judgment
+from nlft_kernels.recipes.rule_judge import judge_response
 from nlft_kernels.recipes.tasks.base import KeySpace, Problem, Step, Task, worked_examples
 
 NAMES = (

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from nlft_kernels.recipes.judge import Judgment
+from nlft_kernels.recipes.judgment import Judgment
 
 SPLITS = ("train", "validation", "test")
 # Percent of the key space per split: the test pool is large, so that even a small family
@@ -174,8 +174,8 @@ class Task:
     def judge_row(self, question: str, response: str, reference_solution: str) -> Judgment:
         """The judge on a row's texts (``question``, ``response``, ``answer`` as ``nlft judge``
         reads them; the question may carry the worked examples): a
-        :data:`~nlft_kernels.recipes.judge.JudgeFunction`. Arithmetic and GSM8K: the rule judge."""
-        from nlft_kernels.recipes.judge import judge_response
+        :data:`~nlft_kernels.recipes.judgment.JudgeFunction`. Arithmetic and GSM8K: the rule judge."""
+        from nlft_kernels.recipes.rule_judge import judge_response
 
         return judge_response(question, response, reference_solution)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from nlft_kernels.recipes.judge import Judgment, judge_response
+from nlft_kernels.recipes.judgment import Judgment
+from nlft_kernels.recipes.rule_judge import judge_response
 from nlft_kernels.recipes.tasks.base import Problem, Task, check_split, split_of
 
 # The GSM8K training file gives the train and validation pools (by a hash of the question, as
@@ -57,7 +58,7 @@ class GSM8KTask(Task):
         return [self._problem(r, split) for r in picked]
 
     def _problem(self, row: dict, split: str) -> Problem:
-        from nlft_kernels.recipes.judge import extract_answer, format_number
+        from nlft_kernels.recipes.rule_judge import extract_answer, format_number
 
         answer = extract_answer(row["answer"])
         text = "" if answer is None else format_number(answer)

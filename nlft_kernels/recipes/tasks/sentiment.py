@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from nlft_kernels.recipes.judge import SCORE_CORRECT, SCORE_NO_ANSWER, SCORE_WRONG_ANSWER, Judgment
+from nlft_kernels.recipes.judgment import SCORE_CORRECT, SCORE_NO_ANSWER, SCORE_WRONG_ANSWER, Judgment
 from nlft_kernels.recipes.tasks.base import KeySpace, Problem, Task, worked_examples
 
 LABELS = ("positive", "negative")

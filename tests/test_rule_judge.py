@@ -2,24 +2,11 @@
 
 import re
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
-from nlft_kernels.recipes.judge import (
-    SCORE_CORRECT,
-    SCORE_NO_ANSWER,
-    SCORE_WRONG_ANSWER,
-    SCORE_WRONG_STEP,
-    Judgment,
-    as_judgment,
-    evaluate,
-    extract_answer,
-    find_step_errors,
-    format_number,
-    judge_response,
-    load_judge,
-)
+from nlft_kernels.recipes.judgment import SCORE_CORRECT, SCORE_NO_ANSWER, SCORE_WRONG_ANSWER, SCORE_WRONG_STEP, Judgment
+from nlft_kernels.recipes.rule_judge import evaluate, extract_answer, find_step_errors, format_number, judge_response
 
 QUESTION = (
     "Janet's ducks lay 16 eggs per day. She eats three for breakfast and bakes muffins with four. "
@@ -232,52 +219,3 @@ def test_gsm8k_reference_solutions_judge_themselves_correct():
         assert all(evaluate(e.expression) != e.written for e in errors)
         written = re.sub(r"<<[^>]*>>|[\s$]", "", row["answer"])
         assert all(re.sub(r"[\s$]", "", e.text) in written for e in errors)
-
-
-# ------------------------------------------------------------------------------------ the hook
-
-
-def strict_judge(question, response, reference_solution):
-    """A user judge for the hook tests: correct when the response repeats the reference."""
-    same = response.strip() == reference_solution.strip()
-    return (same, None if same else "It does not repeat the reference.")
-
-
-def test_load_judge_builtin():
-    assert load_judge(None) is judge_response and load_judge("builtin") is judge_response
-
-
-def test_load_judge_module(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    judge = load_judge("test_judge:strict_judge")
-    assert judge("q", "#### 3", "#### 3") == Judgment(True, None, SCORE_CORRECT)
-    assert judge("q", "#### 4", "#### 3") == Judgment(False, "It does not repeat the reference.", SCORE_WRONG_ANSWER)
-
-
-def test_load_judge_file(tmp_path):
-    path = tmp_path / "my_judge.py"
-    path.write_text(
-        "def judge(question, response, reference_solution):\n"
-        "    return {'correct': False, 'judgment': 'Too short.', 'score': 0.3}\n"
-    )
-    assert load_judge(f"{path}:judge")("q", "r", "#### 1") == Judgment(False, "Too short.", 0.3)
-
-
-@pytest.mark.parametrize(
-    "spec, message",
-    [
-        ("no_colon", "module:function"),
-        ("nlft_kernels_no_such_module:judge", "cannot import"),
-        ("nlft_kernels.recipes.judge:no_such_function", "no function"),
-        ("/no/such/file.py:judge", "not found"),
-    ],
-)
-def test_load_judge_errors(spec, message):
-    with pytest.raises(ValueError, match=message):
-        load_judge(spec)
-
-
-@pytest.mark.parametrize("result", ["yes", ("yes", None), {"correct": 1, "judgment": None}, (False, 3)])
-def test_as_judgment_rejects_bad_results(result):
-    with pytest.raises(TypeError):
-        as_judgment(result)

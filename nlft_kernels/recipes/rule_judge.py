@@ -25,17 +25,18 @@ equations is wrong (a right answer reached through a wrong step is not a good tr
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, DivisionByZero, InvalidOperation, localcontext
-from pathlib import Path
 
-# Scores: 1 for a correct response; a right final answer with a wrong step is half right; a wrong
-# but extractable answer gets ReFT's partial reward 0.1; no answer at all gets 0.
-SCORE_CORRECT, SCORE_WRONG_STEP, SCORE_WRONG_ANSWER, SCORE_NO_ANSWER = 1.0, 0.5, 0.1, 0.0
+from nlft_kernels.recipes.judgment import (
+    SCORE_CORRECT,
+    SCORE_NO_ANSWER,
+    SCORE_WRONG_ANSWER,
+    SCORE_WRONG_STEP,
+    JudgeError,
+    Judgment,
+)
 
 _NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+"
 # A sign counts only when it touches the number: in "10 - 3" the last number is 3, not -3.
@@ -56,17 +57,6 @@ _ARITHMETIC_WORDS = re.compile(
 
 
 @dataclass(frozen=True)
-class Judgment:
-    """The verdict on one response: ``judgment`` is None for a correct one; ``raw`` is an LLM
-    judge's reply as it came (kept for audit, not compared)."""
-
-    correct: bool
-    judgment: str | None
-    score: float
-    raw: str | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
 class StepError:
     """One written equation whose arithmetic is wrong: ``text`` as written, ``expected`` its value."""
 
@@ -75,9 +65,6 @@ class StepError:
     written: Decimal
     expected: Decimal
     line: int
-
-
-JudgeFunction = Callable[[str, str, str], Judgment]
 
 
 # ---------------------------------------------------------------- numbers and final answers
@@ -415,62 +402,13 @@ def _first_missed_step(response: str, reference_solution: str) -> tuple[str, Dec
     return None
 
 
-# ---------------------------------------------------------------- user-supplied judges
+def rule_judge(question: str, response: str, reference_solution: str) -> Judgment:
+    """:func:`judge_response` behind :class:`~nlft_kernels.recipes.judgment.Judge`: a reference
+    without a final answer is a :class:`~nlft_kernels.recipes.judgment.JudgeError` on that record only."""
+    try:
+        return judge_response(question, response, reference_solution)
+    except ValueError as err:
+        raise JudgeError(str(err)) from err
 
 
-def load_judge(spec: str | None) -> JudgeFunction:
-    """The judge function named by ``module:function`` (or ``path/to/file.py:function``).
-
-    None or ``builtin`` gives :func:`judge_response`. The function takes ``(question, response,
-    reference_solution)`` and returns a :class:`Judgment`, a ``(correct, judgment)`` pair or a
-    dict with ``correct`` and ``judgment``; the result is converted to a ``Judgment``.
-    """
-    if spec in (None, "", "builtin"):
-        return judge_response
-    module_name, sep, function_name = spec.rpartition(":")
-    if not sep or not module_name or not function_name:
-        raise ValueError(f"--judge must look like module:function or path/to/file.py:function, got {spec!r}")
-    if module_name.endswith(".py") or "/" in module_name:
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"judge file not found: {path}")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ValueError(f"cannot import judge module {module_name!r}: {err}") from err
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise ValueError(f"{module_name!r} has no function {function_name!r}")
-
-    def judge(question: str, response: str, reference_solution: str) -> Judgment:
-        return as_judgment(function(question, response, reference_solution))
-
-    judge.__name__ = function_name
-    return judge
-
-
-def as_judgment(result: object) -> Judgment:
-    """A user judge's result as a :class:`Judgment` (see :func:`load_judge`)."""
-    if isinstance(result, Judgment):
-        return result
-    if isinstance(result, dict):
-        correct, judgment = result.get("correct"), result.get("judgment")
-        score = result.get("score")
-    elif isinstance(result, (tuple, list)) and len(result) in (2, 3):
-        correct, judgment = result[0], result[1]
-        score = result[2] if len(result) == 3 else None
-    elif hasattr(result, "correct"):
-        correct, judgment, score = result.correct, getattr(result, "judgment", None), getattr(result, "score", None)
-    else:
-        raise TypeError(f"a judge must return a Judgment, (correct, judgment) or a dict, got {type(result).__name__}")
-    if not isinstance(correct, bool):
-        raise TypeError(f"a judge's 'correct' must be a bool, got {correct!r}")
-    if judgment is not None and not isinstance(judgment, str):
-        raise TypeError(f"a judge's 'judgment' must be a str or None, got {type(judgment).__name__}")
-    if score is None:
-        score = SCORE_CORRECT if correct else SCORE_WRONG_ANSWER
-    return Judgment(correct, None if correct else judgment, float(score))
+rule_judge.name = "rule"
