@@ -29,8 +29,6 @@ from nlft_kernels.training.data import NLFTRecord
 
 ARMS = ("sft", "nlft", "sft_correct", "sft_reference")
 SOURCES = ("sibling", "own")
-# Generation stops a row at a blank line (what the reader keeps ends there) or a new question.
-STOP_STRINGS = ("\n\n", "\nQ:")
 
 
 @dataclass
@@ -100,7 +98,7 @@ def generate(
         instruction=task.instruction,
         progress=progress,
         desc=desc,
-        stop=STOP_STRINGS if task.stop_at_blank_line else (),
+        stop=task.stop_strings,
         share_prefix=task.share_prefix,  # the worked examples: one KV cache per batch
     )
     return [task.read(t) for t in texts]

@@ -13,7 +13,16 @@ A ``task`` name selects one everywhere (:data:`TASKS`).
 from __future__ import annotations
 
 from nlft_kernels.recipes.tasks.arithmetic import ARITHMETIC_TASKS, FAMILIES, ArithmeticTask
-from nlft_kernels.recipes.tasks.base import SPLITS, KeySpace, Problem, Step, Task, before_blank_line, split_of
+from nlft_kernels.recipes.tasks.base import (
+    SPLITS,
+    STOP_STRINGS,
+    KeySpace,
+    Problem,
+    Step,
+    Task,
+    before_blank_line,
+    split_of,
+)
 from nlft_kernels.recipes.tasks.gsm8k import GSM8KTask
 from nlft_kernels.recipes.tasks.sentiment import SentimentTask
 
@@ -40,6 +49,7 @@ __all__ = [
     "DEFAULT_TASK",
     "FAMILIES",
     "SPLITS",
+    "STOP_STRINGS",
     "ArithmeticTask",
     "GSM8KTask",
     "KeySpace",

@@ -21,6 +21,9 @@ SPLITS = ("train", "validation", "test")
 SPLIT_SHARES = {"train": 50, "validation": 10, "test": 40}
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _NEXT_QUESTION = re.compile(r"\n\s*Q:")
+# Where generation may stop a row of a task read up to its first blank line: the blank line, or a
+# question of the model's own (what the reader keeps ends there).
+STOP_STRINGS = ("\n\n", "\nQ:")
 
 
 def split_of(family: str, key: tuple) -> str:
@@ -159,6 +162,11 @@ class Task:
 
     def problems(self, split: str, count: int, seed: int = 0) -> list[Problem]:
         raise NotImplementedError
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """The strings that end a row's generation (none: it runs to ``max_new_tokens``)."""
+        return STOP_STRINGS if self.stop_at_blank_line else ()
 
     def prompt(self, problem: Problem) -> str:
         """The user turn the model answers (the worked examples, then the question)."""
