@@ -127,7 +127,7 @@ class DemoResult:
 
         return {
             "summary": self.summary(),
-            "command": sys.argv,
+            "command": _command(),
             "device": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d"),
@@ -207,6 +207,15 @@ def run_demo(
         files["summary"].write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     say(result.summary())
     return result
+
+
+def _command() -> str:
+    """The command line of this process, ``nlft ...`` when it is the nlft command."""
+    import shlex
+
+    if Path(sys.argv[0]).name in ("nlft", "__main__.py"):
+        return shlex.join(["nlft", *sys.argv[1:]])
+    return shlex.join(sys.argv)
 
 
 def _saliency(model, tokenizer, records, s: DemoSettings, config: NLFTConfig, out, files: dict, progress: bool):
