@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from nlft_kernels.recipes.judgment import Judgment
 from nlft_kernels.recipes.rule_judge import judge_response
 from nlft_kernels.recipes.tasks.base import KeySpace, Problem, Step, Task, worked_examples
+from nlft_kernels.recipes.tasks.solver import solve
 
 NAMES = (
     ("Tom", "he"), ("Mia", "she"), ("Sam", "he"), ("Lily", "she"), ("Ben", "he"), ("Emma", "she"),
@@ -197,6 +198,9 @@ class ArithmeticTask(Task):
     def prompt(self, problem: Problem) -> str:
         family = FAMILIES[problem.family]
         return worked_examples([family.make(k) for k in family.examples], problem.question)
+
+    def solve(self, problem: Problem, rng: random.Random, accuracy: float) -> tuple[str, str | None]:
+        return solve(problem, rng, accuracy)
 
     def judge(self, problem: Problem, response: str) -> Judgment:
         return judge_response(problem.question, response, problem.solution)

@@ -8,10 +8,12 @@ a judgment that quotes the cues that decide it.
 
 from __future__ import annotations
 
+import random
 import re
 
 from nlft_kernels.recipes.judgment import SCORE_CORRECT, SCORE_NO_ANSWER, SCORE_WRONG_ANSWER, Judgment
 from nlft_kernels.recipes.tasks.base import KeySpace, Problem, Task, worked_examples
+from nlft_kernels.recipes.tasks.solver import solve
 
 LABELS = ("positive", "negative")
 NOUNS = ("food", "service", "room", "staff", "music", "price", "view", "coffee", "bed", "location", "waiter", "soup")
@@ -67,6 +69,9 @@ class SentimentTask(Task):
 
     def prompt(self, problem: Problem) -> str:
         return worked_examples([_review(k) for k in EXAMPLES], problem.question)
+
+    def solve(self, problem: Problem, rng: random.Random, accuracy: float) -> tuple[str, str | None]:
+        return solve(problem, rng, accuracy)
 
     def judge(self, problem: Problem, response: str) -> Judgment:
         """Right when the label read is the reference's; otherwise a judgment naming the label
