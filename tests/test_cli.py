@@ -239,6 +239,7 @@ def test_demo(model_dir, tmp_path):
     assert summary["settings"]["task"] == "add2" and summary["settings"]["source"] == "sibling"
     assert summary["before"]["count"] == summary["after"]["count"] == 3 and summary["records"] == 4
     assert summary["command"].startswith("nlft demo --model ")
+    assert summary["device"] and summary["torch_threads"] >= 1 and summary["seconds"] > 0
     last = done.stdout.strip().splitlines()[-1]
     assert last == summary["summary"]
     assert re.match(r"add2 accuracy on 3 test questions: before \S+% \(95% CI \S+\) -> after \S+% \(95% CI", last)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -108,6 +109,7 @@ class DemoResult:
     diagnostics: dict
     files: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+    device: str = ""
 
     def summary(self) -> str:
         """One line: before -> after with intervals, the training, the time."""
@@ -128,7 +130,8 @@ class DemoResult:
         return {
             "summary": self.summary(),
             "command": _command(),
-            "device": platform.processor() or platform.machine(),
+            "device": self.device,
+            "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d"),
             "settings": asdict(self.settings) | {"source": self.settings.response_source},
@@ -199,7 +202,8 @@ def run_demo(
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # faster decoding without the adapter's extra matmuls
     after = evaluate(model, tokenizer, task, test, **generation)
-    result = DemoResult(s, before, after, len(records), wrong, diagnostics, files, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    result = DemoResult(s, before, after, len(records), wrong, diagnostics, files, seconds, _device(model))
     if out is not None:
         save_records(Path(out) / "records.jsonl", records)
         files["records"] = Path(out) / "records.jsonl"
@@ -207,6 +211,22 @@ def run_demo(
         files["summary"].write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     say(result.summary())
     return result
+
+
+def _device(model) -> str:
+    """The GPU's name, or the CPU's model name (/proc/cpuinfo; platform's guess elsewhere)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _command() -> str:
