@@ -162,3 +162,20 @@ def test_demo_writes_its_files_and_both_accuracies(tiny, tmp_path):
     assert result.wrong_records == sum(
         not json.loads(x)["correct"] for x in result.files["records"].read_text().splitlines()
     )
+
+
+def test_demo_on_gsm8k_trains_on_the_models_own_samples(tiny, tmp_path):
+    """GSM8K has no sibling solver: the demo samples the model itself (--task gsm8k), and says so."""
+    from nlft_kernels.recipes.demo import DemoSettings, run_demo
+
+    _, tokenizer = tiny
+    settings = DemoSettings(task="gsm8k", train_size=2, test_size=2, steps=1, batch_size=2, generation_batch=2,
+                            max_new_tokens=4)  # fmt: skip
+    assert settings.response_source == "own"
+    result = run_demo(settings, model=tiny_model(len(tokenizer), seed=1), tokenizer=tokenizer, out=tmp_path,
+                      progress=False, say=lambda line: None)  # fmt: skip
+    assert result.records == 2 and result.after.count == 2
+    summary = json.loads(result.files["summary"].read_text())
+    assert summary["settings"]["source"] == "own" and "2 own responses" in summary["summary"]
+    with pytest.raises(ValueError, match="no sibling solver"):
+        DemoSettings(task="gsm8k", source="sibling")
