@@ -106,7 +106,7 @@ def records_file(path: Path, limit: int | None = None) -> list:
 
 
 def accuracy_line(result: dict, label: str = "accuracy") -> str:
-    """``accuracy: 38.00% (19/50), 95% CI 25.9% to 51.8%`` (the interval: Wilson's, when given)."""
+    """``accuracy: P% (correct/count), 95% CI LOW% to HIGH%`` (the interval: Wilson's, when given)."""
     line = f"{label}: {100 * result['accuracy']:.2f}% ({result['correct']}/{result['count']})"
     if result.get("ci95"):
         low, high = result["ci95"]

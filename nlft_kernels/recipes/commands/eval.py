@@ -11,7 +11,8 @@ from nlft_kernels.recipes.commands.generate import choose, settings
 from nlft_kernels.recipes.commands.settings import add_config_flag
 from nlft_kernels.recipes.errors import BadInput
 
-HELP = "accuracy (greedy, with its 95% interval) on a fixed-seed subset of GSM8K or of a --task"
+# argparse expands %-formats in help texts: a percent sign is written %%.
+HELP = "accuracy (greedy, with its 95%% interval) on a fixed-seed subset of GSM8K or of a --task"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
