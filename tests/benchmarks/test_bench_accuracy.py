@@ -235,4 +235,5 @@ def test_llm_judge_writes_the_judgment_and_keeps_the_rules_verdict():
         assert (second.correct, second.judgment) == (False, "The answer is right.")
         third = judge(p, wrong)  # an empty reply: the rule's judgment, counted
         assert third == task.judge(p, wrong)
-    assert judge.counts == {"asked": 3, "llm_said_wrong": 1, "llm_said_right": 1, "no_verdict": 1, "fallback_to_rule": 1}
+    counts = {"asked": 3, "llm_said_wrong": 1, "llm_said_right": 1, "no_verdict": 1, "fallback_to_rule": 1}
+    assert judge.counts == counts
