@@ -342,13 +342,16 @@ def llm_judge(task, base_url: str, model: str):
     response, an LLM writes (the paper's judge prompt, :class:`nlft_kernels.recipes.llm_judge.OpenAIJudge`).
 
     The verdict stays the rule's so that the arms train on the same right and wrong records as
-    the rule-judged study: only the text in the judge view differs. Where the LLM gives no
-    usable judgment, the rule's is kept (and counted)."""
+    the rule-judged study: only the text in the judge view differs. That text is the model's
+    whatever its own verdict (a small judge often calls a wrong sum right; its text is what a
+    judge view written by that model holds); the rule's is kept only where no text came back
+    (no reply, an empty one). ``judge.counts`` says how often each happened."""
+    from nlft_kernels.recipes.judge_prompt import judgment_text
     from nlft_kernels.recipes.judgment import JudgeError, Judgment
     from nlft_kernels.recipes.llm_judge import OpenAIJudge
 
     llm = OpenAIJudge(base_url, model=model, temperature=0.0, response_format="json_object")
-    counts = {"asked": 0, "llm_said_wrong": 0, "fallback_to_rule": 0}
+    counts = {"asked": 0, "llm_said_wrong": 0, "llm_said_right": 0, "no_verdict": 0, "fallback_to_rule": 0}
 
     def judge(problem, response: str) -> Judgment:
         rule = task.judge(problem, response)
@@ -357,14 +360,17 @@ def llm_judge(task, base_url: str, model: str):
         counts["asked"] += 1
         try:
             verdict = llm(problem.question, response, problem.solution)
-        except JudgeError:
+        except JudgeError as err:  # no verdict in the reply (its text may still be there), or no reply
+            counts["no_verdict"] += 1
+            raw = err.raw
+        else:
+            counts["llm_said_wrong" if not verdict.correct else "llm_said_right"] += 1
+            raw = verdict.raw
+        text = judgment_text(raw)
+        if text is None:
             counts["fallback_to_rule"] += 1
             return rule
-        counts["llm_said_wrong"] += not verdict.correct
-        if not (verdict.judgment and verdict.judgment.strip()):
-            counts["fallback_to_rule"] += 1
-            return rule
-        return Judgment(False, verdict.judgment.strip(), rule.score, raw=verdict.raw)
+        return Judgment(False, text, rule.score, raw=raw)
 
     judge.counts = counts
     return judge

@@ -213,10 +213,14 @@ def test_llm_judge_writes_the_judgment_and_keeps_the_rules_verdict():
     task = get_task("add2")
     (p,) = task.problems("train", 1, SEED)
     wrong = p.solution.replace(p.answer, str(int(p.answer) + 10))
-    replies = [json.dumps({"judgment": "The sum drops a carry.", "correct": False}), "no verdict at all"]
+    replies = [
+        json.dumps({"judgment": "The sum drops a carry.", "correct": False}),
+        json.dumps({"judgment": "The answer is right.", "correct": True}),  # a weak judge's wrong verdict
+        "",  # no text at all
+    ]
 
     def handle(number: int, body: dict):
-        return 200, chat_reply(replies[min(number, 1)]), 0.0
+        return 200, chat_reply(replies[min(number, 2)]), 0.0
 
     with StubServer(handle) as server:
         judge = ba.llm_judge(task, server.base_url, "stub")
@@ -226,6 +230,10 @@ def test_llm_judge_writes_the_judgment_and_keeps_the_rules_verdict():
         assert (first.correct, first.judgment) == (False, "The sum drops a carry.")
         question = server.requests[0]["body"]["messages"][-1]["content"]
         assert p.question in question and "Q: What is 27 + 45?" not in question  # the question, not the shots
-        second = judge(p, wrong)  # an unreadable reply: the rule's judgment, counted
-        assert second == task.judge(p, wrong)
-    assert judge.counts == {"asked": 2, "llm_said_wrong": 1, "fallback_to_rule": 1}
+        # The model calls the wrong sum right: the verdict stays the rule's, the text is the model's.
+        second = judge(p, wrong)
+        assert (second.correct, second.judgment) == (False, "The answer is right.")
+        third = judge(p, wrong)  # an empty reply: the rule's judgment, counted
+        assert third == task.judge(p, wrong)
+    counts = {"asked": 3, "llm_said_wrong": 1, "llm_said_right": 1, "no_verdict": 1, "fallback_to_rule": 1}
+    assert judge.counts == counts
