@@ -306,11 +306,17 @@ def finish(study: Study, settings: StudySettings) -> dict:
 def report_only(args: argparse.Namespace, argv: list[str]) -> dict:
     """``--report-only``: the summaries, Markdown and PNG of a study whose runs are all in ``--out``,
     recomputed by this code (nothing is trained or evaluated; the JSON's command stays)."""
+    out = Path(args.out) if args.out else None
+    recorded = json.loads(out.read_text()) if out is not None and out.is_file() else {}
+    if args.arms is None and "settings" in recorded:
+        args.arms = recorded["settings"]["arms"]  # the arms the run was finished with
     settings = resolve_settings(args)
     args.resume = True
     study = Study(args, settings, argv)
-    study.payload.pop("resumed_at", None)
-    study.payload.pop("resumed_command", None)
+    for mark in ("resumed_at", "resumed_command"):  # the run's own resume marks, not this call's
+        study.payload.pop(mark, None)
+        if mark in recorded:
+            study.payload[mark] = recorded[mark]
     wanted = {run_key(arm, n, s) for arm in settings.arms for n in settings.n for s in settings.seeds}
     missing = sorted(wanted - set(study.payload["runs"]))
     if missing or "base" not in study.payload["runs"]:
@@ -587,6 +593,8 @@ def plot(payload: dict, path: Path) -> Path | None:
     plt = pyplot()
     if plt is None:
         return None
+    from matplotlib.ticker import NullFormatter
+
     s, runs = payload["settings"], payload["runs"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     colours = {"sft": "tab:blue", "nlft": "tab:orange", "sft_correct": "tab:green", "sft_reference": "tab:purple",
@@ -607,6 +615,7 @@ def plot(payload: dict, path: Path) -> Path | None:
     left.axhline(100 * base, color="grey", linestyle="--", label=f"base {_pct(base)}")
     left.set_xscale("log")
     left.set_xticks(s["n"], [str(n) for n in s["n"]])
+    left.xaxis.set_minor_formatter(NullFormatter())  # only the sizes are labelled
     left.set_xlabel("training questions")
     left.set_ylabel(f"accuracy (%), {s['test_size']} test questions")
     left.legend(fontsize=7)

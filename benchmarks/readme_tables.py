@@ -17,6 +17,7 @@ from pathlib import Path
 
 from benchmarks import _util, bench_accuracy, bench_cpu_kernel, bench_linear_loss, bench_loss, bench_train_step
 from benchmarks.gpu_suite import headline as gpu_headline
+from nlft_kernels.recipes.diagnostics import describe
 
 README = _util.REPO_ROOT / "README.md"
 DOCS = _util.REPO_ROOT / "docs" / "benchmarks.md"
@@ -284,7 +285,27 @@ def _gpu_headline(payload: dict) -> str | None:
 def _accuracy_headline(payload: dict) -> str | None:
     """The accuracy study's result sentence (the first line of its table when it states one)."""
     first = bench_accuracy.markdown_table(payload).splitlines()[0]
-    return first.removeprefix("**Result:** ").rstrip(".") if first.startswith("**Result:**") else None
+    if not first.startswith("**Result:**"):
+        return None
+    base = payload["runs"]["base"]["accuracy"]
+    return (
+        f"the accuracy study, {payload['task']} ({payload.get('task_description', payload['task'])}) on "
+        f"{payload['model'].split(' (')[0]}, base {100 * base:.1f}%: " + first.removeprefix("**Result:** ").rstrip(".")
+    )
+
+
+def _accuracy_extras(path: Path, payload: dict, where: Path) -> list[str]:
+    """Below the study's headline: what NLFT made of its training records at the largest size (all
+    seeds), which says why it did or did not help, and the study's plot."""
+    extras = []
+    summaries = payload.get("diagnostics_summary") or {}
+    if summaries:
+        n = max(summaries, key=int)
+        extras.append(f"  NLFT's records at n = {n}, all seeds: {describe(summaries[n])}")
+    png = path.with_suffix(".png")
+    if png.exists():
+        extras.append(f"\n  ![{png.stem}]({_link(png, where)})")
+    return extras
 
 
 # (pattern, which payloads, headline of one payload) for README.md's headline figures.
@@ -309,6 +330,8 @@ def render_headline(results: Path = _util.RESULTS_DIR, where: Path = README.pare
                     f"- {payload['device']} ({payload['device_type']}), {payload['date'][:10]}: {text} "
                     f"([JSON]({_link(path, where)}))."
                 )
+                if headline is _accuracy_headline:
+                    lines.extend(_accuracy_extras(path, payload, where))
     lines.append(f"\nEvery table, with its command and device: [docs/benchmarks.md]({_link(DOCS, where)}).")
     return "\n".join(lines)
 

@@ -192,12 +192,14 @@ def test_tiny_study_end_to_end_and_resume(tiny_model_dir, tmp_path):
         assert resumed["runs"][key]["per_question"] == runs[key]["per_question"]
     with pytest.raises(SystemExit, match="other settings"):  # another design cannot resume this file
         ba.main([*argv, "--resume", "--n", "3"])
-    # --report-only recomputes the summaries from the runs, with no model and no resume marks.
+    # --report-only recomputes the summaries from the runs, with no model and no resume mark of its own.
     recorded = json.loads(out.read_text())
     recorded["comparisons"], recorded["diagnostics_summary"] = [], {}
     out.write_text(json.dumps(recorded))
     again = ba.main(["--preset", "tiny", "--out", str(out), "--report-only"])
-    assert again["comparisons"] == resumed["comparisons"] and "resumed_at" not in again
+    assert again["comparisons"] == resumed["comparisons"]
+    # the run's own resume marks stay (what was run), none of this call's is added
+    assert (again["resumed_at"], again["resumed_command"]) == (resumed["resumed_at"], resumed["resumed_command"])
     assert again["diagnostics_summary"] == resumed["diagnostics_summary"]
     assert set(again["diagnostics_per_run"]) == {f"n{n}_s{x}" for n in s.n for x in s.seeds}
     del recorded["runs"]["base"]
