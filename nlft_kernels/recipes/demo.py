@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nlft_kernels.config import NLFTConfig
+from nlft_kernels.recipes.machine import device_name
 from nlft_kernels.recipes.study import SOURCES, Evaluation, arm_records, evaluate, own_responses, sibling_responses
 from nlft_kernels.recipes.tasks import DEFAULT_TASK, get_task, task_names
 
@@ -203,7 +203,8 @@ def run_demo(
         model = model.merge_and_unload()  # faster decoding without the adapter's extra matmuls
     after = evaluate(model, tokenizer, task, test, **generation)
     seconds = time.perf_counter() - started
-    result = DemoResult(s, before, after, len(records), wrong, diagnostics, files, seconds, _device(model))
+    device = device_name(next(model.parameters()).device)
+    result = DemoResult(s, before, after, len(records), wrong, diagnostics, files, seconds, device)
     if out is not None:
         save_records(Path(out) / "records.jsonl", records)
         files["records"] = Path(out) / "records.jsonl"
@@ -211,22 +212,6 @@ def run_demo(
         files["summary"].write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     say(result.summary())
     return result
-
-
-def _device(model) -> str:
-    """The GPU's name, or the CPU's model name (/proc/cpuinfo; platform's guess elsewhere)."""
-    import torch
-
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _command() -> str:
