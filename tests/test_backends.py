@@ -18,6 +18,7 @@ from tests._inputs import generator, make_inputs, seed_of
 
 # The module (the package's attribute ``backends`` is the report function).
 backends_module = importlib.import_module("nlft_kernels.backends")
+extension_module = importlib.import_module("nlft_kernels.extension")
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -100,7 +101,7 @@ sys.path.insert(0, sys.argv[1])
 import nlft_kernels
 b = importlib.import_module("nlft_kernels.backends")
 assert nlft_kernels.__file__.startswith(sys.argv[1]), nlft_kernels.__file__
-b._installed_file = lambda prefix: None  # this copy only, not an installed distribution
+importlib.import_module("nlft_kernels.extension")._installed_file = lambda prefix: None  # this copy only
 import torch
 from tests._inputs import generator, make_inputs, seed_of
 x = make_inputs(2, 4, 10, seed=0)
@@ -165,7 +166,7 @@ def test_installed_extension_found_behind_a_checkout_egg_info(tmp_path, monkeypa
     (site / "nlft_kernels" / f"_C{suffix}").write_bytes(b"")
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.syspath_prepend(str(checkout))  # the checkout first, as when pytest runs from it
-    found = backends_module._installed_file("_C.")
+    found = extension_module._installed_file("_C.")
     assert found == str(site / "nlft_kernels" / f"_C{suffix}")
 
 

@@ -48,7 +48,7 @@ def _backends_of(target: Path) -> dict:
     # package on sys.path (as it does for tests run from a checkout).
     code = (
         "import importlib, json, nlft_kernels\n"
-        "importlib.import_module('nlft_kernels.backends')._installed_file = lambda prefix: None\n"
+        "importlib.import_module('nlft_kernels.extension')._installed_file = lambda prefix: None\n"
         "print(json.dumps(nlft_kernels.backends()))"
     )
     env = dict(os.environ, PYTHONPATH=str(target))

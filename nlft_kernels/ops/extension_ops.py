@@ -13,16 +13,10 @@ import torch
 from torch import Tensor
 
 from nlft_kernels.config import NLFTConfig
+from nlft_kernels.extension import compiled
 from nlft_kernels.ops.contracts import RuleConstants, ViewMode, acc_dtype
 from nlft_kernels.ops.inputs import Views
 from nlft_kernels.ops.launch import grad_dtype
-
-
-def _compiled():
-    from nlft_kernels.backends import compiled  # backends imports this module for its registry
-
-    return compiled()
-
 
 # Declared with the low-level API: a ``torch.library.custom_op`` adds a Python autograd kernel
 # whose first eager call imports ~800 modules (sympy, dynamo: ~75 MB, ~1.5 s), which every
@@ -42,7 +36,7 @@ def _row_pass_impl(base, standard, standard_mode, judge, judge_mode, labels, wro
     """``_C.first_stage``: (stats [3, N] ACC, saliency [N] bool, gradient shaped like ``base``
     in ``grad_dtype``, or an empty tensor without ``compute_grad``)."""
     constants = RuleConstants.from_floats(rule, ignore_index)
-    stats, saliency, grad = _compiled().first_stage(
+    stats, saliency, grad = compiled().first_stage(
         base, standard, standard_mode, judge, judge_mode, labels, wrong, scale,
         **constants.kwargs(), compute_grad=compute_grad,
     )  # fmt: skip
@@ -59,12 +53,12 @@ def _row_pass_fake(base, standard, standard_mode, judge, judge_mode, labels, wro
 
 def _scale_rows_impl(grad, rows, factor):
     """``_C.scale_rows``: grad[r] *= factor[r] for r in ``rows``, in place (contiguous CPU ``grad``)."""
-    _compiled().scale_rows(grad, rows, factor)
+    compiled().scale_rows(grad, rows, factor)
 
 
 def _label_logprobs_impl(logits, labels, ignore_index):
     """``_C.label_logprobs``: (log p(label) [N], lse [N]) in ACC of CPU ``logits`` [B, T, V]."""
-    return _compiled().label_logprobs(logits, labels, ignore_index)
+    return compiled().label_logprobs(logits, labels, ignore_index)
 
 
 def _label_logprobs_fake(logits, labels, ignore_index):
