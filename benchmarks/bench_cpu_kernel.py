@@ -30,7 +30,7 @@ import torch
 from benchmarks import _util
 from benchmarks.bench_loss import DTYPES, Shape, build_case, make_batch
 from nlft_kernels import backends
-from nlft_kernels.backends import extension
+from nlft_kernels.extension import extension
 
 CPU_CASES = ("cpp", "torch", "cross_entropy")
 GPU_CASES = ("cuda", "triton", "cross_entropy")

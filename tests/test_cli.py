@@ -3,13 +3,13 @@
 temporary folder (no network)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from nlft_kernels.recipes import questions
 from nlft_kernels.recipes.cli import build_parser, parse_args
-from nlft_kernels.recipes.commands.demo import DEMO_MAX_NEW_TOKENS
 from nlft_kernels.recipes.errors import BadInput
 from tests._cli import bad_input, nlft_error, nlft_ok, run_nlft, write_jsonl
 from tests._tiny import save_tiny_model
@@ -51,13 +51,17 @@ def read_jsonl(path):
 
 
 def test_parser_defaults():
+    from nlft_kernels.recipes.commands.settings import build
+    from nlft_kernels.recipes.demo import DemoSettings
+
     args = build_parser().parse_args(["demo"])
-    assert (args.samples, args.lora, args.model, args.out) == (8, True, None, Path("nlft-demo"))
-    assert args.max_new_tokens == DEMO_MAX_NEW_TOKENS and args.max_steps is None  # demo's default steps: 4
+    assert (args.model, args.out) == (None, Path("nlft-demo"))
+    settings = build(DemoSettings, args)
+    assert settings == DemoSettings() and settings.task == "add2" and settings.response_source == "sibling"
     args = build_parser().parse_args(["train", "--data", __file__, "--out", "x", "--full", "--lr", "3e-5"])
     assert (args.lora, args.learning_rate, args.per_device_train_batch_size) == (False, 3e-5, 2)
     args = build_parser().parse_args(["eval", "--samples", "5", "--seed", "3"])
-    assert (args.samples, args.seed, args.split, args.out) == (5, 3, "test", None)
+    assert (args.samples, args.seed, args.split, args.out, args.task) == (5, 3, "test", None, "gsm8k")
 
 
 def test_bad_flags_are_bad_input():
@@ -73,8 +77,14 @@ def test_bad_flags_are_bad_input():
     [
         ([], "required: COMMAND"),
         (["fly"], "invalid choice"),
-        (["demo", "--samples", "0"], "must be >= 1"),
-        (["demo", "--samples", "two"], "invalid int value: 'two'"),
+        (["demo", "--train-size", "0"], "train_size must be a whole number >= 1"),
+        (["demo", "--steps", "two"], "invalid int value: 'two'"),
+        (["demo", "--task", "add4"], "argument --task: invalid choice: 'add4'"),
+        (["demo", "--task", "gsm8k", "--source", "sibling"], "task gsm8k has no sibling solver"),
+        (["demo", "--lr", "nan"], "lr must be a positive finite number"),
+        (["eval", "--task", "add2", "--data", __file__], "--task add2 generates its own"),
+        (["eval", "--task", "add2", "--split", "dev"], "--split dev: a task's splits are train, validation, test"),
+        (["generate", "--task", "mul21", "--samples", "5000", "--out", "x"], "mul21: asked for 5000 train"),
         (["eval", "--seed", "-1"], "seed must be a whole number >= 0"),
         (["train", "--data", __file__, "--out", "x", "--lr", "0"], "learning_rate (--lr) must be a positive finite"),
         (["train", "--data", __file__, "--out", "x", "--steps", "2", "--epochs", "1"], "--steps and --epochs"),
@@ -218,17 +228,58 @@ def test_judge_with_user_hook(tmp_path):
     assert [(r["correct"], r["judgment"]) for r in judged] == [(True, None), (False, "Too short.")]
 
 
-def test_demo(model_dir, data_dir, tmp_path):
+def test_demo(model_dir, tmp_path):
+    """`nlft demo` as a process on the default task (add2) at the smallest settings: exit 0, the
+    before -> after line with both intervals last on stdout, the saliency map of the records it
+    trained on and summary.json in --out."""
     out = tmp_path / "demo"
-    done = nlft_ok("demo", "--model", model_dir, "--data", data_dir, "--samples", "2", "--steps", "1", "--out", out,
-                   "--max-new-tokens", "4", "--generate-batch-size", "2")  # fmt: skip
-    for name in ("eval_before.json", "responses.jsonl", "records.jsonl", "eval_after.json", "summary.json"):
-        assert (out / name).is_file(), name
-    assert (out / "saliency.html").is_file() and (out / "model" / "config.json").is_file()
+    done = nlft_ok("demo", "--model", model_dir, "--train-size", "4", "--test-size", "3", "--steps", "1",
+                   "--batch-size", "2", "--generation-batch", "3", "--max-new-tokens", "4", "--out", out)  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["count"] == 2 and summary["train_records"] == 2 and summary["steps"] == 1
+    assert summary["settings"]["task"] == "add2" and summary["settings"]["source"] == "sibling"
+    assert summary["before"]["count"] == summary["after"]["count"] == 3 and summary["records"] == 4
+    assert summary["command"].startswith("nlft demo --model ")
+    assert summary["device"] and summary["torch_threads"] >= 1 and summary["seconds"] > 0
     last = done.stdout.strip().splitlines()[-1]
-    assert last.startswith("GSM8K accuracy on 2 test questions: before 0.00% -> after 0.00%")
+    assert last == summary["summary"]
+    assert re.match(r"add2 accuracy on 3 test questions: before \S+% \(95% CI \S+\) -> after \S+% \(95% CI", last)
+    trained_on = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    mapped = [json.loads(line) for line in (out / "saliency.jsonl").read_text().splitlines()]
+    assert len(trained_on) == len(mapped) == 4 and (out / "saliency.html").is_file()
+    assert [m["response"] for m in mapped] == [r["response"] for r in trained_on]
+    assert (
+        f"saliency map of these records (the weights NLFT gives their tokens): {out / 'saliency.html'}" in done.stdout
+    )
+
+
+def test_generate_and_eval_on_a_task(model_dir, tmp_path):
+    """--task: generate and eval on questions generated by code (the task's prompt with its worked
+    examples, its reference solution, its judge), as processes."""
+    from nlft_kernels.recipes.tasks import get_task
+
+    responses, result_path = tmp_path / "responses.jsonl", tmp_path / "eval.json"
+    nlft_ok("generate", "--model", model_dir, "--task", "add2", "--samples", "3", "--seed", "1", "--out", responses,
+            *FAST)  # fmt: skip
+    rows = read_jsonl(responses)
+    task = get_task("add2")
+    problems = task.problems("train", 3, seed=1)
+    assert sorted(r["question"] for r in rows) == sorted(task.prompt(p) for p in problems)
+    assert sorted(r["answer"] for r in rows) == sorted(p.solution for p in problems)
+    assert all(r["generation"]["task"] == "add2" and r["instruction"] == task.instruction for r in rows)
+    assert all(r["response"] == task.read(r["response"]) for r in rows)  # written as the task reads it
+
+    done = nlft_ok("eval", "--model", model_dir, "--task", "add2", "--samples", "3", "--out", result_path, *FAST)
+    result = json.loads(result_path.read_text())
+    test = task.problems("test", 3, seed=0)
+    assert result["task"] == "add2" and result["count"] == 3
+    assert [s["question"] for s in result["samples"]] == [p.question for p in test]
+    assert all(
+        s["correct"] == task.judge(p, s["response"]).correct for s, p in zip(result["samples"], test, strict=True)
+    )
+    low, high = result["ci95"]
+    assert 0 <= low <= result["accuracy"] <= high <= 1
+    assert done.stdout.splitlines()[-1].startswith(f"accuracy: {100 * result['accuracy']:.2f}% (")
+    assert "95% CI" in done.stdout.splitlines()[-1]
 
 
 def test_python_dash_m_entry_point():
@@ -245,7 +296,7 @@ def test_demo_on_smollm2(tmp_path):
         smollm2_gguf()
     except RuntimeError as err:
         pytest.skip(str(err))
-    done = nlft_ok("demo", "--samples", "2", "--steps", "1", "--max-new-tokens", "48", "--out", tmp_path / "demo")
+    done = nlft_ok("demo", "--train-size", "4", "--test-size", "4", "--steps", "1", "--out", tmp_path / "demo")
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["count"] == 2 and summary["train_records"] == 2
-    assert "GSM8K accuracy on 2 test questions" in done.stdout
+    assert summary["after"]["count"] == 4 and summary["records"] == 4
+    assert "add2 accuracy on 4 test questions: before" in done.stdout

@@ -63,12 +63,15 @@ def test_every_nlft_config_field_is_a_flag():
 
 
 def test_every_training_field_is_a_flag():
-    """Every field of NLFTTrainingArguments (transformers' and NLFT's) is a flag of `nlft train` and
-    `nlft demo`: nothing is left out, and no list of them is kept by hand."""
-    for name in ("train", "demo"):
+    """Every field of NLFTTrainingArguments (transformers' and NLFT's) is a flag of `nlft train`, and
+    every field of DemoSettings one of `nlft demo`: nothing is left out, and no list of them is
+    kept by hand."""
+    from nlft_kernels.recipes.demo import DemoSettings
+
+    for name, settings in (("train", NLFTTrainingArguments), ("demo", DemoSettings)):
         parser = build_parser(only=name).commands[name]
         dests = {action.dest for action in parser._actions}
-        missing = {f.name for f in fields(NLFTTrainingArguments) if f.init} - dests
+        missing = {f.name for f in fields(settings) if f.init} - dests
         assert not missing, f"nlft {name}: no flag for {sorted(missing)}"
 
 

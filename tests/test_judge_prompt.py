@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nlft_kernels.recipes.judge_prompt import judge_messages, parse_verdict
+from nlft_kernels.recipes.judge_prompt import judge_messages, judgment_text, parse_verdict
 from nlft_kernels.recipes.judgment import JudgeError
 from tests._judge_server import REPLY_RIGHT, REPLY_WRONG
 
@@ -54,6 +54,23 @@ def test_parse_verdict_rejects(reply, message):
     with pytest.raises(JudgeError, match=message) as info:
         parse_verdict(reply)
     assert info.value.raw == reply
+
+
+@pytest.mark.parametrize(
+    "reply, text",
+    [
+        ('{"judgment": "The answer is 999.", "correct": true}', "The answer is 999."),  # a right verdict's text too
+        ('{"judgment": "Wrong total.", "correct": false}', "Wrong total."),
+        ("Judgment: Forgot the 4 muffin eggs.\n\n**Verdict:** Incorrect", "Forgot the 4 muffin eggs."),
+        ("I like turtles.", "I like turtles."),  # no verdict: the text is still the model's
+        ("Verdict: wrong", None),
+        ('{"correct": false, "judgment": ""}', None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_judgment_text_whatever_the_verdict(reply, text):
+    assert judgment_text(reply) == text
 
 
 def test_prompt_has_question_reference_and_response():

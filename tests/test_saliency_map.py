@@ -412,15 +412,10 @@ def test_nlft_saliency_bad_records(tmp_path):
 
 
 def test_demo_writes_the_saliency_map(model_dir, tmp_path):
-    from tests.test_cli import ROWS
-
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "test"):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    """`nlft demo` (a real process, the smallest settings) writes the map of the records it trained on."""
     out = tmp_path / "demo"
-    nlft_ok("demo", "--model", model_dir, "--data", data, "--samples", "2", "--steps", "1", "--max-new-tokens", "4",
-            "--generate-batch-size", "2", "--out", out)  # fmt: skip
+    nlft_ok("demo", "--model", model_dir, "--train-size", "2", "--test-size", "2", "--steps", "1",
+            "--batch-size", "2", "--generation-batch", "2", "--max-new-tokens", "4", "--out", out)  # fmt: skip
     records = [json.loads(line) for line in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()]
     tree = parse((out / "saliency.html").read_text(encoding="utf-8"))
     assert len([tag for tag, _, _ in tree.elements if tag == "section"]) == len(records) == 2

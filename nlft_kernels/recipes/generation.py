@@ -35,15 +35,21 @@ def generate_responses(
     greedy: bool = True,
     temperature: float = 1.0,
     seed: int = 0,
-    instruction: str = GSM8K_INSTRUCTION,
+    instruction: str | None = GSM8K_INSTRUCTION,
     progress: bool = True,
     desc: str = "generate",
+    stop: Sequence[str] = (),
+    share_prefix: bool = False,
 ) -> list[str]:
     """One response per question, generated in batches of ``batch_size`` (left-padded prompts).
 
     Greedy by default; ``greedy=False`` samples at ``temperature`` from a generator seeded with
     ``seed``. Questions are batched by prompt length (less padding) and answers returned in the
-    order of ``questions``. Special tokens are removed from the text.
+    order of ``questions``. Special tokens are removed from the text. ``stop``: strings that end
+    a row's generation (e.g. ``"\n\n"`` for tasks read up to the first blank line; the text
+    keeps the stop string); ``instruction`` None: the templates' default system prompt.
+    ``share_prefix``: batches of prompts of one token length, the tokens they all start with (a
+    task's worked examples) run once per batch and their KV cache reused by every row.
     """
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
@@ -53,6 +59,9 @@ def generate_responses(
     texts = prompts(tokenizer, questions, instruction)
     with_specials = not getattr(tokenizer, "chat_template", None)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    if share_prefix:  # rows of one token length: no padding before the shared tokens
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=with_specials)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
     responses: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -61,6 +70,11 @@ def generate_responses(
     torch.manual_seed(seed)
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if share_prefix:
+        groups: dict[int, list[int]] = {}
+        for i in order:
+            groups.setdefault(lengths[i], []).append(i)
+        batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
     # The bar counts decoding steps (max_new_tokens per batch), so it moves during a batch.
     bar = tqdm(total=len(batches) * max_new_tokens, desc=desc, unit="step", disable=not progress)
     try:
@@ -74,6 +88,8 @@ def generate_responses(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([_ProgressStep(bar)]),
+                **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
+                **(_prefix_cache(model, encoded) if share_prefix else {}),
                 **sampling,
             )
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
@@ -85,6 +101,27 @@ def generate_responses(
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return responses
+
+
+def _prefix_cache(model, encoded) -> dict:
+    """``generate``'s keyword for the KV cache of the tokens every row of ``encoded`` starts
+    with, repeated for each row (``generate`` then runs only the rest of each prompt); empty when
+    the rows are padded or share fewer than 16 tokens."""
+    import inspect
+
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    if ids.shape[0] < 2 or not bool(mask.all()):
+        return {}
+    shared = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
+    shared = min(shared, ids.shape[1] - 1)  # generate needs at least one prompt token to run
+    if shared < 16:
+        return {}
+    out = model(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared], use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(ids.shape[0])
+    # transformers 5.2x calls it ``cache`` (``past_key_values`` is deprecated there), earlier ones not.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 class _ProgressStep:

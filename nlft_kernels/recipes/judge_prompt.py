@@ -121,6 +121,24 @@ def _from_json(reply: str) -> tuple[bool, str | None, float | None] | None:
     return None
 
 
+def _free_text(reply: str) -> str | None:
+    """A free-text reply without its verdict, score and label lines (None if nothing is left)."""
+    text = _SCORE_LINE.sub("", _BRACKETED.sub("", _VERDICT_LINE.sub("", reply)))
+    return "\n".join(_LABEL.sub("", line) for line in text.strip().splitlines()).strip() or None
+
+
+def judgment_text(reply: str | None) -> str | None:
+    """The judgment a judge model wrote in ``reply``, whatever its verdict: a JSON reply's
+    ``judgment`` (or ``analysis``, ``explanation``...) field, otherwise the reply without its
+    verdict and score lines; None when the reply holds no text. For a judge view written by a
+    model even where the model's verdict is not the one used (the study's LLM-judge arm)."""
+    if not isinstance(reply, str) or not reply.strip():
+        return None
+    parsed = _from_json(reply)
+    text = parsed[1] if parsed is not None else _free_text(reply)
+    return text.strip() if text and text.strip() else None
+
+
 def parse_verdict(reply: str) -> Judgment:
     """The :class:`Judgment` in a judge model's reply; :class:`JudgeError` (with the reply) if none.
 
@@ -152,9 +170,7 @@ def parse_verdict(reply: str) -> Judgment:
             correct = score >= CORRECT_SCORE_OF_10
         else:
             raise JudgeError("no verdict in the judge's reply (expected a line 'Verdict: correct|wrong')", raw=reply)
-        text = _VERDICT_LINE.sub("", reply)
-        text = _SCORE_LINE.sub("", _BRACKETED.sub("", text))
-        judgment = "\n".join(_LABEL.sub("", line) for line in text.strip().splitlines()).strip() or None
+        judgment = _free_text(reply)
     if correct:
         return Judgment(True, None, SCORE_CORRECT, raw=reply)
     if not judgment or not judgment.strip():

@@ -326,7 +326,8 @@ def _reference_steps(reference_solution: str) -> list[tuple[str, Decimal]]:
             steps.append((f"{expression.strip()} = {result.strip()}", value))
     if steps:
         return steps
-    clean = _normalise(reference_solution)
+    # Sentences end a statement, as in find_step_errors: "2 + 3 = 5. 5 * 4 = 20." is two steps.
+    clean = re.sub(r"[.,;](?=\s|$)", " ; ", _normalise(reference_solution))
     for run in _MATH_RUN.finditer(clean):
         parts = run.group(0).split("=")
         first, last = _trim_left(parts[0]), _trim_right(parts[-1])

@@ -7,7 +7,7 @@ it, sets NLFT_REQUIRE_EXTENSION=1 so that a missing or broken build fails instea
 
 import pytest
 
-from nlft_kernels.backends import extension
+from nlft_kernels.extension import extension
 from tests.conftest import REQUIRE_EXTENSION, backend_param
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import _util, bench_cpu_kernel
-from nlft_kernels.backends import extension
+from nlft_kernels.extension import extension
 
 
 def test_cpu_mode_writes_timings_and_ratios(tmp_path):

@@ -238,7 +238,7 @@ from tests.ops.test_nlft_loss import run_both
 from tests._inputs import generator, make_inputs, seed_of
 from tests.tolerances import assert_grad_close, assert_loss_close
 import torch
-from nlft_kernels.backends import extension
+from nlft_kernels.extension import extension
 module, why = extension()
 assert module is not None, why
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):

@@ -22,8 +22,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "skipped and named.",
     )
     common.add_model_flags(p)
+    common.add_task_flag(p)
     common.add_data_flags(p, "train", "questions")
-    common.add_generation_flags(p, samples=8, max_new_tokens=256)
+    common.add_generation_flags(p, samples=8, max_new_tokens=None)
     common.add_seed_flag(p)
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     p.add_argument("--out", type=Path, required=True, help="JSONL of question, answer, response")
@@ -32,14 +33,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def settings(args: argparse.Namespace):
-    """The GenerationSettings of the flags (greedy without --temperature; BadInput: a value they
-    cannot take)."""
+def settings(args: argparse.Namespace, task=None):
+    """The GenerationSettings of the flags (greedy without --temperature; no --max-new-tokens:
+    ``task``'s, or :data:`~nlft_kernels.recipes.commands.common.MAX_NEW_TOKENS`; BadInput: a
+    value they cannot take)."""
     from nlft_kernels.recipes.generate_run import GenerationSettings
 
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = task.max_new_tokens if task is not None else common.MAX_NEW_TOKENS
     try:
         return GenerationSettings(
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             temperature=getattr(args, "temperature", None),
             seed=args.seed,
             batch_size=args.generate_batch_size,
@@ -65,7 +70,13 @@ def plan(questions, chosen, out: Path, settings, model_name: str, overwrite: boo
     from nlft_kernels.recipes.generate_run import plan_generation
 
     return plan_generation(
-        chosen, out, instruction=questions.instruction, settings=settings, model_name=model_name, overwrite=overwrite
+        chosen,
+        out,
+        instruction=questions.instruction,
+        settings=settings,
+        model_name=model_name,
+        overwrite=overwrite,
+        task=questions.task,
     )
 
 
@@ -93,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     from nlft_kernels.recipes.outputs import check_out_file, same_file
     from nlft_kernels.recipes.questions import read_questions
 
-    gen = settings(args)
-    questions = read_questions(args.data, args.split)
+    questions = read_questions(args.data, args.split, args.task, args.samples, args.seed)
+    gen = settings(args, questions.task)
     if Path(questions.source).is_file() and same_file(questions.source, args.out):
         raise BadInput(f"--out {args.out} is the input file {questions.source}: inputs are never rewritten")
     check_out_file(args.out)
