@@ -22,7 +22,9 @@ missing, stale or built against another torch never breaks ``import nlft_kernels
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +47,25 @@ GPU_DEFAULT = "triton"
 def triton_interpreted() -> bool:
     """True when Triton kernels run on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreter_unavailable(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run the row kernels with these versions, or None.
+
+    The kernels take loop bounds from memory (padded and ignored rows skip their sweeps); the
+    interpreter of Triton < 3.7 turns such a bound, a one-element array, into an int with
+    ``int(array)``, which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed in Triton 3.7)."""
+
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (
+            f"cannot run under the interpreter of Triton {triton_version} with NumPy {numpy_version} "
+            "(Triton < 3.7 converts one-element arrays to int, an error since NumPy 2.4): "
+            "install numpy<2.4 or Triton >= 3.7 (torch >= 2.11)"
+        )
+    return None
 
 
 def _cpp_unavailable() -> str | None:
@@ -82,6 +103,10 @@ def unavailable(backend: str, device: torch.device) -> str | None:
             f"needs CUDA tensors (got {device.type}); on the CPU set TRITON_INTERPRET=1 "
             "before importing triton, or use backend='torch'"
         )
+    if backend == "triton" and device.type != "cuda":
+        versions = (importlib.metadata.version("triton"), importlib.metadata.version("numpy"))
+        if (why := interpreter_unavailable(*versions)) is not None:
+            return why
     if backend == "cpp":
         if device.type != "cpu":
             return f"needs CPU tensors, got {device.type}"

@@ -53,6 +53,29 @@ def test_forced_backend_on_the_wrong_device(backend, device, match):
         resolve_backend(backend, device)
 
 
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, runs",
+    [("3.6.0", "2.4.6", False), ("3.2.0", "2.4.0", False), ("3.6.0", "2.3.5", True), ("3.7.0", "2.4.6", True)],
+)
+def test_interpreter_refused_where_it_cannot_run_the_kernels(triton_version, numpy_version, runs):
+    """Triton < 3.7's interpreter with NumPy >= 2.4 fails on the kernels' loop bounds read from
+    memory (triton-lang/triton#9171): the registry says so instead of an InterpreterError."""
+    why = backends_module.interpreter_unavailable(triton_version, numpy_version)
+    assert (why is None) == runs
+    if not runs:
+        assert f"Triton {triton_version} with NumPy {numpy_version}" in why and "numpy<2.4" in why
+
+
+def test_interpreter_reason_reaches_the_user(monkeypatch):
+    """A forced backend='triton' on CPU tensors raises the reason (the versions installed here
+    replaced by an affected pair)."""
+    versions = {"triton": "3.6.0", "numpy": "2.4.6"}
+    monkeypatch.setattr(backends_module.importlib.metadata, "version", versions.__getitem__)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run under the interpreter of Triton 3\.6\.0"):
+        resolve_backend("triton", CPU)
+
+
 def test_forced_cpp_without_extension_says_why(no_extension):
     with pytest.raises(ValueError, match=r"backend='cpp' is unavailable: nlft_kernels\._C is not built \(test\)"):
         resolve_backend("cpp", CPU)
