@@ -41,6 +41,23 @@ from nlft_kernels.ops.tl_utils import (
 
 
 @triton.jit
+def label_logits(
+    base, std, judge, label, valid, use_judge, in_range, STD: tl.constexpr, JUDGE: tl.constexpr, ACC: tl.constexpr
+):
+    """The label's logit in the base row and, where given as logits (``STD``/``JUDGE`` == 1), the
+    standard and judge rows (the judge's only for ``use_judge``): three ACC scalars, NaN for a
+    label outside [0, V) (nothing outside the row is read); a view not given repeats the base's."""
+    x_b = tl.load(base + label, mask=valid & in_range, other=float("nan")).to(ACC)
+    x_s = x_b
+    x_j = x_b
+    if STD == 1:
+        x_s = tl.load(std + label, mask=valid & in_range, other=float("nan")).to(ACC)
+    if JUDGE == 1:
+        x_j = tl.load(judge + label, mask=use_judge & in_range, other=float("nan")).to(ACC)
+    return x_b, x_s, x_j
+
+
+@triton.jit
 def _nlft_fwd_kernel(
     base_ptr,
     base_sb,
@@ -114,14 +131,16 @@ def _nlft_fwd_kernel(
         lp_s = tl.where(valid, tl.load(std_ptr + row, mask=valid, other=0.0).to(ACC), 0.0)
     if JUDGE == 2:
         lp_j = tl.where(use_judge, tl.load(judge_ptr + row, mask=use_judge, other=0.0).to(ACC), 0.0)
-    # The label's logit of each logits view, also read before the sweep: no row pointer is
-    # needed after it (ptxas spilled the judge row's pointer across the two sweeps of the
-    # three-view variants at 80 registers on sm_80). NaN for a label outside [0, V).
-    x_b = tl.load(base_ptr + base_off + label, mask=valid & in_range, other=float("nan")).to(ACC)
-    if STD == 1:
-        x_s = tl.load(std_ptr + std_off + label, mask=valid & in_range, other=float("nan")).to(ACC)
-    if JUDGE == 1:
-        x_j = tl.load(judge_ptr + judge_off + label, mask=use_judge & in_range, other=float("nan")).to(ACC)
+    # The label's logit of each logits view. Without a gradient, read before the sweep: no row
+    # pointer then lives past it (ptxas spilled the judge row's pointer across the two sweeps of
+    # the three-view variants at 80 registers on sm_80). With one, after it: the gradient sweep
+    # keeps the base row's pointer anyway, and three more values held across the first sweep
+    # made ptxas spill at 64 registers (float32 and float64 on sm_90).
+    if not COMPUTE_GRAD:
+        x_b, x_s, x_j = label_logits(
+            base_ptr + base_off, std_ptr + std_off, judge_ptr + judge_off, label, valid, use_judge, in_range,
+            STD, JUDGE, ACC,
+        )  # fmt: skip
 
     # First sweep: per-lane running (max, sum) of each logits view (ops/tl_utils.py).
     m_b = tl.full([BLOCK_V], LSE_START, ACC)
@@ -155,6 +174,11 @@ def _nlft_fwd_kernel(
     if THREE_VIEWS:
         scale = tl.load(scale_ptr + row).to(ACC)
     lse_b = row_lse(m_b, s_b, valid)
+    if COMPUTE_GRAD:
+        x_b, x_s, x_j = label_logits(
+            base_ptr + base_off, std_ptr + std_off, judge_ptr + judge_off, label, valid, use_judge, in_range,
+            STD, JUDGE, ACC,
+        )  # fmt: skip
     lp_b = tl.where(valid, x_b - lse_b, 0.0)
     if STD == 1:
         lp_s = view_logprob(x_s, m_s, s_s, valid)
