@@ -603,6 +603,15 @@ def unmeasured_cells(lead: str, row: dict, width: int, empty: int) -> str:
     return f"{lead} {row['status']}: {row.get('note', '')[:width]}" + " |" * empty
 
 
+def not_run_lines(payload: dict, shape_words: Callable[[dict], str]) -> list[str]:
+    """The lines after a table that name the shapes the time budget left out (``payload["not_run"]``,
+    each in ``shape_words``); none when every shape ran."""
+    if not payload.get("not_run"):
+        return []
+    shapes = ", ".join(shape_words(s) for s in payload["not_run"])
+    return ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

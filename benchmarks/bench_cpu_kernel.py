@@ -170,9 +170,7 @@ def markdown_table(payload: dict) -> str:
             f"| {r['n']} | {r['vocab']} | {r['dtype']} | {r['case']} | {r['median_ms']:.1f} | {ratio} | "
             f"{_util.bandwidth_cells(row_bandwidth(r, copy_bw))} |"
         )
-    if payload.get("not_run"):
-        shapes = ", ".join(f"{s['n']}x{s['vocab']} {s['dtype']}" for s in payload["not_run"])
-        lines += ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
+    lines += _util.not_run_lines(payload, lambda s: f"{s['n']}x{s['vocab']} {s['dtype']}")
     if literal := payload.get("gpu_choice", {}).get("literal"):
         lines += ["", f"Proposed ({GPU_CHOICE_RULE}), for nlft_kernels/backends.py:", "", "```python", literal, "```"]
     return "\n".join(lines)

@@ -419,9 +419,7 @@ def markdown_table(payload: dict) -> str:
             f"{lead} {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['floor_ms']:.1f} | {r['x_floor']:.1f} | "
             f"{mem} | {time_share} | {mem_share} |"
         )
-    if payload.get("not_run"):
-        shapes = ", ".join(f"N={s['n']} D={s['dim']} V={s['vocab']} {s['dtype']}" for s in payload["not_run"])
-        lines += ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
+    lines += _util.not_run_lines(payload, lambda s: f"N={s['n']} D={s['dim']} V={s['vocab']} {s['dtype']}")
     return "\n".join(lines)
 
 

@@ -371,9 +371,7 @@ def markdown_table(payload: dict) -> str:
         lines.append(
             f"{lead} {r['median_ms']:.2f} | {ratio} | {mem} | {_util.bandwidth_cells(row_bandwidth(r, copy_bw))} |"
         )
-    if payload.get("not_run"):
-        shapes = ", ".join(f"{s['n']}x{s['vocab']} {s['dtype']}" for s in payload["not_run"])
-        lines += ["", f"Not run (the time budget of {payload['settings']['time_budget_s']:.0f} s ran out): {shapes}."]
+    lines += _util.not_run_lines(payload, lambda s: f"{s['n']}x{s['vocab']} {s['dtype']}")
     return "\n".join(lines)
 
 

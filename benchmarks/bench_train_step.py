@@ -81,47 +81,41 @@ LLAMA3 = {
     "bos_token_id": 128000,
     "eos_token_id": 128001,
 }
+
+
+def _llama32(**shape: int) -> dict:
+    """A Llama-3.2 configuration: Llama-3's, its vocabulary tied to the embeddings, 131,072 positions
+    with llama3 RoPE scaling, and ``shape`` (widths, layers, heads). A fresh dict per call:
+    LlamaConfig writes into the ``rope_scaling`` it is given."""
+    return (
+        LLAMA3
+        | {
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 131072,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+        | shape
+    )
+
+
 MODELS: dict[str, dict | None] = {
     "smollm2-135m": None,  # the embedded SmolLM2-135M-Instruct (pretrained weights)
     "llama3-8b-4layers": LLAMA3
     | {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4, "tie_word_embeddings": False},
     # The full small model beside it: every layer of Meta's Llama-3.2-1B (16 layers, 2048 wide, 64-dim heads,
     # its 128,256-token vocabulary tied to the embeddings, 131,072 positions with llama3 RoPE scaling).
-    "llama3.2-1b": LLAMA3
-    | {
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "head_dim": 64,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 131072,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    },
+    "llama3.2-1b": _llama32(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64),
     # The paper's regime on one GPU (benchmarks.gpu_suite): every layer of Meta's Llama-3.2-3B (28 layers,
     # 3072 wide, 24 heads of 128, its vocabulary tied to the embeddings, llama3 RoPE scaling as the 1B's).
-    "llama3.2-3b": LLAMA3
-    | {
-        "hidden_size": 3072,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 24,
-        "head_dim": 128,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 131072,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    },
+    "llama3.2-3b": _llama32(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, head_dim=128
+    ),
     "tiny-llama": {
         "vocab_size": 512,
         "hidden_size": 32,

@@ -173,6 +173,19 @@ void scale_rows(at::Tensor& grad, const at::Tensor& factor) {
   nlft::cpu::scale_rows_cpu(s);
 }
 
+// The labelled rows both per-row CPU passes (RowSoftmaxGrad, RowLogprobs) read: the view of
+// logits [B, T, V] (unit stride over V), labels [N] int64, ignore_index, N = B * T, T and V. The
+// callers check the layout first.
+template <typename LabelledRows>
+void set_labelled_rows(LabelledRows& q, const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  q.logits = {logits.data_ptr(), logits.stride(0), logits.stride(1), to_dtype(logits, "logits"), nlft::kViewLogits};
+  q.labels = labels.data_ptr<int64_t>();
+  q.ignore_index = ignore_index;
+  q.n_rows = logits.size(0) * logits.size(1);
+  q.steps = logits.size(1);
+  q.vocab = logits.size(2);
+}
+
 // out[r] = coef[r] * (softmax(logits[r]) - onehot(labels[r])) from the saved lse [N] (CPU
 // tensors): the gradient computed in backward (float16 logits, vocabulary-parallel shards,
 // token_logprobs). Rows whose coef is 0 or whose label is ignore_index are zero-filled without
@@ -193,16 +206,11 @@ void softmax_grad(const at::Tensor& logits, const at::Tensor& labels, const at::
   TORCH_CHECK(out.data_ptr() != logits.data_ptr() || logits.is_contiguous(),
               "writing the gradient into the logits needs contiguous logits");
   nlft::cpu::RowSoftmaxGrad q{};
-  q.logits = {logits.data_ptr(), logits.stride(0), logits.stride(1), to_dtype(logits, "logits"), nlft::kViewLogits};
-  q.labels = labels.data_ptr<int64_t>();
-  q.ignore_index = ignore_index;
+  set_labelled_rows(q, logits, labels, ignore_index);
   q.lse = lse_c.data_ptr();
   q.coef = coef_c.data_ptr();
   q.out = out.data_ptr();
   q.out_dtype = to_dtype(out, "out");
-  q.n_rows = n_rows;
-  q.steps = logits.size(1);
-  q.vocab = logits.size(2);
   nlft::cpu::softmax_grad_cpu(q);
 }
 
@@ -219,14 +227,9 @@ std::tuple<at::Tensor, at::Tensor> label_logprobs(const at::Tensor& logits, cons
   auto logprob = at::empty({n_rows}, logits.options().dtype(acc));
   auto lse = at::empty({n_rows}, logits.options().dtype(acc));
   nlft::cpu::RowLogprobs q{};
-  q.logits = {logits.data_ptr(), logits.stride(0), logits.stride(1), to_dtype(logits, "logits"), nlft::kViewLogits};
-  q.labels = labels.data_ptr<int64_t>();
-  q.ignore_index = ignore_index;
+  set_labelled_rows(q, logits, labels, ignore_index);
   q.logprob = logprob.data_ptr();
   q.lse = lse.data_ptr();
-  q.n_rows = n_rows;
-  q.steps = logits.size(1);
-  q.vocab = logits.size(2);
   nlft::cpu::label_logprobs_cpu(q);
   return {logprob, lse};
 }

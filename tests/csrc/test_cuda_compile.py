@@ -24,15 +24,13 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 TIMEOUT_S = 120
 # The (base, teacher, gradient) dtypes launch_base can launch: teachers in the base dtype or the
-# accumulator's; gradient rows in float32 for float16 base logits, else in the base dtype
-# (nlft::grad_dtype_for, as nlft_kernels.ops.launch.grad_dtype).
+# accumulator's (float64 for float64 logits, else float32); gradient rows in float32 for float16
+# base logits, else in the base dtype (nlft::grad_dtype_for, as nlft_kernels.ops.launch.grad_dtype).
+ACCUMULATOR = {"float32": "float32", "float64": "float64", "bfloat16": "float32", "float16": "float32"}
 LAUNCHED = {
-    ("float32", "float32", "float32"),
-    ("float64", "float64", "float64"),
-    ("bfloat16", "bfloat16", "bfloat16"),
-    ("bfloat16", "float32", "bfloat16"),
-    ("float16", "float16", "float32"),
-    ("float16", "float32", "float32"),
+    (base, teacher, "float32" if base == "float16" else base)
+    for base, acc in ACCUMULATOR.items()
+    for teacher in (base, acc)
 }
 
 

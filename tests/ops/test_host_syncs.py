@@ -29,6 +29,20 @@ def _count(step) -> HostSyncCounter:
     return counter
 
 
+def _step_never_syncs(loss_fn, *args, grad_out: float = 1.0, **kwargs):
+    """Forward (``validate=False``) and backward of ``loss_fn(*args, **kwargs)``, counted after a
+    first step: no host sync. Returns the details of one more step."""
+
+    def step():
+        loss, details = loss_fn(*args, validate=False, return_details=True, **kwargs)
+        loss.backward(torch.full_like(loss, grad_out))
+        return details
+
+    counter = _count(step)
+    assert counter.count == 0, dict(counter.sites)
+    return step()
+
+
 @pytest.mark.parametrize("grad_out", [1.0, 0.5])
 @pytest.mark.parametrize("reduction", ["sample_mean", "none"])
 @pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float16))
@@ -36,18 +50,11 @@ def _count(step) -> HostSyncCounter:
 def test_nlft_loss_forward_and_backward_never_sync(backend, dtype, reduction, grad_out):
     x = make_inputs(4, 10, 64, dtype=dtype, seed=seed_of("no sync", backend, dtype, reduction))
     base = x.base.detach().requires_grad_()
-
-    def step():
-        loss, details = nlft_loss(
-            base, x.labels, x.correct, standard=x.standard, judge=x.judge, reduction=reduction, backend=backend,
-            validate=False, return_details=True,
-        )  # fmt: skip
-        loss.backward(torch.full_like(loss, grad_out))
-        return details
-
-    counter = _count(step)
-    assert counter.count == 0, dict(counter.sites)
-    assert step().killed.any(), "the per-sample fix-up must rescale rows"
+    details = _step_never_syncs(
+        nlft_loss, base, x.labels, x.correct, standard=x.standard, judge=x.judge, reduction=reduction, backend=backend,
+        grad_out=grad_out,
+    )  # fmt: skip
+    assert details.killed.any(), "the per-sample fix-up must rescale rows"
 
 
 def test_the_counter_sees_the_checks_validate_makes():
@@ -68,18 +75,11 @@ KERNEL_WALK = [b for b in BACKENDS if WALKS[b.values[0]] == "kernel"]
 def test_nlft_loss_with_clusters_never_syncs(backend):
     x = make_inputs(4, 10, 64, seed=seed_of("no sync clusters"), hidden_dim=8)
     base = x.base.detach().requires_grad_()
-
-    def step():
-        loss, details = nlft_loss(
-            base, x.labels, x.correct, standard=x.standard, judge=x.judge, hidden_states=x.hidden, backend=backend,
-            validate=False, return_details=True,
-        )  # fmt: skip
-        loss.backward()
-        return details
-
-    counter = _count(step)
-    assert counter.count == 0, dict(counter.sites)
-    assert step().cluster.any(), "the walk must find cluster rows"
+    details = _step_never_syncs(
+        nlft_loss, base, x.labels, x.correct, standard=x.standard, judge=x.judge, hidden_states=x.hidden,
+        backend=backend,
+    )  # fmt: skip
+    assert details.cluster.any(), "the walk must find cluster rows"
 
 
 @pytest.mark.parametrize("clusters", [True, False], ids=["clusters", "no-clusters"])
@@ -99,17 +99,9 @@ def test_nlft_linear_loss_never_syncs(backend, clusters):
     config = NLFTConfig(correct_threshold=0.2, ratio_threshold=1.05, judge_min_prob=0.0)
     if not clusters:
         config = replace(config, cluster_criterion="off")
-
-    def step():
-        loss, details = nlft_linear_loss(
-            hidden, weight, labels, x.correct, standard=standard, judge=judge, config=config, backend=backend,
-            validate=False, return_details=True,
-        )  # fmt: skip
-        loss.backward()
-        return details
-
-    counter = _count(step)
-    assert counter.count == 0, dict(counter.sites)
-    details = step()
+    details = _step_never_syncs(
+        nlft_linear_loss, hidden, weight, labels, x.correct, standard=standard, judge=judge, config=config,
+        backend=backend,
+    )  # fmt: skip
     assert details.killed.any(), "the per-sample fix-up must rescale rows"
     assert not clusters or details.cluster.any(), "the walk must find cluster rows"
