@@ -33,8 +33,7 @@ from nlft_kernels.ops.autograd import NLFTLinearLossFunction
 from nlft_kernels.ops.inputs import as_3d, check_labels, check_logits, check_options, nlft_outputs, prepare_nlft_inputs
 from nlft_kernels.ops.linear_chunks import chunk_rows_for, flat_rows_2d, sample_groups
 from nlft_kernels.ops.linear_ops import LinearTokenLogprobsArgs, NLFTLinearLossArgs, linear_token_logprobs_op
-from nlft_kernels.ops.loss_ops import config_args
-from nlft_kernels.ops.nlft_loss import nlft_loss
+from nlft_kernels.ops.nlft_loss import nlft_loss, op_fields
 from nlft_kernels.ops.vocab_parallel import global_vocab, linear_logits, shard_range, shard_statistics
 
 __all__ = ["chunk_rows_for", "linear_token_logprobs", "nlft_linear_loss", "sample_groups"]
@@ -151,29 +150,16 @@ def nlft_linear_loss(
         )  # fmt: skip
     proxy = _logits_proxy(hidden, weight.shape[0])
     inputs = prepare_nlft_inputs(proxy, labels, correct, standard, judge, sample_ids, name="hidden @ weight.T")
-    rule, ignore_index, criterion = config_args(config)
     train = torch.is_grad_enabled()
     args = NLFTLinearLossArgs(
         hidden=flat_rows_2d(hidden).detach(),
         weight=weight.detach(),
         bias=None if bias is None else bias.detach(),
-        standard=inputs.standard,
-        standard_mode=int(inputs.standard_mode),
-        judge=inputs.judge,
-        judge_mode=int(inputs.judge_mode),
-        labels=inputs.labels,
-        sample_ids=inputs.sample_ids,
-        correct=inputs.correct,
-        rule=rule,
-        ignore_index=ignore_index,
-        criterion=criterion,
-        reduction=reduction,
-        backend=backend,
-        validate=validate,
         rows=chunk_size or 0,
         clusters=config.cluster_criterion != "off",
         steps=inputs.shape[-1] if sample_ids is None else 0,
         want=[train and t is not None and t.requires_grad for t in (hidden, weight, bias)],
+        **op_fields(inputs, config, reduction, backend, validate),
     )
     loss, *details = NLFTLinearLossFunction.apply(flat_rows_2d(hidden), weight, bias, args)
     return nlft_outputs(loss, details, inputs.shape, reduction, return_details)

@@ -27,6 +27,7 @@ from nlft_kernels.ops.contracts import GradStore
 from nlft_kernels.ops.inputs import (
     REDUCTIONS,
     NLFTDetails,
+    NLFTInputs,
     as_3d,
     check_logits,
     check_options,
@@ -50,6 +51,19 @@ def check_inplace(logits: torch.Tensor, name: str) -> None:
         )
     if not logits.is_contiguous():
         raise ValueError(f"inplace_grad=True needs contiguous {name} (the gradient is written row after row)")
+
+
+def op_fields(
+    inputs: NLFTInputs, config: NLFTConfig, reduction: str, backend: str, validate: bool
+) -> dict[str, object]:
+    """The fields ``NLFTLossArgs`` and ``NLFTLinearLossArgs`` share: the checked views, labels and
+    samples (view modes as ints: an op takes no enum), ``config`` as ``config_args`` gives it, and
+    the call's options."""
+    rule, ignore_index, criterion = config_args(config)
+    views = {name: getattr(inputs, name) for name in ("standard", "judge", "labels", "sample_ids", "correct")}
+    modes = {"standard_mode": int(inputs.standard_mode), "judge_mode": int(inputs.judge_mode)}
+    options = {"reduction": reduction, "backend": backend, "validate": validate}
+    return views | modes | {"rule": rule, "ignore_index": ignore_index, "criterion": criterion} | options
 
 
 def nlft_loss(
@@ -124,27 +138,14 @@ def nlft_loss(
         vocab = global_vocab(base_logits.shape[-1], vocab_parallel_group)
         group = group_name(vocab_parallel_group)
         offset = shard_range(base_logits.shape[-1], vocab_parallel_group)[0]
-    rule, ignore_index, criterion = config_args(config)
     args = NLFTLossArgs(
         base=as_3d(base_logits.detach(), "base_logits"),
-        standard=inputs.standard,
-        standard_mode=int(inputs.standard_mode),
-        judge=inputs.judge,
-        judge_mode=int(inputs.judge_mode),
-        labels=inputs.labels,
-        sample_ids=inputs.sample_ids,
-        correct=inputs.correct,
         hidden=hidden,
-        rule=rule,
-        ignore_index=ignore_index,
-        criterion=criterion,
-        reduction=reduction,
-        backend=backend,
-        validate=validate,
         grad=int(GradStore.of(base_logits.dtype, wanted, vocab_parallel_group is not None)),
         vocab=vocab,
         group=group,
         offset=offset,
+        **op_fields(inputs, config, reduction, backend, validate),
     )
     loss, *details = NLFTLossFunction.apply(base_logits, args, inplace_grad and wanted)
     return nlft_outputs(loss, details, inputs.shape, reduction, return_details)

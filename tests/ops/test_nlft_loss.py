@@ -34,22 +34,12 @@ def run_both(
     standard, judge = teacher(x, x.standard, forms[0]), teacher(x, x.judge, forms[1])
     h = x.hidden if hidden else None
     base = x.base.detach().clone().requires_grad_()
-    loss, details = nlft_loss(
-        base,
-        x.labels,
-        x.correct,
-        standard=standard,
-        judge=judge,
-        config=config,
-        reduction=reduction,
-        hidden_states=h,
-        backend=backend,
-        return_details=True,
+    common = dict(
+        standard=standard, judge=judge, config=config, reduction=reduction, hidden_states=h, return_details=True
     )
+    loss, details = nlft_loss(base, x.labels, x.correct, backend=backend, **common)
     ref_base = x.base.detach().double().requires_grad_()
-    ref, ref_details = nlft_loss_reference(
-        ref_base, x.labels, x.correct, standard, judge, config, reduction, hidden_states=h, return_details=True
-    )
+    ref, ref_details = nlft_loss_reference(ref_base, x.labels, x.correct, **common)
     if grad_out is None and reduction == "none":
         g = generator(seed_of("grad_out", tuple(ref.shape)))
         grad_out = torch.randn(ref.shape, generator=g, dtype=torch.float64)
