@@ -18,10 +18,7 @@ HELP = "accuracy (greedy, with its 95%% interval) on a fixed-seed subset of GSM8
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help=HELP)
     common.add_model_flags(p)
-    common.add_task_flag(p)
-    common.add_data_flags(p, "test", "problems with reference answers")
-    common.add_generation_flags(p, samples=50, max_new_tokens=None)
-    common.add_seed_flag(p)
+    common.add_question_flags(p, "test", "problems with reference answers", samples=50)
     p.add_argument("--out", type=Path, default=None, help="JSON with the accuracy and every sample")
     add_config_flag(p)
     return p

@@ -22,10 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "skipped and named.",
     )
     common.add_model_flags(p)
-    common.add_task_flag(p)
-    common.add_data_flags(p, "train", "questions")
-    common.add_generation_flags(p, samples=8, max_new_tokens=None)
-    common.add_seed_flag(p)
+    common.add_question_flags(p, "train", "questions", samples=8)
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     p.add_argument("--out", type=Path, required=True, help="JSONL of question, answer, response")
     p.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming")
