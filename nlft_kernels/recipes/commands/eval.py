@@ -44,14 +44,7 @@ def evaluate(model, tokenizer, questions, samples: int, gen, model_name: str, ou
         result = _evaluate_task(model, tokenizer, questions, gen)
     else:
         result = evaluate_gsm8k(
-            model,
-            tokenizer,
-            questions.rows,
-            n=samples,
-            seed=gen.seed,
-            batch_size=gen.batch_size,
-            max_new_tokens=gen.max_new_tokens,
-            instruction=questions.instruction,
+            model, tokenizer, questions.rows, n=samples, settings=gen, instruction=questions.instruction
         )
         result["ci95"] = list(wilson_interval(result["correct"], result["count"]))
     result["model"] = model_name

@@ -34,7 +34,7 @@ def settings(args: argparse.Namespace, task=None):
     """The GenerationSettings of the flags (greedy without --temperature; no --max-new-tokens:
     ``task``'s, or :data:`~nlft_kernels.recipes.commands.common.MAX_NEW_TOKENS`; BadInput: a
     value they cannot take)."""
-    from nlft_kernels.recipes.generate_run import GenerationSettings
+    from nlft_kernels.recipes.generation import GenerationSettings
 
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:
