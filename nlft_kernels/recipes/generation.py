@@ -64,10 +64,10 @@ def generate_responses(
     prompts), at most ``settings.max_new_tokens`` tokens each.
 
     Greedy by default; a ``settings.temperature`` samples at it from a generator seeded with
-    ``settings.seed``. Questions are batched by prompt length (less padding) and answers
-    returned in the order of ``questions``. Special tokens are removed from the text. ``stop``: strings that end
-    a row's generation (e.g. ``"\n\n"`` for tasks read up to the first blank line; the text
-    keeps the stop string); ``instruction`` None: the templates' default system prompt.
+    ``settings.seed``. Questions are batched by prompt length (less padding) and answers returned
+    in the order of ``questions``. Special tokens are removed from the text. ``stop``: strings
+    that end a row's generation (e.g. ``"\n\n"`` for tasks read up to the first blank line; the
+    text keeps the stop string); ``instruction`` None: the templates' default system prompt.
     ``share_prefix``: batches of prompts of one token length, the tokens they all start with (a
     task's worked examples) run once per batch and their KV cache reused by every row.
     """
