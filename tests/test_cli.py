@@ -12,7 +12,7 @@ from nlft_kernels.recipes import questions
 from nlft_kernels.recipes.cli import build_parser, parse_args
 from nlft_kernels.recipes.errors import BadInput
 from tests._cli import bad_input, nlft_error, nlft_ok, run_nlft, write_jsonl
-from tests._tiny import save_tiny_model
+from tests._tiny import require_embedded_smollm2, save_tiny_model
 
 ROWS = [
     {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
@@ -289,13 +289,7 @@ def test_python_dash_m_entry_point():
 
 @pytest.mark.slow
 def test_demo_on_smollm2(tmp_path):
-    pytest.importorskip("gguf")
-    from nlft_kernels.recipes.models import smollm2_gguf
-
-    try:
-        smollm2_gguf()
-    except RuntimeError as err:
-        pytest.skip(str(err))
+    require_embedded_smollm2()
     done = nlft_ok("demo", "--train-size", "4", "--test-size", "4", "--steps", "1", "--out", tmp_path / "demo")
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["after"]["count"] == 4 and summary["records"] == 4

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 import nlft_kernels.recipes.generation as generation
-from nlft_kernels.recipes.generation import GSM8K_INSTRUCTION, evaluate_gsm8k, generate_responses, prompts, sample_rows
+from nlft_kernels.recipes.generation import (
+    GSM8K_INSTRUCTION,
+    GenerationSettings,
+    evaluate_gsm8k,
+    generate_responses,
+    prompts,
+    sample_rows,
+)
 from tests._tiny import tiny_model, tiny_tokenizer
 
 QUESTIONS = [
@@ -35,9 +42,11 @@ def test_batched_equals_one_by_one(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     # Prompts of different lengths: batching pads them, which must not change a greedy answer.
     assert len({len(t) for t in prompts(tokenizer, QUESTIONS)}) == len(QUESTIONS)
-    batched = generate_responses(model, tokenizer, QUESTIONS, batch_size=3, max_new_tokens=6, progress=False)
-    single = [generate_responses(model, tokenizer, [q], batch_size=1, max_new_tokens=6, progress=False)[0]
-              for q in QUESTIONS]  # fmt: skip
+    batched = generate_responses(
+        model, tokenizer, QUESTIONS, settings=GenerationSettings(6, batch_size=3), progress=False
+    )
+    one = GenerationSettings(6, batch_size=1)
+    single = [generate_responses(model, tokenizer, [q], settings=one, progress=False)[0] for q in QUESTIONS]
     assert batched == single and len(batched) == len(QUESTIONS)
     assert all(batched) and tokenizer.padding_side == "right"
 
@@ -45,17 +54,35 @@ def test_batched_equals_one_by_one(model_and_tokenizer):
 def test_sampling_is_seeded(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     run = lambda seed: generate_responses(
-        model, tokenizer, QUESTIONS, batch_size=2, max_new_tokens=8, greedy=False, seed=seed, progress=False
+        model,
+        tokenizer,
+        QUESTIONS,
+        settings=GenerationSettings(8, temperature=1.0, seed=seed, batch_size=2),
+        progress=False,
     )
     first = run(0)
     assert run(0) == first
     assert any(run(s) != first for s in (1, 2, 3))
 
 
-def test_bad_sizes(model_and_tokenizer):
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a whole number >= 1, got 0"),
+        ({"seed": -1}, "seed must be a whole number >= 0, got -1"),
+        ({"temperature": 0.0}, "temperature must be a positive finite number"),
+    ],
+)
+def test_bad_settings(fields, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationSettings(**fields)
+
+
+def test_evaluation_is_greedy(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    with pytest.raises(ValueError, match="batch_size"):
-        generate_responses(model, tokenizer, QUESTIONS, batch_size=0, max_new_tokens=4)
+    with pytest.raises(ValueError, match="greedily"):
+        evaluate_gsm8k(model, tokenizer, ROWS, n=2, settings=GenerationSettings(4, temperature=0.7), progress=False)
 
 
 def test_sample_rows():
@@ -78,7 +105,7 @@ def test_evaluate_counts_right_answers(model_and_tokenizer, monkeypatch):
         return [f"The answer is {answers[q] + (int(q.split()[2]) % 2)}." for q in questions]
 
     monkeypatch.setattr(generation, "generate_responses", fake_generate)
-    result = evaluate_gsm8k(model, tokenizer, ROWS, n=6, seed=0)
+    result = evaluate_gsm8k(model, tokenizer, ROWS, n=6)
     expected = sum(1 for s in result["samples"] if s["index"] % 2 == 0)
     assert result["count"] == 6 and result["correct"] == expected and result["accuracy"] == expected / 6
     assert all(s["correct"] == (s["predicted"] == s["reference"]) for s in result["samples"])
@@ -88,7 +115,8 @@ def test_evaluate_counts_right_answers(model_and_tokenizer, monkeypatch):
 def test_evaluate_end_to_end(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     model.train()
-    result = evaluate_gsm8k(model, tokenizer, ROWS, n=3, seed=5, batch_size=2, max_new_tokens=4, progress=False)
+    settings = GenerationSettings(4, seed=5, batch_size=2)
+    result = evaluate_gsm8k(model, tokenizer, ROWS, n=3, settings=settings, progress=False)
     assert result["count"] == 3 and result["seed"] == 5 and result["accuracy"] == 0.0
     assert [s["index"] for s in result["samples"]] == [i for i, _ in sample_rows(ROWS, 3, 5)]
     assert all(s["reference"] == str(2 * s["index"]) for s in result["samples"])

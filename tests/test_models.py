@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import nlft_kernels.recipes.models as models
-from nlft_kernels.recipes.models import SMOLLM2_INSTALL, load_model, save_model, smollm2_gguf
-from tests._tiny import tiny_model, tiny_tokenizer
+from nlft_kernels.recipes.models import SMOLLM2_INSTALL, load_model, save_model
+from tests._tiny import require_embedded_smollm2, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +57,7 @@ def test_save_model_merges_lora(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_embedded_smollm2_round_trip(tmp_path):
-    pytest.importorskip("gguf")
-    try:
-        smollm2_gguf()
-    except RuntimeError as err:
-        pytest.skip(str(err))
+    require_embedded_smollm2()
     model, tokenizer = load_model("smollm2", device="cpu")
     assert model.config.model_type == "llama" and tokenizer.chat_template
     assert getattr(model.config, "quantization_config", None) is None

@@ -30,7 +30,7 @@ from nlft_kernels.saliency_map import (
 )
 from nlft_kernels.saliency_map.page import mark_descriptions
 from tests._cli import bad_input, nlft_ok, write_jsonl
-from tests._tiny import save_tiny_model, tiny_model, tiny_records, tiny_tokenizer
+from tests._tiny import require_embedded_smollm2, save_tiny_model, tiny_model, tiny_records, tiny_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 HOSTILE = '<script>alert("x")</script> & "quotes" \'single\''
@@ -426,14 +426,9 @@ def test_demo_writes_the_saliency_map(model_dir, tmp_path):
 def test_nlft_saliency_on_smollm2(tmp_path):
     """Two tiny records on the embedded SmolLM2: a correct response that is the reference answer
     itself (the standard view predicts it: saliency tokens) and a wrong one with its judgment."""
-    pytest.importorskip("gguf")
-    from nlft_kernels.recipes.models import smollm2_gguf
     from nlft_kernels.training import NLFTRecord
 
-    try:
-        smollm2_gguf()
-    except RuntimeError as err:
-        pytest.skip(str(err))
+    require_embedded_smollm2()
     answer = "She sold 48 / 2 = 24 clips in May.\nIn all she sold 48 + 24 = 72 clips.\n#### 72"
     records = [
         NLFTRecord("Natalia sold 48 clips in April and half as many in May. How many in all?", answer, answer),

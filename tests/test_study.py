@@ -77,16 +77,18 @@ def test_arms_share_initialisation_and_batch_order(tiny):
 
 
 def test_a_shared_prefix_generates_what_the_whole_prompt_does(tiny):
-    from nlft_kernels.recipes.generation import generate_responses
+    from nlft_kernels.recipes.generation import GenerationSettings, generate_responses
 
     model, tokenizer = tiny
     model = tiny_model(len(tokenizer), seed=1).double()  # float64: no argmax tie flips between the two paths
     task = get_task("add2")
     problems = task.problems("test", 7, SEED) + get_task("word1").problems("test", 3, SEED)
     prompts = [task.prompt(p) if p.family == "add2" else get_task("word1").prompt(p) for p in problems]
-    kwargs = dict(max_new_tokens=12, instruction=task.instruction, progress=False)
-    alone = generate_responses(model, tokenizer, prompts, batch_size=1, **kwargs)  # no padding, no sharing
-    shared = generate_responses(model, tokenizer, prompts, batch_size=3, share_prefix=True, **kwargs)
+    kwargs = dict(instruction=task.instruction, progress=False)
+    alone = generate_responses(model, tokenizer, prompts, settings=GenerationSettings(12, batch_size=1), **kwargs)
+    shared = generate_responses(  # alone: no padding, no sharing
+        model, tokenizer, prompts, settings=GenerationSettings(12, batch_size=3), share_prefix=True, **kwargs
+    )
     assert shared == alone and len(set(alone)) > 1
 
 

@@ -40,12 +40,34 @@ def build_parser(only: str | None = None):
     parser = Parser(prog="nlft", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     parser.commands = {
-        name: command(name).add_parser(subparsers)
+        name: _command_parser(subparsers, name)
         if only in (None, name)
-        else subparsers.add_parser(name, help=command(name).HELP)
+        else subparsers.add_parser(name, help=command(name).HELP.summary)
         for name in COMMANDS
     }
     return parser
+
+
+def _command_parser(subparsers, name: str):
+    """The parser of subcommand ``name``, with its help texts and flags: its settings dataclasses'
+    (one flag per field), its own (``add_flags``), then ``--config``."""
+    from nlft_kernels.recipes.commands import command
+    from nlft_kernels.recipes.commands.settings import add_config_flag
+
+    module = command(name)
+    text = module.HELP
+    types = module.dataclass_types() if hasattr(module, "dataclass_types") else []
+    p = subparsers.add_parser(
+        name,
+        dataclass_types=types,
+        help=text.summary,
+        description=text.description,
+        usage=text.usage,
+        epilog=text.epilog,
+    )
+    module.add_flags(p)
+    add_config_flag(p)
+    return p
 
 
 def parse_args(argv: Sequence[str]):

@@ -17,14 +17,14 @@ Output rows: ``id``, ``index`` (the question's row in the data), ``question``, `
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nlft_kernels.recipes.errors import BadInput
+from nlft_kernels.recipes.generation import GenerationSettings
 from nlft_kernels.recipes.jsonl_store import JsonlStore, content_keys
 
 if TYPE_CHECKING:
@@ -32,27 +32,6 @@ if TYPE_CHECKING:
 
 # tokenizer.model_max_length when a tokenizer sets none (transformers' VERY_LARGE_INTEGER).
 _UNSET_LENGTH = 10**18
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How responses are generated, checked on creation: at most ``max_new_tokens`` per response,
-    greedy (``temperature`` None) or sampled at ``temperature`` with ``seed``, ``batch_size``
-    prompts at once."""
-
-    max_new_tokens: int = 256
-    temperature: float | None = None
-    seed: int = 0
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        for name, low in (("max_new_tokens", 1), ("batch_size", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
-        t = self.temperature
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < math.inf)):
-            raise ValueError(f"temperature must be a positive finite number (or none: greedy), got {t!r}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +95,7 @@ def describe_too_long(too_long: Sequence[TooLong], source: str) -> str:
 
 
 KEY_FIELDS = ("question", "answer", "instruction")
+DEFAULT_SETTINGS = GenerationSettings()
 
 
 @dataclass
@@ -150,7 +130,7 @@ def plan_generation(
     out: str | os.PathLike,
     *,
     instruction: str | None,
-    settings: GenerationSettings = GenerationSettings(),
+    settings: GenerationSettings = DEFAULT_SETTINGS,
     model_name: str = "",
     overwrite: bool = False,
     task: Task | None = None,
@@ -200,11 +180,7 @@ def generate_file(model, tokenizer, plan: GeneratePlan, *, progress: bool = True
                 model,
                 tokenizer,
                 [row["question"] for _, _, row in batch],
-                batch_size=settings.batch_size,
-                max_new_tokens=settings.max_new_tokens,
-                greedy=settings.temperature is None,
-                temperature=settings.temperature or 1.0,
-                seed=settings.seed + start,
+                settings=replace(settings, seed=settings.seed + start),
                 instruction=plan.instruction,
                 progress=False,
                 stop=task.stop_strings if task is not None else (),

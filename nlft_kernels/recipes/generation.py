@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +20,27 @@ GSM8K_INSTRUCTION = (
 )
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How responses are generated, checked on creation: at most ``max_new_tokens`` per response,
+    greedy (``temperature`` None) or sampled at ``temperature`` with ``seed``, ``batch_size``
+    prompts at once."""
+
+    max_new_tokens: int = 256
+    temperature: float | None = None
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_new_tokens", 1), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+        t = self.temperature
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < math.inf)):
+            raise ValueError(f"temperature must be a positive finite number (or none: greedy), got {t!r}")
+
+
 def prompts(tokenizer, questions: Sequence[str], instruction: str = GSM8K_INSTRUCTION) -> list[str]:
     """The base-view prompt of each question (through the chat template when the tokenizer has one)."""
     templates = PromptTemplates()
@@ -30,32 +53,28 @@ def generate_responses(
     tokenizer,
     questions: Sequence[str],
     *,
-    batch_size: int = 8,
-    max_new_tokens: int = 256,
-    greedy: bool = True,
-    temperature: float = 1.0,
-    seed: int = 0,
+    settings: GenerationSettings = GenerationSettings(),
     instruction: str | None = GSM8K_INSTRUCTION,
     progress: bool = True,
     desc: str = "generate",
     stop: Sequence[str] = (),
     share_prefix: bool = False,
 ) -> list[str]:
-    """One response per question, generated in batches of ``batch_size`` (left-padded prompts).
+    """One response per question, generated in batches of ``settings.batch_size`` (left-padded
+    prompts), at most ``settings.max_new_tokens`` tokens each.
 
-    Greedy by default; ``greedy=False`` samples at ``temperature`` from a generator seeded with
-    ``seed``. Questions are batched by prompt length (less padding) and answers returned in the
-    order of ``questions``. Special tokens are removed from the text. ``stop``: strings that end
-    a row's generation (e.g. ``"\n\n"`` for tasks read up to the first blank line; the text
-    keeps the stop string); ``instruction`` None: the templates' default system prompt.
+    Greedy by default; a ``settings.temperature`` samples at it from a generator seeded with
+    ``settings.seed``. Questions are batched by prompt length (less padding) and answers returned
+    in the order of ``questions``. Special tokens are removed from the text. ``stop``: strings
+    that end a row's generation (e.g. ``"\n\n"`` for tasks read up to the first blank line; the
+    text keeps the stop string); ``instruction`` None: the templates' default system prompt.
     ``share_prefix``: batches of prompts of one token length, the tokens they all start with (a
     task's worked examples) run once per batch and their KV cache reused by every row.
     """
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
 
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    batch_size, max_new_tokens, temperature = settings.batch_size, settings.max_new_tokens, settings.temperature
     texts = prompts(tokenizer, questions, instruction)
     with_specials = not getattr(tokenizer, "chat_template", None)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -67,8 +86,10 @@ def generate_responses(
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0}
+    torch.manual_seed(settings.seed)
+    sampling = (
+        {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature, "top_k": 0}
+    )
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if share_prefix:
         groups: dict[int, list[int]] = {}
@@ -152,31 +173,24 @@ def evaluate_gsm8k(
     rows: Sequence[dict],
     *,
     n: int | None = 50,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_new_tokens: int = 256,
+    settings: GenerationSettings = GenerationSettings(),
     instruction: str = GSM8K_INSTRUCTION,
     progress: bool = True,
 ) -> dict:
-    """GSM8K accuracy of ``model`` on ``n`` rows drawn with ``seed`` (greedy decoding).
+    """GSM8K accuracy of ``model`` on ``n`` rows drawn with ``settings.seed`` (greedy decoding:
+    ``settings`` without a temperature, else ValueError; its max_new_tokens and batch size).
 
     A response is right when its final answer (:func:`nlft_kernels.recipes.rule_judge.extract_answer`) equals
     the reference's ``#### n``. Returns ``{"accuracy", "correct", "count", "seed",
     "max_new_tokens", "samples": [{"index", "question", "response", "predicted", "reference",
     "correct"}, ...]}``.
     """
-    chosen = sample_rows(rows, n, seed)
+    if settings.temperature is not None:
+        raise ValueError(f"evaluation decodes greedily: settings.temperature must be None, got {settings.temperature}")
+    chosen = sample_rows(rows, n, settings.seed)
+    questions = [row["question"] for _, row in chosen]
     responses = generate_responses(
-        model,
-        tokenizer,
-        [row["question"] for _, row in chosen],
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        greedy=True,
-        seed=seed,
-        instruction=instruction,
-        progress=progress,
-        desc="eval",
+        model, tokenizer, questions, settings=settings, instruction=instruction, progress=progress, desc="eval"
     )
     samples = []
     for (index, row), response in zip(chosen, responses, strict=True):
@@ -196,7 +210,7 @@ def evaluate_gsm8k(
         "accuracy": correct / len(samples) if samples else 0.0,
         "correct": correct,
         "count": len(samples),
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
+        "seed": settings.seed,
+        "max_new_tokens": settings.max_new_tokens,
         "samples": samples,
     }

@@ -84,17 +84,19 @@ def generate(
     desc: str = "generate",
 ) -> list[str]:
     """The model's responses to ``problems`` under ``task``'s prompt, as the task reads them."""
-    from nlft_kernels.recipes.generation import generate_responses
+    from nlft_kernels.recipes.generation import GenerationSettings, generate_responses
 
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens or task.max_new_tokens,
+        temperature=None if greedy else temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )
     texts = generate_responses(
         model,
         tokenizer,
         [task.prompt(p) for p in problems],
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens or task.max_new_tokens,
-        greedy=greedy,
-        temperature=temperature,
-        seed=seed,
+        settings=settings,
         instruction=task.instruction,
         progress=progress,
         desc=desc,

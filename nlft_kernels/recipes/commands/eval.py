@@ -6,25 +6,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nlft_kernels.recipes.commands import common
+from nlft_kernels.recipes.commands import CommandHelp, common
 from nlft_kernels.recipes.commands.generate import choose, settings
-from nlft_kernels.recipes.commands.settings import add_config_flag
 from nlft_kernels.recipes.errors import BadInput
 
 # argparse expands %-formats in help texts: a percent sign is written %%.
-HELP = "accuracy (greedy, with its 95%% interval) on a fixed-seed subset of GSM8K or of a --task"
+HELP = CommandHelp("accuracy (greedy, with its 95%% interval) on a fixed-seed subset of GSM8K or of a --task")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help=HELP)
+def add_flags(p: argparse.ArgumentParser) -> None:
     common.add_model_flags(p)
-    common.add_task_flag(p)
-    common.add_data_flags(p, "test", "problems with reference answers")
-    common.add_generation_flags(p, samples=50, max_new_tokens=None)
-    common.add_seed_flag(p)
+    common.add_question_flags(p, "test", "problems with reference answers", samples=50)
     p.add_argument("--out", type=Path, default=None, help="JSON with the accuracy and every sample")
-    add_config_flag(p)
-    return p
 
 
 def evaluate(model, tokenizer, questions, samples: int, gen, model_name: str, out: Path | None = None,
@@ -47,14 +40,7 @@ def evaluate(model, tokenizer, questions, samples: int, gen, model_name: str, ou
         result = _evaluate_task(model, tokenizer, questions, gen)
     else:
         result = evaluate_gsm8k(
-            model,
-            tokenizer,
-            questions.rows,
-            n=samples,
-            seed=gen.seed,
-            batch_size=gen.batch_size,
-            max_new_tokens=gen.max_new_tokens,
-            instruction=questions.instruction,
+            model, tokenizer, questions.rows, n=samples, settings=gen, instruction=questions.instruction
         )
         result["ci95"] = list(wilson_interval(result["correct"], result["count"]))
     result["model"] = model_name

@@ -5,39 +5,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nlft_kernels.recipes.commands import common
-from nlft_kernels.recipes.commands.settings import add_config_flag
+from nlft_kernels.recipes.commands import CommandHelp, common
 from nlft_kernels.recipes.errors import BadInput, Interrupted
 
-HELP = "generate one response per question (JSONL out, appended per batch; a rerun resumes)"
+HELP = CommandHelp(
+    "generate one response per question (JSONL out, appended per batch; a rerun resumes)",
+    description="Generate one response per question into --out. Each batch's rows are appended as it is "
+    "done: Ctrl-C or a crash keeps them, and the same command resumes (an edited or dropped question is "
+    "generated again; a file made with other settings is refused). Prompts over the model's context are "
+    "skipped and named.",
+)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "generate",
-        help=HELP,
-        description="Generate one response per question into --out. Each batch's rows are appended as it is "
-        "done: Ctrl-C or a crash keeps them, and the same command resumes (an edited or dropped question is "
-        "generated again; a file made with other settings is refused). Prompts over the model's context are "
-        "skipped and named.",
-    )
+def add_flags(p: argparse.ArgumentParser) -> None:
     common.add_model_flags(p)
-    common.add_task_flag(p)
-    common.add_data_flags(p, "train", "questions")
-    common.add_generation_flags(p, samples=8, max_new_tokens=None)
-    common.add_seed_flag(p)
+    common.add_question_flags(p, "train", "questions", samples=8)
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     p.add_argument("--out", type=Path, required=True, help="JSONL of question, answer, response")
     p.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming")
-    add_config_flag(p)
-    return p
 
 
 def settings(args: argparse.Namespace, task=None):
     """The GenerationSettings of the flags (greedy without --temperature; no --max-new-tokens:
     ``task``'s, or :data:`~nlft_kernels.recipes.commands.common.MAX_NEW_TOKENS`; BadInput: a
     value they cannot take)."""
-    from nlft_kernels.recipes.generate_run import GenerationSettings
+    from nlft_kernels.recipes.generation import GenerationSettings
 
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:

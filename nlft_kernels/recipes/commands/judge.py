@@ -9,8 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from nlft_kernels.recipes.commands import common
-from nlft_kernels.recipes.commands.settings import add_config_flag
+from nlft_kernels.recipes.commands import CommandHelp, common
 from nlft_kernels.recipes.errors import BadInput, Interrupted, RunStopped, StrictFailure
 
 EXIT_POLICY = (
@@ -25,17 +24,15 @@ EXIT_POLICY = (
 )
 INPUT_FIELDS = ("question", "response", "answer")
 
-HELP = "judge responses against the reference solutions (NLFT records out): rules, LLM server or local model"
+HELP = CommandHelp(
+    "judge responses against the reference solutions (NLFT records out): rules, LLM server or local model",
+    description="Judge responses against the reference solutions; each result is appended to --out as it "
+    "arrives, and a rerun resumes.",
+    epilog=EXIT_POLICY,
+)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "judge",
-        help=HELP,
-        description="Judge responses against the reference solutions; each result is appended to --out as it "
-        "arrives, and a rerun resumes.",
-        epilog=EXIT_POLICY,
-    )
+def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in", dest="input", type=Path, required=True, help="JSONL from `nlft generate`")
     p.add_argument(
         "--out", type=Path, required=True, help="JSONL of NLFT records, appended per record; a rerun resumes"
@@ -48,8 +45,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="exit with status 3 when any record ends with an error instead of a verdict (default: 0, with their "
         "count on stderr)",
     )
-    add_config_flag(p)
-    return p
 
 
 def add_judge_flags(p: argparse.ArgumentParser) -> None:

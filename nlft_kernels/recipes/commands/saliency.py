@@ -6,21 +6,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nlft_kernels.recipes.commands import common
-from nlft_kernels.recipes.commands.settings import add_config_flag, nlft_config
+from nlft_kernels.recipes.commands import CommandHelp, common
+from nlft_kernels.recipes.commands.settings import nlft_config
 from nlft_kernels.recipes.errors import BadInput
 
-HELP = "a saliency map of judged records: each response token coloured by its NLFT weight (HTML + PNG)"
+HELP = CommandHelp("a saliency map of judged records: each response token coloured by its NLFT weight (HTML + PNG)")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def dataclass_types() -> list[type]:
     from nlft_kernels.config import NLFTConfig
 
-    p = subparsers.add_parser(
-        "saliency",
-        dataclass_types=[NLFTConfig],
-        help=HELP,
-    )
+    return [NLFTConfig]
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
     common.add_model_flags(p)
     p.add_argument("--data", type=Path, required=True, help="JSONL of NLFT records (from `nlft judge`)")
     p.add_argument("--out", type=Path, required=True, help="folder for saliency.html, saliency.png and saliency.jsonl")
@@ -28,8 +27,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--png-records", type=int, default=3, help="records in saliency.png (0: no PNG)")
     p.add_argument("--batch-size", type=int, default=4, help="records per forward")
     p.add_argument("--max-length", type=int, default=1024, help="longest view in tokens, as in training")
-    add_config_flag(p)
-    return p
 
 
 def check(max_records: int | None, png_records: int, batch_size: int, max_length: int) -> None:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nlft_kernels.recipes.commands import common
-from nlft_kernels.recipes.commands.settings import (
-    add_config_flag,
-    nlft_config,
-    training_arguments,
-    training_parser_defaults,
-)
+from nlft_kernels.recipes.commands import CommandHelp, common
+from nlft_kernels.recipes.commands.settings import nlft_config, training_arguments, training_parser_defaults
 from nlft_kernels.recipes.errors import BadInput
 
 DEFAULT_STEPS = 20
 
-HELP = "NLFT-train a model on judged records"
+HELP = CommandHelp(
+    "NLFT-train a model on judged records",
+    usage="nlft train --data RECORDS.jsonl --out FOLDER [--model M] [--steps N | --epochs E] [--config FILE.yaml] "
+    "[any flag below]",
+    description=f"NLFT-train a model on judged records (--steps, default {DEFAULT_STEPS}, or --epochs) and "
+    "save it to --out. Every field of NLFTTrainingArguments (transformers' TrainingArguments and NLFT's: "
+    "LoRA, max_length, judge_nll_weight) and of NLFTConfig is a flag; --config reads them from YAML.",
+)
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -25,20 +27,14 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", dest="lora", action="store_false", help="train every weight (as --no-lora)")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def dataclass_types() -> list[type]:
     from nlft_kernels.config import NLFTConfig
     from nlft_kernels.training.arguments import NLFTTrainingArguments
 
-    p = subparsers.add_parser(
-        "train",
-        dataclass_types=[NLFTTrainingArguments, NLFTConfig],
-        usage="nlft train --data RECORDS.jsonl --out FOLDER [--model M] [--steps N | --epochs E] [--config FILE.yaml] "
-        "[any flag below]",
-        help=HELP,
-        description=f"NLFT-train a model on judged records (--steps, default {DEFAULT_STEPS}, or --epochs) and "
-        "save it to --out. Every field of NLFTTrainingArguments (transformers' TrainingArguments and NLFT's: "
-        "LoRA, max_length, judge_nll_weight) and of NLFTConfig is a flag; --config reads them from YAML.",
-    )
+    return [NLFTTrainingArguments, NLFTConfig]
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
     add_training_flags(p)
     common.add_model_flags(p)
     p.add_argument("--data", type=Path, required=True, help="JSONL of NLFT records (from `nlft judge`)")
@@ -48,8 +44,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         required=True,
         help="folder for the trained model (LoRA merged; with --load-in-8bit the LoRA adapter alone, unmerged)",
     )
-    add_config_flag(p)
-    return p
 
 
 def train_and_save(model, tokenizer, records, settings, config, out: Path):
