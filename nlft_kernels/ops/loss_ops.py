@@ -21,6 +21,7 @@ function) and read by name in the implementation.
 from __future__ import annotations
 
 import functools
+import typing
 from dataclasses import fields
 from typing import NamedTuple
 
@@ -51,6 +52,12 @@ def _config(floats: tuple[float, ...], ignore_index: int, criterion: str) -> NLF
     return NLFTConfig(
         **dict(zip(_FLOAT_FIELDS, floats, strict=True)), ignore_index=ignore_index, cluster_criterion=criterion
     )
+
+
+def schema_fields(group: type) -> list[tuple[str, object]]:
+    """The (name, type) fields of the NamedTuple ``group``, in order: a run of fields that several
+    ops' argument tuples share, spliced into each (``NamedTuple(name, [..., *schema_fields(g), ...])``)."""
+    return list(typing.get_type_hints(group).items())
 
 
 def config_of(rule: list[float], ignore_index: int, criterion: str) -> NLFTConfig:
@@ -305,18 +312,21 @@ token_logprobs_op = define(
 # token_weighted_cross_entropy
 
 
-class WeightedCEArgs(NamedTuple):
-    """logits: [B, T, V] (unit stride over V); labels: [N] int64; weights: [N] float (constants);
-    reduction: "mean" (over labelled tokens), "sum" or "none"; grad: a ``GradStore``."""
+class CETokenFields(NamedTuple):
+    """The per-token fields of both token-weighted cross-entropy ops (``WeightedCEArgs``,
+    ``linear_ce.LinearCEArgs``), in their schemas' order: labels: [N] int64; weights: [N] float
+    (constants); reduction: "mean" (over labelled tokens), "sum" or "none"."""
 
-    logits: Tensor
     labels: Tensor
     weights: Tensor
     ignore_index: int
     reduction: str
     backend: str
     validate: bool
-    grad: int
+
+
+# logits: [B, T, V] (unit stride over V), the ``CETokenFields``, grad: a ``GradStore``.
+WeightedCEArgs = NamedTuple("WeightedCEArgs", [("logits", Tensor), *schema_fields(CETokenFields), ("grad", int)])
 
 
 class WeightedCEOut(NamedTuple):
