@@ -158,15 +158,12 @@ softmax_grad_inplace_op = define(
 # nlft_loss
 
 
-class NLFTLossArgs(NamedTuple):
-    """One ``nlft_loss`` call. base: [B, T, V] logits (unit stride over V); standard, judge:
-    [B, T, V] logits or [N] label log-probs (the caller's dtype), judge None with mode NONE;
-    labels, sample_ids: [N] int64; correct: [S] bool; hidden: [N, D] or None (clusters); rule,
-    ignore_index, criterion: ``config_args``; grad: a ``GradStore``; vocab: the vocabulary the
-    labels index; group, offset: the vocabulary-parallel process group's name ("" for none) and
-    the first vocabulary id of this rank's columns."""
+class NLFTViewFields(NamedTuple):
+    """The teacher views and rows of both NLFT ops (``NLFTLossArgs``,
+    ``linear_ops.NLFTLinearLossArgs``), in their schemas' order: standard, judge: [B, T, V]
+    logits or [N] label log-probs (the caller's dtype), judge None with mode NONE; labels,
+    sample_ids: [N] int64; correct: [S] bool."""
 
-    base: Tensor
     standard: Tensor
     standard_mode: int
     judge: Tensor | None
@@ -174,17 +171,29 @@ class NLFTLossArgs(NamedTuple):
     labels: Tensor
     sample_ids: Tensor
     correct: Tensor
-    hidden: Tensor | None
+
+
+class NLFTRuleFields(NamedTuple):
+    """The constants and switches of both NLFT ops, in their schemas' order: rule, ignore_index,
+    criterion: ``config_args``; reduction, backend (a name), validate: the public function's."""
+
     rule: list[float]
     ignore_index: int
     criterion: str
     reduction: str
     backend: str
     validate: bool
-    grad: int
-    vocab: int
-    group: str
-    offset: int
+
+
+# One ``nlft_loss`` call. base: [B, T, V] logits (unit stride over V); the ``NLFTViewFields``;
+# hidden: [N, D] or None (clusters); the ``NLFTRuleFields``; grad: a ``GradStore``; vocab: the
+# vocabulary the labels index; group, offset: the vocabulary-parallel process group's name (""
+# for none) and the first vocabulary id of this rank's columns.
+NLFTLossArgs = NamedTuple(
+    "NLFTLossArgs",
+    [("base", Tensor), *schema_fields(NLFTViewFields), ("hidden", Tensor | None), *schema_fields(NLFTRuleFields)]
+    + [("grad", int), ("vocab", int), ("group", str), ("offset", int)],
+)
 
 
 # loss: reduced (or [N] for "none"); grad: the stored gradient (FORWARD into a new buffer) or
