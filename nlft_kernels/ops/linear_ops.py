@@ -17,6 +17,7 @@ from nlft_kernels.ops.library import define
 from nlft_kernels.ops.linear_chunks import (
     NLFTLinearLossParams,
     auto_chunk_rows,
+    flat_rows_2d,
     linear_forward,
     linear_label_logprobs,
     linear_none_backward,
@@ -34,6 +35,20 @@ NLFTLinearLossArgs = NamedTuple(
     [("hidden", Tensor), ("weight", Tensor), ("bias", Tensor | None), *schema_fields(NLFTViewFields)]
     + [*schema_fields(NLFTRuleFields), ("rows", int), ("clusters", bool), ("steps", int), ("want", list[bool])],
 )
+
+
+def head_fields(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int | None) -> dict[str, object]:
+    """The head's fields of a linear loss op (``NLFTLinearLossArgs``, ``linear_ce.LinearCEArgs``)
+    from the public function's arguments: hidden flattened to [N, D], hidden, weight and bias
+    detached; rows: ``chunk_size`` (0: automatic); want: which of the three get a gradient."""
+    train = torch.is_grad_enabled()
+    return {
+        "hidden": flat_rows_2d(hidden).detach(),
+        "weight": weight.detach(),
+        "bias": None if bias is None else bias.detach(),
+        "rows": chunk_size or 0,
+        "want": [train and t is not None and t.requires_grad for t in (hidden, weight, bias)],
+    }
 
 
 # loss; the gradients of hidden, weight, bias (empty where not wanted, and with "none"); the

@@ -19,6 +19,7 @@ from nlft_kernels.ops.contracts import GradStore
 from nlft_kernels.ops.inputs import as_3d, check_labels, check_logits
 from nlft_kernels.ops.linear_ce import LinearCEArgs
 from nlft_kernels.ops.linear_chunks import flat_rows_2d
+from nlft_kernels.ops.linear_ops import head_fields
 from nlft_kernels.ops.loss_ops import CETokenFields, WeightedCEArgs
 from nlft_kernels.ops.nlft_linear_loss import _checked_linear, _logits_proxy
 from nlft_kernels.ops.nlft_loss import check_inplace
@@ -109,15 +110,7 @@ def linear_token_weighted_cross_entropy(
     check_logits(proxy, "hidden @ weight.T")
     labels = check_labels(labels, proxy)
     tokens = _token_fields(labels, weights, ignore_index, reduction, backend, validate)
-    train = torch.is_grad_enabled()
-    args = LinearCEArgs(
-        hidden=flat_rows_2d(hidden).detach(),
-        weight=weight.detach(),
-        bias=None if bias is None else bias.detach(),
-        **tokens._asdict(),
-        rows=chunk_size or 0,
-        want=[train and t is not None and t.requires_grad for t in (hidden, weight, bias)],
-        grad_output=torch.ones((), dtype=torch.float32, device=hidden.device),
-    )
+    grad_output = torch.ones((), dtype=torch.float32, device=hidden.device)
+    args = LinearCEArgs(**head_fields(hidden, weight, bias, chunk_size), **tokens._asdict(), grad_output=grad_output)
     loss = LinearTokenWeightedCEFunction.apply(flat_rows_2d(hidden), weight, bias, args)
     return loss.view(labels.shape) if reduction == "none" else loss
