@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nlft_kernels.config import NLFTConfig
+from nlft_kernels.reference import token_weights
 
 
 def authors_style_loss(
@@ -59,21 +60,9 @@ def authors_style_loss(
         n = valid.sum(dim=1)
         fraction = saliency_wrong.sum(dim=1) / n.clamp(min=1)
         killed = (~correct & (fraction > cfg.saliency_fraction))[:, None].expand_as(labels)
-        zero = torch.zeros_like(p_s)
-        # The weights repeat nlft_kernels/reference.py's formulas on purpose (duplicates pairs them):
-        # the reference offers no weight function to call, and this baseline must keep its own
-        # tensor ops (float32, under no_grad, on the [B, T] gathers) to cost what the authors' code costs.
-        w_correct = torch.where(
-            saliency,
-            1 + ((p_s - tau) / (1 - tau)) ** cfg.saliency_power,
-            torch.where(cluster, (p_s / tau) ** cfg.cluster_power, (p_s / tau) ** cfg.other_power),
-        )
-        w_wrong = torch.where(
-            saliency,
-            cfg.sigmoid_scale * torch.sigmoid(r1 - cfg.sigmoid_center),
-            torch.where(cluster | killed, zero, p_s.sqrt()),
-        )
-        weight = torch.where(is_correct, w_correct, w_wrong)
+        # The reference's weight formulas, the same tensor ops the authors' code runs (float32,
+        # under no_grad, on the [B, T] gathers), so the baseline keeps their cost.
+        weight = token_weights(p_s, r1, is_correct, saliency, cluster, killed, cfg)
 
     unlikelihood = -torch.log(torch.clamp(1 - p_b_grad, min=cfg.unlikelihood_clamp))
     token_loss = torch.where(saliency_wrong, weight * unlikelihood, -weight * lp_b)

@@ -120,17 +120,7 @@ def nlft_loss_reference(
     killed = (~correct.bool() & (fraction > cfg.saliency_fraction))[:, None].expand_as(labels)
 
     with torch.no_grad():
-        w_correct = torch.where(
-            saliency,
-            1 + ((p_s - tau) / (1 - tau)) ** cfg.saliency_power,
-            torch.where(cluster, (p_s / tau) ** cfg.cluster_power, (p_s / tau) ** cfg.other_power),
-        )
-        w_wrong = torch.where(
-            saliency,
-            cfg.sigmoid_scale * torch.sigmoid(r1 - cfg.sigmoid_center),
-            torch.where(cluster | killed, torch.zeros_like(p_s), p_s.sqrt()),
-        )
-        weight = torch.where(is_correct, w_correct, w_wrong)
+        weight = token_weights(p_s, r1, is_correct, saliency, cluster, killed, cfg)
 
     unlikelihood = -torch.log(torch.clamp(1 - p_b, min=cfg.unlikelihood_clamp))
     token_loss = torch.where(saliency_wrong, weight * unlikelihood, -weight * lp_b)
@@ -163,6 +153,33 @@ def nlft_loss_reference(
         "token_loss": per_token.detach(),
     }
     return loss, details
+
+
+def token_weights(
+    p_s: torch.Tensor,
+    r1: torch.Tensor,
+    is_correct: torch.Tensor,
+    saliency: torch.Tensor,
+    cluster: torch.Tensor,
+    killed: torch.Tensor,
+    cfg: NLFTConfig,
+) -> torch.Tensor:
+    """Each token's weight [B, T] in ``p_s``'s dtype, the spec's per-token weights: of a correct
+    sample's saliency, cluster and other tokens from ``p_s``; of a wrong one's saliency tokens
+    from ``r1``, 0 at its cluster tokens and in a killed sample, else ``sqrt(p_s)``. ``p_s``,
+    ``r1``: [B, T]; the rest [B, T] bool. Callers compute it without gradient (constants)."""
+    tau = cfg.correct_threshold
+    w_correct = torch.where(
+        saliency,
+        1 + ((p_s - tau) / (1 - tau)) ** cfg.saliency_power,
+        torch.where(cluster, (p_s / tau) ** cfg.cluster_power, (p_s / tau) ** cfg.other_power),
+    )
+    w_wrong = torch.where(
+        saliency,
+        cfg.sigmoid_scale * torch.sigmoid(r1 - cfg.sigmoid_center),
+        torch.where(cluster | killed, torch.zeros_like(p_s), p_s.sqrt()),
+    )
+    return torch.where(is_correct, w_correct, w_wrong)
 
 
 def token_logprobs_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -71,6 +71,58 @@ def _gradient_pass(ctx, logits, labels, lse, coef, grad_output) -> Tensor:
     return softmax_grad_op(*args)
 
 
+def _run_logits_loss(ctx, shape: torch.Size, args, inplace: bool, op, inplace_op, offset: int) -> tuple:
+    """forward of a loss of logits (``args``: ``NLFTLossArgs`` or ``WeightedCEArgs``): its op, or
+    ``inplace_op`` where the gradient goes into the logits in forward, and on ``ctx`` what
+    backward reads (``shape``: the caller's logits)."""
+    ctx.store, ctx.inplace, ctx.shape = GradStore(args.grad), inplace, shape
+    ctx.ignore_index, ctx.offset, ctx.backend = args.ignore_index, offset, args.backend
+    return (inplace_op if inplace and ctx.store == GradStore.FORWARD else op)(*args)
+
+
+def _logits_grad(ctx, grad_loss: Tensor) -> Tensor | None:
+    """backward of a loss of logits, shaped as the caller's logits: None (``GradStore.NONE``), the
+    gradient stored in forward scaled in place (``FORWARD``: saved with its per-row factor) or
+    ``_gradient_pass`` (``BACKWARD``: saved logits, labels, lse and coefficients)."""
+    if ctx.store == GradStore.NONE:
+        return None
+    if ctx.store == GradStore.FORWARD:
+        grad, factor = ctx.saved_tensors
+        scale_grad_op(grad, factor, grad_loss, ctx.backend)
+        return grad.view(ctx.shape)
+    logits, labels, lse, coef = ctx.saved_tensors
+    return _gradient_pass(ctx, logits, labels, lse, coef, grad_loss).view(ctx.shape)
+
+
+def _with_details(ctx, loss: Tensor, details: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """forward's return of an NLFT loss: the loss, then the per-token details (``DETAIL_FIELDS``
+    order), which get no gradient."""
+    ctx.mark_non_differentiable(*details)
+    return (loss, *details)
+
+
+def _save_linear_grads(ctx, out, hidden: Tensor) -> None:
+    """Keep the gradients of hidden, weight and bias a linear loss computed in forward, each with
+    its factor still to apply (``scale_grad_``)."""
+    factors = [torch.ones((), dtype=acc_dtype(hidden.dtype), device=hidden.device) for _ in range(3)]
+    ctx.save_for_backward(out.grad_hidden, out.grad_weight, out.grad_bias, *factors)
+
+
+def _scaled_linear_grads(ctx, grad_loss: Tensor) -> tuple[Tensor, ...]:
+    """The gradients ``_save_linear_grads`` kept, each wanted one scaled by ``grad_loss``."""
+    saved = ctx.saved_tensors
+    for grad, factor, want in zip(saved[:3], saved[3:], ctx.want, strict=True):
+        if want:  # in place: no second [V, D] weight gradient at the peak
+            scale_grad_op(grad, factor, grad_loss, ctx.backend)
+    return saved[:3]
+
+
+def _wanted_grads(ctx, grads) -> tuple[Tensor | None, ...]:
+    """backward's return of a linear loss: the wanted ones of the hidden, weight and bias
+    gradients, then None for the arguments."""
+    return (*[g if want else None for g, want in zip(grads, ctx.want, strict=True)], None)
+
+
 class NLFTLossFunction(torch.autograd.Function):
     """The NLFT loss of the base logits (``NLFTLossArgs``; ``base`` is the caller's tensor, of
     which ``args.base`` is the [B, T, V] view). Returns the loss and the per-row details
@@ -78,30 +130,19 @@ class NLFTLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base: Tensor, args: NLFTLossArgs, inplace: bool):
-        store = GradStore(args.grad)
-        op = nlft_loss_inplace_op if inplace and store == GradStore.FORWARD else nlft_loss_op
-        out = NLFTLossOut._make(op(*args))
-        ctx.store, ctx.inplace, ctx.shape = store, inplace, base.shape
-        ctx.ignore_index, ctx.offset, ctx.backend = args.ignore_index, args.offset, args.backend
-        if store == GradStore.FORWARD:
+        out = NLFTLossOut._make(
+            _run_logits_loss(ctx, base.shape, args, inplace, nlft_loss_op, nlft_loss_inplace_op, args.offset)
+        )
+        if ctx.store == GradStore.FORWARD:
             ctx.save_for_backward(args.base if inplace else out.grad, out.grad_factor)
-        elif store == GradStore.BACKWARD:
+        elif ctx.store == GradStore.BACKWARD:
             ctx.save_for_backward(args.base, args.labels, out.lse, out.grad_factor)
-        details = out[4:]
-        ctx.mark_non_differentiable(*details)
-        return (out.loss, *details)
+        return _with_details(ctx, out.loss, out[4:])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_grad_details):
-        if ctx.store == GradStore.NONE:
-            return None, None, None
-        if ctx.store == GradStore.FORWARD:
-            grad, factor = ctx.saved_tensors
-            scale_grad_op(grad, factor, grad_loss, ctx.backend)
-            return grad.view(ctx.shape), None, None
-        logits, labels, lse, coef = ctx.saved_tensors
-        return _gradient_pass(ctx, logits, labels, lse, coef, grad_loss).view(ctx.shape), None, None
+        return _logits_grad(ctx, grad_loss), None, None
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -143,26 +184,17 @@ class NLFTLinearLossFunction(torch.autograd.Function):
         ctx.reduction, ctx.want, ctx.backend = args.reduction, list(args.want), args.backend
         if args.reduction == "none":
             _stash(ctx, args, out.factor)
-        else:  # each gradient's factor still to apply (``scale_grad_``)
-            factors = [torch.ones((), dtype=acc_dtype(hidden.dtype), device=hidden.device) for _ in range(3)]
-            ctx.save_for_backward(out.grad_hidden, out.grad_weight, out.grad_bias, *factors)
-        details = out[5:]
-        ctx.mark_non_differentiable(*details)
-        return (out.loss, *details)
+        else:
+            _save_linear_grads(ctx, out, hidden)
+        return _with_details(ctx, out.loss, out[5:])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_grad_details):
         if ctx.reduction != "none":
-            saved = ctx.saved_tensors
-            grads = saved[:3]
-            for grad, factor, want in zip(grads, saved[3:], ctx.want, strict=True):
-                if want:  # in place: no second [V, D] weight gradient at the peak
-                    scale_grad_op(grad, factor, grad_loss, ctx.backend)
-        else:
-            args, (factor,) = _unstash(ctx)
-            grads = nlft_linear_loss_backward_op(*args, factor, grad_loss)
-        return (*[g if want else None for g, want in zip(grads, ctx.want, strict=True)], None)
+            return _wanted_grads(ctx, _scaled_linear_grads(ctx, grad_loss))
+        args, (factor,) = _unstash(ctx)
+        return _wanted_grads(ctx, nlft_linear_loss_backward_op(*args, factor, grad_loss))
 
 
 class TokenWeightedCEFunction(torch.autograd.Function):
@@ -172,29 +204,20 @@ class TokenWeightedCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, args: WeightedCEArgs, inplace: bool):
-        store = GradStore(args.grad)
-        op = weighted_ce_inplace_op if inplace and store == GradStore.FORWARD else weighted_ce_op
-        out = WeightedCEOut._make(op(*args))
-        ctx.store, ctx.inplace, ctx.shape = store, inplace, logits.shape
-        ctx.ignore_index, ctx.offset, ctx.backend = args.ignore_index, 0, args.backend
-        if store == GradStore.FORWARD:
+        out = WeightedCEOut._make(
+            _run_logits_loss(ctx, logits.shape, args, inplace, weighted_ce_op, weighted_ce_inplace_op, 0)
+        )
+        if ctx.store == GradStore.FORWARD:
             factor = torch.ones_like(out.coef)  # per row: grad_output is per row for "none"
             ctx.save_for_backward(args.logits if inplace else out.grad, factor)
-        elif store == GradStore.BACKWARD:
+        elif ctx.store == GradStore.BACKWARD:
             ctx.save_for_backward(args.logits, args.labels, out.lse, out.coef)
         return out.loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        if ctx.store == GradStore.NONE:
-            return None, None, None
-        if ctx.store == GradStore.FORWARD:
-            grad, factor = ctx.saved_tensors
-            scale_grad_op(grad, factor, grad_loss, ctx.backend)
-            return grad.view(ctx.shape), None, None
-        logits, labels, lse, coef = ctx.saved_tensors
-        return _gradient_pass(ctx, logits, labels, lse, coef, grad_loss).view(ctx.shape), None, None
+        return _logits_grad(ctx, grad_loss), None, None
 
 
 class LinearTokenWeightedCEFunction(torch.autograd.Function):
@@ -211,20 +234,13 @@ class LinearTokenWeightedCEFunction(torch.autograd.Function):
             _stash(ctx, args)
         else:
             out = LinearCEOut._make(linear_ce_op(*args))
-            factors = [torch.ones((), dtype=acc_dtype(hidden.dtype), device=hidden.device) for _ in range(3)]
-            ctx.save_for_backward(out.grad_hidden, out.grad_weight, out.grad_bias, *factors)
+            _save_linear_grads(ctx, out, hidden)
         return out.loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         if ctx.reduction != "none":
-            saved = ctx.saved_tensors
-            grads = saved[:3]
-            for grad, factor, want in zip(grads, saved[3:], ctx.want, strict=True):
-                if want:
-                    scale_grad_op(grad, factor, grad_loss, ctx.backend)
-        else:
-            args, _ = _unstash(ctx)
-            grads = LinearCEOut._make(linear_ce_op(*args._replace(grad_output=grad_loss.reshape(-1))))[1:]
-        return (*[g if want else None for g, want in zip(grads, ctx.want, strict=True)], None)
+            return _wanted_grads(ctx, _scaled_linear_grads(ctx, grad_loss))
+        args, _ = _unstash(ctx)
+        return _wanted_grads(ctx, linear_ce_op(*args._replace(grad_output=grad_loss.reshape(-1)))[1:])

@@ -16,6 +16,7 @@ from nlft_kernels.ops.contracts import acc_dtype
 from nlft_kernels.ops.inputs import as_3d, check_label_range
 from nlft_kernels.ops.library import define
 from nlft_kernels.ops.linear_chunks import Chunk, RowPass, auto_chunk_rows, linear_pass
+from nlft_kernels.ops.loss_ops import CETokenFields, schema_fields
 
 
 def ce_row_pass(labels: Tensor, coef: Tensor | None, ignore_index: int, backend: str, logprobs: Tensor) -> RowPass:
@@ -36,24 +37,15 @@ def ce_row_pass(labels: Tensor, coef: Tensor | None, ignore_index: int, backend:
     return run
 
 
-class LinearCEArgs(NamedTuple):
-    """hidden: [N, D]; weight: [V, D]; bias: [V] or None; labels: [N] int64; weights: [N];
-    reduction: "mean", "sum" or "none"; rows: per chunk (0: automatic); want: which of the
-    hidden, weight and bias gradients to compute (none in forward for "none"); grad_output:
-    [] or [N], the upstream gradient folded into the rows' coefficients (forward: 1)."""
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None
-    labels: Tensor
-    weights: Tensor
-    ignore_index: int
-    reduction: str
-    backend: str
-    validate: bool
-    rows: int
-    want: list[bool]
-    grad_output: Tensor
+# hidden: [N, D]; weight: [V, D]; bias: [V] or None; the ``CETokenFields`` (labels, weights,
+# reduction...); rows: per chunk (0: automatic); want: which of the hidden, weight and bias
+# gradients to compute (none in forward for "none"); grad_output: [] or [N], the upstream
+# gradient folded into the rows' coefficients (forward: 1).
+LinearCEArgs = NamedTuple(
+    "LinearCEArgs",
+    [("hidden", Tensor), ("weight", Tensor), ("bias", Tensor | None), *schema_fields(CETokenFields)]
+    + [("rows", int), ("want", list[bool]), ("grad_output", Tensor)],
+)
 
 
 class LinearCEOut(NamedTuple):

@@ -5,7 +5,6 @@ pass with the per-row ``grad_output``) and ``linear_token_logprobs`` (no gradien
 
 from __future__ import annotations
 
-import typing
 from typing import NamedTuple
 
 import torch
@@ -18,41 +17,38 @@ from nlft_kernels.ops.library import define
 from nlft_kernels.ops.linear_chunks import (
     NLFTLinearLossParams,
     auto_chunk_rows,
+    flat_rows_2d,
     linear_forward,
     linear_label_logprobs,
     linear_none_backward,
 )
-from nlft_kernels.ops.loss_ops import config_of
+from nlft_kernels.ops.loss_ops import NLFTRuleFields, NLFTViewFields, config_of, schema_fields
+
+# One ``nlft_linear_loss`` call: flat hidden [N, D], weight [V, D], bias [V] or None; the
+# teacher views, labels, samples and constants as ``NLFTLossArgs`` (``NLFTViewFields``,
+# ``NLFTRuleFields``); rows: per chunk (0: automatic, from free memory at run time); clusters:
+# whether the clusters walk ``hidden``; steps: the rows of every sample in the [B, T] layout (T),
+# 0 for flat rows with sample_ids (the chunk schedule then reads their lengths); want: which of
+# the hidden, weight and bias gradients to compute.
+NLFTLinearLossArgs = NamedTuple(
+    "NLFTLinearLossArgs",
+    [("hidden", Tensor), ("weight", Tensor), ("bias", Tensor | None), *schema_fields(NLFTViewFields)]
+    + [*schema_fields(NLFTRuleFields), ("rows", int), ("clusters", bool), ("steps", int), ("want", list[bool])],
+)
 
 
-class NLFTLinearLossArgs(NamedTuple):
-    """One ``nlft_linear_loss`` call: flat hidden [N, D], weight [V, D], bias [V] or None; the
-    teacher views, labels, samples and constants as ``NLFTLossArgs``; rows: per chunk (0:
-    automatic, from free memory at run time); clusters: whether the clusters walk ``hidden``;
-    steps: the rows of every sample in the [B, T] layout (T), 0 for flat rows with sample_ids
-    (the chunk schedule then reads their lengths); want: which of the hidden, weight and bias
-    gradients to compute."""
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None
-    standard: Tensor
-    standard_mode: int
-    judge: Tensor | None
-    judge_mode: int
-    labels: Tensor
-    sample_ids: Tensor
-    correct: Tensor
-    rule: list[float]
-    ignore_index: int
-    criterion: str
-    reduction: str
-    backend: str
-    validate: bool
-    rows: int
-    clusters: bool
-    steps: int
-    want: list[bool]
+def head_fields(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int | None) -> dict[str, object]:
+    """The head's fields of a linear loss op (``NLFTLinearLossArgs``, ``linear_ce.LinearCEArgs``)
+    from the public function's arguments: hidden flattened to [N, D], hidden, weight and bias
+    detached; rows: ``chunk_size`` (0: automatic); want: which of the three get a gradient."""
+    train = torch.is_grad_enabled()
+    return {
+        "hidden": flat_rows_2d(hidden).detach(),
+        "weight": weight.detach(),
+        "bias": None if bias is None else bias.detach(),
+        "rows": chunk_size or 0,
+        "want": [train and t is not None and t.requires_grad for t in (hidden, weight, bias)],
+    }
 
 
 # loss; the gradients of hidden, weight, bias (empty where not wanted, and with "none"); the
@@ -119,7 +115,7 @@ class LinearGradsOut(NamedTuple):
 # The schema of the "none" backward: the forward's arguments, then the factor and grad_output.
 LinearBackwardArgs = NamedTuple(
     "LinearBackwardArgs",
-    [*typing.get_type_hints(NLFTLinearLossArgs).items(), ("factor", Tensor), ("grad_output", Tensor)],
+    [*schema_fields(NLFTLinearLossArgs), ("factor", Tensor), ("grad_output", Tensor)],
 )
 
 

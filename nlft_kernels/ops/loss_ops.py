@@ -21,6 +21,7 @@ function) and read by name in the implementation.
 from __future__ import annotations
 
 import functools
+import typing
 from dataclasses import fields
 from typing import NamedTuple
 
@@ -51,6 +52,12 @@ def _config(floats: tuple[float, ...], ignore_index: int, criterion: str) -> NLF
     return NLFTConfig(
         **dict(zip(_FLOAT_FIELDS, floats, strict=True)), ignore_index=ignore_index, cluster_criterion=criterion
     )
+
+
+def schema_fields(group: type) -> list[tuple[str, object]]:
+    """The (name, type) fields of the NamedTuple ``group``, in order: a run of fields that several
+    ops' argument tuples share, spliced into each (``NamedTuple(name, [..., *schema_fields(g), ...])``)."""
+    return list(typing.get_type_hints(group).items())
 
 
 def config_of(rule: list[float], ignore_index: int, criterion: str) -> NLFTConfig:
@@ -151,15 +158,12 @@ softmax_grad_inplace_op = define(
 # nlft_loss
 
 
-class NLFTLossArgs(NamedTuple):
-    """One ``nlft_loss`` call. base: [B, T, V] logits (unit stride over V); standard, judge:
-    [B, T, V] logits or [N] label log-probs (the caller's dtype), judge None with mode NONE;
-    labels, sample_ids: [N] int64; correct: [S] bool; hidden: [N, D] or None (clusters); rule,
-    ignore_index, criterion: ``config_args``; grad: a ``GradStore``; vocab: the vocabulary the
-    labels index; group, offset: the vocabulary-parallel process group's name ("" for none) and
-    the first vocabulary id of this rank's columns."""
+class NLFTViewFields(NamedTuple):
+    """The teacher views and rows of both NLFT ops (``NLFTLossArgs``,
+    ``linear_ops.NLFTLinearLossArgs``), in their schemas' order: standard, judge: [B, T, V]
+    logits or [N] label log-probs (the caller's dtype), judge None with mode NONE; labels,
+    sample_ids: [N] int64; correct: [S] bool."""
 
-    base: Tensor
     standard: Tensor
     standard_mode: int
     judge: Tensor | None
@@ -167,17 +171,29 @@ class NLFTLossArgs(NamedTuple):
     labels: Tensor
     sample_ids: Tensor
     correct: Tensor
-    hidden: Tensor | None
+
+
+class NLFTRuleFields(NamedTuple):
+    """The constants and switches of both NLFT ops, in their schemas' order: rule, ignore_index,
+    criterion: ``config_args``; reduction, backend (a name), validate: the public function's."""
+
     rule: list[float]
     ignore_index: int
     criterion: str
     reduction: str
     backend: str
     validate: bool
-    grad: int
-    vocab: int
-    group: str
-    offset: int
+
+
+# One ``nlft_loss`` call. base: [B, T, V] logits (unit stride over V); the ``NLFTViewFields``;
+# hidden: [N, D] or None (clusters); the ``NLFTRuleFields``; grad: a ``GradStore``; vocab: the
+# vocabulary the labels index; group, offset: the vocabulary-parallel process group's name (""
+# for none) and the first vocabulary id of this rank's columns.
+NLFTLossArgs = NamedTuple(
+    "NLFTLossArgs",
+    [("base", Tensor), *schema_fields(NLFTViewFields), ("hidden", Tensor | None), *schema_fields(NLFTRuleFields)]
+    + [("grad", int), ("vocab", int), ("group", str), ("offset", int)],
+)
 
 
 # loss: reduced (or [N] for "none"); grad: the stored gradient (FORWARD into a new buffer) or
@@ -305,18 +321,21 @@ token_logprobs_op = define(
 # token_weighted_cross_entropy
 
 
-class WeightedCEArgs(NamedTuple):
-    """logits: [B, T, V] (unit stride over V); labels: [N] int64; weights: [N] float (constants);
-    reduction: "mean" (over labelled tokens), "sum" or "none"; grad: a ``GradStore``."""
+class CETokenFields(NamedTuple):
+    """The per-token fields of both token-weighted cross-entropy ops (``WeightedCEArgs``,
+    ``linear_ce.LinearCEArgs``), in their schemas' order: labels: [N] int64; weights: [N] float
+    (constants); reduction: "mean" (over labelled tokens), "sum" or "none"."""
 
-    logits: Tensor
     labels: Tensor
     weights: Tensor
     ignore_index: int
     reduction: str
     backend: str
     validate: bool
-    grad: int
+
+
+# logits: [B, T, V] (unit stride over V), the ``CETokenFields``, grad: a ``GradStore``.
+WeightedCEArgs = NamedTuple("WeightedCEArgs", [("logits", Tensor), *schema_fields(CETokenFields), ("grad", int)])
 
 
 class WeightedCEOut(NamedTuple):

@@ -19,7 +19,8 @@ from nlft_kernels.ops.contracts import GradStore
 from nlft_kernels.ops.inputs import as_3d, check_labels, check_logits
 from nlft_kernels.ops.linear_ce import LinearCEArgs
 from nlft_kernels.ops.linear_chunks import flat_rows_2d
-from nlft_kernels.ops.loss_ops import WeightedCEArgs
+from nlft_kernels.ops.linear_ops import head_fields
+from nlft_kernels.ops.loss_ops import CETokenFields, WeightedCEArgs
 from nlft_kernels.ops.nlft_linear_loss import _checked_linear, _logits_proxy
 from nlft_kernels.ops.nlft_loss import check_inplace
 from nlft_kernels.reference import CE_REDUCTIONS
@@ -37,9 +38,15 @@ def _checked_weights(weights, labels: torch.Tensor) -> torch.Tensor:
     return weights.detach().reshape(-1)
 
 
-def _check_reduction(reduction: str) -> None:
+def _token_fields(
+    labels: torch.Tensor, weights, ignore_index: int, reduction: str, backend: str, validate: bool
+) -> CETokenFields:
+    """The checked per-token fields both cross-entropies pass to their op: labels (checked by the
+    caller) and weights flattened to [N], the weights shaped like the labels, a known reduction."""
+    weights = _checked_weights(weights, labels)
     if reduction not in CE_REDUCTIONS:
         raise ValueError(f"reduction must be one of {CE_REDUCTIONS}, got {reduction!r}")
+    return CETokenFields(labels.reshape(-1).contiguous(), weights, ignore_index, reduction, backend, validate)
 
 
 def token_weighted_cross_entropy(
@@ -68,21 +75,12 @@ def token_weighted_cross_entropy(
     """
     check_logits(logits, "logits")
     labels = check_labels(labels, logits)
-    weights = _checked_weights(weights, labels)
-    _check_reduction(reduction)
+    tokens = _token_fields(labels, weights, ignore_index, reduction, backend, validate)
     wanted = torch.is_grad_enabled() and logits.requires_grad
     if inplace_grad and wanted:
         check_inplace(logits, "logits")
-    args = WeightedCEArgs(
-        logits=as_3d(logits.detach(), "logits"),
-        labels=labels.reshape(-1).contiguous(),
-        weights=weights,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        backend=backend,
-        validate=validate,
-        grad=int(GradStore.of(logits.dtype, wanted)),
-    )
+    grad = int(GradStore.of(logits.dtype, wanted))
+    args = WeightedCEArgs(logits=as_3d(logits.detach(), "logits"), **tokens._asdict(), grad=grad)
     loss = TokenWeightedCEFunction.apply(logits, args, inplace_grad and wanted)
     return loss.view(labels.shape) if reduction == "none" else loss
 
@@ -111,22 +109,8 @@ def linear_token_weighted_cross_entropy(
     proxy = _logits_proxy(hidden, weight.shape[0])
     check_logits(proxy, "hidden @ weight.T")
     labels = check_labels(labels, proxy)
-    weights = _checked_weights(weights, labels)
-    _check_reduction(reduction)
-    train = torch.is_grad_enabled()
-    args = LinearCEArgs(
-        hidden=flat_rows_2d(hidden).detach(),
-        weight=weight.detach(),
-        bias=None if bias is None else bias.detach(),
-        labels=labels.reshape(-1).contiguous(),
-        weights=weights,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        backend=backend,
-        validate=validate,
-        rows=chunk_size or 0,
-        want=[train and t is not None and t.requires_grad for t in (hidden, weight, bias)],
-        grad_output=torch.ones((), dtype=torch.float32, device=hidden.device),
-    )
+    tokens = _token_fields(labels, weights, ignore_index, reduction, backend, validate)
+    grad_output = torch.ones((), dtype=torch.float32, device=hidden.device)
+    args = LinearCEArgs(**head_fields(hidden, weight, bias, chunk_size), **tokens._asdict(), grad_output=grad_output)
     loss = LinearTokenWeightedCEFunction.apply(flat_rows_2d(hidden), weight, bias, args)
     return loss.view(labels.shape) if reduction == "none" else loss
