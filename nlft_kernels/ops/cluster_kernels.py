@@ -46,6 +46,27 @@ def _may_step(seed_ptr, valid_ptr, sample_ptr, k, sample, N):
 
 
 @triton.jit
+def _walk(
+    hidden_ptr, stride_h, seed_ptr, valid_ptr, sample_ptr, cluster_ptr, N,
+    seed, step: tl.constexpr, sample, cols, mask, centre, threshold, DISTANCE: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One direction (``step`` -1: left, +1: right) of a seed's walk: rows ``seed + step``,
+    ``seed + 2 step``, ... of ``sample`` while each is a response row that ``_walk_accepts``;
+    each accepted non-seed row marked in ``cluster``, the centre moved to ``(centre + h) / 2``.
+    Returns the centre, carried into the next direction."""
+    k = seed + step
+    go = _may_step(seed_ptr, valid_ptr, sample_ptr, k, sample, N)
+    while go:
+        accepted, h = _walk_accepts(hidden_ptr, stride_h, k, cols, mask, centre, threshold, DISTANCE, ACC)
+        mark = accepted & (tl.load(seed_ptr + k) == 0)
+        tl.store(cluster_ptr + k, tl.full([], 1, tl.int8), mask=mark)
+        centre = tl.where(accepted, (centre + h) * 0.5, centre)
+        k += step
+        go = accepted & _may_step(seed_ptr, valid_ptr, sample_ptr, k, sample, N)
+    return centre
+
+
+@triton.jit
 def _cluster_walk_kernel(
     hidden_ptr,
     stride_h,
@@ -85,24 +106,14 @@ def _cluster_walk_kernel(
             if is_seed:
                 centre = tl.load(hidden_ptr + p * stride_h + cols, mask=mask, other=0.0).to(ACC)
                 # Left walk, then the right walk from the seed with the centre carried over.
-                k = p - 1
-                go = _may_step(seed_ptr, valid_ptr, sample_ptr, k, sample, N)
-                while go:
-                    accepted, h = _walk_accepts(hidden_ptr, stride_h, k, cols, mask, centre, threshold, DISTANCE, ACC)
-                    mark = accepted & (tl.load(seed_ptr + k) == 0)
-                    tl.store(cluster_ptr + k, tl.full([], 1, tl.int8), mask=mark)
-                    centre = tl.where(accepted, (centre + h) * 0.5, centre)
-                    k -= 1
-                    go = accepted & _may_step(seed_ptr, valid_ptr, sample_ptr, k, sample, N)
-                k = p + 1
-                go = _may_step(seed_ptr, valid_ptr, sample_ptr, k, sample, N)
-                while go:
-                    accepted, h = _walk_accepts(hidden_ptr, stride_h, k, cols, mask, centre, threshold, DISTANCE, ACC)
-                    mark = accepted & (tl.load(seed_ptr + k) == 0)
-                    tl.store(cluster_ptr + k, tl.full([], 1, tl.int8), mask=mark)
-                    centre = tl.where(accepted, (centre + h) * 0.5, centre)
-                    k += 1
-                    go = accepted & _may_step(seed_ptr, valid_ptr, sample_ptr, k, sample, N)
+                centre = _walk(
+                    hidden_ptr, stride_h, seed_ptr, valid_ptr, sample_ptr, cluster_ptr, N,
+                    p, -1, sample, cols, mask, centre, threshold, DISTANCE, ACC,
+                )  # fmt: skip
+                centre = _walk(
+                    hidden_ptr, stride_h, seed_ptr, valid_ptr, sample_ptr, cluster_ptr, N,
+                    p, 1, sample, cols, mask, centre, threshold, DISTANCE, ACC,
+                )  # fmt: skip
             p += 1
             in_sample = p < N
             in_sample = in_sample & (tl.load(sample_ptr + p, mask=in_sample, other=-1) == sample)

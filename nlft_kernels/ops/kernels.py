@@ -241,6 +241,34 @@ def _scale_rows_kernel(grad_ptr, factor_ptr, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def row_logprob(
+    x_ptr, stride_b, stride_t, labels_ptr, lp_ptr, lse_ptr, T, V, ignore_index,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr, POLICY: tl.constexpr,
+):  # fmt: skip
+    """This program's row (grid N = B*T): lp[row] = x[row, label] - lse(x[row]) and lse stored
+    (ACC); the row read once with eviction ``POLICY``, nothing for an ignored row (lp = lse = 0).
+    Returns (row, the row's pointer, label, valid, lse) for a kernel that goes on with the row."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + (row // T) * stride_b + (row % T) * stride_t
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    limit = tl.where(valid, V, 0)  # ignored rows read nothing: a loop bound of 0
+    m = tl.full([BLOCK_V], LSE_START, ACC)
+    s = tl.zeros([BLOCK_V], ACC)
+    m, s, _, _, _, _ = lse_sweep(
+        x_row, x_row, x_row, limit, m, s, m, s, m, s, False, False, BLOCK_V, ACC, POLICY, POLICY
+    )
+    m, s = row_stats1(m, s)
+    lse = row_lse(m, s, valid)  # finite (0) on ignored rows
+    # With validate=False nobody checked the label: NaN rather than a read outside the row.
+    in_range = (label >= 0) & (label < V)
+    x_label = tl.load(x_row + label, mask=valid & in_range, other=float("nan")).to(ACC)
+    tl.store(lp_ptr + row, tl.where(valid, x_label - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+    return row, x_row, label, valid, lse
+
+
+@triton.jit
 def _token_logprobs_kernel(
     x_ptr,
     stride_b,
@@ -260,25 +288,8 @@ def _token_logprobs_kernel(
     Reads the [V] logits row once (any float dtype), writes two ACC scalars; ignored rows read
     nothing and get lp = 0.
     """
-    row = tl.program_id(0).to(tl.int64)
-    base = (row // T) * stride_b + (row % T) * stride_t
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
-    limit = tl.where(valid, V, 0)  # ignored rows read nothing: a loop bound of 0
     STREAM: tl.constexpr = "evict_first" if EVICT else ""
-    m = tl.full([BLOCK_V], LSE_START, ACC)
-    s = tl.zeros([BLOCK_V], ACC)
-    x_row = x_ptr + base
-    m, s, _, _, _, _ = lse_sweep(
-        x_row, x_row, x_row, limit, m, s, m, s, m, s, False, False, BLOCK_V, ACC, STREAM, STREAM
-    )
-    m, s = row_stats1(m, s)
-    lse = row_lse(m, s, valid)
-    # With validate=False nobody checked the label: NaN rather than a read outside the row.
-    in_range = (label >= 0) & (label < V)
-    x_label = tl.load(x_ptr + base + label, mask=valid & in_range, other=float("nan")).to(ACC)
-    tl.store(lp_ptr + row, tl.where(valid, x_label - lse, 0.0))
-    tl.store(lse_ptr + row, lse)
+    row_logprob(x_ptr, stride_b, stride_t, labels_ptr, lp_ptr, lse_ptr, T, V, ignore_index, BLOCK_V, ACC, STREAM)
 
 
 @triton.jit
@@ -340,24 +351,12 @@ def _token_logprobs_grad_kernel(
     written). Ignored rows read nothing; rows whose coef is 0 are not read a second time; both
     get zeros.
     """
-    row = tl.program_id(0).to(tl.int64)
-    base = (row // T) * stride_b + (row % T) * stride_t
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
-    limit = tl.where(valid, V, 0)  # ignored rows read nothing: a loop bound of 0
     # The first sweep keeps the row in L2 for the second (evict_last), which streams it out.
     KEEP: tl.constexpr = "evict_last" if EVICT else ""
     STREAM: tl.constexpr = "evict_first" if EVICT else ""
-    m = tl.full([BLOCK_V], LSE_START, ACC)
-    s = tl.zeros([BLOCK_V], ACC)
-    x_row = x_ptr + base
-    m, s, _, _, _, _ = lse_sweep(x_row, x_row, x_row, limit, m, s, m, s, m, s, False, False, BLOCK_V, ACC, KEEP, KEEP)
-    m, s = row_stats1(m, s)
-    lse = row_lse(m, s, valid)  # finite (0) on ignored rows
-    in_range = (label >= 0) & (label < V)
-    x_label = tl.load(x_ptr + base + label, mask=valid & in_range, other=float("nan")).to(ACC)
-    tl.store(lp_ptr + row, tl.where(valid, x_label - lse, 0.0))
-    tl.store(lse_ptr + row, lse)
+    row, x_row, label, valid, lse = row_logprob(
+        x_ptr, stride_b, stride_t, labels_ptr, lp_ptr, lse_ptr, T, V, ignore_index, BLOCK_V, ACC, KEEP
+    )
     coef = tl.where(valid, tl.load(coef_ptr + row).to(ACC), 0.0)
     grad_sweep(x_row, grad_ptr + row * V, V, valid & (coef != 0.0), lse, label, coef, BLOCK_V, ACC, STREAM)
 
