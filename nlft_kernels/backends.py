@@ -103,7 +103,7 @@ def unavailable(backend: str, device: torch.device) -> str | None:
             f"needs CUDA tensors (got {device.type}); on the CPU set TRITON_INTERPRET=1 "
             "before importing triton, or use backend='torch'"
         )
-    if backend == "triton" and device.type != "cuda":
+    if backend == "triton" and device.type != "cuda" and kernels.INTERPRETED:
         versions = (importlib.metadata.version("triton"), importlib.metadata.version("numpy"))
         if (why := interpreter_unavailable(*versions)) is not None:
             return why

@@ -18,6 +18,7 @@ that uses several GPUs need not be theirs.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -38,6 +39,11 @@ from nlft_kernels.ops.tl_utils import (
     tl_acc,
     view_logprob,
 )
+
+# Whether the kernels below were decorated for Triton's interpreter (TRITON_INTERPRET=1 when this
+# module was imported): they then run on CPU tensors through it. The AOT compile
+# (tests/ops/compile_kernels.py) sets the variable only after importing, to record launches.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
