@@ -68,7 +68,7 @@ def _installed_section() -> dict:
 def test_committed_report_of_every_version_meets_the_limits():
     """Both required Triton versions, every vocabulary and dtype, no problem in any variant:
     <= 8 BAR.SYNC on sm_90, one block within an SM's registers, 0 spills (aot_limits.check)
-    but for float64's division call frame, named below."""
+    but for float64's division call frame and, on sm_80, one row scalar; both named below."""
     sections = _sections()
     for wanted in REQUIRED_VERSIONS:
         assert any(v == wanted or v.startswith(wanted + ".") for v in sections), f"no Triton {wanted} section"
@@ -88,11 +88,35 @@ def test_committed_report_of_every_version_meets_the_limits():
                 # registers across those calls it saves them once per program (at most 8 bytes,
                 # stored before the sweeps, loaded once after) in the calls' 8-byte frame. Not
                 # register pressure: no local-memory access in any loop (asserted above).
-                assert "*fp64" in row["pointer_types"].values(), (version, row)
-                limit = aot_limits.FP64_CALL_FRAME_BYTES
+                # The other, on sm_80 only: one row scalar kept in local memory across the sweep
+                # at 80 registers (aot_limits.SM80_ROW_SPILL_BYTES).
+                sm80 = row["arch"] == "sm_80"
+                assert "*fp64" in row["pointer_types"].values() or sm80, (version, row)
+                limit = aot_limits.SM80_ROW_SPILL_BYTES if sm80 else aot_limits.FP64_CALL_FRAME_BYTES
                 assert max(row["stack_bytes"], row["spill_store_bytes"], row["spill_load_bytes"]) <= limit, row
             if row["arch"] == "sm_90":
                 assert row["bar_sync"] <= aot_limits.MAX_BAR_SYNC_SM90, (version, row)
+
+
+@pytest.mark.parametrize(
+    "arch, pointer, spilled, in_loops, allowed",
+    [
+        ("sm_90", "*bf16", 4, 0, False),  # sm_90: no spill of a 16/32-bit variant
+        ("sm_80", "*bf16", 4, 0, True),  # sm_80: one row scalar across the sweep
+        ("sm_80", "*bf16", 4, 1, False),  # ... but never in a loop
+        ("sm_80", "*bf16", 16, 0, False),  # ... and no more than one
+        ("sm_90", "*fp64", 8, 0, True),  # float64's division call frame
+        ("sm_90", "*fp64", 12, 0, False),
+    ],
+)
+def test_limits_tell_spills_apart(arch, pointer, spilled, in_loops, allowed):
+    """aot_limits.check on made-up rows: which spills it lets through, and which it reports."""
+    row = {
+        "arch": arch, "pointer_types": {"base_ptr": pointer}, "local_bytes": 0, "local_accesses_in_loops": in_loops,
+        "stack_bytes": 8, "spill_store_bytes": spilled, "spill_load_bytes": spilled, "bar_sync": 2,
+        "registers": 80, "threads": 256, "registers_per_block": 80 * 256,
+    }  # fmt: skip
+    assert (aot_limits.check(row) == []) == allowed, aot_limits.check(row)
 
 
 def test_committed_report_lists_every_launched_variant(tmp_path):
