@@ -20,7 +20,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from nlft_kernels.backends import REGISTRY, unavailable  # noqa: E402 - after TRITON_INTERPRET
+from tests import interpreter_tree  # noqa: E402
 from tests.tolerances import TOLERANCES  # noqa: E402
+
+# Under the interpreter, tl.reduce with a combine function reduces in a tree, as a GPU does
+# (tests/interpreter_tree.py); None where it does, else why not.
+INTERPRETER_TREE = interpreter_tree.install() if os.environ.get("TRITON_INTERPRET") == "1" else "no interpreter"
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda")
