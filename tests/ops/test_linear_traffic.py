@@ -46,6 +46,7 @@ class LogitsOps(TorchDispatchMode):
         self.read: collections.Counter[str] = collections.Counter()
         self.written: collections.Counter[str] = collections.Counter()
         self.buffers: list[torch.Tensor] = []
+        self.alive: list[torch.Tensor] = []
 
     def sized(self, t) -> bool:
         return (
@@ -72,6 +73,10 @@ class LogitsOps(TorchDispatchMode):
         name = func._schema.name
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         self.buffers += [t for t in tensors + tree_leaves(out) if self.sized(t)]
+        # Every tensor made under the mode lives to the end: the kernels' stores are attributed
+        # by address at the end, and a freed small output (a row's statistics) whose memory a
+        # later logits buffer took would count as a store into it (seen: 8 bytes, once).
+        self.alive += [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if func.is_view:
             return out
         written_args = set()
