@@ -4,10 +4,12 @@ Compiles csrc/cuda/row_pass_kernel.cu as the extension build does (setup.py's an
 flags) for sm_80 and sm_90 with ``nvcc -Xptxas -v``: compile only, no GPU needed. Per kernel
 instantiation (base dtype T, teacher dtype TT, gradient dtype G: float32 for float16 bases,
 else T) and architecture it records what ptxas reports
-and the most threads per block the launcher uses. That is ``kMaxThreads<T>`` in the source,
-both the cap of ``threads_for`` and the kernel's ``__launch_bounds__``, read back from the
-compiled PTX (``.maxntid``). A block launches only if registers x threads <= 65536, the
-registers of one SM on both architectures.
+and the most threads per block the launcher uses. That is ``kMaxThreads<T>`` (one block per
+row) or ``kOnChipThreads<T>`` (the on-chip kernel, sm_90 only: its sm_80 copy is a trap) in the
+source, both the cap of ``threads_for`` and the kernel's ``__launch_bounds__``, read back from
+the compiled PTX (``.maxntid``). A block launches only if registers x threads <= 65536, the
+registers of one SM on both architectures. The on-chip kernel's shared memory here is its
+static part; its slice of the base row is dynamic (``launch.on_chip_slice_bytes``).
 
     python -m benchmarks.cuda_resources            # writes benchmarks/results/aot_cuda_kernels.json
     python -m benchmarks.cuda_resources --check    # compares a fresh report with that file
@@ -211,8 +213,11 @@ def report(nvcc: str) -> dict:
             "teacher logits and gradient rows (float32 for float16 base logits, else the base dtype)",
             "registers, smem_bytes, stack_bytes, spill_*_bytes": "as ptxas -v reports them, per thread / per block",
             "launch_bounds": "threads of the kernel's __launch_bounds__ (PTX .maxntid), null without one",
-            "max_threads_per_block": "the most threads per block the launcher (threads_for) uses: kMaxThreads<T>, "
-            "the same constant as the launch bound (the hardware limit 1024 where a kernel has none)",
+            "max_threads_per_block": "the most threads per block the launcher (threads_for) uses: kMaxThreads<T> "
+            "(row_pass_kernel) or kOnChipThreads<T> (row_pass_on_chip_kernel), the same constant as the launch "
+            "bound (the hardware limit 1024 where a kernel has none)",
+            "smem_bytes of row_pass_on_chip_kernel": "static shared memory only; each block also holds its slice "
+            "of the base row, dynamic (nlft_kernels.ops.launch.on_chip_slice_bytes)",
             "registers_per_block": f"registers x max_threads_per_block; a block launches only at <= {REGISTERS_PER_SM}",
         },
         "source": SOURCE.as_posix(),

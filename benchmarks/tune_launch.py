@@ -11,6 +11,13 @@ without a change here. It writes JSON + Markdown under ``benchmarks/results/`` a
 literal of the keys where a candidate beats the rule by more than ``--min-gain``: paste it into
 ``ops/launch.py`` (the AOT compile test then compiles those variants too).
 
+The key ``cuda_row_pass:STREAMS`` tunes the CUDA row pass (backend "cuda", sm_90) the same way:
+its candidates are the blocks per row of ``launch.CUDA_TUNED`` (0: one block per row, the base
+row read twice; k: the on-chip kernel, clusters of k blocks holding the row in shared memory).
+With ``row_pass`` at the same shape, the results end with ``on_chip_vs_l2``: the best times of
+the Triton kernel with and without its L2 eviction hints against the CUDA kernel with one block
+per row and on chip, the measurement that decides how the base row's second read is kept off DRAM.
+
   python -m benchmarks.tune_launch              # on a GPU (part of benchmarks.gpu_suite)
   python -m benchmarks.tune_launch --dry-run    # CPU, Triton interpreter, a tiny grid
 """
@@ -33,7 +40,9 @@ VOCABS = (32000, 50257, 128256, 151936, 256000)
 WARPS = (4, 8, 16)
 # The launch-table keys measured, as FAMILY:STREAMS; the headline case (three logit views) first, so
 # that a time budget cut leaves the rest.
-KEYS = ("row_pass:3", "row_pass:2", "row_pass:1", "token_logprobs:1")
+KEYS = ("row_pass:3", "row_pass:2", "row_pass:1", "token_logprobs:1", "cuda_row_pass:3")
+# The CUDA row pass's family: candidates are blocks per row (launch.CUDA_TUNED), not LaunchConfigs.
+CUDA_FAMILY = "cuda_row_pass"
 
 
 def parse_key(text: str) -> tuple[str, int]:
@@ -74,9 +83,60 @@ def candidates(vocab: int, streams: int, dtype: torch.dtype, options: dict[str, 
         block *= 2
 
 
+def cuda_candidates(vocab: int, dtype: torch.dtype) -> list[int]:
+    """Blocks per row of the CUDA row pass to time: one block per row (0), then every cluster
+    size whose slices fit a block's shared memory."""
+    from nlft_kernels.ops.launch import on_chip_clusters
+
+    return [0, *on_chip_clusters(vocab, dtype)]
+
+
+def cuda_unavailable(device: torch.device) -> str | None:
+    """Why the CUDA row pass's candidates cannot be timed on ``device``, or None."""
+    from nlft_kernels.backends import unavailable
+
+    why = unavailable("cuda", device)
+    if why is not None:
+        return f"backend 'cuda' {why}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (9, 0):
+        return f"the on-chip kernel needs sm_90 (thread-block clusters); this GPU is sm_{capability[0]}{capability[1]}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Tunable:
+    """One launch table as the tuner fills it: ``table`` (launch.TUNED or launch.CUDA_TUNED),
+    the entry's ``key``, its ``candidates`` and the ``rule``'s choice, and ``fields`` giving a
+    candidate as the JSON records it."""
+
+    table: dict
+    key: tuple
+    candidates: list
+    rule: object
+    fields: object
+
+
+def tunable(family: str, vocab: int, streams: int, dtype: torch.dtype, options: dict | None) -> Tunable:
+    import nlft_kernels.ops.launch as launch
+
+    bucket, name = launch.vocab_bucket(vocab), str(dtype).removeprefix("torch.")
+    if family == CUDA_FAMILY:
+        return Tunable(
+            launch.CUDA_TUNED, (bucket, streams, name), cuda_candidates(vocab, dtype), 0,
+            lambda blocks: {"blocks_per_row": blocks},
+        )  # fmt: skip
+    return Tunable(
+        launch.TUNED, (family, bucket, streams, name), list(candidates(vocab, streams, dtype, options)),
+        launch.heuristic_config(vocab, streams, dtype), dataclasses.asdict,
+    )  # fmt: skip
+
+
 def make_step(family: str, rows: int, vocab: int, streams: int, dtype: torch.dtype, device: torch.device):
     """A callable running ``family`` once through the public API, and its reset."""
     import nlft_kernels
+
+    backend = "cuda" if family == CUDA_FAMILY else "triton"
 
     g = torch.Generator(device=device).manual_seed(vocab + streams)
     base = torch.randn(1, rows, vocab, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -95,7 +155,7 @@ def make_step(family: str, rows: int, vocab: int, streams: int, dtype: torch.dty
 
         def step():
             loss = nlft_kernels.nlft_loss(
-                base, labels, correct, standard=standard, judge=judge, backend="triton", validate=False
+                base, labels, correct, standard=standard, judge=judge, backend=backend, validate=False
             )
             loss.backward()
 
@@ -106,62 +166,103 @@ def make_step(family: str, rows: int, vocab: int, streams: int, dtype: torch.dty
 
 
 def tune(args, device: torch.device) -> list[dict]:
-    import nlft_kernels.ops.launch as launch
+    from nlft_kernels.ops.launch import vocab_bucket
 
     keys = [parse_key(k) for k in args.keys]
     deadline = _util.Deadline(args.time_budget_s)
     rows = []
     for family, streams in keys:
+        if family == CUDA_FAMILY and (why := cuda_unavailable(device)) is not None:
+            args.not_run.append(f"{family} streams={streams}: {why}")
+            continue
         for dtype in args.dtypes:
             for vocab in args.vocabs:
                 if deadline.expired():
                     args.not_run.append(f"{family} streams={streams} {dtype} V={vocab}: {deadline.note()}")
                     continue
                 step, reset = make_step(family, args.rows, vocab, streams, dtype, device)
-                key = (family, launch.vocab_bucket(vocab), streams, str(dtype).removeprefix("torch."))
-                rule = launch.heuristic_config(vocab, streams, dtype)
+                t = tunable(family, vocab, streams, dtype, args.options)
                 timed = []
-                for cfg in candidates(vocab, streams, dtype, args.options):
-                    launch.TUNED[key] = cfg
+                for cfg in t.candidates:
+                    t.table[t.key] = cfg
                     try:
                         ms = _util.median(_util.time_ms(step, reset, device, args.warmup, args.reps))
                     except Exception as err:  # noqa: BLE001 - a candidate that does not compile or fit
-                        print(f"  {key} {cfg}: {type(err).__name__}: {str(err)[:120]}")
+                        print(f"  {t.key} {cfg}: {type(err).__name__}: {str(err)[:120]}")
                         continue
                     finally:
-                        launch.TUNED.pop(key, None)
+                        t.table.pop(t.key, None)
                     timed.append((ms, cfg))
                 if not timed:
                     continue
-                rule_ms = next((ms for ms, cfg in timed if cfg == rule), None)
-                best_ms, best = min(timed, key=lambda t: t[0])
+                rule_ms = next((ms for ms, cfg in timed if cfg == t.rule), None)
+                best_ms, best = min(timed, key=lambda pair: pair[0])
                 rows.append(
                     {
                         "family": family,
                         "vocab": vocab,
-                        "bucket": key[1],
+                        "bucket": vocab_bucket(vocab),
                         "streams": streams,
-                        "dtype": key[3],
-                        "rule": dataclasses.asdict(rule),
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "rule": t.fields(t.rule),
                         "rule_ms": rule_ms,
-                        "best": dataclasses.asdict(best),
+                        "best": t.fields(best),
                         "best_ms": best_ms,
-                        "candidates": [dataclasses.asdict(c) | {"ms": ms} for ms, c in timed],
+                        "candidates": [t.fields(c) | {"ms": ms} for ms, c in timed],
                     }
                 )
-                print(f"{key}: rule {rule} {rule_ms} ms, best {best} {best_ms:.3f} ms")
+                print(f"{t.key}: rule {t.rule} {rule_ms} ms, best {best} {best_ms:.3f} ms")
     return rows
 
 
+def _fastest(candidates: list[dict], keep) -> dict | None:
+    """The fastest of the timed ``candidates`` that ``keep`` accepts, or None."""
+    kept = [c for c in candidates if keep(c)]
+    return min(kept, key=lambda c: c["ms"]) if kept else None
+
+
+def on_chip_vs_l2(rows: list[dict]) -> list[dict]:
+    """Per shape timed by both ``row_pass`` and ``cuda_row_pass``: the best ms of the Triton
+    kernel with its eviction hints and without, of the CUDA kernel with one block per row and on
+    chip (with its cluster size), and which of the four is fastest."""
+    out = []
+    for r in rows:
+        shape = (r["vocab"], r["streams"], r["dtype"])
+        cuda = [c for c in rows if c["family"] == CUDA_FAMILY and (c["vocab"], c["streams"], c["dtype"]) == shape]
+        if r["family"] != "row_pass" or not cuda:
+            continue
+        found = {
+            "triton_l2_hints": _fastest(r["candidates"], lambda c: c.get("evict") is True),
+            "triton_no_hints": _fastest(r["candidates"], lambda c: c.get("evict") is False),
+            "cuda_one_block": _fastest(cuda[0]["candidates"], lambda c: c["blocks_per_row"] == 0),
+            "cuda_on_chip": _fastest(cuda[0]["candidates"], lambda c: c["blocks_per_row"] > 0),
+        }
+        timed = {way: c["ms"] for way, c in found.items() if c is not None}
+        on_chip = found["cuda_on_chip"]
+        out.append(
+            {
+                "vocab": shape[0], "streams": shape[1], "dtype": shape[2],
+                **{f"{way}_ms": timed.get(way) for way in found},
+                "on_chip_blocks": on_chip["blocks_per_row"] if on_chip else None,
+                "fastest": min(timed, key=timed.get) if timed else None,
+            }
+        )  # fmt: skip
+    return out
+
+
 def proposal(rows: list[dict], min_gain: float) -> str:
-    """The ``TUNED`` literal of the keys whose best candidate beats the rule by ``min_gain``."""
-    lines = ["TUNED: dict[tuple[str, int, int, str], LaunchConfig] = {"]
+    """The ``TUNED`` and ``CUDA_TUNED`` literals of the keys whose best candidate beats the rule
+    by ``min_gain``."""
+    triton = ["TUNED: dict[tuple[str, int, int, str], LaunchConfig] = {"]
+    cuda = ["CUDA_TUNED: dict[tuple[int, int, str], int] = {"]
     for r in rows:
         if r["rule_ms"] is None or r["best_ms"] < (1 - min_gain) * r["rule_ms"]:
-            key = (r["family"], r["bucket"], r["streams"], r["dtype"])
-            lines.append(f"    {key!r}: {config_literal(r['best'])},")
-    lines.append("}")
-    return "\n".join(lines)
+            if r["family"] == CUDA_FAMILY:
+                cuda.append(f"    {(r['bucket'], r['streams'], r['dtype'])!r}: {r['best']['blocks_per_row']},")
+            else:
+                key = (r["family"], r["bucket"], r["streams"], r["dtype"])
+                triton.append(f"    {key!r}: {config_literal(r['best'])},")
+    return "\n".join([*triton, "}", *cuda, "}"])
 
 
 def config_literal(fields: dict) -> str:
@@ -169,7 +270,7 @@ def config_literal(fields: dict) -> str:
     return "LaunchConfig(" + ", ".join(f"{name}={value!r}" for name, value in fields.items()) + ")"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], decision: list[dict] | None = None) -> str:
     out = [
         "| family | V | streams | dtype | rule | rule ms | best | best ms | candidates |",
         "|---|---:|---:|---|---|---:|---|---:|---:|",
@@ -181,6 +282,22 @@ def table(rows: list[dict]) -> str:
             f"| {r['family']} | {r['vocab']} | {r['streams']} | {r['dtype']} | {rule} | {rule_ms} "
             f"| {best} | {r['best_ms']:.3f} | {len(r['candidates'])} |"
         )
+    if decision:
+        ms = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        out += [
+            "",
+            "The base row's second read: L2 hints (Triton) against on chip (CUDA clusters), best ms of each:",
+            "",
+            "| V | streams | dtype | Triton, L2 hints | Triton, no hints | CUDA, one block "
+            "| CUDA, on chip (blocks) | fastest |",
+            "|---:|---:|---|---:|---:|---:|---:|---|",
+        ]
+        for d in decision:
+            out.append(
+                f"| {d['vocab']} | {d['streams']} | {d['dtype']} | {ms(d['triton_l2_hints_ms'])} "
+                f"| {ms(d['triton_no_hints_ms'])} | {ms(d['cuda_one_block_ms'])} "
+                f"| {ms(d['cuda_on_chip_ms'])} ({d['on_chip_blocks']}) | {d['fastest']} |"
+            )
     return "\n".join(out)
 
 
@@ -231,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("tuning needs a GPU (use --dry-run to check the script on the CPU)")
     rows = tune(args, device)
     literal = proposal(rows, args.min_gain)
+    decision = on_chip_vs_l2(rows)
     payload = {
         "what": "launch table of the Triton kernels: each candidate LaunchConfig timed through the public API",
         "command": _util.command_line("benchmarks.tune_launch", argv),
@@ -239,11 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "not_run": args.not_run,
         "proposed_tuned": literal,
+        "on_chip_vs_l2": decision,
     }
     slug = f"launch_{_util.device_slug(device)}_{_util.today()}.json"
     out = args.out or (_util.RESULTS_DIR / slug)
-    _util.write_outputs(out, payload, table(rows), None)
-    print("\nProposed launch table (paste into nlft_kernels/ops/launch.py):\n" + literal)
+    _util.write_outputs(out, payload, table(rows, decision), None)
+    print("\nProposed launch tables (paste into nlft_kernels/ops/launch.py):\n" + literal)
     return 0
 
 

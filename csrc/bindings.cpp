@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
     int64_t judge_mode, const at::Tensor& labels, const at::Tensor& wrong, const at::Tensor& scale,
     int64_t ignore_index, double tau, double saliency_power, double other_power, double log_ratio,
     double log_judge_min, double sigmoid_center, double sigmoid_scale, double unlikelihood_clamp, double nll_weight,
-    bool compute_grad, const std::optional<at::Tensor>& grad_out) {
+    bool compute_grad, const std::optional<at::Tensor>& grad_out, int64_t blocks_per_row) {
   TORCH_CHECK(base.dim() == 3 && base.stride(2) == 1, "base logits must be [B, T, V] with unit stride over V");
   const int64_t n_rows = base.size(0) * base.size(1);
   const at::ScalarType acc = base.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -142,12 +142,19 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> first_stage(
   p.vocab = base.size(2);
   p.cfg = {tau,           saliency_power, other_power,        log_ratio,  log_judge_min,
            sigmoid_center, sigmoid_scale, unlikelihood_clamp, nll_weight, ignore_index};
+  // The on-chip CUDA kernel (nlft_row.h): sm_90 thread-block clusters of 1..8 blocks, for the
+  // gradient's second sweep; nlft_kernels.ops.launch.cuda_row_blocks asks for it only there.
+  TORCH_CHECK(blocks_per_row >= 0 && blocks_per_row <= 8, "blocks_per_row must be in [0, 8], got ", blocks_per_row);
+  TORCH_CHECK(blocks_per_row == 0 || (base.is_cuda() && compute_grad),
+              "blocks_per_row > 0 (the on-chip CUDA kernel) needs CUDA logits and compute_grad=True");
+  p.blocks_per_row = static_cast<int>(blocks_per_row);
 
   if (base.is_cuda()) {
 #ifdef NLFT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(base.device());
     const cudaError_t err = nlft::cuda::row_pass_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "NLFT CUDA row pass failed: ", cudaGetErrorString(err));
+    TORCH_CHECK(err == cudaSuccess, "NLFT CUDA row pass failed (blocks_per_row=", blocks_per_row,
+                "): ", cudaGetErrorString(err));
 #else
     TORCH_CHECK(false, "nlft_kernels._C was built without CUDA (see nlft_kernels.backends())");
 #endif
@@ -253,7 +260,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("labels"), py::arg("wrong"), py::arg("scale"), py::arg("ignore_index"), py::arg("tau"),
         py::arg("saliency_power"), py::arg("other_power"), py::arg("log_ratio"), py::arg("log_judge_min"),
         py::arg("sigmoid_center"), py::arg("sigmoid_scale"), py::arg("unlikelihood_clamp"), py::arg("nll_weight"),
-        py::arg("compute_grad"), py::arg("grad_out") = py::none());
+        py::arg("compute_grad"), py::arg("grad_out") = py::none(), py::arg("blocks_per_row") = 0);
   m.def("scale_rows", &scale_rows,
         "grad[r] *= factor[r] for every row, in place (CPU): rows with factor 1 untouched, 0 zero-filled unread",
         py::arg("grad"), py::arg("factor"));

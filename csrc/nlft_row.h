@@ -65,6 +65,11 @@ struct RowPass {
   int64_t n_rows;             // N = B * T
   int64_t steps;              // T
   int64_t vocab;              // V
+  // CUDA only: 0 launches one block per row (the base row read twice, the second time from L2
+  // if it is still there); k in 1..8 (sm_90, with a gradient) a thread-block cluster of k blocks
+  // per row, each holding its slice of ceil(V / k) base entries in shared memory between the two
+  // sweeps (the base row read once). nlft_kernels.ops.launch.cuda_row_blocks chooses.
+  int blocks_per_row = 0;
   RowConfig cfg;
 };
 

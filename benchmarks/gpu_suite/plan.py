@@ -158,7 +158,9 @@ class TrainGrid:
 class TuneGrid:
     """(e) tune_launch on the headline's kernel: every candidate of every launch option."""
 
-    keys: tuple[str, ...] = ("row_pass:3",)
+    # The Triton kernel's launch options (its L2 eviction hints among them), then the CUDA row
+    # pass one block per row against on chip: together, the on_chip_vs_l2 decision.
+    keys: tuple[str, ...] = ("row_pass:3", "cuda_row_pass:3")
     vocabs: tuple[int, ...] = (128256,)
     dtypes: tuple[str, ...] = ("bfloat16",)
     rows: int = 8192
@@ -359,7 +361,7 @@ def tune_candidates() -> int:
         family, streams = tune_launch.parse_key(key)
         for vocab in TUNE.vocabs:
             for dtype in TUNE.dtypes:
-                count += len(list(tune_launch.candidates(vocab, streams, getattr(torch, dtype))))
+                count += len(tune_launch.tunable(family, vocab, streams, getattr(torch, dtype), None).candidates)
     return count
 
 

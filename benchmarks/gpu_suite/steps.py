@@ -264,7 +264,9 @@ def tune(ctx: Context, budget: float, record: StepRecord) -> None:
     _run(ctx, record, [*argv, *_time_budget("tune", budget), "--out", str(out)], budget)
     record.outputs += _outputs(ctx, out)
     if out.exists():
-        record.details["proposed_tuned"] = json.loads(out.read_text())["proposed_tuned"]
+        payload = json.loads(out.read_text())
+        record.details["proposed_tuned"] = payload["proposed_tuned"]
+        record.details["on_chip_vs_l2"] = payload["on_chip_vs_l2"]
 
 
 FUNCTIONS: dict[str, StepFunction] = {

@@ -1,15 +1,26 @@
 // The NLFT row pass on CUDA: same contract and outputs as the Triton `_nlft_fwd_kernel`.
 //
-// One block per row (grid N = B*T). Each thread folds its strided chunks of the base,
-// standard and judge rows into online (max, sum of exponentials) pairs, kVec elements per
-// 16-byte-class load; the pairs are combined across the block (warp shuffles, then one warp
-// over the per-warp results); thread 0 applies the NLFT rule (row_rule.h); a second sweep
-// writes the gradient row. Bytes: every given logits row once (the judge row only for rows of
-// wrong samples, nothing for unlabelled rows), the base row a second time, the gradient row
-// (float32 for float16 logits, see nlft::grad_dtype_for; kVec elements per thread and chunk,
-// stored 16 bytes at a time).
+// Two kernels, chosen by RowPass::blocks_per_row:
+//
+// - row_pass_kernel (0): one block per row (grid N = B*T). Each thread folds its strided chunks
+//   of the base, standard and judge rows into online (max, sum of exponentials) pairs, kVec
+//   elements per 16-byte-class load; the pairs are combined across the block (warp shuffles,
+//   then one warp over the per-warp results); thread 0 applies the NLFT rule (row_rule.h); a
+//   second sweep writes the gradient row. Bytes: every given logits row once (the judge row
+//   only for rows of wrong samples, nothing for unlabelled rows), the base row a second time
+//   (from L2 if it is still there), the gradient row (float32 for float16 logits, see
+//   nlft::grad_dtype_for; kVec elements per thread and chunk, stored 16 bytes at a time).
+// - row_pass_on_chip_kernel (k = 1..8, sm_90): a thread-block cluster of k blocks per row, each
+//   sweeping a slice of ceil(V / k) entries and keeping its slice of the base row in shared
+//   memory from the first sweep to the second; the blocks' (max, sum) pairs are merged through
+//   distributed shared memory. The base row is read from DRAM once: for three logit views
+//   forward+backward 4 units of N*V instead of 5, as Hopper cross-entropy kernels keep a row
+//   on chip (quack). Which of the two is faster is the GPU suite's measurement
+//   (benchmarks/tune_launch.py, key cuda_row_pass); nlft_kernels.ops.launch.cuda_row_blocks
+//   chooses.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -61,18 +72,25 @@ __device__ __forceinline__ bool is_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
 }
 
-// x[0..kVec) = row[i0..i0+kVec) widened, -inf past `limit` (the row end, or 0 for rows that
-// must not be read).
+template <typename T> __device__ __forceinline__ T neg_inf() { return T(-INFINITY); }
+template <> __device__ __forceinline__ __nv_bfloat16 neg_inf<__nv_bfloat16>() { return __float2bfloat16(-INFINITY); }
+template <> __device__ __forceinline__ __half neg_inf<__half>() { return __float2half(-INFINITY); }
+
+// row[i0..i0+kVec) as stored, -inf past `limit` (the row or slice end, or i0 itself for rows
+// that must not be read): one 16-byte-class load where the pack is whole and aligned.
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* row, int64_t i0, int64_t limit, bool aligned) {
+  if (aligned && i0 + kVec <= limit) return *reinterpret_cast<const Pack<T>*>(row + i0);
+  Pack<T> pack;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) pack.v[k] = i0 + k < limit ? row[i0 + k] : neg_inf<T>();
+  return pack;
+}
+
 template <typename acc_t, typename T>
-__device__ __forceinline__ void load_chunk(const T* row, int64_t i0, int64_t limit, bool aligned, acc_t* x) {
-  if (aligned && i0 + kVec <= limit) {
-    const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(row + i0);
+__device__ __forceinline__ void widen_pack(const Pack<T>& pack, acc_t* x) {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) x[k] = widen<acc_t>(pack.v[k]);
-  } else {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) x[k] = i0 + k < limit ? widen<acc_t>(row[i0 + k]) : acc_t(-INFINITY);
-  }
+  for (int k = 0; k < kVec; ++k) x[k] = widen<acc_t>(pack.v[k]);
 }
 
 template <typename acc_t>
@@ -80,6 +98,11 @@ struct Lse {
   acc_t m;
   acc_t s;
 };
+
+template <typename acc_t>
+__device__ __forceinline__ Lse<acc_t> lse_start() {
+  return {acc_t(kLseStart), acc_t(0)};
+}
 
 template <typename acc_t>
 __device__ __forceinline__ Lse<acc_t> combine(Lse<acc_t> a, Lse<acc_t> b) {
@@ -111,7 +134,7 @@ __device__ Lse<acc_t> block_lse(Lse<acc_t> v, Lse<acc_t>* scratch) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < warps ? scratch[lane] : Lse<acc_t>{acc_t(kLseStart), acc_t(0)};
+    v = lane < warps ? scratch[lane] : lse_start<acc_t>();
 #pragma unroll
     for (int offset = kWarp / 2; offset > 0; offset /= 2) {
       v = combine(v, Lse<acc_t>{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)});
@@ -124,6 +147,60 @@ __device__ Lse<acc_t> block_lse(Lse<acc_t> v, Lse<acc_t>* scratch) {
   return out;
 }
 
+// One row as both kernels read it: its flags and the rows of its views (teacher rows only
+// where given as logits; the judge row only on labelled rows of wrong samples).
+template <typename T, typename TT>
+struct Row {
+  int64_t r, label;
+  bool valid, in_range, wrong, use_judge, std_logits, judge_logits;
+  const T* base;
+  const TT* standard;
+  const TT* judge;
+  bool base_aligned, std_aligned, judge_aligned;
+
+  __device__ __forceinline__ Row(const RowPass& p, int64_t row) : r(row) {
+    const int64_t b = r / p.steps, t = r % p.steps;
+    label = p.labels[r];
+    valid = label != p.cfg.ignore_index;
+    in_range = label_in_range(label, p.vocab);  // see there for a valid row without it
+    wrong = p.wrong[r];
+    use_judge = valid && wrong;
+    std_logits = p.standard.mode == kViewLogits;
+    judge_logits = p.judge.mode == kViewLogits && use_judge;  // correct rows never read the judge
+    base = static_cast<const T*>(p.base.ptr) + b * p.base.stride_b + t * p.base.stride_t;
+    standard = std_logits ? static_cast<const TT*>(p.standard.ptr) + b * p.standard.stride_b + t * p.standard.stride_t
+                          : nullptr;
+    judge = judge_logits ? static_cast<const TT*>(p.judge.ptr) + b * p.judge.stride_b + t * p.judge.stride_t : nullptr;
+    base_aligned = is_aligned(base);
+    std_aligned = std_logits && is_aligned(standard);
+    judge_aligned = judge_logits && is_aligned(judge);
+  }
+};
+
+// First sweep over row entries [lo, limit) (limit = lo for rows that read nothing): each
+// thread folds its chunks of every given view into its pairs; with kStash the base chunks are
+// also kept in `stash` (shared memory, chunk (i0 - lo) / kVec), where the same thread finds them
+// again in the second sweep, so they need no barrier.
+template <bool kStash, typename acc_t, typename T, typename TT>
+__device__ __forceinline__ void first_sweep(const Row<T, TT>& row, int64_t lo, int64_t limit, Pack<T>* stash,
+                                            Lse<acc_t>& lb, Lse<acc_t>& ls, Lse<acc_t>& lj) {
+  acc_t x[kVec];
+  for (int64_t i0 = lo + int64_t(threadIdx.x) * kVec; i0 < limit; i0 += int64_t(blockDim.x) * kVec) {
+    const Pack<T> pack = load_pack(row.base, i0, limit, row.base_aligned);
+    if constexpr (kStash) stash[(i0 - lo) / kVec] = pack;
+    widen_pack(pack, x);
+    fold(lb, x);
+    if (row.std_logits) {
+      widen_pack(load_pack(row.standard, i0, limit, row.std_aligned), x);
+      fold(ls, x);
+    }
+    if (row.judge_logits) {
+      widen_pack(load_pack(row.judge, i0, limit, row.judge_aligned), x);
+      fold(lj, x);
+    }
+  }
+}
+
 // log p(label) of a teacher view: from its logits row and lse (NaN for a label outside
 // [0, V), which is not read), or read from the [N] vector.
 template <typename acc_t, typename TT>
@@ -131,6 +208,66 @@ __device__ acc_t teacher_logprob(const RowView& view, const TT* row, int64_t r, 
                                  Lse<acc_t> lse) {
   if (view.mode == kViewLogprobs) return static_cast<const acc_t*>(view.ptr)[r];
   return in_range ? widen<acc_t>(row[label]) - (lse.m + log(lse.s)) : quiet_nan<acc_t>();
+}
+
+template <typename acc_t>
+struct RowCoef {
+  acc_t lse;   // the base row's log-sum-exp (0 on unlabelled rows)
+  acc_t coef;  // the gradient's factor of (softmax - onehot)
+};
+
+// The NLFT rule on the row's whole-row pairs (one thread): its label log-probs (the label
+// entries read from global memory), saliency and coefficient; `write` stores the row's
+// statistics and saliency (one block per row does).
+template <typename acc_t, typename T, typename TT>
+__device__ RowCoef<acc_t> decide(const RowPass& p, const Row<T, TT>& row, Lse<acc_t> lb, Lse<acc_t> ls,
+                                 Lse<acc_t> lj, bool write) {
+  const acc_t lse_b = lb.m + log(lb.s);
+  acc_t lp_b = 0, lp_s = 0, lp_j = 0;
+  if (row.valid) {
+    lp_b = row.in_range ? widen<acc_t>(row.base[row.label]) - lse_b : quiet_nan<acc_t>();
+    lp_s = teacher_logprob(p.standard, row.standard, row.r, row.label, row.in_range, ls);
+    if (row.use_judge && p.judge.mode != kViewNone) {
+      lp_j = teacher_logprob(p.judge, row.judge, row.r, row.label, row.in_range, lj);
+    }
+  }
+  const RowDecision<acc_t> d = decide_row<acc_t>(lp_b, lp_s, lp_j, row.valid, row.in_range, row.wrong,
+                                                 static_cast<const acc_t*>(p.scale)[row.r], p.cfg);
+  if (write) {
+    acc_t* stats = static_cast<acc_t*>(p.stats);
+    stats[row.r] = lp_b;
+    stats[p.n_rows + row.r] = lp_s;
+    stats[2 * p.n_rows + row.r] = lp_j;
+    p.saliency[row.r] = d.saliency;
+  }
+  return {row.valid ? lse_b : acc_t(0), d.coef};
+}
+
+// Gradient sweep over entries [lo, hi) of the row: coef * (softmax - onehot(label)); zeros on
+// unlabelled rows (nothing read), NaN on rows whose label is outside [0, V) (coef is NaN; the
+// one-hot matches no column). The base chunks come from `stash` (kStash) or from global memory.
+template <bool kStash, typename acc_t, typename T, typename TT, typename G>
+__device__ __forceinline__ void grad_sweep(const Row<T, TT>& row, int64_t lo, int64_t hi, const Pack<T>* stash,
+                                           RowCoef<acc_t> rc, G* grad) {
+  const bool grad_aligned = is_aligned(grad);
+  acc_t x[kVec];
+  for (int64_t i0 = lo + int64_t(threadIdx.x) * kVec; i0 < hi; i0 += int64_t(blockDim.x) * kVec) {
+    const Pack<T> pack = !row.valid ? load_pack(row.base, i0, i0, false)  // nothing read
+                         : kStash   ? stash[(i0 - lo) / kVec]
+                                    : load_pack(row.base, i0, hi, row.base_aligned);
+    widen_pack(pack, x);
+    Pack<G> out;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const acc_t onehot = i0 + k == row.label ? acc_t(1) : acc_t(0);
+      out.v[k] = narrow<G>(row.valid ? rc.coef * (fast_exp(x[k] - rc.lse) - onehot) : acc_t(0));
+    }
+    if (grad_aligned && i0 + kVec <= hi) {
+      *reinterpret_cast<Pack<G>*>(grad + i0) = out;
+    } else {
+      for (int k = 0; k < kVec && i0 + k < hi; ++k) grad[i0 + k] = out.v[k];
+    }
+  }
 }
 
 // The most threads per block the launcher gives a row of base type T (threads_for), and the
@@ -147,84 +284,75 @@ template <typename T, typename TT, typename G>
 __global__ void __launch_bounds__(kMaxThreads<T>) row_pass_kernel(RowPass p) {
   using acc_t = typename AccOf<T>::type;
   __shared__ Lse<acc_t> scratch[kWarp + 1];
-  __shared__ acc_t row_lse, row_coef;
-  const int64_t r = blockIdx.x;
-  const int64_t b = r / p.steps, t = r % p.steps, V = p.vocab;
-  const int64_t label = p.labels[r];
-  const bool valid = label != p.cfg.ignore_index;
-  const bool in_range = label_in_range(label, V);  // see there for a valid row without it
-  const bool wrong = p.wrong[r];
-  const bool use_judge = valid && wrong;
-  const bool std_logits = p.standard.mode == kViewLogits;
-  const bool judge_logits = p.judge.mode == kViewLogits && use_judge;  // correct rows never read the judge
-  const T* base = static_cast<const T*>(p.base.ptr) + b * p.base.stride_b + t * p.base.stride_t;
-  const TT* standard =
-      std_logits ? static_cast<const TT*>(p.standard.ptr) + b * p.standard.stride_b + t * p.standard.stride_t : nullptr;
-  const TT* judge =
-      judge_logits ? static_cast<const TT*>(p.judge.ptr) + b * p.judge.stride_b + t * p.judge.stride_t : nullptr;
-  const bool base_aligned = is_aligned(base);
-  const bool std_aligned = std_logits && is_aligned(standard);
-  const bool judge_aligned = judge_logits && is_aligned(judge);
-  const int64_t limit = valid ? V : 0;  // unlabelled rows read nothing
-
-  Lse<acc_t> lb{acc_t(kLseStart), acc_t(0)}, ls = lb, lj = lb;
-  acc_t x[kVec];
-  for (int64_t i0 = int64_t(threadIdx.x) * kVec; i0 < limit; i0 += int64_t(blockDim.x) * kVec) {
-    load_chunk(base, i0, limit, base_aligned, x);
-    fold(lb, x);
-    if (std_logits) {
-      load_chunk(standard, i0, limit, std_aligned, x);
-      fold(ls, x);
-    }
-    if (judge_logits) {
-      load_chunk(judge, i0, limit, judge_aligned, x);
-      fold(lj, x);
-    }
-  }
+  __shared__ RowCoef<acc_t> row_coef;
+  const Row<T, TT> row(p, blockIdx.x);
+  Lse<acc_t> lb = lse_start<acc_t>(), ls = lb, lj = lb;
+  first_sweep<false>(row, 0, row.valid ? p.vocab : 0, static_cast<Pack<T>*>(nullptr), lb, ls, lj);
   lb = block_lse(lb, scratch);
-  if (std_logits) ls = block_lse(ls, scratch);
-  if (judge_logits) lj = block_lse(lj, scratch);
-
-  if (threadIdx.x == 0) {
-    const acc_t lse_b = lb.m + log(lb.s);
-    acc_t lp_b = 0, lp_s = 0, lp_j = 0;
-    if (valid) {
-      lp_b = in_range ? widen<acc_t>(base[label]) - lse_b : quiet_nan<acc_t>();
-      lp_s = teacher_logprob(p.standard, standard, r, label, in_range, ls);
-      if (use_judge && p.judge.mode != kViewNone) lp_j = teacher_logprob(p.judge, judge, r, label, in_range, lj);
-    }
-    const RowDecision<acc_t> d =
-        decide_row<acc_t>(lp_b, lp_s, lp_j, valid, in_range, wrong, static_cast<const acc_t*>(p.scale)[r], p.cfg);
-    acc_t* stats = static_cast<acc_t*>(p.stats);
-    stats[r] = lp_b;
-    stats[p.n_rows + r] = lp_s;
-    stats[2 * p.n_rows + r] = lp_j;
-    p.saliency[r] = d.saliency;
-    row_lse = valid ? lse_b : acc_t(0);
-    row_coef = d.coef;
-  }
+  if (row.std_logits) ls = block_lse(ls, scratch);
+  if (row.judge_logits) lj = block_lse(lj, scratch);
+  if (threadIdx.x == 0) row_coef = decide(p, row, lb, ls, lj, true);
   if (p.grad == nullptr) return;
   __syncthreads();
+  grad_sweep<false>(row, 0, p.vocab, static_cast<const Pack<T>*>(nullptr), row_coef, static_cast<G*>(p.grad) + row.r * p.vocab);
+}
 
-  // Gradient sweep: coef * (softmax - onehot(label)); zeros on unlabelled rows, NaN on rows
-  // whose label is outside [0, V) (coef is NaN; the one-hot matches no column).
-  const acc_t lse = row_lse, coef = row_coef;
-  G* grad = static_cast<G*>(p.grad) + r * V;
-  const bool grad_aligned = is_aligned(grad);
-  for (int64_t i0 = int64_t(threadIdx.x) * kVec; i0 < V; i0 += int64_t(blockDim.x) * kVec) {
-    load_chunk(base, i0, limit, base_aligned, x);
-    Pack<G> out;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const acc_t onehot = i0 + k == label ? acc_t(1) : acc_t(0);
-      out.v[k] = narrow<G>(valid ? coef * (fast_exp(x[k] - lse) - onehot) : acc_t(0));
-    }
-    if (grad_aligned && i0 + kVec <= V) {
-      *reinterpret_cast<Pack<G>*>(grad + i0) = out;
-    } else {
-      for (int k = 0; k < kVec && i0 + k < V; ++k) grad[i0 + k] = out.v[k];
-    }
+// Blocks of a cluster: the portable maximum (a larger cluster needs a non-portable opt-in).
+constexpr int kMaxCluster = 8;
+// The on-chip kernel's most threads per block (its launch bound): a slice is at most a few
+// tens of thousands of entries, which 512 threads (256 for float64) sweep in 8 chunks or more;
+// the cluster merge adds registers, and float64 spills under a bound of 512.
+template <typename T>
+constexpr int kOnChipThreads = sizeof(typename AccOf<T>::type) == 8 ? 256 : 512;
+
+// The on-chip row pass: blockIdx.x / k is the row, the block's rank in its cluster of k its
+// slice [rank * slice, (rank + 1) * slice) of the row (slice a multiple of kVec, so that packs
+// never straddle two blocks); dynamic shared memory holds the slice of the base row.
+template <typename T, typename TT, typename G>
+__global__ void __launch_bounds__(kOnChipThreads<T>) row_pass_on_chip_kernel(RowPass p, int64_t slice) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using acc_t = typename AccOf<T>::type;
+  namespace cg = cooperative_groups;
+  extern __shared__ __align__(16) unsigned char stash_bytes[];
+  Pack<T>* stash = reinterpret_cast<Pack<T>*>(stash_bytes);
+  __shared__ Lse<acc_t> scratch[kWarp + 1];
+  __shared__ Lse<acc_t> partial[3];  // this block's pairs, read by every block of the cluster
+  __shared__ RowCoef<acc_t> row_coef;
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned blocks = cluster.num_blocks(), rank = cluster.block_rank();
+  const Row<T, TT> row(p, blockIdx.x / blocks);
+  const int64_t start = int64_t(rank) * slice;
+  const int64_t lo = start < p.vocab ? start : p.vocab, hi = lo + slice < p.vocab ? lo + slice : p.vocab;
+
+  Lse<acc_t> lb = lse_start<acc_t>(), ls = lb, lj = lb;
+  first_sweep<true>(row, lo, row.valid ? hi : lo, stash, lb, ls, lj);
+  lb = block_lse(lb, scratch);
+  if (row.std_logits) ls = block_lse(ls, scratch);
+  if (row.judge_logits) lj = block_lse(lj, scratch);
+  if (threadIdx.x == 0) {
+    partial[0] = lb;
+    partial[1] = ls;
+    partial[2] = lj;
   }
+  cluster.sync();  // every block's pairs written
+  if (threadIdx.x == 0) {
+    // Every block merges the ranks in the same order, so all get the same bits of lse and coef.
+    Lse<acc_t> whole[3] = {lse_start<acc_t>(), lse_start<acc_t>(), lse_start<acc_t>()};
+    for (unsigned q = 0; q < blocks; ++q) {
+      const Lse<acc_t>* theirs = cluster.map_shared_rank(partial, q);
+#pragma unroll
+      for (int v = 0; v < 3; ++v) whole[v] = combine(whole[v], theirs[v]);
+    }
+    row_coef = decide(p, row, whole[0], whole[1], whole[2], rank == 0);
+  }
+  // No block leaves (freeing the shared memory others read) or writes a gradient (which may be
+  // the base logits, whose label entries decide() reads) before every block has decided.
+  cluster.sync();
+  if (p.grad == nullptr) return;
+  grad_sweep<true>(row, lo, hi, stash, row_coef, static_cast<G*>(p.grad) + row.r * p.vocab);
+#else
+  __trap();  // launched only on sm_90 and newer (launch_on_chip checks)
+#endif
 }
 
 // Threads per row: enough chunks of kVec per thread to hide latency, at most `max_threads`.
@@ -232,6 +360,55 @@ int threads_for(int64_t vocab, int max_threads) {
   int threads = kWarp;
   while (threads < max_threads && int64_t(threads) * kVec * 8 < vocab) threads *= 2;
   return threads;
+}
+
+// Entries of each block's slice for a row of `vocab` entries over `blocks` blocks: a multiple
+// of kVec.
+int64_t slice_for(int64_t vocab, int blocks) {
+  const int64_t per_block = (vocab + blocks - 1) / blocks;
+  return (per_block + kVec - 1) / kVec * kVec;
+}
+
+template <typename T, typename TT, typename G>
+cudaError_t launch_on_chip(const RowPass& p, cudaStream_t stream) {
+  const int blocks = p.blocks_per_row;
+  if (blocks < 1 || blocks > kMaxCluster || p.n_rows > 0x7fffffff / blocks) return cudaErrorInvalidConfiguration;
+  int device = 0, major = 0, max_smem = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (major < 9) return cudaErrorInvalidDeviceFunction;  // thread-block clusters: sm_90 and newer
+  const int64_t slice = slice_for(p.vocab, blocks);
+  const size_t stash_bytes = size_t(slice) * sizeof(T);
+  auto kernel = row_pass_on_chip_kernel<T, TT, G>;
+  cudaFuncAttributes attrs{};
+  err = cudaFuncGetAttributes(&attrs, kernel);
+  if (err != cudaSuccess) return err;
+  if (stash_bytes + attrs.sharedSizeBytes > size_t(max_smem)) return cudaErrorInvalidValue;  // the slice does not fit
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(stash_bytes));
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = unsigned(blocks);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(p.n_rows * blocks));
+  config.blockDim = dim3(unsigned(threads_for(slice, kOnChipThreads<T>)));
+  config.dynamicSmemBytes = stash_bytes;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p, slice);
+}
+
+template <typename T, typename TT, typename G>
+cudaError_t launch(const RowPass& p, cudaStream_t stream) {
+  if (p.blocks_per_row > 0) return launch_on_chip<T, TT, G>(p, stream);
+  if (p.n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per row
+  row_pass_kernel<T, TT, G><<<dim3(unsigned(p.n_rows)), dim3(threads_for(p.vocab, kMaxThreads<T>)), 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -242,6 +419,8 @@ cudaError_t launch_base(const RowPass& p, cudaStream_t stream) {
   const DType acc_dtype = sizeof(acc_t) == 8 ? kFloat64 : kFloat32;
   // Gradient rows are compiled in one type per base type only.
   if (p.grad != nullptr && p.grad_dtype != kDTypeOf<G>) return cudaErrorInvalidValue;
+  // The on-chip kernel exists for the second sweep: it needs a gradient.
+  if (p.blocks_per_row > 0 && p.grad == nullptr) return cudaErrorInvalidValue;
   // Teacher logits share one type: the base's, or the accumulator's.
   DType teacher = p.base.dtype;
   if (p.standard.mode == kViewLogits) teacher = p.standard.dtype;
@@ -250,22 +429,15 @@ cudaError_t launch_base(const RowPass& p, cudaStream_t stream) {
       (p.judge.mode == kViewLogits && p.judge.dtype != teacher)) {
     return cudaErrorInvalidValue;
   }
-  const dim3 grid(static_cast<unsigned>(p.n_rows)), block(threads_for(p.vocab, kMaxThreads<T>));
-  if (teacher == p.base.dtype) {
-    row_pass_kernel<T, T, G><<<grid, block, 0, stream>>>(p);
-  } else if (teacher == acc_dtype) {
-    row_pass_kernel<T, acc_t, G><<<grid, block, 0, stream>>>(p);
-  } else {
-    return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  if (teacher == p.base.dtype) return launch<T, T, G>(p, stream);
+  if (teacher == acc_dtype) return launch<T, acc_t, G>(p, stream);
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
 cudaError_t row_pass_cuda(const RowPass& p, cudaStream_t stream) {
   if (p.n_rows == 0) return cudaSuccess;
-  if (p.n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per row
   switch (p.base.dtype) {
     case kFloat32: return launch_base<float>(p, stream);
     case kFloat64: return launch_base<double>(p, stream);

@@ -9,21 +9,39 @@ reach the binding by keyword (``RuleConstants.kwargs()``).
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import Tensor
 
 from nlft_kernels.config import NLFTConfig
 from nlft_kernels.extension import compiled
 from nlft_kernels.ops.contracts import RuleConstants, acc_dtype
 from nlft_kernels.ops.inputs import Views
+from nlft_kernels.ops.launch import cuda_row_blocks
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    """(major, minor) of CUDA device ``index``, asked once (no sync: CUDA-graph capture safe)."""
+    return torch.cuda.get_device_capability(index)
 
 
 def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, out: Tensor | None = None):
     """The row pass of the C++ (CPU tensors) or CUDA kernel (CUDA tensors): (stats [3, N] ACC,
     saliency [N] bool, gradient shaped like the base logits in ``grad_dtype`` or None), the
-    gradient written into ``out`` when given (contiguous; may be ``v.base`` itself)."""
+    gradient written into ``out`` when given (contiguous; may be ``v.base`` itself). On CUDA the
+    kernel is ``launch.cuda_row_blocks``' choice: one block per row, or the on-chip clusters."""
+    base = v.base
+    blocks = (
+        cuda_row_blocks(base.shape[-1], v.streams, base.dtype, _capability(base.device.index), compute_grad)
+        if base.is_cuda
+        else 0
+    )
     stats, saliency, grad = compiled().first_stage(
-        v.base, v.standard, int(v.standard_mode), v.judge, int(v.judge_mode), v.labels, v.wrong, v.scale,
+        base, v.standard, int(v.standard_mode), v.judge, int(v.judge_mode), v.labels, v.wrong, v.scale,
         **RuleConstants.of(cfg).kwargs(), compute_grad=compute_grad, grad_out=out if compute_grad else None,
+        blocks_per_row=blocks,
     )  # fmt: skip
     return stats, saliency, grad if compute_grad else None
 

@@ -18,7 +18,8 @@ with ``evict_last`` in its first sweep, so that its second sweep (the gradient) 
 and the teacher rows, the second sweep and the gradient stores with ``evict_first``; the label
 log-prob kernels stream with ``evict_first``. Whether this pays (a base row of V=128256 bfloat16
 is 250 KiB: L2 holds the rows in flight only with about one row per SM) waits for a GPU
-measurement: the launch tuning of ``benchmarks.gpu_suite`` toggles it.
+measurement: the launch tuning of ``benchmarks.gpu_suite`` toggles it, and times it against the
+CUDA row pass with the base row held on chip (``cuda_row_blocks``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,53 @@ def row_pass_buffers(base: torch.Tensor, rows: int, compute_grad: bool) -> tuple
     stats = torch.empty(3, rows, dtype=acc_dtype(base.dtype), device=base.device)
     grad = torch.empty(base.shape, dtype=grad_dtype(base.dtype), device=base.device) if compute_grad else None
     return stats, grad
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA row pass (backend "cuda", csrc/cuda/row_pass_kernel.cu) launches one block per row,
+# whose second sweep reads the base row again (from L2 if it is still there), or, on sm_90, the
+# on-chip kernel: a thread-block cluster of k blocks per row, each keeping its slice of
+# ceil(V / k) base entries in shared memory from the first sweep to the second, the statistics
+# merged through distributed shared memory; the base row is then read from DRAM once. Which is
+# faster (and against the Triton kernel's L2 eviction hints) is measured by the GPU suite's
+# launch tuning (``benchmarks.tune_launch``, key ``cuda_row_pass``); until then ``CUDA_TUNED``
+# is empty and the CUDA row pass keeps one block per row.
+
+# Cluster sizes of the on-chip kernel: powers of two up to the portable maximum of 8 blocks.
+ON_CHIP_CLUSTERS = (1, 2, 4, 8)
+# Shared memory one block of the on-chip kernel may hold for its slice: Hopper's opt-in maximum
+# per block (227 KiB) less the kernel's static shared memory (under 1 KiB).
+ON_CHIP_MAX_SLICE_BYTES = 226 * 1024
+# Entries per 16-byte-class load of the CUDA kernel (kVec): slices are multiples of it.
+_CUDA_VEC = 8
+
+# (vocab bucket, streams, dtype name) -> blocks per row of the CUDA row pass with a gradient
+# (0: one block per row; k: the on-chip kernel with clusters of k), measured on sm_90.
+CUDA_TUNED: dict[tuple[int, int, str], int] = {}
+
+
+def on_chip_slice_bytes(vocab: int, dtype: torch.dtype, blocks: int) -> int:
+    """Shared memory of one block of the on-chip kernel: its slice of ``ceil(V / blocks)``
+    entries, rounded up to whole 8-entry packs, in ``dtype`` (the kernel's ``slice_for``)."""
+    per_block = -(-vocab // blocks)
+    return -(-per_block // _CUDA_VEC) * _CUDA_VEC * dtype.itemsize
+
+
+def on_chip_clusters(vocab: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """The cluster sizes whose slices of a row of ``vocab`` entries of ``dtype`` fit a block's
+    shared memory (V=128256 bfloat16: 2, 4, 8; float32: 4, 8)."""
+    return tuple(k for k in ON_CHIP_CLUSTERS if on_chip_slice_bytes(vocab, dtype, k) <= ON_CHIP_MAX_SLICE_BYTES)
+
+
+def cuda_row_blocks(
+    vocab: int, streams: int, dtype: torch.dtype, capability: tuple[int, int], compute_grad: bool
+) -> int:
+    """Blocks per row of the CUDA row pass (``RowPass::blocks_per_row``): ``CUDA_TUNED``'s entry
+    for sm_90 and newer with a gradient when its slices fit, else 0 (one block per row)."""
+    if not compute_grad or capability < (9, 0):
+        return 0
+    blocks = CUDA_TUNED.get((vocab_bucket(vocab), streams, _dtype_name(dtype)), 0)
+    return blocks if blocks in on_chip_clusters(vocab, dtype) else 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ def test_dry_run_measures_and_proposes_a_valid_table(tmp_path):
         ("row_pass", 2),
         ("row_pass", 3),
     }
+    # No GPU here: the CUDA row pass's key is reported as not run, with the reason.
+    assert any(note.startswith("cuda_row_pass streams=3: ") for note in payload["not_run"]), payload["not_run"]
+    assert payload["on_chip_vs_l2"] == []
     for row in payload["results"]:
         assert row["rule_ms"] is not None and len(row["candidates"]) > 1
         assert row["best_ms"] == min(c["ms"] for c in row["candidates"])
@@ -67,3 +70,49 @@ def test_keys_and_options_are_checked_and_kept(tmp_path):
         tune_launch.main(["--dry-run", "--keys", "row_pass:4"])
     with pytest.raises(SystemExit):
         tune_launch.main(["--dry-run", "--option", "no_such_option=1,2"])
+
+
+def _row(family: str, candidates: list[dict], rule: dict) -> dict:
+    ms = [c["ms"] for c in candidates]
+    best = candidates[ms.index(min(ms))]
+    fields = {k: v for k, v in best.items() if k != "ms"}
+    rule_ms = next(c["ms"] for c in candidates if {k: v for k, v in c.items() if k != "ms"} == rule)
+    return {"family": family, "vocab": 128256, "bucket": 131072, "streams": 3, "dtype": "bfloat16",
+            "rule": rule, "rule_ms": rule_ms, "best": fields, "best_ms": min(ms), "candidates": candidates}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_on_chip_vs_l2_names_the_fastest_way_and_proposes_it(seed):
+    """The decision table of the base row's second read, from timed candidates (random times,
+    seed printed): each way's best time, the on-chip cluster size, the fastest way; and the
+    CUDA_TUNED literal proposes the on-chip clusters only when they beat one block per row."""
+    g = torch.Generator().manual_seed(seed)
+    print(f"seed={seed}")
+    t = (torch.rand(7, generator=g) + 0.5).tolist()
+    rule = {"block_v": 2048, "num_warps": 8, "evict": True}
+    triton = _row(
+        "row_pass",
+        [
+            rule | {"ms": t[0]},
+            rule | {"evict": False, "ms": t[1]},
+            rule | {"num_warps": 4, "ms": t[2]},
+            rule | {"num_warps": 4, "evict": False, "ms": t[3]},
+        ],  # fmt: skip
+        rule,
+    )
+    cuda = _row(
+        "cuda_row_pass",
+        [{"blocks_per_row": k, "ms": ms} for k, ms in zip((0, 2, 4, 8), t[3:], strict=True)],
+        {"blocks_per_row": 0},
+    )
+    (d,) = tune_launch.on_chip_vs_l2([triton, cuda])
+    assert d["triton_l2_hints_ms"] == min(t[0], t[2]) and d["triton_no_hints_ms"] == min(t[1], t[3])
+    assert d["cuda_one_block_ms"] == t[3] and d["cuda_on_chip_ms"] == min(t[4:])
+    assert d["on_chip_blocks"] == (2, 4, 8)[t[4:].index(min(t[4:]))]
+    ways = {w: d[f"{w}_ms"] for w in ("triton_l2_hints", "triton_no_hints", "cuda_one_block", "cuda_on_chip")}
+    assert d["fastest"] == min(ways, key=ways.get)
+    namespace = {"LaunchConfig": LaunchConfig}
+    exec(tune_launch.proposal([triton, cuda], min_gain=0.0), namespace)
+    proposed = namespace["CUDA_TUNED"].get((131072, 3, "bfloat16"))
+    assert proposed == (d["on_chip_blocks"] if min(t[4:]) < t[3] else None)
+    assert "CUDA, on chip (blocks)" in tune_launch.table([triton, cuda], [d])

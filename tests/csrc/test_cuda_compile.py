@@ -34,6 +34,11 @@ LAUNCHED = {
 }
 
 
+# The kernels of row_pass_kernel.cu, each instantiated for every LAUNCHED dtype triple: one block
+# per row, and the on-chip clusters (blocks_per_row > 0).
+KERNELS = ("row_pass_kernel", "row_pass_on_chip_kernel")
+
+
 def _nvcc() -> str:
     nvcc = cuda_resources.find_nvcc()
     if nvcc is None:
@@ -133,11 +138,14 @@ def fresh_report() -> dict:
 
 def test_every_cuda_kernel_launches_the_largest_block_without_spills(fresh_report):
     """Per instantiation and architecture: 0 spill bytes, and registers x the most threads the
-    launcher gives a block (kMaxThreads<T>, which is also the __launch_bounds__) <= 65536, the
-    registers of an SM; else that launch fails with "too many resources requested"."""
+    launcher gives a block (kMaxThreads<T> or kOnChipThreads<T>, which are also the
+    __launch_bounds__) <= 65536, the registers of an SM; else that launch fails with "too many
+    resources requested"."""
     variants = fresh_report["variants"]
-    found = {(v["arch"], v["base_dtype"], v["teacher_dtype"], v["grad_dtype"]) for v in variants}
-    assert found == {(f"sm_{a}", *dtypes) for a in ARCHS for dtypes in LAUNCHED}
+    found = {
+        (v["arch"], v["kernel"].split("<")[0], v["base_dtype"], v["teacher_dtype"], v["grad_dtype"]) for v in variants
+    }
+    assert found == {(f"sm_{a}", k, *dtypes) for a in ARCHS for k in KERNELS for dtypes in LAUNCHED}
     for v in variants:
         what = f"{v['arch']} {v['kernel']}"
         assert v["spill_store_bytes"] == 0 and v["spill_load_bytes"] == 0, f"{what} spills: {v}"

@@ -9,6 +9,7 @@ import torch
 
 from nlft_kernels import nlft_loss
 from nlft_kernels.backends import unavailable
+from nlft_kernels.ops import launch
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference
 from tests._inputs import generator, make_inputs, seed_of
 from tests.conftest import GPU, dtype_params
@@ -96,3 +97,75 @@ def test_fp16_gradient_survives_loss_scaling():
     assert grad.dtype == torch.float16
     assert (grad[tiny] != 0).all(), "entries underflowed to 0 before the loss scale applied"
     assert_grad_close(grad, ref_grad, torch.float16)
+
+
+def _on_chip_or_skip(monkeypatch, vocab: int, streams: int, dtype: torch.dtype, blocks: int) -> None:
+    """Make ``launch.cuda_row_blocks`` choose the on-chip kernel with clusters of ``blocks`` for
+    this shape, as a measured ``CUDA_TUNED`` entry would; skip below sm_90."""
+    capability = torch.cuda.get_device_capability(GPU)
+    if capability < (9, 0):
+        arch = f"sm_{capability[0]}{capability[1]}"
+        pytest.skip(f"the on-chip kernel needs thread-block clusters (sm_90); this GPU is {arch}")
+    key = (launch.vocab_bucket(vocab), streams, str(dtype).removeprefix("torch."))
+    monkeypatch.setitem(launch.CUDA_TUNED, key, blocks)
+    assert launch.cuda_row_blocks(vocab, streams, dtype, capability, True) == blocks, "the launch must take it"
+
+
+# (vocab, dtype, clusters): every cluster size at a small vocabulary (slices of 40 entries down to
+# empty ones: V=300 over 8 blocks leaves the last slice 20 entries), and the real vocabulary of
+# the headline at the cluster sizes whose slices fit a block's shared memory.
+ON_CHIP_CASES = [
+    *((300, dtype, blocks) for dtype in (torch.float32, torch.bfloat16) for blocks in (1, 2, 4, 8)),
+    (4099, torch.float16, 4),
+    (4099, torch.float64, 2),
+    *((128256, torch.bfloat16, blocks) for blocks in (2, 4, 8)),
+    (151936, torch.float32, 8),
+]
+
+
+@pytest.mark.parametrize(("vocab", "dtype", "blocks"), ON_CHIP_CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_on_chip_kernel_matches_reference_and_one_block_per_row(monkeypatch, vocab, dtype, blocks):
+    """The on-chip kernel (a cluster of ``blocks`` per row, the base row kept in shared memory
+    between the sweeps) through nlft_loss(backend="cuda"): equal to the float64 reference, and
+    to the one-block kernel up to the order of the (max, sum) merges."""
+    assert blocks in launch.on_chip_clusters(vocab, dtype), "a case the launch would refuse tests nothing"
+    steps = 20 if vocab < 10000 else 3
+    x = make_inputs(8, steps, vocab, dtype=dtype, seed=seed_of("cuda on chip", vocab, dtype, blocks))
+    ref_base = x.base.detach().double().requires_grad_()
+    ref, ref_details = nlft_loss_reference(
+        ref_base, x.labels, x.correct, x.standard, x.judge, reduction="sample_mean", return_details=True
+    )
+    (ref_grad,) = torch.autograd.grad(ref, ref_base)
+    assert_exercised(ref_details, x.correct)
+    one_loss, one_grad, one_details = _run(x, "cuda", "sample_mean", torch.tensor(1.0))
+    _on_chip_or_skip(monkeypatch, vocab, 3, dtype, blocks)
+    loss, grad, details = _run(x, "cuda", "sample_mean", torch.tensor(1.0))
+    assert_loss_close(loss, ref)
+    assert_grad_close(grad, ref_grad, dtype)
+    cpu_details = type(details)(*(getattr(details, f).cpu() for f in details.__dataclass_fields__))
+    assert_details(cpu_details, ref_details, x.labels, x.correct)
+    assert_loss_close(loss, one_loss)
+    assert_grad_close(grad, one_grad.double(), dtype)
+    assert torch.equal(details.saliency, one_details.saliency)
+
+
+@pytest.mark.parametrize("blocks", [2, 8])
+def test_on_chip_kernel_writes_into_the_logits(monkeypatch, blocks):
+    """inplace_grad=True with the on-chip kernel: every block reads its label entries before
+    any block of the cluster overwrites the row with its gradient (the second cluster barrier)."""
+    vocab, dtype = 128256, torch.bfloat16
+    x = make_inputs(4, 3, vocab, dtype=dtype, seed=seed_of("cuda on chip inplace", blocks))
+    _on_chip_or_skip(monkeypatch, vocab, 3, dtype, blocks)
+    logits = x.base.detach().to(device=GPU).requires_grad_() * 1
+    kept = logits.detach().clone()
+    loss = nlft_loss(
+        logits, x.labels.to(GPU), x.correct.to(GPU), standard=x.standard.to(GPU), judge=x.judge.to(GPU),
+        backend="cuda", inplace_grad=True,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad.data_ptr() == logits.data_ptr(), "the gradient is the logits' storage"
+    ref_base = kept.cpu().double().requires_grad_()
+    ref = nlft_loss_reference(ref_base, x.labels, x.correct, x.standard, x.judge)
+    (ref_grad,) = torch.autograd.grad(ref, ref_base)
+    assert_loss_close(loss.cpu(), ref)
+    assert_grad_close(grad.cpu(), ref_grad, dtype)
