@@ -83,12 +83,13 @@ def candidates(vocab: int, streams: int, dtype: torch.dtype, options: dict[str, 
         block *= 2
 
 
-def cuda_candidates(vocab: int, dtype: torch.dtype) -> list[int]:
+def cuda_candidates(vocab: int, dtype: torch.dtype, device: torch.device | None = None) -> list[int]:
     """Blocks per row of the CUDA row pass to time: one block per row (0), then every cluster
-    size whose slices fit a block's shared memory."""
-    from nlft_kernels.ops.launch import on_chip_clusters
+    size whose slices fit a block's shared memory on ``device`` (Hopper's without one)."""
+    from nlft_kernels.ops.launch import HOPPER, CudaDevice, on_chip_clusters
 
-    return [0, *on_chip_clusters(vocab, dtype)]
+    gpu = CudaDevice.of(device.index or 0) if device is not None and device.type == "cuda" else HOPPER
+    return [0, *on_chip_clusters(vocab, dtype, gpu)]
 
 
 def cuda_unavailable(device: torch.device) -> str | None:
@@ -117,13 +118,15 @@ class Tunable:
     fields: object
 
 
-def tunable(family: str, vocab: int, streams: int, dtype: torch.dtype, options: dict | None) -> Tunable:
+def tunable(
+    family: str, vocab: int, streams: int, dtype: torch.dtype, options: dict | None, device: torch.device | None = None
+) -> Tunable:
     import nlft_kernels.ops.launch as launch
 
     bucket, name = launch.vocab_bucket(vocab), str(dtype).removeprefix("torch.")
     if family == CUDA_FAMILY:
         return Tunable(
-            launch.CUDA_TUNED, (bucket, streams, name), cuda_candidates(vocab, dtype), 0,
+            launch.CUDA_TUNED, (bucket, streams, name), cuda_candidates(vocab, dtype, device), 0,
             lambda blocks: {"blocks_per_row": blocks},
         )  # fmt: skip
     return Tunable(
@@ -181,7 +184,7 @@ def tune(args, device: torch.device) -> list[dict]:
                     args.not_run.append(f"{family} streams={streams} {dtype} V={vocab}: {deadline.note()}")
                     continue
                 step, reset = make_step(family, args.rows, vocab, streams, dtype, device)
-                t = tunable(family, vocab, streams, dtype, args.options)
+                t = tunable(family, vocab, streams, dtype, args.options, device)
                 timed = []
                 for cfg in t.candidates:
                     t.table[t.key] = cfg

@@ -24,6 +24,13 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 // float32's range and keeps its own type.
 constexpr DType grad_dtype_for(DType base) { return base == kFloat16 ? kFloat32 : base; }
 
+// Entries of each block's slice in the on-chip CUDA kernel (RowPass::blocks_per_row = `blocks`):
+// ceil(vocab / blocks) rounded up to whole packs of `pack` entries, so that no pack straddles two
+// blocks. nlft_kernels.ops.launch.on_chip_slice_bytes computes the same (tests/csrc checks it).
+constexpr int64_t on_chip_slice(int64_t vocab, int64_t blocks, int64_t pack) {
+  return ((vocab + blocks - 1) / blocks + pack - 1) / pack * pack;
+}
+
 // A [B, T, V] view addressed as ptr + b * stride_b + t * stride_t + v (unit stride over V),
 // or, for kViewLogprobs, an [N] vector of label log-probs in the accumulator type.
 struct RowView {

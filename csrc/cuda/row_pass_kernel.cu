@@ -13,7 +13,7 @@
 // - row_pass_on_chip_kernel (k = 1..8, sm_90): a thread-block cluster of k blocks per row, each
 //   sweeping a slice of ceil(V / k) entries and keeping its slice of the base row in shared
 //   memory from the first sweep to the second; the blocks' (max, sum) pairs are merged through
-//   distributed shared memory. The base row is read from DRAM once: for three logit views
+//   distributed shared memory (see the kernel for its two cluster barriers). The base row is read from DRAM once: for three logit views
 //   forward+backward 4 units of N*V instead of 5, as Hopper cross-entropy kernels keep a row
 //   on chip (quack). Which of the two is faster is the GPU suite's measurement
 //   (benchmarks/tune_launch.py, key cuda_row_pass); nlft_kernels.ops.launch.cuda_row_blocks
@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "../row_rule.h"
 #include "row_pass_cuda.h"
@@ -178,36 +179,69 @@ struct Row {
 };
 
 // First sweep over row entries [lo, limit) (limit = lo for rows that read nothing): each
-// thread folds its chunks of every given view into its pairs; with kStash the base chunks are
-// also kept in `stash` (shared memory, chunk (i0 - lo) / kVec), where the same thread finds them
-// again in the second sweep, so they need no barrier.
+// thread folds its chunks of every given view into its pairs, every view's load of a chunk
+// issued before any of them is folded (three 16-byte-class loads in flight per thread, not
+// one); with kStash the base chunks are also kept in `stash` (shared memory, chunk
+// (i0 - lo) / kVec), where the same thread finds them again in the second sweep, so they need
+// no barrier.
 template <bool kStash, typename acc_t, typename T, typename TT>
 __device__ __forceinline__ void first_sweep(const Row<T, TT>& row, int64_t lo, int64_t limit, Pack<T>* stash,
                                             Lse<acc_t>& lb, Lse<acc_t>& ls, Lse<acc_t>& lj) {
+  // float64 rows fold each view as it arrives: three 64-byte packs live at once spill.
+  constexpr bool kLoadsFirst = sizeof(acc_t) == 4;
   acc_t x[kVec];
   for (int64_t i0 = lo + int64_t(threadIdx.x) * kVec; i0 < limit; i0 += int64_t(blockDim.x) * kVec) {
-    const Pack<T> pack = load_pack(row.base, i0, limit, row.base_aligned);
-    if constexpr (kStash) stash[(i0 - lo) / kVec] = pack;
-    widen_pack(pack, x);
+    const Pack<T> pb = load_pack(row.base, i0, limit, row.base_aligned);
+    Pack<TT> ps{}, pj{};
+    if (kLoadsFirst && row.std_logits) ps = load_pack(row.standard, i0, limit, row.std_aligned);
+    if (kLoadsFirst && row.judge_logits) pj = load_pack(row.judge, i0, limit, row.judge_aligned);
+    if constexpr (kStash) stash[(i0 - lo) / kVec] = pb;
+    widen_pack(pb, x);
     fold(lb, x);
     if (row.std_logits) {
-      widen_pack(load_pack(row.standard, i0, limit, row.std_aligned), x);
+      widen_pack(kLoadsFirst ? ps : load_pack(row.standard, i0, limit, row.std_aligned), x);
       fold(ls, x);
     }
     if (row.judge_logits) {
-      widen_pack(load_pack(row.judge, i0, limit, row.judge_aligned), x);
+      widen_pack(kLoadsFirst ? pj : load_pack(row.judge, i0, limit, row.judge_aligned), x);
       fold(lj, x);
     }
   }
 }
 
-// log p(label) of a teacher view: from its logits row and lse (NaN for a label outside
-// [0, V), which is not read), or read from the [N] vector.
+// What the rule reads of a row besides its sweeps: the label's entry of each view (its logit,
+// widened, or for a teacher given as log-probs its [N] entry; 0 where the row does not read it)
+// and the row's scale. One thread reads them before the sweeps, so that the latency hides
+// behind them and no read of the base logits follows the first sweep (the gradient may be
+// written into them).
+template <typename acc_t>
+struct LabelEntries {
+  acc_t base, standard, judge, scale;
+};
+
 template <typename acc_t, typename TT>
-__device__ acc_t teacher_logprob(const RowView& view, const TT* row, int64_t r, int64_t label, bool in_range,
-                                 Lse<acc_t> lse) {
+__device__ __forceinline__ acc_t teacher_entry(const RowView& view, const TT* row, int64_t r, int64_t label,
+                                               bool in_range) {
   if (view.mode == kViewLogprobs) return static_cast<const acc_t*>(view.ptr)[r];
-  return in_range ? widen<acc_t>(row[label]) - (lse.m + log(lse.s)) : quiet_nan<acc_t>();
+  return row != nullptr && in_range ? widen<acc_t>(row[label]) : acc_t(0);
+}
+
+template <typename acc_t, typename T, typename TT>
+__device__ LabelEntries<acc_t> label_entries(const RowPass& p, const Row<T, TT>& row) {
+  LabelEntries<acc_t> e{acc_t(0), acc_t(0), acc_t(0), static_cast<const acc_t*>(p.scale)[row.r]};
+  if (!row.valid) return e;
+  if (row.in_range) e.base = widen<acc_t>(row.base[row.label]);
+  e.standard = teacher_entry<acc_t>(p.standard, row.standard, row.r, row.label, row.in_range);
+  if (row.use_judge) e.judge = teacher_entry<acc_t>(p.judge, row.judge, row.r, row.label, row.in_range);
+  return e;
+}
+
+// log p(label) of a teacher view from its label entry: minus the view's lse for logits (NaN
+// for a label outside [0, V)), as given for log-probs.
+template <typename acc_t>
+__device__ __forceinline__ acc_t teacher_logprob(const RowView& view, acc_t entry, bool in_range, Lse<acc_t> lse) {
+  if (view.mode == kViewLogprobs) return entry;
+  return in_range ? entry - (lse.m + log(lse.s)) : quiet_nan<acc_t>();
 }
 
 template <typename acc_t>
@@ -216,23 +250,20 @@ struct RowCoef {
   acc_t coef;  // the gradient's factor of (softmax - onehot)
 };
 
-// The NLFT rule on the row's whole-row pairs (one thread): its label log-probs (the label
-// entries read from global memory), saliency and coefficient; `write` stores the row's
-// statistics and saliency (one block per row does).
+// The NLFT rule on the row's whole-row pairs (one thread): its label log-probs, saliency and
+// coefficient; `write` stores the row's statistics and saliency (one block per row does).
 template <typename acc_t, typename T, typename TT>
-__device__ RowCoef<acc_t> decide(const RowPass& p, const Row<T, TT>& row, Lse<acc_t> lb, Lse<acc_t> ls,
-                                 Lse<acc_t> lj, bool write) {
+__device__ RowCoef<acc_t> decide(const RowPass& p, const Row<T, TT>& row, const LabelEntries<acc_t>& e,
+                                 Lse<acc_t> lb, Lse<acc_t> ls, Lse<acc_t> lj, bool write) {
   const acc_t lse_b = lb.m + log(lb.s);
   acc_t lp_b = 0, lp_s = 0, lp_j = 0;
   if (row.valid) {
-    lp_b = row.in_range ? widen<acc_t>(row.base[row.label]) - lse_b : quiet_nan<acc_t>();
-    lp_s = teacher_logprob(p.standard, row.standard, row.r, row.label, row.in_range, ls);
-    if (row.use_judge && p.judge.mode != kViewNone) {
-      lp_j = teacher_logprob(p.judge, row.judge, row.r, row.label, row.in_range, lj);
-    }
+    lp_b = row.in_range ? e.base - lse_b : quiet_nan<acc_t>();
+    lp_s = teacher_logprob(p.standard, e.standard, row.in_range, ls);
+    if (row.use_judge && p.judge.mode != kViewNone) lp_j = teacher_logprob(p.judge, e.judge, row.in_range, lj);
   }
-  const RowDecision<acc_t> d = decide_row<acc_t>(lp_b, lp_s, lp_j, row.valid, row.in_range, row.wrong,
-                                                 static_cast<const acc_t*>(p.scale)[row.r], p.cfg);
+  const RowDecision<acc_t> d =
+      decide_row<acc_t>(lp_b, lp_s, lp_j, row.valid, row.in_range, row.wrong, e.scale, p.cfg);
   if (write) {
     acc_t* stats = static_cast<acc_t*>(p.stats);
     stats[row.r] = lp_b;
@@ -286,12 +317,14 @@ __global__ void __launch_bounds__(kMaxThreads<T>) row_pass_kernel(RowPass p) {
   __shared__ Lse<acc_t> scratch[kWarp + 1];
   __shared__ RowCoef<acc_t> row_coef;
   const Row<T, TT> row(p, blockIdx.x);
+  LabelEntries<acc_t> entries{};
+  if (threadIdx.x == 0) entries = label_entries<acc_t>(p, row);
   Lse<acc_t> lb = lse_start<acc_t>(), ls = lb, lj = lb;
   first_sweep<false>(row, 0, row.valid ? p.vocab : 0, static_cast<Pack<T>*>(nullptr), lb, ls, lj);
   lb = block_lse(lb, scratch);
   if (row.std_logits) ls = block_lse(ls, scratch);
   if (row.judge_logits) lj = block_lse(lj, scratch);
-  if (threadIdx.x == 0) row_coef = decide(p, row, lb, ls, lj, true);
+  if (threadIdx.x == 0) row_coef = decide(p, row, entries, lb, ls, lj, true);
   if (p.grad == nullptr) return;
   __syncthreads();
   grad_sweep<false>(row, 0, p.vocab, static_cast<const Pack<T>*>(nullptr), row_coef, static_cast<G*>(p.grad) + row.r * p.vocab);
@@ -306,14 +339,31 @@ template <typename T>
 constexpr int kOnChipThreads = sizeof(typename AccOf<T>::type) == 8 ? 256 : 512;
 
 // The on-chip row pass: blockIdx.x / k is the row, the block's rank in its cluster of k its
-// slice [rank * slice, (rank + 1) * slice) of the row (slice a multiple of kVec, so that packs
-// never straddle two blocks); dynamic shared memory holds the slice of the base row.
+// slice [rank * slice, (rank + 1) * slice) of the row (on_chip_slice: a multiple of kVec, so
+// that packs never straddle two blocks); dynamic shared memory holds the slice of the base row.
+//
+// Synchronisation (k > 1): thread 0 reads the row's label entries before the sweep; after it,
+// each block publishes its three pairs in its shared memory, and a full cluster barrier
+// (release/acquire) makes them visible to the cluster and orders every block's reads of the
+// base row before any block's gradient stores (which may overwrite the base logits). Thread 0
+// then reads every rank's pairs through distributed shared memory, in rank order (every block
+// gets the same bits of lse and coefficient). A second, relaxed barrier is arrived at once the
+// block has read them and waited for only before the block exits, so that no block frees
+// shared memory a peer still reads, while its cost hides behind the gradient sweep. k = 1
+// needs neither: its pairs stay in the block.
 template <typename T, typename TT, typename G>
 __global__ void __launch_bounds__(kOnChipThreads<T>) row_pass_on_chip_kernel(RowPass p, int64_t slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using acc_t = typename AccOf<T>::type;
   namespace cg = cooperative_groups;
-  extern __shared__ __align__(16) unsigned char stash_bytes[];
+  // barrier.cluster's two halves, each executed by every thread of every block of the cluster:
+  // the default arrive has release semantics, the wait acquire semantics (cluster scope); a
+  // relaxed arrive orders nothing and costs no memory barrier (ptxas emits MEMBAR.ALL.GPU for a
+  // release arrive).
+  const auto cluster_arrive = [] { asm volatile("barrier.cluster.arrive.aligned;\n" ::: "memory"); };
+  const auto cluster_arrive_relaxed = [] { asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory"); };
+  const auto cluster_wait = [] { asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); };
+  extern __shared__ __align__(64) unsigned char stash_bytes[];  // Pack<double> is 64-byte aligned
   Pack<T>* stash = reinterpret_cast<Pack<T>*>(stash_bytes);
   __shared__ Lse<acc_t> scratch[kWarp + 1];
   __shared__ Lse<acc_t> partial[3];  // this block's pairs, read by every block of the cluster
@@ -324,34 +374,40 @@ __global__ void __launch_bounds__(kOnChipThreads<T>) row_pass_on_chip_kernel(Row
   const int64_t start = int64_t(rank) * slice;
   const int64_t lo = start < p.vocab ? start : p.vocab, hi = lo + slice < p.vocab ? lo + slice : p.vocab;
 
+  LabelEntries<acc_t> entries{};
+  if (threadIdx.x == 0) entries = label_entries<acc_t>(p, row);
   Lse<acc_t> lb = lse_start<acc_t>(), ls = lb, lj = lb;
   first_sweep<true>(row, lo, row.valid ? hi : lo, stash, lb, ls, lj);
   lb = block_lse(lb, scratch);
   if (row.std_logits) ls = block_lse(ls, scratch);
   if (row.judge_logits) lj = block_lse(lj, scratch);
-  if (threadIdx.x == 0) {
-    partial[0] = lb;
-    partial[1] = ls;
-    partial[2] = lj;
-  }
-  cluster.sync();  // every block's pairs written
-  if (threadIdx.x == 0) {
-    // Every block merges the ranks in the same order, so all get the same bits of lse and coef.
-    Lse<acc_t> whole[3] = {lse_start<acc_t>(), lse_start<acc_t>(), lse_start<acc_t>()};
-    for (unsigned q = 0; q < blocks; ++q) {
-      const Lse<acc_t>* theirs = cluster.map_shared_rank(partial, q);
-#pragma unroll
-      for (int v = 0; v < 3; ++v) whole[v] = combine(whole[v], theirs[v]);
+  if (blocks == 1) {
+    if (threadIdx.x == 0) row_coef = decide(p, row, entries, lb, ls, lj, true);
+    __syncthreads();
+  } else {
+    if (threadIdx.x == 0) {
+      partial[0] = lb;
+      partial[1] = ls;
+      partial[2] = lj;
     }
-    row_coef = decide(p, row, whole[0], whole[1], whole[2], rank == 0);
+    cluster_arrive();
+    cluster_wait();
+    if (threadIdx.x == 0) {
+      Lse<acc_t> whole[3] = {lse_start<acc_t>(), lse_start<acc_t>(), lse_start<acc_t>()};
+      for (unsigned q = 0; q < blocks; ++q) {
+        const Lse<acc_t>* theirs = cluster.map_shared_rank(partial, q);
+#pragma unroll
+        for (int v = 0; v < 3; ++v) whole[v] = combine(whole[v], theirs[v]);
+      }
+      row_coef = decide(p, row, entries, whole[0], whole[1], whole[2], rank == 0);
+    }
+    __syncthreads();           // row_coef for the block; thread 0's remote reads are done
+    cluster_arrive_relaxed();  // this block reads no peer's shared memory any more
   }
-  // No block leaves (freeing the shared memory others read) or writes a gradient (which may be
-  // the base logits, whose label entries decide() reads) before every block has decided.
-  cluster.sync();
-  if (p.grad == nullptr) return;
-  grad_sweep<true>(row, lo, hi, stash, row_coef, static_cast<G*>(p.grad) + row.r * p.vocab);
+  if (p.grad != nullptr) grad_sweep<true>(row, lo, hi, stash, row_coef, static_cast<G*>(p.grad) + row.r * p.vocab);
+  if (blocks > 1) cluster_wait();  // no block leaves while a peer may still read its pairs
 #else
-  __trap();  // launched only on sm_90 and newer (launch_on_chip checks)
+  __trap();  // never launched: launch_on_chip refuses a kernel image built below sm_90
 #endif
 }
 
@@ -362,32 +418,62 @@ int threads_for(int64_t vocab, int max_threads) {
   return threads;
 }
 
-// Entries of each block's slice for a row of `vocab` entries over `blocks` blocks: a multiple
-// of kVec.
-int64_t slice_for(int64_t vocab, int blocks) {
-  const int64_t per_block = (vocab + blocks - 1) / blocks;
-  return (per_block + kVec - 1) / kVec * kVec;
+// What launch_on_chip needs of a device and of one instantiation of the kernel, asked once per
+// device (the driver calls cost microseconds per launch otherwise; the fused linear loss
+// launches once per chunk). Filled by whichever thread comes first; the values never change.
+struct OnChipSetup {
+  cudaError_t err = cudaSuccess;
+  int major = 0;
+  size_t max_stash_bytes = 0;  // the device's opt-in shared memory per block less the static part
+  int binary_version = 0;      // of the kernel image that runs: below 90 it is the sm_80 trap
+};
+
+constexpr int kMaxDevices = 64;
+
+template <typename T, typename TT, typename G>
+const OnChipSetup& on_chip_setup(int device) {
+  static OnChipSetup setups[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  std::call_once(once[device], [device] {
+    OnChipSetup& s = setups[device];
+    int max_smem = 0;
+    cudaFuncAttributes attrs{};
+    auto kernel = row_pass_on_chip_kernel<T, TT, G>;
+    s.err = cudaDeviceGetAttribute(&s.major, cudaDevAttrComputeCapabilityMajor, device);
+    if (s.err == cudaSuccess) s.err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (s.err == cudaSuccess) s.err = cudaFuncGetAttributes(&attrs, kernel);
+    if (s.err != cudaSuccess) return;
+    s.binary_version = attrs.binaryVersion;
+    s.max_stash_bytes = size_t(max_smem) - attrs.sharedSizeBytes;
+    // One cap for every launch (the largest slice the device holds), so that no thread lowers it
+    // between another thread's setting and launch; legal during graph capture.
+    if (s.major >= 9) s.err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(s.max_stash_bytes));
+  });
+  return setups[device];
+}
+
+// A failed runtime call also records its error as the thread's last error, which the next
+// unrelated launch check would report: it is cleared, and returned here instead.
+cudaError_t failed(cudaError_t err) {
+  (void)cudaGetLastError();
+  return err;
 }
 
 template <typename T, typename TT, typename G>
 cudaError_t launch_on_chip(const RowPass& p, cudaStream_t stream) {
   const int blocks = p.blocks_per_row;
   if (blocks < 1 || blocks > kMaxCluster || p.n_rows > 0x7fffffff / blocks) return cudaErrorInvalidConfiguration;
-  int device = 0, major = 0, max_smem = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
-  if (major < 9) return cudaErrorInvalidDeviceFunction;  // thread-block clusters: sm_90 and newer
-  const int64_t slice = slice_for(p.vocab, blocks);
+  int device = 0;
+  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return failed(err);
+  if (device >= kMaxDevices) return cudaErrorInvalidDevice;
+  const OnChipSetup& setup = on_chip_setup<T, TT, G>(device);
+  if (setup.err != cudaSuccess) return failed(setup.err);
+  // Thread-block clusters need sm_90; a build whose only image for this GPU is the sm_80 one
+  // (JIT-compiled from compute_80 PTX) would trap, which ends the CUDA context.
+  if (setup.major < 9 || setup.binary_version < 90) return cudaErrorInvalidDeviceFunction;
+  const int64_t slice = on_chip_slice(p.vocab, blocks, kVec);
   const size_t stash_bytes = size_t(slice) * sizeof(T);
-  auto kernel = row_pass_on_chip_kernel<T, TT, G>;
-  cudaFuncAttributes attrs{};
-  err = cudaFuncGetAttributes(&attrs, kernel);
-  if (err != cudaSuccess) return err;
-  if (stash_bytes + attrs.sharedSizeBytes > size_t(max_smem)) return cudaErrorInvalidValue;  // the slice does not fit
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(stash_bytes));
-  if (err != cudaSuccess) return err;
+  if (stash_bytes > setup.max_stash_bytes) return cudaErrorInvalidValue;  // the slice does not fit
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
   cluster.val.clusterDim.x = unsigned(blocks);
@@ -400,7 +486,8 @@ cudaError_t launch_on_chip(const RowPass& p, cudaStream_t stream) {
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, p, slice);
+  const cudaError_t err = cudaLaunchKernelEx(&config, row_pass_on_chip_kernel<T, TT, G>, p, slice);
+  return err == cudaSuccess ? cudaSuccess : failed(err);
 }
 
 template <typename T, typename TT, typename G>
@@ -408,7 +495,7 @@ cudaError_t launch(const RowPass& p, cudaStream_t stream) {
   if (p.blocks_per_row > 0) return launch_on_chip<T, TT, G>(p, stream);
   if (p.n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per row
   row_pass_kernel<T, TT, G><<<dim3(unsigned(p.n_rows)), dim3(threads_for(p.vocab, kMaxThreads<T>)), 0, stream>>>(p);
-  return cudaGetLastError();
+  return cudaGetLastError();  // also clears it
 }
 
 template <typename T>

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from torch import Tensor
 
 from nlft_kernels.config import NLFTConfig
 from nlft_kernels.extension import compiled
 from nlft_kernels.ops.contracts import RuleConstants, acc_dtype
 from nlft_kernels.ops.inputs import Views
-from nlft_kernels.ops.launch import cuda_row_blocks
+from nlft_kernels.ops.launch import CudaDevice, cuda_row_blocks
 
 
 @functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    """(major, minor) of CUDA device ``index``, asked once (no sync: CUDA-graph capture safe)."""
-    return torch.cuda.get_device_capability(index)
+def _device(index: int) -> CudaDevice:
+    """What the row pass's choice needs of CUDA device ``index``, asked once (no sync: safe
+    under CUDA-graph capture)."""
+    return CudaDevice.of(index)
 
 
 def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, out: Tensor | None = None):
@@ -34,7 +34,7 @@ def row_pass(v: Views, cfg: NLFTConfig, compute_grad: bool, out: Tensor | None =
     kernel is ``launch.cuda_row_blocks``' choice: one block per row, or the on-chip clusters."""
     base = v.base
     blocks = (
-        cuda_row_blocks(base.shape[-1], v.streams, base.dtype, _capability(base.device.index), compute_grad)
+        cuda_row_blocks(base.shape[-1], v.streams, base.dtype, _device(base.device.index), compute_grad)
         if base.is_cuda
         else 0
     )

@@ -127,11 +127,31 @@ def row_pass_buffers(base: torch.Tensor, rows: int, compute_grad: bool) -> tuple
 
 # Cluster sizes of the on-chip kernel: powers of two up to the portable maximum of 8 blocks.
 ON_CHIP_CLUSTERS = (1, 2, 4, 8)
-# Shared memory one block of the on-chip kernel may hold for its slice: Hopper's opt-in maximum
-# per block (227 KiB) less the kernel's static shared memory (under 1 KiB).
-ON_CHIP_MAX_SLICE_BYTES = 226 * 1024
+# Shared memory kept for the on-chip kernel's static part (its pairs and scratch: at most 640
+# bytes in the AOT report, tests/csrc/test_on_chip_launch.py) out of a block's opt-in maximum.
+ON_CHIP_STATIC_SMEM = 1024
 # Entries per 16-byte-class load of the CUDA kernel (kVec): slices are multiples of it.
 _CUDA_VEC = 8
+
+
+@dataclass(frozen=True)
+class CudaDevice:
+    """What the CUDA row pass's choice needs to know of a GPU: its compute capability and the
+    most shared memory a block may opt into (``cudaDevAttrMaxSharedMemoryPerBlockOptin``)."""
+
+    capability: tuple[int, int]
+    smem_per_block_optin: int
+
+    @classmethod
+    def of(cls, index: int) -> CudaDevice:
+        props = torch.cuda.get_device_properties(index)
+        # Older torch lacks the opt-in figure: the default 48 KiB per block is a safe lower bound.
+        optin = getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
+        return cls((props.major, props.minor), optin)
+
+
+# An H100 / H200: sm_90, 227 KiB of shared memory per block.
+HOPPER = CudaDevice((9, 0), 227 * 1024)
 
 # (vocab bucket, streams, dtype name) -> blocks per row of the CUDA row pass with a gradient
 # (0: one block per row; k: the on-chip kernel with clusters of k), measured on sm_90.
@@ -140,26 +160,25 @@ CUDA_TUNED: dict[tuple[int, int, str], int] = {}
 
 def on_chip_slice_bytes(vocab: int, dtype: torch.dtype, blocks: int) -> int:
     """Shared memory of one block of the on-chip kernel: its slice of ``ceil(V / blocks)``
-    entries, rounded up to whole 8-entry packs, in ``dtype`` (the kernel's ``slice_for``)."""
+    entries, rounded up to whole 8-entry packs, in ``dtype`` (``on_chip_slice`` in csrc/nlft_row.h)."""
     per_block = -(-vocab // blocks)
     return -(-per_block // _CUDA_VEC) * _CUDA_VEC * dtype.itemsize
 
 
-def on_chip_clusters(vocab: int, dtype: torch.dtype) -> tuple[int, ...]:
+def on_chip_clusters(vocab: int, dtype: torch.dtype, device: CudaDevice = HOPPER) -> tuple[int, ...]:
     """The cluster sizes whose slices of a row of ``vocab`` entries of ``dtype`` fit a block's
-    shared memory (V=128256 bfloat16: 2, 4, 8; float32: 4, 8)."""
-    return tuple(k for k in ON_CHIP_CLUSTERS if on_chip_slice_bytes(vocab, dtype, k) <= ON_CHIP_MAX_SLICE_BYTES)
+    shared memory on ``device`` (on Hopper, V=128256 bfloat16: 2, 4, 8; float32: 4, 8)."""
+    room = device.smem_per_block_optin - ON_CHIP_STATIC_SMEM
+    return tuple(k for k in ON_CHIP_CLUSTERS if on_chip_slice_bytes(vocab, dtype, k) <= room)
 
 
-def cuda_row_blocks(
-    vocab: int, streams: int, dtype: torch.dtype, capability: tuple[int, int], compute_grad: bool
-) -> int:
+def cuda_row_blocks(vocab: int, streams: int, dtype: torch.dtype, device: CudaDevice, compute_grad: bool) -> int:
     """Blocks per row of the CUDA row pass (``RowPass::blocks_per_row``): ``CUDA_TUNED``'s entry
-    for sm_90 and newer with a gradient when its slices fit, else 0 (one block per row)."""
-    if not compute_grad or capability < (9, 0):
+    on sm_90 and newer with a gradient when its slices fit the device, else 0 (one block per row)."""
+    if not compute_grad or device.capability < (9, 0):
         return 0
     blocks = CUDA_TUNED.get((vocab_bucket(vocab), streams, _dtype_name(dtype)), 0)
-    return blocks if blocks in on_chip_clusters(vocab, dtype) else 0
+    return blocks if blocks in on_chip_clusters(vocab, dtype, device) else 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_on_chip_vs_l2_names_the_fastest_way_and_proposes_it(seed):
     CUDA_TUNED literal proposes the on-chip clusters only when they beat one block per row."""
     g = torch.Generator().manual_seed(seed)
     print(f"seed={seed}")
-    t = (torch.rand(7, generator=g) + 0.5).tolist()
+    t = (torch.rand(8, generator=g) + 0.5).tolist()  # distinct: no ties
     rule = {"block_v": 2048, "num_warps": 8, "evict": True}
     triton = _row(
         "row_pass",
@@ -102,17 +102,17 @@ def test_on_chip_vs_l2_names_the_fastest_way_and_proposes_it(seed):
     )
     cuda = _row(
         "cuda_row_pass",
-        [{"blocks_per_row": k, "ms": ms} for k, ms in zip((0, 2, 4, 8), t[3:], strict=True)],
+        [{"blocks_per_row": k, "ms": ms} for k, ms in zip((0, 2, 4, 8), t[4:], strict=True)],
         {"blocks_per_row": 0},
     )
     (d,) = tune_launch.on_chip_vs_l2([triton, cuda])
     assert d["triton_l2_hints_ms"] == min(t[0], t[2]) and d["triton_no_hints_ms"] == min(t[1], t[3])
-    assert d["cuda_one_block_ms"] == t[3] and d["cuda_on_chip_ms"] == min(t[4:])
-    assert d["on_chip_blocks"] == (2, 4, 8)[t[4:].index(min(t[4:]))]
+    assert d["cuda_one_block_ms"] == t[4] and d["cuda_on_chip_ms"] == min(t[5:])
+    assert d["on_chip_blocks"] == (2, 4, 8)[t[5:].index(min(t[5:]))]
     ways = {w: d[f"{w}_ms"] for w in ("triton_l2_hints", "triton_no_hints", "cuda_one_block", "cuda_on_chip")}
     assert d["fastest"] == min(ways, key=ways.get)
     namespace = {"LaunchConfig": LaunchConfig}
     exec(tune_launch.proposal([triton, cuda], min_gain=0.0), namespace)
     proposed = namespace["CUDA_TUNED"].get((131072, 3, "bfloat16"))
-    assert proposed == (d["on_chip_blocks"] if min(t[4:]) < t[3] else None)
+    assert proposed == (d["on_chip_blocks"] if min(t[5:]) < t[4] else None)
     assert "CUDA, on chip (blocks)" in tune_launch.table([triton, cuda], [d])

@@ -108,14 +108,18 @@ def _on_chip_or_skip(monkeypatch, vocab: int, streams: int, dtype: torch.dtype, 
         pytest.skip(f"the on-chip kernel needs thread-block clusters (sm_90); this GPU is {arch}")
     key = (launch.vocab_bucket(vocab), streams, str(dtype).removeprefix("torch."))
     monkeypatch.setitem(launch.CUDA_TUNED, key, blocks)
-    assert launch.cuda_row_blocks(vocab, streams, dtype, capability, True) == blocks, "the launch must take it"
+    device = launch.CudaDevice.of(GPU.index or 0)
+    assert launch.cuda_row_blocks(vocab, streams, dtype, device, True) == blocks, "the launch must take it"
 
 
-# (vocab, dtype, clusters): every cluster size at a small vocabulary (slices of 40 entries down to
-# empty ones: V=300 over 8 blocks leaves the last slice 20 entries), and the real vocabulary of
-# the headline at the cluster sizes whose slices fit a block's shared memory.
+# (vocab, dtype, clusters): every cluster size at a small vocabulary (V=300 over 8 blocks: slices
+# of 40 entries, the last one 20), slices that are empty (V=20 over 8 blocks: ranks 3-7 hold
+# none; V=100: rank 7), and the real vocabularies at cluster sizes whose slices fit a block's
+# shared memory.
 ON_CHIP_CASES = [
     *((300, dtype, blocks) for dtype in (torch.float32, torch.bfloat16) for blocks in (1, 2, 4, 8)),
+    (20, torch.float32, 8),
+    (100, torch.bfloat16, 8),
     (4099, torch.float16, 4),
     (4099, torch.float64, 2),
     *((128256, torch.bfloat16, blocks) for blocks in (2, 4, 8)),
@@ -129,7 +133,11 @@ def test_on_chip_kernel_matches_reference_and_one_block_per_row(monkeypatch, voc
     between the sweeps) through nlft_loss(backend="cuda"): equal to the float64 reference, and
     to the one-block kernel up to the order of the (max, sum) merges."""
     assert blocks in launch.on_chip_clusters(vocab, dtype), "a case the launch would refuse tests nothing"
-    steps = 20 if vocab < 10000 else 3
+    if vocab < 200:
+        assert launch.on_chip_slice_bytes(vocab, dtype, blocks) // dtype.itemsize * (blocks - 1) >= vocab, (
+            "the case must leave the last block's slice empty"
+        )
+    steps = 20 if vocab < 10000 else 4  # 4: rows of every kind at these seeds (assert_exercised)
     x = make_inputs(8, steps, vocab, dtype=dtype, seed=seed_of("cuda on chip", vocab, dtype, blocks))
     ref_base = x.base.detach().double().requires_grad_()
     ref, ref_details = nlft_loss_reference(
@@ -169,3 +177,33 @@ def test_on_chip_kernel_writes_into_the_logits(monkeypatch, blocks):
     (ref_grad,) = torch.autograd.grad(ref, ref_base)
     assert_loss_close(loss.cpu(), ref)
     assert_grad_close(grad.cpu(), ref_grad, dtype)
+
+
+def test_on_chip_kernel_gives_nan_rows_for_out_of_range_labels(monkeypatch):
+    """validate=False with a label outside [0, V) on correct and on wrong samples: the on-chip
+    kernel makes those rows' gradients NaN, with the one-block kernel's NaN pattern in the loss
+    and the gradient and its values everywhere else."""
+    vocab, dtype = 4099, torch.bfloat16
+    x = make_inputs(4, 6, vocab, dtype=dtype, seed=seed_of("cuda on chip out of range"))
+    bad = [(b, 0) for b in range(4)]
+    for b, t in bad:
+        x.labels[b, t] = vocab + 3 if b % 2 else -7
+    assert x.correct.any() and (~x.correct).any(), "rows of correct and wrong samples both"
+
+    def run():
+        base = x.base.detach().to(GPU).requires_grad_()
+        loss = nlft_loss(
+            base, x.labels.to(GPU), x.correct.to(GPU), standard=x.standard.to(GPU), judge=x.judge.to(GPU),
+            backend="cuda", reduction="none", validate=False,
+        )  # fmt: skip
+        (grad,) = torch.autograd.grad(loss.nansum(), base)
+        return loss.float().cpu(), grad.float().cpu()
+
+    one_loss, one_grad = run()
+    _on_chip_or_skip(monkeypatch, vocab, 3, dtype, 4)
+    loss, grad = run()
+    for b, t in bad:
+        assert grad[b, t].isnan().all(), f"row ({b}, {t}) must be NaN"
+    assert torch.equal(grad.isnan(), one_grad.isnan()) and torch.equal(loss.isnan(), one_loss.isnan())
+    finite = ~grad.isnan()
+    assert_grad_close(grad.where(finite, 0).double(), one_grad.where(finite, 0).double(), dtype)

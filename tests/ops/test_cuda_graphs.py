@@ -35,6 +35,26 @@ def _step(t: dict, backend: str):
 @pytest.mark.parametrize("dtype", dtype_params(torch.bfloat16, torch.float16, torch.float32))
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_a_captured_step_replays_with_new_inputs(backend, dtype):
+    _capture_and_replay(backend, dtype)
+
+
+@pytest.mark.parametrize("dtype", dtype_params(torch.bfloat16, torch.float32))
+def test_the_on_chip_cuda_kernel_is_captured_too(monkeypatch, dtype):
+    """The CUDA row pass with its base row on chip (sm_90 clusters of 2): its launch (the shared
+    memory opt-in, the cluster launch) is recorded in the graph and replays on new inputs."""
+    from nlft_kernels.backends import unavailable
+    from nlft_kernels.ops import launch
+
+    if (why := unavailable("cuda", GPU)) is not None:
+        pytest.skip(f"backend='cuda' {why}")
+    if torch.cuda.get_device_capability(GPU) < (9, 0):
+        pytest.skip("the on-chip kernel needs sm_90")
+    monkeypatch.setitem(launch.CUDA_TUNED, (launch.vocab_bucket(32000), 3, str(dtype).removeprefix("torch.")), 2)
+    assert launch.cuda_row_blocks(32000, 3, dtype, launch.CudaDevice.of(GPU.index or 0), True) == 2
+    _capture_and_replay("cuda", dtype)
+
+
+def _capture_and_replay(backend: str, dtype: torch.dtype) -> None:
     first = make_inputs(4, 16, 32000, dtype=dtype, seed=seed_of("graph first", backend, dtype))
     second = make_inputs(4, 16, 32000, dtype=dtype, seed=seed_of("graph second", backend, dtype))
     static = _on_gpu(first)
