@@ -124,28 +124,53 @@ __device__ __forceinline__ void fold(Lse<acc_t>& run, const acc_t* x) {
   run = {m, s};
 }
 
-// The block's combined pair, returned to every thread; `scratch` holds one pair per warp.
+// A warp's combined pair, in every lane (butterfly shuffles).
 template <typename acc_t>
-__device__ Lse<acc_t> block_lse(Lse<acc_t> v, Lse<acc_t>* scratch) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+__device__ __forceinline__ Lse<acc_t> warp_lse(Lse<acc_t> v) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
     v = combine(v, Lse<acc_t>{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)});
   }
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < warps ? scratch[lane] : lse_start<acc_t>();
-#pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      v = combine(v, Lse<acc_t>{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)});
-    }
-    if (lane == 0) scratch[kWarp] = v;
+  return v;
+}
+
+// Per-warp pairs of the three views, and the block's in row kWarp.
+template <typename acc_t>
+using Scratch = Lse<acc_t>[kWarp + 1][3];
+
+// The block's combined pairs of the views a row reads (the base's always, the standard's and the
+// judge's where given as logits), returned to every thread: the views share one cross-warp
+// reduction, so a row pays two barriers, not two or three per view.
+template <typename acc_t>
+__device__ void block_lse(Lse<acc_t>& lb, Lse<acc_t>& ls, Lse<acc_t>& lj, bool std_logits, bool judge_logits,
+                          Scratch<acc_t>& scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  lb = warp_lse(lb);
+  if (std_logits) ls = warp_lse(ls);
+  if (judge_logits) lj = warp_lse(lj);
+  if (lane == 0) {
+    scratch[warp][0] = lb;
+    scratch[warp][1] = ls;
+    scratch[warp][2] = lj;
   }
   __syncthreads();
-  const Lse<acc_t> out = scratch[kWarp];
-  __syncthreads();  // scratch is reused by the next view
-  return out;
+  if (warp == 0) {
+    const auto merged = [&](int view) {
+      return warp_lse(lane < warps ? scratch[lane][view] : lse_start<acc_t>());
+    };
+    const Lse<acc_t> b = merged(0);
+    const Lse<acc_t> s = std_logits ? merged(1) : lse_start<acc_t>();
+    const Lse<acc_t> j = judge_logits ? merged(2) : lse_start<acc_t>();
+    if (lane == 0) {
+      scratch[kWarp][0] = b;
+      scratch[kWarp][1] = s;
+      scratch[kWarp][2] = j;
+    }
+  }
+  __syncthreads();
+  lb = scratch[kWarp][0];
+  if (std_logits) ls = scratch[kWarp][1];
+  if (judge_logits) lj = scratch[kWarp][2];
 }
 
 // One row as both kernels read it: its flags and the rows of its views (teacher rows only
@@ -314,16 +339,14 @@ constexpr int kMaxThreads = sizeof(typename AccOf<T>::type) == 8 ? 512 : 1024;
 template <typename T, typename TT, typename G>
 __global__ void __launch_bounds__(kMaxThreads<T>) row_pass_kernel(RowPass p) {
   using acc_t = typename AccOf<T>::type;
-  __shared__ Lse<acc_t> scratch[kWarp + 1];
+  __shared__ Scratch<acc_t> scratch;
   __shared__ RowCoef<acc_t> row_coef;
   const Row<T, TT> row(p, blockIdx.x);
   LabelEntries<acc_t> entries{};
   if (threadIdx.x == 0) entries = label_entries<acc_t>(p, row);
   Lse<acc_t> lb = lse_start<acc_t>(), ls = lb, lj = lb;
   first_sweep<false>(row, 0, row.valid ? p.vocab : 0, static_cast<Pack<T>*>(nullptr), lb, ls, lj);
-  lb = block_lse(lb, scratch);
-  if (row.std_logits) ls = block_lse(ls, scratch);
-  if (row.judge_logits) lj = block_lse(lj, scratch);
+  block_lse(lb, ls, lj, row.std_logits, row.judge_logits, scratch);
   if (threadIdx.x == 0) row_coef = decide(p, row, entries, lb, ls, lj, true);
   if (p.grad == nullptr) return;
   __syncthreads();
@@ -365,7 +388,7 @@ __global__ void __launch_bounds__(kOnChipThreads<T>) row_pass_on_chip_kernel(Row
   const auto cluster_wait = [] { asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory"); };
   extern __shared__ __align__(64) unsigned char stash_bytes[];  // Pack<double> is 64-byte aligned
   Pack<T>* stash = reinterpret_cast<Pack<T>*>(stash_bytes);
-  __shared__ Lse<acc_t> scratch[kWarp + 1];
+  __shared__ Scratch<acc_t> scratch;
   __shared__ Lse<acc_t> partial[3];  // this block's pairs, read by every block of the cluster
   __shared__ RowCoef<acc_t> row_coef;
   cg::cluster_group cluster = cg::this_cluster();
@@ -378,9 +401,7 @@ __global__ void __launch_bounds__(kOnChipThreads<T>) row_pass_on_chip_kernel(Row
   if (threadIdx.x == 0) entries = label_entries<acc_t>(p, row);
   Lse<acc_t> lb = lse_start<acc_t>(), ls = lb, lj = lb;
   first_sweep<true>(row, lo, row.valid ? hi : lo, stash, lb, ls, lj);
-  lb = block_lse(lb, scratch);
-  if (row.std_logits) ls = block_lse(ls, scratch);
-  if (row.judge_logits) lj = block_lse(lj, scratch);
+  block_lse(lb, ls, lj, row.std_logits, row.judge_logits, scratch);
   if (blocks == 1) {
     if (threadIdx.x == 0) row_coef = decide(p, row, entries, lb, ls, lj, true);
     __syncthreads();

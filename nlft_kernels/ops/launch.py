@@ -127,9 +127,10 @@ def row_pass_buffers(base: torch.Tensor, rows: int, compute_grad: bool) -> tuple
 
 # Cluster sizes of the on-chip kernel: powers of two up to the portable maximum of 8 blocks.
 ON_CHIP_CLUSTERS = (1, 2, 4, 8)
-# Shared memory kept for the on-chip kernel's static part (its pairs and scratch: at most 640
-# bytes in the AOT report, tests/csrc/test_on_chip_launch.py) out of a block's opt-in maximum.
-ON_CHIP_STATIC_SMEM = 1024
+# Shared memory kept for the on-chip kernel's static part (its pairs and the reduction's scratch,
+# three pairs per warp: under 2 KiB in float64, tests/csrc/test_on_chip_launch.py checks the AOT
+# report) out of a block's opt-in maximum.
+ON_CHIP_STATIC_SMEM = 2048
 # Entries per 16-byte-class load of the CUDA kernel (kVec): slices are multiples of it.
 _CUDA_VEC = 8
 
