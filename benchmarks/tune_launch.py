@@ -83,13 +83,19 @@ def candidates(vocab: int, streams: int, dtype: torch.dtype, options: dict[str, 
         block *= 2
 
 
+def cuda_device(device: torch.device | None):
+    """The ``launch.CudaDevice`` of a CUDA ``device``; Hopper's for the CPU (a plan, a dry run)."""
+    from nlft_kernels.ops.launch import HOPPER, CudaDevice
+
+    return CudaDevice.of(device.index or 0) if device is not None and device.type == "cuda" else HOPPER
+
+
 def cuda_candidates(vocab: int, dtype: torch.dtype, device: torch.device | None = None) -> list[int]:
     """Blocks per row of the CUDA row pass to time: one block per row (0), then every cluster
     size whose slices fit a block's shared memory on ``device`` (Hopper's without one)."""
-    from nlft_kernels.ops.launch import HOPPER, CudaDevice, on_chip_clusters
+    from nlft_kernels.ops.launch import on_chip_clusters
 
-    gpu = CudaDevice.of(device.index or 0) if device is not None and device.type == "cuda" else HOPPER
-    return [0, *on_chip_clusters(vocab, dtype, gpu)]
+    return [0, *on_chip_clusters(vocab, dtype, cuda_device(device))]
 
 
 def cuda_unavailable(device: torch.device) -> str | None:
@@ -126,7 +132,8 @@ def tunable(
     bucket, name = launch.vocab_bucket(vocab), str(dtype).removeprefix("torch.")
     if family == CUDA_FAMILY:
         return Tunable(
-            launch.CUDA_TUNED, (bucket, streams, name), cuda_candidates(vocab, dtype, device), 0,
+            launch.CUDA_TUNED, (cuda_device(device).arch, bucket, streams, name),
+            cuda_candidates(vocab, dtype, device), 0,
             lambda blocks: {"blocks_per_row": blocks},
         )  # fmt: skip
     return Tunable(
@@ -213,6 +220,7 @@ def tune(args, device: torch.device) -> list[dict]:
                         "best_ms": best_ms,
                         "candidates": [t.fields(c) | {"ms": ms} for ms, c in timed],
                     }
+                    | ({"arch": t.key[0]} if family == CUDA_FAMILY else {})
                 )
                 print(f"{t.key}: rule {t.rule} {rule_ms} ms, best {best} {best_ms:.3f} ms")
     return rows
@@ -257,11 +265,13 @@ def proposal(rows: list[dict], min_gain: float) -> str:
     """The ``TUNED`` and ``CUDA_TUNED`` literals of the keys whose best candidate beats the rule
     by ``min_gain``."""
     triton = ["TUNED: dict[tuple[str, int, int, str], LaunchConfig] = {"]
-    cuda = ["CUDA_TUNED: dict[tuple[int, int, str], int] = {"]
+    cuda = ["CUDA_TUNED: dict[tuple[str, int, int, str], int] = {"]
     for r in rows:
         if r["rule_ms"] is None or r["best_ms"] < (1 - min_gain) * r["rule_ms"]:
             if r["family"] == CUDA_FAMILY:
-                cuda.append(f"    {(r['bucket'], r['streams'], r['dtype'])!r}: {r['best']['blocks_per_row']},")
+                cuda.append(
+                    f"    {(r['arch'], r['bucket'], r['streams'], r['dtype'])!r}: {r['best']['blocks_per_row']},"
+                )
             else:
                 key = (r["family"], r["bucket"], r["streams"], r["dtype"])
                 triton.append(f"    {key!r}: {config_literal(r['best'])},")

@@ -441,36 +441,46 @@ int threads_for(int64_t vocab, int max_threads) {
 
 // What launch_on_chip needs of a device and of one instantiation of the kernel, asked once per
 // device (the driver calls cost microseconds per launch otherwise; the fused linear loss
-// launches once per chunk). Filled by whichever thread comes first; the values never change.
+// launches once per chunk). Only a successful setup is kept: a failure (say, inside a CUDA-graph
+// capture that forbids loading the module) is asked again at the next launch.
 struct OnChipSetup {
   cudaError_t err = cudaSuccess;
   int major = 0;
   size_t max_stash_bytes = 0;  // the device's opt-in shared memory per block less the static part
-  int binary_version = 0;      // of the kernel image that runs: below 90 it is the sm_80 trap
+  int ptx_version = 0;         // of the code that runs: below 90 it is the sm_80 trap (JIT or cross-compiled)
 };
 
 constexpr int kMaxDevices = 64;
 
 template <typename T, typename TT, typename G>
-const OnChipSetup& on_chip_setup(int device) {
+OnChipSetup on_chip_setup(int device) {
+  static std::mutex mutex;
   static OnChipSetup setups[kMaxDevices];
-  static std::once_flag once[kMaxDevices];
-  std::call_once(once[device], [device] {
-    OnChipSetup& s = setups[device];
-    int max_smem = 0;
-    cudaFuncAttributes attrs{};
-    auto kernel = row_pass_on_chip_kernel<T, TT, G>;
-    s.err = cudaDeviceGetAttribute(&s.major, cudaDevAttrComputeCapabilityMajor, device);
-    if (s.err == cudaSuccess) s.err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (s.err == cudaSuccess) s.err = cudaFuncGetAttributes(&attrs, kernel);
-    if (s.err != cudaSuccess) return;
-    s.binary_version = attrs.binaryVersion;
-    s.max_stash_bytes = size_t(max_smem) - attrs.sharedSizeBytes;
-    // One cap for every launch (the largest slice the device holds), so that no thread lowers it
-    // between another thread's setting and launch; legal during graph capture.
-    if (s.major >= 9) s.err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(s.max_stash_bytes));
-  });
-  return setups[device];
+  static bool ready[kMaxDevices] = {};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (ready[device]) return setups[device];
+  OnChipSetup s;
+  int max_smem = 0;
+  cudaFuncAttributes attrs{};
+  auto kernel = row_pass_on_chip_kernel<T, TT, G>;
+  s.err = cudaDeviceGetAttribute(&s.major, cudaDevAttrComputeCapabilityMajor, device);
+  if (s.err == cudaSuccess) s.err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (s.err == cudaSuccess) s.err = cudaFuncGetAttributes(&attrs, kernel);
+  if (s.err != cudaSuccess) return s;
+  // binaryVersion is the architecture the machine code runs on (90 even for compute_80 PTX
+  // compiled for an H100); ptxVersion is the one its source was compiled for.
+  s.ptx_version = attrs.ptxVersion;
+  s.max_stash_bytes = size_t(max_smem) - attrs.sharedSizeBytes;
+  // One cap for every launch (the largest slice the device holds), so that no thread lowers it
+  // between another thread's setting and launch; legal during graph capture.
+  if (s.major >= 9) {
+    s.err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(s.max_stash_bytes));
+  }
+  if (s.err == cudaSuccess) {
+    setups[device] = s;
+    ready[device] = true;
+  }
+  return s;
 }
 
 // A failed runtime call also records its error as the thread's last error, which the next
@@ -487,11 +497,11 @@ cudaError_t launch_on_chip(const RowPass& p, cudaStream_t stream) {
   int device = 0;
   if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return failed(err);
   if (device >= kMaxDevices) return cudaErrorInvalidDevice;
-  const OnChipSetup& setup = on_chip_setup<T, TT, G>(device);
+  const OnChipSetup setup = on_chip_setup<T, TT, G>(device);
   if (setup.err != cudaSuccess) return failed(setup.err);
-  // Thread-block clusters need sm_90; a build whose only image for this GPU is the sm_80 one
-  // (JIT-compiled from compute_80 PTX) would trap, which ends the CUDA context.
-  if (setup.major < 9 || setup.binary_version < 90) return cudaErrorInvalidDeviceFunction;
+  // Thread-block clusters need sm_90; a build whose code for this GPU comes from compute_80
+  // (TORCH_CUDA_ARCH_LIST="8.0+PTX", JIT-compiled at load) would trap, which ends the context.
+  if (setup.major < 9 || setup.ptx_version < 90) return cudaErrorInvalidDeviceFunction;
   const int64_t slice = on_chip_slice(p.vocab, blocks, kVec);
   const size_t stash_bytes = size_t(slice) * sizeof(T);
   if (stash_bytes > setup.max_stash_bytes) return cudaErrorInvalidValue;  // the slice does not fit

@@ -143,20 +143,28 @@ class CudaDevice:
     capability: tuple[int, int]
     smem_per_block_optin: int
 
+    @property
+    def arch(self) -> str:
+        """``"sm_90"``: the key of ``CUDA_TUNED``'s entries measured on this architecture."""
+        return f"sm_{self.capability[0]}{self.capability[1]}"
+
     @classmethod
     def of(cls, index: int) -> CudaDevice:
         props = torch.cuda.get_device_properties(index)
-        # Older torch lacks the opt-in figure: the default 48 KiB per block is a safe lower bound.
-        optin = getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
+        # torch < 2.7 reports neither figure: the default 48 KiB per block is a safe lower bound.
+        optin = getattr(props, "shared_memory_per_block_optin", None) or getattr(
+            props, "shared_memory_per_block", 48 * 1024
+        )
         return cls((props.major, props.minor), optin)
 
 
 # An H100 / H200: sm_90, 227 KiB of shared memory per block.
 HOPPER = CudaDevice((9, 0), 227 * 1024)
 
-# (vocab bucket, streams, dtype name) -> blocks per row of the CUDA row pass with a gradient
-# (0: one block per row; k: the on-chip kernel with clusters of k), measured on sm_90.
-CUDA_TUNED: dict[tuple[int, int, str], int] = {}
+# (architecture, vocab bucket, streams, dtype name) -> blocks per row of the CUDA row pass with a
+# gradient (0: one block per row; k: the on-chip kernel with clusters of k), as measured on that
+# architecture (another one, with other shared memory and L2, keeps one block per row).
+CUDA_TUNED: dict[tuple[str, int, int, str], int] = {}
 
 
 def on_chip_slice_bytes(vocab: int, dtype: torch.dtype, blocks: int) -> int:
@@ -175,10 +183,11 @@ def on_chip_clusters(vocab: int, dtype: torch.dtype, device: CudaDevice = HOPPER
 
 def cuda_row_blocks(vocab: int, streams: int, dtype: torch.dtype, device: CudaDevice, compute_grad: bool) -> int:
     """Blocks per row of the CUDA row pass (``RowPass::blocks_per_row``): ``CUDA_TUNED``'s entry
-    on sm_90 and newer with a gradient when its slices fit the device, else 0 (one block per row)."""
+    for the device's architecture (sm_90 or newer) with a gradient when its slices fit the
+    device, else 0 (one block per row)."""
     if not compute_grad or device.capability < (9, 0):
         return 0
-    blocks = CUDA_TUNED.get((vocab_bucket(vocab), streams, _dtype_name(dtype)), 0)
+    blocks = CUDA_TUNED.get((device.arch, vocab_bucket(vocab), streams, _dtype_name(dtype)), 0)
     return blocks if blocks in on_chip_clusters(vocab, dtype, device) else 0
 
 

@@ -104,7 +104,7 @@ def test_on_chip_vs_l2_names_the_fastest_way_and_proposes_it(seed):
         "cuda_row_pass",
         [{"blocks_per_row": k, "ms": ms} for k, ms in zip((0, 2, 4, 8), t[4:], strict=True)],
         {"blocks_per_row": 0},
-    )
+    ) | {"arch": "sm_90"}
     (d,) = tune_launch.on_chip_vs_l2([triton, cuda])
     assert d["triton_l2_hints_ms"] == min(t[0], t[2]) and d["triton_no_hints_ms"] == min(t[1], t[3])
     assert d["cuda_one_block_ms"] == t[4] and d["cuda_on_chip_ms"] == min(t[5:])
@@ -113,6 +113,6 @@ def test_on_chip_vs_l2_names_the_fastest_way_and_proposes_it(seed):
     assert d["fastest"] == min(ways, key=ways.get)
     namespace = {"LaunchConfig": LaunchConfig}
     exec(tune_launch.proposal([triton, cuda], min_gain=0.0), namespace)
-    proposed = namespace["CUDA_TUNED"].get((131072, 3, "bfloat16"))
+    proposed = namespace["CUDA_TUNED"].get(("sm_90", 131072, 3, "bfloat16"))
     assert proposed == (d["on_chip_blocks"] if min(t[5:]) < t[4] else None)
     assert "CUDA, on chip (blocks)" in tune_launch.table([triton, cuda], [d])

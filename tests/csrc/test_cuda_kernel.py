@@ -102,13 +102,11 @@ def test_fp16_gradient_survives_loss_scaling():
 def _on_chip_or_skip(monkeypatch, vocab: int, streams: int, dtype: torch.dtype, blocks: int) -> None:
     """Make ``launch.cuda_row_blocks`` choose the on-chip kernel with clusters of ``blocks`` for
     this shape, as a measured ``CUDA_TUNED`` entry would; skip below sm_90."""
-    capability = torch.cuda.get_device_capability(GPU)
-    if capability < (9, 0):
-        arch = f"sm_{capability[0]}{capability[1]}"
-        pytest.skip(f"the on-chip kernel needs thread-block clusters (sm_90); this GPU is {arch}")
-    key = (launch.vocab_bucket(vocab), streams, str(dtype).removeprefix("torch."))
-    monkeypatch.setitem(launch.CUDA_TUNED, key, blocks)
     device = launch.CudaDevice.of(GPU.index or 0)
+    if device.capability < (9, 0):
+        pytest.skip(f"the on-chip kernel needs thread-block clusters (sm_90); this GPU is {device.arch}")
+    key = (device.arch, launch.vocab_bucket(vocab), streams, str(dtype).removeprefix("torch."))
+    monkeypatch.setitem(launch.CUDA_TUNED, key, blocks)
     assert launch.cuda_row_blocks(vocab, streams, dtype, device, True) == blocks, "the launch must take it"
 
 

@@ -90,13 +90,15 @@ def test_the_rule_keeps_one_block_per_row_until_measured(monkeypatch):
     hopper, ampere = launch.HOPPER, launch.CudaDevice((8, 0), 163 * 1024)
     monkeypatch.setattr(launch, "CUDA_TUNED", {})
     assert launch.cuda_row_blocks(128256, 3, torch.bfloat16, hopper, True) == 0
-    launch.CUDA_TUNED[(launch.vocab_bucket(128256), 3, "bfloat16")] = 4
+    launch.CUDA_TUNED[("sm_90", launch.vocab_bucket(128256), 3, "bfloat16")] = 4
     assert launch.cuda_row_blocks(128256, 3, torch.bfloat16, hopper, True) == 4
     assert launch.cuda_row_blocks(128000, 3, torch.bfloat16, hopper, True) == 4, "one entry per vocabulary bucket"
     assert launch.cuda_row_blocks(128256, 2, torch.bfloat16, hopper, True) == 0, "streams are part of the key"
     assert launch.cuda_row_blocks(128256, 3, torch.bfloat16, ampere, True) == 0, "clusters need sm_90"
+    blackwell = launch.CudaDevice((10, 0), 227 * 1024)
+    assert launch.cuda_row_blocks(128256, 3, torch.bfloat16, blackwell, True) == 0, "measured on sm_90 only"
     assert launch.cuda_row_blocks(128256, 3, torch.bfloat16, hopper, False) == 0, "only the gradient's sweep pays"
-    launch.CUDA_TUNED[(launch.vocab_bucket(128256), 3, "float32")] = 2  # 250 KiB slices: do not fit
+    launch.CUDA_TUNED[("sm_90", launch.vocab_bucket(128256), 3, "float32")] = 2  # 250 KiB slices: do not fit
     assert launch.cuda_row_blocks(128256, 3, torch.float32, hopper, True) == 0
 
 

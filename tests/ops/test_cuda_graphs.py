@@ -49,8 +49,10 @@ def test_the_on_chip_cuda_kernel_is_captured_too(monkeypatch, dtype):
         pytest.skip(f"backend='cuda' {why}")
     if torch.cuda.get_device_capability(GPU) < (9, 0):
         pytest.skip("the on-chip kernel needs sm_90")
-    monkeypatch.setitem(launch.CUDA_TUNED, (launch.vocab_bucket(32000), 3, str(dtype).removeprefix("torch.")), 2)
-    assert launch.cuda_row_blocks(32000, 3, dtype, launch.CudaDevice.of(GPU.index or 0), True) == 2
+    device = launch.CudaDevice.of(GPU.index or 0)
+    key = (device.arch, launch.vocab_bucket(32000), 3, str(dtype).removeprefix("torch."))
+    monkeypatch.setitem(launch.CUDA_TUNED, key, 2)
+    assert launch.cuda_row_blocks(32000, 3, dtype, device, True) == 2
     _capture_and_replay("cuda", dtype)
 
 
