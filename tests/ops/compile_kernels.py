@@ -156,6 +156,14 @@ def record_launches(vocabs=VOCABS, dtypes=DTYPES) -> list[Variant]:
     previous = drivers._active  # reset_active() would look for a real driver, and find none here
     drivers.set_active(_NoDeviceDriver(TARGETS[-1]))
     knobs.runtime.jit_cache_hook = hook
+    # The skipped launches leave their outputs uninitialised: filled with NaN (torch's
+    # deterministic mode fills new tensors), a call that checks them fails every time, not by chance.
+    deterministic, fill = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     try:
         # The measured entries of the launch table choose their own tiles: compile those too.
         tuned = {bucket for _, bucket, _, _ in launch_module.TUNED}
@@ -165,6 +173,8 @@ def record_launches(vocabs=VOCABS, dtypes=DTYPES) -> list[Variant]:
     finally:
         knobs.runtime.jit_cache_hook = None
         drivers._active = previous
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
     return list(seen)
 
 
