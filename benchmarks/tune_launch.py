@@ -105,9 +105,9 @@ def cuda_unavailable(device: torch.device) -> str | None:
     why = unavailable("cuda", device)
     if why is not None:
         return f"backend 'cuda' {why}"
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (9, 0):
-        return f"the on-chip kernel needs sm_90 (thread-block clusters); this GPU is sm_{capability[0]}{capability[1]}"
+    gpu = cuda_device(device)
+    if gpu.capability < (9, 0):
+        return f"the on-chip kernel needs sm_90 (thread-block clusters); this GPU is {gpu.arch}"
     return None
 
 

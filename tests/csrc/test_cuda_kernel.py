@@ -99,9 +99,12 @@ def test_fp16_gradient_survives_loss_scaling():
     assert_grad_close(grad, ref_grad, torch.float16)
 
 
-def _on_chip_or_skip(monkeypatch, vocab: int, streams: int, dtype: torch.dtype, blocks: int) -> None:
+def on_chip_or_skip(monkeypatch, vocab: int, streams: int, dtype: torch.dtype, blocks: int) -> None:
     """Make ``launch.cuda_row_blocks`` choose the on-chip kernel with clusters of ``blocks`` for
-    this shape, as a measured ``CUDA_TUNED`` entry would; skip below sm_90."""
+    this shape, as a measured ``CUDA_TUNED`` entry would; skip without the CUDA backend or below
+    sm_90."""
+    if (why := unavailable("cuda", GPU)) is not None:
+        pytest.skip(f"backend='cuda' {why}")
     device = launch.CudaDevice.of(GPU.index or 0)
     if device.capability < (9, 0):
         pytest.skip(f"the on-chip kernel needs thread-block clusters (sm_90); this GPU is {device.arch}")
@@ -144,7 +147,7 @@ def test_on_chip_kernel_matches_reference_and_one_block_per_row(monkeypatch, voc
     (ref_grad,) = torch.autograd.grad(ref, ref_base)
     assert_exercised(ref_details, x.correct)
     one_loss, one_grad, one_details = _run(x, "cuda", "sample_mean", torch.tensor(1.0))
-    _on_chip_or_skip(monkeypatch, vocab, 3, dtype, blocks)
+    on_chip_or_skip(monkeypatch, vocab, 3, dtype, blocks)
     loss, grad, details = _run(x, "cuda", "sample_mean", torch.tensor(1.0))
     assert_loss_close(loss, ref)
     assert_grad_close(grad, ref_grad, dtype)
@@ -161,7 +164,7 @@ def test_on_chip_kernel_writes_into_the_logits(monkeypatch, blocks):
     any block of the cluster overwrites the row with its gradient (the second cluster barrier)."""
     vocab, dtype = 128256, torch.bfloat16
     x = make_inputs(4, 3, vocab, dtype=dtype, seed=seed_of("cuda on chip inplace", blocks))
-    _on_chip_or_skip(monkeypatch, vocab, 3, dtype, blocks)
+    on_chip_or_skip(monkeypatch, vocab, 3, dtype, blocks)
     logits = x.base.detach().to(device=GPU).requires_grad_() * 1
     kept = logits.detach().clone()
     loss = nlft_loss(
@@ -198,7 +201,7 @@ def test_on_chip_kernel_gives_nan_rows_for_out_of_range_labels(monkeypatch):
         return loss.float().cpu(), grad.float().cpu()
 
     one_loss, one_grad = run()
-    _on_chip_or_skip(monkeypatch, vocab, 3, dtype, 4)
+    on_chip_or_skip(monkeypatch, vocab, 3, dtype, 4)
     loss, grad = run()
     for b, t in bad:
         assert grad[b, t].isnan().all(), f"row ({b}, {t}) must be NaN"

@@ -42,17 +42,9 @@ def test_a_captured_step_replays_with_new_inputs(backend, dtype):
 def test_the_on_chip_cuda_kernel_is_captured_too(monkeypatch, dtype):
     """The CUDA row pass with its base row on chip (sm_90 clusters of 2): its launch (the shared
     memory opt-in, the cluster launch) is recorded in the graph and replays on new inputs."""
-    from nlft_kernels.backends import unavailable
-    from nlft_kernels.ops import launch
+    from tests.csrc.test_cuda_kernel import on_chip_or_skip
 
-    if (why := unavailable("cuda", GPU)) is not None:
-        pytest.skip(f"backend='cuda' {why}")
-    if torch.cuda.get_device_capability(GPU) < (9, 0):
-        pytest.skip("the on-chip kernel needs sm_90")
-    device = launch.CudaDevice.of(GPU.index or 0)
-    key = (device.arch, launch.vocab_bucket(32000), 3, str(dtype).removeprefix("torch."))
-    monkeypatch.setitem(launch.CUDA_TUNED, key, 2)
-    assert launch.cuda_row_blocks(32000, 3, dtype, device, True) == 2
+    on_chip_or_skip(monkeypatch, 32000, 3, dtype, 2)
     _capture_and_replay("cuda", dtype)
 
 
