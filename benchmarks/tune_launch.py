@@ -90,14 +90,6 @@ def cuda_device(device: torch.device | None):
     return CudaDevice.of(device.index or 0) if device is not None and device.type == "cuda" else HOPPER
 
 
-def cuda_candidates(vocab: int, dtype: torch.dtype, device: torch.device | None = None) -> list[int]:
-    """Blocks per row of the CUDA row pass to time: one block per row (0), then every cluster
-    size whose slices fit a block's shared memory on ``device`` (Hopper's without one)."""
-    from nlft_kernels.ops.launch import on_chip_clusters
-
-    return [0, *on_chip_clusters(vocab, dtype, cuda_device(device))]
-
-
 def cuda_unavailable(device: torch.device) -> str | None:
     """Why the CUDA row pass's candidates cannot be timed on ``device``, or None."""
     from nlft_kernels.backends import unavailable
@@ -131,10 +123,12 @@ def tunable(
 
     bucket, name = launch.vocab_bucket(vocab), str(dtype).removeprefix("torch.")
     if family == CUDA_FAMILY:
+        # One block per row (0), then every cluster size whose slices fit a block's shared
+        # memory on ``device`` (Hopper's for a plan or a dry run on the CPU).
+        gpu = cuda_device(device)
         return Tunable(
-            launch.CUDA_TUNED, (cuda_device(device).arch, bucket, streams, name),
-            cuda_candidates(vocab, dtype, device), 0,
-            lambda blocks: {"blocks_per_row": blocks},
+            launch.CUDA_TUNED, launch.cuda_tuned_key(gpu, vocab, streams, dtype),
+            [0, *launch.on_chip_clusters(vocab, dtype, gpu)], 0, lambda blocks: {"blocks_per_row": blocks},
         )  # fmt: skip
     return Tunable(
         launch.TUNED, (family, bucket, streams, name), list(candidates(vocab, streams, dtype, options)),

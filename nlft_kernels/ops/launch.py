@@ -181,13 +181,18 @@ def on_chip_clusters(vocab: int, dtype: torch.dtype, device: CudaDevice = HOPPER
     return tuple(k for k in ON_CHIP_CLUSTERS if on_chip_slice_bytes(vocab, dtype, k) <= room)
 
 
+def cuda_tuned_key(device: CudaDevice, vocab: int, streams: int, dtype: torch.dtype) -> tuple[str, int, int, str]:
+    """The ``CUDA_TUNED`` key of a shape on ``device``: (architecture, vocab bucket, streams, dtype name)."""
+    return (device.arch, vocab_bucket(vocab), streams, _dtype_name(dtype))
+
+
 def cuda_row_blocks(vocab: int, streams: int, dtype: torch.dtype, device: CudaDevice, compute_grad: bool) -> int:
     """Blocks per row of the CUDA row pass (``RowPass::blocks_per_row``): ``CUDA_TUNED``'s entry
     for the device's architecture (sm_90 or newer) with a gradient when its slices fit the
     device, else 0 (one block per row)."""
     if not compute_grad or device.capability < (9, 0):
         return 0
-    blocks = CUDA_TUNED.get((device.arch, vocab_bucket(vocab), streams, _dtype_name(dtype)), 0)
+    blocks = CUDA_TUNED.get(cuda_tuned_key(device, vocab, streams, dtype), 0)
     return blocks if blocks in on_chip_clusters(vocab, dtype, device) else 0
 
 

@@ -108,8 +108,7 @@ def on_chip_or_skip(monkeypatch, vocab: int, streams: int, dtype: torch.dtype, b
     device = launch.CudaDevice.of(GPU.index or 0)
     if device.capability < (9, 0):
         pytest.skip(f"the on-chip kernel needs thread-block clusters (sm_90); this GPU is {device.arch}")
-    key = (device.arch, launch.vocab_bucket(vocab), streams, str(dtype).removeprefix("torch."))
-    monkeypatch.setitem(launch.CUDA_TUNED, key, blocks)
+    monkeypatch.setitem(launch.CUDA_TUNED, launch.cuda_tuned_key(device, vocab, streams, dtype), blocks)
     assert launch.cuda_row_blocks(vocab, streams, dtype, device, True) == blocks, "the launch must take it"
 
 

@@ -181,8 +181,8 @@ def record_launches(vocabs=VOCABS, dtypes=DTYPES) -> list[Variant]:
 def _launch_everything(vocab: int, dtype: torch.dtype) -> None:
     """Call each public entry point that launches a Triton kernel, as a user would: forward and
     backward (float16's gradient is written in backward), in place and not. Every call passes
-    ``validate=False``: the recorder skips the launches, so the kernels' outputs are uninitialised
-    memory, and a check of them (linear_token_logprobs' finite log-probs) fails at random."""
+    ``validate=False``: the recorder skips the launches, so the kernels' outputs are the NaN that
+    fills new tensors there, and a check of them (linear_token_logprobs' finite log-probs) fails."""
     g = torch.Generator().manual_seed(vocab)
     for batch, steps in SHAPES:
         base = torch.randn(batch, steps, vocab, generator=g).to(dtype)
