@@ -63,7 +63,7 @@ def interpreter_unavailable(triton_version: str, numpy_version: str) -> str | No
         return (
             f"cannot run under the interpreter of Triton {triton_version} with NumPy {numpy_version} "
             "(Triton < 3.7 converts one-element arrays to int, an error since NumPy 2.4): "
-            "install numpy<2.4 or Triton >= 3.7 (torch >= 2.11)"
+            "install numpy<2.4 or Triton >= 3.7 (torch >= 2.12)"
         )
     return None
 

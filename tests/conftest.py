@@ -68,6 +68,13 @@ def backend_params(gpu_too: bool = False) -> list:
     return [backend_param(name) for name in REGISTRY if name not in CPU_TENSORS_ONLY_EXCLUDED]
 
 
+# For a test that names backend="triton" itself (the traffic hook, the real vocabularies, the
+# compiled op): skipped with the registry's reason where Triton cannot compute on DEVICE here
+# (Triton < 3.7's interpreter with NumPy >= 2.4, say) instead of failing on that reason.
+_TRITON_WHY = unavailable("triton", DEVICE)
+NEEDS_TRITON = pytest.mark.skipif(_TRITON_WHY is not None, reason=f"backend='triton' {_TRITON_WHY}")
+
+
 def dtype_params(*dtypes: torch.dtype) -> list:
     """The dtypes as pytest parameters named by their tolerance (``tests/tolerances.py``: fp32, bf16, ...)."""
     return [pytest.param(dtype, id=TOLERANCES[dtype].name) for dtype in dtypes]

@@ -10,8 +10,10 @@ import torch
 import nlft_kernels.ops.launch as launch
 from benchmarks import tune_launch
 from nlft_kernels.ops.launch import LaunchConfig
+from tests.conftest import NEEDS_TRITON
 
 
+@NEEDS_TRITON
 def test_dry_run_measures_and_proposes_a_valid_table(tmp_path):
     before = dict(launch.TUNED)
     assert tune_launch.main(["--dry-run", "--out", str(tmp_path / "launch.json")]) == 0
@@ -59,6 +61,7 @@ def test_candidates_cover_every_launch_option():
     assert len(plain) == len(per_block_warps) * 2 ** len(booleans)  # every boolean option both ways
 
 
+@NEEDS_TRITON
 def test_keys_and_options_are_checked_and_kept(tmp_path):
     out = tmp_path / "launch.json"
     assert tune_launch.main(["--dry-run", "--keys", "row_pass:3", "--out", str(out)]) == 0

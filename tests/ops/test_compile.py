@@ -30,6 +30,7 @@ from nlft_kernels.ops.loss_ops import (
     token_logprobs_op,
 )
 from tests._inputs import generator, make_inputs, seed_of
+from tests.conftest import NEEDS_TRITON
 
 B, T, V, D = 4, 9, 33, 16
 
@@ -144,7 +145,7 @@ LOSS_CASES = [
     pytest.param("auto", "logits", "sample_mean", True, id="cpp-logits-clusters"),
     pytest.param("auto", "logprobs", "none", False, id="cpp-logprobs-none"),
     pytest.param("torch", "logits", "token_mean", True, id="torch-logits-token_mean"),
-    pytest.param("triton", "logits", "sample_mean", False, id="triton-interpreted"),
+    pytest.param("triton", "logits", "sample_mean", False, id="triton-interpreted", marks=NEEDS_TRITON),
 ]
 
 

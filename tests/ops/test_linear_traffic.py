@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from nlft_kernels import NLFTConfig, nlft_linear_loss
 from nlft_kernels.ops.linear_chunks import chunk_traffic, out_dtype_matmuls
+from tests.conftest import NEEDS_TRITON
 from tests.ops.test_nlft_linear_loss import make_linear_case, params, teacher
 from tests.ops.test_traffic import count_bytes, interpreter
 
@@ -146,6 +147,7 @@ def kernel_bytes(kernels, buffers: list[torch.Tensor], kind: str) -> int:
 SHAPES = [(300, 16), (128_256, 16), (300, 5)]
 
 
+@NEEDS_TRITON
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("vocab, chunk", SHAPES, ids=[f"V={v}-chunk={c}" for v, c in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

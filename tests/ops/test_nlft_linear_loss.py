@@ -38,7 +38,7 @@ from nlft_kernels.ops.chunk_rows import compute_bound_rows  # noqa: E402
 from nlft_kernels.ops.nlft_linear_loss import chunk_rows_for, sample_groups  # noqa: E402
 from nlft_kernels.reference import REDUCTIONS, nlft_loss_reference, token_logprobs_reference  # noqa: E402
 from tests._inputs import generator, make_inputs, seed_of  # noqa: E402
-from tests.conftest import CPU, REQUIRED_BACKENDS, backend_params, dtype_params  # noqa: E402
+from tests.conftest import CPU, NEEDS_TRITON, REQUIRED_BACKENDS, backend_params, dtype_params  # noqa: E402
 from tests.tolerances import LINEAR_GRAD_TOL, LOSS_RTOL  # noqa: E402
 
 LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -286,6 +286,7 @@ def test_flat_rows_with_sample_ids(chunk_size):
     assert_close(loss, (grads[0], *grads[1:]), ref_loss, (ref_grads[0][valid], *ref_grads[1:]), torch.float32)
 
 
+@NEEDS_TRITON
 @pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.bfloat16))
 def test_triton_backend(dtype):
     """The Triton first stage (interpreted on the CPU) inside the chunked matmuls."""
@@ -324,7 +325,7 @@ def test_frozen_head_and_no_grad(monkeypatch):
 
 # torch and Triton only: the C++ label log-probs are tested in tests/ops/test_token_logprobs.py,
 # and linear_token_logprobs only chunks the matmul around them.
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_TRITON)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_token_logprobs(dtype, backend):
     if backend == "triton" and dtype == torch.float16:

@@ -19,7 +19,7 @@ from nlft_kernels.ops.launch import launch_config
 from nlft_kernels.ops.tl_utils import LSE_START
 from nlft_kernels.reference import nlft_loss_reference, token_logprobs_reference
 from tests._inputs import generator, seed_of
-from tests.conftest import backend_params, dtype_params
+from tests.conftest import NEEDS_TRITON, backend_params, dtype_params
 from tests.tolerances import GRAD_ATOL_FRACTION, GRAD_RTOL
 
 BACKENDS = backend_params()
@@ -205,6 +205,7 @@ def loaded_addresses():
         builder.create_masked_load = load
 
 
+@NEEDS_TRITON
 def test_ignored_rows_read_nothing():
     """The row pass's and the label log-probs' loops run no iteration on an ignored row: no
     load touches its bytes in any view, forward or backward; the other rows are read."""

@@ -13,7 +13,7 @@ from nlft_kernels import nlft_loss, token_logprobs
 from nlft_kernels.ops.launch import launch_config
 from nlft_kernels.reference import nlft_loss_reference, token_logprobs_reference
 from tests._inputs import generator, seed_of
-from tests.conftest import BEYOND_INT32, DEVICE, REAL_VOCABULARIES, dtype_params
+from tests.conftest import BEYOND_INT32, DEVICE, NEEDS_TRITON, REAL_VOCABULARIES, dtype_params
 from tests.tolerances import assert_grad_close, assert_loss_close
 
 DTYPES = dtype_params(torch.bfloat16, torch.float16, torch.float32)
@@ -21,7 +21,7 @@ DTYPES = dtype_params(torch.bfloat16, torch.float16, torch.float32)
 MODES = [(s, j) for s in ("logits", "logprobs") for j in ("logits", "logprobs", "absent")]
 IGNORE = -100
 # The kernels run on CUDA tensors where a GPU is (conftest.DEVICE), else on CPU tensors under the interpreter.
-pytestmark = pytest.mark.gpu_too
+pytestmark = [pytest.mark.gpu_too, NEEDS_TRITON]
 
 
 def rows_with_every_branch(vocab: int, dtype: torch.dtype, seed: int, judged: bool):

@@ -37,6 +37,7 @@ from nlft_kernels.ops.traffic import (
     weighted_ce_traffic,
 )
 from tests._inputs import generator, make_inputs, seed_of
+from tests.conftest import NEEDS_TRITON
 
 interpreter = pytest.importorskip("triton.runtime.interpreter")
 if not hasattr(interpreter, "interpreter_builder") or not hasattr(interpreter, "_get_np_dtype"):
@@ -104,6 +105,7 @@ def _saved_grad(loss: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+@NEEDS_TRITON
 def test_the_hook_counts_what_a_kernel_touches():
     """A known launch through the hook: the label kernel reads each labelled row once and its
     label entry, nothing of an ignored row."""
@@ -115,6 +117,7 @@ def test_the_hook_counts_what_a_kernel_touches():
     assert traffic.bytes(logits, "load") == 2 * 101 * 4
 
 
+@NEEDS_TRITON
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("views", [3, 1])
 def test_units_of_one_row(views, dtype):
@@ -152,6 +155,7 @@ def test_units_of_one_row(views, dtype):
     assert backward.bytes(None, "load") == rows * 4 and backward.bytes(None, "store") == 0
 
 
+@NEEDS_TRITON
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("judge_form", ["logits", "logprobs"])
 @pytest.mark.parametrize("vocab", [300, 9000])
@@ -209,6 +213,7 @@ def test_row_pass_moves_what_the_model_says(vocab, judge_form, dtype, grad_out):
         assert forward.bytes(base, "store") == backward.bytes(base, "load") == 0
 
 
+@NEEDS_TRITON
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("vocab", [300, 40000])
 def test_token_logprobs_moves_what_the_model_says(vocab, dtype):
@@ -227,6 +232,7 @@ def test_token_logprobs_moves_what_the_model_says(vocab, dtype):
     assert backward.bytes(grad, "store") == 5 * model["backward"]["grad"]
 
 
+@NEEDS_TRITON
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_token_weighted_cross_entropy_moves_two_units(dtype):
     """One read of each labelled row, its gradient written once by the same program (the re-read
