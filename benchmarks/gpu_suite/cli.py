@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             print(text)
             # Into a temporary folder, with a copy of the state file: a dry run changes nothing here.
             work = (args.work_dir or Path(tempfile.mkdtemp(prefix="gpu_suite-dry-"))).resolve()
+            work.mkdir(parents=True, exist_ok=True)
             state_path = work / "state.json"
             if not state_path.exists() and args.state.exists():
                 shutil.copy(args.state, state_path)

@@ -122,8 +122,8 @@ def _results_snapshot() -> dict[str, int]:
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     """Two dry runs into one folder (a few minutes on 2 cores): the first runs every step, the
-    second finds them in its state file."""
-    work = tmp_path_factory.mktemp("gpu_suite")
+    second finds them in its state file. The folder does not exist before: the suite makes it."""
+    work = tmp_path_factory.mktemp("gpu_suite") / "work"
     before = _results_snapshot()
     first = suite("--dry-run", "--work-dir", str(work))
     first_out = work.parent / "first_out"
