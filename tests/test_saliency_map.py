@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from nlft_kernels.config import NLFTConfig
 from nlft_kernels.saliency_map import (
     MARKS,
+    NO_PNG,
     RecordSaliency,
     TokenSaliency,
     hover_text,
@@ -29,7 +31,7 @@ from nlft_kernels.saliency_map import (
     write_saliency_map,
 )
 from nlft_kernels.saliency_map.page import mark_descriptions
-from tests._cli import bad_input, nlft_ok, write_jsonl
+from tests._cli import bad_input, nlft_env, nlft_ok, write_jsonl
 from tests._tiny import require_embedded_smollm2, save_tiny_model, tiny_model, tiny_records, tiny_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
@@ -411,15 +413,24 @@ def test_nlft_saliency_bad_records(tmp_path):
     assert "line 1: missing field 'answer'" in bad_input("saliency", "--data", path, "--out", tmp_path / "out")
 
 
-def test_demo_writes_the_saliency_map(model_dir, tmp_path):
-    """`nlft demo` (a real process, the smallest settings) writes the map of the records it trained on."""
-    out = tmp_path / "demo"
-    nlft_ok("demo", "--model", model_dir, "--train-size", "2", "--test-size", "2", "--steps", "1",
-            "--batch-size", "2", "--generation-batch", "2", "--max-new-tokens", "4", "--out", out)  # fmt: skip
+@pytest.mark.parametrize("matplotlib", [True, False], ids=["matplotlib", "no matplotlib"])
+def test_demo_writes_the_saliency_map(model_dir, tmp_path, matplotlib):
+    """`nlft demo` (a real process, the smallest settings) writes the map of the records it trained
+    on; without matplotlib (the README's demo install, ``[train]``, has none) it says why there is
+    no PNG."""
+    out, env = tmp_path / "demo", nlft_env()
+    if not matplotlib:  # a matplotlib that fails to import, first on the path
+        (tmp_path / "hide" / "matplotlib").mkdir(parents=True)
+        (tmp_path / "hide" / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path / "hide"), env.get("PYTHONPATH")) if p)
+    done = nlft_ok("demo", "--model", model_dir, "--train-size", "2", "--test-size", "2", "--steps", "1",
+                   "--batch-size", "2", "--generation-batch", "2", "--max-new-tokens", "4", "--out", out,
+                   env=env)  # fmt: skip
     records = [json.loads(line) for line in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()]
     tree = parse((out / "saliency.html").read_text(encoding="utf-8"))
     assert len([tag for tag, _, _ in tree.elements if tag == "section"]) == len(records) == 2
-    assert (out / "saliency.png").is_file()
+    assert (out / "saliency.png").is_file() == matplotlib
+    assert (NO_PNG in done.stdout) != matplotlib, done.stdout[-2000:]
 
 
 @pytest.mark.slow

@@ -189,6 +189,10 @@ def run_demo(
     details = _saliency(model, tokenizer, records, s, config, out, files, progress)
     if "html" in files:
         say(f"saliency map of these records (the weights NLFT gives their tokens): {files['html']}")
+        if "png" not in files:
+            from nlft_kernels.saliency_map import NO_PNG
+
+            say(NO_PNG)
     diagnostics = summarize(record_diagnostics(model, tokenizer, task, problems, judged, details=details))
     say(describe(diagnostics))
 

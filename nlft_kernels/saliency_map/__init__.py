@@ -23,7 +23,6 @@ In a notebook::
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -53,7 +52,11 @@ __all__ = [
     "token_pieces",
     "weight_colour",
     "write_saliency_map",
+    "NO_PNG",
 ]
+
+# What a command says when write_saliency_map wrote no PNG because matplotlib is missing.
+NO_PNG = "no saliency.png: it needs matplotlib (pip install matplotlib)"
 
 
 def write_saliency_map(
@@ -74,7 +77,16 @@ def write_saliency_map(
     with open(paths["jsonl"], "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-    if png_records > 0 and importlib.util.find_spec("matplotlib") is not None:
+    if png_records > 0 and _matplotlib_imports():
         paths["png"] = folder / "saliency.png"
         saliency_png(records, paths["png"], max_records=png_records, config=config)
     return paths
+
+
+def _matplotlib_imports() -> bool:
+    """Whether matplotlib imports here (installed is not enough: a broken install raises)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

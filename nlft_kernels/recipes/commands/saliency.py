@@ -39,7 +39,7 @@ def check(max_records: int | None, png_records: int, batch_size: int, max_length
 def saliency_map(model, tokenizer, records, config, out: Path, *, model_name: str, png_records: int = 3,
                  batch_size: int = 4, max_length: int = 1024) -> dict:  # fmt: skip
     """The saliency map of ``records`` written to the folder ``out``; returns the paths written."""
-    from nlft_kernels.saliency_map import saliency_details, write_saliency_map
+    from nlft_kernels.saliency_map import NO_PNG, saliency_details, write_saliency_map
 
     wrong = sum(not r.correct for r in records)
     common.say(f"saliency map of {len(records)} records ({wrong} wrong, {len(records) - wrong} correct)")
@@ -48,7 +48,7 @@ def saliency_map(model, tokenizer, records, config, out: Path, *, model_name: st
     )
     paths = write_saliency_map(details, out, subtitle=f"model: {model_name}", png_records=png_records, config=config)
     if "png" not in paths and png_records > 0:
-        common.say("no saliency.png: it needs matplotlib (pip install matplotlib)")
+        common.say(NO_PNG)
     common.say(f"wrote the saliency map to {paths['html']}" + (f" and {paths['png']}" if "png" in paths else ""))
     return paths
 
