@@ -287,6 +287,18 @@ def test_python_dash_m_entry_point():
     assert done.returncode == 0 and "demo" in done.stdout and "generate" in done.stdout
 
 
+def test_version():
+    """`nlft --version` (a process): the installed versions on one line, exit status 0."""
+    import importlib.metadata
+
+    import nlft_kernels
+
+    done = run_nlft("--version")
+    assert done.returncode == 0, done.stderr
+    torch_version, triton_version = (importlib.metadata.version(n) for n in ("torch", "triton"))
+    assert done.stdout == f"nlft-kernels {nlft_kernels.__version__} (torch {torch_version}, triton {triton_version})\n"
+
+
 @pytest.mark.slow
 def test_demo_on_smollm2(tmp_path):
     require_embedded_smollm2()

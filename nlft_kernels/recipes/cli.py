@@ -38,6 +38,7 @@ def build_parser(only: str | None = None):
     from nlft_kernels.recipes.commands.settings import Parser
 
     parser = Parser(prog="nlft", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=version_line(), help="the versions, then exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     parser.commands = {
         name: _command_parser(subparsers, name)
@@ -46,6 +47,21 @@ def build_parser(only: str | None = None):
         for name in COMMANDS
     }
     return parser
+
+
+def version_line() -> str:
+    """``nlft-kernels X (torch Y, triton Z)``: the installed distributions' metadata, nothing imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from nlft_kernels import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"nlft-kernels {__version__} (torch {installed('torch')}, triton {installed('triton')})"
 
 
 def _command_parser(subparsers, name: str):
