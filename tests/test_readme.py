@@ -59,3 +59,16 @@ def test_train_on_your_data(tokenizer, tmp_path, monkeypatch):
     namespace = {"model": tiny_model(len(tokenizer)), "tokenizer": tokenizer}
     exec(code.replace("steps=100", "steps=2"), namespace)
     assert (tmp_path / "out" / "adapter_config.json").is_file()
+
+
+def test_layout_names_every_module():
+    """README's Layout names each module and subpackage of nlft_kernels/ and nlft_kernels/recipes/
+    (the two levels it describes), so that a new file cannot leave it behind."""
+    text = README.read_text(encoding="utf-8")
+    layout = text[text.index("## Layout") :]
+    layout = layout[: layout.index("```", layout.index("```") + 3)]
+    for folder in (ROOT / "nlft_kernels", ROOT / "nlft_kernels" / "recipes"):
+        names = [p.name for p in folder.glob("*.py") if p.name != "__init__.py"]
+        names += [f"{p.name}/" for p in folder.iterdir() if (p / "__init__.py").exists() or p.name == "data"]
+        missing = [n for n in names if not re.search(rf"(?<![\w/]){re.escape(n)}", layout)]
+        assert not missing, f"README's Layout does not name {missing} of {folder.relative_to(ROOT)}"
