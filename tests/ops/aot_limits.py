@@ -9,11 +9,13 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 REGISTERS_PER_SM = 65536
 
 # float64 (the gradcheck dtype) divides in IEEE double precision, whose slow path ptxas emits as a
-# subroutine (CALL): a frame of 8 bytes and up to 8 bytes of registers saved across the calls,
-# stored once per program before the sweeps and loaded once after (none in a loop: checked),
-# seen in float64 forward-kernel variants with two or three views (both Triton versions). That is
-# not register pressure; any other spill, and any spill of a 16/32-bit variant but the one below, is.
-FP64_CALL_FRAME_BYTES = 8
+# subroutine (CALL) in the row rule, between the sweeps: registers kept across the calls are saved
+# in the call frame, stored once per program before the sweeps and loaded once after (none in a
+# loop: checked). Seen in float64 forward-kernel variants with two or three views: one register
+# (8 bytes) with Triton 3.6 and 3.8, two (16 bytes) in one T=1 three-view gradient variant with
+# Triton 3.9. That is not register pressure; any other spill, and any spill of a 16/32-bit variant
+# but the one below, is.
+FP64_CALL_FRAME_BYTES = 16
 # sm_80 only: ptxas settles some three-view variants at 80 registers (three 256-thread blocks an SM)
 # and keeps one of the row's scalars in local memory across the sweep instead of a register: one
 # store before the sweep, one load after it (seen with Triton 3.6: a 16-bit label logit of the

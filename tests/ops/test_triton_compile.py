@@ -23,9 +23,9 @@ from tests.ops import aot_limits
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "benchmarks" / "results" / "aot_triton_kernels.json"
-# The Triton versions the report must hold: CI's (what `pip install torch` brings) and the lent
-# GPU machines' (torch 2.11).
-REQUIRED_VERSIONS = ("3.8", "3.6")
+# The Triton versions the report must hold: what `pip install torch` brings today (torch 2.15),
+# CI's (its machine caps pip at torch 2.14.1) and the lent GPU machines' (torch 2.11).
+REQUIRED_VERSIONS = ("3.9", "3.8", "3.6")
 # Compiled in CI: (vocabularies, dtypes), each the cross product.
 SUBSET = (("128256", "50257"), ("bfloat16",)), (("32000",), ("float64",))
 KERNELS = {
@@ -85,8 +85,8 @@ def test_committed_report_of_every_version_meets_the_limits():
             if spilled:
                 # The one exception, named: float64 (the gradcheck dtype) divides in IEEE double
                 # precision, whose slow path ptxas emits as a subroutine; where ptxas keeps
-                # registers across those calls it saves them once per program (at most 8 bytes,
-                # stored before the sweeps, loaded once after) in the calls' 8-byte frame. Not
+                # registers across those calls it saves them once per program (at most 16 bytes,
+                # stored before the sweeps, loaded once after) in the calls' frame. Not
                 # register pressure: no local-memory access in any loop (asserted above).
                 # The other, on sm_80 only: one row scalar kept in local memory across the sweep
                 # at 80 registers (aot_limits.SM80_ROW_SPILL_BYTES).
@@ -106,7 +106,8 @@ def test_committed_report_of_every_version_meets_the_limits():
         ("sm_80", "*bf16", 4, 1, False),  # ... but never in a loop
         ("sm_80", "*bf16", 16, 0, False),  # ... and no more than one
         ("sm_90", "*fp64", 8, 0, True),  # float64's division call frame
-        ("sm_90", "*fp64", 12, 0, False),
+        ("sm_90", "*fp64", 16, 1, False),  # ... never in a loop
+        ("sm_90", "*fp64", 24, 0, False),  # ... and no more than two registers
     ],
 )
 def test_limits_tell_spills_apart(arch, pointer, spilled, in_loops, allowed):
@@ -138,17 +139,20 @@ def test_committed_report_lists_every_launched_variant(tmp_path):
 
 @pytest.mark.parametrize("vocabs, dtypes", SUBSET, ids=lambda v: "+".join(v))
 def test_subset_compiles_as_committed(tmp_path, vocabs, dtypes):
-    """A subset compiled with the installed Triton for sm_80 and sm_90: no problem, and the
-    resources the committed section of this Triton states."""
-    section = _installed_section()
+    """A subset compiled with the installed Triton for sm_80 and sm_90: no problem (the limits
+    hold with any Triton, one the report has no section of too), and the resources the committed
+    section of this Triton states where it has one."""
+    section = _sections().get(triton.__version__)
     report = tmp_path / "aot.json"
     args = [a for v in vocabs for a in ("--vocab", v)] + [a for d in dtypes for a in ("--dtype", d)]
     run = _compile_kernels(*args, "--write", str(report))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     rows = json.loads(report.read_text())["triton_versions"][triton.__version__]["variants"]
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    assert [row for row in rows if row["problems"]] == []
+    if section is None:
+        pytest.skip(f"limits hold; the report has no section of the installed Triton {triton.__version__} to compare")
     committed = {_key(r): r for r in section["variants"]}
     for row in rows:
-        assert row["problems"] == [], row
         assert _key(row) in committed, row
         assert {k: row[k] for k in COMPARED} == {k: committed[_key(row)][k] for k in COMPARED}, row
