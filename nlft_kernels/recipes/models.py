@@ -82,7 +82,16 @@ def load_model(
             raise RuntimeError(f"reading the embedded SmolLM2 needs the package gguf: {SMOLLM2_INSTALL}")
         folder, gguf_file = smollm2_gguf()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        # BPE: no clean-up of spaces before punctuation (transformers 5.25 sets this itself; 5.17
+        # reads True from the GGUF, then ignores it at each decode and says so on stderr).
+        tokenizer.clean_up_tokenization_spaces = False
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+        # The chat's end token, <|im_end|>, as the model's config has it: transformers 5.17 reads
+        # <|im_start|> from the GGUF as the tokenizer's EOS, and generate() would then stop there
+        # and rewrite the generation config to match (saying so on stderr).
+        eos = model.generation_config.eos_token_id
+        if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
         # The weights are plain tensors now: drop the GGUF marker so save_pretrained writes an
         # ordinary checkpoint that loads without the GGUF file.
         model.config.quantization_config = None
