@@ -50,13 +50,18 @@ def backend_device(name: str) -> torch.device:
     return DEVICE if name == "triton" else CPU
 
 
-def backend_param(name: str, device: torch.device = CPU):
-    """``name`` as a pytest parameter, skipped with the registry's reason when it cannot compute
-    on ``device`` here (failing instead when the environment requires it: REQUIRED_BACKENDS)."""
+def skip_reason(name: str, device: torch.device = CPU) -> str | None:
+    """Why a test of backend ``name`` on ``device`` is skipped here (the registry's reason), or
+    None where it runs: where the backend can compute, or where the environment requires it
+    (REQUIRED_BACKENDS), so that its tests fail instead."""
     why = unavailable(name, device)
-    if why is None or name in REQUIRED_BACKENDS:
-        return pytest.param(name, id=name)
-    return pytest.param(name, id=name, marks=pytest.mark.skip(reason=f"backend={name!r} {why}"))
+    return None if why is None or name in REQUIRED_BACKENDS else f"backend={name!r} {why}"
+
+
+def backend_param(name: str, device: torch.device = CPU):
+    """``name`` as a pytest parameter, skipped with ``skip_reason`` where it has one."""
+    reason = skip_reason(name, device)
+    return pytest.param(name, id=name, marks=() if reason is None else pytest.mark.skip(reason=reason))
 
 
 def backend_params(gpu_too: bool = False) -> list:
@@ -69,10 +74,10 @@ def backend_params(gpu_too: bool = False) -> list:
 
 
 # For a test that names backend="triton" itself (the traffic hook, the real vocabularies, the
-# compiled op): skipped with the registry's reason where Triton cannot compute on DEVICE here
-# (Triton < 3.7's interpreter with NumPy >= 2.4, say) instead of failing on that reason.
-_TRITON_WHY = unavailable("triton", DEVICE)
-NEEDS_TRITON = pytest.mark.skipif(_TRITON_WHY is not None, reason=f"backend='triton' {_TRITON_WHY}")
+# compiled op): skipped like the matrix's where Triton cannot compute on DEVICE here (Triton <
+# 3.7's interpreter with NumPy >= 2.4, say) instead of failing on that reason.
+_TRITON_SKIP = skip_reason("triton", DEVICE)
+NEEDS_TRITON = pytest.mark.skipif(_TRITON_SKIP is not None, reason=str(_TRITON_SKIP))
 
 
 def dtype_params(*dtypes: torch.dtype) -> list:
