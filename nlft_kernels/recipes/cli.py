@@ -50,18 +50,13 @@ def build_parser(only: str | None = None):
 
 
 def version_line() -> str:
-    """``nlft-kernels X (torch Y, triton Z)``: the installed distributions' metadata, nothing imported."""
-    from importlib.metadata import PackageNotFoundError, version
+    """``nlft-kernels X (torch Y, triton Z)``: the installed distributions' metadata (torch and
+    triton are the core's requirements), nothing imported."""
+    from importlib.metadata import version
 
     from nlft_kernels import __version__
 
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return f"nlft-kernels {__version__} (torch {installed('torch')}, triton {installed('triton')})"
+    return f"nlft-kernels {__version__} (torch {version('torch')}, triton {version('triton')})"
 
 
 def _command_parser(subparsers, name: str):
